@@ -1,0 +1,145 @@
+"""The `petpipe` command line: one thin click command per pipeline stage, plus tools.
+
+Each stage command parses paths (exactly those dvc.yaml declares), loads
+params.yaml once, calls its stage's `run(params, inputs, outputs)` and reports.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import click
+
+from petpipe.errors import PetpipeError
+from petpipe.params import ParamsError, load_params
+
+PathOption = click.Path(path_type=Path)
+ExistingPath = click.Path(path_type=Path, exists=True)
+
+
+def _run_stage(module_name: str, params_path: Path, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
+    stage = importlib.import_module(f"petpipe.stages.{module_name}")
+    try:
+        params = load_params(params_path)
+        summary = stage.run(params, stage.Inputs(**inputs), stage.Outputs(**outputs))
+    except (ParamsError, PetpipeError) as error:
+        raise click.ClickException(str(error)) from None
+    if summary:
+        click.echo(summary)
+
+
+params_option = click.option(
+    "--params", "params_path", type=PathOption, default=Path("params.yaml"), show_default=True,
+    help="The params file (dvc.yaml passes the project's).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log more detail.")
+def main(verbose: bool) -> None:
+    """petpipe: the fastai Oxford-IIIT Pet tutorial as a reproducible DVC pipeline.
+
+    Run the whole pipeline with `dvc repro`; each stage below is one DVC stage.
+    """
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+
+
+@main.command()
+@params_option
+@click.option("--out", "images", type=PathOption, required=True, help="Folder to fill with the raw images.")
+def fetch(params_path: Path, images: Path) -> None:
+    """Download or copy the photos named by data.source into --out."""
+    _run_stage("fetch", params_path, {}, {"images": images})
+
+
+@main.command("index-labels")
+@params_option
+@click.option("--images", type=ExistingPath, required=True, help="fetch's images folder.")
+@click.option("--index", type=PathOption, required=True, help="index.csv to write.")
+@click.option("--classes", type=PathOption, required=True, help="classes.json to write.")
+@click.option("--report", type=PathOption, required=True, help="report.json to write.")
+@click.option("--show-batch", type=PathOption, required=True, help="show_batch.png to write.")
+@click.option("--class-counts", type=PathOption, required=True, help="class_counts.png to write.")
+def index_labels(params_path: Path, images: Path, **outputs: Path) -> None:
+    """Label every image, split train/valid, report unusable files, draw a batch."""
+    _run_stage("index_labels", params_path, {"images": images}, outputs)
+
+
+def _training_options(command: Any) -> Any:
+    for option in reversed([
+        click.option("--images", type=ExistingPath, required=True, help="fetch's images folder."),
+        click.option("--index", type=ExistingPath, required=True, help="index-labels' index.csv."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _trained_outputs(command: Any) -> Any:
+    for option in reversed([
+        click.option("--model", type=PathOption, required=True, help="model.pt checkpoint to write."),
+        click.option("--metrics", type=PathOption, required=True, help="metrics.json to write."),
+        click.option("--history", type=PathOption, required=True, help="history.csv to write."),
+        click.option("--plot", type=PathOption, required=True, help="Training-curve PNG to write."),
+    ]):
+        command = option(command)
+    return command
+
+
+@main.command("train-head")
+@params_option
+@_training_options
+@_trained_outputs
+def train_head(params_path: Path, images: Path, index: Path, **outputs: Path) -> None:
+    """Train a new head on the frozen pretrained body (one-cycle)."""
+    _run_stage("train_head", params_path, {"images": images, "index": index}, outputs)
+
+
+@main.command("lr-find")
+@params_option
+@_training_options
+@click.option("--checkpoint", type=ExistingPath, required=True, help="train-head's model.pt.")
+@click.option("--result", type=PathOption, required=True, help="lr_find.json to write.")
+@click.option("--curve", type=PathOption, required=True, help="lr_find.csv to write.")
+@click.option("--plot", type=PathOption, required=True, help="lr_find.png to write.")
+def lr_find(params_path: Path, images: Path, index: Path, checkpoint: Path, **outputs: Path) -> None:
+    """Sweep the learning rate on the unfrozen model; suggest one for finetune."""
+    _run_stage("lr_find", params_path, {"images": images, "index": index, "checkpoint": checkpoint}, outputs)
+
+
+@main.command()
+@params_option
+@_training_options
+@click.option("--checkpoint", type=ExistingPath, required=True, help="train-head's model.pt.")
+@click.option("--lr-find", "lr_find_result", type=ExistingPath, required=True, help="lr-find's lr_find.json.")
+@_trained_outputs
+def finetune(params_path: Path, images: Path, index: Path, checkpoint: Path, lr_find_result: Path,
+             **outputs: Path) -> None:
+    """Unfreeze and train everything with discriminative learning rates (one-cycle)."""
+    inputs = {"images": images, "index": index, "checkpoint": checkpoint, "lr_find": lr_find_result}
+    _run_stage("finetune", params_path, inputs, outputs)
+
+
+@main.command()
+@params_option
+@_training_options
+@click.option("--finetune-model", type=ExistingPath, required=True, help="finetune's model.pt.")
+@click.option("--head-model", type=ExistingPath, required=True, help="train-head's model.pt.")
+@click.option("--metrics", type=PathOption, required=True, help="metrics.json to write.")
+@click.option("--confusion", type=PathOption, required=True, help="confusion.csv to write.")
+@click.option("--confusion-plot", type=PathOption, required=True, help="confusion.png to write.")
+@click.option("--top-losses", type=PathOption, required=True, help="top_losses.png to write.")
+@click.option("--top-losses-table", type=PathOption, required=True, help="top_losses.csv to write.")
+@click.option("--most-confused", type=PathOption, required=True, help="most_confused.csv to write.")
+@click.option("--report", type=PathOption, required=True, help="report.md to write.")
+def evaluate(params_path: Path, images: Path, index: Path, finetune_model: Path, head_model: Path,
+             **outputs: Path) -> None:
+    """Interpret the model on the validation split: metrics, confusion, top losses."""
+    inputs = {"images": images, "index": index, "finetune_model": finetune_model, "head_model": head_model}
+    _run_stage("evaluate", params_path, inputs, outputs)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""params.yaml, loaded once into frozen, typed objects.
+
+An unknown key, a missing key, a wrong type or an impossible value stops
+before any work with one line naming the file, the key, the value and what
+is allowed. The defaults live in params.yaml only: no field here has one.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+
+
+class ParamsError(ValueError):
+    """A params.yaml problem, phrased for the person who edits the file."""
+
+
+class _Section(BaseModel):
+    # frozen: stages cannot change what was logged; forbid: a typo is an error,
+    # not a silently ignored key; strict: "4" is not an epoch count.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class DataParams(_Section):
+    source: str
+    checksum: str | None
+
+    @field_validator("checksum")
+    @classmethod
+    def _checksum_format(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"(md5|sha1|sha256):[0-9a-fA-F]+", value):
+            raise ValueError("must be '<md5|sha1|sha256>:<hex digest>' or null")
+        return value
+
+
+class LabelParams(_Section):
+    method: Literal["regex", "folder", "csv"]
+    pattern: str
+    csv: str | None
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern_has_group(cls, value: str) -> str:
+        try:
+            compiled = re.compile(value)
+        except re.error as error:
+            raise ValueError(f"is not a valid regular expression ({error})") from None
+        if compiled.groups < 1:
+            raise ValueError("needs a capture group, e.g. '^(.+)_\\d+\\.jpg$', whose match is the label")
+        return value
+
+
+class SplitParams(_Section):
+    valid_pct: Annotated[float, Field(gt=0, lt=1)]
+    seed: int
+    file: str | None
+
+
+class ModelParams(_Section):
+    arch: str
+    weights: str
+    img_size: Annotated[int, Field(ge=16, le=2048)]
+    presize_ratio: Annotated[float, Field(ge=1.0, le=2.0)]
+    head_hidden: PositiveInt
+    head_dropout: Annotated[float, Field(ge=0, lt=1)]
+    train_bn: bool
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        from petpipe.models import known_architecture, suggest_architectures
+
+        if not known_architecture(value):
+            hint = ", ".join(suggest_architectures(value)) or "resnet34, resnet50, tf_efficientnet_lite0"
+            raise ValueError(f"is not a torchvision or timm model; close names: {hint}")
+        return value
+
+    @property
+    def presize(self) -> int:
+        """Side of the cached, presized square images."""
+        return int(round(self.img_size * self.presize_ratio))
+
+
+class AugmentParams(_Section):
+    min_scale: Annotated[float, Field(gt=0, le=1)]
+    flip: bool
+    max_rotate: Annotated[float, Field(ge=0, le=180)]
+    max_zoom: Annotated[float, Field(ge=1, le=4)]
+    max_lighting: Annotated[float, Field(ge=0, lt=1)]
+    p_affine: Probability
+    p_lighting: Probability
+
+
+class TrainParams(_Section):
+    device: str
+    seed: int
+    batch_size: PositiveInt
+    decode_workers: NonNegativeInt
+    weight_decay: Annotated[float, Field(ge=0)]
+    augment: AugmentParams
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
+
+Schedule = Literal["one_cycle", "constant"]
+
+
+class TrainHeadParams(_Section):
+    epochs: PositiveInt
+    lr: PositiveFloat
+    schedule: Schedule
+
+
+Suggestion = Literal["valley", "slide", "minimum", "steep"]
+
+
+class LrFindParams(_Section):
+    start_lr: PositiveFloat
+    end_lr: PositiveFloat
+    num_it: Annotated[int, Field(ge=5)]
+    stop_div: Annotated[float, Field(gt=1)]
+    suggestion: Suggestion
+
+    @model_validator(mode="after")
+    def _sweep_goes_up(self) -> "LrFindParams":
+        if self.end_lr <= self.start_lr:
+            raise ValueError(f"end_lr ({self.end_lr}) must be greater than start_lr ({self.start_lr})")
+        return self
+
+
+class FinetuneParams(_Section):
+    epochs: PositiveInt
+    lr: PositiveFloat | Literal["auto"]
+    lr_ratio: Annotated[float, Field(ge=1)]
+    schedule: Schedule
+
+
+class EvaluateParams(_Section):
+    checkpoint: Literal["finetune", "train-head"]
+    top_losses: PositiveInt
+    min_count: PositiveInt
+    tta: bool
+
+
+class Params(_Section):
+    data: DataParams
+    labels: LabelParams
+    split: SplitParams
+    model: ModelParams
+    train: TrainParams
+    train_head: TrainHeadParams
+    lr_find: LrFindParams
+    finetune: FinetuneParams
+    evaluate: EvaluateParams
+
+
+# YAML reads 1e-4 as a string (YAML 1.1 wants a dot); accept what people write.
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _coerce_numbers(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {key: _coerce_numbers(value) for key, value in node.items()}
+    if isinstance(node, str) and _FLOAT_RE.match(node) and ("e" in node.lower()):
+        return float(node)
+    return node
+
+
+def _coerce_ints_to_floats(model: type[BaseModel], node: Any) -> Any:
+    """Let `lr: 1` mean 1.0 where a float is expected, without loosening strict mode elsewhere."""
+    if not isinstance(node, dict):
+        return node
+    result = dict(node)
+    for name, field in model.model_fields.items():
+        if name not in result:
+            continue
+        annotation = field.annotation
+        value = result[name]
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            result[name] = _coerce_ints_to_floats(annotation, value)
+        elif isinstance(value, int) and not isinstance(value, bool) and "float" in str(annotation):
+            result[name] = float(value)
+    return result
+
+
+def _describe_error(path: Path, error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    kind = error["type"]
+    if kind == "missing":
+        return f"{path}: missing key '{key}'; add it (see the default params.yaml for its meaning)"
+    if kind == "extra_forbidden":
+        parent = error["loc"][:-1]
+        allowed = _allowed_keys(parent)
+        return f"{path}: unknown key '{key}'; allowed here: {', '.join(allowed)}"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{path}: {key} = {error.get('input')!r}: {message}"
+
+
+def _allowed_keys(parent: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Params
+    for part in parent:
+        annotation = model.model_fields[str(part)].annotation
+        assert isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        model = annotation
+    return list(model.model_fields)
+
+
+def parse_params(raw: Any, path: Path | str = "params.yaml") -> Params:
+    """Validate an already-parsed params mapping; raise ParamsError with one line per problem."""
+    path = Path(path)
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections (data, labels, ...), got {type(raw).__name__}")
+    raw = _coerce_ints_to_floats(Params, _coerce_numbers(raw))
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        lines = [_describe_error(path, item) for item in error.errors(include_url=False)]
+        raise ParamsError("\n".join(lines)) from None
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found; run petpipe from the project folder or pass --params") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML ({error})".replace("\n", " ")) from None
+    return parse_params(raw, path)

