@@ -1,0 +1,321 @@
+"""The image index: find photos, check they decode, label them, split them, read and write index.csv.
+
+Pure functions for labels and the split; small I/O helpers at the edges. Later stages only need
+`load_index` and `load_classes`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+import petpipe.pixels  # noqa: F401  (sets PIL's decompression-bomb limit that check_image relies on)
+from petpipe.errors import PetpipeError
+
+INDEX_COLUMNS = ["path", "label", "split", "width", "height", "hash"]
+SPLITS = ("train", "valid")
+# EXIF orientations 5-8 rotate by 90 or 270 degrees: width and height swap.
+_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
+_EXIF_ORIENTATION = 0x0112
+# Below this many files a process pool costs more to start than it saves.
+_MIN_FILES_FOR_POOL = 64
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the index records about one usable image."""
+
+    width: int
+    height: int
+    hash: str
+
+
+# --- finding and checking images -------------------------------------------------------------
+
+
+def scan_images(folder: Path) -> list[Path]:
+    """Every non-hidden file under folder, recursively, sorted by relative posix path."""
+    found = []
+    for root, directories, files in os.walk(folder):
+        directories[:] = [name for name in directories if not name.startswith(".")]
+        found.extend(Path(root) / name for name in files if not name.startswith("."))
+    return sorted(found, key=lambda path: relative_posix(path, folder))
+
+
+def relative_posix(path: Path, folder: Path) -> str:
+    return path.relative_to(folder).as_posix()
+
+
+def check_image(path: Path) -> ImageInfo | str:
+    """Fully decode one file; return its size and content hash, or the reason it is unusable."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        return f"unreadable: {error.strerror or error}"
+    if not data:
+        return "zero-byte file"
+    content_hash = hashlib.sha256(data).hexdigest()
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that; a bomb is a bomb either way.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+                width, height = image.size
+                orientation = image.getexif().get(_EXIF_ORIENTATION)
+    except UnidentifiedImageError:
+        return "not an image (cannot identify image file)"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        return f"too large: {error}"
+    except Exception as error:  # noqa: BLE001  (any decoder failure means the file is unusable)
+        return f"truncated or corrupt: {error}"
+    if orientation in _TRANSPOSING_ORIENTATIONS:
+        width, height = height, width
+    return ImageInfo(width=width, height=height, hash=content_hash)
+
+
+def check_images(paths: Sequence[Path], *, workers: int | None = None) -> list[ImageInfo | str]:
+    """check_image for every path, in the same order, decoding in parallel processes."""
+    workers = workers or os.cpu_count() or 1
+    if workers == 1 or len(paths) < _MIN_FILES_FOR_POOL:
+        return [check_image(path) for path in paths]
+    chunksize = max(1, min(64, len(paths) // (workers * 4)))
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(check_image, paths, chunksize=chunksize))
+
+
+# --- labels ----------------------------------------------------------------------------------
+
+
+def compile_label_pattern(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern, re.IGNORECASE)
+
+
+def label_from_name(name: str, pattern: re.Pattern[str]) -> str | None:
+    """The pattern's first group matched in a file name (fastai's RegexLabeller), or None."""
+    match = pattern.search(name)
+    if match is None or not match.group(1):
+        return None
+    return match.group(1)
+
+
+def label_from_folder(relative_path: str) -> str | None:
+    """The name of the file's parent folder; None for files directly in the images folder."""
+    parent = PurePosixPath(relative_path).parent
+    return parent.name or None
+
+
+def labels_from_regex(relative_paths: Iterable[str], pattern: re.Pattern[str]) -> dict[str, str | None]:
+    return {path: label_from_name(PurePosixPath(path).name, pattern) for path in relative_paths}
+
+
+def labels_from_folders(relative_paths: Iterable[str]) -> dict[str, str | None]:
+    return {path: label_from_folder(path) for path in relative_paths}
+
+
+def labels_from_csv(csv_path: Path, relative_paths: Sequence[str]) -> dict[str, str | None]:
+    """Labels from a path,label CSV; files the CSV does not name get None."""
+    source = f"labels.csv {csv_path}"
+    table = _read_table(csv_path, ["path", "label"], source=source)
+    table["path"] = [_normalise_relative(path) for path in table["path"]]
+    _refuse_duplicates(table["path"], source=source)
+    _refuse_unknown_paths(table["path"], relative_paths, source=source)
+    empty = table.loc[table["label"].str.strip() == "", "path"].tolist()
+    if empty:
+        raise PetpipeError(f"{source}: empty label for {_few(empty)}; give every row a label")
+    known = dict(zip(table["path"], table["label"]))
+    return {path: known.get(path) for path in relative_paths}
+
+
+def label_images(
+    relative_paths: Sequence[str], *, method: str, pattern: str, csv_path: Path | None
+) -> dict[str, str | None]:
+    """Map each relative path to its label by labels.method; None means unmatched."""
+    if method == "regex":
+        return labels_from_regex(relative_paths, compile_label_pattern(pattern))
+    if method == "folder":
+        return labels_from_folders(relative_paths)
+    if method == "csv":
+        if csv_path is None:
+            raise PetpipeError("labels.method is csv but labels.csv is null; set labels.csv to a path,label CSV")
+        return labels_from_csv(csv_path, relative_paths)
+    raise PetpipeError(f"labels.method {method!r} is unknown; use regex, folder or csv")
+
+
+# --- split -----------------------------------------------------------------------------------
+
+
+def assign_split(relative_path: str, *, valid_pct: float, seed: int) -> str:
+    """train or valid from the file's name and the seed alone, so adding or reordering files moves none."""
+    digest = hashlib.sha256(f"{seed}:{relative_path}".encode()).hexdigest()
+    return "valid" if int(digest[:16], 16) / 2**64 < valid_pct else "train"
+
+
+def splits_from_file(split_path: Path, relative_paths: Sequence[str]) -> dict[str, str]:
+    """The split a path,split CSV fixes for each path; every path must be in it."""
+    source = f"split.file {split_path}"
+    table = _read_table(split_path, ["path", "split"], source=source)
+    table["path"] = [_normalise_relative(path) for path in table["path"]]
+    _refuse_duplicates(table["path"], source=source)
+    table["split"] = table["split"].str.strip().str.lower()
+    wrong = table.loc[~table["split"].isin(SPLITS)]
+    if len(wrong):
+        shown = [f"{row.path}={row.split!r}" for row in wrong.head(5).itertuples()]
+        raise PetpipeError(f"{source}: split must be train or valid, got {', '.join(shown)}")
+    fixed = dict(zip(table["path"], table["split"]))
+    missing = [path for path in relative_paths if path not in fixed]
+    if missing:
+        raise PetpipeError(
+            f"{source}: {len(missing)} image(s) have no split, e.g. {_few(missing)}; "
+            "add them to split.file or set split.file to null to split by valid_pct and seed"
+        )
+    return {path: fixed[path] for path in relative_paths}
+
+
+def split_images(
+    relative_paths: Sequence[str], *, valid_pct: float, seed: int, split_file: Path | None
+) -> dict[str, str]:
+    """train/valid for each path: from split_file when given, else from valid_pct and seed."""
+    if split_file is not None:
+        return splits_from_file(split_file, relative_paths)
+    return {path: assign_split(path, valid_pct=valid_pct, seed=seed) for path in relative_paths}
+
+
+# --- index -----------------------------------------------------------------------------------
+
+
+def build_index(
+    labels: dict[str, str], infos: dict[str, ImageInfo], splits: dict[str, str]
+) -> pd.DataFrame:
+    """index.csv as a frame: one row per usable, labelled image, sorted by path."""
+    rows = [
+        {"path": path, "label": labels[path], "split": splits[path],
+         "width": infos[path].width, "height": infos[path].height, "hash": infos[path].hash}
+        for path in sorted(labels)
+    ]
+    return pd.DataFrame(rows, columns=INDEX_COLUMNS)
+
+
+def class_names(index: pd.DataFrame) -> list[str]:
+    """Sorted unique labels: position i is class id i in every later stage."""
+    return sorted(index["label"].unique().tolist())
+
+
+def split_counts(index: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
+    """(class x {train, valid}) image counts, zeros included, rows in class order."""
+    counts = pd.crosstab(index["label"], index["split"])
+    return counts.reindex(index=list(classes), columns=list(SPLITS), fill_value=0).astype(int)
+
+
+def find_leaks(index: pd.DataFrame) -> list[dict[str, str]]:
+    """Pairs of files with identical bytes, one in train and one in valid."""
+    train = index.loc[index["split"] == "train", ["path", "hash"]]
+    valid = index.loc[index["split"] == "valid", ["path", "hash"]]
+    pairs = train.merge(valid, on="hash", suffixes=("_train", "_valid"))
+    pairs = pairs.sort_values(["hash", "path_train", "path_valid"])
+    return [
+        {"train": train_path, "valid": valid_path, "hash": content_hash}
+        for train_path, valid_path, content_hash in zip(pairs["path_train"], pairs["path_valid"], pairs["hash"])
+    ]
+
+
+def load_index(path: Path) -> pd.DataFrame:
+    """Read index.csv written by index-labels, checking its columns and split values."""
+    path = Path(path)
+    hint = "run `petpipe index-labels` (or `dvc repro index-labels`) to write it"
+    try:
+        # keep_default_na=False: a class called "NA" or "null" stays a string.
+        index = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise PetpipeError(f"{path}: index not found; {hint}") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise PetpipeError(f"{path}: not a readable index CSV ({error}); {hint}") from None
+    missing = [column for column in INDEX_COLUMNS if column not in index.columns]
+    if missing:
+        raise PetpipeError(
+            f"{path}: missing column(s) {', '.join(missing)} (has {', '.join(map(str, index.columns))}); {hint}"
+        )
+    index = index[INDEX_COLUMNS]
+    bad_split = sorted(set(index["split"]) - set(SPLITS))
+    if bad_split:
+        raise PetpipeError(f"{path}: split must be train or valid, found {', '.join(map(repr, bad_split))}; {hint}")
+    try:
+        index = index.astype({"width": int, "height": int})
+    except ValueError as error:
+        raise PetpipeError(f"{path}: width/height are not whole numbers ({error}); {hint}") from None
+    return index
+
+
+def load_classes(path: Path) -> list[str]:
+    """Read classes.json: the list whose position i is class id i."""
+    path = Path(path)
+    hint = "run `petpipe index-labels` (or `dvc repro index-labels`) to write it"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PetpipeError(f"{path}: classes file not found; {hint}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PetpipeError(f"{path}: not valid JSON ({error}); {hint}") from None
+    classes = data.get("classes") if isinstance(data, dict) else None
+    if not isinstance(classes, list) or not classes or not all(isinstance(name, str) for name in classes):
+        raise PetpipeError(f'{path}: expected {{"classes": [<class names>]}}; {hint}')
+    return classes
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _read_table(path: Path, columns: list[str], *, source: str) -> pd.DataFrame:
+    """A small user CSV with the given columns, as strings; PetpipeError naming what is wrong."""
+    path = Path(path)
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise PetpipeError(f"{source}: file not found; fix the path in params.yaml") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise PetpipeError(f"{source}: not a readable CSV ({error}); it needs columns {','.join(columns)}") from None
+    table.columns = [str(column).strip().lower() for column in table.columns]
+    missing = [column for column in columns if column not in table.columns]
+    if missing:
+        raise PetpipeError(
+            f"{source}: missing column(s) {', '.join(missing)} (has {', '.join(table.columns)}); "
+            f"it needs a header row {','.join(columns)}"
+        )
+    return table[columns]
+
+
+def _normalise_relative(path: str) -> str:
+    """'./a\\b.jpg' -> 'a/b.jpg', the form index.csv uses."""
+    return PurePosixPath(path.strip().replace("\\", "/")).as_posix()
+
+
+def _refuse_duplicates(paths: pd.Series, *, source: str) -> None:
+    duplicated = sorted(set(paths[paths.duplicated()]))
+    if duplicated:
+        raise PetpipeError(f"{source}: path(s) listed more than once: {_few(duplicated)}; keep one row per image")
+
+
+def _refuse_unknown_paths(paths: Iterable[str], known: Sequence[str], *, source: str) -> None:
+    known_set = set(known)
+    unknown = [path for path in paths if path not in known_set]
+    if unknown:
+        raise PetpipeError(
+            f"{source}: {len(unknown)} path(s) not found in the images folder, e.g. {_few(unknown)}; "
+            "its paths are relative to the images folder"
+        )
+
+
+def _few(items: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")

@@ -1,0 +1,82 @@
+"""Figures the stages write: each function takes plain data and returns a matplotlib Figure.
+
+Figures are drawn on an Agg canvas without pyplot, so plotting works headless and
+never touches a user's interactive backend; save them with `petpipe.atomic.save_figure`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+TRAIN_COLOR = "#4C72B0"
+VALID_COLOR = "#DD8452"
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    figure = Figure(figsize=(width, height))
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def plot_show_batch(
+    images: torch.Tensor, labels: Sequence[str], *, columns: int | None = None, title: str | None = None
+) -> Figure:
+    """A labelled grid of images, as fastai's show_batch; images are float (B, 3, H, W) in [0, 1]."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+    if len(labels) != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {len(labels)} labels")
+    count = images.shape[0]
+    columns = columns or max(1, math.ceil(math.sqrt(count)))
+    rows = max(1, math.ceil(count / columns))
+    pixels = images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+    figure = _new_figure(2.6 * columns, 2.8 * rows + (0.4 if title else 0))
+    axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
+    for position, axis in enumerate(axes):
+        axis.axis("off")
+        if position < count:
+            axis.imshow(pixels[position])
+            axis.set_title(labels[position], fontsize=10)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def plot_class_counts(counts: pd.DataFrame | Mapping[str, Mapping[str, int]]) -> Figure:
+    """Horizontal stacked bars of train and valid images per class, first class at the top.
+
+    counts: a frame indexed by class with columns train and valid, or
+    {class: {"train": n, "valid": n}} as in index-labels' report.json.
+    """
+    frame = counts if isinstance(counts, pd.DataFrame) else pd.DataFrame.from_dict(counts, orient="index")
+    frame = frame.reindex(columns=["train", "valid"], fill_value=0).fillna(0).astype(int)
+    names = [str(name) for name in frame.index]
+    positions = np.arange(len(names))
+    train, valid = frame["train"].to_numpy(), frame["valid"].to_numpy()
+    figure = _new_figure(8.0, 1.2 + 0.28 * max(len(names), 1))
+    axis = figure.subplots()
+    axis.barh(positions, train, color=TRAIN_COLOR, label=f"train ({train.sum()})")
+    axis.barh(positions, valid, left=train, color=VALID_COLOR, label=f"valid ({valid.sum()})")
+    for position, (n_train, n_valid) in enumerate(zip(train, valid)):
+        axis.text(n_train + n_valid, position, f" {n_train} / {n_valid}", va="center", fontsize=7)
+    axis.set_yticks(positions, names, fontsize=8)
+    axis.set_ylim(len(names) - 0.5, -0.5)  # first class at the top, like a table
+    axis.set_xlim(0, max(int((train + valid).max(initial=0)) * 1.15, 1))
+    axis.set_xlabel("images (train / valid)")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_title(f"Images per class: {len(names)} classes", loc="left")
+    # Above the bars, beside the title: inside the axes it would hide the last classes.
+    axis.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=2, frameon=False, fontsize=8)
+    axis.grid(axis="x", alpha=0.3)
+    axis.set_axisbelow(True)
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,181 @@
+"""petpipe.data: labels, the split, image checks and the index files, on real sample photos."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+
+from petpipe import data
+from petpipe.errors import PetpipeError
+
+DEFAULT_PATTERN = data.compile_label_pattern(r"^(.+)_\d+\.(?:jpe?g|png|bmp|gif|webp|tiff?)$")
+
+
+def test_label_from_name_takes_first_group_case_insensitively():
+    assert data.label_from_name("Abyssinian_101.jpg", DEFAULT_PATTERN) == "Abyssinian"
+    assert data.label_from_name("american_pit_bull_terrier_7.JPEG", DEFAULT_PATTERN) == "american_pit_bull_terrier"
+    assert data.label_from_name("README.txt", DEFAULT_PATTERN) is None
+    assert data.label_from_name("Abyssinian_100.mat", DEFAULT_PATTERN) is None
+
+
+def test_label_from_folder_is_the_parent_folder():
+    assert data.label_from_folder("cats/a.jpg") == "cats"
+    assert data.label_from_folder("set1/dogs/b.jpg") == "dogs"
+    assert data.label_from_folder("loose.jpg") is None
+
+
+@given(st.text(min_size=1, max_size=40), st.integers(min_value=0, max_value=2**31))
+def test_assign_split_depends_only_on_name_and_seed(name, seed):
+    first = data.assign_split(name, valid_pct=0.2, seed=seed)
+    assert first in data.SPLITS
+    assert data.assign_split(name, valid_pct=0.2, seed=seed) == first
+
+
+def test_assign_split_holds_out_about_valid_pct():
+    names = [f"class_{i % 37}/image_{i}.jpg" for i in range(10_000)]
+    valid = sum(data.assign_split(name, valid_pct=0.2, seed=42) == "valid" for name in names)
+    assert 1_850 < valid < 2_150
+    other_seed = [data.assign_split(name, valid_pct=0.2, seed=7) for name in names]
+    assert other_seed != [data.assign_split(name, valid_pct=0.2, seed=42) for name in names]
+
+
+def test_split_is_stable_under_reordering():
+    names = [f"img_{i}.jpg" for i in range(200)]
+    shuffled = names[:]
+    random.Random(0).shuffle(shuffled)
+    in_order = data.split_images(names, valid_pct=0.3, seed=1, split_file=None)
+    assert data.split_images(shuffled, valid_pct=0.3, seed=1, split_file=None) == in_order
+
+
+def test_scan_images_is_recursive_sorted_and_skips_hidden(tmp_path):
+    for name in ["b/2.jpg", "a.jpg", "b/1.jpg", ".hidden.jpg", ".cache/x.jpg", "b/.DS_Store"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    found = [data.relative_posix(path, tmp_path) for path in data.scan_images(tmp_path)]
+    assert found == ["a.jpg", "b/1.jpg", "b/2.jpg"]
+
+
+def test_check_image_reports_size_and_content_hash(sample_images):
+    path = sample_images / "Abyssinian_101.jpg"
+    info = data.check_image(path)
+    assert isinstance(info, data.ImageInfo)
+    with Image.open(path) as image:
+        assert (info.width, info.height) == image.size
+    assert info.hash == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_check_image_gives_a_reason_for_each_bad_file(sample_images, tmp_path):
+    photo = (sample_images / "Bengal_107.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(photo[: len(photo) // 2])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not a photo")
+    assert data.check_image(tmp_path / "empty.jpg") == "zero-byte file"
+    assert data.check_image(tmp_path / "text.jpg") == "not an image (cannot identify image file)"
+    assert data.check_image(tmp_path / "truncated.jpg").startswith("truncated or corrupt: ")
+
+
+def test_check_image_refuses_decompression_bombs(sample_images, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)
+    assert data.check_image(sample_images / "Bengal_107.jpg").startswith("too large: ")
+
+
+def test_check_image_applies_exif_rotation_to_width_and_height(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 20), "red").save(buffer, format="JPEG", exif=exif)
+    (tmp_path / "rotated.jpg").write_bytes(buffer.getvalue())
+    info = data.check_image(tmp_path / "rotated.jpg")
+    assert (info.width, info.height) == (20, 40)
+
+
+def test_check_images_in_parallel_keeps_order(sample_images, tmp_path):
+    paths = sorted(sample_images.iterdir())[:80]
+    (tmp_path / "bad.jpg").write_text("nope")
+    paths.insert(40, tmp_path / "bad.jpg")
+    parallel = data.check_images(paths, workers=2)
+    assert parallel == [data.check_image(path) for path in paths]
+    assert parallel[40] == "not an image (cannot identify image file)"
+
+
+def test_labels_from_csv_checks_file_columns_and_paths(tmp_path):
+    paths = ["a/1.jpg", "b/2.jpg", "3.jpg"]
+    good = tmp_path / "labels.csv"
+    good.write_text("path,label\na/1.jpg,cat\n./b/2.jpg,dog\n")
+    assert data.labels_from_csv(good, paths) == {"a/1.jpg": "cat", "b/2.jpg": "dog", "3.jpg": None}
+
+    with pytest.raises(PetpipeError, match="missing.csv: file not found"):
+        data.labels_from_csv(tmp_path / "missing.csv", paths)
+    wrong_columns = tmp_path / "wrong.csv"
+    wrong_columns.write_text("file,class\na/1.jpg,cat\n")
+    with pytest.raises(PetpipeError, match="missing column.*path, label"):
+        data.labels_from_csv(wrong_columns, paths)
+    unknown = tmp_path / "unknown.csv"
+    unknown.write_text("path,label\na/1.jpg,cat\nnowhere.jpg,dog\n")
+    with pytest.raises(PetpipeError, match="not found in the images folder.*nowhere.jpg"):
+        data.labels_from_csv(unknown, paths)
+
+
+def test_splits_from_file_needs_every_image_and_valid_values(tmp_path):
+    split_file = tmp_path / "split.csv"
+    split_file.write_text("path,split\na.jpg,train\nb.jpg,VALID\n")
+    assert data.splits_from_file(split_file, ["a.jpg", "b.jpg"]) == {"a.jpg": "train", "b.jpg": "valid"}
+    with pytest.raises(PetpipeError, match="1 image.*no split.*c.jpg"):
+        data.splits_from_file(split_file, ["a.jpg", "b.jpg", "c.jpg"])
+    split_file.write_text("path,split\na.jpg,test\n")
+    with pytest.raises(PetpipeError, match="train or valid.*'test'"):
+        data.splits_from_file(split_file, ["a.jpg"])
+
+
+def test_find_leaks_pairs_identical_files_across_splits():
+    index = pd.DataFrame({
+        "path": ["a.jpg", "b.jpg", "c.jpg", "d.jpg"],
+        "split": ["train", "valid", "train", "train"],
+        "hash": ["h1", "h1", "h2", "h2"],
+    })
+    assert data.find_leaks(index) == [{"train": "a.jpg", "valid": "b.jpg", "hash": "h1"}]
+
+
+def test_load_index_round_trips_and_refuses_garbage(tmp_path):
+    index = pd.DataFrame([
+        {"path": "x/NA_1.jpg", "label": "NA", "split": "train", "width": 3, "height": 4, "hash": "ab"},
+        {"path": "y_2.jpg", "label": "null", "split": "valid", "width": 5, "height": 6, "hash": "cd"},
+    ])
+    index.to_csv(tmp_path / "index.csv", index=False)
+    loaded = data.load_index(tmp_path / "index.csv")
+    assert list(loaded.columns) == data.INDEX_COLUMNS
+    assert loaded["label"].tolist() == ["NA", "null"]
+    assert loaded["width"].tolist() == [3, 5]
+
+    with pytest.raises(PetpipeError, match="index not found.*index-labels"):
+        data.load_index(tmp_path / "missing.csv")
+    (tmp_path / "bad.csv").write_text("path,label\na.jpg,cat\n")
+    with pytest.raises(PetpipeError, match="missing column.*split, width, height, hash"):
+        data.load_index(tmp_path / "bad.csv")
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(PetpipeError, match="not a readable index"):
+        data.load_index(tmp_path / "empty.csv")
+
+
+def test_load_classes_reads_the_list_and_refuses_garbage(tmp_path):
+    path = tmp_path / "classes.json"
+    path.write_text(json.dumps({"classes": ["a", "b"]}))
+    assert data.load_classes(path) == ["a", "b"]
+    with pytest.raises(PetpipeError, match="classes file not found"):
+        data.load_classes(tmp_path / "missing.json")
+    path.write_text("{")
+    with pytest.raises(PetpipeError, match="not valid JSON"):
+        data.load_classes(path)
+    path.write_text(json.dumps(["a", "b"]))
+    with pytest.raises(PetpipeError, match='expected {"classes"'):
+        data.load_classes(path)
+

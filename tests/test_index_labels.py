@@ -1,0 +1,261 @@
+"""The index-labels stage on real sample photos: labels, split, bad files, reports and the CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from petpipe import data
+from petpipe.cli import main
+from petpipe.errors import PetpipeError
+from petpipe.stages.index_labels import Inputs, Outputs, run
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SMALL = {"model.img_size": 32}  # show_batch at 32 px keeps the stage fast
+
+
+def outputs_in(folder: Path) -> Outputs:
+    return Outputs(
+        index=folder / "index.csv", classes=folder / "classes.json", report=folder / "report.json",
+        show_batch=folder / "show_batch.png", class_counts=folder / "class_counts.png",
+    )
+
+
+def sample_by_breed(sample_images: Path) -> dict[str, list[Path]]:
+    breeds: dict[str, list[Path]] = defaultdict(list)
+    for path in sorted(sample_images.glob("*.jpg")):
+        breeds[path.stem.rsplit("_", 1)[0]].append(path)
+    return dict(breeds)
+
+
+def copy_subset(sample_images: Path, folder: Path, *, breeds: int, per_breed: int) -> list[str]:
+    """Copy the first `per_breed` photos of the first `breeds` breeds; return their names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for photos in list(sample_by_breed(sample_images).values())[:breeds]:
+        for photo in photos[:per_breed]:
+            shutil.copy(photo, folder / photo.name)
+            names.append(photo.name)
+    return names
+
+
+def read_outputs(outputs: Outputs) -> tuple[pd.DataFrame, list[str], dict]:
+    return data.load_index(outputs.index), data.load_classes(outputs.classes), json.loads(outputs.report.read_text())
+
+
+def test_full_sample_is_labelled_split_and_reported(sample_images, make_params, tmp_path):
+    outputs = outputs_in(tmp_path)
+    summary = run(make_params(SMALL), Inputs(images=sample_images), outputs)
+
+    index, classes, report = read_outputs(outputs)
+    assert len(classes) == 37
+    assert classes[:2] == ["Abyssinian", "Bengal"] and "american_bulldog" in classes
+    assert classes[-1] == "yorkshire_terrier"
+    assert classes == sorted(sample_by_breed(sample_images))
+    assert len(index) == report["images"] == 370
+    assert list(index.columns) == ["path", "label", "split", "width", "height", "hash"]
+    assert index["path"].tolist() == sorted(index["path"])
+    assert index["hash"].str.fullmatch(r"[0-9a-f]{64}").all()
+    assert (index["width"] > 0).all() and (index["height"] > 0).all()
+    assert 50 <= report["valid"] <= 100 and report["train"] + report["valid"] == 370
+    assert all(counts["train"] > 0 for counts in report["per_class"].values())
+    assert sum(counts["valid"] for counts in report["per_class"].values()) == report["valid"]
+    assert report["skipped"] == [] and report["unmatched"] == [] and report["leaks"] == []
+    assert "370 images of 37 classes" in summary
+    for figure in (outputs.show_batch, outputs.class_counts):
+        assert figure.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_split_of_existing_files_survives_added_files(sample_images, make_params, tmp_path):
+    folder = tmp_path / "images"
+    copy_subset(sample_images, folder, breeds=5, per_breed=6)
+    params = make_params(SMALL)
+    run(params, Inputs(images=folder), outputs_in(tmp_path / "before"))
+    before = data.load_index(tmp_path / "before" / "index.csv")
+
+    originals = sorted(folder.iterdir())
+    for number, photo in enumerate(originals):  # 30 new names, same bytes as existing photos
+        shutil.copy(photo, folder / f"{photo.stem.rsplit('_', 1)[0]}_{9000 + number}.jpg")
+    run(params, Inputs(images=folder), outputs_in(tmp_path / "after"))
+    after = data.load_index(tmp_path / "after" / "index.csv")
+    report = json.loads((tmp_path / "after" / "report.json").read_text())
+
+    assert len(before) == 30 and len(after) == 60
+    unchanged = after.set_index("path").loc[before["path"], "split"]
+    assert unchanged.tolist() == before["split"].tolist()
+    # Copies that fell on the other side of the split are leaks, each an identical pair.
+    hashes = after.set_index("path")["hash"]
+    for leak in report["leaks"]:
+        assert hashes[leak["train"]] == hashes[leak["valid"]] == leak["hash"]
+    crossing = sum(set(group["split"]) == {"train", "valid"} for _, group in after.groupby("hash"))
+    assert crossing > 0 and len(report["leaks"]) == crossing  # each photo has one copy: one pair per hash
+
+
+def test_bad_and_unmatched_files_are_reported_and_the_rest_indexed(sample_images, make_params, tmp_path):
+    folder = tmp_path / "images"
+    names = copy_subset(sample_images, folder, breeds=3, per_breed=5)
+    photo = (folder / names[0]).read_bytes()
+    (folder / "Abyssinian_9001.jpg").write_bytes(photo[: len(photo) // 2])
+    (folder / "Abyssinian_9002.jpg").write_bytes(b"")
+    (folder / "Abyssinian_9003.jpg").write_text("this is not a photo")
+    (folder / "notes.txt").write_text("readme")
+    (folder / "IMG0001.jpg").write_bytes(photo)
+    (folder / ".hidden_1.jpg").write_bytes(b"")
+
+    outputs = outputs_in(tmp_path / "out")
+    summary = run(make_params(SMALL), Inputs(images=folder), outputs)
+    index, classes, report = read_outputs(outputs)
+
+    assert sorted(index["path"]) == sorted(names)
+    assert classes == ["Abyssinian", "Bengal", "Birman"]
+    reasons = {item["path"]: item["reason"] for item in report["skipped"]}
+    assert reasons["Abyssinian_9002.jpg"] == "zero-byte file"
+    assert reasons["Abyssinian_9003.jpg"] == "not an image (cannot identify image file)"
+    assert reasons["Abyssinian_9001.jpg"].startswith("truncated or corrupt: ")
+    assert len(reasons) == 3
+    assert report["unmatched"] == ["IMG0001.jpg", "notes.txt"]
+    assert "3 skipped, 2 unmatched" in summary
+
+
+def test_folder_method_labels_by_parent_folder(sample_images, make_params, tmp_path):
+    folder = tmp_path / "images"
+    breeds = sample_by_breed(sample_images)
+    for label, breed in [("cats", "Bengal"), ("dogs", "pug")]:
+        (folder / "set" / label).mkdir(parents=True)
+        for photo in breeds[breed][:5]:
+            shutil.copy(photo, folder / "set" / label / photo.name)
+    shutil.copy(breeds["pug"][9], folder / "loose.jpg")
+
+    outputs = outputs_in(tmp_path / "out")
+    run(make_params({**SMALL, "labels.method": "folder"}), Inputs(images=folder), outputs)
+    index, classes, report = read_outputs(outputs)
+
+    assert classes == ["cats", "dogs"]
+    assert len(index) == 10 and index["path"].str.startswith("set/").all()
+    assert set(index.loc[index["path"].str.startswith("set/cats/"), "label"]) == {"cats"}
+    assert report["unmatched"] == ["loose.jpg"]
+
+
+def test_csv_method_labels_from_a_file_and_refuses_bad_ones(sample_images, make_params, tmp_path):
+    folder = tmp_path / "images"
+    names = copy_subset(sample_images, folder, breeds=2, per_breed=5)
+    labels_csv = tmp_path / "labels.csv"
+    rows = [f"{name},{'cat' if name.startswith('Abyssinian') else 'other cat'}" for name in names[:-1]]
+    labels_csv.write_text("path,label\n" + "\n".join(rows) + "\n")
+
+    outputs = outputs_in(tmp_path / "out")
+    params = make_params({**SMALL, "labels.method": "csv", "labels.csv": str(labels_csv)})
+    run(params, Inputs(images=folder), outputs)
+    index, classes, report = read_outputs(outputs)
+    assert classes == ["cat", "other cat"]
+    assert len(index) == 9 and report["unmatched"] == [names[-1]]
+
+    labels_csv.write_text("path,label\n" + "\n".join(rows) + "\nmissing_1.jpg,cat\n")
+    with pytest.raises(PetpipeError, match=r"labels.csv .*1 path\(s\) not found in the images folder.*missing_1.jpg"):
+        run(params, Inputs(images=folder), outputs_in(tmp_path / "bad"))
+    labels_csv.write_text("file,breed\n")
+    with pytest.raises(PetpipeError, match="missing column"):
+        run(params, Inputs(images=folder), outputs_in(tmp_path / "bad"))
+    missing = make_params({**SMALL, "labels.method": "csv", "labels.csv": str(tmp_path / "nope.csv")})
+    with pytest.raises(PetpipeError, match="nope.csv: file not found"):
+        run(missing, Inputs(images=folder), outputs_in(tmp_path / "bad"))
+
+
+def test_no_usable_images_is_a_clear_error(make_params, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "cat_1.jpg").write_text("text")
+    (folder / "cat_2.jpg").write_bytes(b"")
+    (folder / "README.md").write_text("hello")
+    expected = f"no usable images in {folder}: 3 files, 2 skipped, 1 unmatched; check labels.pattern / data.source"
+    with pytest.raises(PetpipeError, match=re.escape(expected)):
+        run(make_params(SMALL), Inputs(images=folder), outputs_in(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def write_split_file(path: Path, splits: dict[str, str]) -> Path:
+    path.write_text("path,split\n" + "".join(f"{name},{split}\n" for name, split in splits.items()))
+    return path
+
+
+def test_class_without_training_images_is_refused(sample_images, make_params, tmp_path):
+    folder = tmp_path / "images"
+    names = copy_subset(sample_images, folder, breeds=3, per_breed=3)
+    splits = {name: "valid" if name.startswith("Bengal") else "train" for name in names}
+    params = make_params({**SMALL, "split.file": str(write_split_file(tmp_path / "split.csv", splits))})
+    with pytest.raises(PetpipeError, match=r"no training image: Bengal; lower split.valid_pct \(now 0.2\) or add"):
+        run(params, Inputs(images=folder), outputs_in(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_split_file_fixes_the_split_and_leaks_and_empty_valid_are_warnings(sample_images, make_params, tmp_path):
+    folder = tmp_path / "images"
+    names = copy_subset(sample_images, folder, breeds=2, per_breed=4)
+    shutil.copy(folder / names[0], folder / "Abyssinian_9999.jpg")  # same bytes, other split
+    splits = {name: "train" for name in names} | {names[1]: "valid", "Abyssinian_9999.jpg": "valid"}
+    split_file = write_split_file(tmp_path / "split.csv", splits)
+
+    outputs = outputs_in(tmp_path / "out")
+    run(make_params({**SMALL, "split.file": str(split_file)}), Inputs(images=folder), outputs)
+    index, _, report = read_outputs(outputs)
+
+    assert dict(zip(index["path"], index["split"])) == splits
+    assert report["per_class"] == {"Abyssinian": {"train": 3, "valid": 2}, "Bengal": {"train": 4, "valid": 0}}
+    assert [(leak["train"], leak["valid"]) for leak in report["leaks"]] == [(names[0], "Abyssinian_9999.jpg")]
+    assert any("no validation image: Bengal" in warning for warning in report["warnings"])
+
+    write_split_file(split_file, {name: "train" for name in names})
+    with pytest.raises(PetpipeError, match="1 image.*no split.*Abyssinian_9999.jpg"):
+        run(make_params({**SMALL, "split.file": str(split_file)}), Inputs(images=folder), outputs_in(tmp_path / "x"))
+
+
+@pytest.fixture()
+def params_file(default_params_dict, tmp_path) -> Path:
+    raw = json.loads(json.dumps(default_params_dict))
+    raw["model"]["img_size"] = 32
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def cli_arguments(params_file: Path, images: Path, out: Path) -> list[str]:
+    return [
+        "index-labels", "--params", str(params_file), "--images", str(images),
+        "--index", str(out / "index.csv"), "--classes", str(out / "classes.json"),
+        "--report", str(out / "report.json"), "--show-batch", str(out / "show_batch.png"),
+        "--class-counts", str(out / "class_counts.png"),
+    ]
+
+
+def test_cli_writes_all_five_outputs(sample_images, params_file, tmp_path):
+    folder = tmp_path / "images"
+    copy_subset(sample_images, folder, breeds=4, per_breed=5)
+    out = tmp_path / "stages" / "index-labels"
+
+    result = CliRunner().invoke(main, cli_arguments(params_file, folder, out))
+
+    assert result.exit_code == 0, result.output
+    assert "indexed 20 images of 4 classes" in result.output
+    assert sorted(path.name for path in out.iterdir()) == [
+        "class_counts.png", "classes.json", "index.csv", "report.json", "show_batch.png",
+    ]
+    assert (out / "show_batch.png").read_bytes()[:8] == PNG_MAGIC
+    assert (out / "class_counts.png").read_bytes()[:8] == PNG_MAGIC
+    assert data.load_classes(out / "classes.json") == ["Abyssinian", "Bengal", "Birman", "Bombay"]
+
+
+def test_cli_reports_user_errors_without_a_traceback(params_file, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("no photos here")
+    result = CliRunner().invoke(main, cli_arguments(params_file, folder, tmp_path / "out"))
+    assert result.exit_code == 1
+    assert "Error: no usable images in" in result.output and "Traceback" not in result.output
