@@ -1,0 +1,27 @@
+"""fetch: put the raw photos named by data.source (URL, archive or folder) into one folder.
+
+    petpipe fetch --out stages/fetch/images
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from petpipe.fetch import fetch_source
+from petpipe.params import Params
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """fetch reads nothing from earlier stages: data.source says where the photos are."""
+
+
+@dataclass(frozen=True)
+class Outputs:
+    images: Path
+
+
+def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
+    count = fetch_source(params.data.source, params.data.checksum, outputs.images)
+    return f"fetched {count} images into {outputs.images}"
