@@ -26,6 +26,7 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
     temporary = Path(name)
     try:
         yield temporary
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
         os.replace(temporary, target)
     finally:
         temporary.unlink(missing_ok=True)
@@ -50,6 +51,12 @@ def atomic_directory(target: Path | str) -> Iterator[Path]:
     finally:
         if temporary.exists():
             shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def write_text(target: Path | str, text: str) -> None:

