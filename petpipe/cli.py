@@ -7,6 +7,7 @@ params.yaml once, calls its stage's `run(params, inputs, outputs)` and reports.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,8 @@ def finetune(params_path: Path, images: Path, index: Path, checkpoint: Path, lr_
 @click.option("--metrics", type=PathOption, required=True, help="metrics.json to write.")
 @click.option("--confusion", type=PathOption, required=True, help="confusion.csv to write.")
 @click.option("--confusion-plot", type=PathOption, required=True, help="confusion.png to write.")
+@click.option("--confusion-normalized-plot", type=PathOption, default=None,
+              help="confusion_normalized.png to write (rows sum to 1); not drawn when omitted.")
 @click.option("--top-losses", type=PathOption, required=True, help="top_losses.png to write.")
 @click.option("--top-losses-table", type=PathOption, required=True, help="top_losses.csv to write.")
 @click.option("--most-confused", type=PathOption, required=True, help="most_confused.csv to write.")
@@ -139,6 +142,89 @@ def evaluate(params_path: Path, images: Path, index: Path, finetune_model: Path,
     """Interpret the model on the validation split: metrics, confusion, top losses."""
     inputs = {"images": images, "index": index, "finetune_model": finetune_model, "head_model": head_model}
     _run_stage("evaluate", params_path, inputs, outputs)
+
+
+# ---------------------------------------------------------------- tools outside the pipeline
+
+
+@main.command("predict")
+@click.argument("paths", nargs=-1, required=True, type=PathOption)
+@click.option("--model", type=PathOption, default=Path("stages/finetune/model.pt"), show_default=True,
+              help="A model.pt checkpoint, or a bundle folder written by `petpipe export`.")
+@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True, help="Labels per image.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON list instead of tab-separated lines.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per batch.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+def predict_command(paths: tuple[Path, ...], model: Path, top_k: int, as_json: bool, batch_size: int,
+                    device: str) -> None:
+    """Top-k labels with probabilities for each image; folders are searched for images.
+
+    An unreadable file gets an `error: PATH: REASON` line on stderr, the rest are
+    still predicted, and the exit status is 1.
+    """
+    from petpipe.predict import collect_images, format_prediction, load_predictor, predict_files
+
+    try:
+        predictor = load_predictor(model, device=device)
+        files = collect_images(paths)
+        if not files:
+            raise PetpipeError(f"no image files found in {', '.join(map(str, paths))}")
+        results = []
+        for prediction in predict_files(predictor, files, top_k=top_k, batch_size=batch_size):
+            if prediction.error:
+                click.echo(f"error: {prediction.path}: {prediction.error}", err=True)
+            elif not as_json:
+                click.echo(format_prediction(prediction))
+            results.append(prediction)
+    except PetpipeError as error:
+        raise click.ClickException(str(error)) from None
+    if as_json:
+        click.echo(json.dumps([prediction.to_dict() for prediction in results], indent=2))
+    if any(prediction.error for prediction in results):
+        raise SystemExit(1)
+
+
+@main.command("export")
+@click.option("--model", type=PathOption, default=Path("stages/finetune/model.pt"), show_default=True,
+              help="The model.pt checkpoint to export.")
+@click.option("--out", type=PathOption, required=True,
+              help="Bundle folder to write: model.onnx and bundle.json (replaced whole if it exists).")
+def export_command(model: Path, out: Path) -> None:
+    """Export a checkpoint as a pickle-free ONNX bundle that `petpipe predict --model` accepts."""
+    from petpipe.predict import export_bundle
+
+    try:
+        manifest = export_bundle(model, out)
+    except PetpipeError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"exported {manifest['arch']} ({len(manifest['classes'])} classes) from {model} -> {out}")
+
+
+@main.command("show-batch")
+@params_option
+@click.option("--images", type=ExistingPath, default=Path("stages/fetch/images"), show_default=True,
+              help="fetch's images folder.")
+@click.option("--index", type=ExistingPath, default=Path("stages/index-labels/index.csv"), show_default=True,
+              help="index-labels' index.csv.")
+@click.option("--split", type=click.Choice(["train", "valid"]), default="train", show_default=True,
+              help="train: augmented as in training; valid: center crops.")
+@click.option("--n", "count", type=click.IntRange(min=1), default=9, show_default=True, help="Images to show.")
+@click.option("--out", type=PathOption, default=Path("show_batch.png"), show_default=True, help="PNG to write.")
+def show_batch_command(params_path: Path, images: Path, index: Path, split: str, count: int, out: Path) -> None:
+    """Draw a batch as the model sees it (fastai's show_batch), with params.yaml's sizes and augmentation."""
+    from petpipe.atomic import save_figure
+    from petpipe.data import load_index
+    from petpipe.predict import show_batch_figure
+
+    try:
+        params = load_params(params_path)
+        figure = show_batch_figure(load_index(index), images, split=split, count=count,
+                                   presize=params.model.presize, size=params.model.img_size,
+                                   augment=params.train.augment, seed=params.train.seed)
+    except (ParamsError, PetpipeError) as error:
+        raise click.ClickException(str(error)) from None
+    save_figure(out, figure)
+    click.echo(f"show-batch: {split} images -> {out}")
 
 
 if __name__ == "__main__":

@@ -126,3 +126,74 @@ def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], suggestions: Map
     axis.set_title("Learning rate finder (whole model unfrozen)", loc="left")
     figure.tight_layout()
     return figure
+
+
+def plot_confusion(matrix: np.ndarray, classes: Sequence[str], *, normalize: bool = False,
+                   title: str | None = None) -> Figure:
+    """fastai's plot_confusion_matrix: actual classes down, predicted across, values in the cells.
+
+    The figure grows with the class count so 37 breeds stay readable; with
+    `normalize` each row is divided by its sum (recall on the diagonal).
+    """
+    counts = np.asarray(matrix)
+    count = len(classes)
+    totals = counts.sum(axis=1, keepdims=True)
+    values = (np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0) if normalize
+              else counts.astype(np.float64))
+    side = max(5.0, 2.5 + 0.32 * count)
+    font = 10 if count <= 10 else 8 if count <= 25 else 6.5
+    figure = _new_figure(side + 1.0, side)
+    axis = figure.subplots()
+    image = axis.imshow(values, cmap="Blues", vmin=0, vmax=1.0 if normalize else max(values.max(), 1.0))
+    figure.colorbar(image, ax=axis, fraction=0.04, pad=0.02).ax.tick_params(labelsize=font)
+    positions = np.arange(count)
+    axis.set_xticks(positions, [str(name) for name in classes], rotation=90, fontsize=font)
+    axis.set_yticks(positions, [str(name) for name in classes], fontsize=font)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("actual")
+    threshold = (1.0 if normalize else max(values.max(), 1.0)) / 2
+    for row, column in zip(*np.nonzero(counts)):  # empty cells stay blank so the errors stand out
+        value = values[row, column]
+        text = f"{value:.2f}".removeprefix("0") if normalize else str(int(counts[row, column]))
+        axis.text(column, row, text, ha="center", va="center", fontsize=font,
+                  color="white" if value > threshold else "black")
+    # Faint gridlines between cells help follow a row across 37 columns.
+    axis.set_xticks(positions - 0.5, minor=True)
+    axis.set_yticks(positions - 0.5, minor=True)
+    axis.grid(which="minor", color="#dddddd", linewidth=0.4)
+    axis.tick_params(which="minor", length=0)
+    images = int(counts.sum())
+    correct = int(np.trace(counts))
+    default_title = (f"Confusion matrix{' (rows normalised)' if normalize else ''}: "
+                     f"{correct}/{images} correct, {count} classes")
+    axis.set_title(title or default_title, loc="left")
+    figure.tight_layout()
+    return figure
+
+
+def plot_top_losses(images: torch.Tensor, *, predicted: Sequence[str], actual: Sequence[str],
+                    losses: Sequence[float], probabilities: Sequence[float]) -> Figure:
+    """fastai's plot_top_losses: each image titled prediction/actual/loss/probability of the actual class.
+
+    images: float (B, 3, H, W) in [0, 1], highest loss first.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+    count = images.shape[0]
+    if not count == len(predicted) == len(actual) == len(losses) == len(probabilities):
+        raise ValueError(f"{count} images but {len(predicted)}/{len(actual)}/{len(losses)}/{len(probabilities)} "
+                         "predicted/actual/losses/probabilities")
+    columns = max(1, math.ceil(math.sqrt(count)))
+    rows = max(1, math.ceil(count / columns))
+    pixels = images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+    figure = _new_figure(3.3 * columns, 3.5 * rows + 0.4)
+    axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
+    for position, axis in enumerate(axes):
+        axis.axis("off")
+        if position < count:
+            axis.imshow(pixels[position])
+            axis.set_title(f"{predicted[position]}/\n{actual[position]}\n"
+                           f"{losses[position]:.2f} / {probabilities[position]:.2f}", fontsize=8)
+    figure.suptitle("Prediction/Actual/Loss/Probability of actual")
+    figure.tight_layout()
+    return figure

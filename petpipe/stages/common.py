@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import random
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,15 +16,27 @@ import numpy as np
 import pandas as pd
 import torch
 
-from petpipe import plots
+from petpipe import plots, tracking
 from petpipe.atomic import save_figure, write_csv, write_json
-from petpipe.checkpoint import file_digest, load_checkpoint, save_checkpoint
+from petpipe.checkpoint import file_digest, load_checkpoint, make_checkpoint, save_checkpoint
 from petpipe.data import class_names, load_index
 from petpipe.errors import PetpipeError
+from petpipe.models import Classifier, Preprocessing
+from petpipe.params import Params
 from petpipe.pixels import load_pixels
-from petpipe.training import ImageSet
+from petpipe.training import FitState, ImageSet, evaluation_view, fit
 
 log = logging.getLogger(__name__)
+
+
+def stage_seed(seed: int, stage: str) -> int:
+    """train.seed made distinct per stage.
+
+    With one seed for all, lr-find and finetune would replay train-head's exact
+    batches, augmentations and dropout masks, which the head has memorised: the
+    LR finder then sees a loss near zero and diverges at once.
+    """
+    return (seed * 1_000_003 + zlib.crc32(stage.encode())) % 2**63
 
 
 def seed_everything(seed: int) -> None:
@@ -119,8 +132,7 @@ def final_metrics(history: list[dict[str, float]], *, stage: str) -> dict[str, A
         "valid_loss": last.get("valid_loss"),
         "accuracy": last.get("accuracy"),
         "error_rate": last.get("error_rate"),
-        "seconds": round(sum(row["seconds"] for row in history), 3),
-    }
+    }  # no timings: the same seed must give the same metrics.json (history.csv has the seconds)
 
 
 def write_training_outputs(*, model_path: Path, metrics_path: Path, history_path: Path, plot_path: Path,
@@ -131,3 +143,65 @@ def write_training_outputs(*, model_path: Path, metrics_path: Path, history_path
     save_figure(plot_path, plots.plot_training_history(history, title=title))
     write_json(metrics_path, metrics)
     save_checkpoint(model_path, {**checkpoint, "resume": None})
+
+
+@dataclass(frozen=True)
+class TrainedOutputs:
+    """The four outputs of train-head and finetune."""
+
+    model: Path
+    metrics: Path
+    history: Path
+    plot: Path
+
+
+def train_and_save(
+    stage: str, model: Classifier, *, data: Dataset, params: Params, used: dict[str, Any], inputs: list[Path],
+    preprocessing: Preprocessing, arch: str, weights: str, img_size: int, presize: int, head_hidden: int,
+    head_dropout: float, epochs: int, group_lrs: dict[str, float], schedule: str, frozen: bool,
+    outputs: TrainedOutputs, title: str,
+) -> dict[str, Any]:
+    """Fit (resuming an interrupted run of the same stage, params and inputs), log, write outputs.
+
+    Returns the stage's metrics.
+    """
+    resume_file = ResumeFile(stage, params=used, inputs=inputs)
+    resume = resume_file.load()
+    if resume is not None:
+        model.load_state_dict(resume["state_dict"])
+    device = data.train.pixels.device
+    model.to(device).to(memory_format=torch.channels_last)
+
+    def checkpoint(history: list[dict[str, float]], resume_state: dict[str, Any] | None = None) -> dict[str, Any]:
+        return make_checkpoint(
+            model, stage=stage, arch=arch, weights=weights, classes=data.classes, preprocessing=preprocessing,
+            img_size=img_size, presize=presize, head_hidden=head_hidden, head_dropout=head_dropout, params=used,
+            history=history, resume=resume_state)
+
+    with tracking.stage_run(stage, params=used) as run_log:
+        def on_epoch_end(state: FitState) -> None:
+            resume_file.save(checkpoint(state.history, state.to_dict()))
+            row = state.history[-1]
+            run_log.log_metrics({key: value for key, value in row.items() if key != "epoch"}, step=int(row["epoch"]))
+
+        history = fit(
+            model, train=data.train, valid=data.valid, epochs=epochs, group_lrs=group_lrs, schedule=schedule,
+            weight_decay=params.train.weight_decay, batch_size=params.train.batch_size, size=img_size,
+            augment=params.train.augment, preprocessing=preprocessing, seed=stage_seed(params.train.seed, stage), frozen=frozen,
+            train_bn=params.model.train_bn, resume=resume["resume"] if resume else None,
+            on_epoch_end=on_epoch_end, progress=progress_bar(stage),
+        )
+        metrics = final_metrics(history, stage=stage)
+        write_training_outputs(model_path=outputs.model, metrics_path=outputs.metrics, history_path=outputs.history,
+                               plot_path=outputs.plot, checkpoint=checkpoint(history), metrics=metrics, title=title)
+        run_log.log_artifacts([outputs.metrics, outputs.history, outputs.plot])
+        example = evaluation_view(data.valid.pixels[:1] if len(data.valid) else data.train.pixels[:1],
+                                  size=img_size, preprocessing=preprocessing)
+        run_log.log_model(model, input_example=example.cpu().numpy(), registered_name=None)
+    resume_file.clear()
+    return metrics
+
+
+def describe_metrics(stage: str, metrics: dict[str, Any]) -> str:
+    return (f"{stage}: {metrics['epochs']} epochs, accuracy {metrics['accuracy']:.4f}, "
+            f"valid loss {metrics['valid_loss']:.4f}")

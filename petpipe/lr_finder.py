@@ -1,0 +1,133 @@
+"""The learning rate finder (Smith 2015, arXiv:1506.01186) and fastai's four suggestion rules.
+
+`lr_sweep` trains on batches while the learning rate grows exponentially and
+returns the curve; it works on the model it is given, so callers pass a copy
+when the weights must not change. The suggestion rules are pure functions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from petpipe.models import Classifier, Preprocessing, set_train_mode
+from petpipe.params import AugmentParams
+from petpipe.training import ADAM_BETAS, ADAM_EPS, ImageSet, autocast, batch_indices, training_view
+
+SMOOTHING = 0.98  # fastai's Recorder smooths the loss with this exponential moving average
+
+
+def sweep_lrs(start_lr: float, end_lr: float, num_it: int) -> np.ndarray:
+    """num_it learning rates growing exponentially from start_lr to end_lr."""
+    return start_lr * (end_lr / start_lr) ** (np.arange(num_it) / max(num_it - 1, 1))
+
+
+def lr_sweep(
+    model: Classifier, *, images: ImageSet, start_lr: float, end_lr: float, num_it: int, stop_div: float,
+    weight_decay: float, batch_size: int, size: int, augment: AugmentParams, preprocessing: Preprocessing,
+    generator: torch.Generator,
+) -> dict[str, list[float]]:
+    """Train one batch per learning rate; stop when the smoothed loss exceeds stop_div x its minimum.
+
+    Returns {"lr", "loss", "smoothed_loss"}, one entry per batch trained.
+    """
+    set_train_mode(model, frozen=False, train_bn=True)
+    device = images.pixels.device
+    batch_size = min(batch_size, len(images))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=start_lr, betas=ADAM_BETAS, eps=ADAM_EPS,
+                                  weight_decay=weight_decay)
+    record: dict[str, list[float]] = {"lr": [], "loss": [], "smoothed_loss": []}
+    average, best = 0.0, math.inf
+    batches: list[torch.Tensor] = []
+    for iteration, lr in enumerate(sweep_lrs(start_lr, end_lr, num_it)):
+        if not batches:  # as many epochs as num_it needs
+            batches = batch_indices(len(images), batch_size, shuffle=True, drop_last=True, generator=generator)
+        rows = batches.pop(0).to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = float(lr)
+        inputs = training_view(images.pixels[rows], size=size, augment=augment, preprocessing=preprocessing,
+                               generator=generator)
+        with autocast(device):
+            loss = F.cross_entropy(model(inputs), images.targets[rows])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        value = loss.item()
+        average = SMOOTHING * average + (1 - SMOOTHING) * value
+        smoothed = average / (1 - SMOOTHING ** (iteration + 1))  # debiased, as fastai's
+        record["lr"].append(float(lr))
+        record["loss"].append(value)
+        record["smoothed_loss"].append(smoothed)
+        best = min(best, smoothed)
+        if not math.isfinite(smoothed) or smoothed > stop_div * best:
+            break
+    return record
+
+
+# ---------------------------------------------------------------- suggestions (fastai's rules)
+
+
+def trim_for_suggestions(lrs: np.ndarray, losses: np.ndarray, num_it: int) -> tuple[np.ndarray, np.ndarray]:
+    """fastai skips the first tenth (noisy start) and last five points (divergence) of the curve."""
+    start, end = num_it // 10, len(losses) - 5
+    if end - start < 3:  # a short curve: keep it whole rather than suggest from nothing
+        return lrs, losses
+    return lrs[start:end], losses[start:end]
+
+
+def suggest_minimum(lrs: np.ndarray, losses: np.ndarray) -> float:
+    """A tenth of the learning rate with the lowest loss."""
+    return float(lrs[int(np.argmin(losses))] / 10)
+
+
+def suggest_steep(lrs: np.ndarray, losses: np.ndarray) -> float:
+    """Where the loss falls fastest against log(lr)."""
+    slopes = np.diff(losses) / np.diff(np.log(lrs))
+    return float(lrs[int(np.argmin(slopes))])
+
+
+def suggest_valley(lrs: np.ndarray, losses: np.ndarray) -> float:
+    """fastai's valley: inside the longest decreasing stretch of the curve, a bit past its first third."""
+    count = len(losses)
+    lengths = [1] * count
+    max_start, max_end = 0, 0
+    for i in range(1, count):
+        for j in range(i):
+            if losses[i] < losses[j] and lengths[i] < lengths[j] + 1:
+                lengths[i] = lengths[j] + 1
+        if lengths[max_end] < lengths[i]:
+            max_end = i
+            max_start = max(max_end - lengths[max_end], 0)
+    sections = (max_end - max_start) / 3
+    return float(lrs[max_start + int(sections) + int(sections / 2)])
+
+
+def suggest_slide(lrs: np.ndarray, losses: np.ndarray, *, lr_diff: int = 15, threshold: float = 0.005) -> float:
+    """fastai's slide: walk left from the end until the gradient flattens out."""
+    gradient = np.gradient(losses)
+    lr_diff = min(lr_diff, len(losses) - 1)
+    right, left = -1, -1 - lr_diff
+    suggestion = lrs[left]
+    while left >= -len(losses) and abs(gradient[right] - gradient[left]) > threshold:
+        suggestion = lrs[left]
+        right -= 1
+        left -= 1
+    return float(suggestion)
+
+
+SUGGESTIONS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "valley": suggest_valley,
+    "slide": suggest_slide,
+    "minimum": suggest_minimum,
+    "steep": suggest_steep,
+}
+
+
+def suggest(lrs: list[float], smoothed_losses: list[float], *, num_it: int) -> dict[str, float]:
+    """Every suggestion rule on the trimmed curve."""
+    trimmed_lrs, trimmed_losses = trim_for_suggestions(np.asarray(lrs), np.asarray(smoothed_losses), num_it)
+    return {name: rule(trimmed_lrs, trimmed_losses) for name, rule in SUGGESTIONS.items()}

@@ -1,0 +1,311 @@
+"""Inference outside the pipeline: predict images with a checkpoint or an exported ONNX bundle, export one.
+
+Images go through exactly evaluate's preprocessing (decode at presize, center
+crop, normalise), so predict agrees with evaluate on the validation images.
+A bundle is pickle-free: model.onnx plus bundle.json (classes, preprocessing).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+
+from petpipe import data
+from petpipe.atomic import atomic_directory, write_json
+from petpipe.augment import augment_batch, center_crop_batch
+from petpipe.checkpoint import file_digest, load_checkpoint, model_from_checkpoint, preprocessing_of
+from petpipe.errors import PetpipeError
+from petpipe.models import Classifier, Preprocessing
+from petpipe.params import AugmentParams
+from petpipe.pixels import decode_image
+from petpipe.plots import plot_show_batch
+from petpipe.training import autocast, choose_device, evaluation_view
+
+log = logging.getLogger(__name__)
+
+BUNDLE_FORMAT = "petpipe-bundle/1"
+BUNDLE_FILE = "bundle.json"
+ONNX_FILE = "model.onnx"
+# The opset the torch.export-based exporter targets by default.
+ONNX_OPSET = 18
+
+
+# ---------------------------------------------------------------- predictors
+
+
+class Predictor(Protocol):
+    classes: list[str]
+    img_size: int
+    presize: int
+
+    def probabilities(self, pixels: torch.Tensor) -> np.ndarray:
+        """Presized uint8 (B, 3, P, P) -> class probabilities (B, C) float64."""
+
+
+class CheckpointPredictor:
+    """A petpipe checkpoint (model.pt), run with torch on the chosen device."""
+
+    def __init__(self, checkpoint: dict[str, Any], device: torch.device):
+        self.classes = list(checkpoint["classes"])
+        self.img_size = int(checkpoint["preprocessing"]["img_size"])
+        self.presize = int(checkpoint["preprocessing"]["presize"])
+        self.preprocessing = preprocessing_of(checkpoint)
+        self.device = device
+        self.model = model_from_checkpoint(checkpoint).to(device).to(memory_format=torch.channels_last).eval()
+
+    @torch.inference_mode()
+    def probabilities(self, pixels: torch.Tensor) -> np.ndarray:
+        batch = evaluation_view(pixels.to(self.device), size=self.img_size, preprocessing=self.preprocessing)
+        with autocast(self.device):
+            logits = self.model(batch)
+        return torch.softmax(logits.double(), dim=1).cpu().numpy()
+
+
+class BundlePredictor:
+    """An exported bundle (bundle.json + model.onnx), run with onnxruntime."""
+
+    def __init__(self, folder: Path, device: torch.device):
+        manifest = read_bundle(folder)
+        self.classes = list(manifest["classes"])
+        preprocessing = manifest["preprocessing"]
+        self.img_size = int(preprocessing["img_size"])
+        self.presize = int(preprocessing["presize"])
+        self.preprocessing = Preprocessing(mean=tuple(preprocessing["mean"]), std=tuple(preprocessing["std"]))
+        self.session = _onnx_session(folder / manifest["model"], device)
+        self.input_name = manifest["input"]["name"]
+
+    def probabilities(self, pixels: torch.Tensor) -> np.ndarray:
+        batch = evaluation_view(pixels.cpu(), size=self.img_size, preprocessing=self.preprocessing)
+        (logits,) = self.session.run(None, {self.input_name: batch.contiguous().numpy()})
+        return torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
+
+
+def _onnx_session(path: Path, device: torch.device) -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise PetpipeError("predicting with an exported bundle needs onnxruntime: pip install onnxruntime") from None
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    try:
+        return onnxruntime.InferenceSession(str(path), providers=providers)
+    except Exception as error:  # onnxruntime raises its own exception types for bad files
+        raise PetpipeError(f"{path}: not a loadable ONNX model ({error}); export it again") from None
+
+
+def read_bundle(folder: Path) -> dict[str, Any]:
+    """bundle.json of an exported bundle, checked enough to trust its fields."""
+    path = Path(folder) / BUNDLE_FILE
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PetpipeError(f"{folder}: no {BUNDLE_FILE}; pass a model.pt checkpoint or a folder "
+                           f"written by `petpipe export`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PetpipeError(f"{path}: not valid JSON ({error}); export the bundle again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        raise PetpipeError(f"{path}: not a petpipe bundle (format {BUNDLE_FORMAT}); export it again")
+    return manifest
+
+
+def load_predictor(model: Path, *, device: str = "auto") -> Predictor:
+    """A checkpoint file (model.pt) or an exported bundle folder, ready to predict on `device`."""
+    model = Path(model)
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
+        raise PetpipeError(f"--device {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    chosen = choose_device(device)
+    if model.is_dir():
+        return BundlePredictor(model, chosen)
+    return CheckpointPredictor(load_checkpoint(model), chosen)
+
+
+# ---------------------------------------------------------------- predicting files
+
+
+@dataclass
+class Prediction:
+    """One file's top-k (label, probability), most probable first; or why it could not be predicted."""
+
+    path: str
+    labels: list[tuple[str, float]] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path,
+                "predictions": [{"label": label, "probability": probability} for label, probability in self.labels],
+                "error": self.error}
+
+
+def _image_extensions() -> frozenset[str]:
+    return frozenset(extension.lower() for extension in Image.registered_extensions())
+
+
+def collect_images(paths: Sequence[Path]) -> list[Path]:
+    """Files as given, folders replaced by the image files under them (sorted); missing paths kept.
+
+    A missing path stays in the list so that predicting it reports the error by name.
+    """
+    extensions = _image_extensions()
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found.extend(file for file in data.scan_images(path) if file.suffix.lower() in extensions)
+        else:
+            found.append(path)
+    return found
+
+
+def _decode(path: Path, presize: int) -> np.ndarray | str:
+    try:
+        return decode_image(path, presize).transpose(2, 0, 1)  # (3, P, P), as the pixel cache stores it
+    except FileNotFoundError:
+        return "no such file"
+    except IsADirectoryError:
+        return "is a directory"
+    except Exception as error:  # noqa: BLE001  (any decoder failure: report it, predict the rest)
+        return f"cannot read image ({type(error).__name__}: {error})"
+
+
+def predict_files(predictor: Predictor, paths: Sequence[Path], *, top_k: int = 3,
+                  batch_size: int = 64) -> Iterator[Prediction]:
+    """Top-k predictions for each file, in order, batched; an unreadable file yields its error instead."""
+    if top_k < 1:
+        raise PetpipeError(f"--top-k must be at least 1, got {top_k}")
+    if batch_size < 1:
+        raise PetpipeError(f"--batch-size must be at least 1, got {batch_size}")
+    top_k = min(top_k, len(predictor.classes))
+    workers = min(8, os.cpu_count() or 1)
+    # PIL releases the GIL while decoding, so threads decode a batch in parallel.
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for start in range(0, len(paths), batch_size):
+            chunk = [Path(path) for path in paths[start:start + batch_size]]
+            decoded = list(pool.map(lambda path: _decode(path, predictor.presize), chunk))
+            good = [position for position, result in enumerate(decoded) if not isinstance(result, str)]
+            probabilities = (predictor.probabilities(torch.from_numpy(np.stack([decoded[position] for position in good])))
+                             if good else np.empty((0, len(predictor.classes))))
+            rows = dict(zip(good, probabilities))
+            for position, path in enumerate(chunk):
+                if position not in rows:
+                    yield Prediction(path=str(path), error=str(decoded[position]))
+                    continue
+                best = np.argsort(-rows[position], kind="stable")[:top_k]
+                yield Prediction(path=str(path),
+                                 labels=[(predictor.classes[label], float(rows[position][label])) for label in best])
+
+
+def format_prediction(prediction: Prediction) -> str:
+    """`path<TAB>label 0.9312<TAB>label 0.0411 ...`: one line per image, easy to cut and grep."""
+    return "\t".join([prediction.path, *(f"{label} {probability:.4f}" for label, probability in prediction.labels)])
+
+
+# ---------------------------------------------------------------- export
+
+
+def export_bundle(checkpoint_path: Path, out: Path, *, check_tolerance: float = 1e-4) -> dict[str, Any]:
+    """Write `out/` = model.onnx + bundle.json from a checkpoint; return the manifest.
+
+    The folder appears whole or not at all (written beside, then renamed). The
+    export is checked before it is kept: onnxruntime's probabilities on a
+    random batch must match torch's within `check_tolerance`.
+    """
+    checkpoint_path = Path(checkpoint_path)
+    checkpoint = load_checkpoint(checkpoint_path)
+    model = model_from_checkpoint(checkpoint).eval()
+    info = checkpoint["preprocessing"]
+    example = torch.randn(2, 3, info["img_size"], info["img_size"], generator=torch.Generator().manual_seed(0))
+    manifest = {
+        "format": BUNDLE_FORMAT,
+        "model": ONNX_FILE,
+        "runtime": "onnxruntime",
+        "input": {"name": "images", "shape": ["batch", 3, info["img_size"], info["img_size"]], "dtype": "float32",
+                  "layout": "NCHW, RGB, (pixel / 255 - mean) / std"},
+        "output": {"name": "logits", "shape": ["batch", len(checkpoint["classes"])],
+                   "meaning": "unnormalised scores; softmax gives class probabilities"},
+        "classes": list(checkpoint["classes"]),
+        "preprocessing": {
+            "img_size": info["img_size"], "presize": info["presize"], "mean": info["mean"], "std": info["std"],
+            "steps": ["apply EXIF orientation, convert to RGB",
+                      "resize the shorter side to presize and center-crop a presize square (bilinear)",
+                      "center-crop an img_size square",
+                      "scale to [0, 1], subtract mean and divide by std per channel"],
+        },
+        "arch": checkpoint["arch"],
+        "stage": checkpoint.get("stage"),
+        "source": {"checkpoint": checkpoint_path.name, "sha256": file_digest(checkpoint_path)},
+        "opset": ONNX_OPSET,
+    }
+    with atomic_directory(out) as folder:
+        _export_onnx(model, example, folder / ONNX_FILE)
+        write_json(folder / BUNDLE_FILE, manifest)
+        _check_export(model, example, folder, tolerance=check_tolerance)
+    return manifest
+
+
+def _export_onnx(model: Classifier, example: torch.Tensor, path: Path) -> None:
+    try:
+        import onnxscript  # noqa: F401  (the torch.export-based exporter needs it)
+    except ImportError:
+        raise PetpipeError("export needs onnx, onnxscript and onnxruntime: pip install onnx onnxscript onnxruntime") from None
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    # One self-contained file (external_data=False): weights of these models stay far below ONNX's 2 GB limit.
+    program = torch.onnx.export(model, (example,), None, input_names=["images"], output_names=["logits"],
+                                dynamic_shapes={"images": {0: batch}}, opset_version=ONNX_OPSET, dynamo=True,
+                                external_data=False, verbose=False)
+    program.save(str(path), external_data=False)
+
+
+def _check_export(model: Classifier, example: torch.Tensor, folder: Path, *, tolerance: float) -> None:
+    predictor = BundlePredictor(folder, torch.device("cpu"))
+    batch = torch.cat([example, example.flip(0), example * 0.5])  # another batch size than the export's
+    exported = predictor.session.run(None, {predictor.input_name: batch.numpy()})[0]
+    with torch.inference_mode():
+        reference = torch.softmax(model(batch).double(), dim=1).numpy()
+    difference = np.abs(torch.softmax(torch.from_numpy(exported).double(), dim=1).numpy() - reference).max()
+    if not difference <= tolerance:
+        raise PetpipeError(f"the exported model disagrees with the checkpoint (probabilities differ by up to "
+                           f"{difference:.2e} > {tolerance:.0e}); nothing was written")
+
+
+# ---------------------------------------------------------------- show-batch
+
+
+def show_batch_figure(index: pd.DataFrame, images: Path, *, split: str, count: int, presize: int, size: int,
+                      augment: AugmentParams, seed: int) -> Figure:
+    """fastai's show_batch: `count` images of a split as the model sees them.
+
+    train: augmented like a training batch (with the defaults, the same nine
+    images index-labels' show_batch.png shows); valid: center crops.
+    """
+    rows = index[index["split"] == split].reset_index(drop=True)
+    if rows.empty:
+        raise PetpipeError(f"the {split} split has no images; check split.valid_pct or the index")
+    chosen = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+    decoded = []
+    for row in chosen:
+        path = images / rows.at[row, "path"]
+        try:
+            decoded.append(torch.from_numpy(decode_image(path, presize)))  # (P, P, 3)
+        except (OSError, ValueError) as error:
+            raise PetpipeError(f"{path}: cannot read image ({error}); rerun fetch and index-labels") from None
+    pixels = torch.stack(decoded).permute(0, 3, 1, 2).contiguous()  # (B, 3, P, P) uint8
+    if split == "train":
+        batch = augment_batch(pixels, size=size, augment=augment, generator=torch.Generator().manual_seed(seed))
+        title = "show_batch: training images after augmentation"
+    else:
+        batch = center_crop_batch(pixels, size=size)
+        title = "show_batch: validation images (center crop)"
+    return plot_show_batch(batch, [rows.at[row, "label"] for row in chosen], title=title)
