@@ -55,3 +55,36 @@ OFFLINE_TRAINING = {
     "model.img_size": 64,
     "train.batch_size": 32,
 }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def pixel_cache_in_tmp(tmp_path_factory):
+    """Keep the decoded-pixel cache out of the checkout; shared by all tests of a session."""
+    import os
+
+    previous = os.environ.get("PETPIPE_CACHE_DIR")
+    os.environ["PETPIPE_CACHE_DIR"] = str(tmp_path_factory.mktemp("pixel-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("PETPIPE_CACHE_DIR", None)
+    else:
+        os.environ["PETPIPE_CACHE_DIR"] = previous
+
+
+def params_with(overrides: dict[str, Any]) -> Params:
+    """Params from the project's params.yaml with dotted overrides (usable in session fixtures)."""
+    return parse_params(_merge(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text()), overrides))
+
+
+@pytest.fixture(scope="session")
+def indexed_sample(tmp_path_factory, sample_images) -> Path:
+    """index.csv of the sample photos (index-labels run once per session); returns its path."""
+    from petpipe.stages import index_labels
+
+    folder = tmp_path_factory.mktemp("indexed")
+    outputs = index_labels.Outputs(
+        index=folder / "index.csv", classes=folder / "classes.json", report=folder / "report.json",
+        show_batch=folder / "show_batch.png", class_counts=folder / "class_counts.png",
+    )
+    index_labels.run(params_with({"model.img_size": 64}), index_labels.Inputs(images=sample_images), outputs)
+    return outputs.index

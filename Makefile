@@ -1,0 +1,22 @@
+# Two commands on a fresh machine:
+#   make pipeline   create .venv, install petpipe, run the whole pipeline (dvc repro)
+#   make test       create .venv, install petpipe with test extras, run the tests
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+.PHONY: pipeline test install
+
+$(BIN)/petpipe: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/petpipe
+
+pipeline: install
+	PATH="$(abspath $(BIN)):$$PATH" dvc repro
+
+test: install
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest

@@ -1,0 +1,169 @@
+"""train-head, lr-find and finetune on the real sample photos with the offline EfficientNet-Lite0.
+
+Small images (64-96 px) and few epochs keep this to a couple of minutes on two
+cores; the assertions are about outcomes: accuracy, files, resume, determinism.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from conftest import OFFLINE_TRAINING, PROJECT_ROOT, params_with
+from petpipe.checkpoint import file_digest, load_checkpoint
+from petpipe.stages import finetune, lr_find, train_head
+
+TRAINING = {**OFFLINE_TRAINING, "train_head.lr": 0.01, "lr_find.num_it": 30}
+
+
+def train_head_outputs(folder: Path) -> train_head.Outputs:
+    return train_head.Outputs(model=folder / "model.pt", metrics=folder / "metrics.json",
+                              history=folder / "history.csv", plot=folder / "training.png")
+
+
+def run_train_head(folder: Path, index: Path, images: Path, **overrides) -> train_head.Outputs:
+    outputs = train_head_outputs(folder)
+    train_head.run(params_with({**TRAINING, **overrides}), train_head.Inputs(images=images, index=index), outputs)
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """Stages write resume files under ./.petpipe: run them in a scratch folder."""
+    folder = tmp_path_factory.mktemp("training")
+    previous = os.getcwd()
+    os.chdir(folder)
+    yield folder
+    os.chdir(previous)
+
+
+@pytest.fixture(scope="module")
+def head(workdir, indexed_sample, sample_images) -> train_head.Outputs:
+    return run_train_head(workdir / "head", indexed_sample, sample_images,
+                          **{"model.img_size": 96, "train_head.epochs": 3})
+
+
+def test_train_head_learns_well_above_chance(head):
+    metrics = json.loads(head.metrics.read_text())
+    chance = 1 / 37
+    assert metrics["accuracy"] >= 3 * chance, metrics
+    history = pd.read_csv(head.history)
+    assert list(history.columns) == ["epoch", "train_loss", "valid_loss", "accuracy", "error_rate", "lr", "seconds",
+                                     "images_per_second"]
+    assert list(history["epoch"]) == [1, 2, 3]
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+    assert head.plot.read_bytes().startswith(b"\x89PNG")
+    assert not list(Path(".petpipe/resume").glob("train-head-*.pt")), "resume file left after success"
+
+
+def test_checkpoint_is_a_plain_dict_loadable_without_pickle(head):
+    checkpoint = torch.load(head.model, map_location="cpu", weights_only=True)
+    assert checkpoint["arch"] == "tf_efficientnet_lite0"
+    assert len(checkpoint["classes"]) == 37 and checkpoint["classes"][0] == "Abyssinian"
+    assert checkpoint["preprocessing"] == {"img_size": 96, "presize": 110, "mean": [0.5] * 3, "std": [0.5] * 3}
+    assert set(checkpoint["layer_groups"]) == {"body_early", "body_late", "head"}
+    assert checkpoint["params"]["train_head"]["epochs"] == 3
+
+
+@pytest.fixture(scope="module")
+def lr_find_outputs(head, workdir, indexed_sample, sample_images):
+    def sweep(folder: Path) -> lr_find.Outputs:
+        outputs = lr_find.Outputs(result=folder / "lr_find.json", curve=folder / "lr_find.csv",
+                                  plot=folder / "lr_find.png")
+        lr_find.run(params_with(TRAINING),
+                    lr_find.Inputs(images=sample_images, index=indexed_sample, checkpoint=head.model), outputs)
+        return outputs
+
+    before = file_digest(head.model)
+    first, second = sweep(workdir / "lr1"), sweep(workdir / "lr2")
+    assert file_digest(head.model) == before, "lr-find changed the checkpoint on disk"
+    return first, second
+
+
+def test_lr_find_suggestions_are_finite_inside_the_sweep_and_reproducible(lr_find_outputs):
+    first, second = lr_find_outputs
+    result = json.loads(first.result.read_text())
+    lrs = result["curve"]["lr"]
+    assert set(result["suggestions"]) == {"valley", "slide", "minimum", "steep"}
+    for name, value in result["suggestions"].items():
+        assert lrs[0] / 10 <= value <= lrs[-1], (name, value)  # minimum is a tenth of a point on the curve
+    assert result["chosen"] == {"rule": "valley", "lr": result["suggestions"]["valley"]}
+    assert 5 <= result["iterations"] <= 30
+    assert first.curve.read_text() == second.curve.read_text(), "same seed, different curve"
+    assert first.plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_finetune_starts_from_train_head_weights(head, lr_find_outputs, workdir, indexed_sample, sample_images):
+    folder = workdir / "finetune"
+    outputs = finetune.Outputs(model=folder / "model.pt", metrics=folder / "metrics.json",
+                               history=folder / "history.csv", plot=folder / "training.png")
+    inputs = finetune.Inputs(images=sample_images, index=indexed_sample, checkpoint=head.model,
+                             lr_find=lr_find_outputs[0].result)
+    finetune.run(params_with({**TRAINING, "finetune.epochs": 1, "finetune.lr": "auto"}), inputs, outputs)
+
+    tuned, start = load_checkpoint(outputs.model), load_checkpoint(head.model)
+    assert tuned["params"]["finetune"]["peak_lr"] == json.loads(lr_find_outputs[0].result.read_text())["chosen"]["lr"]
+    weight = "head.7.weight"
+    moved = (tuned["state_dict"][weight] - start["state_dict"][weight]).norm()
+    assert moved < 0.5 * start["state_dict"][weight].norm(), "finetune did not start from train-head's head"
+    assert not torch.equal(tuned["state_dict"]["body.model.conv_stem.weight"],
+                           start["state_dict"]["body.model.conv_stem.weight"]), "body stayed frozen"
+    metrics = json.loads(outputs.metrics.read_text())
+    assert metrics["stage"] == "finetune" and metrics["accuracy"] >= 3 / 37
+    assert outputs.history.exists() and outputs.plot.exists()
+
+
+def _cli_train_head(folder: Path, params_file: Path, index: Path, images: Path) -> list[str]:
+    return [sys.executable, "-m", "petpipe.cli", "train-head", "--params", str(params_file),
+            "--images", str(images), "--index", str(index), "--model", str(folder / "model.pt"),
+            "--metrics", str(folder / "metrics.json"), "--history", str(folder / "history.csv"),
+            "--plot", str(folder / "training.png")]
+
+
+def test_killed_train_head_resumes_and_matches_an_uninterrupted_run(tmp_path, indexed_sample, sample_images):
+    settings = {**TRAINING, "model.img_size": 64, "train_head.epochs": 3}
+    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    for dotted, value in settings.items():
+        section, key = dotted.split(".")
+        raw[section][key] = value
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+    environment = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_cli_train_head(killed, params_file, indexed_sample, sample_images), cwd=tmp_path,
+                               env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / ".petpipe/resume").glob("train-head-*.pt")):
+        assert process.poll() is None, "train-head ended before its first epoch was saved"
+        assert time.monotonic() < deadline, "no resume file after 300 s"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # the harshest interruption: no cleanup runs
+    process.wait()
+    assert not (killed / "model.pt").exists() and not (killed / "metrics.json").exists()
+
+    resumed = subprocess.run(_cli_train_head(killed, params_file, indexed_sample, sample_images), cwd=tmp_path,
+                             env=environment, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr
+
+    whole = tmp_path / "whole"
+    uninterrupted = subprocess.run(_cli_train_head(whole, params_file, indexed_sample, sample_images), cwd=tmp_path,
+                                   env=environment, capture_output=True, text=True)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    assert "resuming from" not in uninterrupted.stderr
+    # Identical metrics.json: same seed, same numbers, whether or not the run was killed half-way.
+    assert (killed / "metrics.json").read_text() == (whole / "metrics.json").read_text()
+    columns = ["epoch", "train_loss", "valid_loss", "accuracy"]
+    pd.testing.assert_frame_equal(pd.read_csv(killed / "history.csv")[columns],
+                                  pd.read_csv(whole / "history.csv")[columns])
