@@ -88,3 +88,49 @@ def indexed_sample(tmp_path_factory, sample_images) -> Path:
     )
     index_labels.run(params_with({"model.img_size": 64}), index_labels.Inputs(images=sample_images), outputs)
     return outputs.index
+
+
+# The sample through the whole pipeline, small enough for two CPU cores.
+PIPELINE_SMALL = {
+    **OFFLINE_TRAINING,
+    "data.checksum": None,
+    "train_head.epochs": 2,
+    "train_head.lr": 0.01,
+    "lr_find.num_it": 20,
+    "finetune.epochs": 1,
+}
+
+
+def write_params(path: Path, overrides: dict[str, Any]) -> None:
+    path.write_text(yaml.safe_dump(_merge(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text()), overrides),
+                                   sort_keys=False))
+
+
+def run_command(arguments: list[str], cwd: Path, timeout: float = 900) -> "subprocess.CompletedProcess[str]":
+    """Run a command (dvc, petpipe, git) with the project's venv first on PATH; fail loudly."""
+    import os
+    import subprocess
+    import sys
+
+    environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(arguments, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(arguments)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def make_project(folder: Path, overrides: dict[str, Any]) -> Path:
+    """A fresh git + DVC repository holding the project's dvc.yaml and params.yaml (with overrides)."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(PROJECT_ROOT / name, folder / name)
+    write_params(folder / "params.yaml", overrides)
+    run_command(["git", "init", "-q", "-b", "main"], folder)
+    run_command(["git", "config", "user.email", "tests@petpipe.invalid"], folder)
+    run_command(["git", "config", "user.name", "petpipe tests"], folder)
+    run_command(["dvc", "init", "-q"], folder)
+    run_command(["dvc", "config", "core.autostage", "true"], folder)
+    run_command(["git", "add", "-A"], folder)
+    run_command(["git", "commit", "-q", "-m", "pipeline"], folder)
+    return folder
