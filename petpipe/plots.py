@@ -145,7 +145,10 @@ def plot_confusion(matrix: np.ndarray, classes: Sequence[str], *, normalize: boo
     figure = _new_figure(side + 1.0, side)
     axis = figure.subplots()
     image = axis.imshow(values, cmap="Blues", vmin=0, vmax=1.0 if normalize else max(values.max(), 1.0))
-    figure.colorbar(image, ax=axis, fraction=0.04, pad=0.02).ax.tick_params(labelsize=font)
+    colorbar = figure.colorbar(image, ax=axis, fraction=0.04, pad=0.02, shrink=0.6)
+    colorbar.ax.tick_params(labelsize=font)
+    if not normalize:
+        colorbar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     positions = np.arange(count)
     axis.set_xticks(positions, [str(name) for name in classes], rotation=90, fontsize=font)
     axis.set_yticks(positions, [str(name) for name in classes], fontsize=font)
@@ -192,8 +195,11 @@ def plot_top_losses(images: torch.Tensor, *, predicted: Sequence[str], actual: S
         axis.axis("off")
         if position < count:
             axis.imshow(pixels[position])
-            axis.set_title(f"{predicted[position]}/\n{actual[position]}\n"
-                           f"{losses[position]:.2f} / {probabilities[position]:.2f}", fontsize=8)
+            # Top losses have tiny probabilities: 2 decimals would print 0.00 for all of them.
+            probability = probabilities[position]
+            shown = f"{probability:.2f}" if probability >= 0.005 else f"{probability:.1e}"
+            axis.set_title(f"{predicted[position]}/\n{actual[position]}\n{losses[position]:.2f} / {shown}",
+                           fontsize=8)
     figure.suptitle("Prediction/Actual/Loss/Probability of actual")
-    figure.tight_layout()
+    figure.set_layout_engine("constrained")  # unlike tight_layout, leaves room for the suptitle
     return figure

@@ -34,7 +34,6 @@ from petpipe.pixels import decode_image
 from petpipe.plots import plot_show_batch
 from petpipe.training import autocast, choose_device, evaluation_view
 
-log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "petpipe-bundle/1"
 BUNDLE_FILE = "bundle.json"
@@ -195,16 +194,18 @@ def predict_files(predictor: Predictor, paths: Sequence[Path], *, top_k: int = 3
             chunk = [Path(path) for path in paths[start:start + batch_size]]
             decoded = list(pool.map(lambda path: _decode(path, predictor.presize), chunk))
             good = [position for position, result in enumerate(decoded) if not isinstance(result, str)]
-            probabilities = (predictor.probabilities(torch.from_numpy(np.stack([decoded[position] for position in good])))
-                             if good else np.empty((0, len(predictor.classes))))
-            rows = dict(zip(good, probabilities))
+            probabilities: dict[int, np.ndarray] = {}
+            if good:
+                pixels = torch.from_numpy(np.stack([decoded[position] for position in good]))  # (B, 3, P, P)
+                probabilities = dict(zip(good, predictor.probabilities(pixels)))
             for position, path in enumerate(chunk):
-                if position not in rows:
+                if position not in probabilities:
                     yield Prediction(path=str(path), error=str(decoded[position]))
                     continue
-                best = np.argsort(-rows[position], kind="stable")[:top_k]
-                yield Prediction(path=str(path),
-                                 labels=[(predictor.classes[label], float(rows[position][label])) for label in best])
+                row = probabilities[position]  # (C,)
+                best = np.argsort(-row, kind="stable")[:top_k]
+                labels = [(predictor.classes[label], float(row[label])) for label in best]
+                yield Prediction(path=str(path), labels=labels)
 
 
 def format_prediction(prediction: Prediction) -> str:
@@ -252,6 +253,7 @@ def export_bundle(checkpoint_path: Path, out: Path, *, check_tolerance: float = 
         _export_onnx(model, example, folder / ONNX_FILE)
         write_json(folder / BUNDLE_FILE, manifest)
         _check_export(model, example, folder, tolerance=check_tolerance)
+        folder.chmod(0o755)  # the temporary folder is private (0700); the bundle is meant to be shared
     return manifest
 
 
@@ -259,13 +261,24 @@ def _export_onnx(model: Classifier, example: torch.Tensor, path: Path) -> None:
     try:
         import onnxscript  # noqa: F401  (the torch.export-based exporter needs it)
     except ImportError:
-        raise PetpipeError("export needs onnx, onnxscript and onnxruntime: pip install onnx onnxscript onnxruntime") from None
+        raise PetpipeError("export needs onnx, onnxscript and onnxruntime: "
+                           "pip install onnx onnxscript onnxruntime") from None
     batch = torch.export.Dim("batch", min=1, max=65536)
-    # One self-contained file (external_data=False): weights of these models stay far below ONNX's 2 GB limit.
-    program = torch.onnx.export(model, (example,), None, input_names=["images"], output_names=["logits"],
-                                dynamic_shapes={"images": {0: batch}}, opset_version=ONNX_OPSET, dynamo=True,
-                                external_data=False, verbose=False)
-    program.save(str(path), external_data=False)
+    # The graph optimiser logs every initializer it merges at INFO; that is not news for the user.
+    quiet = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.WARNING)
+    try:
+        # One self-contained file (external_data=False): these models stay far below ONNX's 2 GB limit.
+        # dynamic_shapes by position, so renaming forward's argument cannot break the export.
+        program = torch.onnx.export(model, (example,), None, input_names=["images"], output_names=["logits"],
+                                    dynamic_shapes=({0: batch},), opset_version=ONNX_OPSET, dynamo=True,
+                                    external_data=False, verbose=False)
+        program.save(str(path), external_data=False)
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
 
 
 def _check_export(model: Classifier, example: torch.Tensor, folder: Path, *, tolerance: float) -> None:
@@ -287,8 +300,8 @@ def show_batch_figure(index: pd.DataFrame, images: Path, *, split: str, count: i
                       augment: AugmentParams, seed: int) -> Figure:
     """fastai's show_batch: `count` images of a split as the model sees them.
 
-    train: augmented like a training batch (with the defaults, the same nine
-    images index-labels' show_batch.png shows); valid: center crops.
+    train: augmented like a training batch, drawn as index-labels' show_batch.png
+    is; valid: the center crops evaluate and predict use.
     """
     rows = index[index["split"] == split].reset_index(drop=True)
     if rows.empty:
@@ -298,7 +311,7 @@ def show_batch_figure(index: pd.DataFrame, images: Path, *, split: str, count: i
     for row in chosen:
         path = images / rows.at[row, "path"]
         try:
-            decoded.append(torch.from_numpy(decode_image(path, presize)))  # (P, P, 3)
+            decoded.append(torch.from_numpy(np.array(decode_image(path, presize))))  # (P, P, 3), writable
         except (OSError, ValueError) as error:
             raise PetpipeError(f"{path}: cannot read image ({error}); rerun fetch and index-labels") from None
     pixels = torch.stack(decoded).permute(0, 3, 1, 2).contiguous()  # (B, 3, P, P) uint8

@@ -1,0 +1,337 @@
+"""The evaluate stage on a tiny model trained once on the real sample: every number checked independently."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from conftest import OFFLINE_TRAINING, PROJECT_ROOT, SAMPLE_IMAGES, _merge
+from petpipe import data, interpret
+from petpipe.checkpoint import load_checkpoint, model_from_checkpoint, preprocessing_of
+from petpipe.cli import main
+from petpipe.errors import PetpipeError
+from petpipe.params import Params, parse_params
+from petpipe.pixels import decode_image
+from petpipe.stages import evaluate, train_head
+from petpipe.training import evaluation_view
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# 128 px and two epochs: a short run that clearly beats chance on 37 breeds (30-65%), so the
+# confusions and top losses below are a model's, not noise.
+TINY_TRAINING = {**OFFLINE_TRAINING, "model.img_size": 128, "train_head.epochs": 2, "train_head.lr": 3e-3,
+                 "evaluate.checkpoint": "train-head", "evaluate.tta": True}
+
+
+@dataclass(frozen=True)
+class TrainedSample:
+    """The sample indexed and a head trained briefly, in a session tmp folder."""
+
+    root: Path
+    index: Path
+    model: Path
+    params: Params
+    params_dict: dict[str, Any]
+
+
+@contextlib.contextmanager
+def stage_environment(root: Path):
+    """Run a stage from `root` with its pixel cache there: resume files, tracking stores and the
+    cache are written relative to the cwd or PETPIPE_CACHE_DIR, and must stay out of the repo."""
+    previous_cwd, previous_cache = Path.cwd(), os.environ.get("PETPIPE_CACHE_DIR")
+    os.chdir(root)
+    os.environ["PETPIPE_CACHE_DIR"] = str(root / "cache")
+    try:
+        yield
+    finally:
+        os.chdir(previous_cwd)
+        if previous_cache is None:
+            os.environ.pop("PETPIPE_CACHE_DIR", None)
+        else:
+            os.environ["PETPIPE_CACHE_DIR"] = previous_cache
+
+
+_SESSION: dict[str, Any] = {}
+
+
+def trained_sample(tmp_path_factory: pytest.TempPathFactory) -> TrainedSample:
+    """Train once per session, shared by test_evaluate and test_predict (both call this)."""
+    if "sample" in _SESSION:
+        return _SESSION["sample"]
+    root = tmp_path_factory.mktemp("trained-sample")
+    raw = _merge(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text()), TINY_TRAINING)
+    if "cache_features" in raw["train_head"]:
+        # The head on features computed once: ~5x faster here, and still a model to interpret.
+        raw = _merge(raw, {"train_head.cache_features": True})
+    params = parse_params(raw)
+    relative = [data.relative_posix(path, SAMPLE_IMAGES) for path in data.scan_images(SAMPLE_IMAGES)]
+    labels = data.label_images(relative, method="regex", pattern=params.labels.pattern, csv_path=None)
+    infos = dict(zip(relative, data.check_images([SAMPLE_IMAGES / path for path in relative])))
+    splits = data.split_images(relative, valid_pct=params.split.valid_pct, seed=params.split.seed, split_file=None)
+    index = root / "index.csv"
+    data.build_index(labels, infos, splits).to_csv(index, index=False)
+    model = root / "model.pt"
+    with stage_environment(root):
+        train_head.run(params, train_head.Inputs(images=SAMPLE_IMAGES, index=index),
+                       train_head.Outputs(model=model, metrics=root / "head_metrics.json",
+                                          history=root / "history.csv", plot=root / "training.png"))
+    _SESSION["sample"] = TrainedSample(root=root, index=index, model=model, params=params, params_dict=raw)
+    return _SESSION["sample"]
+
+
+def evaluate_outputs(folder: Path) -> evaluate.Outputs:
+    return evaluate.Outputs(
+        metrics=folder / "metrics.json", confusion=folder / "confusion.csv", confusion_plot=folder / "confusion.png",
+        confusion_normalized_plot=folder / "confusion_normalized.png", top_losses=folder / "top_losses.png",
+        top_losses_table=folder / "top_losses.csv", most_confused=folder / "most_confused.csv",
+        report=folder / "report.md")
+
+
+def run_evaluate(sample: TrainedSample, folder: Path, params: Params | None = None,
+                 index: Path | None = None) -> tuple[str, evaluate.Outputs]:
+    outputs = evaluate_outputs(folder)
+    inputs = evaluate.Inputs(images=SAMPLE_IMAGES, index=index or sample.index, finetune_model=sample.model,
+                             head_model=sample.model)
+    with stage_environment(sample.root):
+        summary = evaluate.run(params or sample.params, inputs, outputs)
+    return summary, outputs
+
+
+def evaluated_sample(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, evaluate.Outputs]:
+    """Evaluate the trained sample (with TTA) once per session."""
+    if "evaluated" not in _SESSION:
+        _SESSION["evaluated"] = run_evaluate(trained_sample(tmp_path_factory), tmp_path_factory.mktemp("evaluate"))
+    return _SESSION["evaluated"]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> TrainedSample:
+    return trained_sample(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def evaluated(tmp_path_factory) -> tuple[str, evaluate.Outputs]:
+    return evaluated_sample(tmp_path_factory)
+
+
+def independent_log_probabilities(sample: TrainedSample, relative_paths: list[str]) -> np.ndarray:
+    """The checkpoint's log-probabilities, decoding each file itself instead of using the pixel cache."""
+    checkpoint = load_checkpoint(sample.model)
+    model = model_from_checkpoint(checkpoint).eval()
+    info = checkpoint["preprocessing"]
+    pixels = torch.stack([torch.from_numpy(np.array(decode_image(SAMPLE_IMAGES / path, info["presize"])))
+                          for path in relative_paths]).permute(0, 3, 1, 2)  # (N, 3, P, P) uint8
+    with torch.inference_mode():
+        logits = model(evaluation_view(pixels, size=info["img_size"], preprocessing=preprocessing_of(checkpoint)))
+    return torch.log_softmax(logits.double(), dim=1).numpy()
+
+
+def valid_rows(sample: TrainedSample) -> pd.DataFrame:
+    index = data.load_index(sample.index)
+    return index[index["split"] == "valid"].reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- metrics.json against confusion.csv
+
+
+def test_metrics_agree_with_confusion_csv_recomputed_by_hand(evaluated, trained):
+    _, outputs = evaluated
+    metrics = json.loads(outputs.metrics.read_text())
+    confusion = pd.read_csv(outputs.confusion, dtype=str, keep_default_na=False)
+    classes = load_checkpoint(trained.model)["classes"]
+
+    assert list(confusion.columns) == ["actual", "predicted"]
+    assert confusion["actual"].tolist() == valid_rows(trained)["label"].tolist()  # one row per image, index order
+    pairs = list(zip(confusion["actual"], confusion["predicted"]))
+    correct = sum(actual == predicted for actual, predicted in pairs)
+    assert metrics["images"] == len(pairs) > 30
+    assert metrics["checkpoint"] == "train-head"
+    assert metrics["accuracy"] == pytest.approx(correct / len(pairs), abs=1e-12)
+    assert metrics["error_rate"] == pytest.approx(1 - correct / len(pairs), abs=1e-12)
+    assert 1 / 37 < metrics["accuracy"] < 1  # learned something, and some errors to interpret
+
+    assert list(metrics["per_class"]) == classes
+    f1s = []
+    for name in classes:
+        true_positive = sum(actual == name and predicted == name for actual, predicted in pairs)
+        predicted_as = sum(predicted == name for _, predicted in pairs)
+        support = sum(actual == name for actual, _ in pairs)
+        precision = true_positive / predicted_as if predicted_as else 0.0
+        recall = true_positive / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        assert metrics["per_class"][name] == pytest.approx(
+            {"precision": precision, "recall": recall, "f1": f1, "support": support}, abs=1e-12), name
+        if support or predicted_as:
+            f1s.append(f1)
+    assert metrics["macro_f1"] == pytest.approx(sum(f1s) / len(f1s), abs=1e-12)
+
+
+def test_loss_and_top5_agree_with_an_independent_forward_pass(evaluated, trained):
+    _, outputs = evaluated
+    metrics = json.loads(outputs.metrics.read_text())
+    rows = valid_rows(trained)
+    classes = load_checkpoint(trained.model)["classes"]
+    log_probabilities = independent_log_probabilities(trained, rows["path"].tolist())
+    targets = np.array([classes.index(label) for label in rows["label"]])
+    losses = -log_probabilities[np.arange(len(targets)), targets]
+    top5 = np.mean([target in np.argsort(-row)[:5] for row, target in zip(log_probabilities, targets)])
+    assert metrics["loss"] == pytest.approx(losses.mean(), abs=1e-4)
+    assert metrics["top5_accuracy"] == pytest.approx(top5, abs=1e-12)
+    assert metrics["top5_accuracy"] >= metrics["accuracy"]
+    confusion = pd.read_csv(outputs.confusion, dtype=str, keep_default_na=False)
+    assert confusion["predicted"].tolist() == [classes[i] for i in log_probabilities.argmax(axis=1)]
+
+
+def test_top_losses_are_the_true_highest_loss_images(evaluated, trained):
+    _, outputs = evaluated
+    table = pd.read_csv(outputs.top_losses_table, dtype={"path": str, "actual": str, "predicted": str},
+                        keep_default_na=False)
+    rows = valid_rows(trained)
+    classes = load_checkpoint(trained.model)["classes"]
+    log_probabilities = independent_log_probabilities(trained, rows["path"].tolist())
+    targets = np.array([classes.index(label) for label in rows["label"]])
+    losses = -log_probabilities[np.arange(len(targets)), targets]
+
+    assert list(table.columns) == ["path", "actual", "predicted", "loss", "probability_actual",
+                                   "probability_predicted"]
+    assert len(table) == trained.params.evaluate.top_losses == 9
+    assert table["loss"].is_monotonic_decreasing
+    expected = np.sort(losses)[::-1][:9]
+    np.testing.assert_allclose(table["loss"], expected, atol=1e-4)
+    # The k-th loss is clear of the (k+1)-th here, so the set of images is exact.
+    assert expected[-1] - np.sort(losses)[::-1][9] > 1e-3
+    assert set(table["path"]) == set(rows["path"].iloc[np.argsort(-losses)[:9]])
+    by_path = dict(zip(rows["path"], range(len(rows))))
+    for row in table.itertuples():
+        position = by_path[row.path]
+        assert row.actual == rows.at[position, "label"]
+        assert row.predicted == classes[log_probabilities[position].argmax()]
+        assert row.probability_actual == pytest.approx(math.exp(-row.loss), rel=1e-9)
+        assert row.probability_predicted == pytest.approx(math.exp(log_probabilities[position].max()), abs=1e-4)
+        assert row.probability_predicted >= row.probability_actual
+    assert outputs.top_losses.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_most_confused_agrees_with_the_confusion_matrix(evaluated, trained):
+    _, outputs = evaluated
+    confusion = pd.read_csv(outputs.confusion, dtype=str, keep_default_na=False)
+    table = pd.read_csv(outputs.most_confused, dtype={"actual": str, "predicted": str}, keep_default_na=False)
+    counts = Counter((a, p) for a, p in zip(confusion["actual"], confusion["predicted"]) if a != p)
+    expected = sorted(counts.items(), key=lambda item: (-item[1], item[0][0], item[0][1]))
+    assert list(table.columns) == ["actual", "predicted", "count"]
+    assert [(row.actual, row.predicted, row.count) for row in table.itertuples()] == [
+        (actual, predicted, count) for (actual, predicted), count in expected]
+    assert len(table) > 0
+
+
+def test_min_count_filters_most_confused():
+    matrix = np.array([[5, 2, 1], [3, 4, 0], [0, 2, 6]])
+    table = interpret.most_confused(matrix, ["a", "b", "c"], min_count=2)
+    assert table.values.tolist() == [["b", "a", 3], ["a", "b", 2], ["c", "b", 2]]
+
+
+def test_tta_is_reported_beside_the_plain_numbers_never_instead(evaluated, trained, tmp_path):
+    _, with_tta = evaluated
+    metrics = json.loads(with_tta.metrics.read_text())
+    for name in ("accuracy", "error_rate", "top5_accuracy", "loss", "macro_f1"):
+        assert 0 <= metrics[f"tta_{name}"] < 10
+    assert metrics["tta_error_rate"] == pytest.approx(1 - metrics["tta_accuracy"])
+
+    # Through the CLI, as dvc.yaml runs it, with TTA off: the same plain numbers and no tta_ keys.
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(_merge(trained.params_dict, {"evaluate.tta": False})))
+    folder = tmp_path / "plain"
+    outputs = evaluate_outputs(folder)
+    arguments = ["evaluate", "--params", str(params_file), "--images", str(SAMPLE_IMAGES),
+                 "--index", str(trained.index), "--finetune-model", str(trained.model),
+                 "--head-model", str(trained.model)]
+    for name, path in vars(outputs).items():
+        arguments += [f"--{name.replace('_', '-')}", str(path)]
+    with stage_environment(trained.root):
+        result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"evaluate \(train-head\): \d+ images, accuracy 0\.\d{4}", result.output)
+    plain = json.loads(outputs.metrics.read_text())
+    assert not [key for key in plain if key.startswith("tta_")]
+    assert {key: value for key, value in metrics.items() if not key.startswith("tta_")} == plain
+
+
+def test_every_output_is_written_and_the_report_links_them(evaluated):
+    summary, outputs = evaluated
+    assert "evaluate (train-head)" in summary and "with TTA accuracy" in summary
+    for path in (outputs.confusion_plot, outputs.confusion_normalized_plot, outputs.top_losses):
+        assert path.read_bytes()[:8] == PNG_MAGIC
+    report = outputs.report.read_text()
+    links = re.findall(r"\]\(([^)]+)\)", report)
+    assert {Path(link).name for link in links} >= {
+        "confusion.png", "confusion_normalized.png", "top_losses.png", "metrics.json", "confusion.csv",
+        "most_confused.csv", "top_losses.csv"}
+    for link in links:
+        assert (outputs.report.parent / link).is_file(), link
+    metrics = json.loads(outputs.metrics.read_text())
+    assert f"| accuracy | {metrics['accuracy']:.4f} | {metrics['tta_accuracy']:.4f} |" in report
+    first = pd.read_csv(outputs.most_confused, keep_default_na=False).iloc[0]
+    assert f"| {first['actual']} | {first['predicted']} | {first['count']} |" in report
+    assert not list(outputs.metrics.parent.glob(".*.tmp"))  # no temporary files left behind
+
+
+# ---------------------------------------------------------------- errors a user can fix
+
+
+def test_an_empty_validation_split_is_refused_with_advice(trained, tmp_path):
+    index = data.load_index(trained.index).assign(split="train")
+    index.to_csv(tmp_path / "index.csv", index=False)
+    with pytest.raises(PetpipeError, match="no validation images.*split.valid_pct"):
+        run_evaluate(trained, tmp_path / "out", index=tmp_path / "index.csv")
+    assert not (tmp_path / "out").exists()
+
+
+def test_labels_the_model_never_saw_are_refused(trained, tmp_path):
+    index = data.load_index(trained.index)
+    index.loc[index.index[0], "label"] = "okapi"
+    index.to_csv(tmp_path / "index.csv", index=False)
+    with pytest.raises(PetpipeError, match="okapi"):
+        run_evaluate(trained, tmp_path / "out", index=tmp_path / "index.csv")
+
+
+def test_the_finetune_checkpoint_is_the_default_choice(trained, tmp_path):
+    params = trained.params.model_copy(update={"evaluate": trained.params.evaluate.model_copy(
+        update={"checkpoint": "finetune", "tta": False})})
+    inputs = evaluate.Inputs(images=SAMPLE_IMAGES, index=trained.index, finetune_model=tmp_path / "missing.pt",
+                             head_model=trained.model)
+    with pytest.raises(PetpipeError, match="missing.pt not found"), stage_environment(trained.root):
+        evaluate.run(params, inputs, evaluate_outputs(tmp_path))
+
+
+# ---------------------------------------------------------------- pure interpretation functions
+
+
+def test_per_class_metrics_of_a_class_never_predicted_are_zero_not_nan():
+    matrix = interpret.confusion_matrix(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1]), num_classes=4)
+    table = interpret.per_class_metrics(matrix, ["a", "b", "c", "d"])
+    assert table.loc["c"].tolist() == [0.0, 0.0, 0.0, 1]  # never predicted, one image
+    assert table.loc["d"].tolist() == [0.0, 0.0, 0.0, 0]  # absent: excluded from macro F1
+    assert table.loc["a", "precision"] == 1.0 and table.loc["a", "recall"] == 0.5
+    assert interpret.macro_f1(matrix) == pytest.approx((2 / 3 + 0.5 + 0.0) / 3)
+
+
+def test_top_k_accuracy_breaks_ties_as_argmax_does():
+    log_probabilities = np.log(np.array([[0.5, 0.3, 0.2], [0.2, 0.3, 0.5], [0.4, 0.4, 0.2], [0.3, 0.6, 0.1]]))
+    targets = np.array([1, 1, 1, 1])
+    accuracy = float((log_probabilities.argmax(axis=1) == targets).mean())
+    assert interpret.top_k_accuracy(log_probabilities, targets, k=1) == accuracy == 0.25
+    assert interpret.top_k_accuracy(log_probabilities, targets, k=2) == 1.0
+    assert interpret.top_k_accuracy(log_probabilities, targets, k=5) == 1.0  # k capped at the class count
