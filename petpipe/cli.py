@@ -214,7 +214,7 @@ def show_batch_command(params_path: Path, images: Path, index: Path, split: str,
     """Draw a batch as the model sees it (fastai's show_batch), with params.yaml's sizes and augmentation."""
     from petpipe.atomic import save_figure
     from petpipe.data import load_index
-    from petpipe.predict import show_batch_figure
+    from petpipe.show_batch import show_batch_figure
 
     try:
         params = load_params(params_path)

@@ -67,17 +67,20 @@ class AdaptiveConcatPool2d(nn.Module):
 
 
 def create_head(in_features: int, num_classes: int, *, hidden: int, dropout: float) -> nn.Sequential:
-    """fastai's create_head: pool, BN, dropout p/2, linear, ReLU, BN, dropout p, linear."""
-    head = nn.Sequential(
-        AdaptiveConcatPool2d(),
-        nn.BatchNorm1d(2 * in_features),
-        nn.Dropout(dropout / 2),
-        nn.Linear(2 * in_features, hidden, bias=False),
-        nn.ReLU(inplace=True),
-        nn.BatchNorm1d(hidden),
-        nn.Dropout(dropout),
-        nn.Linear(hidden, num_classes, bias=False),
-    )
+    """fastai's create_head: pool, BN, dropout p/2, linear, ReLU, BN, dropout p, linear.
+
+    Layers are named so code can pick them by name (`head.pool`, `head.classifier`).
+    """
+    head = nn.Sequential(OrderedDict(
+        pool=AdaptiveConcatPool2d(),                       # (B, C, H, W) -> (B, 2C)
+        norm1=nn.BatchNorm1d(2 * in_features),
+        dropout1=nn.Dropout(dropout / 2),
+        hidden=nn.Linear(2 * in_features, hidden, bias=False),
+        relu=nn.ReLU(inplace=True),
+        norm2=nn.BatchNorm1d(hidden),
+        dropout2=nn.Dropout(dropout),
+        classifier=nn.Linear(hidden, num_classes, bias=False),  # (B, hidden) -> (B, classes)
+    ))
     for module in head.modules():
         if isinstance(module, nn.Linear):
             nn.init.kaiming_normal_(module.weight)
@@ -104,8 +107,20 @@ class Classifier(nn.Module):
         self.head = head
         self._unit_names = unit_names  # body children, in forward order, that hold parameters
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, classes)
-        return self.head(self.body(images))
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W), or pooled body features (B, 2C) cached once, -> logits (B, classes)."""
+        if inputs.ndim == 2:
+            return self.classify_features(inputs)
+        return self.classify_features(self.pooled_features(inputs))
+
+    def pooled_features(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, 2C)
+        return self.head.pool(self.body(images))
+
+    def classify_features(self, pooled: torch.Tensor) -> torch.Tensor:  # (B, 2C) -> (B, classes)
+        for name, layer in self.head.named_children():
+            if name != "pool":
+                pooled = layer(pooled)
+        return pooled
 
     def layer_groups(self) -> dict[str, list[str]]:
         """Early body, late body and head, by module name (fastai's splitter, chosen by name)."""

@@ -123,6 +123,7 @@ class TrainHeadParams(_Section):
     epochs: PositiveInt
     lr: PositiveFloat
     schedule: Schedule
+    cache_features: bool
 
 
 Suggestion = Literal["valley", "slide", "minimum", "steep"]
@@ -156,6 +157,15 @@ class EvaluateParams(_Section):
     tta: bool
 
 
+TrainedStage = Literal["train-head", "finetune"]
+
+
+class TrackingParams(_Section):
+    experiment: Annotated[str, Field(min_length=1)]
+    registered_model: Annotated[str, Field(min_length=1)] | None
+    log_models: list[TrainedStage]
+
+
 class Params(_Section):
     data: DataParams
     labels: LabelParams
@@ -166,6 +176,7 @@ class Params(_Section):
     lr_find: LrFindParams
     finetune: FinetuneParams
     evaluate: EvaluateParams
+    tracking: TrackingParams
 
 
 # YAML reads 1e-4 as a string (YAML 1.1 wants a dot); accept what people write.

@@ -18,20 +18,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import pandas as pd
 import torch
-from matplotlib.figure import Figure
 from PIL import Image
 
 from petpipe import data
 from petpipe.atomic import atomic_directory, write_json
-from petpipe.augment import augment_batch, center_crop_batch
 from petpipe.checkpoint import file_digest, load_checkpoint, model_from_checkpoint, preprocessing_of
 from petpipe.errors import PetpipeError
 from petpipe.models import Classifier, Preprocessing
-from petpipe.params import AugmentParams
 from petpipe.pixels import decode_image
-from petpipe.plots import plot_show_batch
 from petpipe.training import autocast, choose_device, evaluation_view
 
 
@@ -294,31 +289,3 @@ def _check_export(model: Classifier, example: torch.Tensor, folder: Path, *, tol
 
 
 # ---------------------------------------------------------------- show-batch
-
-
-def show_batch_figure(index: pd.DataFrame, images: Path, *, split: str, count: int, presize: int, size: int,
-                      augment: AugmentParams, seed: int) -> Figure:
-    """fastai's show_batch: `count` images of a split as the model sees them.
-
-    train: augmented like a training batch, drawn as index-labels' show_batch.png
-    is; valid: the center crops evaluate and predict use.
-    """
-    rows = index[index["split"] == split].reset_index(drop=True)
-    if rows.empty:
-        raise PetpipeError(f"the {split} split has no images; check split.valid_pct or the index")
-    chosen = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:count].tolist()
-    decoded = []
-    for row in chosen:
-        path = images / rows.at[row, "path"]
-        try:
-            decoded.append(torch.from_numpy(np.array(decode_image(path, presize))))  # (P, P, 3), writable
-        except (OSError, ValueError) as error:
-            raise PetpipeError(f"{path}: cannot read image ({error}); rerun fetch and index-labels") from None
-    pixels = torch.stack(decoded).permute(0, 3, 1, 2).contiguous()  # (B, 3, P, P) uint8
-    if split == "train":
-        batch = augment_batch(pixels, size=size, augment=augment, generator=torch.Generator().manual_seed(seed))
-        title = "show_batch: training images after augmentation"
-    else:
-        batch = center_crop_batch(pixels, size=size)
-        title = "show_batch: validation images (center crop)"
-    return plot_show_batch(batch, [rows.at[row, "label"] for row in chosen], title=title)

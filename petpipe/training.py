@@ -18,7 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+
 from petpipe.augment import augment_batch, center_crop_batch, normalize
+from petpipe.distributed import World, all_reduce_sum
 from petpipe.errors import PetpipeError
 from petpipe.models import Classifier, Preprocessing, set_train_mode
 from petpipe.params import AugmentParams
@@ -39,17 +43,25 @@ def choose_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def configure_threads() -> None:
-    """Use every core for intra-op parallelism; the pixel cache leaves no loader work to overlap."""
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+def configure_threads(world: World = World()) -> None:
+    """Every core for intra-op parallelism (the pixel cache leaves no loader work to overlap),
+    shared fairly when several processes run on one machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", world.size if world.distributed else 1))
+    torch.set_num_threads(max(1, cores // max(local_processes, 1)))
 
 
 @dataclass
 class ImageSet:
-    """Presized uint8 pixels (N, 3, P, P) and class ids (N,), on the training device."""
+    """Presized uint8 pixels (N, 3, P, P) and class ids (N,), on the training device.
+
+    `features`, when set, holds the frozen body's pooled output (N, 2C) for each
+    image, computed once: the head then trains on it without running the body.
+    """
 
     pixels: torch.Tensor
     targets: torch.Tensor
+    features: torch.Tensor | None = None
 
     @classmethod
     def from_cache(cls, pixels: np.ndarray, rows: np.ndarray, targets: np.ndarray, device: torch.device) -> "ImageSet":
@@ -64,8 +76,10 @@ class ImageSet:
 
 
 def batch_indices(count: int, batch_size: int, *, shuffle: bool, drop_last: bool,
-                  generator: torch.Generator | None = None) -> list[torch.Tensor]:
-    order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
+                  generator: torch.Generator | None = None, order: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Positions 0..count-1 (or the given order), optionally shuffled, in batches."""
+    if order is None:
+        order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
     batches = list(order.split(batch_size))
     if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
         batches.pop()  # a tiny last batch gives BatchNorm noisy statistics (fastai drops it too)
@@ -135,22 +149,38 @@ def make_scheduler(optimizer: torch.optim.Optimizer, *, schedule: str, total_ste
 # ---------------------------------------------------------------- one epoch
 
 
+def rank_batches(count: int, batch_size: int, *, world: World, seed: int, epoch: int) -> list[torch.Tensor]:
+    """This rank's shuffled training batches for one epoch.
+
+    A DistributedSampler shards one seeded permutation over the ranks; each rank
+    takes batch_size / world.size images per step, so the global batch and the
+    schedule stay those of a single process.
+    """
+    sampler = DistributedSampler(range(count), num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed,
+                                 drop_last=True)
+    sampler.set_epoch(epoch)
+    order = torch.tensor(list(sampler), dtype=torch.long)
+    return batch_indices(len(order), max(batch_size // world.size, 1), shuffle=False, drop_last=True,
+                         generator=None, order=order)
+
+
 def train_one_epoch(
-    model: Classifier, *, images: ImageSet, optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler, batch_size: int, size: int, augment: AugmentParams,
-    preprocessing: Preprocessing, generator: torch.Generator, frozen: bool, train_bn: bool,
+    model: nn.Module, *, images: ImageSet, batches: list[torch.Tensor], optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler, size: int, augment: AugmentParams,
+    preprocessing: Preprocessing, generator: torch.Generator,
     progress: Callable[[Iterator[Any], int], Iterator[Any]] | None = None,
 ) -> dict[str, float]:
-    """One pass over the shuffled training set; returns mean loss and the peak learning rate."""
-    set_train_mode(model, frozen=frozen, train_bn=train_bn)
+    """One pass over the given batches; returns the summed loss, images seen and the peak learning rate."""
     device = images.pixels.device
-    batches = batch_indices(len(images), batch_size, shuffle=True, drop_last=True, generator=generator)
     total_loss, seen, peak_lr = 0.0, 0, 0.0
     iterator = progress(iter(batches), len(batches)) if progress else iter(batches)
     for rows in iterator:
         rows = rows.to(device)
-        inputs = training_view(images.pixels[rows], size=size, augment=augment, preprocessing=preprocessing,
-                               generator=generator)
+        if images.features is not None:
+            inputs = images.features[rows]  # (B, 2C): the frozen body already ran, once
+        else:
+            inputs = training_view(images.pixels[rows], size=size, augment=augment, preprocessing=preprocessing,
+                                   generator=generator)
         with autocast(device):
             loss = F.cross_entropy(model(inputs), images.targets[rows])
         optimizer.zero_grad(set_to_none=True)
@@ -160,11 +190,11 @@ def train_one_epoch(
         scheduler.step()
         total_loss += loss.item() * len(rows)
         seen += len(rows)
-    return {"train_loss": total_loss / max(seen, 1), "lr": peak_lr, "images": seen}
+    return {"loss_sum": total_loss, "images": seen, "lr": peak_lr}
 
 
 @torch.inference_mode()
-def predict(model: Classifier, *, images: ImageSet, batch_size: int, size: int,
+def predict(model: nn.Module, *, images: ImageSet, batch_size: int, size: int,
             preprocessing: Preprocessing) -> torch.Tensor:
     """Logits (N, classes) in float32 on the CPU, in the order of `images`."""
     model.eval()
@@ -172,10 +202,30 @@ def predict(model: Classifier, *, images: ImageSet, batch_size: int, size: int,
     outputs = []
     for rows in batch_indices(len(images), batch_size, shuffle=False, drop_last=False):
         rows = rows.to(device)
+        if images.features is not None:
+            inputs = images.features[rows]
+        else:
+            inputs = evaluation_view(images.pixels[rows], size=size, preprocessing=preprocessing)
         with autocast(device):
-            logits = model(evaluation_view(images.pixels[rows], size=size, preprocessing=preprocessing))
+            logits = model(inputs)
         outputs.append(logits.float().cpu())
     return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+@torch.inference_mode()
+def with_features(model: Classifier, *, images: ImageSet, batch_size: int, size: int,
+                  preprocessing: Preprocessing) -> ImageSet:
+    """The same images with the body's pooled features of their evaluation view, computed once."""
+    model.eval()
+    device = images.pixels.device
+    chunks = []
+    for rows in batch_indices(len(images), batch_size, shuffle=False, drop_last=False):
+        rows = rows.to(device)
+        with autocast(device):
+            chunks.append(model.pooled_features(evaluation_view(images.pixels[rows], size=size,
+                                                                preprocessing=preprocessing)).float())
+    features = torch.cat(chunks) if chunks else torch.empty(0, device=device)
+    return ImageSet(images.pixels, images.targets, features)
 
 
 def validation_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
@@ -183,6 +233,21 @@ def validation_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str,
     loss = F.cross_entropy(logits, targets).item()
     accuracy = (logits.argmax(dim=1) == targets).float().mean().item()
     return {"valid_loss": loss, "accuracy": accuracy, "error_rate": 1.0 - accuracy}
+
+
+def _sharded_validation(model: nn.Module, *, images: ImageSet, world: World, batch_size: int, size: int,
+                        preprocessing: Preprocessing) -> dict[str, float]:
+    """Each rank scores its share of the validation set; sums are reduced over ranks."""
+    rows = torch.arange(world.rank, len(images), world.size)
+    shard = ImageSet(images.pixels[rows.to(images.pixels.device)], images.targets[rows.to(images.targets.device)],
+                     None if images.features is None else images.features[rows.to(images.features.device)])
+    logits = predict(model, images=shard, batch_size=batch_size, size=size, preprocessing=preprocessing)
+    targets = shard.targets.cpu()
+    loss_sum = F.cross_entropy(logits, targets, reduction="sum").item() if len(targets) else 0.0
+    correct = (logits.argmax(dim=1) == targets).sum().item() if len(targets) else 0
+    loss_sum, correct, count = all_reduce_sum([loss_sum, float(correct), float(len(targets))], images.pixels.device)
+    accuracy = correct / max(count, 1)
+    return {"valid_loss": loss_sum / max(count, 1), "accuracy": accuracy, "error_rate": 1.0 - accuracy}
 
 
 # ---------------------------------------------------------------- fit
@@ -207,7 +272,7 @@ class FitState:
 def fit(
     model: Classifier, *, train: ImageSet, valid: ImageSet, epochs: int, group_lrs: dict[str, float],
     schedule: str, weight_decay: float, batch_size: int, size: int, augment: AugmentParams,
-    preprocessing: Preprocessing, seed: int, frozen: bool, train_bn: bool,
+    preprocessing: Preprocessing, seed: int, frozen: bool, train_bn: bool, world: World = World(),
     resume: dict[str, Any] | None = None,
     on_epoch_end: Callable[[FitState], None] | None = None,
     progress: Callable[[Iterator[Any], int], Iterator[Any]] | None = None,
@@ -215,15 +280,20 @@ def fit(
     """Train for `epochs` (fastai's fit_one_cycle or fit) and return the per-epoch history.
 
     `resume` is a FitState dict from `on_epoch_end`: the fit continues after its
-    epoch and ends exactly as an uninterrupted fit would.
+    epoch and ends exactly as an uninterrupted fit would. With several ranks
+    (torchrun), the model trains as DistributedDataParallel and every rank
+    returns the same, reduced history.
     """
     if len(train) == 0:
         raise PetpipeError("the training split is empty; lower split.valid_pct or add images")
-    batch_size = min(batch_size, len(train))
-    steps_per_epoch = len(batch_indices(len(train), batch_size, shuffle=False, drop_last=True))
+    batch_size = min(batch_size, len(train) // world.size)
+    if batch_size < world.size:
+        raise PetpipeError(f"{len(train)} training images cannot feed {world.size} processes; use fewer processes")
+    steps_per_epoch = len(rank_batches(len(train), batch_size, world=world, seed=seed, epoch=0))
     optimizer = make_optimizer(model, group_lrs=group_lrs, weight_decay=weight_decay)
     scheduler = make_scheduler(optimizer, schedule=schedule, total_steps=epochs * steps_per_epoch)
-    generator = torch.Generator().manual_seed(seed)
+    # Augmentation differs per rank, like the images each rank sees.
+    generator = torch.Generator().manual_seed(seed + world.rank)
     history: list[dict[str, float]] = []
     start_epoch = 0
     if resume is not None:
@@ -233,22 +303,28 @@ def fit(
         torch.set_rng_state(resume["torch_rng"])
         history = list(resume["history"])
         start_epoch = int(resume["epoch"])
+    trained: nn.Module = model
+    if world.distributed:
+        device = train.pixels.device
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     for epoch in range(start_epoch, epochs):
         started = time.perf_counter()
-        row = train_one_epoch(model, images=train, optimizer=optimizer, scheduler=scheduler, batch_size=batch_size,
+        set_train_mode(model, frozen=frozen, train_bn=train_bn)
+        batches = rank_batches(len(train), batch_size, world=world, seed=seed, epoch=epoch)
+        row = train_one_epoch(trained, images=train, batches=batches, optimizer=optimizer, scheduler=scheduler,
                               size=size, augment=augment, preprocessing=preprocessing, generator=generator,
-                              frozen=frozen, train_bn=train_bn, progress=progress)
+                              progress=progress)
+        loss_sum, images_seen = all_reduce_sum([row["loss_sum"], float(row["images"])], train.pixels.device)
         train_seconds = time.perf_counter() - started
-        logits = predict(model, images=valid, batch_size=batch_size * 2, size=size, preprocessing=preprocessing)
-        metrics = validation_metrics(logits, valid.targets) if len(valid) else {}
+        metrics = _sharded_validation(model, images=valid, world=world, batch_size=batch_size * 2, size=size,
+                                      preprocessing=preprocessing) if len(valid) else {}
         seconds = time.perf_counter() - started
         history.append({
-            "epoch": epoch + 1, "train_loss": row["train_loss"], **metrics, "lr": row["lr"],
-            "seconds": round(seconds, 3), "images_per_second": round(row["images"] / max(train_seconds, 1e-9), 2),
+            "epoch": epoch + 1, "train_loss": loss_sum / max(images_seen, 1), **metrics, "lr": row["lr"],
+            "seconds": round(seconds, 3), "images_per_second": round(images_seen / max(train_seconds, 1e-9), 2),
         })
         if on_epoch_end is not None:
             on_epoch_end(FitState(epoch=epoch + 1, history=history, optimizer=optimizer.state_dict(),
                                   scheduler=scheduler.state_dict(), generator=generator.get_state(),
                                   torch_rng=torch.get_rng_state()))
     return history
-

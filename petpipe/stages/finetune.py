@@ -18,6 +18,7 @@ from petpipe.models import unfreeze
 from petpipe.params import Params
 from petpipe.stages.common import (TrainedOutputs, describe_metrics, load_dataset, seed_everything, stage_seed,
                                    train_and_save)
+from petpipe.distributed import device_for, init_world, shutdown
 from petpipe.training import choose_device, configure_threads, discriminative_lrs
 
 STAGE = "finetune"
@@ -46,15 +47,16 @@ def peak_lr(setting: float | str, lr_find_result: Path) -> float:
 
 
 def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
-    configure_threads()
-    device = choose_device(params.train.device)
+    world = init_world(params.train.device)
+    configure_threads(world)
+    device = device_for(world, choose_device(params.train.device))
     seed_everything(stage_seed(params.train.seed, STAGE))
     checkpoint = load_checkpoint(inputs.checkpoint)
     lr = peak_lr(params.finetune.lr, inputs.lr_find)
     preprocessing = preprocessing_of(checkpoint)
     size, presize = checkpoint["preprocessing"]["img_size"], checkpoint["preprocessing"]["presize"]
     data = load_dataset(inputs.index, inputs.images, presize=presize, device=device,
-                        workers=params.train.decode_workers, classes=checkpoint["classes"])
+                        workers=params.train.decode_workers, classes=checkpoint["classes"], world=world)
     model = model_from_checkpoint(checkpoint)
     unfreeze(model)
     # The tutorial's slice(1e-6, 1e-4): lr / lr_ratio for the early body up to lr for the head.
@@ -68,6 +70,9 @@ def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
         presize=presize, head_hidden=checkpoint["head"]["hidden"], head_dropout=checkpoint["head"]["dropout"],
         epochs=params.finetune.epochs, group_lrs=group_lrs, schedule=params.finetune.schedule, frozen=False,
         outputs=outputs, title=f"finetune: {checkpoint['arch']}, unfrozen, lr {lr / params.finetune.lr_ratio:.1e}"
-                               f" to {lr:.1e}",
+                               f" to {lr:.1e}", world=world,
     )
+    shutdown()
+    if not world.is_main:
+        return ""
     return describe_metrics(STAGE, metrics) + f", from train-head accuracy {checkpoint['history'][-1]['accuracy']:.4f}"

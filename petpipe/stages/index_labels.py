@@ -13,16 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
-from matplotlib.figure import Figure
 
-from petpipe import data
+from petpipe import data, tracking
 from petpipe.atomic import save_figure, write_csv, write_json
-from petpipe.augment import augment_batch
 from petpipe.errors import PetpipeError
-from petpipe.params import AugmentParams, Params
-from petpipe.pixels import decode_image
-from petpipe.plots import plot_class_counts, plot_show_batch
+from petpipe.params import Params
+from petpipe.plots import plot_class_counts
+from petpipe.show_batch import show_batch_figure
 
 log = logging.getLogger(__name__)
 
@@ -85,20 +82,29 @@ def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
         log.warning("warning: %s", warning)
 
     # Draw both figures before writing anything, so a plotting failure leaves no new outputs.
-    show_batch = _show_batch_figure(
-        index, folder, presize=params.model.presize, size=params.model.img_size,
-        augment=params.train.augment, seed=params.train.seed,
+    show_batch = show_batch_figure(
+        index, folder, split="train", count=SHOW_BATCH_SIZE, presize=params.model.presize,
+        size=params.model.img_size, augment=params.train.augment, seed=params.train.seed,
     )
     class_counts = plot_class_counts(counts)
 
-    write_csv(outputs.index, index)
-    write_json(outputs.classes, {"classes": classes})
-    write_json(outputs.report, _report(index, counts, skipped=skipped, unmatched=unmatched, leaks=leaks,
-                                       warnings=warnings))
-    save_figure(outputs.show_batch, show_batch)
-    save_figure(outputs.class_counts, class_counts)
-
     n_valid = int(counts["valid"].sum())
+    used = {"labels": params.labels.model_dump(), "split": params.split.model_dump(),
+            "model": {"img_size": params.model.img_size, "presize_ratio": params.model.presize_ratio},
+            "train": {"seed": params.train.seed, "augment": params.train.augment.model_dump()}}
+    with tracking.stage_run("index-labels", params=used) as run_log:
+        write_csv(outputs.index, index)
+        write_json(outputs.classes, {"classes": classes})
+        write_json(outputs.report, _report(index, counts, skipped=skipped, unmatched=unmatched, leaks=leaks,
+                                           warnings=warnings))
+        save_figure(outputs.show_batch, show_batch)
+        save_figure(outputs.class_counts, class_counts)
+        run_log.log_metrics({"images": len(index), "classes": len(classes), "train_images": len(index) - n_valid,
+                             "valid_images": n_valid, "skipped": len(skipped), "unmatched": len(unmatched),
+                             "leaks": len(leaks)})
+        run_log.log_artifacts([outputs.report, outputs.classes, outputs.index, outputs.show_batch,
+                               outputs.class_counts])
+
     return (
         f"indexed {len(index)} images of {len(classes)} classes ({len(index) - n_valid} train, {n_valid} valid); "
         f"{len(skipped)} skipped, {len(unmatched)} unmatched, {len(leaks)} train/valid duplicates -> {outputs.index}"
@@ -147,16 +153,3 @@ def _report(
     }
 
 
-def _show_batch_figure(
-    index: pd.DataFrame, folder: Path, *, presize: int, size: int, augment: AugmentParams, seed: int
-) -> Figure:
-    """Training images as the model will see them: presized, then augmented like a training batch."""
-    train = index[index["split"] == "train"].reset_index(drop=True)
-    chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:SHOW_BATCH_SIZE].tolist()
-    pixels = [torch.tensor(decode_image(folder / train.at[row, "path"], presize)) for row in chosen]  # (P, P, 3)
-    batch = torch.stack(pixels).permute(0, 3, 1, 2).contiguous()  # (B, 3, P, P) uint8
-    augmented = augment_batch(  # (B, 3, S, S) float in [0, 1]
-        batch, size=size, augment=augment, generator=torch.Generator().manual_seed(seed)
-    )
-    labels = [train.at[row, "label"] for row in chosen]
-    return plot_show_batch(augmented, labels, title="show_batch: training images after augmentation")
