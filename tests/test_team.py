@@ -1,0 +1,129 @@
+"""DVC as a team uses it, on the sample: repro caches, an experiment, comparisons, a remote round trip,
+and the embedded MLflow store that mirrors it (one pipeline run per repro or experiment)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from conftest import PIPELINE_SMALL, make_project
+
+STAGES = ["fetch", "index-labels", "train-head", "lr-find", "finetune", "evaluate"]
+EXPERIMENT = "higher-finetune-lr"
+
+
+def run(arguments: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run dvc (or git) with the venv first on PATH and tracking to the embedded store; fail loudly."""
+    environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                   "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+    for name in ("MLFLOW_TRACKING_URI", "PETPIPE_TRACKING"):
+        environment.pop(name, None)
+    result = subprocess.run(arguments, cwd=cwd, env=environment, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, f"{' '.join(arguments)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def dvc(arguments: list[str], cwd: Path) -> str:
+    """What a person sees: stdout and stderr."""
+    result = run(arguments, cwd)
+    return result.stdout + result.stderr
+
+
+def dvc_json(arguments: list[str], cwd: Path) -> Any:
+    return json.loads(run(arguments, cwd).stdout)
+
+
+def ran(log: str) -> list[str]:
+    return [stage for stage in STAGES if f"Running stage '{stage}'" in log]
+
+
+@dataclass
+class Team:
+    project: Path
+    baseline: str  # the first `dvc repro`'s output
+    second: str  # a second `dvc repro` with nothing changed
+    experiment: str  # `dvc exp run -S finetune.lr=...`'s output
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory, sample_images) -> Team:
+    """The sample pipeline committed as a baseline, then one experiment that changes a finetune param."""
+    project = make_project(tmp_path_factory.mktemp("team") / "project",
+                           {**PIPELINE_SMALL, "data.source": str(sample_images)})
+    baseline = dvc(["dvc", "repro"], project)
+    dvc(["git", "add", "-A"], project)
+    dvc(["git", "commit", "-q", "-m", "baseline results"], project)
+    second = dvc(["dvc", "repro"], project)
+    experiment = dvc(["dvc", "exp", "run", "-S", "finetune.lr=0.001", "-n", EXPERIMENT], project)
+    return Team(project, baseline, second, experiment)
+
+
+def test_repro_runs_each_stage_once_and_then_nothing(team):
+    assert ran(team.baseline) == STAGES
+    assert ran(team.second) == [] and "up to date" in team.second
+
+
+def test_a_finetune_param_reruns_only_finetune_and_evaluate_as_an_experiment(team):
+    assert ran(team.experiment) == ["finetune", "evaluate"]
+    shown = dvc_json(["dvc", "exp", "show", "--json"], team.project)
+    baseline = next(row for row in shown if row.get("name") == "main")
+    (experiment,) = [rev for exp in baseline["experiments"] for rev in exp["revs"] if rev["name"] == EXPERIMENT]
+    params = experiment["data"]["params"]["params.yaml"]["data"]
+    assert params["finetune"]["lr"] == 0.001 and baseline["data"]["params"]["params.yaml"]["data"]["finetune"]["lr"] \
+        == pytest.approx(1e-4)
+    metrics = experiment["data"]["metrics"]
+    assert {"stages/train-head/metrics.json", "stages/finetune/metrics.json", "stages/evaluate/metrics.json"} \
+        <= set(metrics)
+    assert 0 <= metrics["stages/evaluate/metrics.json"]["data"]["accuracy"] <= 1
+
+
+def test_metrics_diff_and_plots_diff_compare_two_experiments(team):
+    diff = dvc_json(["dvc", "metrics", "diff", "HEAD", EXPERIMENT, "--json"], team.project)
+    assert "accuracy" in diff["stages/evaluate/metrics.json"]
+    assert "stages/train-head/metrics.json" not in diff  # train-head did not rerun: nothing changed
+    plots = dvc_json(["dvc", "plots", "diff", "HEAD", EXPERIMENT, "--json"], team.project)["data"]
+    for plot in ("losses per epoch", "lr-find curve", "confusion matrix, rows normalised",
+                 "stages/train-head/history.csv", "stages/finetune/history.csv", "stages/evaluate/confusion.csv"):
+        (rendered,) = plots[plot]
+        assert {row["rev"] for row in rendered["content"]["data"]["values"]} == {"HEAD", EXPERIMENT}, plot
+
+
+def test_push_then_pull_into_a_clean_clone_restores_every_output(team, tmp_path):
+    remote = tmp_path / "remote"
+    dvc(["dvc", "remote", "add", "-d", "storage", str(remote)], team.project)
+    dvc(["git", "commit", "-q", "-m", "a DVC remote", ".dvc/config"], team.project)
+    dvc(["dvc", "push", "--all-commits"], team.project)  # HEAD's outputs and the workspace's (the experiment's)
+
+    clone = tmp_path / "clone"
+    dvc(["git", "clone", "-q", str(team.project), str(clone)], tmp_path)
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())
+    outputs = [out["path"] for stage in lock["stages"].values() for out in stage.get("outs", [])]
+    assert not (clone / ".dvc/cache").exists() and not any((clone / path).exists() for path in outputs)
+    dvc(["dvc", "pull"], clone)
+    assert "up to date" in dvc(["dvc", "status"], clone)
+    assert len(outputs) >= 20 and all((clone / path).exists() for path in outputs)
+    assert len(list((clone / "stages/fetch/images").glob("*.jpg"))) == 370
+    assert "Running stage" not in dvc(["dvc", "repro"], clone)  # everything restored, nothing to recompute
+
+
+def test_embedded_mlflow_store_has_a_pipeline_run_per_repro_and_experiment(team):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{team.project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("petpipe")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    stages = [[run.data.tags["petpipe.stage"] for run in runs
+               if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id] for parent in parents]
+    assert stages == [STAGES, ["finetune", "evaluate"]]  # the second repro ran nothing, logged nothing
+    assert "dvc.exp_name" not in parents[0].data.tags and parents[1].data.tags["dvc.exp_name"] == EXPERIMENT
+    versions = client.search_model_versions("name='petpipe-classifier'")
+    assert sorted(int(version.version) for version in versions) == [1, 2]

@@ -1,0 +1,329 @@
+"""MLflow tracking: the sample pipeline against a real `mlflow server`, read back with MlflowClient;
+a server killed mid-pipeline costs no output; a dead server costs seconds and one warning per stage."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import PIPELINE_SMALL, PROJECT_ROOT, make_project
+from petpipe import tracking
+
+STAGES = list(tracking.STAGE_ORDER)
+VENV_BIN = Path(sys.executable).parent
+# Keep MLflow from phoning home (the test machines have no internet) and a server from
+# starting its job-runner processes, which nothing here uses.
+QUIET_MLFLOW = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+# ---------------------------------------------------------------- a real tracking server, a real pipeline
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def kill(self) -> None:
+        """SIGKILL the server and every process it started (it leads its own process group)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+
+def _wait_until_healthy(server: Server, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise AssertionError(f"mlflow server exited:\n{server.log.read_text()[-3000:]}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"{server.url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        time.sleep(0.5)
+    raise AssertionError(f"mlflow server not healthy after {timeout} s:\n{server.log.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path) -> Iterator[Server]:
+    """`mlflow server` on 127.0.0.1, a free port, a sqlite backend and a local artifact root; always stopped."""
+    folder.mkdir(parents=True)
+    port = free_port()
+    command = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+               "--artifacts-destination", str(folder / "artifacts")]
+    log_path = folder / "server.log"
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(command, cwd=folder, stdout=log_file, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **QUIET_MLFLOW}, start_new_session=True)
+    server = Server(f"http://127.0.0.1:{port}", process, log_path)
+    try:
+        _wait_until_healthy(server, timeout=180)
+        yield server
+    finally:
+        server.kill()
+
+
+def pipeline_env(**extra: str) -> dict[str, str]:
+    """The test's environment with the venv first on PATH and tracking on, plus `extra`."""
+    environment = {**os.environ, **QUIET_MLFLOW, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", **extra}
+    environment.pop("PETPIPE_TRACKING", None)
+    return environment
+
+
+def sample_project(folder: Path, sample_images: Path) -> Path:
+    return make_project(folder, {**PIPELINE_SMALL, "data.source": str(sample_images)})
+
+
+@dataclass
+class Served:
+    project: Path
+    server: Server
+    output: str  # dvc repro's stdout and stderr
+    client: Any  # MlflowClient of the server
+    parent: Any
+    runs: dict[str, Any]  # stage -> its nested run
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, sample_images) -> Iterator[Served]:
+    """The sample pipeline run once with `dvc repro` against a real server, kept up for reading back."""
+    from mlflow.tracking import MlflowClient
+
+    folder = tmp_path_factory.mktemp("served")
+    with mlflow_server(folder / "server") as server:
+        project = sample_project(folder / "project", sample_images)
+        result = subprocess.run(["dvc", "repro"], cwd=project, env=pipeline_env(MLFLOW_TRACKING_URI=server.url),
+                                capture_output=True, text=True, timeout=1200)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output[-6000:]
+        client = MlflowClient(tracking_uri=server.url)
+        experiment = client.get_experiment_by_name("petpipe")
+        runs = client.search_runs([experiment.experiment_id])
+        parents = [run for run in runs if tracking.PARENT_TAG not in run.data.tags]
+        assert len(parents) == 1, [run.info.run_name for run in parents]
+        children = {run.data.tags[tracking.STAGE_TAG]: run for run in runs if run not in parents}
+        yield Served(project, server, output, client, parents[0], children)
+
+
+def test_one_pipeline_run_with_a_nested_run_per_stage(served):
+    parent = served.parent
+    assert sorted(served.runs) == sorted(STAGES)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=served.project, capture_output=True,
+                            text=True).stdout.strip()
+    assert parent.info.status == "FINISHED" and parent.data.tags[tracking.STAGE_TAG] == tracking.PIPELINE
+    assert parent.data.tags[tracking.GIT_COMMIT_TAG] == commit
+    assert parent.data.params["train_head.epochs"] == "2"  # the whole params.yaml, flattened
+    for stage, run in served.runs.items():
+        tags = run.data.tags
+        assert run.info.status == "FINISHED", stage
+        assert run.info.run_name == stage and tags[tracking.STAGE_TAG] == stage
+        assert tags[tracking.PARENT_TAG] == parent.info.run_id
+        assert tags[tracking.GIT_COMMIT_TAG] == commit
+        assert len(tags[tracking.PARAMS_HASH_TAG]) == 16
+        assert tracking.DVC_EXP_TAG not in tags  # plain `dvc repro`, no experiment
+    head = served.runs["train-head"].data.params
+    assert head["train_head.epochs"] == "2" and head["train.augment.min_scale"] == "0.75"
+    assert served.runs["fetch"].data.params["data.source"].endswith("images")
+    assert served.runs["fetch"].data.metrics["images"] == 370
+    assert "mlflow:" not in served.output  # nothing failed, nothing to warn about
+
+
+def test_per_epoch_metrics_by_step_and_the_lr_finder_curve(served):
+    for stage in ("train-head", "finetune"):
+        history = pd.read_csv(served.project / f"stages/{stage}/history.csv")
+        logged = served.client.get_metric_history(served.runs[stage].info.run_id, "accuracy")
+        assert [metric.step for metric in logged] == list(history["epoch"])
+        assert [metric.value for metric in logged] == pytest.approx(list(history["accuracy"]))
+    lr_find = served.runs["lr-find"]
+    result = json.loads((served.project / "stages/lr-find/lr_find.json").read_text())
+    curve = served.client.get_metric_history(lr_find.info.run_id, "lr_find_smoothed_loss")
+    assert [metric.step for metric in curve] == list(range(len(result["curve"]["lr"])))
+    for rule, lr in result["suggestions"].items():
+        assert lr_find.data.metrics[f"suggested_lr_{rule}"] == pytest.approx(lr)
+    evaluation = json.loads((served.project / "stages/evaluate/metrics.json").read_text())
+    assert served.runs["evaluate"].data.metrics["accuracy"] == pytest.approx(evaluation["accuracy"])
+
+
+def test_plots_and_reports_are_artifacts(served, tmp_path):
+    expected = {
+        "index-labels": {"show_batch.png", "class_counts.png", "report.json"},
+        "train-head": {"training.png", "history.csv", "metrics.json"},
+        "lr-find": {"lr_find.png", "lr_find.csv", "lr_find.json"},
+        "finetune": {"training.png", "history.csv", "metrics.json"},
+        "evaluate": {"confusion.png", "top_losses.png", "confusion.csv", "report.md", "metrics.json"},
+    }
+    for stage, names in expected.items():
+        listed = {artifact.path for artifact in served.client.list_artifacts(served.runs[stage].info.run_id)}
+        assert names <= listed, (stage, listed)
+    downloaded = served.client.download_artifacts(served.runs["evaluate"].info.run_id, "report.md", str(tmp_path))
+    assert Path(downloaded).read_bytes() == (served.project / "stages/evaluate/report.md").read_bytes()
+
+
+def test_finetune_model_is_registered_and_loads_without_pickle(served):
+    import mlflow
+
+    versions = served.client.search_model_versions("name='petpipe-classifier'")
+    assert len(versions) == 1 and versions[0].run_id == served.runs["finetune"].info.run_id
+    assert "Created version '1' of model 'petpipe-classifier'" in served.output
+    uri = "models:/petpipe-classifier/1"
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(served.server.url)
+    try:
+        info = mlflow.models.get_model_info(uri)
+        local = Path(mlflow.artifacts.download_artifacts(uri))
+    finally:
+        mlflow.set_tracking_uri(previous)
+    classes = json.loads((served.project / "stages/index-labels/classes.json").read_text())["classes"]
+    assert info.metadata["classes"] == classes and info.metadata["img_size"] == 64
+    assert [path.name for path in (local / "data").iterdir()] == ["model.pt2"]  # torch.export, no pickled module
+    model = mlflow.pyfunc.load_model(str(local))
+    logits = model.predict(np.zeros((3, 3, 64, 64), dtype=np.float32))  # any batch size: the batch dim is dynamic
+    assert np.asarray(logits).shape == (3, len(classes))
+
+
+def test_server_killed_mid_pipeline_costs_no_output(tmp_path, sample_images, monkeypatch):
+    """Kill the server once index-labels is logged: the four later stages each warn once and still finish."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with mlflow_server(tmp_path / "server") as server:
+        project = sample_project(tmp_path / "project", sample_images)
+        log_path = tmp_path / "repro.log"
+        with open(log_path, "w") as log_file:
+            repro = subprocess.Popen(["dvc", "repro"], cwd=project, stdout=log_file, stderr=subprocess.STDOUT,
+                                     text=True, env=pipeline_env(MLFLOW_TRACKING_URI=server.url))
+        try:
+            client = MlflowClient(tracking_uri=server.url)
+            deadline = time.monotonic() + 600
+            while repro.poll() is None and time.monotonic() < deadline and not _stage_finished(client, "index-labels"):
+                time.sleep(0.5)
+            assert repro.poll() is None, "the pipeline ended before the server could be killed"
+            server.kill()
+            returncode = repro.wait(timeout=1200)
+        finally:
+            if repro.poll() is None:
+                repro.kill()
+    output = log_path.read_text()
+    assert returncode == 0, output[-6000:]
+    warnings = [line for line in output.splitlines() if line.startswith("mlflow: ")]
+    for stage in STAGES:
+        mine = [line for line in warnings if f"not logged for stage {stage}:" in line]
+        assert len(mine) == (1 if stage in ("train-head", "lr-find", "finetune", "evaluate") else 0), (stage, mine)
+    assert all(server.url in line and "unreachable" in line for line in warnings), warnings
+    assert "Traceback" not in output
+    assert "up to date" in subprocess.run(["dvc", "status"], cwd=project, env=pipeline_env(), capture_output=True,
+                                          text=True).stdout
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    outputs = [out["path"] for stage in lock["stages"].values() for out in stage.get("outs", [])]
+    assert len(outputs) >= 20 and all((project / path).exists() for path in outputs)
+
+
+def _stage_finished(client: Any, stage: str) -> bool:
+    experiment = client.get_experiment_by_name("petpipe")
+    query = f"tags.`{tracking.STAGE_TAG}` = '{stage}' and attributes.status = 'FINISHED'"
+    return experiment is not None and bool(client.search_runs([experiment.experiment_id], filter_string=query))
+
+
+# ---------------------------------------------------------------- in-process, no pipeline
+
+
+@pytest.fixture()
+def embedded_project(tmp_path, monkeypatch) -> Path:
+    """A folder with the project's params.yaml, the working directory, with the default (embedded) store."""
+    (tmp_path / "params.yaml").write_text((PROJECT_ROOT / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "PETPIPE_TRACKING"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {**QUIET_MLFLOW, **tracking.HTTP_DEFAULTS}.items():
+        monkeypatch.setenv(name, value)
+    return tmp_path
+
+
+def test_stage_runs_group_into_pipeline_runs_in_the_embedded_store(embedded_project, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("DVC_EXP_NAME", "tidy-exp")
+    for stage in ("fetch", "index-labels"):
+        with tracking.stage_run(stage, params={"train": {"augment": {"flip": True}}, "note": None}) as run:
+            run.log_metrics({"images": 3, "skipped": None}, step=None)  # None is not a metric: skipped
+    with pytest.raises(ZeroDivisionError):  # the stage's own error comes through, untouched
+        with tracking.stage_run("fetch", params={}):  # fetch again: a new pipeline run (dvc repro -f)
+            1 / 0
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{embedded_project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("petpipe")
+    assert experiment.artifact_location == (embedded_project / "mlruns").as_uri()
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    parents = [run for run in runs if tracking.PARENT_TAG not in run.data.tags]
+    assert [parent.info.run_name for parent in parents] == ["pipeline tidy-exp", "pipeline tidy-exp"]
+    children = {parent.info.run_id: [run for run in runs if run.data.tags.get(tracking.PARENT_TAG)
+                                     == parent.info.run_id] for parent in parents}
+    first, second = (children[parent.info.run_id] for parent in parents)
+    assert [run.info.run_name for run in first] == ["fetch", "index-labels"]
+    assert [(run.info.run_name, run.info.status) for run in second] == [("fetch", "FAILED")]
+    assert parents[1].info.status == "FAILED"
+    assert first[0].data.params == {"train.augment.flip": "true", "note": "null"}
+    assert first[0].data.metrics == {"images": 3.0}
+    assert all(run.data.tags[tracking.DVC_EXP_TAG] == "tidy-exp" for run in runs)
+
+
+def test_unreachable_server_costs_seconds_and_one_warning(embedded_project, monkeypatch, caplog):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    (embedded_project / "report.md").write_text("# report")
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        with tracking.stage_run("finetune", params={"finetune": {"epochs": 2}}) as run:
+            for epoch in (1, 2):
+                run.log_metrics({"accuracy": 0.5, "train_loss": 1.0}, step=epoch)
+            run.log_artifacts([embedded_project / "report.md"])
+            run.log_model(object(), input_example=np.zeros((1, 3, 8, 8), np.float32), registered_name="pets")
+            finished = True
+    assert finished and time.monotonic() - started < 60
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert warnings[0] == (
+        f"mlflow: tracking server {url} unreachable (connection refused); not logged for stage finetune: "
+        "params, metrics (accuracy, train_loss at steps 1-2), artifacts (report.md), "
+        "the model (registered name pets). The stage's outputs are written as usual.")
+
+
+def test_tracking_off_logs_nothing(embedded_project, monkeypatch):
+    monkeypatch.setenv("PETPIPE_TRACKING", "off")
+    with tracking.stage_run("fetch", params={"data": {}}) as run:
+        run.log_metrics({"images": 1})
+    assert not (embedded_project / "mlflow.db").exists()
+
+
+def test_params_flatten_to_mlflow_strings():
+    flat = tracking.flatten({"train": {"augment": {"flip": True, "min_scale": 0.75}}, "log_models": ["finetune"]})
+    assert {key: tracking.param_value(value) for key, value in flat.items()} == {
+        "train.augment.flip": "true", "train.augment.min_scale": "0.75", "log_models": '["finetune"]'}
+    long = tracking.param_value("x" * 10_000)
+    assert len(long) == tracking.MAX_PARAM_VALUE and long.endswith("...")
