@@ -29,7 +29,7 @@ def sweep_lrs(start_lr: float, end_lr: float, num_it: int) -> np.ndarray:
 def lr_sweep(
     model: Classifier, *, images: ImageSet, start_lr: float, end_lr: float, num_it: int, stop_div: float,
     weight_decay: float, batch_size: int, size: int, augment: AugmentParams, preprocessing: Preprocessing,
-    generator: torch.Generator,
+    generator: torch.Generator, precision: str = "auto",
 ) -> dict[str, list[float]]:
     """Train one batch per learning rate; stop when the smoothed loss exceeds stop_div x its minimum.
 
@@ -51,7 +51,7 @@ def lr_sweep(
             group["lr"] = float(lr)
         inputs = training_view(images.pixels[rows], size=size, augment=augment, preprocessing=preprocessing,
                                generator=generator)
-        with autocast(device):
+        with autocast(device, precision, training=True):
             loss = F.cross_entropy(model(inputs), images.targets[rows])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -102,6 +102,7 @@ class AugmentParams(_Section):
 
 class TrainParams(_Section):
     device: str
+    precision: Literal["auto", "float32", "bfloat16"]
     seed: int
     batch_size: PositiveInt
     decode_workers: NonNegativeInt

@@ -27,7 +27,7 @@ from petpipe.checkpoint import file_digest, load_checkpoint, model_from_checkpoi
 from petpipe.errors import PetpipeError
 from petpipe.models import Classifier, Preprocessing
 from petpipe.pixels import decode_image
-from petpipe.training import autocast, choose_device, evaluation_view
+from petpipe.training import autocast, choose_device, evaluation_view, memory_format
 
 
 BUNDLE_FORMAT = "petpipe-bundle/1"
@@ -58,7 +58,7 @@ class CheckpointPredictor:
         self.presize = int(checkpoint["preprocessing"]["presize"])
         self.preprocessing = preprocessing_of(checkpoint)
         self.device = device
-        self.model = model_from_checkpoint(checkpoint).to(device).to(memory_format=torch.channels_last).eval()
+        self.model = model_from_checkpoint(checkpoint).to(device).to(memory_format=memory_format(device)).eval()
 
     @torch.inference_mode()
     def probabilities(self, pixels: torch.Tensor) -> np.ndarray:

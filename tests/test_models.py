@@ -103,3 +103,28 @@ def test_local_weights_file(tmp_path):
 def test_discriminative_lrs_are_the_tutorials_slice():
     lrs = discriminative_lrs(1e-4, 100.0, 3)
     assert lrs == pytest.approx([1e-6, 1e-5, 1e-4])
+
+
+def test_one_cycle_matches_fastais_shape():
+    from petpipe.training import one_cycle, one_cycle_momentum
+
+    assert one_cycle(0.0) == pytest.approx(1 / 25)
+    assert one_cycle(0.25) == pytest.approx(1.0)
+    assert one_cycle(1.0) == pytest.approx(1 / 25 / 1e5)
+    assert one_cycle_momentum(0.0) == pytest.approx(0.95) and one_cycle_momentum(0.25) == pytest.approx(0.85)
+    values = [one_cycle(step / 100) for step in range(101)]
+    peak = values.index(max(values))
+    assert all(a <= b for a, b in zip(values[:peak], values[1:peak + 1]))  # warm-up rises
+    assert all(a >= b for a, b in zip(values[peak:], values[peak + 1:]))  # annealing falls
+
+
+def test_schedule_survives_tiny_runs_and_resumes():
+    from petpipe.training import Schedule
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([parameter], lr=1e-3)
+    schedule = Schedule(optimizer, kind="one_cycle", total_steps=1)  # one batch in all: no division by zero
+    schedule.step()
+    restored = Schedule(torch.optim.AdamW([parameter], lr=1e-3), kind="one_cycle", total_steps=1)
+    restored.load_state_dict(schedule.state_dict())
+    assert restored.optimizer.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]

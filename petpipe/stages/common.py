@@ -26,7 +26,7 @@ from petpipe.errors import PetpipeError
 from petpipe.models import Classifier, Preprocessing
 from petpipe.params import Params
 from petpipe.pixels import load_pixels
-from petpipe.training import FitState, ImageSet, evaluation_view, fit, with_features
+from petpipe.training import FitState, ImageSet, evaluation_view, fit, to_device, with_features
 
 log = logging.getLogger(__name__)
 
@@ -190,11 +190,12 @@ def train_and_save(
     if resume is not None:
         model.load_state_dict(resume["state_dict"])
     device = data.train.pixels.device
-    model.to(device).to(memory_format=torch.channels_last)
+    to_device(model, device)
     train, valid = data.train, data.valid
     if cache_features:  # the body is frozen and its BatchNorm fixed: run it once, not every epoch
         train, valid = (with_features(model, images=images, batch_size=params.train.batch_size * 2, size=img_size,
-                                      preprocessing=preprocessing) for images in (train, valid))
+                                      preprocessing=preprocessing, precision=params.train.precision)
+                        for images in (train, valid))
 
     def checkpoint(history: list[dict[str, float]], resume_state: dict[str, Any] | None = None) -> dict[str, Any]:
         return make_checkpoint(
@@ -216,6 +217,7 @@ def train_and_save(
             weight_decay=params.train.weight_decay, batch_size=params.train.batch_size, size=img_size,
             augment=params.train.augment, preprocessing=preprocessing, seed=stage_seed(params.train.seed, stage),
             frozen=frozen, train_bn=params.model.train_bn and not cache_features, world=world,
+            precision=params.train.precision,
             resume=resume["resume"] if resume else None, on_epoch_end=on_epoch_end,
             progress=progress_bar(stage) if world.is_main else None,
         )

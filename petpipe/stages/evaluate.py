@@ -28,7 +28,8 @@ from petpipe.errors import PetpipeError
 from petpipe.models import Classifier, Preprocessing
 from petpipe.params import AugmentParams, Params
 from petpipe.stages.common import load_dataset, seed_everything
-from petpipe.training import ImageSet, autocast, batch_indices, choose_device, configure_threads, predict
+from petpipe.training import (ImageSet, autocast, batch_indices, choose_device, configure_threads, memory_format,
+                              predict)
 
 STAGE = "evaluate"
 # fastai's tta: n=4 augmented views, blended with the plain view by beta=0.25.
@@ -78,7 +79,7 @@ def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
         raise PetpipeError(f"{inputs.index} has no validation images to evaluate; raise split.valid_pct "
                            f"(or give split.file some valid rows) and rerun index-labels")
     valid_rows = data.index[data.index["split"] == "valid"].reset_index(drop=True)
-    model = model_from_checkpoint(checkpoint).to(device).to(memory_format=torch.channels_last).eval()
+    model = model_from_checkpoint(checkpoint).to(device).to(memory_format=memory_format(device)).eval()
 
     logits = predict(model, images=data.valid, batch_size=params.train.batch_size, size=size,
                      preprocessing=preprocessing)
@@ -149,7 +150,7 @@ def tta_log_probabilities(model: Classifier, *, images: ImageSet, batch_size: in
             batch = augment_batch(images.pixels[rows.to(device)], size=size, augment=augment, generator=generator)
             batch = normalize(batch, mean=preprocessing.mean, std=preprocessing.std)
             with autocast(device):
-                logits = model(batch.contiguous(memory_format=torch.channels_last))
+                logits = model(batch.contiguous(memory_format=memory_format(device)))
             total[rows] += torch.softmax(logits.double(), dim=1).cpu()
     blended = (1 - beta) * (total / views) + beta * torch.from_numpy(np.exp(plain))
     return torch.log(blended.clamp_min(torch.finfo(torch.float64).tiny)).numpy()

@@ -25,7 +25,7 @@ from petpipe.lr_finder import lr_sweep, suggest
 from petpipe.models import unfreeze
 from petpipe.params import Params
 from petpipe.stages.common import load_dataset, seed_everything, stage_seed
-from petpipe.training import choose_device, configure_threads
+from petpipe.training import choose_device, configure_threads, to_device
 
 STAGE = "lr-find"
 
@@ -55,14 +55,15 @@ def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
     size, presize = checkpoint["preprocessing"]["img_size"], checkpoint["preprocessing"]["presize"]
     data = load_dataset(inputs.index, inputs.images, presize=presize, device=device,
                         workers=params.train.decode_workers, classes=checkpoint["classes"])
-    model = model_from_checkpoint(checkpoint).to(device).to(memory_format=torch.channels_last)
+    model = to_device(model_from_checkpoint(checkpoint), device)
     unfreeze(model)
 
     with tracking.stage_run(STAGE, params=used) as run_log:
         curve = lr_sweep(model, images=data.train, start_lr=settings.start_lr, end_lr=settings.end_lr,
                          num_it=settings.num_it, stop_div=settings.stop_div, weight_decay=params.train.weight_decay,
                          batch_size=params.train.batch_size, size=size, augment=params.train.augment,
-                         preprocessing=preprocessing, generator=torch.Generator().manual_seed(stage_seed(params.train.seed, STAGE)))
+                         preprocessing=preprocessing, generator=torch.Generator().manual_seed(stage_seed(params.train.seed, STAGE)),
+                         precision=params.train.precision)
         if len(curve["lr"]) < 5:
             raise PetpipeError(f"lr-find: the loss diverged after {len(curve['lr'])} batches; lower lr_find.start_lr "
                                f"or raise lr_find.stop_div")
