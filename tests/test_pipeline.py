@@ -1,0 +1,84 @@
+"""End to end: the real `dvc repro` of all six stages on the sample photos, read back through DVC."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from conftest import PIPELINE_SMALL, make_project, run_command
+
+STAGES = ["fetch", "index-labels", "train-head", "lr-find", "finetune", "evaluate"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, sample_images):
+    folder = make_project(tmp_path_factory.mktemp("pipeline") / "project",
+                          {**PIPELINE_SMALL, "data.source": str(sample_images)})
+    result = run_command(["dvc", "repro"], folder)
+    return folder, result.stdout
+
+
+def test_dvc_repro_runs_all_six_stages(project):
+    folder, log = project
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in log
+    assert len(list((folder / "stages/fetch/images").glob("*.jpg"))) == 370
+
+
+def test_index_labels_outputs(project):
+    folder, _ = project
+    index = pd.read_csv(folder / "stages/index-labels/index.csv")
+    classes = json.loads((folder / "stages/index-labels/classes.json").read_text())["classes"]
+    assert len(index) == 370 and len(classes) == 37
+    assert 0.15 <= (index["split"] == "valid").mean() <= 0.25  # about a fifth
+    report = json.loads((folder / "stages/index-labels/report.json").read_text())
+    assert report["images"] == 370 and report["skipped"] == [] and report["unmatched"] == []
+    for picture in ("show_batch.png", "class_counts.png"):
+        assert (folder / "stages/index-labels" / picture).read_bytes().startswith(b"\x89PNG")
+
+
+def test_training_stage_outputs(project):
+    folder, _ = project
+    for stage in ("train-head", "finetune"):
+        metrics = json.loads((folder / f"stages/{stage}/metrics.json").read_text())
+        assert metrics["accuracy"] >= 3 / 37, (stage, metrics)
+        assert (folder / f"stages/{stage}/model.pt").stat().st_size > 1_000_000
+        assert len(pd.read_csv(folder / f"stages/{stage}/history.csv")) == metrics["epochs"]
+    lr_find = json.loads((folder / "stages/lr-find/lr_find.json").read_text())
+    assert set(lr_find["suggestions"]) == {"valley", "slide", "minimum", "steep"}
+
+
+def test_evaluate_outputs(project):
+    folder, _ = project
+    metrics = json.loads((folder / "stages/evaluate/metrics.json").read_text())
+    assert metrics["accuracy"] >= 3 / 37 and len(metrics["per_class"]) == 37
+    confusion = pd.read_csv(folder / "stages/evaluate/confusion.csv")
+    assert list(confusion.columns) == ["actual", "predicted"]
+    assert (confusion["actual"] == confusion["predicted"]).mean() == pytest.approx(metrics["accuracy"])
+    assert "accuracy" in (folder / "stages/evaluate/report.md").read_text().lower()
+
+
+def test_dvc_sees_a_clean_reproducible_pipeline(project):
+    folder, _ = project
+    status = run_command(["dvc", "status"], folder).stdout
+    assert "up to date" in status
+    again = run_command(["dvc", "repro"], folder).stdout
+    assert "Running stage" not in again
+    dag = run_command(["dvc", "dag"], folder).stdout
+    for stage in STAGES:
+        assert stage in dag
+    shown = run_command(["dvc", "metrics", "show", "--json"], folder).stdout
+    assert "accuracy" in shown
+
+
+def test_default_source_without_network_fails_fast_with_the_fix(tmp_path):
+    folder = make_project(tmp_path / "offline", {})
+    result = subprocess.run([sys.executable, "-m", "petpipe.cli", "fetch", "--out", "stages/fetch/images"],
+                            cwd=folder, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "robots.ox.ac.uk" in result.stderr and "data.source" in result.stderr
+    assert "Traceback" not in result.stderr
