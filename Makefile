@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: pipeline test install
+.PHONY: pipeline test install benchmark
 
 $(BIN)/petpipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,3 +20,8 @@ pipeline: install
 
 test: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest
+
+# petpipe against fastai's tutorial recipe on the sample photos (224 px, 4 + 2 epochs, 3 seeds).
+benchmark: install
+	$(BIN)/pip install --quiet -e '.[benchmark]'
+	$(BIN)/python benchmarks/compare_fastai.py --out benchmarks/results.json
