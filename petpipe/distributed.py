@@ -43,6 +43,15 @@ def init_world(device_name: str) -> World:
     return world
 
 
+def launched_as_secondary_rank() -> bool:
+    """True in the processes torchrun starts besides rank 0.
+
+    lr-find and evaluate are one-process stages: under torchrun, rank 0 does
+    the work and the other ranks return at once.
+    """
+    return int(os.environ.get("RANK", "0")) != 0
+
+
 def device_for(world: World, device: torch.device) -> torch.device:
     """One GPU per local rank; CPUs are shared."""
     if device.type == "cuda" and world.distributed:

@@ -24,6 +24,7 @@ from petpipe import interpret, plots, tracking
 from petpipe.atomic import save_figure, write_csv, write_json, write_text
 from petpipe.augment import augment_batch, center_crop_batch, normalize
 from petpipe.checkpoint import load_checkpoint, model_from_checkpoint, preprocessing_of
+from petpipe.distributed import launched_as_secondary_rank
 from petpipe.errors import PetpipeError
 from petpipe.models import Classifier, Preprocessing
 from petpipe.params import AugmentParams, Params
@@ -61,6 +62,8 @@ class Outputs:
 
 
 def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
+    if launched_as_secondary_rank():  # a one-process stage: rank 0 alone runs it
+        return ""
     configure_threads()
     device = choose_device(params.train.device)
     which = params.evaluate.checkpoint

@@ -23,6 +23,7 @@ from petpipe.checkpoint import load_checkpoint, model_from_checkpoint, preproces
 from petpipe.errors import PetpipeError
 from petpipe.lr_finder import lr_sweep, suggest
 from petpipe.models import unfreeze
+from petpipe.distributed import launched_as_secondary_rank
 from petpipe.params import Params
 from petpipe.stages.common import load_dataset, seed_everything, stage_seed
 from petpipe.training import choose_device, configure_threads, to_device
@@ -45,6 +46,8 @@ class Outputs:
 
 
 def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
+    if launched_as_secondary_rank():  # a one-process stage: rank 0 alone runs it
+        return ""
     configure_threads()
     device = choose_device(params.train.device)
     settings = params.lr_find
