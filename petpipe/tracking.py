@@ -19,6 +19,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -282,7 +283,8 @@ class StageRun:
             return experiment.experiment_id
         # The embedded store would put artifacts under the working directory, a temporary copy
         # for queued experiments: keep them beside mlflow.db. A server decides for itself.
-        location = (self.project.root / "mlruns").as_uri() if self.project.is_embedded else None
+        folder = re.sub(r"[^\w.-]+", "-", self.project.experiment)
+        location = (self.project.root / "mlruns" / folder).as_uri() if self.project.is_embedded else None
         try:
             return self._client.create_experiment(self.project.experiment, artifact_location=location)
         except Exception:  # created meanwhile by another process

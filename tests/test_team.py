@@ -86,9 +86,12 @@ def test_a_finetune_param_reruns_only_finetune_and_evaluate_as_an_experiment(tea
 
 
 def test_metrics_diff_and_plots_diff_compare_two_experiments(team):
-    diff = dvc_json(["dvc", "metrics", "diff", "HEAD", EXPERIMENT, "--json"], team.project)
-    assert "accuracy" in diff["stages/evaluate/metrics.json"]
-    assert "stages/train-head/metrics.json" not in diff  # train-head did not rerun: nothing changed
+    diff = dvc_json(["dvc", "metrics", "diff", "HEAD", EXPERIMENT, "--all", "--json"], team.project)
+    for stage in ("train-head", "finetune", "evaluate"):
+        assert {"accuracy", "error_rate"} <= set(diff[f"stages/{stage}/metrics.json"]), stage
+    assert all(change["old"] == change["new"]  # train-head did not rerun: nothing changed
+               for change in diff["stages/train-head/metrics.json"].values())
+    assert any(change["old"] != change["new"] for change in diff["stages/finetune/metrics.json"].values())
     plots = dvc_json(["dvc", "plots", "diff", "HEAD", EXPERIMENT, "--json"], team.project)["data"]
     for plot in ("losses per epoch", "lr-find curve", "confusion matrix, rows normalised",
                  "stages/train-head/history.csv", "stages/finetune/history.csv", "stages/evaluate/confusion.csv"):

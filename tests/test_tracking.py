@@ -278,7 +278,7 @@ def test_stage_runs_group_into_pipeline_runs_in_the_embedded_store(embedded_proj
 
     client = MlflowClient(tracking_uri=f"sqlite:///{embedded_project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("petpipe")
-    assert experiment.artifact_location == (embedded_project / "mlruns").as_uri()
+    assert experiment.artifact_location == (embedded_project / "mlruns" / "petpipe").as_uri()
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
     parents = [run for run in runs if tracking.PARENT_TAG not in run.data.tags]
     assert [parent.info.run_name for parent in parents] == ["pipeline tidy-exp", "pipeline tidy-exp"]
