@@ -424,6 +424,12 @@ class _Off(StageRun):
 
 
 @contextlib.contextmanager
+def no_run(stage: str) -> Iterator[StageRun]:
+    """A stage run that logs nothing: for the processes other than rank 0 under torchrun."""
+    yield _Off(stage, None)
+
+
+@contextlib.contextmanager
 def stage_run(stage: str, *, params: Mapping[str, Any]) -> Iterator[StageRun]:
     """A nested MLflow run for `stage` under its pipeline run, ended FINISHED, FAILED or KILLED."""
     if os.environ.get("PETPIPE_TRACKING", "").strip().lower() in OFF_VALUES:

@@ -134,3 +134,17 @@ def make_project(folder: Path, overrides: dict[str, Any]) -> Path:
     run_command(["git", "add", "-A"], folder)
     run_command(["git", "commit", "-q", "-m", "pipeline"], folder)
     return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tracking_off_unless_asked():
+    """No MLflow logging in tests that are not about it (test_tracking and test_team switch it on)."""
+    import os
+
+    previous = os.environ.get("PETPIPE_TRACKING")
+    os.environ["PETPIPE_TRACKING"] = "off"
+    yield
+    if previous is None:
+        os.environ.pop("PETPIPE_TRACKING", None)
+    else:
+        os.environ["PETPIPE_TRACKING"] = previous

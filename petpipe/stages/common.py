@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -161,19 +160,6 @@ class TrainedOutputs:
     plot: Path
 
 
-class _NotLogged:
-    """What ranks other than 0 log to: nothing (rank 0 speaks for the whole job)."""
-
-    def log_metrics(self, metrics: dict[str, float], *, step: int | None = None) -> None:
-        pass
-
-    def log_artifacts(self, paths: list[Path]) -> None:
-        pass
-
-    def log_model(self, model: Any, *, input_example: Any, registered_name: str | None = None) -> None:
-        pass
-
-
 def train_and_save(
     stage: str, model: Classifier, *, data: Dataset, params: Params, used: dict[str, Any], inputs: list[Path],
     preprocessing: Preprocessing, arch: str, weights: str, img_size: int, presize: int, head_hidden: int,
@@ -203,7 +189,7 @@ def train_and_save(
             img_size=img_size, presize=presize, head_hidden=head_hidden, head_dropout=head_dropout, params=used,
             history=history, resume=resume_state)
 
-    logging_context = tracking.stage_run(stage, params=used) if world.is_main else contextlib.nullcontext(_NotLogged())
+    logging_context = tracking.stage_run(stage, params=used) if world.is_main else tracking.no_run(stage)
     with logging_context as run_log:
         def on_epoch_end(state: FitState) -> None:
             if not world.is_main:
