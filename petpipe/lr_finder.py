@@ -12,11 +12,10 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from petpipe.models import Classifier, Preprocessing, set_train_mode
 from petpipe.params import AugmentParams
-from petpipe.training import ADAM_BETAS, ADAM_EPS, ImageSet, autocast, batch_indices, training_view
+from petpipe.training import ADAM_BETAS, ADAM_EPS, ImageSet, batch_indices, training_step, training_view
 
 SMOOTHING = 0.98  # fastai's Recorder smooths the loss with this exponential moving average
 
@@ -51,12 +50,7 @@ def lr_sweep(
             group["lr"] = float(lr)
         inputs = training_view(images.pixels[rows], size=size, augment=augment, preprocessing=preprocessing,
                                generator=generator)
-        with autocast(device, precision, training=True):
-            loss = F.cross_entropy(model(inputs), images.targets[rows])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        value = loss.item()
+        value = training_step(model, optimizer, inputs, images.targets[rows], precision=precision)
         average = SMOOTHING * average + (1 - SMOOTHING) * value
         smoothed = average / (1 - SMOOTHING ** (iteration + 1))  # debiased, as fastai's
         record["lr"].append(float(lr))

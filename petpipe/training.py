@@ -249,6 +249,17 @@ def rank_batches(count: int, batch_size: int, *, world: World, seed: int, epoch:
                          generator=None, order=order)
 
 
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
+                  *, precision: str) -> float:
+    """Forward, cross-entropy, backward and one optimiser step; returns the batch's mean loss."""
+    with autocast(inputs.device, precision, training=True):
+        loss = F.cross_entropy(model(inputs), targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
 def train_one_epoch(
     model: nn.Module, *, images: ImageSet, batches: list[torch.Tensor], optimizer: torch.optim.Optimizer,
     scheduler: Schedule, size: int, augment: AugmentParams,
@@ -266,14 +277,10 @@ def train_one_epoch(
         else:
             inputs = training_view(images.pixels[rows], size=size, augment=augment, preprocessing=preprocessing,
                                    generator=generator)
-        with autocast(device, precision, training=True):
-            loss = F.cross_entropy(model(inputs), images.targets[rows])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         peak_lr = max(peak_lr, optimizer.param_groups[-1]["lr"])
-        optimizer.step()
+        loss = training_step(model, optimizer, inputs, images.targets[rows], precision=precision)
         scheduler.step()
-        total_loss += loss.item() * len(rows)
+        total_loss += loss * len(rows)
         seen += len(rows)
     return {"loss_sum": total_loss, "images": seen, "lr": peak_lr}
 
