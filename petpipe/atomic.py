@@ -1,15 +1,20 @@
 """Write outputs atomically: to a temporary name beside the target, then rename.
 
 A killed stage therefore never leaves a half-written file that DVC would cache,
-and a failed write never destroys the previous version of the file.
+and a failed write never destroys the previous version of the file. The temporary
+name carries the writer's host and process id, so the next write of the same
+target removes what a killed writer left behind (never a live writer's file).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +26,8 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
     """Yield a temporary path in target's folder; rename it onto target only if the block succeeds."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    remove_stale_temporaries(target)
+    handle, name = tempfile.mkstemp(prefix=_temporary_prefix(target), suffix=".tmp", dir=target.parent)
     os.close(handle)
     temporary = Path(name)
     try:
@@ -37,12 +43,13 @@ def atomic_directory(target: Path | str) -> Iterator[Path]:
     """Yield an empty temporary folder beside target; it replaces target only if the block succeeds."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    remove_stale_temporaries(target)
+    temporary = Path(tempfile.mkdtemp(prefix=_temporary_prefix(target), suffix=".tmp", dir=target.parent))
     try:
         yield temporary
         if target.exists():
             # Move the old folder aside first so the swap is two renames, never a half-deleted tree.
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            retired = Path(tempfile.mkdtemp(prefix=_temporary_prefix(target), suffix=".old", dir=target.parent))
             os.replace(target, retired / "old")
             os.replace(temporary, target)
             shutil.rmtree(retired, ignore_errors=True)
@@ -51,6 +58,53 @@ def atomic_directory(target: Path | str) -> Iterator[Path]:
     finally:
         if temporary.exists():
             shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _temporary_prefix(target: Path) -> str:
+    """.<name>.<host>-<pid>. : whose temporary file this is, so a later run can tell a dead writer's."""
+    return f".{target.name}.{_host_tag()}-{os.getpid()}."
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: Path | str) -> list[Path]:
+    """Delete the temporary files and folders of target left by killed writers on this host; return them.
+
+    Only names this module makes (`.<name>.<host>-<pid>.<random>.tmp` or `.old`) whose host is this
+    one and whose process is gone: a writer still running, or on another machine sharing the
+    folder, keeps its file.
+    """
+    target = Path(target)
+    pattern = re.compile(re.escape(f".{target.name}.") + r"([0-9a-f]{8})-(\d+)\.[^/]*\.(?:tmp|old)")
+    removed = []
+    try:
+        entries = list(target.parent.iterdir())
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or match.group(1) != _host_tag() or _process_alive(int(match.group(2))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
 
 
 def _umask() -> int:

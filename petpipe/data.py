@@ -192,6 +192,24 @@ def split_images(
     return {path: assign_split(path, valid_pct=valid_pct, seed=seed) for path in relative_paths}
 
 
+def give_every_class_a_training_image(
+    splits: dict[str, str], labels: dict[str, str]
+) -> tuple[dict[str, str], list[str]]:
+    """Move one image to train for each class the split left without any; return the new split and those moved.
+
+    A class with no training image cannot be learnt, and the name-hash split leaves a small class
+    all-valid by chance (a class of one image, one time in five at valid_pct 0.2). The image
+    moved is the class's first by path; every other file keeps the split its name gives it.
+    """
+    trained = {labels[path] for path, split in splits.items() if split == "train"}
+    first_of_class: dict[str, str] = {}
+    for path in sorted(splits):
+        if labels[path] not in trained:
+            first_of_class.setdefault(labels[path], path)
+    moved = sorted(first_of_class.values())
+    return {**splits, **{path: "train" for path in moved}}, moved
+
+
 # --- index -----------------------------------------------------------------------------------
 
 

@@ -66,18 +66,22 @@ def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
             f"{len(unmatched)} unmatched; check labels.pattern / data.source"
         )
 
+    usable_labels = {path: labels[path] for path in infos}
     splits = data.split_images(
         list(infos),
         valid_pct=params.split.valid_pct,
         seed=params.split.seed,
         split_file=Path(params.split.file) if params.split.file else None,
     )
-    index = data.build_index({path: labels[path] for path in infos}, infos, splits)
+    moved: list[str] = []
+    if not params.split.file:  # a split file is the user's decision: a class it leaves untrained is refused below
+        splits, moved = data.give_every_class_a_training_image(splits, usable_labels)
+    index = data.build_index(usable_labels, infos, splits)
     classes = data.class_names(index)
     counts = data.split_counts(index, classes)
     _refuse_classes_without_training_images(counts, valid_pct=params.split.valid_pct)
     leaks = data.find_leaks(index)
-    warnings = _warnings(counts, leaks=leaks, skipped=skipped, unmatched=unmatched)
+    warnings = _warnings(counts, leaks=leaks, skipped=skipped, unmatched=unmatched, moved=moved)
     for warning in warnings:
         log.warning("warning: %s", warning)
 
@@ -96,7 +100,7 @@ def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
         write_csv(outputs.index, index)
         write_json(outputs.classes, {"classes": classes})
         write_json(outputs.report, _report(index, counts, skipped=skipped, unmatched=unmatched, leaks=leaks,
-                                           warnings=warnings))
+                                           moved=moved, warnings=warnings))
         save_figure(outputs.show_batch, show_batch)
         save_figure(outputs.class_counts, class_counts)
         run_log.log_metrics({"images": len(index), "classes": len(classes), "train_images": len(index) - n_valid,
@@ -121,9 +125,12 @@ def _refuse_classes_without_training_images(counts: pd.DataFrame, *, valid_pct: 
 
 
 def _warnings(
-    counts: pd.DataFrame, *, leaks: list[dict[str, str]], skipped: list[dict[str, str]], unmatched: list[str]
+    counts: pd.DataFrame, *, leaks: list[dict[str, str]], skipped: list[dict[str, str]], unmatched: list[str],
+    moved: list[str],
 ) -> list[str]:
     warnings = []
+    if moved:
+        warnings.append(f"{len(moved)} class(es) had no training image; moved to train: {', '.join(moved)}")
     no_valid = counts.index[counts["valid"] == 0].tolist()
     if no_valid:
         warnings.append(f"{len(no_valid)} class(es) with no validation image: {', '.join(no_valid)}")
@@ -138,7 +145,7 @@ def _warnings(
 
 def _report(
     index: pd.DataFrame, counts: pd.DataFrame, *, skipped: list[dict[str, str]], unmatched: list[str],
-    leaks: list[dict[str, str]], warnings: list[str],
+    leaks: list[dict[str, str]], moved: list[str], warnings: list[str],
 ) -> dict[str, Any]:
     return {
         "images": len(index),
@@ -149,6 +156,8 @@ def _report(
         "skipped": skipped,
         "unmatched": unmatched,
         "leaks": leaks,
+        # Images the split put in valid, moved to train because their class had no training image.
+        "moved_to_train": moved,
         "warnings": warnings,
     }
 
