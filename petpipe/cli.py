@@ -28,6 +28,9 @@ def _run_stage(module_name: str, params_path: Path, inputs: dict[str, Any], outp
         summary = stage.run(params, stage.Inputs(**inputs), stage.Outputs(**outputs))
     except (ParamsError, PetpipeError) as error:
         raise click.ClickException(str(error)) from None
+    except OSError as error:  # a full disk, a read-only folder: say which file, not a traceback
+        raise click.ClickException(f"{error.filename or ''}: {error.strerror or error}; outputs written before this "
+                                   f"are complete, the one being written was not replaced") from None
     if summary:
         click.echo(summary)
 
@@ -223,6 +226,9 @@ def show_batch_command(params_path: Path, images: Path, index: Path, split: str,
                                    augment=params.train.augment, seed=params.train.seed)
     except (ParamsError, PetpipeError) as error:
         raise click.ClickException(str(error)) from None
+    except OSError as error:  # a full disk, a read-only folder: say which file, not a traceback
+        raise click.ClickException(f"{error.filename or ''}: {error.strerror or error}; outputs written before this "
+                                   f"are complete, the one being written was not replaced") from None
     save_figure(out, figure)
     click.echo(f"show-batch: {split} images -> {out}")
 

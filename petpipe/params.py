@@ -27,7 +27,7 @@ class ParamsError(ValueError):
 class _Section(BaseModel):
     # frozen: stages cannot change what was logged; forbid: a typo is an error,
     # not a silently ignored key; strict: "4" is not an epoch count.
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class DataParams(_Section):
@@ -147,6 +147,15 @@ class LrFindParams(_Section):
 class FinetuneParams(_Section):
     epochs: PositiveInt
     lr: PositiveFloat | Literal["auto"]
+
+    @field_validator("lr", mode="wrap")
+    @classmethod
+    def _number_or_auto(cls, value: Any, handler: Any) -> float | str:
+        # One readable error instead of pydantic's one-per-union-member.
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError("must be a positive number (e.g. 1.0e-4) or auto") from None
     lr_ratio: Annotated[float, Field(ge=1)]
     schedule: Schedule
 
