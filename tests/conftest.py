@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,3 +151,18 @@ def tracking_off_unless_asked():
         os.environ.pop("PETPIPE_TRACKING", None)
     else:
         os.environ["PETPIPE_TRACKING"] = previous
+
+
+@contextlib.contextmanager
+def serving(server: Any, *, before_shutdown: Any = None) -> Iterator[None]:
+    """Run an http.server in a daemon thread for the block; stop and close it afterwards."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        if before_shutdown is not None:
+            before_shutdown()
+        server.shutdown()
+        server.server_close()
+        thread.join()

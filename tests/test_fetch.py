@@ -9,7 +9,6 @@ import importlib.util
 import io
 import socket
 import tarfile
-import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from conftest import serving
 from petpipe.cli import main
 from petpipe.errors import PetpipeError
 from petpipe.fetch import cache_name, fetch_source
@@ -226,14 +226,8 @@ class ArchiveServer:
 
     @contextlib.contextmanager
     def running(self) -> Iterator[ArchiveServer]:
-        thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        thread.start()
-        try:
+        with serving(self.server):
             yield self
-        finally:
-            self.server.shutdown()
-            self.server.server_close()
-            thread.join()
 
 
 def test_download_from_http_is_verified_cached_and_reused(in_tmp: Path, photos: list[Path]) -> None:

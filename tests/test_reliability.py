@@ -48,6 +48,7 @@ from conftest import (
     make_project,
     params_with,
     run_command,
+    serving,
     write_params,
 )
 from PIL import Image
@@ -432,15 +433,8 @@ class StallingServer:
 
     @contextlib.contextmanager
     def running(self) -> Iterator[StallingServer]:
-        thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        thread.start()
-        try:
+        with serving(self.server, before_shutdown=self.release.set):
             yield self
-        finally:
-            self.release.set()
-            self.server.shutdown()
-            self.server.server_close()
-            thread.join()
 
 
 def test_killed_download_resumes_where_it_stopped(sample_images, tmp_path):
