@@ -1,4 +1,4 @@
-"""Write outputs atomically: to a temporary name beside the target, then rename.
+"""Write outputs atomically: to a temporary name beside the target, then rename (and hash files).
 
 A killed stage therefore never leaves a half-written file that DVC would cache,
 and a failed write never destroys the previous version of the file. The temporary
@@ -135,3 +135,12 @@ def save_figure(target: Path | str, figure: Any, dpi: int = 110) -> None:
     with atomic_path(target) as temporary:
         figure.savefig(temporary, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(figure)
+
+
+def file_digest(path: Path | str, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB chunks (archives and checkpoints are large)."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

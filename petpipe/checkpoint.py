@@ -7,7 +7,6 @@ architecture, class names, preprocessing and the params that made it, so
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +73,3 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> Classifier:
     model.load_state_dict(checkpoint["state_dict"])
     return model
 
-
-def file_digest(path: Path | str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

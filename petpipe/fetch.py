@@ -23,7 +23,7 @@ from urllib.parse import unquote, urlparse
 import requests
 from tqdm import tqdm
 
-from petpipe.atomic import atomic_directory
+from petpipe.atomic import atomic_directory, file_digest
 from petpipe.errors import PetpipeError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -208,15 +208,6 @@ def _reason(error: BaseException) -> str:
 
 
 # --- checksums ---------------------------------------------------------------------------------
-
-
-def file_digest(path: Path, algorithm: str) -> str:
-    """Hex digest of a file, read in chunks (archives are large)."""
-    digest = hashlib.new(algorithm)
-    with path.open("rb") as file:
-        for chunk in iter(lambda: file.read(CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _digest_matches(path: Path, checksum: str) -> bool:

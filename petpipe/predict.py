@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 
 from petpipe import data
-from petpipe.atomic import atomic_directory, write_json
-from petpipe.checkpoint import file_digest, load_checkpoint, model_from_checkpoint, preprocessing_of
+from petpipe.atomic import atomic_directory, file_digest, write_json
+from petpipe.checkpoint import load_checkpoint, model_from_checkpoint, preprocessing_of
 from petpipe.errors import PetpipeError
 from petpipe.models import Classifier, Preprocessing
 from petpipe.pixels import decode_image

@@ -13,7 +13,8 @@ import yaml
 from click.testing import CliRunner
 
 from conftest import SAMPLE_IMAGES
-from petpipe.checkpoint import file_digest, load_checkpoint
+from petpipe.atomic import file_digest
+from petpipe.checkpoint import load_checkpoint
 from petpipe.cli import main
 from petpipe.errors import PetpipeError
 from petpipe.predict import collect_images, load_predictor, predict_files

@@ -20,7 +20,8 @@ import torch
 import yaml
 
 from conftest import OFFLINE_TRAINING, PROJECT_ROOT, params_with
-from petpipe.checkpoint import file_digest, load_checkpoint
+from petpipe.atomic import file_digest
+from petpipe.checkpoint import load_checkpoint
 from petpipe.stages import finetune, lr_find, train_head
 
 TRAINING = {**OFFLINE_TRAINING, "train_head.lr": 0.01, "lr_find.num_it": 30}

@@ -17,8 +17,8 @@ import pandas as pd
 import torch
 
 from petpipe import plots, tracking
-from petpipe.atomic import save_figure, write_csv, write_json
-from petpipe.checkpoint import file_digest, load_checkpoint, make_checkpoint, save_checkpoint
+from petpipe.atomic import file_digest, save_figure, write_csv, write_json
+from petpipe.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from petpipe.data import class_names, load_index
 from petpipe.distributed import World, barrier
 from petpipe.errors import PetpipeError
