@@ -219,11 +219,8 @@ def test_server_killed_mid_pipeline_costs_no_output(tmp_path, sample_images, mon
             repro = subprocess.Popen(["dvc", "repro"], cwd=project, stdout=log_file, stderr=subprocess.STDOUT,
                                      text=True, env=pipeline_env(MLFLOW_TRACKING_URI=server.url))
         try:
-            client = MlflowClient(tracking_uri=server.url)
-            deadline = time.monotonic() + 600
-            while repro.poll() is None and time.monotonic() < deadline and not _stage_finished(client, "index-labels"):
-                time.sleep(0.5)
-            assert repro.poll() is None, "the pipeline ended before the server could be killed"
+            _wait_until_stage_ended(MlflowClient(tracking_uri=server.url), "index-labels", repro, log_path,
+                                    timeout=600)
             server.kill()
             returncode = repro.wait(timeout=1200)
         finally:
@@ -244,10 +241,31 @@ def test_server_killed_mid_pipeline_costs_no_output(tmp_path, sample_images, mon
     assert len(outputs) >= 20 and all((project / path).exists() for path in outputs)
 
 
-def _stage_finished(client: Any, stage: str) -> bool:
-    experiment = client.get_experiment_by_name("petpipe")
-    query = f"tags.`{tracking.STAGE_TAG}` = '{stage}' and attributes.status = 'FINISHED'"
-    return experiment is not None and bool(client.search_runs([experiment.experiment_id], filter_string=query))
+def _wait_until_stage_ended(client: Any, stage: str, repro: subprocess.Popen, log_path: Path, *,
+                            timeout: float) -> None:
+    """Wait until `stage` has made its last MLflow call: StageRun.end ends the stage's run, then its
+    pipeline run. So: the stage's run is FINISHED and the pipeline run's end time is at or after the
+    stage run's (the pipeline run's earlier end time, from the stage before, comes before this stage
+    even started; a later stage setting it RUNNING again keeps the end time)."""
+    deadline = time.monotonic() + timeout
+    state = "no run yet"
+    while time.monotonic() < deadline:
+        assert repro.poll() is None, (f"the pipeline ended before the server could be killed ({stage}: {state})\n"
+                                      + log_path.read_text()[-3000:])
+        experiment = client.get_experiment_by_name("petpipe")
+        query = f"tags.`{tracking.STAGE_TAG}` = '{stage}'"
+        runs = client.search_runs([experiment.experiment_id], filter_string=query) if experiment is not None else []
+        if runs:
+            run = runs[0]
+            parent = client.get_run(run.data.tags[tracking.PARENT_TAG])
+            state = (f"stage run {run.info.status}, ended {run.info.end_time}; "
+                     f"pipeline run {parent.info.status}, ended {parent.info.end_time}")
+            if (run.info.status == "FINISHED" and run.info.end_time is not None
+                    and parent.info.end_time is not None and parent.info.end_time >= run.info.end_time):
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"stage {stage} did not end its MLflow runs on the server within {timeout} s ({state})\n"
+                         + log_path.read_text()[-3000:])
 
 
 # ---------------------------------------------------------------- in-process, no pipeline
