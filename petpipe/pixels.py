@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -17,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from petpipe.atomic import atomic_path
+from petpipe.errors import PetpipeError
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +81,22 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("PETPIPE_CACHE_DIR", ".petpipe/cache"))
 
 
-def _decode_into(args: tuple[str, int]) -> np.ndarray:
-    path, size = args
-    return decode_image(path, size).transpose(2, 0, 1)  # (3, P, P)
+DEFAULT_CACHE_GB = 20.0
+
+
+def cache_limit_bytes() -> int:
+    """PETPIPE_CACHE_GB bounds the cache folder (default 20 GB); least recently used caches go first."""
+    text = os.environ.get("PETPIPE_CACHE_GB", str(DEFAULT_CACHE_GB))
+    try:
+        limit = float(text)
+    except ValueError:
+        limit = math.nan
+    if not math.isfinite(limit) or limit < 0:
+        raise PetpipeError(f"PETPIPE_CACHE_GB = {text!r} is not a size in GB; set it to a number such as 20")
+    return int(limit * 1e9)
+
+
+_IN_USE: set[Path] = set()  # caches this process has mapped: never evicted under its feet
 
 
 def load_pixels(
@@ -92,13 +107,53 @@ def load_pixels(
     cache_dir: Path | None = None,
     workers: int = 0,
 ) -> np.ndarray:
-    """Return a read-only (N, 3, size, size) uint8 memmap of the images, decoding only on first use."""
+    """Return a (N, 3, size, size) uint8 memmap of the images, decoding only on first use.
+
+    The map is copy-on-write: reading pages them in from the file (the OS may
+    drop them again under memory pressure), and writing to it never reaches the file.
+    """
     cache_dir = cache_dir or default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / f"pixels-{cache_key(content_hashes, size)}.npy"
-    if not target.exists():
+    if target.exists():
+        os.utime(target)  # recently used: the last to be evicted
+    else:
+        limit = cache_limit_bytes()
+        needed = len(paths) * 3 * size * size
+        if needed > limit:
+            log.warning("the pixel cache of %d images at %d px needs %.1f GB, over PETPIPE_CACHE_GB (%.1f GB); "
+                        "building it anyway", len(paths), size, needed / 1e9, limit / 1e9)
+        evict_caches(cache_dir, limit=max(limit - needed, 0), keep=_IN_USE)
         _build_cache(paths, size, target, workers or os.cpu_count() or 1)
-    return np.load(target, mmap_mode="r")
+    _IN_USE.add(target.resolve())
+    return np.load(target, mmap_mode="c")
+
+
+def evict_caches(cache_dir: Path, *, limit: int, keep: set[Path] = frozenset()) -> list[Path]:
+    """Delete the least recently used pixel caches until the folder holds at most `limit` bytes.
+
+    Caches in `keep` stay. Returns what was deleted. (On Linux and macOS a
+    mapped file can be deleted: a process still reading it keeps its pages.)
+    """
+    caches = sorted(cache_dir.glob("pixels-*.npy"), key=lambda path: path.stat().st_mtime)
+    total = sum(path.stat().st_size for path in caches)
+    evicted = []
+    for path in caches:
+        if total <= limit:
+            break
+        if path.resolve() in keep:
+            continue
+        size = path.stat().st_size
+        path.unlink(missing_ok=True)
+        total -= size
+        evicted.append(path)
+        log.info("evicted the least recently used pixel cache %s (%.2f GB)", path, size / 1e9)
+    return evicted
+
+
+def _decode_into(args: tuple[str, int]) -> np.ndarray:
+    path, size = args
+    return decode_image(path, size).transpose(2, 0, 1)  # (3, P, P)
 
 
 def _build_cache(paths: Sequence[Path], size: int, target: Path, workers: int) -> None:

@@ -67,12 +67,15 @@ class ImageSet:
     features: torch.Tensor | None = None
 
     @classmethod
-    def from_cache(cls, pixels: np.ndarray, rows: np.ndarray, targets: np.ndarray, device: torch.device) -> "ImageSet":
-        # One copy out of the memory map; on a GPU the whole set then lives on the device.
-        subset = torch.from_numpy(np.ascontiguousarray(pixels[rows]))
+    def from_cache(cls, pixels: np.ndarray, targets: np.ndarray, device: torch.device) -> ImageSet:
+        """On a CPU the tensor is the (copy-on-write) memory map itself: batches copy only their own
+        images, and the OS pages the rest in and out. On a GPU the whole set is copied to the device once."""
+        subset = torch.from_numpy(pixels)
         if device.type == "cuda":
-            subset = subset.pin_memory()
-        return cls(subset.to(device, non_blocking=True), torch.as_tensor(targets, dtype=torch.long, device=device))
+            subset = subset.pin_memory().to(device, non_blocking=True)
+        elif device.type != "cpu":
+            subset = subset.to(device)
+        return cls(subset, torch.as_tensor(targets, dtype=torch.long, device=device))
 
     def __len__(self) -> int:
         return self.targets.shape[0]

@@ -72,16 +72,18 @@ def load_dataset(index_path: Path, images: Path, *, presize: int, device: torch.
     if missing:
         raise PetpipeError(f"{len(missing)} indexed images are missing, e.g. {missing[0]}; "
                            f"rerun fetch and index-labels (dvc repro)")
+    class_ids = index["label"].map({name: position for position, name in enumerate(classes)}).to_numpy()
+    rows = {split: np.flatnonzero((index["split"] == split).to_numpy()) for split in ("train", "valid")}
     if not world.is_main:
         barrier()  # rank 0 decodes the images into the cache first; the others then map it
-    pixels = load_pixels(paths, list(index["hash"]), presize, workers=workers)
+    # One cache per split, so that each split is one contiguous memory map that batches index directly.
+    pixels = {split: load_pixels([paths[row] for row in chosen], list(index["hash"].iloc[chosen]), presize,
+                                 workers=workers) for split, chosen in rows.items()}
     if world.is_main and world.distributed:
         barrier()
-    class_ids = index["label"].map({name: position for position, name in enumerate(classes)}).to_numpy()
 
     def subset(split: str) -> ImageSet:
-        rows = np.flatnonzero((index["split"] == split).to_numpy())
-        return ImageSet.from_cache(pixels, rows, class_ids[rows], device)
+        return ImageSet.from_cache(pixels[split], class_ids[rows[split]], device)
 
     return Dataset(classes=classes, train=subset("train"), valid=subset("valid"), index=index)
 
