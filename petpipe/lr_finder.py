@@ -34,7 +34,7 @@ def lr_sweep(
 
     Returns {"lr", "loss", "smoothed_loss"}, one entry per batch trained.
     """
-    set_train_mode(model, frozen=False, train_bn=True)
+    set_train_mode(model, freeze_bn_stats=False)
     device = images.pixels.device
     batch_size = min(batch_size, len(images))
     optimizer = torch.optim.AdamW(model.parameters(), lr=start_lr, betas=ADAM_BETAS, eps=ADAM_EPS,

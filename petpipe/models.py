@@ -316,10 +316,11 @@ def unfreeze(model: Classifier) -> None:
         parameter.requires_grad_(True)
 
 
-def set_train_mode(model: Classifier, *, frozen: bool, train_bn: bool) -> None:
-    """model.train(), except a frozen body without train_bn keeps its BatchNorm statistics fixed."""
+def set_train_mode(model: Classifier, *, freeze_bn_stats: bool) -> None:
+    """model.train(), except that with freeze_bn_stats the body's BatchNorm layers normalise with, and keep,
+    their running statistics (their weights may still learn)."""
     model.train()
-    if frozen and not train_bn:
+    if freeze_bn_stats:
         for module in model.body.modules():
             if _is_batchnorm(module):
                 module.eval()

@@ -107,6 +107,7 @@ class TrainParams(_Section):
     batch_size: PositiveInt
     decode_workers: NonNegativeInt
     weight_decay: Annotated[float, Field(ge=0)]
+    compile: bool
     augment: AugmentParams
 
     @field_validator("device")
@@ -158,6 +159,7 @@ class FinetuneParams(_Section):
             raise ValueError("must be a positive number (e.g. 1.0e-4) or auto") from None
     lr_ratio: Annotated[float, Field(ge=1)]
     schedule: Schedule
+    bn_stats: Literal["auto", "update", "frozen"]
 
 
 class EvaluateParams(_Section):

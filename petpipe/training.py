@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from collections.abc import Callable, Iterator
@@ -252,6 +253,18 @@ def rank_batches(count: int, batch_size: int, *, world: World, seed: int, epoch:
                          generator=None, order=order)
 
 
+def compiled(model: nn.Module) -> nn.Module:
+    """torch.compile with a clear error where it cannot work (no C++ compiler for CPU code)."""
+    if model_device(model).type == "cpu" and shutil.which(os.environ.get("CXX", "g++")) is None:
+        raise PetpipeError("train.compile is true but no C++ compiler (g++) is on PATH, which torch.compile "
+                           "needs for CPU code; install one (apt install g++) or set train.compile: false")
+    return torch.compile(model)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
                   *, precision: str) -> float:
     """Forward, cross-entropy, backward and one optimiser step; returns the batch's mean loss."""
@@ -368,8 +381,8 @@ class FitState:
 def fit(
     model: Classifier, *, train: ImageSet, valid: ImageSet, epochs: int, group_lrs: dict[str, float],
     schedule: str, weight_decay: float, batch_size: int, size: int, augment: AugmentParams,
-    preprocessing: Preprocessing, seed: int, frozen: bool, train_bn: bool, world: World = World(),
-    precision: str = "auto", resume: dict[str, Any] | None = None,
+    preprocessing: Preprocessing, seed: int, freeze_bn_stats: bool, world: World = World(),
+    precision: str = "auto", compile: bool = False, resume: dict[str, Any] | None = None,
     on_epoch_end: Callable[[FitState], None] | None = None,
     progress: Callable[[Iterator[Any], int], Iterator[Any]] | None = None,
 ) -> list[dict[str, float]]:
@@ -378,7 +391,8 @@ def fit(
     `resume` is a FitState dict from `on_epoch_end`: the fit continues after its
     epoch and ends exactly as an uninterrupted fit would. With several ranks
     (torchrun), the model trains as DistributedDataParallel and every rank
-    returns the same, reduced history.
+    returns the same, reduced history. `compile` trains through torch.compile
+    (validation and the saved weights use the plain module).
     """
     if len(train) == 0:
         raise PetpipeError("the training split is empty; lower split.valid_pct or add images")
@@ -403,9 +417,11 @@ def fit(
     if world.distributed:
         device = train.pixels.device
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile:
+        trained = compiled(trained)
     for epoch in range(start_epoch, epochs):
         started = time.perf_counter()
-        set_train_mode(model, frozen=frozen, train_bn=train_bn)
+        set_train_mode(model, freeze_bn_stats=freeze_bn_stats)
         batches = rank_batches(len(train), batch_size, world=world, seed=seed, epoch=epoch)
         row = train_one_epoch(trained, images=train, batches=batches, optimizer=optimizer, scheduler=scheduler,
                               size=size, augment=augment, preprocessing=preprocessing, generator=generator,

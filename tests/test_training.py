@@ -22,6 +22,7 @@ import yaml
 from conftest import OFFLINE_TRAINING, PROJECT_ROOT, params_with
 from petpipe.atomic import file_digest
 from petpipe.checkpoint import load_checkpoint
+from petpipe.errors import PetpipeError
 from petpipe.stages import finetune, lr_find, train_head
 
 TRAINING = {**OFFLINE_TRAINING, "train_head.lr": 0.01, "lr_find.num_it": 30}
@@ -183,3 +184,60 @@ def test_cached_features_train_the_head_without_touching_the_body(workdir, index
     for name, tensor in pretrained.state_dict().items():
         if name.startswith("body."):  # weights and BatchNorm statistics alike: the body ran only in eval mode
             assert torch.equal(trained[name], tensor), name
+
+
+def test_compiled_training_learns_as_the_eager_one_and_saves_plain_weights(workdir, indexed_sample, sample_images):
+    """train.compile runs the training steps through torch.compile (here the head on cached features, which
+    compiles in seconds); the saved checkpoint is the plain module's, loadable without torch.compile.
+    No dropout: compiled code draws its dropout masks from another generator, which alone moves accuracy
+    on 86 validation images by several points."""
+    settings = {"model.img_size": 64, "train_head.epochs": 3, "train_head.cache_features": True,
+                "model.head_dropout": 0.0}
+    eager = run_train_head(workdir / "eager", indexed_sample, sample_images, **settings)
+    compiled = run_train_head(workdir / "compiled", indexed_sample, sample_images,
+                              **settings, **{"train.compile": True})
+    eager_accuracy = json.loads(eager.metrics.read_text())["accuracy"]
+    compiled_accuracy = json.loads(compiled.metrics.read_text())["accuracy"]
+    assert compiled_accuracy >= 3 / 37
+    assert abs(compiled_accuracy - eager_accuracy) <= 0.05, (compiled_accuracy, eager_accuracy)
+    assert load_checkpoint(compiled.model)["state_dict"].keys() == load_checkpoint(eager.model)["state_dict"].keys()
+
+
+def test_compile_without_a_cpp_compiler_names_the_fix(workdir, indexed_sample, sample_images, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    with pytest.raises(PetpipeError, match=r"train.compile is true but no C\+\+ compiler"):
+        run_train_head(workdir / "no-compiler", indexed_sample, sample_images,
+                       **{"train_head.epochs": 1, "train_head.cache_features": True, "train.compile": True})
+
+
+def test_finetune_keeps_the_batchnorm_statistics_a_cached_head_learnt_on(workdir, indexed_sample, sample_images):
+    """bn_stats auto after cache_features: the body's weights train, its BatchNorm statistics stay those the
+    head was trained on (with update they move to the new data and the head's inputs shift under it)."""
+    head = run_train_head(workdir / "bn-head", indexed_sample, sample_images,
+                          **{"train_head.epochs": 1, "train_head.cache_features": True})
+    start = load_checkpoint(head.model)["state_dict"]
+    statistics = [name for name in start if name.startswith("body.") and name.endswith("running_mean")]
+    assert statistics
+    tuned = {}
+    for setting in ("auto", "update"):
+        folder = workdir / f"bn-{setting}"
+        outputs = finetune.Outputs(model=folder / "model.pt", metrics=folder / "metrics.json",
+                                   history=folder / "history.csv", plot=folder / "training.png")
+        finetune.run(params_with({**TRAINING, "finetune.epochs": 1, "finetune.bn_stats": setting}),
+                     finetune.Inputs(images=sample_images, index=indexed_sample, checkpoint=head.model,
+                                     lr_find=workdir / "no-lr-find.json"), outputs)
+        tuned[setting] = load_checkpoint(outputs.model)["state_dict"]
+    for name in statistics:
+        assert torch.equal(tuned["auto"][name], start[name]), name
+    assert not all(torch.equal(tuned["update"][name], start[name]) for name in statistics)
+    for state in tuned.values():
+        assert not torch.equal(state["body.model.conv_stem.weight"], start["body.model.conv_stem.weight"])
+
+
+def test_bn_stats_auto_follows_how_the_head_was_trained():
+    trained_on = {"model": {"train_bn": True}, "train_head": {"cache_features": False}}
+    assert finetune.freeze_bn_stats("auto", {"params": trained_on}) is False
+    assert finetune.freeze_bn_stats("auto", {"params": {**trained_on, "train_head": {"cache_features": True}}})
+    assert finetune.freeze_bn_stats("auto", {"params": {**trained_on, "model": {"train_bn": False}}})
+    assert finetune.freeze_bn_stats("frozen", {"params": trained_on})
+    assert not finetune.freeze_bn_stats("update", {"params": {**trained_on, "train_head": {"cache_features": True}}})

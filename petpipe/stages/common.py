@@ -165,7 +165,7 @@ class TrainedOutputs:
 def train_and_save(
     stage: str, model: Classifier, *, data: Dataset, params: Params, used: dict[str, Any], inputs: list[Path],
     preprocessing: Preprocessing, arch: str, weights: str, img_size: int, presize: int, head_hidden: int,
-    head_dropout: float, epochs: int, group_lrs: dict[str, float], schedule: str, frozen: bool,
+    head_dropout: float, epochs: int, group_lrs: dict[str, float], schedule: str, freeze_bn_stats: bool,
     outputs: TrainedOutputs, title: str, world: World = World(), cache_features: bool = False,
 ) -> dict[str, Any]:
     """Fit (resuming an interrupted run of the same stage, params and inputs), log, write outputs.
@@ -204,8 +204,8 @@ def train_and_save(
             model, train=train, valid=valid, epochs=epochs, group_lrs=group_lrs, schedule=schedule,
             weight_decay=params.train.weight_decay, batch_size=params.train.batch_size, size=img_size,
             augment=params.train.augment, preprocessing=preprocessing, seed=stage_seed(params.train.seed, stage),
-            frozen=frozen, train_bn=params.model.train_bn and not cache_features, world=world,
-            precision=params.train.precision,
+            freeze_bn_stats=freeze_bn_stats, world=world,
+            precision=params.train.precision, compile=params.train.compile,
             resume=resume["resume"] if resume else None, on_epoch_end=on_epoch_end,
             progress=progress_bar(stage) if world.is_main else None,
         )

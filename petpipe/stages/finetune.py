@@ -46,6 +46,15 @@ def peak_lr(setting: float | str, lr_find_result: Path) -> float:
                            f"run `dvc repro lr-find` or set finetune.lr to a number") from None
 
 
+def freeze_bn_stats(setting: str, checkpoint: dict) -> bool:
+    """finetune.bn_stats: auto keeps the body's BatchNorm statistics fixed when the head learnt on them
+    (train_head.cache_features, or model.train_bn false), so that the head's inputs do not shift under it."""
+    if setting != "auto":
+        return setting == "frozen"
+    head = checkpoint["params"]
+    return bool(head.get("train_head", {}).get("cache_features")) or not head.get("model", {}).get("train_bn", True)
+
+
 def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
     world = init_world(params.train.device)
     configure_threads(world)
@@ -68,7 +77,8 @@ def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
               "group_lrs": group_lrs},
         preprocessing=preprocessing, arch=checkpoint["arch"], weights=checkpoint["weights"], img_size=size,
         presize=presize, head_hidden=checkpoint["head"]["hidden"], head_dropout=checkpoint["head"]["dropout"],
-        epochs=params.finetune.epochs, group_lrs=group_lrs, schedule=params.finetune.schedule, frozen=False,
+        epochs=params.finetune.epochs, group_lrs=group_lrs, schedule=params.finetune.schedule,
+        freeze_bn_stats=freeze_bn_stats(params.finetune.bn_stats, checkpoint),
         outputs=outputs, title=f"finetune: {checkpoint['arch']}, unfrozen, lr {lr / params.finetune.lr_ratio:.1e}"
                                f" to {lr:.1e}", world=world,
     )

@@ -48,7 +48,8 @@ def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
               "train_head": params.train_head.model_dump()},
         arch=params.model.arch, weights=params.model.weights, img_size=params.model.img_size,
         presize=params.model.presize, head_hidden=params.model.head_hidden, head_dropout=params.model.head_dropout,
-        epochs=params.train_head.epochs, group_lrs=group_lrs, schedule=params.train_head.schedule, frozen=True,
+        epochs=params.train_head.epochs, group_lrs=group_lrs, schedule=params.train_head.schedule,
+        freeze_bn_stats=cache_features or not params.model.train_bn,
         outputs=outputs, title=f"train-head: {params.model.arch}, body frozen", world=world,
         cache_features=cache_features,
     )
