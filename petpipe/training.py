@@ -107,8 +107,9 @@ def evaluation_view(pixels: torch.Tensor, *, size: int, preprocessing: Preproces
 
 
 def memory_format(device: torch.device) -> torch.memory_format:
-    """channels_last on GPUs (tensor cores); on CPUs it made EfficientNet's depthwise convs 2x slower here."""
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    """channels_last everywhere: tensor cores on GPUs want it, and on this project's AMX CPU it made
+    EfficientNet-Lite0's training steps 1.3x faster (benchmarks/levers.py)."""
+    return torch.channels_last
 
 
 def to_device(model: nn.Module, device: torch.device) -> nn.Module:
@@ -171,7 +172,8 @@ def make_optimizer(model: Classifier, *, group_lrs: dict[str, float], weight_dec
             if chosen:
                 param_groups.append({"params": chosen, "lr": group_lrs[group], "name": f"{group}",
                                      "weight_decay": weight_decay if decay else 0.0})
-    fused = all(parameter.is_cuda for group in param_groups for parameter in group["params"])
+    # The fused kernel: one pass over every parameter (5x faster than the default for-loop on this CPU).
+    fused = all(parameter.device.type in ("cpu", "cuda") for group in param_groups for parameter in group["params"])
     return torch.optim.AdamW(param_groups, betas=ADAM_BETAS, eps=ADAM_EPS, fused=fused or None)
 
 
