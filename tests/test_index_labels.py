@@ -191,7 +191,8 @@ def test_class_without_training_images_is_refused(sample_images, make_params, tm
     names = copy_subset(sample_images, folder, breeds=3, per_breed=3)
     splits = {name: "valid" if name.startswith("Bengal") else "train" for name in names}
     params = make_params({**SMALL, "split.file": str(write_split_file(tmp_path / "split.csv", splits))})
-    with pytest.raises(PetpipeError, match=r"no training image: Bengal; lower split.valid_pct \(now 0.2\) or add"):
+    with pytest.raises(PetpipeError, match=r"no training image: Bengal; mark at least one image of each as train "
+                                           r"in split.file \(.*split.csv\)"):
         run(params, Inputs(images=folder), outputs_in(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 

@@ -79,7 +79,7 @@ def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
     index = data.build_index(usable_labels, infos, splits)
     classes = data.class_names(index)
     counts = data.split_counts(index, classes)
-    _refuse_classes_without_training_images(counts, valid_pct=params.split.valid_pct)
+    _refuse_classes_without_training_images(counts, split_file=params.split.file)
     leaks = data.find_leaks(index)
     warnings = _warnings(counts, leaks=leaks, skipped=skipped, unmatched=unmatched, moved=moved)
     for warning in warnings:
@@ -115,12 +115,13 @@ def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
     )
 
 
-def _refuse_classes_without_training_images(counts: pd.DataFrame, *, valid_pct: float) -> None:
+def _refuse_classes_without_training_images(counts: pd.DataFrame, *, split_file: str | None) -> None:
+    """Only a split file can leave a class untrained (the hash split moves one image of it to train)."""
     empty = counts.index[counts["train"] == 0].tolist()
     if empty:
         raise PetpipeError(
-            f"class(es) with no training image: {', '.join(empty)}; "
-            f"lower split.valid_pct (now {valid_pct}) or add images of these classes"
+            f"class(es) with no training image: {', '.join(empty)}; mark at least one image of each as train "
+            f"in split.file ({split_file}) or add images of these classes"
         )
 
 
