@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: pipeline test install benchmark
+.PHONY: pipeline test install benchmark levers
 
 $(BIN)/petpipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,4 +24,9 @@ test: install
 # petpipe against fastai's tutorial recipe on the sample photos (224 px, 4 + 2 epochs, 3 seeds).
 benchmark: install
 	$(BIN)/pip install --quiet -e '.[benchmark]'
-	$(BIN)/python benchmarks/compare_fastai.py --out benchmarks/results.json
+	$(BIN)/python benchmarks/compare_fastai.py --out benchmarks/results.json \
+		--frameworks fastai petpipe petpipe-cached petpipe-cached-bn-update
+
+# What each speed lever buys on this machine, one at a time (about 6 minutes on 2 cores, torch.compile included).
+levers: install
+	$(BIN)/python benchmarks/levers.py --compile --out benchmarks/levers.json
