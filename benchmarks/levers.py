@@ -100,11 +100,12 @@ def main() -> None:
                         cache_dir=Path(tempfile.mkdtemp(prefix="levers-cache-")), workers=1)
     rows = torch.randperm(len(paths))
     pixels = torch.from_numpy(cache)
+    full_decode = median_seconds(decode_full, repeat=3, warmup=1)
     table.add("decoded-once pixel cache", f"one batch of {batch} images from disk",
-              ("JPEG decode + resize", median_seconds(decode_full, repeat=3, warmup=1)),
+              ("JPEG decode + resize", full_decode),
               ("memmap read", median_seconds(lambda: pixels[rows].clone(), repeat=args.repeat)), "s")
     table.add("JPEG draft decoding (cache build)", f"decode {batch} images once",
-              ("full decode", median_seconds(decode_full, repeat=3, warmup=1)),
+              ("full decode", full_decode),
               ("draft decode at presize", median_seconds(lambda: [decode_image(path, presize) for path in paths],
                                                          repeat=3, warmup=1)), "s")
 
@@ -115,9 +116,10 @@ def main() -> None:
                             v2.RandomHorizontalFlip(), v2.RandomRotation(params.train.augment.max_rotate),
                             v2.ColorJitter(brightness=0.2, contrast=0.2), v2.ToDtype(torch.float32, scale=True)])
     uint8_batch = pixels[rows]
+    per_image_seconds = median_seconds(lambda: torch.stack([per_image(image) for image in uint8_batch]),
+                                       repeat=args.repeat)
     table.add("batch-level tensor augmentation", f"augment {batch} images",
-              ("per-image torchvision v2", median_seconds(lambda: torch.stack([per_image(image) for image in uint8_batch]),
-                                                         repeat=args.repeat)),
+              ("per-image torchvision v2", per_image_seconds),
               ("one affine grid_sample", median_seconds(lambda: augment_batch(uint8_batch, size=size,
                                                                              augment=params.train.augment,
                                                                              generator=generator),
@@ -165,10 +167,10 @@ def main() -> None:
     # ---- the optimiser step alone, over every parameter
     for parameter in model.parameters():
         parameter.grad = torch.randn_like(parameter) * 1e-3
-    groups = [{"params": [parameter for parameter in model.parameters()]}]
+    parameters = list(model.parameters())
     timings = {}
     for name, options in (("for-loop", {"foreach": False}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
-        adam = torch.optim.AdamW(groups[0]["params"], lr=1e-5, betas=ADAM_BETAS, eps=ADAM_EPS, **options)
+        adam = torch.optim.AdamW(parameters, lr=1e-5, betas=ADAM_BETAS, eps=ADAM_EPS, **options)
         timings[name] = median_seconds(adam.step, repeat=args.repeat * 4)
     table.add("fused AdamW", "one optimiser step, every parameter", ("for-loop", timings["for-loop"]),
               ("fused", timings["fused"]), "s")
@@ -200,8 +202,8 @@ def main() -> None:
                                     weight_decay=0.01)
     full_head_step = median_seconds(train_step(model, head_optimizer, inputs, torch.bfloat16), repeat=args.repeat)
     with torch.inference_mode():
-        features = model.pooled_features(valid).clone()
-    features = features.clone()
+        features = model.pooled_features(valid)
+    features = features.clone()  # a normal tensor, usable by autograd (inference tensors are not)
     cached_step = median_seconds(train_step(model, head_optimizer, features, torch.bfloat16), repeat=args.repeat * 4)
     table.add("train_head.cache_features", "one train-head step (frozen body, bfloat16)",
               ("body every step", full_head_step), ("features once", cached_step), "s")

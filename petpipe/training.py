@@ -257,14 +257,10 @@ def rank_batches(count: int, batch_size: int, *, world: World, seed: int, epoch:
 
 def compiled(model: nn.Module) -> nn.Module:
     """torch.compile with a clear error where it cannot work (no C++ compiler for CPU code)."""
-    if model_device(model).type == "cpu" and shutil.which(os.environ.get("CXX", "g++")) is None:
+    if next(model.parameters()).device.type == "cpu" and shutil.which(os.environ.get("CXX", "g++")) is None:
         raise PetpipeError("train.compile is true but no C++ compiler (g++) is on PATH, which torch.compile "
                            "needs for CPU code; install one (apt install g++) or set train.compile: false")
     return torch.compile(model)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,

@@ -227,6 +227,12 @@ def train_and_save(
     return metrics
 
 
+def head_fixes_bn_stats(*, cache_features: bool, train_bn: bool) -> bool:
+    """Whether train-head keeps the body's BatchNorm statistics fixed: with cached features (the body ran
+    once, in eval mode) or without train_bn. finetune.bn_stats auto then keeps them fixed too."""
+    return cache_features or not train_bn
+
+
 def describe_metrics(stage: str, metrics: dict[str, Any]) -> str:
     return (f"{stage}: {metrics['epochs']} epochs, accuracy {metrics['accuracy']:.4f}, "
             f"valid loss {metrics['valid_loss']:.4f}")

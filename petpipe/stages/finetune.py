@@ -16,8 +16,8 @@ from petpipe.checkpoint import load_checkpoint, model_from_checkpoint, preproces
 from petpipe.errors import PetpipeError
 from petpipe.models import unfreeze
 from petpipe.params import Params
-from petpipe.stages.common import (TrainedOutputs, describe_metrics, load_dataset, seed_everything, stage_seed,
-                                   train_and_save)
+from petpipe.stages.common import (TrainedOutputs, describe_metrics, head_fixes_bn_stats, load_dataset,
+                                   seed_everything, stage_seed, train_and_save)
 from petpipe.distributed import device_for, init_world, shutdown
 from petpipe.training import choose_device, configure_threads, discriminative_lrs
 
@@ -52,7 +52,8 @@ def freeze_bn_stats(setting: str, checkpoint: dict) -> bool:
     if setting != "auto":
         return setting == "frozen"
     head = checkpoint["params"]
-    return bool(head.get("train_head", {}).get("cache_features")) or not head.get("model", {}).get("train_bn", True)
+    return head_fixes_bn_stats(cache_features=bool(head.get("train_head", {}).get("cache_features")),
+                               train_bn=bool(head.get("model", {}).get("train_bn", True)))
 
 
 def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from petpipe.models import build_model, freeze_body
 from petpipe.params import Params
-from petpipe.stages.common import (TrainedOutputs, describe_metrics, load_dataset, seed_everything, stage_seed,
-                                   train_and_save)
+from petpipe.stages.common import (TrainedOutputs, describe_metrics, head_fixes_bn_stats, load_dataset,
+                                   seed_everything, stage_seed, train_and_save)
 from petpipe.distributed import device_for, init_world, shutdown
 from petpipe.training import choose_device, configure_threads
 
@@ -49,7 +49,7 @@ def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
         arch=params.model.arch, weights=params.model.weights, img_size=params.model.img_size,
         presize=params.model.presize, head_hidden=params.model.head_hidden, head_dropout=params.model.head_dropout,
         epochs=params.train_head.epochs, group_lrs=group_lrs, schedule=params.train_head.schedule,
-        freeze_bn_stats=cache_features or not params.model.train_bn,
+        freeze_bn_stats=head_fixes_bn_stats(cache_features=cache_features, train_bn=params.model.train_bn),
         outputs=outputs, title=f"train-head: {params.model.arch}, body frozen", world=world,
         cache_features=cache_features,
     )
