@@ -41,7 +41,16 @@ params_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+ENVIRONMENT = """\b
+Environment:
+  PETPIPE_CACHE_DIR    where decoded pixels are cached (default .petpipe/cache)
+  PETPIPE_CACHE_GB     bound of that folder in GB, least recently used first (default 20)
+  PETPIPE_TRACKING     off: log nothing to MLflow
+  MLFLOW_TRACKING_URI  where runs go (default sqlite:///mlflow.db in the project)
+"""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=ENVIRONMENT)
 @click.option("-v", "--verbose", is_flag=True, help="Log more detail.")
 def main(verbose: bool) -> None:
     """petpipe: the fastai Oxford-IIIT Pet tutorial as a reproducible DVC pipeline.

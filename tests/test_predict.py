@@ -171,6 +171,9 @@ def test_every_cli_command_documents_its_options():
         assert result.exit_code == 0
         for option in options:
             assert option in result.output, (command, option)
+    overview = CliRunner().invoke(main, ["--help"]).output
+    for variable in ("PETPIPE_CACHE_DIR", "PETPIPE_CACHE_GB", "PETPIPE_TRACKING", "MLFLOW_TRACKING_URI"):
+        assert variable in overview, variable
     dvc_cmd = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())
     evaluate_cmd = dvc_cmd["stages"]["evaluate"]["cmd"]
     assert "--confusion-normalized-plot stages/evaluate/confusion_normalized.png" in evaluate_cmd
