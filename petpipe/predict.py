@@ -23,11 +23,12 @@ from PIL import Image
 
 from petpipe import data
 from petpipe.atomic import atomic_directory, file_digest, write_json
-from petpipe.checkpoint import load_checkpoint, model_from_checkpoint, preprocessing_of
+from petpipe.checkpoint import Checkpoint, load_checkpoint
 from petpipe.errors import PetpipeError
-from petpipe.models import Classifier, Preprocessing
+from petpipe.hardware import autocast, choose_device, to_device
+from petpipe.models import Classifier
 from petpipe.pixels import decode_image
-from petpipe.training import autocast, choose_device, evaluation_view, memory_format
+from petpipe.views import Views
 
 
 BUNDLE_FORMAT = "petpipe-bundle/1"
@@ -42,8 +43,7 @@ ONNX_OPSET = 18
 
 class Predictor(Protocol):
     classes: list[str]
-    img_size: int
-    presize: int
+    views: Views  # evaluation only
 
     def probabilities(self, pixels: torch.Tensor) -> np.ndarray:
         """Presized uint8 (B, 3, P, P) -> class probabilities (B, C) float64."""
@@ -52,17 +52,15 @@ class Predictor(Protocol):
 class CheckpointPredictor:
     """A petpipe checkpoint (model.pt), run with torch on the chosen device."""
 
-    def __init__(self, checkpoint: dict[str, Any], device: torch.device):
-        self.classes = list(checkpoint["classes"])
-        self.img_size = int(checkpoint["preprocessing"]["img_size"])
-        self.presize = int(checkpoint["preprocessing"]["presize"])
-        self.preprocessing = preprocessing_of(checkpoint)
+    def __init__(self, checkpoint: Checkpoint, device: torch.device):
+        self.classes = list(checkpoint.spec.classes)
+        self.views = Views.of(checkpoint.spec)
         self.device = device
-        self.model = model_from_checkpoint(checkpoint).to(device).to(memory_format=memory_format(device)).eval()
+        self.model = to_device(checkpoint.model(), device).eval()
 
     @torch.inference_mode()
     def probabilities(self, pixels: torch.Tensor) -> np.ndarray:
-        batch = evaluation_view(pixels.to(self.device), size=self.img_size, preprocessing=self.preprocessing)
+        batch = self.views.evaluate(pixels.to(self.device))
         with autocast(self.device):
             logits = self.model(batch)
         return torch.softmax(logits.double(), dim=1).cpu().numpy()
@@ -74,15 +72,14 @@ class BundlePredictor:
     def __init__(self, folder: Path, device: torch.device):
         manifest = read_bundle(folder)
         self.classes = list(manifest["classes"])
-        preprocessing = manifest["preprocessing"]
-        self.img_size = int(preprocessing["img_size"])
-        self.presize = int(preprocessing["presize"])
-        self.preprocessing = Preprocessing(mean=tuple(preprocessing["mean"]), std=tuple(preprocessing["std"]))
+        sizes = manifest["preprocessing"]
+        self.views = Views(size=int(sizes["img_size"]), presize=int(sizes["presize"]), mean=tuple(sizes["mean"]),
+                           std=tuple(sizes["std"]))
         self.session = _onnx_session(folder / manifest["model"], device)
         self.input_name = manifest["input"]["name"]
 
     def probabilities(self, pixels: torch.Tensor) -> np.ndarray:
-        batch = evaluation_view(pixels.cpu(), size=self.img_size, preprocessing=self.preprocessing)
+        batch = self.views.evaluate(pixels.cpu())
         (logits,) = self.session.run(None, {self.input_name: batch.contiguous().numpy()})
         return torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
 
@@ -187,7 +184,7 @@ def predict_files(predictor: Predictor, paths: Sequence[Path], *, top_k: int = 3
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(paths), batch_size):
             chunk = [Path(path) for path in paths[start:start + batch_size]]
-            decoded = list(pool.map(lambda path: _decode(path, predictor.presize), chunk))
+            decoded = list(pool.map(lambda path: _decode(path, predictor.views.presize), chunk))
             good = [position for position, result in enumerate(decoded) if not isinstance(result, str)]
             probabilities: dict[int, np.ndarray] = {}
             if good:
@@ -220,27 +217,27 @@ def export_bundle(checkpoint_path: Path, out: Path, *, check_tolerance: float = 
     """
     checkpoint_path = Path(checkpoint_path)
     checkpoint = load_checkpoint(checkpoint_path)
-    model = model_from_checkpoint(checkpoint).eval()
-    info = checkpoint["preprocessing"]
-    example = torch.randn(2, 3, info["img_size"], info["img_size"], generator=torch.Generator().manual_seed(0))
+    spec = checkpoint.spec
+    model = checkpoint.model().eval()
+    example = torch.randn(2, 3, spec.img_size, spec.img_size, generator=torch.Generator().manual_seed(0))
     manifest = {
         "format": BUNDLE_FORMAT,
         "model": ONNX_FILE,
         "runtime": "onnxruntime",
-        "input": {"name": "images", "shape": ["batch", 3, info["img_size"], info["img_size"]], "dtype": "float32",
+        "input": {"name": "images", "shape": ["batch", 3, spec.img_size, spec.img_size], "dtype": "float32",
                   "layout": "NCHW, RGB, (pixel / 255 - mean) / std"},
-        "output": {"name": "logits", "shape": ["batch", len(checkpoint["classes"])],
+        "output": {"name": "logits", "shape": ["batch", spec.num_classes],
                    "meaning": "unnormalised scores; softmax gives class probabilities"},
-        "classes": list(checkpoint["classes"]),
+        "classes": list(spec.classes),
         "preprocessing": {
-            "img_size": info["img_size"], "presize": info["presize"], "mean": info["mean"], "std": info["std"],
+            "img_size": spec.img_size, "presize": spec.presize, "mean": list(spec.mean), "std": list(spec.std),
             "steps": ["apply EXIF orientation, convert to RGB",
                       "resize the shorter side to presize and center-crop a presize square (bilinear)",
                       "center-crop an img_size square",
                       "scale to [0, 1], subtract mean and divide by std per channel"],
         },
-        "arch": checkpoint["arch"],
-        "stage": checkpoint.get("stage"),
+        "arch": spec.arch,
+        "stage": checkpoint.stage,
         "source": {"checkpoint": checkpoint_path.name, "sha256": file_digest(checkpoint_path)},
         "opset": ONNX_OPSET,
     }

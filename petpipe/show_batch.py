@@ -9,16 +9,15 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from petpipe.augment import augment_batch, center_crop_batch
 from petpipe.errors import PetpipeError
-from petpipe.params import AugmentParams
 from petpipe.pixels import decode_image
 from petpipe.plots import plot_show_batch
+from petpipe.views import Views
 
 
-def show_batch_figure(index: pd.DataFrame, images: Path, *, split: str, count: int, presize: int, size: int,
-                      augment: AugmentParams, seed: int) -> Figure:
-    """fastai's show_batch: `count` images of a split as the model sees them.
+def show_batch_figure(index: pd.DataFrame, images: Path, *, split: str, count: int, views: Views,
+                      seed: int) -> Figure:
+    """fastai's show_batch: `count` images of a split as the model sees them (`views`, before normalisation).
 
     train: augmented like a training batch, drawn as index-labels' show_batch.png
     is; valid: the center crops evaluate and predict use.
@@ -31,14 +30,14 @@ def show_batch_figure(index: pd.DataFrame, images: Path, *, split: str, count: i
     for row in chosen:
         path = images / rows.at[row, "path"]
         try:
-            decoded.append(torch.from_numpy(np.array(decode_image(path, presize))))  # (P, P, 3), writable
+            decoded.append(torch.from_numpy(np.array(decode_image(path, views.presize))))  # (P, P, 3), writable
         except (OSError, ValueError) as error:
             raise PetpipeError(f"{path}: cannot read image ({error}); rerun fetch and index-labels") from None
     pixels = torch.stack(decoded).permute(0, 3, 1, 2).contiguous()  # (B, 3, P, P) uint8
     if split == "train":
-        batch = augment_batch(pixels, size=size, augment=augment, generator=torch.Generator().manual_seed(seed))
+        batch = views.augmented(pixels, torch.Generator().manual_seed(seed))
         title = "show_batch: training images after augmentation"
     else:
-        batch = center_crop_batch(pixels, size=size)
+        batch = views.cropped(pixels)
         title = "show_batch: validation images (center crop)"
     return plot_show_batch(batch, [rows.at[row, "label"] for row in chosen], title=title)

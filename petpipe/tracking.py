@@ -29,11 +29,13 @@ from typing import Any
 
 import yaml
 
+from petpipe.stages import ORDER
+
 log = logging.getLogger(__name__)
 
 # The pipeline's stages in run order: a stage that finds itself or a later stage already logged
 # under the current pipeline run is the start of a new pipeline run (`dvc repro -f`, a retry).
-STAGE_ORDER = ("fetch", "index-labels", "train-head", "lr-find", "finetune", "evaluate")
+STAGE_ORDER = ORDER
 PIPELINE_KEY_TAG = "petpipe.pipeline_key"
 STAGE_TAG = "petpipe.stage"
 PARAMS_HASH_TAG = "petpipe.params_hash"

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real sample photos beside the checkout, and a params factory."""
+"""Shared fixtures and helpers: the real sample photos beside the checkout, params with overrides, projects."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ import pytest
 import yaml
 
 from petpipe.params import Params, parse_params
+from petpipe.stages import ORDER
+
+# The pipeline's stages in run order, as the package declares them.
+STAGES = list(ORDER)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_IMAGES = PROJECT_ROOT.parent / "shared" / "data" / "pets-sample" / "images"
@@ -25,12 +29,13 @@ def sample_images() -> Path:
     return SAMPLE_IMAGES
 
 
-@pytest.fixture(scope="session")
-def default_params_dict() -> dict[str, Any]:
+def default_params() -> dict[str, Any]:
+    """The project's params.yaml as a plain mapping (a fresh copy each call)."""
     return yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
 
 
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+def with_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a params mapping with dotted overrides applied: {"split.valid_pct": 0.3} (dvc exp run -S)."""
     merged = copy.deepcopy(base)
     for dotted, value in overrides.items():
         node = merged
@@ -41,14 +46,9 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-@pytest.fixture()
-def make_params(default_params_dict):
-    """make_params(**{"split.valid_pct": 0.3}) -> Params from the project's params.yaml with overrides."""
-
-    def factory(overrides: dict[str, Any] | None = None) -> Params:
-        return parse_params(_merge(default_params_dict, overrides or {}))
-
-    return factory
+def params_with(overrides: dict[str, Any] | None = None) -> Params:
+    """Params from the project's params.yaml with dotted overrides: the one params factory of the tests."""
+    return parse_params(with_overrides(default_params(), overrides or {}))
 
 
 # Small, offline settings for tests that train: the offline EfficientNet-Lite0 weights, 64 px.
@@ -63,20 +63,9 @@ OFFLINE_TRAINING = {
 @pytest.fixture(scope="session", autouse=True)
 def pixel_cache_in_tmp(tmp_path_factory):
     """Keep the decoded-pixel cache out of the checkout; shared by all tests of a session."""
-    import os
-
-    previous = os.environ.get("PETPIPE_CACHE_DIR")
-    os.environ["PETPIPE_CACHE_DIR"] = str(tmp_path_factory.mktemp("pixel-cache"))
-    yield
-    if previous is None:
-        os.environ.pop("PETPIPE_CACHE_DIR", None)
-    else:
-        os.environ["PETPIPE_CACHE_DIR"] = previous
-
-
-def params_with(overrides: dict[str, Any]) -> Params:
-    """Params from the project's params.yaml with dotted overrides (usable in session fixtures)."""
-    return parse_params(_merge(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text()), overrides))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PETPIPE_CACHE_DIR", str(tmp_path_factory.mktemp("pixel-cache")))
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -104,9 +93,23 @@ PIPELINE_SMALL = {
 }
 
 
+def model_spec(arch: str, weights: str, *, num_classes: int = 3, head_hidden: int = 8,
+               head_dropout: float = 0.5, **sizes: Any) -> Any:
+    """The ModelSpec train-head would build from params.yaml with these model settings (and classes
+    class0, class1, ...); `sizes` overrides img_size and presize."""
+    import dataclasses
+
+    from petpipe.spec import ModelSpec
+
+    model = params_with({"model.arch": arch, "model.weights": weights, "model.head_hidden": head_hidden,
+                         "model.head_dropout": head_dropout}).model
+    spec = ModelSpec.from_params(model, [f"class{index}" for index in range(num_classes)])
+    return dataclasses.replace(spec, **sizes)
+
+
 def write_params(path: Path, overrides: dict[str, Any]) -> None:
-    path.write_text(yaml.safe_dump(_merge(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text()), overrides),
-                                   sort_keys=False))
+    """A params.yaml at `path`: the project's with dotted overrides."""
+    path.write_text(yaml.safe_dump(with_overrides(default_params(), overrides), sort_keys=False))
 
 
 def run_command(arguments: list[str], cwd: Path, timeout: float = 900) -> Any:
@@ -142,15 +145,9 @@ def make_project(folder: Path, overrides: dict[str, Any]) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def tracking_off_unless_asked():
     """No MLflow logging in tests that are not about it (test_tracking and test_team switch it on)."""
-    import os
-
-    previous = os.environ.get("PETPIPE_TRACKING")
-    os.environ["PETPIPE_TRACKING"] = "off"
-    yield
-    if previous is None:
-        os.environ.pop("PETPIPE_TRACKING", None)
-    else:
-        os.environ["PETPIPE_TRACKING"] = previous
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PETPIPE_TRACKING", "off")
+        yield
 
 
 @contextlib.contextmanager

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -19,15 +18,15 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from conftest import OFFLINE_TRAINING, PROJECT_ROOT, SAMPLE_IMAGES, _merge
+from conftest import OFFLINE_TRAINING, SAMPLE_IMAGES, default_params, with_overrides
 from petpipe import data, interpret
-from petpipe.checkpoint import load_checkpoint, model_from_checkpoint, preprocessing_of
+from petpipe.checkpoint import load_checkpoint
 from petpipe.cli import main
 from petpipe.errors import PetpipeError
 from petpipe.params import Params, parse_params
 from petpipe.pixels import decode_image
 from petpipe.stages import evaluate, train_head
-from petpipe.training import evaluation_view
+from petpipe.views import Views
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # 128 px and two epochs: a short run that clearly beats chance on 37 breeds (30-65%), so the
@@ -51,17 +50,10 @@ class TrainedSample:
 def stage_environment(root: Path):
     """Run a stage from `root` with its pixel cache there: resume files, tracking stores and the
     cache are written relative to the cwd or PETPIPE_CACHE_DIR, and must stay out of the repo."""
-    previous_cwd, previous_cache = Path.cwd(), os.environ.get("PETPIPE_CACHE_DIR")
-    os.chdir(root)
-    os.environ["PETPIPE_CACHE_DIR"] = str(root / "cache")
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setenv("PETPIPE_CACHE_DIR", str(root / "cache"))
         yield
-    finally:
-        os.chdir(previous_cwd)
-        if previous_cache is None:
-            os.environ.pop("PETPIPE_CACHE_DIR", None)
-        else:
-            os.environ["PETPIPE_CACHE_DIR"] = previous_cache
 
 
 _SESSION: dict[str, Any] = {}
@@ -72,10 +64,10 @@ def trained_sample(tmp_path_factory: pytest.TempPathFactory) -> TrainedSample:
     if "sample" in _SESSION:
         return _SESSION["sample"]
     root = tmp_path_factory.mktemp("trained-sample")
-    raw = _merge(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text()), TINY_TRAINING)
+    raw = with_overrides(default_params(), TINY_TRAINING)
     if "cache_features" in raw["train_head"]:
         # The head on features computed once: ~5x faster here, and still a model to interpret.
-        raw = _merge(raw, {"train_head.cache_features": True})
+        raw = with_overrides(raw, {"train_head.cache_features": True})
     params = parse_params(raw)
     relative = [data.relative_posix(path, SAMPLE_IMAGES) for path in data.scan_images(SAMPLE_IMAGES)]
     labels = data.label_images(relative, method="regex", pattern=params.labels.pattern, csv_path=None)
@@ -130,12 +122,12 @@ def evaluated(tmp_path_factory) -> tuple[str, evaluate.Outputs]:
 def independent_log_probabilities(sample: TrainedSample, relative_paths: list[str]) -> np.ndarray:
     """The checkpoint's log-probabilities, decoding each file itself instead of using the pixel cache."""
     checkpoint = load_checkpoint(sample.model)
-    model = model_from_checkpoint(checkpoint).eval()
-    info = checkpoint["preprocessing"]
-    pixels = torch.stack([torch.from_numpy(np.array(decode_image(SAMPLE_IMAGES / path, info["presize"])))
+    model = checkpoint.model().eval()
+    views = Views.of(checkpoint.spec)
+    pixels = torch.stack([torch.from_numpy(np.array(decode_image(SAMPLE_IMAGES / path, views.presize)))
                           for path in relative_paths]).permute(0, 3, 1, 2)  # (N, 3, P, P) uint8
     with torch.inference_mode():
-        logits = model(evaluation_view(pixels, size=info["img_size"], preprocessing=preprocessing_of(checkpoint)))
+        logits = model(views.evaluate(pixels))
     return torch.log_softmax(logits.double(), dim=1).numpy()
 
 
@@ -151,7 +143,7 @@ def test_metrics_agree_with_confusion_csv_recomputed_by_hand(evaluated, trained)
     _, outputs = evaluated
     metrics = json.loads(outputs.metrics.read_text())
     confusion = pd.read_csv(outputs.confusion, dtype=str, keep_default_na=False)
-    classes = load_checkpoint(trained.model)["classes"]
+    classes = list(load_checkpoint(trained.model).spec.classes)
 
     assert list(confusion.columns) == ["actual", "predicted"]
     assert confusion["actual"].tolist() == valid_rows(trained)["label"].tolist()  # one row per image, index order
@@ -183,7 +175,7 @@ def test_loss_and_top5_agree_with_an_independent_forward_pass(evaluated, trained
     _, outputs = evaluated
     metrics = json.loads(outputs.metrics.read_text())
     rows = valid_rows(trained)
-    classes = load_checkpoint(trained.model)["classes"]
+    classes = list(load_checkpoint(trained.model).spec.classes)
     log_probabilities = independent_log_probabilities(trained, rows["path"].tolist())
     targets = np.array([classes.index(label) for label in rows["label"]])
     losses = -log_probabilities[np.arange(len(targets)), targets]
@@ -200,7 +192,7 @@ def test_top_losses_are_the_true_highest_loss_images(evaluated, trained):
     table = pd.read_csv(outputs.top_losses_table, dtype={"path": str, "actual": str, "predicted": str},
                         keep_default_na=False)
     rows = valid_rows(trained)
-    classes = load_checkpoint(trained.model)["classes"]
+    classes = list(load_checkpoint(trained.model).spec.classes)
     log_probabilities = independent_log_probabilities(trained, rows["path"].tolist())
     targets = np.array([classes.index(label) for label in rows["label"]])
     losses = -log_probabilities[np.arange(len(targets)), targets]
@@ -252,7 +244,7 @@ def test_tta_is_reported_beside_the_plain_numbers_never_instead(evaluated, train
 
     # Through the CLI, as dvc.yaml runs it, with TTA off: the same plain numbers and no tta_ keys.
     params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(_merge(trained.params_dict, {"evaluate.tta": False})))
+    params_file.write_text(yaml.safe_dump(with_overrides(trained.params_dict, {"evaluate.tta": False})))
     folder = tmp_path / "plain"
     outputs = evaluate_outputs(folder)
     arguments = ["evaluate", "--params", str(params_file), "--images", str(SAMPLE_IMAGES),

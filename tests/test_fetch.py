@@ -17,7 +17,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import serving
+from conftest import default_params, params_with, serving
 from petpipe.cli import main
 from petpipe.errors import PetpipeError
 from petpipe.fetch import cache_name, fetch_source
@@ -118,10 +118,9 @@ def test_fetch_replaces_an_earlier_output(in_tmp: Path, photos: list[Path]) -> N
     assert [path.name for path in in_tmp.iterdir() if path.name.startswith(".")] == []
 
 
-def test_cli_fetches_an_archive_named_in_params_yaml(in_tmp: Path, photos: list[Path],
-                                                      default_params_dict: dict) -> None:
+def test_cli_fetches_an_archive_named_in_params_yaml(in_tmp: Path, photos: list[Path]) -> None:
     (in_tmp / "pets.tgz").write_bytes(make_tarball(photos))
-    params = {**default_params_dict, "data": {"source": "pets.tgz", "checksum": None}}
+    params = {**default_params(), "data": {"source": "pets.tgz", "checksum": None}}
     params_file = in_tmp / "params.yaml"
     params_file.write_text(yaml.safe_dump(params))
     out = in_tmp / "stages/fetch/images"
@@ -133,8 +132,8 @@ def test_cli_fetches_an_archive_named_in_params_yaml(in_tmp: Path, photos: list[
     assert_same_photos(out, photos)
 
 
-def test_stage_run_returns_a_summary(in_tmp: Path, sample_images: Path, make_params) -> None:
-    params = make_params({"data.source": str(sample_images), "data.checksum": None})
+def test_stage_run_returns_a_summary(in_tmp: Path, sample_images: Path) -> None:
+    params = params_with({"data.source": str(sample_images), "data.checksum": None})
     outputs = fetch_stage.Outputs(images=Path("stages/fetch/images"))
 
     summary = fetch_stage.run(params, fetch_stage.Inputs(), outputs)
@@ -324,9 +323,9 @@ def closed_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_no_network_tells_how_to_use_local_photos(in_tmp: Path, default_params_dict: dict) -> None:
+def test_no_network_tells_how_to_use_local_photos(in_tmp: Path) -> None:
     url = f"http://127.0.0.1:{closed_port()}/x.tar.gz"
-    params = {**default_params_dict, "data": {"source": url, "checksum": None}}
+    params = {**default_params(), "data": {"source": url, "checksum": None}}
     (in_tmp / "params.yaml").write_text(yaml.safe_dump(params))
 
     result = CliRunner().invoke(main, ["fetch", "--out", "stages/fetch/images"])

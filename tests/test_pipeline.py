@@ -9,9 +9,8 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import PIPELINE_SMALL, make_project, run_command
+from conftest import PIPELINE_SMALL, STAGES, make_project, run_command
 
-STAGES = ["fetch", "index-labels", "train-head", "lr-find", "finetune", "evaluate"]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch
 from petpipe import pixels
 from petpipe.atomic import file_digest
 from petpipe.errors import PetpipeError
-from petpipe.training import ImageSet
+from petpipe.dataset import ImageSet
 
 
 def photos(sample_images: Path, count: int, offset: int = 0) -> tuple[list[Path], list[str]]:

@@ -69,11 +69,11 @@ def test_an_exported_bundle_is_pickle_free_and_agrees_with_the_checkpoint(traine
     onnx_head = (bundle / "model.onnx").read_bytes()[:4]
     assert not onnx_head.startswith(b"PK") and not onnx_head.startswith(b"\x80")  # no zip, no pickle
     manifest = json.loads((bundle / "bundle.json").read_text())
-    checkpoint = load_checkpoint(trained.model)
+    spec = load_checkpoint(trained.model).spec
     assert manifest["format"] == "petpipe-bundle/1" and manifest["model"] == "model.onnx"
-    assert manifest["classes"] == checkpoint["classes"]
+    assert manifest["classes"] == list(spec.classes)
     assert {key: manifest["preprocessing"][key] for key in ("img_size", "presize", "mean", "std")} == \
-        checkpoint["preprocessing"]
+        {"img_size": spec.img_size, "presize": spec.presize, "mean": list(spec.mean), "std": list(spec.std)}
     assert manifest["arch"] == "tf_efficientnet_lite0"
     assert manifest["source"]["sha256"] == file_digest(trained.model)
 

@@ -6,22 +6,19 @@ suite stays fast on two cores); a failure prints the smallest example that break
 
 from __future__ import annotations
 
-import copy
 import math
 import string
 from typing import Any
 
 import pytest
-import yaml
-from conftest import PROJECT_ROOT
+from conftest import default_params, with_overrides
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from petpipe import data
 from petpipe.params import ParamsError, parse_params
 
-DEFAULT_PATTERN = data.compile_label_pattern(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
-                                             ["labels"]["pattern"])
+DEFAULT_PATTERN = data.compile_label_pattern(default_params()["labels"]["pattern"])
 EXTENSIONS = ["jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff"]
 FEW = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -76,14 +73,8 @@ def test_any_name_gives_a_label_or_none_never_an_error(name):
 # ---------------------------------------------------------------- params
 
 
-def default_params() -> dict[str, Any]:
-    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
-    # A timm model the machine has (validated without building it); the default resnet34 works too.
-    raw["model"]["arch"] = "tf_efficientnet_lite0"
-    return raw
-
-
-DEFAULTS = default_params()
+# A timm model the machine has (validated without building it); the default resnet34 works too.
+DEFAULTS = with_overrides(default_params(), {"model.arch": "tf_efficientnet_lite0"})
 # Every scalar key, with values of the wrong type and values of the right type out of range.
 # Wrong types are spelled as YAML would hand them over: "4" (quoted), 4.5, true, null, [4], {a: 1}.
 A_LIST, A_MAPPING = [1], {"a": 1}
@@ -146,16 +137,6 @@ SPEC: dict[str, dict[str, list[Any]]] = {
 }
 
 
-def with_value(raw: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
-    changed = copy.deepcopy(raw)
-    node = changed
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        node = node[part]
-    node[leaf] = value
-    return changed
-
-
 def leaf_keys(node: dict[str, Any], prefix: str = "") -> list[str]:
     keys = []
     for key, value in node.items():
@@ -182,7 +163,7 @@ def test_every_wrong_type_and_impossible_value_in_the_table_is_refused_naming_th
         for value in values["wrong"] + values["out"]:
             tried += 1
             try:
-                parse_params(with_value(DEFAULTS, key, value))
+                parse_params(with_overrides(DEFAULTS, {key: value}))
             except ParamsError as error:
                 if not names_the_key(str(error), key):
                     unnamed.append((key, value, str(error)))
@@ -242,17 +223,14 @@ def inside(key: str) -> st.SearchStrategy[float | int]:
 def test_a_number_outside_its_range_is_refused_naming_the_key(change):
     key, value = change
     with pytest.raises(ParamsError) as refused:
-        parse_params(with_value(DEFAULTS, key, value))
+        parse_params(with_overrides(DEFAULTS, {key: value}))
     assert names_the_key(str(refused.value), key), str(refused.value)
 
 
 @FEW
 @given(values=st.fixed_dictionaries({key: inside(key) for key in BOUNDS}))
 def test_numbers_inside_their_ranges_all_parse_to_themselves(values):
-    raw = DEFAULTS
-    for key, value in values.items():
-        raw = with_value(raw, key, value)
-    params = parse_params(raw)
+    params = parse_params(with_overrides(DEFAULTS, values))
     for key, value in values.items():
         section, *rest = key.split(".")
         node: Any = getattr(params, section)
@@ -267,7 +245,7 @@ def test_numbers_inside_their_ranges_all_parse_to_themselves(values):
        | st.lists(st.integers(), max_size=3) | st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
 def test_any_value_anywhere_parses_or_is_refused_never_crashes(key, value):
     try:
-        parse_params(with_value(DEFAULTS, key, value))
+        parse_params(with_overrides(DEFAULTS, {key: value}))
     except ParamsError as error:
         assert names_the_key(str(error), key), str(error)
 
@@ -278,8 +256,7 @@ def test_any_value_anywhere_parses_or_is_refused_never_crashes(key, value):
 def test_an_unknown_key_is_refused_with_the_keys_allowed(section, extra):
     if extra in DEFAULTS[section]:
         return
-    raw = copy.deepcopy(DEFAULTS)
-    raw[section][extra] = 1
+    raw = with_overrides(DEFAULTS, {f"{section}.{extra}": 1})
     with pytest.raises(ParamsError, match=f"unknown key '{section}.{extra}'; allowed here: "):
         parse_params(raw)
 
@@ -296,10 +273,7 @@ def test_an_unknown_key_is_refused_with_the_keys_allowed(section, extra):
 def test_other_valid_values_parse(lr, finetune_lr, device, seed, start_lr, end_lr):
     changes = {"train_head.lr": lr, "finetune.lr": finetune_lr, "train.device": device, "train.seed": seed,
                "lr_find.start_lr": start_lr, "lr_find.end_lr": end_lr}
-    raw = DEFAULTS
-    for key, value in changes.items():
-        raw = with_value(raw, key, value)
-    params = parse_params(raw)
+    params = parse_params(with_overrides(DEFAULTS, changes))
     assert params.train_head.lr == float(lr)  # "1e-3" is how people write it: YAML 1.1 reads a string
     assert params.finetune.lr == finetune_lr and params.train.device == device and params.train.seed == seed
     assert (params.lr_find.start_lr, params.lr_find.end_lr) == (start_lr, end_lr)

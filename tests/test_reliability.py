@@ -45,6 +45,7 @@ from conftest import (
     OFFLINE_TRAINING,
     PIPELINE_SMALL,
     PROJECT_ROOT,
+    STAGES,
     make_project,
     params_with,
     run_command,
@@ -54,7 +55,7 @@ from conftest import (
 from PIL import Image
 
 from petpipe import data, pixels
-from petpipe.checkpoint import load_checkpoint, save_checkpoint
+from petpipe.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from petpipe.cli import main
 from petpipe.fetch import cache_name
 from petpipe.stages import index_labels, train_head
@@ -213,7 +214,7 @@ def small(tmp_path_factory, sample_images) -> SmallSample:
 
 
 def test_index_labels_skips_each_unusable_file_with_its_reason_and_indexes_every_usable_one(
-        sample_images, make_params, tmp_path):
+        sample_images, tmp_path):
     images = tmp_path / "images"
     copy_sample(sample_images, images, breeds=4, per_breed=5)
     originals = sorted(path.name for path in images.iterdir())
@@ -221,7 +222,7 @@ def test_index_labels_skips_each_unusable_file_with_its_reason_and_indexes_every
     outputs = index_outputs(tmp_path / "out")
 
     with working_in(tmp_path):
-        summary = index_labels.run(make_params({"model.img_size": 32}), index_labels.Inputs(images=images), outputs)
+        summary = index_labels.run(params_with({"model.img_size": 32}), index_labels.Inputs(images=images), outputs)
     index, report = data.load_index(outputs.index), json.loads(outputs.report.read_text(encoding="utf-8"))
 
     reasons = {item["path"]: item["reason"] for item in report["skipped"]}
@@ -322,13 +323,14 @@ def test_exif_orientation_is_applied_before_training_and_in_show_batch(sample_im
 
     # show_batch draws it upright.
     from petpipe import show_batch
+    from petpipe.views import Views
 
     drawn = []
     monkeypatch.setattr(show_batch, "plot_show_batch", lambda batch, labels, title: drawn.append(batch[0].numpy()))
     for path in (rotated, upright):
         index = pd.DataFrame({"path": [path.name], "label": ["Bengal"], "split": ["train"]})
-        show_batch.show_batch_figure(index, path.parent, split="train", count=1, presize=74, size=64,
-                                     augment=params_with({}).train.augment, seed=0)
+        views = Views.for_display(size=64, presize=74, augment=params_with().train.augment)
+        show_batch.show_batch_figure(index, path.parent, split="train", count=1, views=views, seed=0)
     assert difference(*drawn) < 0.03  # floats in [0, 1]: the same picture after the same augmentation
 
 
@@ -374,7 +376,7 @@ def test_killed_finetune_resumes_and_matches_an_uninterrupted_run(small, tmp_pat
     kill_hard(process)
     assert not any((killed / name).exists() for name in ("model.pt", "metrics.json", "history.csv"))
     [resume] = resume_files.glob("finetune-*.pt")
-    assert load_checkpoint(resume)["resume"]["epoch"] == 1
+    assert load_checkpoint(resume).resume["epoch"] == 1
 
     resumed = run_quietly(finetune_command(small, params_file, lr_find, killed), tmp_path)
     assert "resuming from" in resumed.stderr and "(epoch 1 done)" in resumed.stderr
@@ -386,8 +388,8 @@ def test_killed_finetune_resumes_and_matches_an_uninterrupted_run(small, tmp_pat
     columns = ["epoch", "train_loss", "valid_loss", "accuracy"]
     pd.testing.assert_frame_equal(pd.read_csv(killed / "history.csv")[columns],
                                   pd.read_csv(whole / "history.csv")[columns])
-    state = load_checkpoint(killed / "model.pt")["state_dict"]
-    for name, tensor in load_checkpoint(whole / "model.pt")["state_dict"].items():
+    state = load_checkpoint(killed / "model.pt").state_dict
+    for name, tensor in load_checkpoint(whole / "model.pt").state_dict.items():
         assert torch.equal(state[name], tensor), name
     assert temporaries(tmp_path) == []
 
@@ -537,9 +539,9 @@ def test_killed_evaluate_leaves_only_complete_outputs(small, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["checkpoint"] == "train-head"
 
 
-def a_checkpoint(small: SmallSample, *, epoch: int) -> dict[str, Any]:
+def a_checkpoint(small: SmallSample, *, epoch: int) -> Checkpoint:
     checkpoint = load_checkpoint(small.head)
-    return {**checkpoint, "history": [*checkpoint["history"], {"epoch": epoch}]}
+    return checkpoint.with_history([*checkpoint.history, {"epoch": epoch}])
 
 
 def test_a_full_disk_during_a_checkpoint_write_keeps_the_previous_checkpoint(small, tmp_path, monkeypatch):
@@ -559,7 +561,7 @@ def test_a_full_disk_during_a_checkpoint_write_keeps_the_previous_checkpoint(sma
         save_checkpoint(model, a_checkpoint(small, epoch=2))
 
     assert model.read_bytes() == before  # byte for byte the previous checkpoint
-    assert load_checkpoint(model)["history"][-1] == {"epoch": 1}
+    assert load_checkpoint(model).history[-1] == {"epoch": 1}
     assert sorted(path.name for path in model.parent.iterdir()) == ["model.pt"]  # no temporary file left
 
 
@@ -572,7 +574,7 @@ checkpoint = load_checkpoint(source)
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so a write past the limit fails with EFBIG instead of killing us
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 try:
-    save_checkpoint(target, {**checkpoint, "history": [*checkpoint["history"], {"epoch": 2}]})
+    save_checkpoint(target, checkpoint.with_history([*checkpoint.history, {"epoch": 2}]))
 except Exception as error:
     print(f"failed: {type(error).__name__}: {error}")
 else:
@@ -652,7 +654,7 @@ def salted_pipeline(tmp_path_factory, sample_images) -> SaltedPipeline:
 
 def test_salted_photos_go_through_dvc_repro_to_a_trained_model(salted_pipeline):
     project, salted = salted_pipeline.project, salted_pipeline.salted
-    for stage in ("fetch", "index-labels", "train-head", "lr-find", "finetune", "evaluate"):
+    for stage in STAGES:
         assert f"Running stage '{stage}'" in salted_pipeline.log
 
     report = json.loads((project / "stages/index-labels/report.json").read_text(encoding="utf-8"))
@@ -667,7 +669,7 @@ def test_salted_photos_go_through_dvc_repro_to_a_trained_model(salted_pipeline):
     assert len(classes) == 38 and salted.single_image_class in classes
 
     tuned = load_checkpoint(project / "stages/finetune/model.pt")
-    assert tuned["classes"] == classes and tuned["stage"] == "finetune"
+    assert list(tuned.spec.classes) == classes and tuned.stage == "finetune"
     metrics = json.loads((project / "stages/evaluate/metrics.json").read_text(encoding="utf-8"))
     head = json.loads((project / "stages/train-head/metrics.json").read_text(encoding="utf-8"))
     assert head["accuracy"] >= 3 / 38 and metrics["accuracy"] >= 3 / 38, (head, metrics)  # well above chance

@@ -26,9 +26,9 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import PROJECT_ROOT, SAMPLE_IMAGES
+from conftest import PROJECT_ROOT, SAMPLE_IMAGES, model_spec
 
-from petpipe.checkpoint import FORMAT, load_checkpoint, make_checkpoint, save_checkpoint
+from petpipe.checkpoint import FORMAT, Checkpoint, load_checkpoint, save_checkpoint
 from petpipe.cli import main
 from petpipe.errors import PetpipeError
 from petpipe.fetch import fetch_source
@@ -183,7 +183,7 @@ def test_a_checkpoint_with_a_pickled_object_is_refused_not_run(tmp_path):
 
 
 def test_a_malicious_resume_file_is_ignored_not_run(tmp_path, monkeypatch, caplog):
-    from petpipe.stages.common import ResumeFile
+    from petpipe.resume import ResumeFile
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "index.csv").write_text("path,label\n")
@@ -203,7 +203,7 @@ def test_malicious_local_weights_are_refused_not_run(tmp_path):
     weights = tmp_path / "weights.pt"
     torch.save({"conv_stem.weight": RunsCodeWhenUnpickled(marker)}, weights)
     with pytest.raises(Exception, match="(?i)weights only|weights_only|unpickl"):
-        build_model("tf_efficientnet_lite0", str(weights), num_classes=3, head_hidden=8, head_dropout=0.0)
+        build_model(model_spec("tf_efficientnet_lite0", str(weights), head_dropout=0.0))
     assert not marker.exists()
 
 
@@ -259,14 +259,13 @@ def tiny_bundle(tmp_path_factory) -> Path:
     """An untrained 3-class model exported through the CLI: the bundle's format, not its accuracy, is under test."""
     for module in ("onnxruntime", "onnxscript"):
         pytest.importorskip(module)
-    from petpipe.models import Preprocessing, build_model
+    from petpipe.models import build_model
 
     folder = tmp_path_factory.mktemp("tiny-export")
-    model, _ = build_model("tf_efficientnet_lite0", "none", num_classes=3, head_hidden=16,
-                                       head_dropout=0.0)
-    checkpoint = make_checkpoint(model.eval(), stage="finetune", arch="tf_efficientnet_lite0", weights="none",
-                                 classes=["a", "b", "c"], preprocessing=Preprocessing(mean=(0.5,) * 3, std=(0.5,) * 3),
-                                 img_size=32, presize=36, head_hidden=16, head_dropout=0.0, params={}, history=[])
+    spec = model_spec("tf_efficientnet_lite0", "none", head_hidden=16, head_dropout=0.0, classes=("a", "b", "c"),
+                      mean=(0.5,) * 3, std=(0.5,) * 3, img_size=32, presize=36)
+    model = build_model(spec, pretrained=False)
+    checkpoint = Checkpoint.of(model.eval(), spec, stage="finetune", params={}, history=[])
     save_checkpoint(folder / "model.pt", checkpoint)
     result = CliRunner().invoke(main, ["export", "--model", str(folder / "model.pt"), "--out", str(folder / "bundle")])
     assert result.exit_code == 0, result.output

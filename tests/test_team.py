@@ -14,9 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import PIPELINE_SMALL, make_project
+from conftest import PIPELINE_SMALL, STAGES, make_project
 
-STAGES = ["fetch", "index-labels", "train-head", "lr-find", "finetune", "evaluate"]
 EXPERIMENT = "higher-finetune-lr"
 
 

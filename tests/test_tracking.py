@@ -23,10 +23,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import PIPELINE_SMALL, PROJECT_ROOT, make_project
+from conftest import PIPELINE_SMALL, PROJECT_ROOT, STAGES, make_project
 from petpipe import tracking
 
-STAGES = list(tracking.STAGE_ORDER)
 VENV_BIN = Path(sys.executable).parent
 # Keep MLflow from phoning home (the test machines have no internet) and a server from
 # starting its job-runner processes, which nothing here uses.

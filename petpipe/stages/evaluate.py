@@ -1,11 +1,11 @@
-"""Stage evaluate: interpret the model on the validation split (fastai's ClassificationInterpretation).
+"""evaluate: interpret the model on the validation split (fastai's ClassificationInterpretation).
 
-    petpipe evaluate --images stages/fetch/images --index stages/index-labels/index.csv \
-        --finetune-model stages/finetune/model.pt --head-model stages/train-head/model.pt \
-        --metrics stages/evaluate/metrics.json --confusion stages/evaluate/confusion.csv \
-        --confusion-plot stages/evaluate/confusion.png \
-        --confusion-normalized-plot stages/evaluate/confusion_normalized.png \
-        --top-losses stages/evaluate/top_losses.png --top-losses-table stages/evaluate/top_losses.csv \
+    petpipe evaluate --images stages/fetch/images --index stages/index-labels/index.csv \\
+        --finetune-model stages/finetune/model.pt --head-model stages/train-head/model.pt \\
+        --metrics stages/evaluate/metrics.json --confusion stages/evaluate/confusion.csv \\
+        --confusion-plot stages/evaluate/confusion.png \\
+        --confusion-normalized-plot stages/evaluate/confusion_normalized.png \\
+        --top-losses stages/evaluate/top_losses.png --top-losses-table stages/evaluate/top_losses.csv \\
         --most-confused stages/evaluate/most_confused.csv --report stages/evaluate/report.md
 """
 
@@ -22,17 +22,20 @@ import torch
 
 from petpipe import interpret, plots, tracking
 from petpipe.atomic import save_figure, write_csv, write_json, write_text
-from petpipe.augment import augment_batch, center_crop_batch, normalize
-from petpipe.checkpoint import load_checkpoint, model_from_checkpoint, preprocessing_of
+from petpipe.checkpoint import load_checkpoint
+from petpipe.dataset import Dataset, ImageSet, load_dataset
 from petpipe.distributed import launched_as_secondary_rank
 from petpipe.errors import PetpipeError
-from petpipe.models import Classifier, Preprocessing
-from petpipe.params import AugmentParams, Params
-from petpipe.stages.common import load_dataset, seed_everything
-from petpipe.training import (ImageSet, autocast, batch_indices, choose_device, configure_threads, memory_format,
-                              predict)
+from petpipe.hardware import Runtime, autocast, to_device
+from petpipe.models import Classifier
+from petpipe.params import EvaluateParams, Params
+from petpipe.seeds import seed_everything
+from petpipe.stages import path_option
+from petpipe.training import batch_indices, predict
+from petpipe.views import Views
 
 STAGE = "evaluate"
+PARAMS = ("train.device", "train.batch_size", "train.seed", "train.augment", "evaluate")
 # fastai's tta: n=4 augmented views, blended with the plain view by beta=0.25.
 TTA_VIEWS = 4
 TTA_BETA = 0.25
@@ -42,91 +45,67 @@ REPORT_CONFUSED = 10
 
 @dataclass(frozen=True)
 class Inputs:
-    images: Path
-    index: Path
-    finetune_model: Path
-    head_model: Path
+    images: Path = path_option("fetch's images folder.")
+    index: Path = path_option("index-labels' index.csv.")
+    finetune_model: Path = path_option("finetune's model.pt.")
+    head_model: Path = path_option("train-head's model.pt.")
 
 
 @dataclass(frozen=True)
 class Outputs:
-    metrics: Path
-    confusion: Path
-    confusion_plot: Path
-    top_losses: Path
-    top_losses_table: Path
-    most_confused: Path
-    report: Path
-    # The row-normalised confusion matrix; not drawn when None.
-    confusion_normalized_plot: Path | None = None
+    metrics: Path = path_option("metrics.json to write.")
+    confusion: Path = path_option("confusion.csv to write.")
+    confusion_plot: Path = path_option("confusion.png to write.")
+    top_losses: Path = path_option("top_losses.png to write.")
+    top_losses_table: Path = path_option("top_losses.csv to write.")
+    most_confused: Path = path_option("most_confused.csv to write.")
+    report: Path = path_option("report.md to write.")
+    confusion_normalized_plot: Path | None = path_option(
+        "confusion_normalized.png to write (rows sum to 1); not drawn when omitted.", optional=True)
+
+
+@dataclass(frozen=True)
+class Interpretation:
+    """fastai's ClassificationInterpretation of the validation split, as tables."""
+
+    matrix: np.ndarray  # (C, C) counts, actual x predicted
+    confusion: pd.DataFrame  # actual, predicted of every image (confusion.csv)
+    most_confused: pd.DataFrame
+    top_losses: pd.DataFrame  # top_losses.csv
+    top_positions: np.ndarray  # where those images are in the validation split
 
 
 def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
     if launched_as_secondary_rank():  # a one-process stage: rank 0 alone runs it
         return ""
-    configure_threads()
-    device = choose_device(params.train.device)
+    runtime = Runtime.start(params.train, distributed=False)
     which = params.evaluate.checkpoint
     checkpoint_path = inputs.finetune_model if which == "finetune" else inputs.head_model
-    used = {"evaluate": params.evaluate.model_dump(), "train": params.train.model_dump(),
-            "checkpoint_path": str(checkpoint_path)}
     seed_everything(params.train.seed)
-
     checkpoint = load_checkpoint(checkpoint_path)
-    classes = list(checkpoint["classes"])
-    size, presize = int(checkpoint["preprocessing"]["img_size"]), int(checkpoint["preprocessing"]["presize"])
-    preprocessing = preprocessing_of(checkpoint)
-    data = load_dataset(inputs.index, inputs.images, presize=presize, device=device,
-                        workers=params.train.decode_workers, classes=classes)
+    data = load_dataset(inputs.index, inputs.images, presize=checkpoint.spec.presize, runtime=runtime,
+                        workers=params.train.decode_workers, classes=checkpoint.spec.classes)
     if len(data.valid) == 0:
         raise PetpipeError(f"{inputs.index} has no validation images to evaluate; raise split.valid_pct "
                            f"(or give split.file some valid rows) and rerun index-labels")
-    valid_rows = data.index[data.index["split"] == "valid"].reset_index(drop=True)
-    model = model_from_checkpoint(checkpoint).to(device).to(memory_format=memory_format(device)).eval()
-
-    logits = predict(model, images=data.valid, batch_size=params.train.batch_size, size=size,
-                     preprocessing=preprocessing)
-    log_probabilities = torch.log_softmax(logits.double(), dim=1).numpy()  # (N, C)
-    targets = data.valid.targets.cpu().numpy()
-    metrics: dict[str, Any] = {"checkpoint": which, "images": len(targets),
-                               **interpret.classification_metrics(log_probabilities, targets, classes)}
-    if params.evaluate.tta:
-        tta = tta_log_probabilities(model, images=data.valid, batch_size=params.train.batch_size, size=size,
-                                    preprocessing=preprocessing, augment=params.train.augment,
-                                    seed=params.train.seed, plain=log_probabilities)
-        tta_metrics = interpret.classification_metrics(tta, targets, classes)
-        metrics.update({f"tta_{name}": tta_metrics[name] for name in HEADLINE})
-
-    predicted = log_probabilities.argmax(axis=1)
-    matrix = interpret.confusion_matrix(targets, predicted, num_classes=len(classes))
-    confusion = pd.DataFrame({"actual": valid_rows["label"], "predicted": [classes[i] for i in predicted]})
-    confused = interpret.most_confused(matrix, classes, min_count=params.evaluate.min_count)
-    losses = interpret.top_losses_table(log_probabilities, targets, paths=list(valid_rows["path"]),
-                                        classes=classes, k=params.evaluate.top_losses)
-    top_positions = interpret.top_losses(interpret.per_image_losses(log_probabilities, targets),
-                                         k=params.evaluate.top_losses)
-
+    model = to_device(checkpoint.model(), runtime.device).eval()
+    views = Views.of(checkpoint.spec, params.train.augment)
+    log_probabilities, metrics = score(model, data, views=views, params=params)
+    found = interpret_predictions(log_probabilities, data, settings=params.evaluate)
     # Draw every figure before writing anything, so a plotting failure leaves no new outputs.
-    figures = {outputs.confusion_plot: plots.plot_confusion(matrix, classes)}
-    if outputs.confusion_normalized_plot is not None:
-        figures[outputs.confusion_normalized_plot] = plots.plot_confusion(matrix, classes, normalize=True)
-    figures[outputs.top_losses] = plots.plot_top_losses(
-        center_crop_batch(data.valid.pixels[torch.as_tensor(top_positions, device=device)].cpu(), size=size),
-        predicted=list(losses["predicted"]), actual=list(losses["actual"]), losses=list(losses["loss"]),
-        probabilities=list(losses["probability_actual"]))
-
+    figures = draw(found, data, views=views, outputs=outputs)
+    used = {**params.select(PARAMS), "checkpoint_path": str(checkpoint_path)}
     with tracking.stage_run(STAGE, params=used) as tracked:
-        write_csv(outputs.confusion, confusion)
-        write_csv(outputs.most_confused, confused)
-        write_csv(outputs.top_losses_table, losses)
-        for path, figure in figures.items():
-            save_figure(path, figure)
-        write_text(outputs.report, render_report(metrics, confused, outputs=outputs, checkpoint_path=checkpoint_path))
+        write_csv(outputs.confusion, found.confusion)
+        write_csv(outputs.most_confused, found.most_confused)
+        write_csv(outputs.top_losses_table, found.top_losses)
+        for figure_path, figure in figures.items():
+            save_figure(figure_path, figure)
+        write_text(outputs.report, render_report(metrics, found.most_confused, outputs=outputs,
+                                                 checkpoint_path=checkpoint_path))
         write_json(outputs.metrics, metrics)
-        tracked.log_metrics({name: float(value) for name, value in metrics.items()
-                             if isinstance(value, float)})
-        tracked.log_artifacts([path for path in _output_paths(outputs)])
-
+        tracked.log_metrics({name: float(value) for name, value in metrics.items() if isinstance(value, float)})
+        tracked.log_artifacts(_output_paths(outputs))
     summary = (f"evaluate ({which}): {metrics['images']} images, accuracy {metrics['accuracy']:.4f}, "
                f"error rate {metrics['error_rate']:.4f}, top-5 {metrics['top5_accuracy']:.4f}, "
                f"loss {metrics['loss']:.4f}")
@@ -135,11 +114,55 @@ def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
     return summary + f" -> {outputs.metrics}"
 
 
+def score(model: Classifier, data: Dataset, *, views: Views, params: Params) -> tuple[np.ndarray, dict[str, Any]]:
+    """The validation split's log-probabilities (N, C) and metrics.json (with TTA's beside, if asked)."""
+    logits = predict(model, data.valid, batch_size=params.train.batch_size, views=views)
+    log_probabilities = torch.log_softmax(logits.double(), dim=1).numpy()  # (N, C)
+    targets = data.valid.targets.cpu().numpy()
+    metrics: dict[str, Any] = {"checkpoint": params.evaluate.checkpoint, "images": len(targets),
+                               **interpret.classification_metrics(log_probabilities, targets, data.classes)}
+    if params.evaluate.tta:
+        tta = tta_log_probabilities(model, data.valid, views=views, batch_size=params.train.batch_size,
+                                    seed=params.train.seed, plain=log_probabilities)
+        tta_metrics = interpret.classification_metrics(tta, targets, data.classes)
+        metrics.update({f"tta_{name}": tta_metrics[name] for name in HEADLINE})
+    return log_probabilities, metrics
+
+
+def interpret_predictions(log_probabilities: np.ndarray, data: Dataset, *,
+                          settings: EvaluateParams) -> Interpretation:
+    classes, rows = data.classes, data.rows("valid")
+    targets = data.valid.targets.cpu().numpy()
+    predicted = log_probabilities.argmax(axis=1)
+    matrix = interpret.confusion_matrix(targets, predicted, num_classes=len(classes))
+    return Interpretation(
+        matrix=matrix,
+        confusion=pd.DataFrame({"actual": rows["label"], "predicted": [classes[i] for i in predicted]}),
+        most_confused=interpret.most_confused(matrix, classes, min_count=settings.min_count),
+        top_losses=interpret.top_losses_table(log_probabilities, targets, paths=list(rows["path"]),
+                                              classes=classes, k=settings.top_losses),
+        top_positions=interpret.top_losses(interpret.per_image_losses(log_probabilities, targets),
+                                           k=settings.top_losses),
+    )
+
+
+def draw(found: Interpretation, data: Dataset, *, views: Views, outputs: Outputs) -> dict[Path, Any]:
+    """Every figure evaluate writes, by output path."""
+    figures = {outputs.confusion_plot: plots.plot_confusion(found.matrix, data.classes)}
+    if outputs.confusion_normalized_plot is not None:
+        figures[outputs.confusion_normalized_plot] = plots.plot_confusion(found.matrix, data.classes, normalize=True)
+    positions = torch.as_tensor(found.top_positions, device=data.valid.pixels.device)
+    losses = found.top_losses
+    figures[outputs.top_losses] = plots.plot_top_losses(
+        views.cropped(data.valid.pixels[positions].cpu()), predicted=list(losses["predicted"]),
+        actual=list(losses["actual"]), losses=list(losses["loss"]), probabilities=list(losses["probability_actual"]))
+    return figures
+
+
 @torch.inference_mode()
-def tta_log_probabilities(model: Classifier, *, images: ImageSet, batch_size: int, size: int,
-                          preprocessing: Preprocessing, augment: AugmentParams, seed: int,
-                          plain: np.ndarray, views: int = TTA_VIEWS, beta: float = TTA_BETA) -> np.ndarray:
-    """fastai's tta: mean probabilities of `views` augmented passes, blended with the plain view.
+def tta_log_probabilities(model: Classifier, images: ImageSet, *, views: Views, batch_size: int, seed: int,
+                          plain: np.ndarray, count: int = TTA_VIEWS, beta: float = TTA_BETA) -> np.ndarray:
+    """fastai's tta: mean probabilities of `count` augmented passes, blended with the plain view.
 
     p = (1 - beta) * mean(augmented) + beta * plain; returns log p (N, C).
     The augmentation is the training one, drawn from a generator seeded by `seed`.
@@ -148,14 +171,13 @@ def tta_log_probabilities(model: Classifier, *, images: ImageSet, batch_size: in
     device = images.pixels.device
     generator = torch.Generator().manual_seed(seed)
     total = torch.zeros(plain.shape, dtype=torch.float64)
-    for _ in range(views):
+    for _ in range(count):
         for rows in batch_indices(len(images), batch_size, shuffle=False, drop_last=False):
-            batch = augment_batch(images.pixels[rows.to(device)], size=size, augment=augment, generator=generator)
-            batch = normalize(batch, mean=preprocessing.mean, std=preprocessing.std)
+            batch = views.train(images.pixels[rows.to(device)], generator)
             with autocast(device):
-                logits = model(batch.contiguous(memory_format=memory_format(device)))
+                logits = model(batch)
             total[rows] += torch.softmax(logits.double(), dim=1).cpu()
-    blended = (1 - beta) * (total / views) + beta * torch.from_numpy(np.exp(plain))
+    blended = (1 - beta) * (total / count) + beta * torch.from_numpy(np.exp(plain))
     return torch.log(blended.clamp_min(torch.finfo(torch.float64).tiny)).numpy()
 
 

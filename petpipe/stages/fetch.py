@@ -11,6 +11,10 @@ from pathlib import Path
 from petpipe import tracking
 from petpipe.fetch import fetch_source
 from petpipe.params import Params
+from petpipe.stages import path_option
+
+STAGE = "fetch"
+PARAMS = ("data",)
 
 
 @dataclass(frozen=True)
@@ -20,11 +24,11 @@ class Inputs:
 
 @dataclass(frozen=True)
 class Outputs:
-    images: Path
+    images: Path = path_option("Folder to fill with the raw images.", option="--out")
 
 
 def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
-    with tracking.stage_run("fetch", params={"data": params.data.model_dump()}) as run_log:
+    with tracking.stage_run(STAGE, params=params.select(PARAMS)) as run_log:
         count = fetch_source(params.data.source, params.data.checksum, outputs.images)
         run_log.log_metrics({"images": count})
     return f"fetched {count} images into {outputs.images}"

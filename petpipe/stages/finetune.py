@@ -1,8 +1,8 @@
-"""Stage finetune: unfreeze and train everything with discriminative learning rates (one-cycle).
+"""finetune: unfreeze and train everything with discriminative learning rates (one-cycle).
 
-    petpipe finetune --images stages/fetch/images --index stages/index-labels/index.csv \
-        --checkpoint stages/train-head/model.pt --lr-find stages/lr-find/lr_find.json \
-        --model stages/finetune/model.pt --metrics stages/finetune/metrics.json \
+    petpipe finetune --images stages/fetch/images --index stages/index-labels/index.csv \\
+        --checkpoint stages/train-head/model.pt --lr-find stages/lr-find/lr_find.json \\
+        --model stages/finetune/model.pt --metrics stages/finetune/metrics.json \\
         --history stages/finetune/history.csv --plot stages/finetune/training.png
 """
 
@@ -11,28 +11,62 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from petpipe.checkpoint import load_checkpoint, model_from_checkpoint, preprocessing_of
+from petpipe.checkpoint import load_checkpoint
+from petpipe.dataset import load_dataset
+from petpipe.distributed import shutdown
 from petpipe.errors import PetpipeError
+from petpipe.hardware import Runtime
+from petpipe.learner import Learner, Record, TrainedOutputs, describe_metrics, fit_and_save
 from petpipe.models import unfreeze
+from petpipe.optim import discriminative_lrs
 from petpipe.params import Params
-from petpipe.stages.common import (TrainedOutputs, describe_metrics, head_fixes_bn_stats, load_dataset,
-                                   seed_everything, stage_seed, train_and_save)
-from petpipe.distributed import device_for, init_world, shutdown
-from petpipe.training import choose_device, configure_threads, discriminative_lrs
+from petpipe.seeds import seed_everything, stage_seed
+from petpipe.stages import path_option
+from petpipe.stages.train_head import fixes_bn_stats
+from petpipe.training import Phase
 
 STAGE = "finetune"
+PARAMS = ("train", "finetune")
 
 
 @dataclass(frozen=True)
 class Inputs:
-    images: Path
-    index: Path
-    checkpoint: Path
-    lr_find: Path
+    images: Path = path_option("fetch's images folder.")
+    index: Path = path_option("index-labels' index.csv.")
+    checkpoint: Path = path_option("train-head's model.pt.")
+    lr_find: Path = path_option("lr-find's lr_find.json.")
 
 
 Outputs = TrainedOutputs
+
+
+def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
+    runtime = Runtime.start(params.train, distributed=True)
+    seed = stage_seed(params.train.seed, STAGE)
+    seed_everything(seed)
+    head = load_checkpoint(inputs.checkpoint)
+    lr = peak_lr(params.finetune.lr, inputs.lr_find)
+    data = load_dataset(inputs.index, inputs.images, presize=head.spec.presize, runtime=runtime,
+                        workers=params.train.decode_workers, classes=head.spec.classes)
+    model = head.model()
+    unfreeze(model)
+    # The tutorial's slice(1e-6, 1e-4): lr / lr_ratio for the early body up to lr for the head.
+    groups = list(model.layer_groups())
+    phase = Phase(epochs=params.finetune.epochs, group_lrs=dict(zip(groups, discriminative_lrs(
+        lr, params.finetune.lr_ratio, len(groups)))), schedule=params.finetune.schedule, seed=seed,
+        freeze_bn_stats=freeze_bn_stats(params.finetune.bn_stats, head.params))
+    used = {**params.select(PARAMS), "finetune": {**params.finetune.model_dump(), "peak_lr": lr},
+            "group_lrs": phase.group_lrs}
+    record = Record(used=used, inputs=[inputs.index, inputs.checkpoint], outputs=outputs,
+                    title=f"finetune: {head.spec.arch}, unfrozen, lr {lr / params.finetune.lr_ratio:.1e} to {lr:.1e}",
+                    register_as=params.tracking.registered_model)  # the model to serve is finetune's
+    metrics = fit_and_save(Learner(STAGE, model, head.spec, data, params.train, runtime), phase, record)
+    shutdown()
+    if not runtime.world.is_main:
+        return ""
+    return describe_metrics(STAGE, metrics) + f", from train-head accuracy {head.history[-1]['accuracy']:.4f}"
 
 
 def peak_lr(setting: float | str, lr_find_result: Path) -> float:
@@ -46,44 +80,13 @@ def peak_lr(setting: float | str, lr_find_result: Path) -> float:
                            f"run `dvc repro lr-find` or set finetune.lr to a number") from None
 
 
-def freeze_bn_stats(setting: str, checkpoint: dict) -> bool:
+def freeze_bn_stats(setting: str, head_params: dict[str, Any]) -> bool:
     """finetune.bn_stats: auto keeps the body's BatchNorm statistics fixed when the head learnt on them
-    (train_head.cache_features, or model.train_bn false), so that the head's inputs do not shift under it."""
+    (train_head.cache_features, or model.train_bn false), so that the head's inputs do not shift under it.
+
+    head_params: the params train-head recorded in its checkpoint.
+    """
     if setting != "auto":
         return setting == "frozen"
-    head = checkpoint["params"]
-    return head_fixes_bn_stats(cache_features=bool(head.get("train_head", {}).get("cache_features")),
-                               train_bn=bool(head.get("model", {}).get("train_bn", True)))
-
-
-def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
-    world = init_world(params.train.device)
-    configure_threads(world)
-    device = device_for(world, choose_device(params.train.device))
-    seed_everything(stage_seed(params.train.seed, STAGE))
-    checkpoint = load_checkpoint(inputs.checkpoint)
-    lr = peak_lr(params.finetune.lr, inputs.lr_find)
-    preprocessing = preprocessing_of(checkpoint)
-    size, presize = checkpoint["preprocessing"]["img_size"], checkpoint["preprocessing"]["presize"]
-    data = load_dataset(inputs.index, inputs.images, presize=presize, device=device,
-                        workers=params.train.decode_workers, classes=checkpoint["classes"], world=world)
-    model = model_from_checkpoint(checkpoint)
-    unfreeze(model)
-    # The tutorial's slice(1e-6, 1e-4): lr / lr_ratio for the early body up to lr for the head.
-    groups = list(model.layer_groups())
-    group_lrs = dict(zip(groups, discriminative_lrs(lr, params.finetune.lr_ratio, len(groups))))
-    metrics = train_and_save(
-        STAGE, model, data=data, params=params, inputs=[inputs.index, inputs.checkpoint],
-        used={"train": params.train.model_dump(), "finetune": {**params.finetune.model_dump(), "peak_lr": lr},
-              "group_lrs": group_lrs},
-        preprocessing=preprocessing, arch=checkpoint["arch"], weights=checkpoint["weights"], img_size=size,
-        presize=presize, head_hidden=checkpoint["head"]["hidden"], head_dropout=checkpoint["head"]["dropout"],
-        epochs=params.finetune.epochs, group_lrs=group_lrs, schedule=params.finetune.schedule,
-        freeze_bn_stats=freeze_bn_stats(params.finetune.bn_stats, checkpoint),
-        outputs=outputs, title=f"finetune: {checkpoint['arch']}, unfrozen, lr {lr / params.finetune.lr_ratio:.1e}"
-                               f" to {lr:.1e}", world=world,
-    )
-    shutdown()
-    if not world.is_main:
-        return ""
-    return describe_metrics(STAGE, metrics) + f", from train-head accuracy {checkpoint['history'][-1]['accuracy']:.4f}"
+    return fixes_bn_stats(cache_features=bool(head_params.get("train_head", {}).get("cache_features")),
+                          train_bn=bool(head_params.get("model", {}).get("train_bn", True)))

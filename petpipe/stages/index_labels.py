@@ -1,7 +1,7 @@
 """index-labels: label every image, split train/valid once, report unusable files, draw a batch.
 
-    petpipe index-labels --images stages/fetch/images --index stages/index-labels/index.csv \
-        --classes stages/index-labels/classes.json --report stages/index-labels/report.json \
+    petpipe index-labels --images stages/fetch/images --index stages/index-labels/index.csv \\
+        --classes stages/index-labels/classes.json --report stages/index-labels/report.json \\
         --show-batch stages/index-labels/show_batch.png --class-counts stages/index-labels/class_counts.png
 """
 
@@ -17,9 +17,11 @@ import pandas as pd
 from petpipe import data, tracking
 from petpipe.atomic import save_figure, write_csv, write_json
 from petpipe.errors import PetpipeError
-from petpipe.params import Params
+from petpipe.params import LabelParams, Params, SplitParams
 from petpipe.plots import plot_class_counts
 from petpipe.show_batch import show_batch_figure
+from petpipe.stages import path_option
+from petpipe.views import Views
 
 log = logging.getLogger(__name__)
 
@@ -27,36 +29,82 @@ log = logging.getLogger(__name__)
 SHOW_BATCH_SIZE = 9
 
 
+STAGE = "index-labels"
+PARAMS = ("labels", "split", "model.img_size", "model.presize_ratio", "train.seed", "train.augment")
+
+
 @dataclass(frozen=True)
 class Inputs:
-    images: Path
+    images: Path = path_option("fetch's images folder.")
 
 
 @dataclass(frozen=True)
 class Outputs:
-    index: Path
-    classes: Path
-    report: Path
-    show_batch: Path
-    class_counts: Path
+    index: Path = path_option("index.csv to write.")
+    classes: Path = path_option("classes.json to write.")
+    report: Path = path_option("report.json to write.")
+    show_batch: Path = path_option("show_batch.png to write.")
+    class_counts: Path = path_option("class_counts.png to write.")
+
+
+@dataclass(frozen=True)
+class Survey:
+    """What the images folder holds: usable labelled images, unusable files, names without a label."""
+
+    files: int
+    labels: dict[str, str]  # usable image (relative path) -> label
+    infos: dict[str, data.ImageInfo]
+    skipped: list[dict[str, str]]  # {"path", "reason"}
+    unmatched: list[str]
 
 
 def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
     folder = Path(inputs.images)
     if not folder.is_dir():
         raise PetpipeError(f"{folder}: images folder not found; run `petpipe fetch` first or fix --images")
+    found = survey(folder, params.labels)
+    index, moved = split_index(found, params.split)
+    classes = data.class_names(index)
+    counts = data.split_counts(index, classes)
+    _refuse_classes_without_training_images(counts, split_file=params.split.file)
+    leaks = data.find_leaks(index)
+    warnings = _warnings(counts, leaks=leaks, skipped=found.skipped, unmatched=found.unmatched, moved=moved)
+    for warning in warnings:
+        log.warning("warning: %s", warning)
 
-    relative_paths = [data.relative_posix(path, folder) for path in data.scan_images(folder)]
-    labels = data.label_images(
-        relative_paths,
-        method=params.labels.method,
-        pattern=params.labels.pattern,
-        csv_path=Path(params.labels.csv) if params.labels.csv else None,
+    # Draw both figures before writing anything, so a plotting failure leaves no new outputs.
+    views = Views.for_display(size=params.model.img_size, presize=params.model.presize, augment=params.train.augment)
+    show_batch = show_batch_figure(index, folder, split="train", count=SHOW_BATCH_SIZE, views=views,
+                                   seed=params.train.seed)
+    class_counts = plot_class_counts(counts)
+    n_valid = int(counts["valid"].sum())
+    with tracking.stage_run(STAGE, params=params.select(PARAMS)) as run_log:
+        write_csv(outputs.index, index)
+        write_json(outputs.classes, {"classes": classes})
+        write_json(outputs.report, _report(index, counts, survey=found, leaks=leaks, moved=moved, warnings=warnings))
+        save_figure(outputs.show_batch, show_batch)
+        save_figure(outputs.class_counts, class_counts)
+        run_log.log_metrics({"images": len(index), "classes": len(classes), "train_images": len(index) - n_valid,
+                             "valid_images": n_valid, "skipped": len(found.skipped),
+                             "unmatched": len(found.unmatched), "leaks": len(leaks)})
+        run_log.log_artifacts([outputs.report, outputs.classes, outputs.index, outputs.show_batch,
+                               outputs.class_counts])
+
+    return (
+        f"indexed {len(index)} images of {len(classes)} classes ({len(index) - n_valid} train, {n_valid} valid); "
+        f"{len(found.skipped)} skipped, {len(found.unmatched)} unmatched, {len(leaks)} train/valid duplicates "
+        f"-> {outputs.index}"
     )
-    unmatched = [path for path in relative_paths if labels[path] is None]
-    candidates = [path for path in relative_paths if labels[path] is not None]
-    log.info("checking %d images in %s (%d unmatched names)", len(candidates), folder, len(unmatched))
 
+
+def survey(folder: Path, labels: LabelParams) -> Survey:
+    """Label every file in the folder by labels.method, then decode each labelled one to check it."""
+    relative_paths = [data.relative_posix(path, folder) for path in data.scan_images(folder)]
+    found = data.label_images(relative_paths, method=labels.method, pattern=labels.pattern,
+                              csv_path=Path(labels.csv) if labels.csv else None)
+    unmatched = [path for path in relative_paths if found[path] is None]
+    candidates = [path for path in relative_paths if found[path] is not None]
+    log.info("checking %d images in %s (%d unmatched names)", len(candidates), folder, len(unmatched))
     results = data.check_images([folder / path for path in candidates])
     infos = {path: result for path, result in zip(candidates, results) if isinstance(result, data.ImageInfo)}
     skipped = [{"path": path, "reason": result} for path, result in zip(candidates, results) if isinstance(result, str)]
@@ -65,54 +113,18 @@ def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
             f"no usable images in {folder}: {len(relative_paths)} files, {len(skipped)} skipped, "
             f"{len(unmatched)} unmatched; check labels.pattern / data.source"
         )
+    return Survey(files=len(relative_paths), labels={path: found[path] for path in infos}, infos=infos,
+                  skipped=skipped, unmatched=unmatched)
 
-    usable_labels = {path: labels[path] for path in infos}
-    splits = data.split_images(
-        list(infos),
-        valid_pct=params.split.valid_pct,
-        seed=params.split.seed,
-        split_file=Path(params.split.file) if params.split.file else None,
-    )
+
+def split_index(found: Survey, split: SplitParams) -> tuple[pd.DataFrame, list[str]]:
+    """index.csv's rows, split once; and the images moved to train because their class had none there."""
+    splits = data.split_images(list(found.infos), valid_pct=split.valid_pct, seed=split.seed,
+                               split_file=Path(split.file) if split.file else None)
     moved: list[str] = []
-    if not params.split.file:  # a split file is the user's decision: a class it leaves untrained is refused below
-        splits, moved = data.give_every_class_a_training_image(splits, usable_labels)
-    index = data.build_index(usable_labels, infos, splits)
-    classes = data.class_names(index)
-    counts = data.split_counts(index, classes)
-    _refuse_classes_without_training_images(counts, split_file=params.split.file)
-    leaks = data.find_leaks(index)
-    warnings = _warnings(counts, leaks=leaks, skipped=skipped, unmatched=unmatched, moved=moved)
-    for warning in warnings:
-        log.warning("warning: %s", warning)
-
-    # Draw both figures before writing anything, so a plotting failure leaves no new outputs.
-    show_batch = show_batch_figure(
-        index, folder, split="train", count=SHOW_BATCH_SIZE, presize=params.model.presize,
-        size=params.model.img_size, augment=params.train.augment, seed=params.train.seed,
-    )
-    class_counts = plot_class_counts(counts)
-
-    n_valid = int(counts["valid"].sum())
-    used = {"labels": params.labels.model_dump(), "split": params.split.model_dump(),
-            "model": {"img_size": params.model.img_size, "presize_ratio": params.model.presize_ratio},
-            "train": {"seed": params.train.seed, "augment": params.train.augment.model_dump()}}
-    with tracking.stage_run("index-labels", params=used) as run_log:
-        write_csv(outputs.index, index)
-        write_json(outputs.classes, {"classes": classes})
-        write_json(outputs.report, _report(index, counts, skipped=skipped, unmatched=unmatched, leaks=leaks,
-                                           moved=moved, warnings=warnings))
-        save_figure(outputs.show_batch, show_batch)
-        save_figure(outputs.class_counts, class_counts)
-        run_log.log_metrics({"images": len(index), "classes": len(classes), "train_images": len(index) - n_valid,
-                             "valid_images": n_valid, "skipped": len(skipped), "unmatched": len(unmatched),
-                             "leaks": len(leaks)})
-        run_log.log_artifacts([outputs.report, outputs.classes, outputs.index, outputs.show_batch,
-                               outputs.class_counts])
-
-    return (
-        f"indexed {len(index)} images of {len(classes)} classes ({len(index) - n_valid} train, {n_valid} valid); "
-        f"{len(skipped)} skipped, {len(unmatched)} unmatched, {len(leaks)} train/valid duplicates -> {outputs.index}"
-    )
+    if not split.file:  # a split file is the user's decision: a class it leaves untrained is refused later
+        splits, moved = data.give_every_class_a_training_image(splits, found.labels)
+    return data.build_index(found.labels, found.infos, splits), moved
 
 
 def _refuse_classes_without_training_images(counts: pd.DataFrame, *, split_file: str | None) -> None:
@@ -145,8 +157,8 @@ def _warnings(
 
 
 def _report(
-    index: pd.DataFrame, counts: pd.DataFrame, *, skipped: list[dict[str, str]], unmatched: list[str],
-    leaks: list[dict[str, str]], moved: list[str], warnings: list[str],
+    index: pd.DataFrame, counts: pd.DataFrame, *, survey: Survey, leaks: list[dict[str, str]], moved: list[str],
+    warnings: list[str],
 ) -> dict[str, Any]:
     return {
         "images": len(index),
@@ -154,8 +166,8 @@ def _report(
         "valid": int(counts["valid"].sum()),
         "classes": len(counts),
         "per_class": {name: {"train": int(row.train), "valid": int(row.valid)} for name, row in counts.iterrows()},
-        "skipped": skipped,
-        "unmatched": unmatched,
+        "skipped": survey.skipped,
+        "unmatched": survey.unmatched,
         "leaks": leaks,
         # Images the split put in valid, moved to train because their class had no training image.
         "moved_to_train": moved,

@@ -1,7 +1,7 @@
-"""Stage lr-find: sweep the learning rate on the unfrozen head-trained model; suggest one for finetune.
+"""lr-find: sweep the learning rate on the unfrozen head-trained model; suggest one for finetune.
 
-    petpipe lr-find --images stages/fetch/images --index stages/index-labels/index.csv \
-        --checkpoint stages/train-head/model.pt --result stages/lr-find/lr_find.json \
+    petpipe lr-find --images stages/fetch/images --index stages/index-labels/index.csv \\
+        --checkpoint stages/train-head/model.pt --result stages/lr-find/lr_find.json \\
         --curve stages/lr-find/lr_find.csv --plot stages/lr-find/lr_find.png
 
 Only the outputs are written: the sweep trains an in-memory copy of the model,
@@ -13,81 +13,83 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
 
 from petpipe import plots, tracking
 from petpipe.atomic import save_figure, write_csv, write_json
-from petpipe.checkpoint import load_checkpoint, model_from_checkpoint, preprocessing_of
+from petpipe.checkpoint import load_checkpoint
+from petpipe.dataset import load_dataset
+from petpipe.distributed import launched_as_secondary_rank
 from petpipe.errors import PetpipeError
+from petpipe.hardware import Runtime, to_device
 from petpipe.lr_finder import lr_sweep, suggest
 from petpipe.models import unfreeze
-from petpipe.distributed import launched_as_secondary_rank
-from petpipe.params import Params
-from petpipe.stages.common import load_dataset, seed_everything, stage_seed
-from petpipe.training import choose_device, configure_threads, to_device
+from petpipe.params import LrFindParams, Params
+from petpipe.seeds import seed_everything, stage_seed
+from petpipe.stages import path_option
+from petpipe.views import Views
 
 STAGE = "lr-find"
+PARAMS = ("train", "lr_find")
 
 
 @dataclass(frozen=True)
 class Inputs:
-    images: Path
-    index: Path
-    checkpoint: Path
+    images: Path = path_option("fetch's images folder.")
+    index: Path = path_option("index-labels' index.csv.")
+    checkpoint: Path = path_option("train-head's model.pt.")
 
 
 @dataclass(frozen=True)
 class Outputs:
-    result: Path
-    curve: Path
-    plot: Path
+    result: Path = path_option("lr_find.json to write.")
+    curve: Path = path_option("lr_find.csv to write.")
+    plot: Path = path_option("lr_find.png to write.")
 
 
 def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
     if launched_as_secondary_rank():  # a one-process stage: rank 0 alone runs it
         return ""
-    configure_threads()
-    device = choose_device(params.train.device)
-    settings = params.lr_find
-    used = {"train": params.train.model_dump(), "lr_find": settings.model_dump()}
-    seed_everything(stage_seed(params.train.seed, STAGE))
-    checkpoint = load_checkpoint(inputs.checkpoint)
-    preprocessing = preprocessing_of(checkpoint)
-    size, presize = checkpoint["preprocessing"]["img_size"], checkpoint["preprocessing"]["presize"]
-    data = load_dataset(inputs.index, inputs.images, presize=presize, device=device,
-                        workers=params.train.decode_workers, classes=checkpoint["classes"])
-    model = to_device(model_from_checkpoint(checkpoint), device)
+    runtime = Runtime.start(params.train, distributed=False)
+    seed = stage_seed(params.train.seed, STAGE)
+    seed_everything(seed)
+    head = load_checkpoint(inputs.checkpoint)
+    data = load_dataset(inputs.index, inputs.images, presize=head.spec.presize, runtime=runtime,
+                        workers=params.train.decode_workers, classes=head.spec.classes)
+    model = to_device(head.model(), runtime.device)
     unfreeze(model)
-
-    with tracking.stage_run(STAGE, params=used) as run_log:
-        curve = lr_sweep(model, images=data.train, start_lr=settings.start_lr, end_lr=settings.end_lr,
-                         num_it=settings.num_it, stop_div=settings.stop_div, weight_decay=params.train.weight_decay,
-                         batch_size=params.train.batch_size, size=size, augment=params.train.augment,
-                         preprocessing=preprocessing, generator=torch.Generator().manual_seed(stage_seed(params.train.seed, STAGE)),
-                         precision=params.train.precision)
-        if len(curve["lr"]) < 5:
-            raise PetpipeError(f"lr-find: the loss diverged after {len(curve['lr'])} batches; lower lr_find.start_lr "
-                               f"or raise lr_find.stop_div")
-        suggestions = suggest(curve["lr"], curve["smoothed_loss"], num_it=settings.num_it)
-        if not all(math.isfinite(value) and value > 0 for value in suggestions.values()):
-            raise PetpipeError(f"lr-find: suggestions are not usable ({suggestions}); check the data and lr_find params")
-        chosen = suggestions[settings.suggestion]
-        result = {
-            "chosen": {"rule": settings.suggestion, "lr": chosen},
-            "suggestions": suggestions,
-            "iterations": len(curve["lr"]),
-            "stopped_early": len(curve["lr"]) < settings.num_it,
-            "curve": curve,
-        }
+    with tracking.stage_run(STAGE, params=params.select(PARAMS)) as run_log:
+        curve = lr_sweep(model, data.train, views=Views.of(head.spec, params.train.augment), sweep=params.lr_find,
+                         settings=params.train, generator=torch.Generator().manual_seed(seed))
+        result = choose(curve, params.lr_find)
         write_csv(outputs.curve, pd.DataFrame(curve))
-        save_figure(outputs.plot, plots.plot_lr_find(curve["lr"], curve["smoothed_loss"], suggestions,
-                                                     chosen=settings.suggestion))
+        save_figure(outputs.plot, plots.plot_lr_find(curve["lr"], curve["smoothed_loss"], result["suggestions"],
+                                                     chosen=params.lr_find.suggestion))
         write_json(outputs.result, result)
-        run_log.log_metrics({f"suggested_lr_{name}": value for name, value in suggestions.items()})
+        run_log.log_metrics({f"suggested_lr_{name}": value for name, value in result["suggestions"].items()})
         for step, (lr, loss) in enumerate(zip(curve["lr"], curve["smoothed_loss"])):
             run_log.log_metrics({"lr_find_lr": lr, "lr_find_smoothed_loss": loss}, step=step)
         run_log.log_artifacts([outputs.result, outputs.curve, outputs.plot])
-    described = ", ".join(f"{name} {value:.2e}" for name, value in suggestions.items())
-    return f"lr-find: {len(curve['lr'])} iterations; {described}; chosen {settings.suggestion} = {chosen:.2e}"
+    described = ", ".join(f"{name} {value:.2e}" for name, value in result["suggestions"].items())
+    return (f"lr-find: {len(curve['lr'])} iterations; {described}; "
+            f"chosen {params.lr_find.suggestion} = {result['chosen']['lr']:.2e}")
+
+
+def choose(curve: dict[str, list[float]], settings: LrFindParams) -> dict[str, Any]:
+    """lr_find.json: fastai's four suggestions on the curve, the one lr_find.suggestion picks, the curve."""
+    if len(curve["lr"]) < 5:
+        raise PetpipeError(f"lr-find: the loss diverged after {len(curve['lr'])} batches; lower lr_find.start_lr "
+                           f"or raise lr_find.stop_div")
+    suggestions = suggest(curve["lr"], curve["smoothed_loss"], num_it=settings.num_it)
+    if not all(math.isfinite(value) and value > 0 for value in suggestions.values()):
+        raise PetpipeError(f"lr-find: suggestions are not usable ({suggestions}); check the data and lr_find params")
+    return {
+        "chosen": {"rule": settings.suggestion, "lr": suggestions[settings.suggestion]},
+        "suggestions": suggestions,
+        "iterations": len(curve["lr"]),
+        "stopped_early": len(curve["lr"]) < settings.num_it,
+        "curve": curve,
+    }

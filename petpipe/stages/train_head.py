@@ -1,7 +1,7 @@
-"""Stage train-head: a new head on the frozen pretrained body, trained with the one-cycle policy.
+"""train-head: train a new head on the frozen pretrained body with the one-cycle policy.
 
-    petpipe train-head --images stages/fetch/images --index stages/index-labels/index.csv \
-        --model stages/train-head/model.pt --metrics stages/train-head/metrics.json \
+    petpipe train-head --images stages/fetch/images --index stages/index-labels/index.csv \\
+        --model stages/train-head/model.pt --metrics stages/train-head/metrics.json \\
         --history stages/train-head/history.csv --plot stages/train-head/training.png
 """
 
@@ -10,50 +10,52 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from petpipe.dataset import load_dataset
+from petpipe.distributed import shutdown
+from petpipe.hardware import Runtime
+from petpipe.learner import Learner, Record, TrainedOutputs, describe_metrics, fit_and_save
 from petpipe.models import build_model, freeze_body
 from petpipe.params import Params
-from petpipe.stages.common import (TrainedOutputs, describe_metrics, head_fixes_bn_stats, load_dataset,
-                                   seed_everything, stage_seed, train_and_save)
-from petpipe.distributed import device_for, init_world, shutdown
-from petpipe.training import choose_device, configure_threads
+from petpipe.seeds import seed_everything, stage_seed
+from petpipe.spec import ModelSpec
+from petpipe.stages import path_option
+from petpipe.training import Phase
 
 STAGE = "train-head"
+PARAMS = ("model", "train", "train_head")
 
 
 @dataclass(frozen=True)
 class Inputs:
-    images: Path
-    index: Path
+    images: Path = path_option("fetch's images folder.")
+    index: Path = path_option("index-labels' index.csv.")
 
 
 Outputs = TrainedOutputs
 
 
 def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
-    world = init_world(params.train.device)
-    configure_threads(world)
-    device = device_for(world, choose_device(params.train.device))
-    seed_everything(stage_seed(params.train.seed, STAGE))
-    data = load_dataset(inputs.index, inputs.images, presize=params.model.presize, device=device,
-                        workers=params.train.decode_workers, world=world)
-    model, preprocessing = build_model(params.model.arch, params.model.weights, num_classes=len(data.classes),
-                                       head_hidden=params.model.head_hidden, head_dropout=params.model.head_dropout)
-    cache_features = params.train_head.cache_features
-    freeze_body(model, train_bn=params.model.train_bn and not cache_features)
+    runtime = Runtime.start(params.train, distributed=True)
+    seed = stage_seed(params.train.seed, STAGE)
+    seed_everything(seed)
+    data = load_dataset(inputs.index, inputs.images, presize=params.model.presize, runtime=runtime,
+                        workers=params.train.decode_workers)
+    spec = ModelSpec.from_params(params.model, data.classes)
+    model = build_model(spec, pretrained=True)
+    cached = params.train_head.cache_features
+    freeze_body(model, train_bn=params.model.train_bn and not cached)
     # The body is frozen, so one learning rate serves every group (fastai's fit_one_cycle(epochs, lr)).
-    group_lrs = {group: params.train_head.lr for group in model.layer_groups()}
-    metrics = train_and_save(
-        STAGE, model, data=data, params=params, inputs=[inputs.index], preprocessing=preprocessing,
-        used={"model": params.model.model_dump(), "train": params.train.model_dump(),
-              "train_head": params.train_head.model_dump()},
-        arch=params.model.arch, weights=params.model.weights, img_size=params.model.img_size,
-        presize=params.model.presize, head_hidden=params.model.head_hidden, head_dropout=params.model.head_dropout,
-        epochs=params.train_head.epochs, group_lrs=group_lrs, schedule=params.train_head.schedule,
-        freeze_bn_stats=head_fixes_bn_stats(cache_features=cache_features, train_bn=params.model.train_bn),
-        outputs=outputs, title=f"train-head: {params.model.arch}, body frozen", world=world,
-        cache_features=cache_features,
-    )
+    phase = Phase(epochs=params.train_head.epochs, group_lrs=dict.fromkeys(model.layer_groups(), params.train_head.lr),
+                  schedule=params.train_head.schedule, seed=seed, cache_features=cached,
+                  freeze_bn_stats=fixes_bn_stats(cache_features=cached, train_bn=params.model.train_bn))
+    record = Record(used=params.select(PARAMS), inputs=[inputs.index], outputs=outputs,
+                    title=f"train-head: {spec.arch}, body frozen")
+    metrics = fit_and_save(Learner(STAGE, model, spec, data, params.train, runtime), phase, record)
     shutdown()
-    if not world.is_main:
-        return ""
-    return describe_metrics(STAGE, metrics)
+    return describe_metrics(STAGE, metrics) if runtime.world.is_main else ""
+
+
+def fixes_bn_stats(*, cache_features: bool, train_bn: bool) -> bool:
+    """Whether train-head keeps the body's BatchNorm statistics fixed: with cached features (the body ran
+    once, in eval mode) or without train_bn. finetune.bn_stats auto then keeps them fixed too."""
+    return cache_features or not train_bn

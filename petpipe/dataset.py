@@ -1,0 +1,95 @@
+"""The indexed images as tensors: train and valid `ImageSet`s read from the pixel cache.
+
+index-labels decided the split and the labels; this module only reads them
+(`data.load_index`) and maps the presized pixels (`pixels.load_pixels`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from petpipe.data import class_names, load_index
+from petpipe.distributed import barrier
+from petpipe.errors import PetpipeError
+from petpipe.hardware import Runtime
+from petpipe.pixels import load_pixels
+
+
+@dataclass
+class ImageSet:
+    """Presized uint8 pixels (N, 3, P, P) and class ids (N,), on the training device.
+
+    `features`, when set, holds the frozen body's pooled output (N, 2C) for each
+    image, computed once: the head then trains on it without running the body.
+    """
+
+    pixels: torch.Tensor
+    targets: torch.Tensor
+    features: torch.Tensor | None = None
+
+    @classmethod
+    def from_cache(cls, pixels: np.ndarray, targets: np.ndarray, device: torch.device) -> ImageSet:
+        """On a CPU the tensor is the (copy-on-write) memory map itself: batches copy only their own
+        images, and the OS pages the rest in and out. On a GPU the whole set is copied to the device once."""
+        subset = torch.from_numpy(pixels)
+        if device.type == "cuda":
+            subset = subset.pin_memory().to(device, non_blocking=True)
+        elif device.type != "cpu":
+            subset = subset.to(device)
+        return cls(subset, torch.as_tensor(targets, dtype=torch.long, device=device))
+
+    def __len__(self) -> int:
+        return self.targets.shape[0]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    classes: list[str]
+    train: ImageSet
+    valid: ImageSet
+    index: pd.DataFrame
+
+    def rows(self, split: str) -> pd.DataFrame:
+        """index.csv's rows of one split, in the order of that split's ImageSet."""
+        return self.index[self.index["split"] == split].reset_index(drop=True)
+
+
+def load_dataset(index_path: Path, images: Path, *, presize: int, runtime: Runtime, workers: int,
+                 classes: Sequence[str] | None = None) -> Dataset:
+    """The indexed images as train and valid ImageSets on the runtime's device, decoded once into the
+    pixel cache.
+
+    `classes` fixes the class order (a checkpoint's); by default it is index-labels' sorted labels.
+    """
+    world, device = runtime.world, runtime.device
+    index = load_index(index_path)
+    classes = list(classes) if classes is not None else class_names(index)
+    unknown = sorted(set(index["label"]) - set(classes))
+    if unknown:
+        raise PetpipeError(f"{index_path} has labels the model was not trained on: {', '.join(unknown[:5])}; "
+                           f"rerun train-head (dvc repro)")
+    paths = [images / relative for relative in index["path"]]
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        raise PetpipeError(f"{len(missing)} indexed images are missing, e.g. {missing[0]}; "
+                           f"rerun fetch and index-labels (dvc repro)")
+    class_ids = index["label"].map({name: position for position, name in enumerate(classes)}).to_numpy()
+    rows = {split: np.flatnonzero((index["split"] == split).to_numpy()) for split in ("train", "valid")}
+    if not world.is_main:
+        barrier()  # rank 0 decodes the images into the cache first; the others then map it
+    # One cache per split, so that each split is one contiguous memory map that batches index directly.
+    pixels = {split: load_pixels([paths[row] for row in chosen], list(index["hash"].iloc[chosen]), presize,
+                                 workers=workers) for split, chosen in rows.items()}
+    if world.is_main and world.distributed:
+        barrier()
+
+    def subset(split: str) -> ImageSet:
+        return ImageSet.from_cache(pixels[split], class_ids[rows[split]], device)
+
+    return Dataset(classes=classes, train=subset("train"), valid=subset("valid"), index=index)

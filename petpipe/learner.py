@@ -1,0 +1,144 @@
+"""A training stage's fit with everything around it: resume after a kill, per-epoch logging, the outputs.
+
+train-head and finetune each describe their fit (a `Phase`) and what to record
+(a `Record`), then call `fit_and_save`. Under torchrun every rank trains and
+rank 0 alone writes files and logs to MLflow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from petpipe import plots, tracking
+from petpipe.atomic import save_figure, write_csv, write_json
+from petpipe.checkpoint import Checkpoint, save_checkpoint
+from petpipe.dataset import Dataset
+from petpipe.distributed import barrier
+from petpipe.hardware import Runtime
+from petpipe.models import Classifier
+from petpipe.params import TrainParams
+from petpipe.progress import progress_bar
+from petpipe.resume import ResumeFile
+from petpipe.spec import ModelSpec
+from petpipe.stages import path_option
+from petpipe.training import FitHooks, FitState, Phase, fit
+from petpipe.views import Views
+
+
+@dataclass(frozen=True)
+class TrainedOutputs:
+    """The four outputs of train-head and finetune."""
+
+    model: Path = path_option("model.pt checkpoint to write.")
+    metrics: Path = path_option("metrics.json to write.")
+    history: Path = path_option("history.csv to write.")
+    plot: Path = path_option("Training-curve PNG to write.")
+
+
+@dataclass(frozen=True)
+class Learner:
+    """fastai's Learner for one stage: the model and its spec, the data, `params.train`, the runtime."""
+
+    stage: str
+    model: Classifier
+    spec: ModelSpec
+    data: Dataset
+    settings: TrainParams
+    runtime: Runtime
+
+    @property
+    def views(self) -> Views:
+        return Views.of(self.spec, self.settings.augment)
+
+    def checkpoint(self, used: dict[str, Any], history: list[dict[str, float]],
+                   resume: dict[str, Any] | None = None) -> Checkpoint:
+        return Checkpoint.of(self.model, self.spec, stage=self.stage, params=used, history=history, resume=resume)
+
+
+@dataclass(frozen=True)
+class Record:
+    """What a training stage records of its fit."""
+
+    used: dict[str, Any]  # the params the result depends on (resume key, checkpoint, MLflow params)
+    inputs: list[Path]  # files the result depends on besides the images (resume key)
+    outputs: TrainedOutputs
+    title: str  # of the training-curve plot
+    register_as: str | None = None  # MLflow registered model name for the logged model
+
+
+def fit_and_save(learner: Learner, phase: Phase, record: Record) -> dict[str, Any]:
+    """Fit (resuming an interrupted run of the same stage, params and inputs), log, write the outputs.
+
+    Returns the stage's metrics.
+    """
+    resume_file = ResumeFile(learner.stage, params=record.used, inputs=record.inputs)
+    resumed = resume_file.load()
+    if resumed is not None:
+        learner.model.load_state_dict(resumed.state_dict)
+    main = learner.runtime.world.is_main
+    with (tracking.stage_run(learner.stage, params=record.used) if main else tracking.no_run(learner.stage)) as log:
+        hooks = FitHooks(on_epoch_end=_saving_each_epoch(learner, record, resume_file, log) if main else None,
+                         progress=progress_bar(learner.stage) if main else None)
+        history = fit(learner.model, learner.data, views=learner.views, phase=phase, settings=learner.settings,
+                      world=learner.runtime.world, resume=FitState(**resumed.resume) if resumed else None,
+                      hooks=hooks)
+        metrics = final_metrics(history, stage=learner.stage)
+        if main:
+            write_training_outputs(record.outputs, learner.checkpoint(record.used, history), metrics,
+                                   title=record.title)
+            log.log_artifacts([record.outputs.metrics, record.outputs.history, record.outputs.plot])
+            _log_model(learner, log, registered_name=record.register_as)
+    if main:
+        resume_file.clear()
+    barrier()
+    return metrics
+
+
+def _saving_each_epoch(learner: Learner, record: Record, resume_file: ResumeFile,
+                       log: tracking.StageRun) -> Callable[[FitState], None]:
+    def on_epoch_end(state: FitState) -> None:
+        resume_file.save(learner.checkpoint(record.used, state.history, state.to_dict()))
+        row = state.history[-1]
+        log.log_metrics({key: value for key, value in row.items() if key != "epoch"}, step=int(row["epoch"]))
+
+    return on_epoch_end
+
+
+def _log_model(learner: Learner, log: tracking.StageRun, *, registered_name: str | None) -> None:
+    data, spec = learner.data, learner.spec
+    example = learner.views.evaluate(data.valid.pixels[:1] if len(data.valid) else data.train.pixels[:1])
+    log.log_model(learner.model, input_example=example.cpu().numpy(), registered_name=registered_name,
+                  metadata={"classes": list(spec.classes), "img_size": spec.img_size, "mean": list(spec.mean),
+                            "std": list(spec.std)})
+
+
+def final_metrics(history: list[dict[str, float]], *, stage: str) -> dict[str, Any]:
+    last = history[-1]
+    return {
+        "stage": stage,
+        "epochs": int(last["epoch"]),
+        "train_loss": last["train_loss"],
+        "valid_loss": last.get("valid_loss"),
+        "accuracy": last.get("accuracy"),
+        "error_rate": last.get("error_rate"),
+    }  # no timings: the same seed must give the same metrics.json (history.csv has the seconds)
+
+
+def write_training_outputs(outputs: TrainedOutputs, checkpoint: Checkpoint, metrics: dict[str, Any], *,
+                           title: str) -> None:
+    """Write the stage's four outputs, each atomically; the checkpoint last, as the sign of completion."""
+    history = pd.DataFrame(checkpoint.history)
+    write_csv(outputs.history, history)
+    save_figure(outputs.plot, plots.plot_training_history(history, title=title))
+    write_json(outputs.metrics, metrics)
+    save_checkpoint(outputs.model, checkpoint)
+
+
+def describe_metrics(stage: str, metrics: dict[str, Any]) -> str:
+    return (f"{stage}: {metrics['epochs']} epochs, accuracy {metrics['accuracy']:.4f}, "
+            f"valid loss {metrics['valid_loss']:.4f}")

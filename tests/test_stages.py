@@ -1,0 +1,75 @@
+"""Each stage is declared once, in its module: dvc.yaml and the CLI must say what the module says."""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from conftest import PROJECT_ROOT, STAGES
+
+from petpipe import stages, tracking
+from petpipe.cli import main
+from petpipe.stages import option_name
+
+DVC_YAML = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def declared_paths(entries: list[Any]) -> set[str]:
+    """dvc.yaml's outs/metrics/plots entries: a path, or {path: options}."""
+    return {entry if isinstance(entry, str) else next(iter(entry)) for entry in entries}
+
+
+def command_options(stage: str) -> dict[str, str]:
+    """dvc.yaml's cmd of a stage as {--option: path}."""
+    words = shlex.split(DVC_YAML[stage]["cmd"])
+    assert words[:2] == ["petpipe", stage]
+    assert len(words[2:]) % 2 == 0, words
+    return dict(zip(words[2::2], words[3::2]))
+
+
+def test_dvc_yaml_holds_the_packages_stages_in_its_order():
+    assert list(DVC_YAML) == STAGES
+    assert tracking.STAGE_ORDER == stages.ORDER
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_dvc_yaml_passes_exactly_the_stages_inputs_and_outputs(name):
+    stage = stages.load(name)
+    inputs = {option_name(field): field for field in dataclasses.fields(stage.Inputs)}
+    outputs = {option_name(field): field for field in dataclasses.fields(stage.Outputs)}
+    options = command_options(name)
+    assert set(options) == set(inputs) | set(outputs), "cmd options differ from the Inputs/Outputs fields"
+    declared = DVC_YAML[name]
+    assert {options[option] for option in inputs} == set(declared.get("deps", [])), "deps differ from Inputs"
+    written = declared_paths(declared.get("outs", []) + declared.get("metrics", []) + declared.get("plots", []))
+    assert {options[option] for option in outputs} == written, "outs/metrics/plots differ from Outputs"
+    for option, path in options.items():
+        expected = f"stages/{name}/"
+        if option in outputs:
+            assert path.startswith(expected), f"{name} writes {path} outside {expected}"
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_dvc_yaml_lists_the_params_the_stage_declares(name):
+    assert DVC_YAML[name].get("params", []) == list(stages.load(name).PARAMS)
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_the_cli_offers_one_option_per_declared_path(name):
+    stage = stages.load(name)
+    result = CliRunner().invoke(main, [name, "--help"])
+    assert result.exit_code == 0, result.output
+    for dataclass_ in (stage.Inputs, stage.Outputs):
+        for field in dataclasses.fields(dataclass_):
+            assert option_name(field) in result.output and field.metadata["help"].split()[0] in result.output
+    assert "--params" in result.output
+    assert f"petpipe {name}" in result.output  # the module's example command
+
+
+def test_a_missing_required_path_is_refused_by_the_cli(tmp_path):
+    result = CliRunner().invoke(main, ["train-head", "--images", str(tmp_path)])
+    assert result.exit_code == 2 and "Missing option '--index'" in result.output
