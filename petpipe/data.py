@@ -1,4 +1,4 @@
-"""The image index: find photos, check they decode, label them, split them, read and write index.csv.
+"""The image index: find photos, check they decode, label, correct and split them, read and write index.csv.
 
 Pure functions for labels and the split; small I/O helpers at the edges. Later stages only need
 `load_index` and `load_classes`.
@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
@@ -151,6 +152,76 @@ def label_images(
             raise PetpipeError("labels.method is csv but labels.csv is null; set labels.csv to a path,label CSV")
         return labels_from_csv(csv_path, relative_paths)
     raise PetpipeError(f"labels.method {method!r} is unknown; use regex, folder or csv")
+
+
+# --- corrections -----------------------------------------------------------------------------
+
+# labels.corrections: the cleaner's decisions (petpipe serve's Clean page, or written by hand).
+CORRECTION_COLUMNS = ["path", "action", "label"]
+CORRECTION_ACTIONS = ("relabel", "exclude")
+
+
+@dataclass(frozen=True)
+class Correction:
+    """One image's correction: relabel it as `label`, or exclude it from the index (label "")."""
+
+    action: str
+    label: str = ""
+
+
+def load_corrections(path: Path) -> dict[str, Correction]:
+    """labels.corrections as {relative path: Correction}; a header row alone corrects nothing."""
+    source = f"labels.corrections {path}"
+    table = _read_table(path, CORRECTION_COLUMNS, source=source)
+    table["path"] = [_normalise_relative(relative) for relative in table["path"]]
+    _refuse_duplicates(table["path"], source=source)
+    table["action"] = table["action"].str.strip().str.lower()
+    wrong = table.loc[~table["action"].isin(CORRECTION_ACTIONS)]
+    if len(wrong):
+        shown = [f"{row.path}={row.action!r}" for row in wrong.head(5).itertuples()]
+        raise PetpipeError(f"{source}: action must be relabel or exclude, got {', '.join(shown)}")
+    unlabelled = table.loc[(table["action"] == "relabel") & (table["label"].str.strip() == ""), "path"].tolist()
+    if unlabelled:
+        raise PetpipeError(f"{source}: relabel without a new label for {_few(unlabelled)}; "
+                           "put the class in the label column")
+    return {row.path: Correction(row.action, row.label if row.action == "relabel" else "")
+            for row in table.itertuples()}
+
+
+def corrections_table(corrections: dict[str, Correction]) -> pd.DataFrame:
+    """The rows labels.corrections holds, sorted by path so that a git diff shows only what changed."""
+    rows = [{"path": path, "action": correction.action, "label": correction.label}
+            for path, correction in sorted(corrections.items())]
+    return pd.DataFrame(rows, columns=CORRECTION_COLUMNS)
+
+
+def apply_corrections(
+    labels: dict[str, str], corrections: dict[str, Correction], *, folder_files: Sequence[str], source: str
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """The labels with the corrections applied, and what was done: relabelled, excluded, ignored.
+
+    A correction must name a file of the images folder. One naming a file that has no label (unusable,
+    or unmatched by labels.method) has nothing to correct and is ignored. A new label must be a class
+    the images already have, so that a typo cannot become a class of one image.
+    """
+    _refuse_unknown_paths(list(corrections), folder_files, source=source)
+    classes = set(labels.values())
+    unknown = sorted({c.label for c in corrections.values() if c.action == "relabel"} - classes)
+    if unknown:
+        raise PetpipeError(f"{source}: relabel to unknown class(es) {_few(unknown)}; "
+                           f"use one of the classes the images have ({_few(sorted(classes))})")
+    corrected = dict(labels)
+    done: dict[str, Any] = {"relabelled": 0, "excluded": 0, "ignored": []}
+    for path, correction in sorted(corrections.items()):
+        if path not in corrected:
+            done["ignored"].append(path)
+        elif correction.action == "exclude":
+            del corrected[path]
+            done["excluded"] += 1
+        else:
+            corrected[path] = correction.label
+            done["relabelled"] += 1
+    return corrected, done
 
 
 # --- split -----------------------------------------------------------------------------------

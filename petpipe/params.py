@@ -46,6 +46,7 @@ class LabelParams(_Section):
     method: Literal["regex", "folder", "csv"]
     pattern: str
     csv: str | None
+    corrections: Annotated[str, Field(min_length=1)]
 
     @field_validator("pattern")
     @classmethod

@@ -131,6 +131,9 @@ def make_project(folder: Path, overrides: dict[str, Any]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(PROJECT_ROOT / name, folder / name)
+    # labels.corrections (a header row: no corrections), a dependency of index-labels.
+    (folder / "labels").mkdir()
+    shutil.copy(PROJECT_ROOT / "labels" / "corrections.csv", folder / "labels" / "corrections.csv")
     write_params(folder / "params.yaml", overrides)
     run_command(["git", "init", "-q", "-b", "main"], folder)
     run_command(["git", "config", "user.email", "tests@petpipe.invalid"], folder)

@@ -1,6 +1,7 @@
-"""index-labels: label every image, split train/valid once, report unusable files, draw a batch.
+"""index-labels: label every image, apply corrections, split train/valid once, report unusable files, draw a batch.
 
-    petpipe index-labels --images stages/fetch/images --index stages/index-labels/index.csv \\
+    petpipe index-labels --images stages/fetch/images --corrections labels/corrections.csv \\
+        --index stages/index-labels/index.csv \\
         --classes stages/index-labels/classes.json --report stages/index-labels/report.json \\
         --show-batch stages/index-labels/show_batch.png --class-counts stages/index-labels/class_counts.png
 """
@@ -8,7 +9,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,9 @@ PARAMS = ("labels", "split", "model.img_size", "model.presize_ratio", "train.see
 @dataclass(frozen=True)
 class Inputs:
     images: Path = path_option("fetch's images folder.")
+    corrections: Path | None = path_option(
+        "labels.corrections: path,action,label CSV (relabel or exclude) applied after labelling; none when "
+        "omitted.", optional=True)
 
 
 @dataclass(frozen=True)
@@ -62,13 +66,15 @@ def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
     folder = Path(inputs.images)
     if not folder.is_dir():
         raise PetpipeError(f"{folder}: images folder not found; run `petpipe fetch` first or fix --images")
-    found = survey(folder, params.labels)
+    found, corrected = corrected_survey(survey(folder, params.labels), inputs.corrections)
     index, moved = split_index(found, params.split)
     classes = data.class_names(index)
     counts = data.split_counts(index, classes)
     _refuse_classes_without_training_images(counts, split_file=params.split.file)
     leaks = data.find_leaks(index)
     warnings = _warnings(counts, leaks=leaks, skipped=found.skipped, unmatched=found.unmatched, moved=moved)
+    if corrected["ignored"]:
+        warnings.append(f"{len(corrected['ignored'])} correction(s) name files without a label (see corrections)")
     for warning in warnings:
         log.warning("warning: %s", warning)
 
@@ -81,19 +87,23 @@ def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
     with tracking.stage_run(STAGE, params=params.select(PARAMS)) as run_log:
         write_csv(outputs.index, index)
         write_json(outputs.classes, {"classes": classes})
-        write_json(outputs.report, _report(index, counts, survey=found, leaks=leaks, moved=moved, warnings=warnings))
+        write_json(outputs.report, _report(index, counts, survey=found, leaks=leaks, moved=moved,
+                                           warnings=warnings, corrections=corrected))
         save_figure(outputs.show_batch, show_batch)
         save_figure(outputs.class_counts, class_counts)
         run_log.log_metrics({"images": len(index), "classes": len(classes), "train_images": len(index) - n_valid,
                              "valid_images": n_valid, "skipped": len(found.skipped),
-                             "unmatched": len(found.unmatched), "leaks": len(leaks)})
+                             "unmatched": len(found.unmatched), "leaks": len(leaks),
+                             "relabelled": corrected["relabelled"], "excluded": corrected["excluded"]})
         run_log.log_artifacts([outputs.report, outputs.classes, outputs.index, outputs.show_batch,
                                outputs.class_counts])
 
     return (
         f"indexed {len(index)} images of {len(classes)} classes ({len(index) - n_valid} train, {n_valid} valid); "
-        f"{len(found.skipped)} skipped, {len(found.unmatched)} unmatched, {len(leaks)} train/valid duplicates "
-        f"-> {outputs.index}"
+        f"{len(found.skipped)} skipped, {len(found.unmatched)} unmatched, {len(leaks)} train/valid duplicates"
+        + (f"; {corrected['relabelled']} relabelled, {corrected['excluded']} excluded by {inputs.corrections}"
+           if inputs.corrections else "")
+        + f" -> {outputs.index}"
     )
 
 
@@ -115,6 +125,21 @@ def survey(folder: Path, labels: LabelParams) -> Survey:
         )
     return Survey(files=len(relative_paths), labels={path: found[path] for path in infos}, infos=infos,
                   skipped=skipped, unmatched=unmatched)
+
+
+def corrected_survey(found: Survey, corrections: Path | None) -> tuple[Survey, dict[str, Any]]:
+    """The survey with labels.corrections applied (the cleaner's relabel and exclude decisions), and
+    report.json's account of them."""
+    if corrections is None:
+        return found, {"file": None, "relabelled": 0, "excluded": 0, "ignored": []}
+    source = f"labels.corrections {corrections}"
+    folder_files = [*found.labels, *(entry["path"] for entry in found.skipped), *found.unmatched]
+    labels, done = data.apply_corrections(found.labels, data.load_corrections(corrections),
+                                          folder_files=folder_files, source=source)
+    if not labels:
+        raise PetpipeError(f"{source} excludes every image; remove some exclude rows")
+    infos = {path: found.infos[path] for path in labels}
+    return replace(found, labels=labels, infos=infos), {"file": str(corrections), **done}
 
 
 def split_index(found: Survey, split: SplitParams) -> tuple[pd.DataFrame, list[str]]:
@@ -158,7 +183,7 @@ def _warnings(
 
 def _report(
     index: pd.DataFrame, counts: pd.DataFrame, *, survey: Survey, leaks: list[dict[str, str]], moved: list[str],
-    warnings: list[str],
+    warnings: list[str], corrections: dict[str, Any],
 ) -> dict[str, Any]:
     return {
         "images": len(index),
@@ -171,6 +196,8 @@ def _report(
         "leaks": leaks,
         # Images the split put in valid, moved to train because their class had no training image.
         "moved_to_train": moved,
+        # labels.corrections applied: images relabelled and excluded, corrections naming unlabelled files.
+        "corrections": corrections,
         "warnings": warnings,
     }
 
