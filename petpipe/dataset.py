@@ -18,23 +18,28 @@ from petpipe.data import class_names, load_index
 from petpipe.distributed import barrier
 from petpipe.errors import PetpipeError
 from petpipe.hardware import Runtime
-from petpipe.pixels import load_pixels
+from petpipe.pixels import load_pixels, load_wide_pixels
 
 
 @dataclass
 class ImageSet:
     """Presized uint8 pixels (N, 3, P, P) and class ids (N,), on the training device.
 
-    `features`, when set, holds the frozen body's pooled output (N, 2C) for each
-    image, computed once: the head then trains on it without running the body.
+    `features`, when set, holds the frozen body's pooled output (V, N, 2C) of V
+    views of each image (the first its evaluation view), computed once: the head
+    then trains on them without running the body.
     """
 
     pixels: torch.Tensor
     targets: torch.Tensor
     features: torch.Tensor | None = None
+    # (N, 2) for pixels in the wide layout of pixels.decode_wide (train.augment.presize_crop random):
+    # the fraction of the width each photo fills, and 1.0 where it is stored transposed.
+    geometry: torch.Tensor | None = None
 
     @classmethod
-    def from_cache(cls, pixels: np.ndarray, targets: np.ndarray, device: torch.device) -> ImageSet:
+    def from_cache(cls, pixels: np.ndarray, targets: np.ndarray, device: torch.device,
+                   geometry: np.ndarray | None = None) -> ImageSet:
         """On a CPU the tensor is the (copy-on-write) memory map itself: batches copy only their own
         images, and the OS pages the rest in and out. On a GPU the whole set is copied to the device once."""
         subset = torch.from_numpy(pixels)
@@ -42,7 +47,12 @@ class ImageSet:
             subset = subset.pin_memory().to(device, non_blocking=True)
         elif device.type != "cpu":
             subset = subset.to(device)
-        return cls(subset, torch.as_tensor(targets, dtype=torch.long, device=device))
+        shapes = None if geometry is None else torch.from_numpy(np.asarray(geometry, dtype=np.float32))
+        return cls(subset, torch.as_tensor(targets, dtype=torch.long, device=device), geometry=shapes)
+
+    def geometry_of(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """The wide-layout geometry of the given rows (None for square pixels)."""
+        return None if self.geometry is None else self.geometry[rows.cpu()]
 
     def __len__(self) -> int:
         return self.targets.shape[0]
@@ -54,6 +64,7 @@ class Dataset:
     train: ImageSet
     valid: ImageSet
     index: pd.DataFrame
+    folder: Path  # the images folder index.csv's paths are relative to
 
     def rows(self, split: str) -> pd.DataFrame:
         """index.csv's rows of one split, in the order of that split's ImageSet."""
@@ -61,11 +72,13 @@ class Dataset:
 
 
 def load_dataset(index_path: Path, images: Path, *, presize: int, runtime: Runtime, workers: int,
-                 classes: Sequence[str] | None = None) -> Dataset:
+                 classes: Sequence[str] | None = None, wide_train: bool = False) -> Dataset:
     """The indexed images as train and valid ImageSets on the runtime's device, decoded once into the
     pixel cache.
 
     `classes` fixes the class order (a checkpoint's); by default it is index-labels' sorted labels.
+    wide_train: the training split keeps each photo's long side (pixels.decode_wide), for
+    train.augment.presize_crop random.
     """
     world, device = runtime.world, runtime.device
     index = load_index(index_path)
@@ -84,12 +97,17 @@ def load_dataset(index_path: Path, images: Path, *, presize: int, runtime: Runti
     if not world.is_main:
         barrier()  # rank 0 decodes the images into the cache first; the others then map it
     # One cache per split, so that each split is one contiguous memory map that batches index directly.
-    pixels = {split: load_pixels([paths[row] for row in chosen], list(index["hash"].iloc[chosen]), presize,
-                                 workers=workers) for split, chosen in rows.items()}
+    pixels, geometry = {}, {}
+    for split, chosen in rows.items():
+        files, hashes = [paths[row] for row in chosen], list(index["hash"].iloc[chosen])
+        if split == "train" and wide_train:
+            pixels[split], geometry[split] = load_wide_pixels(files, hashes, presize, workers=workers)
+        else:
+            pixels[split] = load_pixels(files, hashes, presize, workers=workers)
     if world.is_main and world.distributed:
         barrier()
 
     def subset(split: str) -> ImageSet:
-        return ImageSet.from_cache(pixels[split], class_ids[rows[split]], device)
+        return ImageSet.from_cache(pixels[split], class_ids[rows[split]], device, geometry.get(split))
 
-    return Dataset(classes=classes, train=subset("train"), valid=subset("valid"), index=index)
+    return Dataset(classes=classes, train=subset("train"), valid=subset("valid"), index=index, folder=Path(images))

@@ -35,56 +35,112 @@ def choose_device(name: str) -> torch.device:
 def configure_threads(world: World = World()) -> None:
     """Every core for intra-op parallelism (the pixel cache leaves no loader work to overlap),
     shared fairly when several processes run on one machine."""
+    torch.set_num_threads(available_cores(world))
+
+
+def available_cores(world: World = World()) -> int:
+    """The cores this process may use: its CPU affinity, shared fairly among the ranks on one machine."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", world.size if world.distributed else 1))
-    torch.set_num_threads(max(1, cores // max(local_processes, 1)))
+    return max(1, cores // max(local_processes, 1))
+
+
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
+@dataclass(frozen=True)
+class Levers:
+    """How a stage computes: the arithmetic of training, the memory format and the threads.
+
+    Stages that train resolve `train.precision`, `train.memory_format` and
+    `train.threads` into these (petpipe/levers.py); inference keeps the defaults:
+    autocast "auto" (bfloat16 on GPUs, float32 on CPUs) in channels_last.
+    """
+
+    precision: str = "auto"  # of training: float32 or bfloat16 once chosen
+    memory_format: str = "channels_last"
+    threads: int = 0  # 0: as configure_threads set them
+    chosen_by: str = "default"  # params, hardware, timed, or timed earlier (a cached choice)
+
+    @property
+    def torch_memory_format(self) -> torch.memory_format:
+        return MEMORY_FORMATS[self.memory_format]
+
+    def describe(self) -> str:
+        threads = f", {self.threads} threads" if self.threads else ""
+        return f"{self.precision}, {self.memory_format}{threads} ({self.chosen_by})"
 
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where a stage computes: this process's place among the ranks, and its device."""
+    """Where and how a stage computes: this process's place among the ranks, its device, its levers."""
 
     world: World
     device: torch.device
+    levers: Levers = Levers()
 
     @classmethod
     def start(cls, train: TrainParams, *, distributed: bool) -> Runtime:
-        """Join torchrun's process group (training stages), size the thread pool, pick the device."""
+        """Join torchrun's process group (training stages), size the thread pool, pick the device,
+        and allow only deterministic algorithms where train.deterministic asks for them."""
+        use_deterministic_algorithms(train.deterministic)
         world = init_world(train.device) if distributed else World()
         configure_threads(world)
         return cls(world=world, device=device_for(world, choose_device(train.device)))
 
 
-def memory_format(device: torch.device) -> torch.memory_format:
-    """channels_last everywhere: tensor cores on GPUs want it, and on this project's AMX CPU it made
-    EfficientNet-Lite0's training steps 1.3x faster (benchmarks/levers.py)."""
-    return torch.channels_last
+def use_deterministic_algorithms(on: bool) -> None:
+    """torch.use_deterministic_algorithms, with what CUDA needs for it: cuBLAS's fixed workspace
+    (read when CUDA starts) and no cuDNN benchmarking (which picks kernels by timing)."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(on)
 
 
-def to_device(model: nn.Module, device: torch.device) -> nn.Module:
-    return model.to(device).to(memory_format=memory_format(device))
+def to_device(model: nn.Module, device: torch.device, memory_format: str = "channels_last") -> nn.Module:
+    """channels_last by default: tensor cores on GPUs want it (training stages choose per machine)."""
+    return model.to(device).to(memory_format=MEMORY_FORMATS[memory_format])
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_has_amx() -> bool:
-    """Intel AMX tiles run bfloat16 matrix products natively (oneDNN uses them for convolutions)."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux), empty where /proc/cpuinfo is not readable."""
     try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return frozenset()
+    line = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
+    return frozenset(line.split(":", 1)[-1].split())
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_name() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    line = next((line for line in text.splitlines() if line.startswith("model name")), "")
+    return line.split(":", 1)[-1].strip() or "unknown CPU"
+
+
+def cpu_runs_bfloat16() -> bool:
+    """Intel AMX tiles or AVX-512 BF16 run bfloat16 matrix products natively; without them autocast
+    emulates bfloat16 and is slower than float32."""
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
 def autocast_dtype(device: torch.device, precision: str, *, training: bool) -> torch.dtype | None:
     """The dtype autocast runs in, or None for float32.
 
-    auto: bfloat16 on GPUs (no loss scaling needed); on CPUs, bfloat16 for
-    training where AMX runs it natively (1.7x faster measured on
-    EfficientNet-Lite0 here) and float32 for inference, so evaluate, predict
-    and exported ONNX models agree to 1e-4.
+    auto (inference, and training before levers are chosen): bfloat16 on GPUs
+    (no loss scaling needed) and float32 on CPUs, so evaluate, predict and
+    exported ONNX models agree to 1e-4. Training resolves auto per machine
+    (petpipe/levers.py) into float32 or bfloat16.
     """
     if precision == "float32":
         return None
-    if precision == "bfloat16" or device.type == "cuda" or (training and device.type == "cpu" and cpu_has_amx()):
+    if precision == "bfloat16" or device.type == "cuda":
         return torch.bfloat16
     return None
 

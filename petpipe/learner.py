@@ -7,6 +7,7 @@ rank 0 alone writes files and logs to MLflow.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,11 @@ from petpipe.atomic import save_figure, write_csv, write_json
 from petpipe.checkpoint import Checkpoint, save_checkpoint
 from petpipe.dataset import Dataset
 from petpipe.distributed import barrier
-from petpipe.hardware import Runtime
+from petpipe.hardware import Runtime, to_device
+from petpipe.levers import choose_levers
 from petpipe.models import Classifier
-from petpipe.params import TrainParams
-from petpipe.progress import progress_bar
+from petpipe.params import Params, TrainParams
+from petpipe.progress import EpochTable, progress_bar
 from petpipe.resume import ResumeFile
 from petpipe.spec import ModelSpec
 from petpipe.stages import path_option
@@ -42,14 +44,19 @@ class TrainedOutputs:
 
 @dataclass(frozen=True)
 class Learner:
-    """fastai's Learner for one stage: the model and its spec, the data, `params.train`, the runtime."""
+    """fastai's Learner for one stage: the model and its spec, the data, the stage's params, the runtime."""
 
     stage: str
     model: Classifier
     spec: ModelSpec
     data: Dataset
-    settings: TrainParams
+    params: Params
     runtime: Runtime
+
+    @property
+    def settings(self) -> TrainParams:
+        """params.train: what every training stage shares."""
+        return self.params.train
 
     @property
     def views(self) -> Views:
@@ -81,40 +88,48 @@ def fit_and_save(learner: Learner, phase: Phase, record: Record) -> dict[str, An
     if resumed is not None:
         learner.model.load_state_dict(resumed.state_dict)
     main = learner.runtime.world.is_main
-    with (tracking.stage_run(learner.stage, params=record.used) if main else tracking.no_run(learner.stage)) as log:
-        hooks = FitHooks(on_epoch_end=_saving_each_epoch(learner, record, resume_file, log) if main else None,
+    to_device(learner.model, learner.runtime.device)
+    runtime = choose_levers(learner.runtime, learner.model, learner.data.train, learner.views, learner.settings)
+    tracked = tracking.stage_run(learner.stage, params=record.used, settings=learner.params)
+    with (tracked if main else tracking.no_run(learner.stage)) as log:
+        log.log_params({"levers": dataclasses.asdict(runtime.levers)})
+        table = EpochTable(learner.stage, phase.epochs)
+        if main:
+            table.show(table.header())
+        hooks = FitHooks(on_epoch_end=_saving_each_epoch(learner, record, resume_file, log, table) if main else None,
                          progress=progress_bar(learner.stage) if main else None)
         history = fit(learner.model, learner.data, views=learner.views, phase=phase, settings=learner.settings,
-                      world=learner.runtime.world, resume=FitState(**resumed.resume) if resumed else None,
-                      hooks=hooks)
+                      runtime=runtime, resume=FitState(**resumed.resume) if resumed else None, hooks=hooks)
         metrics = final_metrics(history, stage=learner.stage)
         if main:
             write_training_outputs(record.outputs, learner.checkpoint(record.used, history), metrics,
                                    title=record.title)
             log.log_artifacts([record.outputs.metrics, record.outputs.history, record.outputs.plot])
-            _log_model(learner, log, registered_name=record.register_as)
+            _log_model(learner, log, record)
     if main:
         resume_file.clear()
     barrier()
     return metrics
 
 
-def _saving_each_epoch(learner: Learner, record: Record, resume_file: ResumeFile,
-                       log: tracking.StageRun) -> Callable[[FitState], None]:
+def _saving_each_epoch(learner: Learner, record: Record, resume_file: ResumeFile, log: tracking.StageRun,
+                       table: EpochTable) -> Callable[[FitState], None]:
     def on_epoch_end(state: FitState) -> None:
         resume_file.save(learner.checkpoint(record.used, state.history, state.to_dict()))
         row = state.history[-1]
+        table.show(table.line(row))
         log.log_metrics({key: value for key, value in row.items() if key != "epoch"}, step=int(row["epoch"]))
 
     return on_epoch_end
 
 
-def _log_model(learner: Learner, log: tracking.StageRun, *, registered_name: str | None) -> None:
+def _log_model(learner: Learner, log: tracking.StageRun, record: Record) -> None:
+    """The checkpoint just written, as an MLflow model that takes photos; a validation photo as its example."""
     data, spec = learner.data, learner.spec
-    example = learner.views.evaluate(data.valid.pixels[:1] if len(data.valid) else data.train.pixels[:1])
-    log.log_model(learner.model, input_example=example.cpu().numpy(), registered_name=registered_name,
-                  metadata={"classes": list(spec.classes), "img_size": spec.img_size, "mean": list(spec.mean),
-                            "std": list(spec.std)})
+    rows = data.rows("valid") if len(data.valid) else data.rows("train")
+    log.log_model(record.outputs.model, example=data.folder / rows["path"].iloc[0], registered_name=record.register_as,
+                  metadata={"classes": list(spec.classes), "img_size": spec.img_size, "presize": spec.presize,
+                            "eval_crop": spec.eval_crop, "mean": list(spec.mean), "std": list(spec.std)})
 
 
 def final_metrics(history: list[dict[str, float]], *, stage: str) -> dict[str, Any]:

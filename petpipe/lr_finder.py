@@ -14,9 +14,10 @@ import numpy as np
 import torch
 
 from petpipe.dataset import ImageSet
-from petpipe.models import Classifier, set_train_mode
-from petpipe.optim import ADAM_BETAS, ADAM_EPS
+from petpipe.models import Classifier
+from petpipe.optim import make_optimizer
 from petpipe.params import LrFindParams, TrainParams
+from petpipe.progress import Progress
 from petpipe.training import batch_indices, training_step
 from petpipe.views import Views
 
@@ -24,33 +25,39 @@ SMOOTHING = 0.98  # fastai's Recorder smooths the loss with this exponential mov
 
 
 def sweep_lrs(start_lr: float, end_lr: float, num_it: int) -> np.ndarray:
-    """num_it learning rates growing exponentially from start_lr to end_lr."""
-    return start_lr * (end_lr / start_lr) ** (np.arange(num_it) / max(num_it - 1, 1))
+    """num_it learning rates growing exponentially from start_lr towards end_lr.
+
+    As fastai's LRFinder (SchedExp at train_iter / num_it), the last one stops a step short of end_lr.
+    """
+    return start_lr * (end_lr / start_lr) ** (np.arange(num_it) / num_it)
 
 
 def lr_sweep(model: Classifier, images: ImageSet, *, views: Views, sweep: LrFindParams, settings: TrainParams,
-             generator: torch.Generator) -> dict[str, list[float]]:
+             precision: str, generator: torch.Generator, progress: Progress | None = None) -> dict[str, list[float]]:
     """Train one batch per learning rate from sweep.start_lr to sweep.end_lr; stop when the smoothed loss
-    exceeds sweep.stop_div x its minimum. Batch size, weight decay and precision come from `settings`.
+    exceeds sweep.stop_div x its minimum. Its batch size is sweep.batch_size (0: settings.batch_size) and
+    its weight decay settings.weight_decay; the model
+    trains in the mode it is given (`models.set_train_mode`: BatchNorm statistics updated or fixed).
 
     Returns {"lr", "loss", "smoothed_loss"}, one entry per batch trained.
     """
-    set_train_mode(model, freeze_bn_stats=False)
     device = images.pixels.device
-    batch_size = min(settings.batch_size, len(images))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=sweep.start_lr, betas=ADAM_BETAS, eps=ADAM_EPS,
-                                  weight_decay=settings.weight_decay)
+    batch_size = min(sweep.batch_size or settings.batch_size, len(images))
+    # The optimiser training uses (fastai's lr_find uses the Learner's): no decay on BatchNorm and biases.
+    optimizer = make_optimizer(model, group_lrs=dict.fromkeys(model.layer_groups(), sweep.start_lr),
+                               weight_decay=settings.weight_decay)
     record: dict[str, list[float]] = {"lr": [], "loss": [], "smoothed_loss": []}
     average, best = 0.0, math.inf
     batches: list[torch.Tensor] = []
-    for iteration, lr in enumerate(sweep_lrs(sweep.start_lr, sweep.end_lr, sweep.num_it)):
+    lrs = sweep_lrs(sweep.start_lr, sweep.end_lr, sweep.num_it)
+    for iteration, lr in enumerate(progress(iter(lrs), len(lrs)) if progress else lrs):
         if not batches:  # as many epochs as num_it needs
             batches = batch_indices(len(images), batch_size, shuffle=True, drop_last=True, generator=generator)
         rows = batches.pop(0).to(device)
         for group in optimizer.param_groups:
             group["lr"] = float(lr)
-        inputs = views.train(images.pixels[rows], generator)
-        value = training_step(model, optimizer, inputs, images.targets[rows], precision=settings.precision)
+        inputs = views.train(images.pixels[rows], generator, images.geometry_of(rows))
+        value = training_step(model, optimizer, inputs, images.targets[rows], precision=precision)
         average = SMOOTHING * average + (1 - SMOOTHING) * value
         smoothed = average / (1 - SMOOTHING ** (iteration + 1))  # debiased, as fastai's
         record["lr"].append(float(lr))

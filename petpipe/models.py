@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib.metadata
-import math
 from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -118,13 +117,20 @@ class Classifier(nn.Module):
         return pooled
 
     def layer_groups(self) -> dict[str, list[str]]:
-        """Early body, late body and head, by module name (fastai's splitter, chosen by name)."""
-        half = math.ceil(len(self._unit_names) / 2)
-        return {
-            "body_early": [f"body.{name}" for name in self._unit_names[:half]],
-            "body_late": [f"body.{name}" for name in self._unit_names[half:]],
-            "head": ["head"],
-        }
+        """Parameter groups for discriminative learning rates, by module name, as fastai splits them.
+
+        torchvision ResNets: stem to layer2, layer3 and layer4, head (fastai's _resnet_split); every
+        other body: body, head (fastai's default_split, which timm models get), so the tutorial's
+        slice(1e-6, 1e-4) gives the ResNet groups 1e-6, 1e-5, 1e-4 and other bodies 1e-6, 1e-4.
+        """
+        if "layer3" in self._unit_names:
+            late = self._unit_names.index("layer3")
+            return {
+                "body_early": [f"body.{name}" for name in self._unit_names[:late]],
+                "body_late": [f"body.{name}" for name in self._unit_names[late:]],
+                "head": ["head"],
+            }
+        return {"body": [f"body.{name}" for name in self._unit_names], "head": ["head"]}
 
     def layer_group_parameters(self) -> dict[str, list[nn.Parameter]]:
         modules = dict(self.named_modules())

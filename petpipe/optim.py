@@ -56,11 +56,12 @@ def one_cycle(progress: float, *, pct_start: float = 0.25, div: float = 25.0, fi
     """fastai's fit_one_cycle learning rate, as a fraction of the peak (Smith 2018, arXiv:1803.09820).
 
     Cosine warm-up from peak/div over the first pct_start of training, then
-    cosine annealing to peak/(div * final_div).
+    cosine annealing to peak/final_div (fastai's combined_cos(pct_start,
+    lr_max/div, lr_max, lr_max/div_final)).
     """
     if progress < pct_start:
         return _cosine(1 / div, 1.0, progress / pct_start)
-    return _cosine(1.0, 1 / (div * final_div), (progress - pct_start) / (1 - pct_start))
+    return _cosine(1.0, 1 / final_div, (progress - pct_start) / (1 - pct_start))
 
 
 def one_cycle_momentum(progress: float, *, pct_start: float = 0.25, high: float = 0.95, low: float = 0.85) -> float:

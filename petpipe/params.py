@@ -1,8 +1,9 @@
 """params.yaml, loaded once into frozen, typed objects.
 
-An unknown key, a missing key, a wrong type or an impossible value stops
-before any work with one line naming the file, the key, the value and what
-is allowed. The defaults live in params.yaml only: no field here has one.
+An unknown key, a key written twice, a missing key, a wrong type or an
+impossible value stops before any work with one line naming the file, the
+key, the value and what is allowed. The defaults live in params.yaml only:
+no field here has one.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from petpipe.yamlfile import DuplicateKeyError, parse_yaml
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -70,7 +73,8 @@ class ModelParams(_Section):
     arch: str
     weights: str
     img_size: Annotated[int, Field(ge=16, le=2048)]
-    presize_ratio: Annotated[float, Field(ge=1.0, le=2.0)]
+    presize_ratio: Annotated[float, Field(ge=1.0, le=3.0)]
+    eval_crop: Annotated[float, Field(gt=0, le=1)]
     head_hidden: PositiveInt
     head_dropout: Annotated[float, Field(ge=0, lt=1)]
     train_bn: bool
@@ -92,10 +96,13 @@ class ModelParams(_Section):
 
 
 class AugmentParams(_Section):
+    presize_crop: Literal["random", "center"]
     min_scale: Annotated[float, Field(gt=0, le=1)]
+    max_aspect: Annotated[float, Field(ge=1, le=4)]
     flip: bool
     max_rotate: Annotated[float, Field(ge=0, le=180)]
     max_zoom: Annotated[float, Field(ge=1, le=4)]
+    max_warp: Annotated[float, Field(ge=0, lt=1)]
     max_lighting: Annotated[float, Field(ge=0, lt=1)]
     p_affine: Probability
     p_lighting: Probability
@@ -104,6 +111,9 @@ class AugmentParams(_Section):
 class TrainParams(_Section):
     device: str
     precision: Literal["auto", "float32", "bfloat16"]
+    memory_format: Literal["auto", "channels_last", "contiguous"]
+    threads: NonNegativeInt
+    deterministic: bool
     seed: int
     batch_size: PositiveInt
     decode_workers: NonNegativeInt
@@ -127,6 +137,7 @@ class TrainHeadParams(_Section):
     lr: PositiveFloat
     schedule: Schedule
     cache_features: bool
+    feature_views: Annotated[int, Field(ge=1, le=64)]
 
 
 Suggestion = Literal["valley", "slide", "minimum", "steep"]
@@ -136,6 +147,7 @@ class LrFindParams(_Section):
     start_lr: PositiveFloat
     end_lr: PositiveFloat
     num_it: Annotated[int, Field(ge=5)]
+    batch_size: NonNegativeInt
     stop_div: Annotated[float, Field(gt=1)]
     suggestion: Suggestion
 
@@ -274,12 +286,19 @@ def parse_params(raw: Any, path: Path | str = "params.yaml") -> Params:
 def load_params(path: Path | str = "params.yaml") -> Params:
     """Read and validate params.yaml."""
     path = Path(path)
+    return parse_params(read_params_file(path), path)
+
+
+def read_params_file(path: Path) -> Any:
+    """params.yaml as plain data, unvalidated: what load_params and tracking both read (one reader,
+    so both refuse the same mistakes: a file not found, YAML tags, a key written twice)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found; run petpipe from the project folder or pass --params") from None
     try:
-        raw = yaml.safe_load(text)
+        return parse_yaml(text, str(path))
+    except DuplicateKeyError as error:
+        raise ParamsError(str(error)) from None
     except yaml.YAMLError as error:
         raise ParamsError(f"{path}: not valid YAML ({error})".replace("\n", " ")) from None
-    return parse_params(raw, path)

@@ -19,6 +19,7 @@ from PIL import Image, ImageOps
 
 from petpipe.atomic import atomic_path
 from petpipe.errors import PetpipeError
+from petpipe.paths import petpipe_folder
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,38 @@ def decode_image(path: Path | str, size: int) -> np.ndarray:
         image = _to_rgb(image)
         image = ImageOps.fit(image, (size, size), method=Image.Resampling.BILINEAR)
         return np.asarray(image, dtype=np.uint8)
+
+
+# The widest photo a "wide" cache keeps whole: 3:2 (wider ones lose the ends of their long side).
+WIDE_RATIO = 1.5
+
+
+def wide_side(size: int) -> int:
+    """The stored long side of a wide cache at `size`."""
+    return int(round(size * WIDE_RATIO))
+
+
+def decode_wide(path: Path | str, size: int) -> tuple[np.ndarray, float, bool]:
+    """The image with its short side resized to `size` and its long side kept (up to WIDE_RATIO x size),
+    laid out long side across: (3, size, wide_side(size)) uint8, the fraction of that width the photo
+    fills (centred, the rest its mirror image), and whether it was transposed (a portrait photo).
+
+    Training then takes the presized square anywhere along the long side (fastai's Resize in training).
+    """
+    width = wide_side(size)
+    with Image.open(path) as image:
+        refuse_decompression_bomb(image)
+        image.draft("RGB", (size, size))
+        image = _to_rgb(ImageOps.exif_transpose(image))
+        transposed = image.height > image.width
+        if transposed:
+            image = image.transpose(Image.Transpose.TRANSPOSE)
+        long = min(max(int(round(size * image.width / image.height)), size), width)
+        image = ImageOps.fit(image, (long, size), method=Image.Resampling.BILINEAR)
+        pixels = np.asarray(image, dtype=np.uint8)  # (size, long, 3)
+    left = (width - long) // 2
+    pixels = np.pad(pixels, ((0, 0), (left, width - long - left), (0, 0)), mode="reflect")
+    return pixels.transpose(2, 0, 1), long / width, transposed
 
 
 def refuse_decompression_bomb(image: Image.Image) -> None:
@@ -69,16 +102,18 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def cache_key(content_hashes: Sequence[str], size: int) -> str:
-    """Identify a cache by the exact bytes of its images, their order and the size."""
-    digest = hashlib.sha256(f"v1:{size}:".encode())
+def cache_key(content_hashes: Sequence[str], size: int, layout: str = "") -> str:
+    """Identify a cache by the exact bytes of its images, their order, the size and the layout."""
+    digest = hashlib.sha256(f"v1:{size}:{layout}".encode() if layout else f"v1:{size}:".encode())
     for content_hash in content_hashes:
         digest.update(content_hash.encode())
     return digest.hexdigest()[:24]
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("PETPIPE_CACHE_DIR", ".petpipe/cache"))
+    """PETPIPE_CACHE_DIR, else .petpipe/cache at the project root (shared by queued experiments)."""
+    configured = os.environ.get("PETPIPE_CACHE_DIR")
+    return Path(configured) if configured else petpipe_folder() / "cache"
 
 
 DEFAULT_CACHE_GB = 20.0
@@ -112,19 +147,50 @@ def load_pixels(
     The map is copy-on-write: reading pages them in from the file (the OS may
     drop them again under memory pressure), and writing to it never reaches the file.
     """
+    target = _cache_file(cache_dir, f"pixels-{cache_key(content_hashes, size)}.npy")
+    if not target.exists():
+        _make_room(target.parent, len(paths) * 3 * size * size, len(paths), size)
+        _build_cache(paths, size, target, workers or os.cpu_count() or 1)
+    return _map(target)
+
+
+def load_wide_pixels(
+    paths: Sequence[Path],
+    content_hashes: Sequence[str],
+    size: int,
+    *,
+    cache_dir: Path | None = None,
+    workers: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """As load_pixels, for `decode_wide` layouts: (N, 3, size, wide_side(size)) uint8 and, per image,
+    (fraction of the width the photo fills, 1.0 if transposed else 0.0) as (N, 2) float32."""
+    key = cache_key(content_hashes, size, layout=f"wide{wide_side(size)}")
+    target = _cache_file(cache_dir, f"pixels-{key}.npy")
+    geometry = target.with_name(f"geometry-{key}.npy")
+    if not (target.exists() and geometry.exists()):
+        _make_room(target.parent, len(paths) * 3 * size * wide_side(size), len(paths), size)
+        _build_cache(paths, size, target, workers or os.cpu_count() or 1, geometry=geometry)
+    return _map(target), np.load(geometry)
+
+
+def _cache_file(cache_dir: Path | None, name: str) -> Path:
     cache_dir = cache_dir or default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cache_dir / f"pixels-{cache_key(content_hashes, size)}.npy"
+    target = cache_dir / name
     if target.exists():
         os.utime(target)  # recently used: the last to be evicted
-    else:
-        limit = cache_limit_bytes()
-        needed = len(paths) * 3 * size * size
-        if needed > limit:
-            log.warning("the pixel cache of %d images at %d px needs %.1f GB, over PETPIPE_CACHE_GB (%.1f GB); "
-                        "building it anyway", len(paths), size, needed / 1e9, limit / 1e9)
-        evict_caches(cache_dir, limit=max(limit - needed, 0), keep=_IN_USE)
-        _build_cache(paths, size, target, workers or os.cpu_count() or 1)
+    return target
+
+
+def _make_room(cache_dir: Path, needed: int, count: int, size: int) -> None:
+    limit = cache_limit_bytes()
+    if needed > limit:
+        log.warning("the pixel cache of %d images at %d px needs %.1f GB, over PETPIPE_CACHE_GB (%.1f GB); "
+                    "building it anyway", count, size, needed / 1e9, limit / 1e9)
+    evict_caches(cache_dir, limit=max(limit - needed, 0), keep=_IN_USE)
+
+
+def _map(target: Path) -> np.ndarray:
     _IN_USE.add(target.resolve())
     return np.load(target, mmap_mode="c")
 
@@ -145,6 +211,7 @@ def evict_caches(cache_dir: Path, *, limit: int, keep: set[Path] = frozenset()) 
             continue
         size = path.stat().st_size
         path.unlink(missing_ok=True)
+        path.with_name(path.name.replace("pixels-", "geometry-", 1)).unlink(missing_ok=True)  # a wide cache's
         total -= size
         evicted.append(path)
         log.info("evicted the least recently used pixel cache %s (%.2f GB)", path, size / 1e9)
@@ -156,24 +223,39 @@ def _decode_into(args: tuple[str, int]) -> np.ndarray:
     return decode_image(path, size).transpose(2, 0, 1)  # (3, P, P)
 
 
-def _build_cache(paths: Sequence[Path], size: int, target: Path, workers: int) -> None:
+def _decode_wide_into(args: tuple[str, int]) -> tuple[np.ndarray, float, bool]:
+    return decode_wide(*args)
+
+
+def _build_cache(paths: Sequence[Path], size: int, target: Path, workers: int, *,
+                 geometry: Path | None = None) -> None:
+    """Decode every image into `target` (and, for a wide layout, each one's geometry into `geometry`)."""
     from tqdm import tqdm
 
     log.info("decoding %d images once into %s", len(paths), target)
+    width = size if geometry is None else wide_side(size)
+    decode = _decode_into if geometry is None else _decode_wide_into
+    shapes = np.zeros((len(paths), 2), dtype=np.float32)
     with atomic_path(target) as temporary:
         # open_memmap writes straight to disk: the full pets set at 256 px is 1.4 GB, never all in RAM.
-        array = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size))
+        array = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, width))
         jobs = [(str(path), size) for path in paths]
         progress = tqdm(total=len(jobs), desc="decode", unit="img", leave=False)
-        if workers > 1 and len(jobs) > 64:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                for position, pixels in enumerate(pool.map(_decode_into, jobs, chunksize=16)):
-                    array[position] = pixels
-                    progress.update()
-        else:
-            for position, job in enumerate(jobs):
-                array[position] = _decode_into(job)
+        pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 and len(jobs) > 64 else None
+        try:
+            results = pool.map(decode, jobs, chunksize=16) if pool else map(decode, jobs)
+            for position, result in enumerate(results):
+                if geometry is None:
+                    array[position] = result
+                else:
+                    array[position], shapes[position, 0], shapes[position, 1] = result
                 progress.update()
+        finally:
+            if pool:
+                pool.shutdown()
         progress.close()
         array.flush()
         del array
+        if geometry is not None:
+            with atomic_path(geometry) as geometry_temporary, geometry_temporary.open("wb") as file:
+                np.save(file, shapes)

@@ -73,8 +73,10 @@ class BundlePredictor:
         manifest = read_bundle(folder)
         self.classes = list(manifest["classes"])
         sizes = manifest["preprocessing"]
-        self.views = Views(size=int(sizes["img_size"]), presize=int(sizes["presize"]), mean=tuple(sizes["mean"]),
-                           std=tuple(sizes["std"]))
+        size, presize = int(sizes["img_size"]), int(sizes["presize"])
+        # Bundles from before eval_crop evaluated on the central img_size pixels.
+        self.views = Views(size=size, presize=presize, eval_crop=float(sizes.get("eval_crop", size / presize)),
+                           mean=tuple(sizes["mean"]), std=tuple(sizes["std"]))
         self.session = _onnx_session(folder / manifest["model"], device)
         self.input_name = manifest["input"]["name"]
 
@@ -230,10 +232,12 @@ def export_bundle(checkpoint_path: Path, out: Path, *, check_tolerance: float = 
                    "meaning": "unnormalised scores; softmax gives class probabilities"},
         "classes": list(spec.classes),
         "preprocessing": {
-            "img_size": spec.img_size, "presize": spec.presize, "mean": list(spec.mean), "std": list(spec.std),
+            "img_size": spec.img_size, "presize": spec.presize, "eval_crop": spec.eval_crop,
+            "mean": list(spec.mean), "std": list(spec.std),
             "steps": ["apply EXIF orientation, convert to RGB",
                       "resize the shorter side to presize and center-crop a presize square (bilinear)",
-                      "center-crop an img_size square",
+                      "center-crop eval_crop of that square's side and resize it to img_size "
+                      "(bilinear, align_corners; no resampling when the crop is img_size pixels)",
                       "scale to [0, 1], subtract mean and divide by std per channel"],
         },
         "arch": spec.arch,

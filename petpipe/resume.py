@@ -11,6 +11,7 @@ from typing import Any
 from petpipe.atomic import file_digest
 from petpipe.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from petpipe.errors import PetpipeError
+from petpipe.paths import petpipe_folder
 
 log = logging.getLogger(__name__)
 
@@ -19,11 +20,12 @@ class ResumeFile:
     """A checkpoint with the fit's state after its last completed epoch.
 
     DVC deletes a stage's outputs before rerunning it, so resume state lives in
-    `.petpipe/resume/`, keyed by everything the result depends on: a rerun with
+    `.petpipe/resume/` at the project root, keyed by everything the result depends on: a rerun with
     other params or inputs starts over instead of resuming a different run.
     """
 
-    def __init__(self, stage: str, *, params: dict[str, Any], inputs: list[Path], root: Path = Path(".petpipe/resume")):
+    def __init__(self, stage: str, *, params: dict[str, Any], inputs: list[Path], root: Path | None = None):
+        root = root or petpipe_folder() / "resume"
         digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
         for path in inputs:
             digest.update(file_digest(path).encode())

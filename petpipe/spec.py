@@ -31,6 +31,7 @@ class ModelSpec:
     head: HeadSpec
     img_size: int  # the square side the network sees
     presize: int  # the square side images are decoded and cached at, before cropping
+    eval_crop: float  # fraction of the presized side the evaluation view resizes to img_size
     mean: tuple[float, float, float]  # normalisation that belongs to the weights
     std: tuple[float, float, float]
 
@@ -39,7 +40,7 @@ class ModelSpec:
         mean, std = normalisation(model.arch, model.weights)
         return cls(arch=model.arch, weights=model.weights, classes=tuple(classes),
                    head=HeadSpec(hidden=model.head_hidden, dropout=model.head_dropout),
-                   img_size=model.img_size, presize=model.presize, mean=mean, std=std)
+                   img_size=model.img_size, presize=model.presize, eval_crop=model.eval_crop, mean=mean, std=std)
 
     @property
     def num_classes(self) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ from torch.utils.data import DistributedSampler
 from petpipe.dataset import Dataset, ImageSet
 from petpipe.distributed import World, all_reduce_sum
 from petpipe.errors import PetpipeError
-from petpipe.hardware import autocast, compiled, to_device
+from petpipe.hardware import Runtime, autocast, compiled, to_device
 from petpipe.models import Classifier, set_train_mode
 from petpipe.optim import Schedule, make_optimizer, make_scheduler
 from petpipe.params import TrainParams
@@ -39,7 +39,9 @@ class Phase:
     schedule: str  # one_cycle (fastai's fit_one_cycle) or constant (fastai's fit)
     freeze_bn_stats: bool  # the body's BatchNorm layers keep their running statistics
     seed: int  # shuffling, augmentation and dropout
-    cache_features: bool = False  # the body is frozen and fixed: run it once and train the head on its features
+    # The body is frozen and fixed: run it once over this many views of each image (the first the
+    # evaluation view, the others augmented) and train the head on their features; 0 runs it every step.
+    feature_views: int = 0
 
 
 @dataclass
@@ -128,12 +130,14 @@ def train_one_epoch(loop: Loop, images: ImageSet, batches: list[torch.Tensor],
     device = images.pixels.device
     total_loss, seen, peak_lr = 0.0, 0, 0.0
     iterator = progress(iter(batches), len(batches)) if progress else iter(batches)
+    if images.features is not None:  # one of the cached views of each image this epoch
+        view_of = torch.randint(images.features.shape[0], (len(images),), generator=loop.generator).to(device)
     for rows in iterator:
         rows = rows.to(device)
         if images.features is not None:
-            inputs = images.features[rows]  # (B, 2C): the frozen body already ran, once
+            inputs = images.features[view_of[rows], rows]  # (B, 2C): the frozen body already ran, once
         else:
-            inputs = loop.views.train(images.pixels[rows], loop.generator)
+            inputs = loop.views.train(images.pixels[rows], loop.generator, images.geometry_of(rows))
         peak_lr = max(peak_lr, loop.optimizer.param_groups[-1]["lr"])
         loss = training_step(loop.trained, loop.optimizer, inputs, images.targets[rows], precision=loop.precision)
         loop.scheduler.step()
@@ -155,7 +159,7 @@ def predict(model: nn.Module, images: ImageSet, *, batch_size: int, views: Views
     for rows in batch_indices(len(images), batch_size, shuffle=False, drop_last=False):
         rows = rows.to(device)
         if images.features is not None:
-            inputs = images.features[rows]
+            inputs = images.features[0, rows]  # the evaluation view's
         else:
             inputs = views.evaluate(images.pixels[rows])
         with autocast(device, precision):
@@ -165,18 +169,22 @@ def predict(model: nn.Module, images: ImageSet, *, batch_size: int, views: Views
 
 
 @torch.inference_mode()
-def with_features(model: Classifier, images: ImageSet, *, batch_size: int, views: Views,
-                  precision: str = "auto") -> ImageSet:
-    """The same images with the body's pooled features of their evaluation view, computed once."""
+def with_features(model: Classifier, images: ImageSet, *, batch_size: int, views: Views, precision: str = "auto",
+                  count: int = 1, generator: torch.Generator | None = None) -> ImageSet:
+    """The same images with the body's pooled features (count, N, 2C) of `count` views of each, computed
+    once: the evaluation view, then count - 1 training views (augmented, drawn from `generator`)."""
     model.eval()
     device = images.pixels.device
-    chunks = []
-    for rows in batch_indices(len(images), batch_size, shuffle=False, drop_last=False):
-        rows = rows.to(device)
-        with autocast(device, precision, training=True):
-            chunks.append(model.pooled_features(views.evaluate(images.pixels[rows])).float())
-    features = torch.cat(chunks) if chunks else torch.empty(0, device=device)
-    return ImageSet(images.pixels, images.targets, features)
+    features = []
+    for view in range(count):
+        chunks = []
+        for rows in batch_indices(len(images), batch_size, shuffle=False, drop_last=False):
+            pixels, geometry = images.pixels[rows.to(device)], images.geometry_of(rows)
+            batch = views.evaluate(pixels, geometry) if view == 0 else views.train(pixels, generator, geometry)
+            with autocast(device, precision, training=True):
+                chunks.append(model.pooled_features(batch).float())
+        features.append(torch.cat(chunks) if chunks else torch.empty(0, device=device))
+    return ImageSet(images.pixels, images.targets, torch.stack(features), images.geometry)
 
 
 def _sharded_validation(model: nn.Module, images: ImageSet, *, world: World, batch_size: int,
@@ -184,7 +192,7 @@ def _sharded_validation(model: nn.Module, images: ImageSet, *, world: World, bat
     """Each rank scores its share of the validation set; sums are reduced over ranks."""
     rows = torch.arange(world.rank, len(images), world.size)
     shard = ImageSet(images.pixels[rows.to(images.pixels.device)], images.targets[rows.to(images.targets.device)],
-                     None if images.features is None else images.features[rows.to(images.features.device)])
+                     None if images.features is None else images.features[:, rows.to(images.features.device)])
     logits = predict(model, shard, batch_size=batch_size, views=views)
     targets = shard.targets.cpu()
     loss_sum = F.cross_entropy(logits, targets, reduction="sum").item() if len(targets) else 0.0
@@ -206,19 +214,19 @@ def _batch_size(requested: int, train: ImageSet, world: World) -> int:
     return batch_size
 
 
-def _start_loop(model: Classifier, *, phase: Phase, settings: TrainParams, views: Views, world: World,
+def _start_loop(model: Classifier, *, phase: Phase, settings: TrainParams, views: Views, runtime: Runtime,
                 total_steps: int) -> Loop:
     optimizer = make_optimizer(model, group_lrs=phase.group_lrs, weight_decay=settings.weight_decay)
     scheduler = make_scheduler(optimizer, schedule=phase.schedule, total_steps=total_steps)
     # Augmentation differs per rank, like the images each rank sees.
-    generator = torch.Generator().manual_seed(phase.seed + world.rank)
+    generator = torch.Generator().manual_seed(phase.seed + runtime.world.rank)
     trained: nn.Module = model
-    if world.distributed:
+    if runtime.world.distributed:
         device = next(model.parameters()).device
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if settings.compile:
         trained = compiled(trained)
-    return Loop(trained, optimizer, scheduler, views, generator, settings.precision)
+    return Loop(trained, optimizer, scheduler, views, generator, runtime.levers.precision)
 
 
 def _resume(loop: Loop, state: FitState) -> tuple[int, list[dict[str, float]]]:
@@ -231,26 +239,30 @@ def _resume(loop: Loop, state: FitState) -> tuple[int, list[dict[str, float]]]:
 
 
 def fit(model: Classifier, data: Dataset, *, views: Views, phase: Phase, settings: TrainParams,
-        world: World = World(), resume: FitState | None = None, hooks: FitHooks = FitHooks(),
-        ) -> list[dict[str, float]]:
+        runtime: Runtime, resume: FitState | None = None, hooks: FitHooks = FitHooks()) -> list[dict[str, float]]:
     """Train for phase.epochs (fastai's fit_one_cycle or fit) and return the per-epoch history.
 
-    The model moves to the images' device. `resume` is a FitState from
-    `hooks.on_epoch_end`: the fit continues after its epoch and ends exactly as
-    an uninterrupted fit would. With several ranks (torchrun), the model trains
-    as DistributedDataParallel and every rank returns the same, reduced history.
-    `settings.compile` trains through torch.compile (validation and the saved
-    weights use the plain module).
+    The model moves to the images' device, in the runtime's memory format; the
+    levers (precision, memory format, threads) go into every history row.
+    `resume` is a FitState from `hooks.on_epoch_end`: the fit continues after
+    its epoch and ends exactly as an uninterrupted fit would. With several
+    ranks (torchrun), the model trains as DistributedDataParallel and every
+    rank returns the same, reduced history. `settings.compile` trains through
+    torch.compile (validation and the saved weights use the plain module).
     """
-    device = data.train.pixels.device
-    to_device(model, device)
+    world, levers, device = runtime.world, runtime.levers, data.train.pixels.device
+    to_device(model, device, levers.memory_format)
+    views = replace(views, memory_format=levers.memory_format)
     train, valid = data.train, data.valid
-    if phase.cache_features:  # the body is frozen and its BatchNorm fixed: run it once, not every epoch
-        train, valid = (with_features(model, images, batch_size=settings.batch_size * 2, views=views,
-                                      precision=settings.precision) for images in (train, valid))
+    if phase.feature_views:  # the body is frozen and its BatchNorm fixed: run it once, not every epoch
+        generator = torch.Generator().manual_seed(phase.seed - 1)  # the views' augmentation, not the loop's
+        train = with_features(model, train, batch_size=settings.batch_size * 2, views=views,
+                              precision=levers.precision, count=phase.feature_views, generator=generator)
+        valid = with_features(model, valid, batch_size=settings.batch_size * 2, views=views,
+                              precision=levers.precision)
     batch_size = _batch_size(settings.batch_size, train, world)
     steps_per_epoch = len(rank_batches(len(train), batch_size, world=world, seed=phase.seed, epoch=0))
-    loop = _start_loop(model, phase=phase, settings=settings, views=views, world=world,
+    loop = _start_loop(model, phase=phase, settings=settings, views=views, runtime=runtime,
                        total_steps=phase.epochs * steps_per_epoch)
     start_epoch, history = _resume(loop, resume) if resume is not None else (0, [])
     for epoch in range(start_epoch, phase.epochs):
@@ -266,6 +278,7 @@ def fit(model: Classifier, data: Dataset, *, views: Views, phase: Phase, setting
             "epoch": epoch + 1, "train_loss": loss_sum / max(images_seen, 1), **metrics, "lr": row["lr"],
             "seconds": round(time.perf_counter() - started, 3),
             "images_per_second": round(images_seen / max(train_seconds, 1e-9), 2),
+            "precision": levers.precision, "memory_format": levers.memory_format, "threads": levers.threads,
         })
         if hooks.on_epoch_end is not None:
             hooks.on_epoch_end(FitState(epoch=epoch + 1, history=history, optimizer=loop.optimizer.state_dict(),

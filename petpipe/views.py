@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from petpipe.augment import augment_batch, center_crop_batch, normalize
-from petpipe.hardware import memory_format
-from petpipe.params import AugmentParams
+from petpipe.hardware import MEMORY_FORMATS
+from petpipe.params import AugmentParams, ModelParams
 from petpipe.spec import ModelSpec
 
 NO_NORMALISATION = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
@@ -26,37 +26,47 @@ class Views:
 
     size: int
     presize: int
+    eval_crop: float  # fraction of the presized side that the evaluation view resizes to `size`
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: AugmentParams | None = None  # None: evaluation only (predict, export)
+    memory_format: str = "channels_last"  # of the batches, as the model's (hardware.Levers)
 
     @classmethod
     def of(cls, spec: ModelSpec, augment: AugmentParams | None = None) -> Views:
-        return cls(size=spec.img_size, presize=spec.presize, mean=spec.mean, std=spec.std, augment=augment)
+        return cls(size=spec.img_size, presize=spec.presize, eval_crop=spec.eval_crop, mean=spec.mean,
+                   std=spec.std, augment=augment)
 
     @classmethod
-    def for_display(cls, *, size: int, presize: int, augment: AugmentParams) -> Views:
+    def for_display(cls, model: ModelParams, augment: AugmentParams) -> Views:
         """Views to draw (show_batch) before any model exists: `augmented` and `cropped` need no normalisation."""
         mean, std = NO_NORMALISATION
-        return cls(size=size, presize=presize, mean=mean, std=std, augment=augment)
+        return cls(size=model.img_size, presize=model.presize, eval_crop=model.eval_crop, mean=mean, std=std,
+                   augment=augment)
 
-    def augmented(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """The training view before normalisation: float (B, 3, size, size) in [0, 1] (what show_batch draws)."""
+    def augmented(self, pixels: torch.Tensor, generator: torch.Generator,
+                  geometry: torch.Tensor | None = None) -> torch.Tensor:
+        """The training view before normalisation: float (B, 3, size, size) in [0, 1] (what show_batch draws).
+
+        `geometry` (an ImageSet's) marks pixels in the wide layout of train.augment.presize_crop random.
+        """
         if self.augment is None:
             raise ValueError("these views have no augmentation (built for evaluation only)")
-        return augment_batch(pixels, size=self.size, augment=self.augment, generator=generator)
+        return augment_batch(pixels, size=self.size, augment=self.augment, generator=generator, geometry=geometry)
 
-    def cropped(self, pixels: torch.Tensor) -> torch.Tensor:
+    def cropped(self, pixels: torch.Tensor, geometry: torch.Tensor | None = None) -> torch.Tensor:
         """The evaluation view before normalisation: float (B, 3, size, size) in [0, 1]."""
-        return center_crop_batch(pixels, size=self.size)
+        return center_crop_batch(pixels, size=self.size, crop=self.eval_crop, geometry=geometry)
 
-    def train(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def train(self, pixels: torch.Tensor, generator: torch.Generator,
+              geometry: torch.Tensor | None = None) -> torch.Tensor:
         """Augmented and normalised, in the device's memory format: a training batch."""
-        return self._normalised(self.augmented(pixels, generator))
+        return self._normalised(self.augmented(pixels, generator, geometry))
 
-    def evaluate(self, pixels: torch.Tensor) -> torch.Tensor:
+    def evaluate(self, pixels: torch.Tensor, geometry: torch.Tensor | None = None) -> torch.Tensor:
         """Center-cropped and normalised, in the device's memory format: a validation or prediction batch."""
-        return self._normalised(self.cropped(pixels))
+        return self._normalised(self.cropped(pixels, geometry))
 
     def _normalised(self, batch: torch.Tensor) -> torch.Tensor:
-        return normalize(batch, mean=self.mean, std=self.std).contiguous(memory_format=memory_format(batch.device))
+        normalised = normalize(batch, mean=self.mean, std=self.std)
+        return normalised.contiguous(memory_format=MEMORY_FORMATS[self.memory_format])

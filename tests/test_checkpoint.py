@@ -1,4 +1,4 @@
-"""The checkpoint on disk: a plain dict whose layout earlier petpipe versions wrote too; the model rebuilt from its spec."""
+"""The checkpoint on disk: a plain dict in the layout earlier versions wrote too; the model rebuilt from its spec."""
 
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ def test_the_layout_earlier_versions_wrote_still_loads(tiny):
     path, spec, model = tiny
     raw = {"format": FORMAT, "stage": "finetune", "arch": "resnet18", "weights": "none", "classes": ["a", "b", "c"],
            "head": {"hidden": 8, "dropout": 0.5},
-           "preprocessing": {"img_size": 32, "presize": 36, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+           "preprocessing": {"img_size": 32, "presize": 36, "mean": [0.485, 0.456, 0.406],
+                             "std": [0.229, 0.224, 0.225]},
            "layer_groups": model.layer_groups(), "state_dict": model.state_dict(), "params": {}, "history": [],
            "resume": None}
     torch.save(raw, path.parent / "old.pt")

@@ -329,7 +329,8 @@ def test_exif_orientation_is_applied_before_training_and_in_show_batch(sample_im
     monkeypatch.setattr(show_batch, "plot_show_batch", lambda batch, labels, title: drawn.append(batch[0].numpy()))
     for path in (rotated, upright):
         index = pd.DataFrame({"path": [path.name], "label": ["Bengal"], "split": ["train"]})
-        views = Views.for_display(size=64, presize=74, augment=params_with().train.augment)
+        params = params_with({"model.img_size": 64})
+        views = Views.for_display(params.model, params.train.augment)
         show_batch.show_batch_figure(index, path.parent, split="train", count=1, views=views, seed=0)
     assert difference(*drawn) < 0.03  # floats in [0, 1]: the same picture after the same augmentation
 

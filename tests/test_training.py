@@ -59,7 +59,8 @@ def test_train_head_learns_well_above_chance(head):
     assert metrics["accuracy"] >= 3 * chance, metrics
     history = pd.read_csv(head.history)
     assert list(history.columns) == ["epoch", "train_loss", "valid_loss", "accuracy", "error_rate", "lr", "seconds",
-                                     "images_per_second"]
+                                     "images_per_second", "precision", "memory_format", "threads"]
+    assert set(history["precision"]) <= {"float32", "bfloat16"} and history["threads"].min() >= 1
     assert list(history["epoch"]) == [1, 2, 3]
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
     assert head.plot.read_bytes().startswith(b"\x89PNG")
@@ -70,8 +71,9 @@ def test_checkpoint_is_a_plain_dict_loadable_without_pickle(head):
     checkpoint = torch.load(head.model, map_location="cpu", weights_only=True)
     assert checkpoint["arch"] == "tf_efficientnet_lite0"
     assert len(checkpoint["classes"]) == 37 and checkpoint["classes"][0] == "Abyssinian"
-    assert checkpoint["preprocessing"] == {"img_size": 96, "presize": 110, "mean": [0.5] * 3, "std": [0.5] * 3}
-    assert set(checkpoint["layer_groups"]) == {"body_early", "body_late", "head"}
+    assert checkpoint["preprocessing"] == {"img_size": 96, "presize": 110, "eval_crop": 1.0, "mean": [0.5] * 3,
+                                           "std": [0.5] * 3}
+    assert set(checkpoint["layer_groups"]) == {"body", "head"}  # fastai's split of a timm body
     assert checkpoint["params"]["train_head"]["epochs"] == 3
 
 
@@ -157,6 +159,10 @@ def test_killed_train_head_resumes_and_matches_an_uninterrupted_run(tmp_path, in
                                    env=environment, capture_output=True, text=True)
     assert uninterrupted.returncode == 0, uninterrupted.stderr
     assert "resuming from" not in uninterrupted.stderr
+    # fastai's table: one line per epoch that stays, and the levers chosen for this machine.
+    assert "train-head: epoch  train_loss  valid_loss  accuracy    time" in uninterrupted.stderr
+    assert all(f"train-head: {epoch}/3 " in uninterrupted.stderr for epoch in (1, 2, 3))
+    assert "levers: float32" in uninterrupted.stderr or "levers: bfloat16" in uninterrupted.stderr
     # Identical metrics.json: same seed, same numbers, whether or not the run was killed half-way.
     assert (killed / "metrics.json").read_text() == (whole / "metrics.json").read_text()
     columns = ["epoch", "train_loss", "valid_loss", "accuracy"]

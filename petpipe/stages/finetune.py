@@ -36,7 +36,7 @@ class Inputs:
     images: Path = path_option("fetch's images folder.")
     index: Path = path_option("index-labels' index.csv.")
     checkpoint: Path = path_option("train-head's model.pt.")
-    lr_find: Path = path_option("lr-find's lr_find.json.")
+    lr_find: Path = path_option("lr-find's lr_find.json (read when finetune.lr is auto).")
 
 
 Outputs = TrainedOutputs
@@ -49,7 +49,8 @@ def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
     head = load_checkpoint(inputs.checkpoint)
     lr = peak_lr(params.finetune.lr, inputs.lr_find)
     data = load_dataset(inputs.index, inputs.images, presize=head.spec.presize, runtime=runtime,
-                        workers=params.train.decode_workers, classes=head.spec.classes)
+                        workers=params.train.decode_workers, classes=head.spec.classes,
+                        wide_train=params.train.augment.presize_crop == "random")
     model = head.model()
     unfreeze(model)
     # The tutorial's slice(1e-6, 1e-4): lr / lr_ratio for the early body up to lr for the head.
@@ -62,7 +63,7 @@ def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
     record = Record(used=used, inputs=[inputs.index, inputs.checkpoint], outputs=outputs,
                     title=f"finetune: {head.spec.arch}, unfrozen, lr {lr / params.finetune.lr_ratio:.1e} to {lr:.1e}",
                     register_as=params.tracking.registered_model)  # the model to serve is finetune's
-    metrics = fit_and_save(Learner(STAGE, model, head.spec, data, params.train, runtime), phase, record)
+    metrics = fit_and_save(Learner(STAGE, model, head.spec, data, params, runtime), phase, record)
     shutdown()
     if not runtime.world.is_main:
         return ""

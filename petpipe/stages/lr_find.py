@@ -10,6 +10,7 @@ never the checkpoint on disk (no temp file saved and reloaded, unlike fastai).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,15 +26,19 @@ from petpipe.dataset import load_dataset
 from petpipe.distributed import launched_as_secondary_rank
 from petpipe.errors import PetpipeError
 from petpipe.hardware import Runtime, to_device
+from petpipe.levers import choose_levers
 from petpipe.lr_finder import lr_sweep, suggest
-from petpipe.models import unfreeze
+from petpipe.models import set_train_mode, unfreeze
 from petpipe.params import LrFindParams, Params
+from petpipe.progress import progress_bar
 from petpipe.seeds import seed_everything, stage_seed
 from petpipe.stages import path_option
+from petpipe.stages.finetune import freeze_bn_stats
 from petpipe.views import Views
 
 STAGE = "lr-find"
-PARAMS = ("train", "lr_find")
+# finetune.bn_stats: the sweep handles BatchNorm as the finetune it is for will.
+PARAMS = ("train", "lr_find", "finetune.bn_stats")
 
 
 @dataclass(frozen=True)
@@ -58,12 +63,19 @@ def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
     seed_everything(seed)
     head = load_checkpoint(inputs.checkpoint)
     data = load_dataset(inputs.index, inputs.images, presize=head.spec.presize, runtime=runtime,
-                        workers=params.train.decode_workers, classes=head.spec.classes)
+                        workers=params.train.decode_workers, classes=head.spec.classes,
+                        wide_train=params.train.augment.presize_crop == "random")
     model = to_device(head.model(), runtime.device)
     unfreeze(model)
-    with tracking.stage_run(STAGE, params=params.select(PARAMS)) as run_log:
-        curve = lr_sweep(model, data.train, views=Views.of(head.spec, params.train.augment), sweep=params.lr_find,
-                         settings=params.train, generator=torch.Generator().manual_seed(seed))
+    views = Views.of(head.spec, params.train.augment)
+    levers = choose_levers(runtime, model, data.train, views, params.train).levers
+    to_device(model, runtime.device, levers.memory_format)
+    set_train_mode(model, freeze_bn_stats=freeze_bn_stats(params.finetune.bn_stats, head.params))
+    with tracking.stage_run(STAGE, params=params.select(PARAMS), settings=params) as run_log:
+        run_log.log_params({"levers": dataclasses.asdict(levers)})
+        curve = lr_sweep(model, data.train, views=dataclasses.replace(views, memory_format=levers.memory_format),
+                         sweep=params.lr_find, settings=params.train, precision=levers.precision,
+                         generator=torch.Generator().manual_seed(seed), progress=progress_bar(STAGE))
         result = choose(curve, params.lr_find)
         write_csv(outputs.curve, pd.DataFrame(curve))
         save_figure(outputs.plot, plots.plot_lr_find(curve["lr"], curve["smoothed_loss"], result["suggestions"],

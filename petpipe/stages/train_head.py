@@ -39,18 +39,20 @@ def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
     seed = stage_seed(params.train.seed, STAGE)
     seed_everything(seed)
     data = load_dataset(inputs.index, inputs.images, presize=params.model.presize, runtime=runtime,
-                        workers=params.train.decode_workers)
+                        workers=params.train.decode_workers,
+                        wide_train=params.train.augment.presize_crop == "random")
     spec = ModelSpec.from_params(params.model, data.classes)
     model = build_model(spec, pretrained=True)
     cached = params.train_head.cache_features
     freeze_body(model, train_bn=params.model.train_bn and not cached)
     # The body is frozen, so one learning rate serves every group (fastai's fit_one_cycle(epochs, lr)).
     phase = Phase(epochs=params.train_head.epochs, group_lrs=dict.fromkeys(model.layer_groups(), params.train_head.lr),
-                  schedule=params.train_head.schedule, seed=seed, cache_features=cached,
+                  schedule=params.train_head.schedule, seed=seed,
+                  feature_views=params.train_head.feature_views if cached else 0,
                   freeze_bn_stats=fixes_bn_stats(cache_features=cached, train_bn=params.model.train_bn))
     record = Record(used=params.select(PARAMS), inputs=[inputs.index], outputs=outputs,
                     title=f"train-head: {spec.arch}, body frozen")
-    metrics = fit_and_save(Learner(STAGE, model, spec, data, params.train, runtime), phase, record)
+    metrics = fit_and_save(Learner(STAGE, model, spec, data, params, runtime), phase, record)
     shutdown()
     return describe_metrics(STAGE, metrics) if runtime.world.is_main else ""
 
