@@ -11,7 +11,6 @@ What: the `tracking` section of the project's params.yaml. PETPIPE_TRACKING=off 
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import io
 import json
@@ -26,8 +25,6 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from petpipe.stages import ORDER
 
@@ -61,9 +58,10 @@ MAX_PARAMS_PER_BATCH = 100
 
 
 def store_root() -> Path:
-    """Where the embedded store lives: the DVC project root. DVC sets DVC_ROOT for stage commands,
-    to the user's repository even for queued experiments, whose commands run in a temporary copy."""
-    return Path(os.environ.get("DVC_ROOT") or ".").resolve()
+    """Where the embedded store lives: the DVC project root (petpipe/paths.py)."""
+    from petpipe.paths import project_root
+
+    return project_root()
 
 
 def tracking_uri(root: Path) -> str:
@@ -135,18 +133,20 @@ class Project:
         return tags
 
 
-def load_project(workspace: Path, root: Path) -> Project:
-    """The tracking settings from the params.yaml the stage runs with (in `workspace`: DVC runs
-    stage commands in the project folder, or in its temporary copy for a queued experiment)."""
-    from petpipe.params import parse_params
+def load_project(workspace: Path, root: Path, settings: Any = None) -> Project:
+    """What the stage's runs share: `settings`, the Params the stage runs with (its --params file), or
+    else the params.yaml in `workspace` (DVC runs stage commands in the project folder, or in its
+    temporary copy for a queued experiment); the git commit of `workspace`; the store at `root`."""
+    from petpipe.params import parse_params, read_params_file
 
-    path = workspace / "params.yaml"
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    settings = parse_params(raw, path).tracking
+    if settings is None:
+        path = workspace / "params.yaml"
+        settings = parse_params(read_params_file(path), path)
+    tracked = settings.tracking
     return Project(
-        root=root, uri=tracking_uri(root), experiment=settings.experiment,
-        registered_model=settings.registered_model, log_models=tuple(settings.log_models),
-        params=json.loads(json.dumps(raw, default=str)), commit=git_commit(workspace),
+        root=root, uri=tracking_uri(root), experiment=tracked.experiment,
+        registered_model=tracked.registered_model, log_models=tuple(tracked.log_models),
+        params=settings.model_dump(mode="json"), commit=git_commit(workspace),
         exp_name=os.environ.get("DVC_EXP_NAME") or None,
     )
 
@@ -329,6 +329,19 @@ class StageRun:
 
     # -- what stages log
 
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """More params for the stage's run, flattened (what a stage decided while running, e.g. its levers)."""
+        if self.run_id is None and self.failure is None:
+            return
+
+        def send() -> None:
+            self._log_params(self.run_id, flatten(params))
+
+        def lost() -> None:
+            self.missed.params = True
+
+        self._attempt(send, lost)
+
     def log_metrics(self, metrics: Mapping[str, float], *, step: int | None = None) -> None:
         values = {key: float(value) for key, value in metrics.items()
                   if isinstance(value, numbers.Real) and math.isfinite(value)}
@@ -362,17 +375,17 @@ class StageRun:
 
             self._attempt(send, lambda path=path: self.missed.artifacts.append(path.name))
 
-    def log_model(self, model: Any, *, input_example: Any, registered_name: str | None = None,
+    def log_model(self, checkpoint: Path, *, example: Path, registered_name: str | None = None,
                   metadata: Mapping[str, Any] | None = None) -> None:
-        """Log `model` as an MLflow model in torch.export's pt2 format (no pickle), with a signature
-        inferred from `input_example` (B, 3, H, W) float32; register it under `registered_name`."""
+        """Log the checkpoint as an MLflow model that takes photos (petpipe/mlflow_model.py, a model from
+        code: no pickle) and register it under `registered_name`; `example` is a photo for its input example."""
         if self.project is None or self.stage not in self.project.log_models:
             return
         if self.run_id is None and self.failure is None:
             return
 
         def send() -> None:
-            _log_pytorch_model(model, uri=self.project.uri, run_id=self.run_id, input_example=input_example,
+            _log_petpipe_model(checkpoint, uri=self.project.uri, run_id=self.run_id, example=example,
                                registered_name=registered_name, metadata=metadata)
 
         def lost() -> None:
@@ -381,38 +394,64 @@ class StageRun:
         self._attempt(send, lost)
 
 
-def _log_pytorch_model(model: Any, *, uri: str, run_id: str | None, input_example: Any,
+MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+
+
+def model_signature() -> Any:
+    """Input: a column `image` (the file's bytes) or `path`; output: the labels with probabilities."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+    from mlflow.types.schema import Array
+
+    inputs = Schema([ColSpec("binary", "image", required=False), ColSpec("string", "path", required=False)])
+    outputs = Schema([ColSpec("string", "label"), ColSpec("double", "probability"),
+                      ColSpec(Array("string"), "top_labels"), ColSpec(Array("double"), "top_probabilities"),
+                      ColSpec("string", "error", required=False)])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def _log_petpipe_model(checkpoint: Path, *, uri: str, run_id: str | None, example: Path,
                        registered_name: str | None, metadata: Mapping[str, Any] | None) -> None:
     import mlflow
-    import mlflow.pytorch
-    import numpy as np
-    import torch
+    import pandas as pd
 
-    # Exported on the CPU, in eval mode (dropout off, BatchNorm running stats), from a copy so the
-    # stage's model is untouched. An example batch of one would fix the batch size at 1 in the
-    # exported graph; two keep it dynamic.
-    cpu_model = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
-    example = np.ascontiguousarray(input_example, dtype=np.float32)
-    if example.shape[0] == 1:
-        example = np.concatenate([example, example])
-    torch_version = torch.__version__.split("+")[0]
     # The fluent API logs models; its global URI is also exported to os.environ: put both back.
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
         with contextlib.redirect_stdout(io.StringIO()), mlflow.start_run(run_id=run_id):
-            mlflow.pytorch.log_model(
-                cpu_model, name="model", input_example=example, serialization_format="pt2",
+            mlflow.pyfunc.log_model(
+                name="model", python_model=str(MODEL_CODE), artifacts={"checkpoint": str(checkpoint)},
+                # petpipe's own code travels with the model, so that the weights meet the code that made them.
+                code_paths=[str(Path(__file__).parent)], signature=model_signature(),
+                input_example=pd.DataFrame({"image": [Path(example).read_bytes()]}),
                 registered_model_name=registered_name, metadata=dict(metadata or {}),
-                # Stated, not inferred: inference re-imports the model in a subprocess (~15 s).
-                pip_requirements=[f"torch=={torch_version}", "numpy"],
+                # Stated, not inferred: inference would re-import the model in a subprocess.
+                pip_requirements=_requirements(),
             )
     finally:
         mlflow.set_tracking_uri(previous)
 
 
+def _requirements() -> list[str]:
+    """What the model needs installed to serve: petpipe's own requirements, at the versions in use."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ["torch", "torchvision", "timm", "pillow", "numpy", "pandas", "mlflow"]
+    pins = []
+    for name in names:
+        try:
+            pins.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            pins.append(name)
+    return pins
+
+
 class _Off(StageRun):
     """PETPIPE_TRACKING=off: logs nothing and says nothing."""
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int | None = None) -> None:
         pass
@@ -420,7 +459,7 @@ class _Off(StageRun):
     def log_artifacts(self, paths: list[Path]) -> None:
         pass
 
-    def log_model(self, model: Any, *, input_example: Any, registered_name: str | None = None,
+    def log_model(self, checkpoint: Path, *, example: Path, registered_name: str | None = None,
                   metadata: Mapping[str, Any] | None = None) -> None:
         pass
 
@@ -432,14 +471,18 @@ def no_run(stage: str) -> Iterator[StageRun]:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, *, params: Mapping[str, Any]) -> Iterator[StageRun]:
-    """A nested MLflow run for `stage` under its pipeline run, ended FINISHED, FAILED or KILLED."""
+def stage_run(stage: str, *, params: Mapping[str, Any], settings: Any = None) -> Iterator[StageRun]:
+    """A nested MLflow run for `stage` under its pipeline run, ended FINISHED, FAILED or KILLED.
+
+    params: what the stage used (its run's params); settings: the whole Params the stage runs with, whose
+    `tracking` section says where and what to log (default: ./params.yaml).
+    """
     if os.environ.get("PETPIPE_TRACKING", "").strip().lower() in OFF_VALUES:
         yield _Off(stage, None)
         return
     workspace = Path.cwd()
     try:
-        project = load_project(workspace, store_root())
+        project = load_project(workspace, store_root(), settings)
     except Exception as error:  # no or unreadable params.yaml: the stage itself decides if that matters
         run = StageRun(stage, None, failure=f"no tracking settings in {workspace / 'params.yaml'} "
                                             f"({describe_error(error)})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,7 +126,7 @@ def run_command(arguments: list[str], cwd: Path, timeout: float = 900) -> Any:
 
 
 def make_project(folder: Path, overrides: dict[str, Any]) -> Path:
-    """A fresh git + DVC repository holding the project's dvc.yaml and params.yaml (with overrides)."""
+    """A fresh git + DVC repository holding the project's dvc.yaml, params.yaml (with overrides) and code."""
     import shutil
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -134,6 +135,8 @@ def make_project(folder: Path, overrides: dict[str, Any]) -> Path:
     # labels.corrections (a header row: no corrections), a dependency of index-labels.
     (folder / "labels").mkdir()
     shutil.copy(PROJECT_ROOT / "labels" / "corrections.csv", folder / "labels" / "corrections.csv")
+    # The code each stage runs is one of its dvc.yaml deps (the stages themselves run the installed petpipe).
+    shutil.copytree(PROJECT_ROOT / "petpipe", folder / "petpipe", ignore=shutil.ignore_patterns("__pycache__"))
     write_params(folder / "params.yaml", overrides)
     run_command(["git", "init", "-q", "-b", "main"], folder)
     run_command(["git", "config", "user.email", "tests@petpipe.invalid"], folder)
@@ -143,6 +146,25 @@ def make_project(folder: Path, overrides: dict[str, Any]) -> Path:
     run_command(["git", "add", "-A"], folder)
     run_command(["git", "commit", "-q", "-m", "pipeline"], folder)
     return folder
+
+
+@dataclasses.dataclass(frozen=True)
+class ReproducedProject:
+    """A project whose whole pipeline `dvc repro` ran on the sample; copy it before changing anything."""
+
+    folder: Path
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture(scope="session")
+def pipeline_project(tmp_path_factory, sample_images) -> ReproducedProject:
+    """The real `dvc repro` of all six stages on the sample, once per session (tests/test_pipeline.py reads
+    its outputs; tests/test_reproducibility.py changes copies of it)."""
+    folder = make_project(tmp_path_factory.mktemp("pipeline") / "project",
+                          {**PIPELINE_SMALL, "data.source": str(sample_images)})
+    result = run_command(["dvc", "repro"], folder)
+    return ReproducedProject(folder, result.stdout, result.stderr)
 
 
 @pytest.fixture(scope="session", autouse=True)

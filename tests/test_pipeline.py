@@ -9,27 +9,24 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import PIPELINE_SMALL, STAGES, make_project, run_command
+from conftest import STAGES, make_project, run_command
 
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, sample_images):
-    folder = make_project(tmp_path_factory.mktemp("pipeline") / "project",
-                          {**PIPELINE_SMALL, "data.source": str(sample_images)})
-    result = run_command(["dvc", "repro"], folder)
-    return folder, result.stdout
+def project(pipeline_project):
+    return pipeline_project.folder, pipeline_project.stdout, pipeline_project.stderr
 
 
 def test_dvc_repro_runs_all_six_stages(project):
-    folder, log = project
+    folder, log, _ = project
     for stage in STAGES:
         assert f"Running stage '{stage}'" in log
     assert len(list((folder / "stages/fetch/images").glob("*.jpg"))) == 370
 
 
 def test_index_labels_outputs(project):
-    folder, _ = project
+    folder, _, _ = project
     index = pd.read_csv(folder / "stages/index-labels/index.csv")
     classes = json.loads((folder / "stages/index-labels/classes.json").read_text())["classes"]
     assert len(index) == 370 and len(classes) == 37
@@ -41,7 +38,7 @@ def test_index_labels_outputs(project):
 
 
 def test_training_stage_outputs(project):
-    folder, _ = project
+    folder, _, _ = project
     for stage in ("train-head", "finetune"):
         metrics = json.loads((folder / f"stages/{stage}/metrics.json").read_text())
         assert metrics["accuracy"] >= 3 / 37, (stage, metrics)
@@ -52,7 +49,7 @@ def test_training_stage_outputs(project):
 
 
 def test_evaluate_outputs(project):
-    folder, _ = project
+    folder, _, _ = project
     metrics = json.loads((folder / "stages/evaluate/metrics.json").read_text())
     assert metrics["accuracy"] >= 3 / 37 and len(metrics["per_class"]) == 37
     confusion = pd.read_csv(folder / "stages/evaluate/confusion.csv")
@@ -61,8 +58,16 @@ def test_evaluate_outputs(project):
     assert "accuracy" in (folder / "stages/evaluate/report.md").read_text().lower()
 
 
+def test_progress_a_person_can_follow(project):
+    _, _, progress = project
+    assert "lr-find:" in progress and "batch" in progress  # lr-find's bar
+    for stage, epochs in (("train-head", 2), ("finetune", 1)):  # fastai's table, a line per epoch
+        assert f"{stage}: epoch  train_loss  valid_loss  accuracy    time" in progress
+        assert f"{stage}: {epochs}/{epochs} " in progress
+
+
 def test_dvc_sees_a_clean_reproducible_pipeline(project):
-    folder, _ = project
+    folder, _, _ = project
     status = run_command(["dvc", "status"], folder).stdout
     assert "up to date" in status
     again = run_command(["dvc", "repro"], folder).stdout

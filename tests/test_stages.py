@@ -44,13 +44,31 @@ def test_dvc_yaml_passes_exactly_the_stages_inputs_and_outputs(name):
     options = command_options(name)
     assert set(options) == set(inputs) | set(outputs), "cmd options differ from the Inputs/Outputs fields"
     declared = DVC_YAML[name]
-    assert {options[option] for option in inputs} == set(declared.get("deps", [])), "deps differ from Inputs"
+    data_deps = {dep for dep in declared.get("deps", []) if not dep.startswith("petpipe/")}
+    assert {options[option] for option in inputs} == data_deps - {"${data.source}"}, "deps differ from Inputs"
     written = declared_paths(declared.get("outs", []) + declared.get("metrics", []) + declared.get("plots", []))
     assert {options[option] for option in outputs} == written, "outs/metrics/plots differ from Outputs"
     for option, path in options.items():
         expected = f"stages/{name}/"
         if option in outputs:
             assert path.startswith(expected), f"{name} writes {path} outside {expected}"
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_dvc_yaml_lists_the_code_each_stage_runs(name):
+    """Editing a module reruns exactly the stages that import it (petpipe/stages/__init__.py: code_dependencies)."""
+    code = [dep for dep in DVC_YAML[name].get("deps", []) if dep.startswith("petpipe/")]
+    expected = stages.code_dependencies(name)
+    assert code == expected, f"dvc.yaml's code deps of {name} should be:\n" + "\n".join(f"      - {d}" for d in expected)
+
+
+def test_code_dependencies_follow_imports_but_not_logging():
+    assert stages.code_dependencies("fetch") == ["petpipe/archive_limits.py", "petpipe/atomic.py", "petpipe/fetch.py",
+                                                 "petpipe/params.py", "petpipe/stages/fetch.py", "petpipe/yamlfile.py"]
+    train_head = stages.code_dependencies("train-head")
+    assert {"petpipe/augment.py", "petpipe/training.py", "petpipe/models.py"} <= set(train_head)
+    assert "petpipe/fetch.py" not in train_head and "petpipe/tracking.py" not in train_head
+    assert "${data.source}" in DVC_YAML["fetch"]["deps"]  # the photos themselves, for a local source
 
 
 @pytest.mark.parametrize("name", STAGES)

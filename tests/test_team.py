@@ -61,7 +61,7 @@ def team(tmp_path_factory, sample_images) -> Team:
     dvc(["git", "add", "-A"], project)
     dvc(["git", "commit", "-q", "-m", "baseline results"], project)
     second = dvc(["dvc", "repro"], project)
-    experiment = dvc(["dvc", "exp", "run", "-S", "finetune.lr=0.001", "-n", EXPERIMENT], project)
+    experiment = dvc(["dvc", "exp", "run", "-S", "finetune.lr=0.003", "-n", EXPERIMENT], project)
     return Team(project, baseline, second, experiment)
 
 
@@ -76,8 +76,8 @@ def test_a_finetune_param_reruns_only_finetune_and_evaluate_as_an_experiment(tea
     baseline = next(row for row in shown if row.get("name") == "main")
     (experiment,) = [rev for exp in baseline["experiments"] for rev in exp["revs"] if rev["name"] == EXPERIMENT]
     params = experiment["data"]["params"]["params.yaml"]["data"]
-    assert params["finetune"]["lr"] == 0.001 and baseline["data"]["params"]["params.yaml"]["data"]["finetune"]["lr"] \
-        == pytest.approx(1e-4)
+    assert params["finetune"]["lr"] == 0.003 and baseline["data"]["params"]["params.yaml"]["data"]["finetune"]["lr"] \
+        == pytest.approx(1e-3)
     metrics = experiment["data"]["metrics"]
     assert {"stages/train-head/metrics.json", "stages/finetune/metrics.json", "stages/evaluate/metrics.json"} \
         <= set(metrics)

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -184,26 +183,96 @@ def test_plots_and_reports_are_artifacts(served, tmp_path):
     assert Path(downloaded).read_bytes() == (served.project / "stages/evaluate/report.md").read_bytes()
 
 
-def test_finetune_model_is_registered_and_loads_without_pickle(served):
+def registered_model(served: Served) -> tuple[Any, Path]:
+    """The registered model's info and a local copy of it, from the server."""
     import mlflow
 
-    versions = served.client.search_model_versions("name='petpipe-classifier'")
-    assert len(versions) == 1 and versions[0].run_id == served.runs["finetune"].info.run_id
-    assert "Created version '1' of model 'petpipe-classifier'" in served.output
     uri = "models:/petpipe-classifier/1"
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(served.server.url)
     try:
-        info = mlflow.models.get_model_info(uri)
-        local = Path(mlflow.artifacts.download_artifacts(uri))
+        return mlflow.models.get_model_info(uri), Path(mlflow.artifacts.download_artifacts(uri))
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+def test_finetune_model_is_registered_takes_photos_and_holds_no_pickle(served):
+    import mlflow
+
+    from petpipe.predict import load_predictor, predict_files
+
+    versions = served.client.search_model_versions("name='petpipe-classifier'")
+    assert len(versions) == 1 and versions[0].run_id == served.runs["finetune"].info.run_id
+    assert "Created version '1' of model 'petpipe-classifier'" in served.output
+    info, local = registered_model(served)
     classes = json.loads((served.project / "stages/index-labels/classes.json").read_text())["classes"]
     assert info.metadata["classes"] == classes and info.metadata["img_size"] == 64
-    assert [path.name for path in (local / "data").iterdir()] == ["model.pt2"]  # torch.export, no pickled module
+    # A model from code: petpipe/mlflow_model.py and the checkpoint; nothing pickled anywhere in it.
+    files = {path.relative_to(local).as_posix() for path in local.rglob("*") if path.is_file()}
+    assert "mlflow_model.py" in files and "artifacts/model.pt" in files
+    assert not [name for name in files if name.endswith((".pkl", ".pickle", ".cloudpickle"))]
+
+    photos = sorted((served.project / "stages/fetch/images").glob("*.jpg"))[:6]
     model = mlflow.pyfunc.load_model(str(local))
-    logits = model.predict(np.zeros((3, 3, 64, 64), dtype=np.float32))  # any batch size: the batch dim is dynamic
-    assert np.asarray(logits).shape == (3, len(classes))
+    by_bytes = model.predict(pd.DataFrame({"image": [photo.read_bytes() for photo in photos]}))
+    by_path = model.predict(pd.DataFrame({"path": [str(photo) for photo in photos]}))
+    expected = list(predict_files(load_predictor(served.project / "stages/finetune/model.pt", device="cpu"), photos,
+                                  top_k=5))
+    for rows in (by_bytes, by_path):
+        assert list(rows["label"]) == [prediction.labels[0][0] for prediction in expected]
+        for row, prediction in zip(rows.itertuples(), expected):
+            assert list(row.top_labels) == [label for label, _ in prediction.labels]
+            assert row.top_probabilities == pytest.approx([value for _, value in prediction.labels], abs=1e-4)
+            assert row.error is None  # null, not NaN: what a JSON answer carries
+    broken = model.predict(pd.DataFrame({"image": [b"not an image", photos[0].read_bytes()]}))
+    assert "cannot read image" in broken["error"][0] and broken["label"][1] == expected[0].labels[0][0]
+
+
+def test_mlflow_models_serve_answers_a_jpeg_with_the_breed(served, tmp_path):
+    """`mlflow models serve` on 127.0.0.1: a POST of a base64 JPEG gets the breed; a bad image gets an error
+    for that image, and the server keeps answering."""
+    import base64
+
+    from petpipe.predict import load_predictor, predict_files
+
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen([str(VENV_BIN / "mlflow"), "models", "serve", "-m", "models:/petpipe-classifier/1",
+                                    "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+                                   stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env=pipeline_env(MLFLOW_TRACKING_URI=served.server.url))
+    try:
+        _wait_for_url(f"http://127.0.0.1:{port}/ping", process, log_path, timeout=300)
+        photo = sorted((served.project / "stages/fetch/images").glob("*.jpg"))[3]
+        expected = next(predict_files(load_predictor(served.project / "stages/finetune/model.pt", device="cpu"),
+                                      [photo], top_k=5)).labels[0][0]
+        encoded = base64.b64encode(photo.read_bytes()).decode()
+        for images in ([encoded], ["bm90IGFuIGltYWdl", encoded], [encoded]):  # the second holds "not an image"
+            body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[image] for image in images]}})
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=120) as response:
+                rows = json.loads(response.read())["predictions"]
+            assert rows[-1]["label"] == expected and rows[-1]["error"] is None
+            if len(rows) == 2:
+                assert rows[0]["label"] is None and "cannot read image" in rows[0]["error"]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+
+
+def _wait_for_url(url: str, process: subprocess.Popen, log_path: Path, *, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"server exited:\n{log_path.read_text()[-3000:]}"
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        time.sleep(0.5)
+    raise AssertionError(f"{url} not up after {timeout} s:\n{log_path.read_text()[-3000:]}")
 
 
 def test_server_killed_mid_pipeline_costs_no_output(tmp_path, sample_images, monkeypatch):
@@ -320,7 +389,7 @@ def test_unreachable_server_costs_seconds_and_one_warning(embedded_project, monk
             for epoch in (1, 2):
                 run.log_metrics({"accuracy": 0.5, "train_loss": 1.0}, step=epoch)
             run.log_artifacts([embedded_project / "report.md"])
-            run.log_model(object(), input_example=np.zeros((1, 3, 8, 8), np.float32), registered_name="pets")
+            run.log_model(embedded_project / "model.pt", example=embedded_project / "photo.jpg", registered_name="pets")
             finished = True
     assert finished and time.monotonic() - started < 60
     warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
@@ -329,6 +398,29 @@ def test_unreachable_server_costs_seconds_and_one_warning(embedded_project, monk
         f"mlflow: tracking server {url} unreachable (connection refused); not logged for stage finetune: "
         "params, metrics (accuracy, train_loss at steps 1-2), artifacts (report.md), "
         "the model (registered name pets). The stage's outputs are written as usual.")
+
+
+def test_a_stage_logs_where_its_own_params_file_says(embedded_project, sample_images, monkeypatch):
+    """`petpipe <stage> --params other.yaml`: the tracking section of other.yaml, not ./params.yaml's, decides."""
+    from click.testing import CliRunner
+    from mlflow.tracking import MlflowClient
+
+    from petpipe.cli import main
+
+    other = embedded_project / "other.yaml"
+    other.write_text((PROJECT_ROOT / "params.yaml").read_text()
+                     .replace("experiment: petpipe", "experiment: other-experiment")
+                     .replace("source: https://www.robots.ox.ac.uk/~vgg/data/pets/data/images.tar.gz",
+                              f"source: {sample_images}").replace("checksum: md5:", "checksum: null #"))
+    result = CliRunner().invoke(main, ["fetch", "--params", str(other), "--out", "stages/fetch/images"])
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(tracking_uri=f"sqlite:///{embedded_project / 'mlflow.db'}")
+    assert client.get_experiment_by_name("petpipe") is None
+    experiment = client.get_experiment_by_name("other-experiment")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(run.data.tags[tracking.STAGE_TAG] for run in runs) == ["fetch", "pipeline"]
+    parent = next(run for run in runs if run.data.tags[tracking.STAGE_TAG] == "pipeline")
+    assert parent.data.params["tracking.experiment"] == "other-experiment"  # the whole file it ran with
 
 
 def test_tracking_off_logs_nothing(embedded_project, monkeypatch):

@@ -52,3 +52,45 @@ def path_option(help: str, *, option: str | None = None, optional: bool = False)
 def option_name(field: dataclasses.Field) -> str:
     """`--confusion-plot` for the field `confusion_plot`, unless the field names its own option."""
     return field.metadata.get("option") or "--" + field.name.replace("_", "-")
+
+
+# Modules whose changes cannot change any stage's outputs: they log, show progress or declare.
+NOT_OUTPUT_CODE = frozenset({"petpipe/__init__.py", "petpipe/stages/__init__.py", "petpipe/tracking.py",
+                             "petpipe/progress.py", "petpipe/errors.py", "petpipe/paths.py"})
+
+
+def code_dependencies(stage: str) -> list[str]:
+    """The petpipe source files a stage's outputs depend on (dvc.yaml's code deps): its module and every
+    petpipe module imported at module level from there on, transitively, but NOT_OUTPUT_CODE."""
+    package = Path(__file__).resolve().parents[1]
+    seen: set[str] = set()
+    pending = [_module_name(stage)]
+    while pending:
+        name = pending.pop()
+        path = _source_file(package, name)
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        pending.extend(_imported_modules(package.parent / path))
+    return sorted(seen - NOT_OUTPUT_CODE)
+
+
+def _source_file(package: Path, module: str) -> str | None:
+    """petpipe.stages.fetch -> "petpipe/stages/fetch.py" (relative to the project root), if it exists."""
+    relative = Path(*module.split("."))
+    for candidate in (relative.with_suffix(".py"), relative / "__init__.py"):
+        if (package.parent / candidate).is_file():
+            return candidate.as_posix()
+    return None
+
+
+def _imported_modules(path: Path) -> list[str]:
+    """The petpipe modules a file imports at module level (`if TYPE_CHECKING:` blocks aside)."""
+    modules = []
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Import):
+            modules += [alias.name for alias in node.names if alias.name.startswith("petpipe")]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("petpipe"):
+            # `from petpipe import plots` names a module; `from petpipe.data import load_index` a name in one.
+            modules += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+    return modules

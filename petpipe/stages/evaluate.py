@@ -95,7 +95,7 @@ def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
     # Draw every figure before writing anything, so a plotting failure leaves no new outputs.
     figures = draw(found, data, views=views, outputs=outputs)
     used = {**params.select(PARAMS), "checkpoint_path": str(checkpoint_path)}
-    with tracking.stage_run(STAGE, params=used) as tracked:
+    with tracking.stage_run(STAGE, params=used, settings=params) as tracked:
         write_csv(outputs.confusion, found.confusion)
         write_csv(outputs.most_confused, found.most_confused)
         write_csv(outputs.top_losses_table, found.top_losses)

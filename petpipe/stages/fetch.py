@@ -28,7 +28,7 @@ class Outputs:
 
 
 def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
-    with tracking.stage_run(STAGE, params=params.select(PARAMS)) as run_log:
+    with tracking.stage_run(STAGE, params=params.select(PARAMS), settings=params) as run_log:
         count = fetch_source(params.data.source, params.data.checksum, outputs.images)
         run_log.log_metrics({"images": count})
     return f"fetched {count} images into {outputs.images}"

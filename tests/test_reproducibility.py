@@ -1,0 +1,231 @@
+"""Reproducible by construction: code and photos are DVC dependencies, caches are shared by queued
+experiments, and the same params give the same bytes.
+
+Most tests work on a copy of the session's reproduced pipeline (conftest.pipeline_project), so that
+only the stages a change makes stale run again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import PIPELINE_SMALL, make_project, params_with, run_command
+
+from petpipe import data
+from petpipe.hardware import cpu_runs_bfloat16
+
+TRAINED = ("train-head", "lr-find", "finetune", "evaluate")
+
+
+def copy_project(source: Path, target: Path) -> Path:
+    """A copy of a reproduced project (git, DVC cache and outputs): the same state, to change freely."""
+    shutil.copytree(source, target, symlinks=True)
+    return target
+
+
+def stale_stages(project: Path) -> set[str]:
+    """The stages `dvc status` says must run again."""
+    status = json.loads(run_command(["dvc", "status", "--json"], project).stdout or "{}")
+    return {name.split(":")[-1] for name in status}
+
+
+def ran(log: str) -> list[str]:
+    return [line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage '")]
+
+
+def test_editing_a_module_reruns_exactly_the_stages_that_run_it(pipeline_project, tmp_path):
+    project = copy_project(pipeline_project.folder, tmp_path / "project")
+    assert stale_stages(project) == set()
+    augment = project / "petpipe/augment.py"
+    original = augment.read_text()
+    augment.write_text(original + "\n# a change to the augmentation\n")
+    # index-labels draws show_batch.png through the augmentation; fetch runs none of it.
+    assert stale_stages(project) == {"index-labels", *TRAINED}
+    augment.write_text(original)
+    assert stale_stages(project) == set()
+
+    fetch = project / "petpipe/fetch.py"
+    fetch.write_text(fetch.read_text() + "\n# a change to fetch\n")
+    assert stale_stages(project) == {"fetch"}
+    log = run_command(["dvc", "repro"], project).stdout
+    assert ran(log) == ["fetch"]  # the same photos came out: nothing downstream reruns
+
+
+def test_photos_in_a_local_source_are_a_dependency(sample_images, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in sorted(sample_images.glob("*.jpg"))[:12]:
+        shutil.copy(path, photos / path.name)
+    project = make_project(tmp_path / "project", {**PIPELINE_SMALL, "data.source": str(photos)})
+    assert ran(run_command(["dvc", "repro", "fetch"], project).stdout) == ["fetch"]
+    assert ran(run_command(["dvc", "repro", "fetch"], project).stdout) == []  # unchanged photos: nothing runs
+    assert "fetch" not in stale_stages(project)
+
+    shutil.copy(sorted(sample_images.glob("*.jpg"))[20], photos / "added_1.jpg")  # added
+    assert "fetch" in stale_stages(project)
+    run_command(["dvc", "repro", "fetch"], project)
+    (photos / "added_1.jpg").unlink()  # removed
+    assert "fetch" in stale_stages(project)
+    run_command(["dvc", "repro", "fetch"], project)
+    first = sorted(photos.iterdir())[0]
+    first.write_bytes(first.read_bytes()[:-10] + b"0123456789")  # changed in place
+    assert "fetch" in stale_stages(project)
+    run_command(["dvc", "repro", "fetch"], project)
+    assert (project / "stages/fetch/images" / first.name).read_bytes() == first.read_bytes()
+
+
+def test_a_fixed_finetune_lr_does_not_need_a_changed_sweep(pipeline_project, tmp_path):
+    """DVC cannot make finetune's dependency on lr-find's result conditional on finetune.lr being auto: after
+    a change to lr_find.* with a number for finetune.lr, `dvc repro -s lr-find` then `dvc commit -f finetune`
+    (the README's command) reruns the sweep alone and keeps finetune's and evaluate's outputs."""
+    project = copy_project(pipeline_project.folder, tmp_path / "project")
+    before = {stage: (project / f"stages/{stage}/metrics.json").read_bytes() for stage in ("finetune", "evaluate")}
+    params = project / "params.yaml"
+    params.write_text(params.read_text().replace("num_it: 20", "num_it: 15"))
+    assert stale_stages(project) == {"lr-find"}
+    assert ran(run_command(["dvc", "repro", "-s", "lr-find"], project).stdout) == ["lr-find"]
+    assert stale_stages(project) == {"finetune"}  # its dependency changed, though finetune.lr does not read it
+    run_command(["dvc", "commit", "-f", "finetune"], project)
+    assert stale_stages(project) == set()
+    after = {stage: (project / f"stages/{stage}/metrics.json").read_bytes() for stage in ("finetune", "evaluate")}
+    assert after == before
+
+
+def test_same_params_and_seed_give_byte_identical_outputs_in_a_fresh_project(pipeline_project, sample_images,
+                                                                            tmp_path):
+    """float32 on the CPU (PIPELINE_SMALL at 64 px; on this machine auto resolves to float32 unless the CPU
+    runs bfloat16, in which case both projects share the timed choice in the session's levers.json)."""
+    fresh = make_project(tmp_path / "fresh", {**PIPELINE_SMALL, "data.source": str(sample_images)})
+    run_command(["dvc", "repro"], fresh)
+    for stage in ("train-head", "finetune", "evaluate"):
+        assert (fresh / f"stages/{stage}/metrics.json").read_bytes() == \
+            (pipeline_project.folder / f"stages/{stage}/metrics.json").read_bytes(), stage
+    for output in ("index-labels/index.csv", "lr-find/lr_find.csv", "lr-find/lr_find.json",
+                   "evaluate/confusion.csv", "evaluate/top_losses.csv"):
+        assert (fresh / "stages" / output).read_bytes() == (pipeline_project.folder / "stages" / output).read_bytes()
+
+
+@pytest.mark.skipif(not cpu_runs_bfloat16(), reason="this CPU has no native bfloat16 (AMX or AVX-512 BF16)")
+def test_bfloat16_training_is_byte_identical_too(sample_images, tmp_path):
+    settings = {**PIPELINE_SMALL, "data.source": str(sample_images), "train.precision": "bfloat16",
+                "lr_find.num_it": 10}
+    metrics = []
+    for name in ("first", "second"):
+        project = make_project(tmp_path / name, settings)
+        run_command(["dvc", "repro", "finetune"], project)
+        metrics.append([(project / f"stages/{stage}/metrics.json").read_bytes() for stage in ("train-head", "finetune")])
+    assert metrics[0] == metrics[1]
+
+
+def test_the_split_depends_only_on_names_and_the_seed():
+    """The same on any machine: a hash of `seed:path`, no RNG, no file order (values of this version)."""
+    names = ["Abyssinian_1.jpg", "Bengal_105.jpg", "pug_52.jpg", "yorkshire_terrier_10.jpg", "beagle_1.jpg",
+             "Persian_13.jpg", "saint_bernard_15.jpg", "boxer_10.jpg"]
+    expected = {42: ["valid", "train", "train", "train", "train", "train", "valid", "valid"],
+                7: ["train", "valid", "train", "valid", "train", "valid", "train", "train"]}
+    for seed, splits in expected.items():
+        assert [data.assign_split(name, valid_pct=0.2, seed=seed) for name in names] == splits
+        shuffled = list(reversed(names))
+        assert data.split_images(shuffled, valid_pct=0.2, seed=seed, split_file=None) == dict(zip(names, splits))
+
+
+def test_deterministic_algorithms_are_one_switch(indexed_sample, sample_images, tmp_path, monkeypatch):
+    """train.deterministic: torch.use_deterministic_algorithms(True) for the stage (what makes GPU runs
+    repeatable; CPU runs already are), with the same result on the CPU."""
+    from petpipe.stages import train_head
+
+    monkeypatch.chdir(tmp_path)
+    overrides = {**PIPELINE_SMALL, "train_head.epochs": 1}
+    results = []
+    for deterministic in (True, False):
+        folder = tmp_path / str(deterministic)
+        outputs = train_head.Outputs(model=folder / "model.pt", metrics=folder / "metrics.json",
+                                     history=folder / "history.csv", plot=folder / "training.png")
+        train_head.run(params_with({**overrides, "train.deterministic": deterministic}),
+                       train_head.Inputs(images=sample_images, index=indexed_sample), outputs)
+        assert torch.are_deterministic_algorithms_enabled() is deterministic
+        results.append(outputs.metrics.read_bytes())
+    assert results[0] == results[1]
+    torch.use_deterministic_algorithms(False)
+
+
+# ---------------------------------------------------------------- queued experiments share the caches
+
+
+def dvc_tracked(arguments: list[str], cwd: Path, **extra: str) -> subprocess.CompletedProcess[str]:
+    """dvc with MLflow on (the embedded store at the project root)."""
+    environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                   "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", **extra}
+    for name in ("MLFLOW_TRACKING_URI", "PETPIPE_TRACKING", "PETPIPE_CACHE_DIR"):
+        environment.pop(name, None)
+    result = subprocess.run(arguments, cwd=cwd, env=environment, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, f"{' '.join(arguments)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def wait_for_the_queue(project: Path, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = dvc_tracked(["dvc", "queue", "status"], project).stdout
+        if not any(word in status for word in ("Queued", "Running")):
+            return
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+
+
+def test_queued_experiments_reuse_the_caches_at_the_project_root(sample_images, tmp_path):
+    project = make_project(tmp_path / "project", {**PIPELINE_SMALL, "data.source": str(sample_images)})
+    baseline = dvc_tracked(["dvc", "repro"], project)
+    assert "decoding" in baseline.stderr and (project / ".petpipe/cache").is_dir()
+    dvc_tracked(["git", "add", "-A"], project)
+    dvc_tracked(["git", "commit", "-q", "-m", "baseline"], project)
+    cache = sorted(path.name for path in (project / ".petpipe/cache").iterdir())
+
+    experiments = {"lr-high": "0.003", "lr-low": "0.0003"}
+    for name, lr in experiments.items():
+        dvc_tracked(["dvc", "exp", "run", "--queue", "-S", f"finetune.lr={lr}", "-n", name], project)
+    dvc_tracked(["dvc", "queue", "start", "-j", "1"], project)
+    wait_for_the_queue(project)
+    for name in experiments:
+        log = dvc_tracked(["dvc", "queue", "logs", name], project).stdout
+        assert ran(log) == ["finetune", "evaluate"], log[-3000:]
+        assert "decoding" not in log, f"{name} decoded images again:\n{log[-3000:]}"
+    assert sorted(path.name for path in (project / ".petpipe/cache").iterdir()) == cache  # nothing new decoded
+    assert not (project / ".petpipe/downloads").exists()  # a local source: nothing downloaded, ever
+
+    shown = json.loads(dvc_tracked(["dvc", "exp", "show", "--json"], project).stdout)
+    revs = {rev["name"]: rev for row in shown for exp in row.get("experiments") or [] for rev in exp["revs"]}
+    assert set(experiments) <= set(revs)
+    for name, lr in experiments.items():
+        assert revs[name]["data"]["params"]["params.yaml"]["data"]["finetune"]["lr"] == float(lr)
+        assert 0 <= revs[name]["data"]["metrics"]["stages/evaluate/metrics.json"]["data"]["accuracy"] <= 1
+
+    dvc_tracked(["dvc", "exp", "apply", "lr-low"], project)
+    assert "lr: 0.0003" in (project / "params.yaml").read_text()
+    applied = json.loads((project / "stages/evaluate/metrics.json").read_text())
+    assert applied["accuracy"] == revs["lr-low"]["data"]["metrics"]["stages/evaluate/metrics.json"]["data"]["accuracy"]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("petpipe").experiment_id])
+    pipelines: dict[Any, list[str]] = {}
+    for run in runs:
+        if "mlflow.parentRunId" not in run.data.tags:
+            pipelines.setdefault(run.data.tags.get("dvc.exp_name"), [])
+    for run in runs:
+        parent = next((candidate for candidate in runs if candidate.info.run_id == run.data.tags.get(
+            "mlflow.parentRunId")), None)
+        if parent is not None:
+            pipelines[parent.data.tags.get("dvc.exp_name")].append(run.data.tags["petpipe.stage"])
+    assert sorted(pipelines[name] for name in experiments) == [["evaluate", "finetune"]] * 2
+    assert set(pipelines) == {None, *experiments}  # the baseline's run, and one pipeline run per experiment
