@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import lzma
 import os
 import re
@@ -23,8 +24,12 @@ from urllib.parse import unquote, urlparse
 import requests
 from tqdm import tqdm
 
+from petpipe.archive_limits import Budget
 from petpipe.atomic import atomic_directory, file_digest
 from petpipe.errors import PetpipeError
+from petpipe.paths import petpipe_folder
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
@@ -37,6 +42,9 @@ HTTP_TIMEOUT = (15, 60)
 FSSPEC_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 # Folders that macOS zips and version control add beside the photos.
 IGNORED_NAMES = ("__MACOSX",)
+# How each archive format petpipe reads begins; tar says "ustar" at byte 257 instead.
+ARCHIVE_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"PK\x03\x04", b"PK\x05\x06")
+TAR_MAGIC_OFFSET = 257
 
 
 def fetch_source(source: str, checksum: str | None, destination: Path) -> int:
@@ -61,7 +69,7 @@ def fetch_source(source: str, checksum: str | None, destination: Path) -> int:
 
 def download_directory() -> Path:
     """Where downloads are cached: outside DVC's outs, so a re-run or `dvc checkout` never re-downloads."""
-    return Path(os.environ.get("PETPIPE_DOWNLOAD_DIR", ".petpipe/downloads"))
+    return Path(os.environ.get("PETPIPE_DOWNLOAD_DIR") or petpipe_folder() / "downloads")
 
 
 # --- downloads ---------------------------------------------------------------------------------
@@ -71,15 +79,18 @@ def download_archive(url: str, checksum: str | None, directory: Path) -> Path:
     """Download url into directory (resuming a partial file) and verify it; reuse a complete, verified copy."""
     target = directory / cache_name(url)
     if target.is_file():
-        if checksum is None or _digest_matches(target, checksum):
+        if not is_archive(target):  # kept by an older petpipe that cached whatever arrived
+            log.warning("warning: %s (cached download of %s) is not an archive; downloading again", target, url)
+        elif checksum is None or _digest_matches(target, checksum):
             return target
         target.unlink()  # cached for another checksum: the params changed, so fetch again
     part = target.with_name(target.name + ".part")
     directory.mkdir(parents=True, exist_ok=True)
     if urlparse(url).scheme in ("http", "https"):
-        _download_http(url, part)
+        content_type = _download_http(url, part)
     else:
-        _download_fsspec(url, part)
+        content_type = _download_fsspec(url, part)
+    _refuse_non_archive(part, url, content_type)
     if checksum is not None:
         verify_checksum(part, checksum, delete_on_mismatch=True, described_as=url)
     os.replace(part, target)
@@ -93,7 +104,8 @@ def cache_name(url: str) -> str:
     return f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{basename}"
 
 
-def _download_http(url: str, part: Path) -> None:
+def _download_http(url: str, part: Path) -> str | None:
+    """Download url into part (resuming it); return the Content-Type the server gave the bytes, if any."""
     offset = part.stat().st_size if part.exists() else 0
     try:
         with _http_get(url, offset) as response:
@@ -101,7 +113,7 @@ def _download_http(url: str, part: Path) -> None:
                 # Range Not Satisfiable: the partial file already holds every byte, unless the server says otherwise.
                 total = _content_range_total(response)
                 if total is None or total == offset:
-                    return
+                    return None
                 part.unlink()
                 return _download_http(url, part)
             response.raise_for_status()
@@ -112,6 +124,7 @@ def _download_http(url: str, part: Path) -> None:
                 offset = 0  # the server ignored the Range header and sends everything again
             length = response.headers.get("Content-Length")
             total = offset + int(length) if length is not None else None
+            content_type = response.headers.get("Content-Type")
             with part.open("ab" if offset else "wb") as file:
                 file.truncate(offset)
                 _copy_with_progress(response.iter_content(HTTP_CHUNK_BYTES), file, offset, total, url)
@@ -122,6 +135,7 @@ def _download_http(url: str, part: Path) -> None:
     if total is not None and part.stat().st_size != total:
         reason = f"got {part.stat().st_size} of {total} bytes"
         raise PetpipeError(download_failed(url, reason, resumable=True))
+    return content_type
 
 
 def _http_get(url: str, offset: int) -> requests.Response:
@@ -143,6 +157,7 @@ def _content_range_total(response: requests.Response) -> int | None:
 
 
 def _download_fsspec(url: str, part: Path) -> None:
+    """Download url into part (resuming it) through fsspec, which tells no content type."""
     filesystem, path = _fsspec_filesystem(url)
     offset = part.stat().st_size if part.exists() else 0
     # Backends raise their own exception types (botocore, google-auth, ...), so catch broadly here only.
@@ -207,6 +222,42 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"[:300]
 
 
+def _refuse_non_archive(part: Path, url: str, content_type: str | None) -> None:
+    """Delete what arrived unless it is an archive, so a login or error page is never cached as one."""
+    if is_archive(part):
+        return
+    head = _head(part)
+    part.unlink()
+    if _looks_like_html(head, content_type):
+        what = "the server sent an HTML page, not an archive (a login or error page?)"
+    else:
+        what = f"what arrived is not an archive (it begins {head[:16]!r}; petpipe reads tar, gzip, bzip2, xz and zip)"
+    raise PetpipeError(
+        f"download of {url}: {what}. It was not kept. Check that the URL gives the archive itself (open it in a "
+        "browser), or download the archive yourself and point data.source at the file."
+    )
+
+
+def is_archive(path: Path) -> bool:
+    """Whether path begins as a tar, gzip, bzip2, xz or zip file does (zip also when a prefix precedes it)."""
+    head = _head(path)
+    if head.startswith(ARCHIVE_MAGIC) or head[TAR_MAGIC_OFFSET:TAR_MAGIC_OFFSET + 5] == b"ustar":
+        return True
+    return zipfile.is_zipfile(path) or tarfile.is_tarfile(path)  # a self-extracting zip, a pre-POSIX tar
+
+
+def _head(path: Path) -> bytes:
+    with path.open("rb") as file:
+        return file.read(512)
+
+
+def _looks_like_html(head: bytes, content_type: str | None = None) -> bool:
+    if content_type and content_type.split(";")[0].strip().lower() in ("text/html", "application/xhtml+xml"):
+        return True
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    return text.startswith(b"<") and (b"<html" in text or b"<!doctype html" in text)
+
+
 # --- checksums ---------------------------------------------------------------------------------
 
 
@@ -239,6 +290,10 @@ def copy_folder(source: Path, destination: Path) -> int:
     _refuse_overlap(source, destination)
     with atomic_directory(destination) as staging:
         for relative in _visible_files(source):
+            kind = _special_file_kind(source / relative)
+            if kind:
+                log.warning("warning: skipping %s: %s, not a file of photo data", source / relative, kind)
+                continue
             (staging / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source / relative, staging / relative)
         count = count_images(staging)
@@ -257,6 +312,17 @@ def _refuse_overlap(source: Path, destination: Path) -> None:
         raise PetpipeError(
             f"data.source {source} overlaps the output folder {destination}; point data.source elsewhere"
         )
+
+
+def _special_file_kind(path: Path) -> str | None:
+    """"a named pipe", "a socket", ... for a file that is not a regular file (after symlinks); else None."""
+    try:
+        mode = os.stat(path).st_mode  # never opens it: opening a named pipe would wait for a writer
+    except OSError:
+        return None  # a dangling or looping symlink: copying it fails with its own error, naming the file
+    kinds = {stat.S_IFIFO: "a named pipe", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+             stat.S_IFBLK: "a block device", stat.S_IFDIR: None, stat.S_IFREG: None}
+    return kinds.get(stat.S_IFMT(mode), "a special file")
 
 
 def _visible_files(root: Path) -> Iterator[Path]:
@@ -293,7 +359,7 @@ def extract_archive(archive: Path, destination: Path) -> int:
         except getattr(tarfile, "FilterError", ()) as error:
             raise PetpipeError(_unsafe(archive, error.tarinfo.name, str(error))) from None
         except (tarfile.TarError, zipfile.BadZipFile, EOFError, gzip.BadGzipFile, zlib.error, lzma.LZMAError) as error:
-            raise PetpipeError(f"archive {archive} is damaged ({error}); delete it and fetch again") from None
+            raise PetpipeError(f"archive {archive} is damaged ({_first_line(error)}); delete it and fetch again") from None
         _strip_single_top_folder(staging)
         _refuse_escaping_symlinks(archive, staging)
         count = count_images(staging)
@@ -302,20 +368,32 @@ def extract_archive(archive: Path, destination: Path) -> int:
     return count
 
 
+def _first_line(error: BaseException) -> str:
+    # tarfile's "file could not be opened successfully:" is followed by one line per compression it tried.
+    text = str(error).strip()
+    if text.startswith("file could not be opened successfully"):
+        return "not a tar archive, compressed or not"
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _extract_any(archive: Path, staging: Path) -> None:
+    if _looks_like_html(_head(archive)):
+        raise PetpipeError(f"data.source {archive} is an HTML page, not an archive (a login or error page saved "
+                           "in its place?); download the archive itself")
+    budget = Budget.for_archive(archive, staging)
     # Trust the name first: a plain tar that contains a zip can look like a zip to is_zipfile.
     name = archive.name.lower()
     if name.endswith(".zip"):
-        _extract_zip(archive, staging)
+        _extract_zip(archive, staging, budget)
     elif name.endswith(TAR_SUFFIXES) or tarfile.is_tarfile(archive):
-        _extract_tar(archive, staging)
+        _extract_tar(archive, staging, budget)
     elif zipfile.is_zipfile(archive):
-        _extract_zip(archive, staging)
+        _extract_zip(archive, staging, budget)
     else:
         raise PetpipeError(f"data.source {archive}: not a folder, a tar archive (.tar.gz, .tgz, .tar) or a zip archive")
 
 
-def _extract_tar(archive: Path, staging: Path) -> None:
+def _extract_tar(archive: Path, staging: Path, budget: Budget) -> None:
     root = os.path.realpath(staging)
     # Python's own "data" filter (3.11.4+) is a second line of defence behind the checks below.
     extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {"set_attrs": False}
@@ -331,6 +409,9 @@ def _extract_tar(archive: Path, staging: Path) -> None:
                 target.mkdir(parents=True, exist_ok=True)
                 continue
             _check_tar_member(archive, member, root, staging, relative)
+            if member.isreg():
+                # tar states no compressed size per member; tarfile writes exactly the declared size.
+                budget.admit(member.name, member.size)
             tar.extract(member, staging, **extra)
 
 
@@ -359,9 +440,13 @@ def _check_link_target(archive: Path, member: tarfile.TarInfo, root: str, target
         raise PetpipeError(_unsafe(archive, member.name, f"links to {member.linkname}, outside the output folder"))
 
 
-def _extract_zip(archive: Path, staging: Path) -> None:
+def _extract_zip(archive: Path, staging: Path, budget: Budget) -> None:
     root = os.path.realpath(staging)
     with zipfile.ZipFile(archive) as zipped:
+        # The central directory declares every size up front: refuse a bomb before writing anything.
+        for info in zipped.infolist():
+            if not info.is_dir() and not _skipped(_relative(info.filename)):
+                budget.admit(info.filename, info.file_size, info.compress_size)
         for info in zipped.infolist():
             relative = _safe_relative(archive, info.filename)
             if _skipped(relative):
@@ -378,8 +463,22 @@ def _extract_zip(archive: Path, staging: Path) -> None:
             else:
                 _check_inside(archive, info.filename, root, target)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                with zipped.open(info) as source, target.open("wb") as file:
-                    shutil.copyfileobj(source, file, CHUNK_BYTES)
+                _extract_zip_file(zipped, info, target, budget)
+
+
+def _extract_zip_file(zipped: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, budget: Budget) -> None:
+    try:
+        with zipped.open(info) as source, target.open("wb") as file:
+            budget.copy_entry(info.filename, source, file, declared=info.file_size)
+    except zipfile.BadZipFile as error:
+        if "CRC" not in str(error):
+            raise
+        # zipfile stops an entry at its declared size, so one that inflates further fails its CRC here.
+        raise PetpipeError(
+            f"refusing to extract {budget.archive}: entry {info.filename!r} does not hold the {info.file_size:,} "
+            f"bytes its header declares ({error}): the archive is damaged, or crafted to hide its size. "
+            "Nothing was extracted; if it was downloaded, delete it and fetch again."
+        ) from None
 
 
 def _extract_zip_symlink(archive: Path, zipped: zipfile.ZipFile, info: zipfile.ZipInfo, root: str,

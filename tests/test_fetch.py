@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import http.server
 import importlib.util
 import io
+import logging
+import os
+import shutil
 import socket
 import tarfile
 import zipfile
@@ -176,16 +180,56 @@ def test_local_archive_with_wrong_checksum_is_refused_and_kept(in_tmp: Path, pho
     assert (in_tmp / "pets.tar.gz").read_bytes() == data  # never modify the source
 
 
+def test_named_pipes_and_sockets_in_a_source_folder_are_skipped_with_a_warning(
+        in_tmp: Path, photos: list[Path], caplog: pytest.LogCaptureFixture) -> None:
+    source = in_tmp / "photos"
+    source.mkdir()
+    for photo in photos[:3]:
+        (source / photo.name).write_bytes(photo.read_bytes())
+    os.mkfifo(source / "pipe.jpg")  # opening it to copy would wait for a writer for ever
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind("photos/socket.jpg")  # relative: a socket's path must stay under 108 bytes
+    (source / "pipe-link.jpg").symlink_to("pipe.jpg")
+
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert fetch_source("photos", None, in_tmp / "images") == 3
+    finally:
+        listener.close()
+
+    assert_same_photos(in_tmp / "images", photos[:3])
+    assert "skipping photos/pipe.jpg: a named pipe" in caplog.text
+    assert "skipping photos/pipe-link.jpg: a named pipe" in caplog.text
+    assert "skipping photos/socket.jpg: a socket" in caplog.text
+
+
+def test_an_os_error_without_a_file_name_is_one_tidy_line(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (in_tmp / "params.yaml").write_text(yaml.safe_dump(default_params()))
+    errors = [OSError(errno.ENOSPC, "No space left on device"), shutil.SpecialFileError("`x` is a named pipe"),
+              OSError(errno.EACCES, "Permission denied", "stages/fetch/images")]
+    lines = []
+    for error in errors:
+        monkeypatch.setattr(fetch_stage, "fetch_source", lambda *args, error=error: (_ for _ in ()).throw(error))
+        result = CliRunner().invoke(main, ["fetch", "--out", "stages/fetch/images"])
+        assert result.exit_code == 1
+        lines.append(result.output.split(";")[0])
+
+    assert lines == ["Error: No space left on device", "Error: `x` is a named pipe",
+                     "Error: stages/fetch/images: Permission denied"]
+
+
 # --- downloads -----------------------------------------------------------------------------------
 
 
 class ArchiveServer:
     """An HTTP server on 127.0.0.1 serving one file, honouring Range, optionally cutting the first transfer."""
 
-    def __init__(self, payload: bytes, cut_first_after: int | None = None, honour_range: bool = True) -> None:
+    def __init__(self, payload: bytes, cut_first_after: int | None = None, honour_range: bool = True,
+                 content_type: str | None = None) -> None:
         self.payload = payload
         self.cut_first_after = cut_first_after
         self.honour_range = honour_range
+        self.content_type = content_type
         self.range_headers: list[str | None] = []
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/data/images.tar.gz"
@@ -213,6 +257,8 @@ class ArchiveServer:
                 if start:
                     self.send_header("Content-Range", f"bytes {start}-{len(owner.payload) - 1}/{len(owner.payload)}")
                 self.send_header("Content-Length", str(len(body)))
+                if owner.content_type:
+                    self.send_header("Content-Type", owner.content_type)
                 self.end_headers()
                 if owner.cut_first_after is not None and len(owner.range_headers) == 1:
                     body = body[:owner.cut_first_after]  # then the connection closes: a transfer cut off
@@ -315,6 +361,79 @@ def test_http_error_names_the_status(in_tmp: Path, photos: list[Path]) -> None:
         missing = server.url.replace("images.tar.gz", "other.tar.gz")
         with pytest.raises(PetpipeError, match=r"failed \(HTTP 404"):
             fetch_source(missing, None, in_tmp / "images")
+
+
+LOGIN_PAGE = (b"<!DOCTYPE html>\n<html lang=\"en\"><head><title>Sign in</title></head>\n"
+              b"<body><form method=\"post\"><input name=\"user\"><input name=\"password\" type=\"password\">"
+              b"</form></body></html>\n")
+HTML_SENT = "the server sent an HTML page, not an archive (a login or error page?)"
+
+
+@pytest.mark.parametrize("content_type", ["text/html; charset=utf-8", "application/octet-stream", None])
+def test_an_html_page_instead_of_the_archive_is_refused_plainly_and_never_cached(in_tmp: Path,
+                                                                                content_type: str | None) -> None:
+    # Told by the Content-Type, or, where a server labels it wrongly or not at all, by its first bytes.
+    downloads = in_tmp / ".petpipe/downloads"
+    with ArchiveServer(LOGIN_PAGE, content_type=content_type).running() as server:
+        for _ in range(2):
+            with pytest.raises(PetpipeError) as refused:
+                fetch_source(server.url, None, in_tmp / "images")
+            assert str(refused.value).startswith(f"download of {server.url}: {HTML_SENT}. It was not kept.")
+            assert list(downloads.iterdir()) == []  # neither the page nor a .part of it
+
+    assert server.range_headers == [None, None]  # the second run asked the server again, from the start
+    assert not (in_tmp / "images").exists()
+
+
+def test_an_html_page_through_the_cli_is_one_error_line(in_tmp: Path) -> None:
+    with ArchiveServer(LOGIN_PAGE, content_type="text/html").running() as server:
+        params = {**default_params(), "data": {"source": server.url, "checksum": "md5:" + "0" * 32}}
+        (in_tmp / "params.yaml").write_text(yaml.safe_dump(params))
+        result = CliRunner().invoke(main, ["fetch", "--out", "stages/fetch/images"])
+
+    assert result.exit_code == 1
+    # What arrived is named before the checksum is compared: "checksum mismatch" would hide the cause.
+    assert result.output.startswith(f"Error: download of {server.url}: {HTML_SENT}.")
+    assert result.output.count("\n") == 1 and "tarfile" not in result.output and "checksum" not in result.output
+
+
+def test_a_download_that_is_no_archive_is_refused_naming_its_first_bytes(in_tmp: Path) -> None:
+    with ArchiveServer(b'{"error": "quota exceeded"}', content_type="application/json").running() as server:
+        with pytest.raises(PetpipeError, match=r"what arrived is not an archive \(it begins b'\{\"error\": \"quota'; "
+                                               r"petpipe reads tar, gzip, bzip2, xz and zip\)\. It was not kept\."):
+            fetch_source(server.url, None, in_tmp / "images")
+
+    assert list((in_tmp / ".petpipe/downloads").iterdir()) == []
+
+
+def test_a_page_an_older_petpipe_cached_is_downloaded_again(in_tmp: Path, photos: list[Path],
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    data = make_tarball(photos)
+    with ArchiveServer(data).running() as server:
+        cached = in_tmp / ".petpipe/downloads" / cache_name(server.url)
+        cached.parent.mkdir(parents=True)
+        cached.write_bytes(LOGIN_PAGE)
+
+        assert fetch_source(server.url, None, in_tmp / "images") == ARCHIVE_PHOTOS
+
+    assert server.range_headers == [None]
+    assert cached.read_bytes() == data
+    assert f"{cached} (cached download of {server.url}) is not an archive; downloading again" in caplog.text
+
+
+def test_a_local_html_page_named_like_an_archive_is_refused_plainly(in_tmp: Path) -> None:
+    (in_tmp / "images.tar.gz").write_bytes(LOGIN_PAGE)  # what "Save link as" gives behind a login
+    with pytest.raises(PetpipeError, match=r"^data.source images.tar.gz is an HTML page, not an archive \(a login or "
+                                           r"error page saved in its place\?\)"):
+        fetch_source("images.tar.gz", None, in_tmp / "images")
+
+
+def test_a_damaged_archive_is_reported_in_one_line(in_tmp: Path) -> None:
+    (in_tmp / "images.tar.gz").write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(PetpipeError) as damaged:
+        fetch_source("images.tar.gz", None, in_tmp / "images")
+    assert str(damaged.value) == ("archive images.tar.gz is damaged (not a tar archive, compressed or not); "
+                                  "delete it and fetch again")
 
 
 def closed_port() -> int:

@@ -13,14 +13,18 @@
 from __future__ import annotations
 
 import ast
+import gzip
 import io
 import json
 import os
 import pickle
 import re
 import stat
+import struct
+import tarfile
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -333,3 +337,192 @@ def test_documented_mlflow_servers_listen_on_localhost_only():
             if host and host.group(1).strip("'\"") not in ("127.0.0.1", "localhost", "::1"):
                 exposed.append(f"{path.relative_to(PROJECT_ROOT)}: {command}")
     assert exposed == []
+
+
+# ---------------------------------------------------------------- archives that inflate without bound
+#
+# Each archive here is a few KB on disk and refused before it writes megabytes: the limits are
+# checked on the sizes an archive declares (zip's central directory, each tar header) before each
+# entry is written, and zip entries are counted while they are written.
+
+ZEROS = bytes(4_000_000)  # 4 MB of zeros: deflate and gzip make ~4 KB of them, a ratio of ~1000
+
+
+def bomb_archive(folder: Path, kind: str, entries: dict[str, bytes]) -> Path:
+    """A zip or tar.gz holding `entries` (name -> content) inside a top folder."""
+    if kind == "zip":
+        archive = folder / "photos.zip"
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
+            for name, content in entries.items():
+                zipped.writestr(f"images/{name}", content)
+        return archive
+    archive = folder / "photos.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, content in entries.items():
+            info = tarfile.TarInfo(f"images/{name}")
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    return archive
+
+
+def declare_zip_size(archive: Path, name: str, size: int) -> None:
+    """Rewrite the uncompressed size the central directory declares for entry `name`; the stream is unchanged.
+
+    The layout is APPNOTE.TXT's: the end record (PK 5 6) gives the directory's offset at +16; each
+    directory record (PK 1 2) holds the uncompressed size at +24 and is 46 bytes plus its name,
+    extra field and comment, whose lengths are at +28, +30 and +32.
+    """
+    data = bytearray(archive.read_bytes())
+    (record,) = struct.unpack_from("<I", data, data.rindex(b"PK\x05\x06") + 16)
+    while data.startswith(b"PK\x01\x02", record):
+        name_length, extra_length, comment_length = struct.unpack_from("<HHH", data, record + 28)
+        if data[record + 46:record + 46 + name_length].decode() == name:
+            struct.pack_into("<I", data, record + 24, size)
+            archive.write_bytes(bytes(data))
+            return
+        record += 46 + name_length + extra_length + comment_length
+    raise AssertionError(f"no entry {name} in {archive}")
+
+
+def only_the_archive_is_left(folder: Path, archive: Path) -> bool:
+    return {path for path in folder.rglob("*") if not path.is_dir()} == {archive}
+
+
+ARCHIVE_KINDS = ["zip", "tar.gz"]
+
+
+@pytest.mark.parametrize("kind", ARCHIVE_KINDS)
+def test_an_entry_over_the_size_limit_is_refused_naming_the_limit_and_how_to_raise_it(tmp_path, monkeypatch, kind):
+    monkeypatch.setenv("PETPIPE_MAX_ENTRY_MB", "1")
+    archive = bomb_archive(tmp_path, kind, {A_PHOTO.name: A_PHOTO.read_bytes(), "big.jpg": bytes(2_000_000)})
+    output = tmp_path / "work/stages/fetch/images"
+
+    with pytest.raises(PetpipeError) as refused:
+        fetch_source(str(archive), None, output)
+
+    message = str(refused.value)
+    assert message.startswith(f"refusing to extract {archive}: entry 'images/big.jpg' declares 2.0 MB, more than "
+                              "the 1.0 MB that PETPIPE_MAX_ENTRY_MB allows for one file")
+    assert "PETPIPE_MAX_ENTRY_MB=2 dvc repro" in message and "Nothing was extracted" in message
+    assert "\n" not in message
+    assert not output.exists() and only_the_archive_is_left(tmp_path, archive)
+
+
+def tar_gz_declaring(path: Path, name: str, size: int) -> Path:
+    """A tar.gz of one member header that declares `size` bytes, and none of them: 100 bytes on disk."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    path.write_bytes(gzip.compress(info.tobuf(format=tarfile.GNU_FORMAT)))
+    return path
+
+
+@pytest.mark.parametrize("kind", ARCHIVE_KINDS)
+def test_a_3_gb_photo_is_refused_from_the_declared_size_before_a_byte_of_it_is_written(tmp_path, kind):
+    # The new user's case: a small archive whose one .jpg declares 3 GB. Refused on the header alone.
+    if kind == "zip":
+        archive = bomb_archive(tmp_path, "zip", {"huge.jpg": ZEROS})
+        declare_zip_size(archive, "images/huge.jpg", 3_000_000_000)
+    else:
+        archive = tar_gz_declaring(tmp_path / "photos.tar.gz", "images/huge.jpg", 3_000_000_000)
+    assert archive.stat().st_size < 10_000
+
+    with pytest.raises(PetpipeError, match=r"entry 'images/huge\.jpg' declares 3,000\.0 MB, more than the 200\.0 MB "
+                                           r"that PETPIPE_MAX_ENTRY_MB allows.*PETPIPE_MAX_ENTRY_MB=3000 dvc repro"):
+        fetch_source(str(archive), None, tmp_path / "images")
+
+    assert only_the_archive_is_left(tmp_path, archive)
+
+
+@pytest.mark.parametrize("kind", ARCHIVE_KINDS)
+def test_an_entry_that_inflates_a_thousandfold_is_refused_until_the_ratio_limit_is_raised(tmp_path, monkeypatch,
+                                                                                          kind):
+    archive = bomb_archive(tmp_path, kind, {"bomb.jpg": ZEROS})
+    assert archive.stat().st_size < 10_000
+    output = tmp_path / "images"
+
+    with pytest.raises(PetpipeError) as refused:
+        fetch_source(str(archive), None, output)
+
+    message = str(refused.value)
+    assert f"refusing to extract {archive}: entry 'images/bomb.jpg' " in message
+    assert "more than PETPIPE_MAX_RATIO (100) allows for photos, which barely compress" in message
+    assert re.search(r"e\.g\. `PETPIPE_MAX_RATIO=\d{3,4} dvc repro`", message) and "\n" not in message
+    assert only_the_archive_is_left(tmp_path, archive)
+
+    monkeypatch.setenv("PETPIPE_MAX_RATIO", "5000")  # the user trusts this archive
+    assert fetch_source(str(archive), None, output) == 1
+    assert (output / "bomb.jpg").stat().st_size == len(ZEROS)
+
+
+def test_many_small_entries_that_together_inflate_too_far_are_refused(tmp_path):
+    # Each entry stays under the 1 MB below which a ratio is never held against it; the archive does not:
+    # 18 MB from 20 KB. Refused at the entry that takes the total past 100 times the archive's size.
+    archive = bomb_archive(tmp_path, "zip", {f"part_{number:02}.jpg": bytes(900_000) for number in range(20)})
+
+    with pytest.raises(PetpipeError, match=r"entry 'images/part_02\.jpg' brings what the archive declares to "
+                                           r"2\.7 MB, 1\d\d times its [\d,]+ bytes, more than PETPIPE_MAX_RATIO "
+                                           r"\(100\) allows"):
+        fetch_source(str(archive), None, tmp_path / "images")
+
+    assert only_the_archive_is_left(tmp_path, archive)
+
+
+@pytest.mark.parametrize("kind", ARCHIVE_KINDS)
+def test_an_archive_larger_than_the_free_disk_space_is_refused(tmp_path, monkeypatch, kind):
+    from petpipe import archive_limits
+
+    photos = sorted(SAMPLE_IMAGES.glob("*.jpg"))[:10]
+    archive = bomb_archive(tmp_path, kind, {photo.name: photo.read_bytes() for photo in photos})
+    free = 300_000  # less than the ten photos need
+    monkeypatch.setattr(archive_limits.shutil, "disk_usage", lambda path: SimpleNamespace(free=free))
+    output = tmp_path / "work/images"
+
+    with pytest.raises(PetpipeError) as refused:
+        fetch_source(str(archive), None, output)
+
+    message = str(refused.value)
+    assert re.match(rf"refusing to extract {re.escape(str(archive))}: entry 'images/[^']+\.jpg' brings what the "
+                    rf"archive declares to [\d,]+ bytes on disk, more than the 270,000 bytes that "
+                    rf"{re.escape(str(output.parent))} can take \(300,000 bytes free, 30,000 bytes kept spare\)\. "
+                    r"Free some space there, then fetch again\. Nothing was extracted\.$", message), message
+    assert not output.exists() and only_the_archive_is_left(tmp_path, archive)
+
+
+def test_a_zip_entry_that_inflates_past_its_declared_size_is_refused_and_leaves_nothing(tmp_path):
+    archive = bomb_archive(tmp_path, "zip", {A_PHOTO.name: A_PHOTO.read_bytes(), "liar.jpg": ZEROS})
+    declare_zip_size(archive, "images/liar.jpg", 1_000)  # small enough to pass every check on declared sizes
+
+    with pytest.raises(PetpipeError) as refused:
+        fetch_source(str(archive), None, tmp_path / "images")
+
+    message = str(refused.value)
+    assert f"refusing to extract {archive}: entry 'images/liar.jpg' does not hold the 1,000 bytes its header " \
+           "declares" in message
+    assert "crafted to hide its size" in message and "Nothing was extracted" in message
+    assert only_the_archive_is_left(tmp_path, archive)
+
+
+def test_copying_an_entry_stops_before_it_writes_more_than_it_declared(tmp_path):
+    # zipfile stops at the declared size itself (then fails the CRC, above); this is petpipe's own count.
+    from petpipe.archive_limits import Budget
+
+    budget = Budget.for_archive(tmp_path, tmp_path)
+    written = io.BytesIO()
+    with pytest.raises(PetpipeError, match=r"entry 'images/liar\.jpg' inflates past the 1,000 bytes its header "
+                                           r"declares"):
+        budget.copy_entry("images/liar.jpg", io.BytesIO(ZEROS), written, declared=1_000)
+    assert len(written.getvalue()) <= 1_000
+
+    budget.copy_entry("images/honest.jpg", io.BytesIO(ZEROS), written, declared=len(ZEROS))
+    assert len(written.getvalue()) == len(ZEROS)
+
+
+@pytest.mark.parametrize("variable, value", [("PETPIPE_MAX_ENTRY_MB", "lots"), ("PETPIPE_MAX_ENTRY_MB", "0"),
+                                             ("PETPIPE_MAX_RATIO", "0.5"), ("PETPIPE_MAX_RATIO", "inf")])
+def test_an_archive_limit_that_is_not_a_number_is_refused_naming_the_variable(tmp_path, monkeypatch, variable, value):
+    monkeypatch.setenv(variable, value)
+    archive = bomb_archive(tmp_path, "zip", {A_PHOTO.name: A_PHOTO.read_bytes()})
+    with pytest.raises(PetpipeError, match=rf"^{variable} = '{value}' is not a"):
+        fetch_source(str(archive), None, tmp_path / "images")
+    overview = CliRunner().invoke(main, ["--help"]).output
+    assert "PETPIPE_MAX_ENTRY_MB" in overview and "PETPIPE_MAX_RATIO" in overview

@@ -67,6 +67,7 @@ def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
     if not folder.is_dir():
         raise PetpipeError(f"{folder}: images folder not found; run `petpipe fetch` first or fix --images")
     found, corrected = corrected_survey(survey(folder, params.labels), inputs.corrections)
+    _refuse_a_single_class(sorted(set(found.labels.values())), folder, params.labels)
     index, moved = split_index(found, params.split)
     classes = data.class_names(index)
     counts = data.split_counts(index, classes)
@@ -79,12 +80,12 @@ def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
         log.warning("warning: %s", warning)
 
     # Draw both figures before writing anything, so a plotting failure leaves no new outputs.
-    views = Views.for_display(size=params.model.img_size, presize=params.model.presize, augment=params.train.augment)
+    views = Views.for_display(params.model, params.train.augment)
     show_batch = show_batch_figure(index, folder, split="train", count=SHOW_BATCH_SIZE, views=views,
                                    seed=params.train.seed)
     class_counts = plot_class_counts(counts)
     n_valid = int(counts["valid"].sum())
-    with tracking.stage_run(STAGE, params=params.select(PARAMS)) as run_log:
+    with tracking.stage_run(STAGE, params=params.select(PARAMS), settings=params) as run_log:
         write_csv(outputs.index, index)
         write_json(outputs.classes, {"classes": classes})
         write_json(outputs.report, _report(index, counts, survey=found, leaks=leaks, moved=moved,
@@ -150,6 +151,19 @@ def split_index(found: Survey, split: SplitParams) -> tuple[pd.DataFrame, list[s
     if not split.file:  # a split file is the user's decision: a class it leaves untrained is refused later
         splits, moved = data.give_every_class_a_training_image(splits, found.labels)
     return data.build_index(found.labels, found.infos, splits), moved
+
+
+def _refuse_a_single_class(classes: list[str], folder: Path, labels: LabelParams) -> None:
+    """A one-class "classifier" trains to 100 % and learns nothing: two classes are the minimum."""
+    if len(classes) >= 2:
+        return
+    how = {"regex": f"labels.pattern {labels.pattern!r} gives every file name this label",
+           "folder": "every image is in this one folder (labels.method folder labels by parent folder)",
+           "csv": f"labels.csv ({labels.csv}) gives every image this label"}[labels.method]
+    raise PetpipeError(
+        f"only one class found ({classes[0]}) in {folder}: a classifier needs at least two; {how}. "
+        "Check labels.method / labels.pattern, or add images of other classes"
+    )
 
 
 def _refuse_classes_without_training_images(counts: pd.DataFrame, *, split_file: str | None) -> None:
