@@ -45,7 +45,8 @@ def _user_errors() -> Iterator[None]:
     except (ParamsError, PetpipeError) as error:
         raise click.ClickException(str(error)) from None
     except OSError as error:  # a full disk, a read-only folder: say which file, not a traceback
-        raise click.ClickException(f"{error.filename or ''}: {error.strerror or error}; outputs written before this "
+        where = f"{error.filename}: " if error.filename else ""  # some errors name no file (shutil's)
+        raise click.ClickException(f"{where}{error.strerror or error}; outputs written before this "
                                    f"are complete, the one being written was not replaced") from None
 
 
@@ -57,8 +58,11 @@ params_option = click.option(
 
 ENVIRONMENT = """\b
 Environment:
-  PETPIPE_CACHE_DIR    where decoded pixels are cached (default .petpipe/cache)
+  PETPIPE_CACHE_DIR    where decoded pixels are cached (default .petpipe/cache at the project root: DVC_ROOT)
   PETPIPE_CACHE_GB     bound of that folder in GB, least recently used first (default 20)
+  PETPIPE_DOWNLOAD_DIR where fetch keeps downloads (default .petpipe/downloads at the project root)
+  PETPIPE_MAX_ENTRY_MB largest file fetch extracts from an archive, in MB (default 200)
+  PETPIPE_MAX_RATIO    most an archive may inflate, uncompressed / compressed (default 100)
   PETPIPE_TRACKING     off: log nothing to MLflow
   MLFLOW_TRACKING_URI  where runs go (default sqlite:///mlflow.db in the project)
 """
@@ -200,12 +204,51 @@ def show_batch_command(params_path: Path, images: Path, index: Path, split: str,
 
     with _user_errors():
         params = load_params(params_path)
-        views = Views.for_display(size=params.model.img_size, presize=params.model.presize,
-                                  augment=params.train.augment)
+        views = Views.for_display(params.model, params.train.augment)
         figure = show_batch_figure(load_index(index), images, split=split, count=count, views=views,
                                    seed=params.train.seed)
         save_figure(out, figure)
     click.echo(f"show-batch: {split} images -> {out}")
+
+
+@main.command("serve")
+@params_option
+@click.option("--model", type=PathOption, default=Path("stages/finetune/model.pt"), show_default=True,
+              help="A model.pt checkpoint, or a bundle folder written by `petpipe export`.")
+@click.option("--index", type=PathOption, default=Path("stages/index-labels/index.csv"), show_default=True,
+              help="index-labels' index.csv: the images and labels the Clean page shows.")
+@click.option("--images", type=PathOption, default=Path("stages/fetch/images"), show_default=True,
+              help="fetch's images folder.")
+@click.option("--evaluate", type=PathOption, default=Path("stages/evaluate"), show_default=True,
+              help="evaluate's folder: the Results page's metrics, confusion matrix and top losses.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 opens the page (and label cleaning) to the network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="Port to listen on; 0 picks a free one.")
+@click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="Largest photo the Try it page accepts, in MB.")
+def serve_command(params_path: Path, model: Path, index: Path, images: Path, evaluate: Path, host: str, port: int,
+                  max_upload_mb: float) -> None:
+    """A web page to try the model on photos, read the evaluation and clean labels (fastai's cleaner).
+
+    Clean's decisions go to the labels.corrections CSV of --params; commit it
+    and run `dvc repro`: index-labels applies them and what they change retrains.
+    """
+    from petpipe.serve import ServeSettings, create_app, listen, run_server
+
+    with _user_errors():
+        params = load_params(params_path)
+        # labels.corrections is relative to the project folder, where params.yaml and dvc.yaml are.
+        settings = ServeSettings(model=model, index=index, images=images, evaluate=evaluate,
+                                 corrections=params_path.parent / params.labels.corrections,
+                                 max_upload_bytes=int(max_upload_mb * 2**20))
+        app = create_app(settings, host=host)
+        sock = listen(host, port)
+    address = sock.getsockname()
+    url_host = f"[{address[0]}]" if ":" in address[0] else address[0]
+    click.echo(f"petpipe serve: http://{url_host}:{address[1]}/ (Ctrl-C to stop); Clean saves to "
+               f"{settings.corrections}")
+    run_server(app, sock)
 
 
 if __name__ == "__main__":
