@@ -123,7 +123,8 @@ def start_petpipe(project: Path, log: Path) -> tuple[Server, str]:
 
 def start_mlflow(project: Path, model_uri: str, log: Path) -> tuple[Server, str]:
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # mlflow runs `uvicorn` from the PATH
     command = [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
                "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
     server = Server(command, project, env, log)
