@@ -326,7 +326,7 @@ def main() -> None:
 
 def settings_line(args: argparse.Namespace, info: dict, results: list[dict], train_images: int) -> str:
     seeds = sorted({result["seed"] for result in results})
-    return (f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), {args.size} px, batch {args.batch_size}, "
+    return (f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}), {args.size} px, batch {args.batch_size}, "
             f"{args.head_epochs} head + {args.ft_epochs} finetune epochs, {train_images} train images; "
             f"{describe_machine(info)}")
 
