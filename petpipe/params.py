@@ -8,6 +8,7 @@ no field here has one.
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -268,6 +269,18 @@ def _allowed_keys(parent: tuple[Any, ...]) -> list[str]:
         assert isinstance(annotation, type) and issubclass(annotation, BaseModel)
         model = annotation
     return list(model.model_fields)
+
+
+def with_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a params mapping with dotted overrides applied: {"split.valid_pct": 0.3} (dvc exp run -S)."""
+    merged = copy.deepcopy(base)
+    for dotted, value in overrides.items():
+        node = merged
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return merged
 
 
 def parse_params(raw: Any, path: Path | str = "params.yaml") -> Params:

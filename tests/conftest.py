@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import threading
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from petpipe.params import Params, parse_params
+from petpipe.params import Params, parse_params, with_overrides  # noqa: F401  (tests import it from here)
 from petpipe.stages import ORDER
 
 # The pipeline's stages in run order, as the package declares them.
@@ -35,16 +34,6 @@ def default_params() -> dict[str, Any]:
     return yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
 
 
-def with_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a params mapping with dotted overrides applied: {"split.valid_pct": 0.3} (dvc exp run -S)."""
-    merged = copy.deepcopy(base)
-    for dotted, value in overrides.items():
-        node = merged
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return merged
 
 
 def params_with(overrides: dict[str, Any] | None = None) -> Params:
