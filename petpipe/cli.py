@@ -20,7 +20,7 @@ import click
 from petpipe import stages
 from petpipe.errors import PetpipeError
 from petpipe.params import ParamsError, load_params
-from petpipe.stages import option_name
+from petpipe.pipeline import option_name
 
 PathOption = click.Path(path_type=Path)
 ExistingPath = click.Path(path_type=Path, exists=True)

@@ -1,8 +1,9 @@
 """A training stage's fit with everything around it: resume after a kill, per-epoch logging, the outputs.
 
 train-head and finetune each describe their fit (a `Phase`) and what to record
-(a `Record`), then call `fit_and_save`. Under torchrun every rank trains and
-rank 0 alone writes files and logs to MLflow.
+(a `Record`), then call `fit_and_save` inside the stage's run (petpipe/runner.py: its
+MLflow run, runtime and seed). Under torchrun every rank trains and rank 0 alone
+writes files and logs to MLflow.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from petpipe import plots, tracking
+from petpipe import plots
 from petpipe.atomic import save_figure, write_csv, write_json
 from petpipe.checkpoint import Checkpoint, save_checkpoint
 from petpipe.dataset import Dataset
@@ -27,7 +28,8 @@ from petpipe.params import Params, TrainParams
 from petpipe.progress import EpochTable, progress_bar
 from petpipe.resume import ResumeFile
 from petpipe.spec import ModelSpec
-from petpipe.stages import path_option
+from petpipe.pipeline import path_option
+from petpipe.runner import Context
 from petpipe.training import FitHooks, FitState, Phase, fit
 from petpipe.views import Views
 
@@ -44,14 +46,25 @@ class TrainedOutputs:
 
 @dataclass(frozen=True)
 class Learner:
-    """fastai's Learner for one stage: the model and its spec, the data, the stage's params, the runtime."""
+    """fastai's Learner for one stage: the stage's context (params, MLflow run, runtime), the model and
+    its spec, the data."""
 
-    stage: str
+    context: Context
     model: Classifier
     spec: ModelSpec
     data: Dataset
-    params: Params
-    runtime: Runtime
+
+    @property
+    def stage(self) -> str:
+        return self.context.stage
+
+    @property
+    def params(self) -> Params:
+        return self.context.params
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.context.compute.runtime
 
     @property
     def settings(self) -> TrainParams:
@@ -90,44 +103,44 @@ def fit_and_save(learner: Learner, phase: Phase, record: Record) -> dict[str, An
     main = learner.runtime.world.is_main
     to_device(learner.model, learner.runtime.device)
     runtime = choose_levers(learner.runtime, learner.model, learner.data.train, learner.views, learner.settings)
-    tracked = tracking.stage_run(learner.stage, params=record.used, settings=learner.params)
-    with (tracked if main else tracking.no_run(learner.stage)) as log:
-        log.log_params({"levers": dataclasses.asdict(runtime.levers)})
-        table = EpochTable(learner.stage, phase.epochs)
-        if main:
-            table.show(table.header())
-        hooks = FitHooks(on_epoch_end=_saving_each_epoch(learner, record, resume_file, log, table) if main else None,
-                         progress=progress_bar(learner.stage) if main else None)
-        history = fit(learner.model, learner.data, views=learner.views, phase=phase, settings=learner.settings,
-                      runtime=runtime, resume=FitState(**resumed.resume) if resumed else None, hooks=hooks)
-        metrics = final_metrics(history, stage=learner.stage)
-        if main:
-            write_training_outputs(record.outputs, learner.checkpoint(record.used, history), metrics,
-                                   title=record.title)
-            log.log_artifacts([record.outputs.metrics, record.outputs.history, record.outputs.plot])
-            _log_model(learner, log, record)
+    log = learner.context.log
+    log.log_params({**record.used, "levers": dataclasses.asdict(runtime.levers)})
+    table = EpochTable(learner.stage, phase.epochs)
+    if main:
+        table.show(table.header())
+    hooks = FitHooks(on_epoch_end=_saving_each_epoch(learner, record, resume_file, table) if main else None,
+                     progress=progress_bar(learner.stage) if main else None)
+    history = fit(learner.model, learner.data, views=learner.views, phase=phase, settings=learner.settings,
+                  runtime=runtime, resume=FitState(**resumed.resume) if resumed else None, hooks=hooks)
+    metrics = final_metrics(history, stage=learner.stage)
+    if main:
+        write_training_outputs(record.outputs, learner.checkpoint(record.used, history), metrics, title=record.title)
+        log.log_artifacts([record.outputs.metrics, record.outputs.history, record.outputs.plot])
+        _log_model(learner, record)
     if main:
         resume_file.clear()
     barrier()
     return metrics
 
 
-def _saving_each_epoch(learner: Learner, record: Record, resume_file: ResumeFile, log: tracking.StageRun,
+def _saving_each_epoch(learner: Learner, record: Record, resume_file: ResumeFile,
                        table: EpochTable) -> Callable[[FitState], None]:
     def on_epoch_end(state: FitState) -> None:
         resume_file.save(learner.checkpoint(record.used, state.history, state.to_dict()))
         row = state.history[-1]
         table.show(table.line(row))
-        log.log_metrics({key: value for key, value in row.items() if key != "epoch"}, step=int(row["epoch"]))
+        learner.context.log.log_metrics({key: value for key, value in row.items() if key != "epoch"},
+                                        step=int(row["epoch"]))
 
     return on_epoch_end
 
 
-def _log_model(learner: Learner, log: tracking.StageRun, record: Record) -> None:
+def _log_model(learner: Learner, record: Record) -> None:
     """The checkpoint just written, as an MLflow model that takes photos; a validation photo as its example."""
     data, spec = learner.data, learner.spec
     rows = data.rows("valid") if len(data.valid) else data.rows("train")
-    log.log_model(record.outputs.model, example=data.folder / rows["path"].iloc[0], registered_name=record.register_as,
+    learner.context.log.log_model(record.outputs.model, example=data.folder / rows["path"].iloc[0],
+                                  registered_name=record.register_as,
                   metadata={"classes": list(spec.classes), "img_size": spec.img_size, "presize": spec.presize,
                             "eval_crop": spec.eval_crop, "mean": list(spec.mean), "std": list(spec.std)})
 

@@ -56,6 +56,14 @@ def suggest_architectures(name: str) -> list[str]:
     return difflib.get_close_matches(name, sorted(_torchvision_names() | _timm_names()), n=4, cutoff=0.6)
 
 
+def check_architecture(name: str) -> None:
+    """Refuse a model.arch that neither torchvision nor timm knows, naming the close ones. Checked where
+    the model is built, where torchvision and timm are loaded anyway: params.yaml loads without them."""
+    if not known_architecture(name):
+        hint = ", ".join(suggest_architectures(name)) or "resnet34, resnet50, tf_efficientnet_lite0"
+        raise PetpipeError(f"model.arch = {name!r} is not a torchvision or timm model; close names: {hint}")
+
+
 # ---------------------------------------------------------------- the head
 
 
@@ -214,6 +222,7 @@ def normalisation(arch: str, weights: str) -> tuple[tuple[float, ...], tuple[flo
 
         transforms = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
         return tuple(transforms.mean), tuple(transforms.std)
+    check_architecture(arch)
     from timm.models import get_pretrained_cfg
 
     config = get_pretrained_cfg(arch)
@@ -276,8 +285,7 @@ def _load_local_weights(body: nn.Module, path: Path) -> None:
 
 def build_body(arch: str, weights: str) -> nn.Module:
     """The pretrained feature extractor named by model.arch, with model.weights loaded."""
-    if not known_architecture(arch):
-        raise PetpipeError(f"model.arch = {arch!r} is not a torchvision or timm model")
+    check_architecture(arch)
     pretrained = weights == "imagenet"
     body = _torchvision_body(arch, pretrained) if arch in _torchvision_names() else _timm_body(arch, pretrained)
     if weights.startswith("pkg:"):
@@ -340,3 +348,21 @@ def set_train_mode(model: Classifier, *, freeze_bn_stats: bool) -> None:
         for module in model.body.modules():
             if _is_batchnorm(module):
                 module.eval()
+
+
+def head_fixes_bn_stats(*, cache_features: bool, train_bn: bool) -> bool:
+    """Whether train-head keeps the body's BatchNorm statistics fixed: with cached features (the body ran
+    once, in eval mode) or without train_bn."""
+    return cache_features or not train_bn
+
+
+def finetune_fixes_bn_stats(setting: str, head_params: dict) -> bool:
+    """finetune.bn_stats (lr-find's sweep follows it too): auto keeps the body's BatchNorm statistics fixed
+    when the head learnt on them, so that the head's inputs do not shift under it.
+
+    head_params: the params train-head recorded in its checkpoint.
+    """
+    if setting != "auto":
+        return setting == "frozen"
+    return head_fixes_bn_stats(cache_features=bool(head_params.get("train_head", {}).get("cache_features")),
+                               train_bn=bool(head_params.get("model", {}).get("train_bn", True)))

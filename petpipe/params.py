@@ -71,6 +71,8 @@ class SplitParams(_Section):
 
 
 class ModelParams(_Section):
+    # Whether torchvision or timm knows the name is checked where the model is built (models.check_architecture):
+    # loading params.yaml imports neither. Here only its shape: a name, not a path.
     arch: str
     weights: str
     img_size: Annotated[int, Field(ge=16, le=2048)]
@@ -82,12 +84,9 @@ class ModelParams(_Section):
 
     @field_validator("arch")
     @classmethod
-    def _known_arch(cls, value: str) -> str:
-        from petpipe.models import known_architecture, suggest_architectures
-
-        if not known_architecture(value):
-            hint = ", ".join(suggest_architectures(value)) or "resnet34, resnet50, tf_efficientnet_lite0"
-            raise ValueError(f"is not a torchvision or timm model; close names: {hint}")
+    def _arch_is_a_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", value):
+            raise ValueError("must be a torchvision or timm model name, e.g. resnet34 or tf_efficientnet_lite0")
         return value
 
     @property

@@ -1,26 +1,26 @@
 """The pipeline's stages, one module each, declared once.
 
-A stage module holds `STAGE` (its name in dvc.yaml), `PARAMS` (the params.yaml
-sections or keys its outputs depend on: dvc.yaml's `params`), `Inputs` and
-`Outputs` (frozen dataclasses of paths whose fields are made with `path`) and
-`run(params, inputs, outputs)`. The CLI builds each stage's options from those
+A stage module holds `STAGE` (a `petpipe.runner.Stage`: its name in dvc.yaml, the
+params.yaml sections or keys its outputs depend on, how it computes), `Inputs`
+and `Outputs` (frozen dataclasses of paths whose fields are made with
+`petpipe.pipeline.path_option`) and `run(params, inputs, outputs)`, its body
+wrapped by `@STAGE.runs`. The CLI builds each stage's options from those
 dataclasses, and tests/test_stages.py checks dvc.yaml against them. To add a
-stage: write its module, add its name to ORDER, its section to params.py and
-params.yaml, and its entry to dvc.yaml.
+stage: write its module, add its name to ORDER (petpipe/pipeline.py), its
+section to params.py and params.yaml, and its entry to dvc.yaml.
 """
 
 from __future__ import annotations
 
 import ast
-import dataclasses
 import importlib
 import importlib.util
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
-# The stages in run order: dvc.yaml's, the CLI's and MLflow's order.
-ORDER = ("fetch", "index-labels", "train-head", "lr-find", "finetune", "evaluate")
+from petpipe.pipeline import ORDER
+
+__all__ = ["ORDER", "code_dependencies", "docstring", "load"]
 
 
 def _module_name(stage: str) -> str:
@@ -38,30 +38,16 @@ def docstring(stage: str) -> str:
     return ast.get_docstring(ast.parse(Path(origin).read_text(encoding="utf-8"))) or ""
 
 
-def path_option(help: str, *, option: str | None = None, optional: bool = False) -> Any:
-    """A path field of a stage's Inputs or Outputs: its --option (from the field's name unless given) and help.
-
-    optional: the stage may be run without it (its default is None).
-    """
-    metadata = {"help": help, "option": option}
-    if optional:
-        return dataclasses.field(default=None, metadata=metadata)
-    return dataclasses.field(metadata=metadata)
-
-
-def option_name(field: dataclasses.Field) -> str:
-    """`--confusion-plot` for the field `confusion_plot`, unless the field names its own option."""
-    return field.metadata.get("option") or "--" + field.name.replace("_", "-")
-
-
 # Modules whose changes cannot change any stage's outputs: they log, show progress or declare.
 NOT_OUTPUT_CODE = frozenset({"petpipe/__init__.py", "petpipe/stages/__init__.py", "petpipe/tracking.py",
-                             "petpipe/progress.py", "petpipe/errors.py", "petpipe/paths.py"})
+                             "petpipe/progress.py", "petpipe/errors.py", "petpipe/paths.py",
+                             "petpipe/pipeline.py"})
 
 
 def code_dependencies(stage: str) -> list[str]:
     """The petpipe source files a stage's outputs depend on (dvc.yaml's code deps): its module and every
-    petpipe module imported at module level from there on, transitively, but NOT_OUTPUT_CODE."""
+    petpipe module it imports from there on, at module level or inside a function, transitively, but
+    NOT_OUTPUT_CODE (whose own imports serve logging only, so they are not followed)."""
     package = Path(__file__).resolve().parents[1]
     seen: set[str] = set()
     pending = [_module_name(stage)]
@@ -71,7 +57,8 @@ def code_dependencies(stage: str) -> list[str]:
         if path is None or path in seen:
             continue
         seen.add(path)
-        pending.extend(_imported_modules(package.parent / path))
+        if path not in NOT_OUTPUT_CODE:
+            pending.extend(imported_modules(package.parent / path))
     return sorted(seen - NOT_OUTPUT_CODE)
 
 
@@ -84,13 +71,19 @@ def _source_file(package: Path, module: str) -> str | None:
     return None
 
 
-def _imported_modules(path: Path) -> list[str]:
-    """The petpipe modules a file imports at module level (`if TYPE_CHECKING:` blocks aside)."""
+def imported_modules(path: Path) -> list[str]:
+    """The petpipe modules a file imports, anywhere in it but in `if TYPE_CHECKING:` blocks (annotations only)."""
     modules = []
-    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+    pending: list[ast.AST] = [ast.parse(path.read_text(encoding="utf-8"))]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            pending.extend(node.orelse)
+            continue
         if isinstance(node, ast.Import):
             modules += [alias.name for alias in node.names if alias.name.startswith("petpipe")]
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("petpipe"):
             # `from petpipe import plots` names a module; `from petpipe.data import load_index` a name in one.
             modules += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+        pending.extend(ast.iter_child_nodes(node))
     return modules

@@ -20,22 +20,22 @@ import numpy as np
 import pandas as pd
 import torch
 
-from petpipe import interpret, plots, tracking
+from petpipe import interpret, plots
 from petpipe.atomic import save_figure, write_csv, write_json, write_text
 from petpipe.checkpoint import load_checkpoint
-from petpipe.dataset import Dataset, ImageSet, load_dataset
-from petpipe.distributed import launched_as_secondary_rank
+from petpipe.compute import one_process
+from petpipe.dataset import Dataset, ImageSet
 from petpipe.errors import PetpipeError
-from petpipe.hardware import Runtime, autocast, to_device
+from petpipe.hardware import autocast, to_device
 from petpipe.models import Classifier
 from petpipe.params import EvaluateParams, Params
-from petpipe.seeds import seed_everything
-from petpipe.stages import path_option
+from petpipe.pipeline import path_option
+from petpipe.runner import Context, Stage
 from petpipe.training import batch_indices, predict
 from petpipe.views import Views
 
-STAGE = "evaluate"
-PARAMS = ("train.device", "train.batch_size", "train.seed", "train.augment", "evaluate")
+STAGE = Stage("evaluate", params=("train.device", "train.batch_size", "train.seed", "train.augment", "evaluate"),
+              compute=one_process)
 # fastai's tta: n=4 augmented views, blended with the plain view by beta=0.25.
 TTA_VIEWS = 4
 TTA_BETA = 0.25
@@ -75,16 +75,13 @@ class Interpretation:
     top_positions: np.ndarray  # where those images are in the validation split
 
 
-def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
-    if launched_as_secondary_rank():  # a one-process stage: rank 0 alone runs it
-        return ""
-    runtime = Runtime.start(params.train, distributed=False)
+@STAGE.runs
+def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
+    params, runtime = context.params, context.compute.runtime
     which = params.evaluate.checkpoint
     checkpoint_path = inputs.finetune_model if which == "finetune" else inputs.head_model
-    seed_everything(params.train.seed)
     checkpoint = load_checkpoint(checkpoint_path)
-    data = load_dataset(inputs.index, inputs.images, presize=checkpoint.spec.presize, runtime=runtime,
-                        workers=params.train.decode_workers, classes=checkpoint.spec.classes)
+    data = context.compute.dataset(inputs, checkpoint.spec, training=False)
     if len(data.valid) == 0:
         raise PetpipeError(f"{inputs.index} has no validation images to evaluate; raise split.valid_pct "
                            f"(or give split.file some valid rows) and rerun index-labels")
@@ -94,18 +91,17 @@ def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
     found = interpret_predictions(log_probabilities, data, settings=params.evaluate)
     # Draw every figure before writing anything, so a plotting failure leaves no new outputs.
     figures = draw(found, data, views=views, outputs=outputs)
-    used = {**params.select(PARAMS), "checkpoint_path": str(checkpoint_path)}
-    with tracking.stage_run(STAGE, params=used, settings=params) as tracked:
-        write_csv(outputs.confusion, found.confusion)
-        write_csv(outputs.most_confused, found.most_confused)
-        write_csv(outputs.top_losses_table, found.top_losses)
-        for figure_path, figure in figures.items():
-            save_figure(figure_path, figure)
-        write_text(outputs.report, render_report(metrics, found.most_confused, outputs=outputs,
-                                                 checkpoint_path=checkpoint_path))
-        write_json(outputs.metrics, metrics)
-        tracked.log_metrics({name: float(value) for name, value in metrics.items() if isinstance(value, float)})
-        tracked.log_artifacts(_output_paths(outputs))
+    context.log.log_params({"checkpoint_path": str(checkpoint_path)})
+    write_csv(outputs.confusion, found.confusion)
+    write_csv(outputs.most_confused, found.most_confused)
+    write_csv(outputs.top_losses_table, found.top_losses)
+    for figure_path, figure in figures.items():
+        save_figure(figure_path, figure)
+    write_text(outputs.report, render_report(metrics, found.most_confused, outputs=outputs,
+                                             checkpoint_path=checkpoint_path))
+    write_json(outputs.metrics, metrics)
+    context.log.log_metrics({name: float(value) for name, value in metrics.items() if isinstance(value, float)})
+    context.log.log_artifacts(_output_paths(outputs))
     summary = (f"evaluate ({which}): {metrics['images']} images, accuracy {metrics['accuracy']:.4f}, "
                f"error rate {metrics['error_rate']:.4f}, top-5 {metrics['top5_accuracy']:.4f}, "
                f"loss {metrics['loss']:.4f}")

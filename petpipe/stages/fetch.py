@@ -8,13 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from petpipe import tracking
 from petpipe.fetch import fetch_source
-from petpipe.params import Params
-from petpipe.stages import path_option
+from petpipe.pipeline import path_option
+from petpipe.runner import Context, Stage
 
-STAGE = "fetch"
-PARAMS = ("data",)
+STAGE = Stage("fetch", params=("data",))
 
 
 @dataclass(frozen=True)
@@ -27,8 +25,8 @@ class Outputs:
     images: Path = path_option("Folder to fill with the raw images.", option="--out")
 
 
-def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
-    with tracking.stage_run(STAGE, params=params.select(PARAMS), settings=params) as run_log:
-        count = fetch_source(params.data.source, params.data.checksum, outputs.images)
-        run_log.log_metrics({"images": count})
+@STAGE.runs
+def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
+    count = fetch_source(context.params.data.source, context.params.data.checksum, outputs.images)
+    context.log.log_metrics({"images": count})
     return f"fetched {count} images into {outputs.images}"

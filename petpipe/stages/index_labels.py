@@ -15,14 +15,13 @@ from typing import Any
 
 import pandas as pd
 
-from petpipe import data, tracking
+from petpipe import data
 from petpipe.atomic import save_figure, write_csv, write_json
 from petpipe.errors import PetpipeError
 from petpipe.params import LabelParams, Params, SplitParams
+from petpipe.pipeline import path_option
 from petpipe.plots import plot_class_counts
-from petpipe.show_batch import show_batch_figure
-from petpipe.stages import path_option
-from petpipe.views import Views
+from petpipe.runner import Context, Stage
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +29,8 @@ log = logging.getLogger(__name__)
 SHOW_BATCH_SIZE = 9
 
 
-STAGE = "index-labels"
-PARAMS = ("labels", "split", "model.img_size", "model.presize_ratio", "train.seed", "train.augment")
+STAGE = Stage("index-labels",
+              params=("labels", "split", "model.img_size", "model.presize_ratio", "train.seed", "train.augment"))
 
 
 @dataclass(frozen=True)
@@ -47,8 +46,20 @@ class Outputs:
     index: Path = path_option("index.csv to write.")
     classes: Path = path_option("classes.json to write.")
     report: Path = path_option("report.json to write.")
-    show_batch: Path = path_option("show_batch.png to write.")
     class_counts: Path = path_option("class_counts.png to write.")
+    # Drawn through the training augmentation, the one part of index-labels that needs torch.
+    show_batch: Path | None = path_option("show_batch.png to write; not drawn when omitted.", optional=True)
+
+
+def _show_batch(index: pd.DataFrame, folder: Path, params: Params) -> Any:
+    """fastai's show_batch of the training split, augmented as train-head will augment it. Imported here:
+    labelling, splitting and reporting need no torch, so index-labels without --show-batch loads none."""
+    from petpipe.show_batch import show_batch_figure
+    from petpipe.views import Views
+
+    views = Views.for_display(params.model, params.train.augment)
+    return show_batch_figure(index, folder, split="train", count=SHOW_BATCH_SIZE, views=views,
+                             seed=params.train.seed)
 
 
 @dataclass(frozen=True)
@@ -62,7 +73,9 @@ class Survey:
     unmatched: list[str]
 
 
-def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
+@STAGE.runs
+def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
+    params = context.params
     folder = Path(inputs.images)
     if not folder.is_dir():
         raise PetpipeError(f"{folder}: images folder not found; run `petpipe fetch` first or fix --images")
@@ -80,24 +93,22 @@ def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
         log.warning("warning: %s", warning)
 
     # Draw both figures before writing anything, so a plotting failure leaves no new outputs.
-    views = Views.for_display(params.model, params.train.augment)
-    show_batch = show_batch_figure(index, folder, split="train", count=SHOW_BATCH_SIZE, views=views,
-                                   seed=params.train.seed)
+    show_batch = _show_batch(index, folder, params) if outputs.show_batch is not None else None
     class_counts = plot_class_counts(counts)
     n_valid = int(counts["valid"].sum())
-    with tracking.stage_run(STAGE, params=params.select(PARAMS), settings=params) as run_log:
-        write_csv(outputs.index, index)
-        write_json(outputs.classes, {"classes": classes})
-        write_json(outputs.report, _report(index, counts, survey=found, leaks=leaks, moved=moved,
-                                           warnings=warnings, corrections=corrected))
+    write_csv(outputs.index, index)
+    write_json(outputs.classes, {"classes": classes})
+    write_json(outputs.report, _report(index, counts, survey=found, leaks=leaks, moved=moved,
+                                       warnings=warnings, corrections=corrected))
+    if show_batch is not None:
         save_figure(outputs.show_batch, show_batch)
-        save_figure(outputs.class_counts, class_counts)
-        run_log.log_metrics({"images": len(index), "classes": len(classes), "train_images": len(index) - n_valid,
+    save_figure(outputs.class_counts, class_counts)
+    context.log.log_metrics({"images": len(index), "classes": len(classes), "train_images": len(index) - n_valid,
                              "valid_images": n_valid, "skipped": len(found.skipped),
                              "unmatched": len(found.unmatched), "leaks": len(leaks),
                              "relabelled": corrected["relabelled"], "excluded": corrected["excluded"]})
-        run_log.log_artifacts([outputs.report, outputs.classes, outputs.index, outputs.show_batch,
-                               outputs.class_counts])
+    written = [outputs.report, outputs.classes, outputs.index, outputs.show_batch, outputs.class_counts]
+    context.log.log_artifacts([path for path in written if path is not None])
 
     return (
         f"indexed {len(index)} images of {len(classes)} classes ({len(index) - n_valid} train, {n_valid} valid); "

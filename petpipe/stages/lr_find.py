@@ -19,26 +19,23 @@ from typing import Any
 import pandas as pd
 import torch
 
-from petpipe import plots, tracking
+from petpipe import plots
 from petpipe.atomic import save_figure, write_csv, write_json
 from petpipe.checkpoint import load_checkpoint
-from petpipe.dataset import load_dataset
-from petpipe.distributed import launched_as_secondary_rank
+from petpipe.compute import one_process
 from petpipe.errors import PetpipeError
-from petpipe.hardware import Runtime, to_device
+from petpipe.hardware import to_device
 from petpipe.levers import choose_levers
 from petpipe.lr_finder import lr_sweep, suggest
-from petpipe.models import set_train_mode, unfreeze
-from petpipe.params import LrFindParams, Params
+from petpipe.models import finetune_fixes_bn_stats, set_train_mode, unfreeze
+from petpipe.params import LrFindParams
+from petpipe.pipeline import path_option
 from petpipe.progress import progress_bar
-from petpipe.seeds import seed_everything, stage_seed
-from petpipe.stages import path_option
-from petpipe.stages.finetune import freeze_bn_stats
+from petpipe.runner import Context, Stage
 from petpipe.views import Views
 
-STAGE = "lr-find"
 # finetune.bn_stats: the sweep handles BatchNorm as the finetune it is for will.
-PARAMS = ("train", "lr_find", "finetune.bn_stats")
+STAGE = Stage("lr-find", params=("train", "lr_find", "finetune.bn_stats"), compute=one_process)
 
 
 @dataclass(frozen=True)
@@ -55,36 +52,30 @@ class Outputs:
     plot: Path = path_option("lr_find.png to write.")
 
 
-def run(params: Params, inputs: Inputs, outputs: Outputs) -> str:
-    if launched_as_secondary_rank():  # a one-process stage: rank 0 alone runs it
-        return ""
-    runtime = Runtime.start(params.train, distributed=False)
-    seed = stage_seed(params.train.seed, STAGE)
-    seed_everything(seed)
+@STAGE.runs
+def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
+    params, runtime = context.params, context.compute.runtime
     head = load_checkpoint(inputs.checkpoint)
-    data = load_dataset(inputs.index, inputs.images, presize=head.spec.presize, runtime=runtime,
-                        workers=params.train.decode_workers, classes=head.spec.classes,
-                        wide_train=params.train.augment.presize_crop == "random")
+    data = context.compute.dataset(inputs, head.spec)
     model = to_device(head.model(), runtime.device)
     unfreeze(model)
     views = Views.of(head.spec, params.train.augment)
     levers = choose_levers(runtime, model, data.train, views, params.train).levers
     to_device(model, runtime.device, levers.memory_format)
-    set_train_mode(model, freeze_bn_stats=freeze_bn_stats(params.finetune.bn_stats, head.params))
-    with tracking.stage_run(STAGE, params=params.select(PARAMS), settings=params) as run_log:
-        run_log.log_params({"levers": dataclasses.asdict(levers)})
-        curve = lr_sweep(model, data.train, views=dataclasses.replace(views, memory_format=levers.memory_format),
-                         sweep=params.lr_find, settings=params.train, precision=levers.precision,
-                         generator=torch.Generator().manual_seed(seed), progress=progress_bar(STAGE))
-        result = choose(curve, params.lr_find)
-        write_csv(outputs.curve, pd.DataFrame(curve))
-        save_figure(outputs.plot, plots.plot_lr_find(curve["lr"], curve["smoothed_loss"], result["suggestions"],
-                                                     chosen=params.lr_find.suggestion))
-        write_json(outputs.result, result)
-        run_log.log_metrics({f"suggested_lr_{name}": value for name, value in result["suggestions"].items()})
-        for step, (lr, loss) in enumerate(zip(curve["lr"], curve["smoothed_loss"])):
-            run_log.log_metrics({"lr_find_lr": lr, "lr_find_smoothed_loss": loss}, step=step)
-        run_log.log_artifacts([outputs.result, outputs.curve, outputs.plot])
+    set_train_mode(model, freeze_bn_stats=finetune_fixes_bn_stats(params.finetune.bn_stats, head.params))
+    context.log.log_params({"levers": dataclasses.asdict(levers)})
+    curve = lr_sweep(model, data.train, views=dataclasses.replace(views, memory_format=levers.memory_format),
+                     sweep=params.lr_find, settings=params.train, precision=levers.precision,
+                     generator=torch.Generator().manual_seed(context.compute.seed), progress=progress_bar(STAGE.name))
+    result = choose(curve, params.lr_find)
+    write_csv(outputs.curve, pd.DataFrame(curve))
+    save_figure(outputs.plot, plots.plot_lr_find(curve["lr"], curve["smoothed_loss"], result["suggestions"],
+                                                 chosen=params.lr_find.suggestion))
+    write_json(outputs.result, result)
+    context.log.log_metrics({f"suggested_lr_{name}": value for name, value in result["suggestions"].items()})
+    for step, (lr, loss) in enumerate(zip(curve["lr"], curve["smoothed_loss"])):
+        context.log.log_metrics({"lr_find_lr": lr, "lr_find_smoothed_loss": loss}, step=step)
+    context.log.log_artifacts([outputs.result, outputs.curve, outputs.plot])
     described = ", ".join(f"{name} {value:.2e}" for name, value in result["suggestions"].items())
     return (f"lr-find: {len(curve['lr'])} iterations; {described}; "
             f"chosen {params.lr_find.suggestion} = {result['chosen']['lr']:.2e}")

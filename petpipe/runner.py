@@ -1,0 +1,70 @@
+"""What every stage repeats, done once: its declaration, its MLflow run, and (for stages that compute)
+the runtime, the seed and the data set, so that a stage's `run` holds only what is its own.
+
+A stage module declares `STAGE = Stage("train-head", params=(...), compute=every_rank)` and decorates its
+body `@STAGE.runs` — `body(context, inputs, outputs) -> summary` becomes the stage's
+`run(params, inputs, outputs)`, which the CLI and the tests call. This module imports no torch:
+`petpipe fetch` and `petpipe index-labels` stay fast; a computing stage brings its own `compute`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from petpipe import tracking
+from petpipe.params import Params
+
+if TYPE_CHECKING:
+    from petpipe.compute import Compute
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a stage's body gets besides its paths: the params, its MLflow run and, for stages that
+    compute, the runtime, seed and data loading (petpipe/compute.py)."""
+
+    stage: str
+    params: Params
+    log: tracking.StageRun
+    compute: Compute | None = None
+
+
+Body = Callable[[Context, Any, Any], str]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage as dvc.yaml knows it: its name and the params sections or keys its outputs depend on
+    (dvc.yaml's `params`, and what its MLflow run records). `compute`: how it starts computing
+    (petpipe.compute.every_rank or one_process), or None for a stage that only reads and writes files."""
+
+    name: str
+    params: tuple[str, ...]
+    compute: Callable[[Params, str], Compute] | None = None
+
+    def runs(self, body: Body) -> Callable[[Params, Any, Any], str]:
+        """The stage's `run(params, inputs, outputs)` around `body`."""
+
+        @functools.wraps(body)
+        def run(params: Params, inputs: Any, outputs: Any) -> str:
+            return self._execute(body, params, inputs, outputs)
+
+        return run
+
+    def _execute(self, body: Body, params: Params, inputs: Any, outputs: Any) -> str:
+        compute = self.compute(params, self.name) if self.compute is not None else None
+        if compute is not None and compute.idle:  # a one-process stage on a rank other than 0 under torchrun
+            return ""
+        main = compute is None or compute.is_main
+        try:
+            # Every rank computes; rank 0 alone logs.
+            with tracking.stage_run(self.name, params=params.select(self.params), settings=params) if main \
+                    else tracking.no_run(self.name) as log:
+                summary = body(Context(self.name, params, log, compute), inputs, outputs)
+        finally:
+            if compute is not None:
+                compute.close()
+        return summary if main else ""

@@ -1,0 +1,175 @@
+"""The package's layers: no import cycles, configuration that loads without torch, stages that do not import
+each other, and heavy checks where the heavy libraries are loaded anyway."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from petpipe.errors import PetpipeError
+from petpipe.stages import imported_modules
+
+PACKAGE = Path(__file__).resolve().parents[1] / "petpipe"
+SAMPLE_IMAGES = PACKAGE.parents[1] / "shared" / "data" / "pets-sample" / "images"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """petpipe module -> the petpipe modules it imports anywhere (module level or in a function), read from
+    the source (`if TYPE_CHECKING:` blocks aside): `from petpipe.serve import pages` counts as
+    petpipe.serve.pages, `from petpipe.serve.app import create_app` as petpipe.serve.app."""
+    modules = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        named = {module for module in imported_modules(path) if module in modules}
+        # A package named only as the place of a submodule it imports from is not itself imported for it.
+        parents = {module.rsplit(".", 1)[0] for module in named if "." in module}
+        named -= {parent for parent in parents if _only_submodules_from(path, parent, modules)}
+        graph[name] = named - {name, "petpipe"}
+    return graph
+
+
+def _only_submodules_from(path: Path, package: str, modules: dict[str, Path]) -> bool:
+    """True when every `from <package> import ...` in the file names submodules, and none is `import <package>`."""
+    import ast
+
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module == package:
+            if any(f"{package}.{alias.name}" not in modules for alias in node.names):
+                return False
+        elif isinstance(node, ast.Import) and any(alias.name == package for alias in node.names):
+            return False
+    return True
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as [a, b, ..., a], or None (depth-first search with colours)."""
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        stack.append(node)
+        for neighbour in sorted(graph.get(node, ())):
+            if state.get(neighbour) == "open":
+                return stack[stack.index(neighbour):] + [neighbour]
+            if neighbour not in state and (cycle := visit(neighbour)):
+                return cycle
+        stack.pop()
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_graph_reader_sees_lazy_imports_and_cycles():
+    assert "petpipe.show_batch" in import_graph()["petpipe.stages.index_labels"]  # imported inside a function
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycle_anywhere_in_petpipe():
+    assert find_cycle(import_graph()) is None
+
+
+def test_stages_do_not_import_each_other_and_nothing_below_imports_them():
+    graph = import_graph()
+    stage_modules = {name for name in graph if name.startswith("petpipe.stages.")}
+    for name in stage_modules:
+        assert not graph[name] & stage_modules, f"{name} imports another stage: {graph[name] & stage_modules}"
+    for name, imported in graph.items():
+        if name.startswith("petpipe.stages") or name == "petpipe.cli":
+            continue
+        below = {module for module in imported if module.startswith("petpipe.stages")}
+        assert not below, f"{name} sits below the stages but imports {below}"
+
+
+@pytest.mark.parametrize("leaf", ["petpipe.params", "petpipe.pipeline", "petpipe.yamlfile", "petpipe.errors"])
+def test_configuration_modules_are_leaves(leaf):
+    """Configuration is a leaf: what it imports of petpipe imports nothing heavy (checked in a subprocess)."""
+    code = f"import sys, {leaf}; print(sorted(m for m in ('torch', 'torchvision', 'timm', 'mlflow') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", f"importing {leaf} loads {result.stdout.strip()}"
+
+
+# Runs a petpipe command in this process after making `import torch` fail: any import of torch (or of a
+# library that needs it) is then a traceback, so a command that succeeds never imported it.
+WITHOUT_TORCH = """
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "timm"):
+            raise ImportError(f"{name} imported")
+sys.meta_path.insert(0, NoTorch())
+from petpipe.cli import main
+main(sys.argv[1:])
+"""
+
+
+def run_without_torch(arguments: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *arguments], cwd=cwd, capture_output=True,
+                          text=True, env={**__import__("os").environ, "PETPIPE_TRACKING": "off"}, timeout=300)
+
+
+def test_fetch_and_index_labels_never_import_torch(tmp_path):
+    """params.yaml loads, fetch copies and index-labels labels, splits and reports without torch; only its
+    show_batch.png (drawn through the training augmentation) needs it."""
+    project = tmp_path / "project"
+    (project / "labels").mkdir(parents=True)
+    raw = (PACKAGE.parent / "params.yaml").read_text()
+    raw = raw.replace("source: https://www.robots.ox.ac.uk/~vgg/data/pets/data/images.tar.gz",
+                      f"source: {SAMPLE_IMAGES}").replace("checksum: md5:5c4f3ee8e5d25df40f4fd59a7f44e54c",
+                                                          "checksum: null")
+    (project / "params.yaml").write_text(raw)
+    (project / "labels" / "corrections.csv").write_text("path,action,label\n")
+    fetched = run_without_torch(["fetch", "--out", "stages/fetch/images"], project)
+    assert fetched.returncode == 0, fetched.stderr[-3000:]
+    assert "fetched 370 images" in fetched.stdout
+    out = project / "stages" / "index-labels"
+    indexed = run_without_torch(["index-labels", "--images", "stages/fetch/images",
+                                 "--corrections", "labels/corrections.csv", "--index", str(out / "index.csv"),
+                                 "--classes", str(out / "classes.json"), "--report", str(out / "report.json"),
+                                 "--class-counts", str(out / "class_counts.png")], project)
+    assert indexed.returncode == 0, indexed.stderr[-3000:]
+    assert "indexed 370 images of 37 classes" in indexed.stdout
+    assert len((out / "index.csv").read_text().splitlines()) == 371
+    # The same command asked for show_batch.png does import torch: the guard above is real.
+    drawn = run_without_torch(["index-labels", "--images", "stages/fetch/images", "--index", str(out / "i.csv"),
+                               "--classes", str(out / "c.json"), "--report", str(out / "r.json"),
+                               "--class-counts", str(out / "cc.png"), "--show-batch", str(out / "sb.png")], project)
+    assert drawn.returncode != 0 and "torch imported" in drawn.stderr
+
+
+def test_an_unknown_architecture_is_refused_where_the_model_is_built_with_close_names():
+    from petpipe.models import check_architecture
+
+    with pytest.raises(PetpipeError, match=r"model.arch = 'resnet35' is not a torchvision or timm model; "
+                                           r"close names: .*resnet34"):
+        check_architecture("resnet35")
+    check_architecture("tf_efficientnet_lite0")  # timm's
+    check_architecture("resnet34")  # torchvision's
+
+
+def test_train_head_refuses_an_unknown_architecture_before_decoding_any_photo(tmp_path, monkeypatch):
+    from petpipe import compute
+    from petpipe.params import parse_params, with_overrides
+    from petpipe.stages import train_head
+    import yaml
+
+    raw = yaml.safe_load((PACKAGE.parent / "params.yaml").read_text())
+    params = parse_params(with_overrides(raw, {"model.arch": "resnet35"}))
+    monkeypatch.setattr(compute, "load_dataset", lambda *args, **kwargs: pytest.fail("decoded photos first"))
+    with pytest.raises(PetpipeError, match="close names: .*resnet34"):
+        train_head.run(params, train_head.Inputs(images=tmp_path, index=tmp_path / "index.csv"),
+                       train_head.Outputs(model=tmp_path / "m.pt", metrics=tmp_path / "m.json",
+                                          history=tmp_path / "h.csv", plot=tmp_path / "p.png"))
