@@ -23,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 import petpipe.pixels  # noqa: F401  (sets PIL's decompression-bomb limit that check_image relies on)
 from petpipe.errors import PetpipeError
+from petpipe.folders import visible_files
 
 INDEX_COLUMNS = ["path", "label", "split", "width", "height", "hash"]
 SPLITS = ("train", "valid")
@@ -46,12 +47,9 @@ class ImageInfo:
 
 
 def scan_images(folder: Path) -> list[Path]:
-    """Every non-hidden file under folder, recursively, sorted by relative posix path."""
-    found = []
-    for root, directories, files in os.walk(folder):
-        directories[:] = [name for name in directories if not name.startswith(".")]
-        found.extend(Path(root) / name for name in files if not name.startswith("."))
-    return sorted(found, key=lambda path: relative_posix(path, folder))
+    """Every file under folder but junk (folders.is_junk: hidden files, __MACOSX), recursively, sorted by
+    relative posix path."""
+    return [Path(folder) / relative for relative in visible_files(Path(folder))]
 
 
 def relative_posix(path: Path, folder: Path) -> str:

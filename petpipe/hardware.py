@@ -16,19 +16,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from petpipe.devices import DEVICE_CHOICES, is_device_name
 from petpipe.distributed import World, device_for, init_world
 from petpipe.errors import PetpipeError
 from petpipe.params import TrainParams
 
 
-def choose_device(name: str) -> torch.device:
-    """auto: CUDA when available, else CPU; an explicit device that is absent is an error."""
+def choose_device(name: str, *, setting: str = "train.device") -> torch.device:
+    """auto: CUDA when available, else CPU; a name devices.is_device_name refuses, or an explicit device that
+    is absent, is an error naming `setting` (where the name came from: train.device, --device)."""
+    if not is_device_name(name):
+        raise PetpipeError(f"{setting} = {name!r} is not a device; use {DEVICE_CHOICES}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise PetpipeError(f"train.device = {name!r} but no CUDA GPU is visible; use auto or cpu")
+        raise PetpipeError(f"{setting} = {name!r} but no CUDA GPU is visible; use auto or cpu")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise PetpipeError("train.device = 'mps' but MPS is not available; use auto or cpu")
+        raise PetpipeError(f"{setting} = 'mps' but MPS is not available; use auto or cpu")
     return torch.device(name)
 
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from petpipe.devices import DEVICE_CHOICES, is_device_name
 from petpipe.yamlfile import DuplicateKeyError, parse_yaml
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -124,8 +125,8 @@ class TrainParams(_Section):
     @field_validator("device")
     @classmethod
     def _device_name(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
-            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        if not is_device_name(value):
+            raise ValueError(f"must be {DEVICE_CHOICES}")
         return value
 
 

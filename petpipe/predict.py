@@ -1,16 +1,18 @@
 """Inference outside the pipeline: predict images with a checkpoint or an exported ONNX bundle, export one.
 
 Images go through exactly evaluate's preprocessing (decode at presize, center
-crop, normalise), so predict agrees with evaluate on the validation images.
+crop, normalise), so predict agrees with evaluate on the validation images; its
+inference tail (decode_pixels, pixel_batch, most_probable, classify) also serves
+`petpipe serve` and the MLflow model.
 A bundle is pickle-free: model.onnx plus bundle.json (classes, preprocessing).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
-import re
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -118,9 +120,7 @@ def read_bundle(folder: Path) -> dict[str, Any]:
 def load_predictor(model: Path, *, device: str = "auto") -> Predictor:
     """A checkpoint file (model.pt) or an exported bundle folder, ready to predict on `device`."""
     model = Path(model)
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
-        raise PetpipeError(f"--device {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
-    chosen = choose_device(device)
+    chosen = choose_device(device, setting="--device")
     if model.is_dir():
         return BundlePredictor(model, chosen)
     return CheckpointPredictor(load_checkpoint(model), chosen)
@@ -162,9 +162,46 @@ def collect_images(paths: Sequence[Path]) -> list[Path]:
     return found
 
 
-def _decode(path: Path, presize: int) -> np.ndarray | str:
+def predict_files(predictor: Predictor, paths: Sequence[Path], *, top_k: int = 3,
+                  batch_size: int = 64) -> Iterator[Prediction]:
+    """Top-k predictions for each file, in order, batched; an unreadable file yields its error instead."""
+    if top_k < 1:
+        raise PetpipeError(f"--top-k must be at least 1, got {top_k}")
+    if batch_size < 1:
+        raise PetpipeError(f"--batch-size must be at least 1, got {batch_size}")
+    workers = min(8, os.cpu_count() or 1)
+    # PIL releases the GIL while decoding, so threads decode a batch in parallel.
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for start in range(0, len(paths), batch_size):
+            chunk = [Path(path) for path in paths[start:start + batch_size]]
+            decoded = list(pool.map(lambda path: read_pixels(path, predictor.views.presize), chunk))
+            for path, result in zip(chunk, classify(predictor, decoded, top_k=top_k)):
+                if isinstance(result, str):
+                    yield Prediction(path=str(path), error=result)
+                else:
+                    yield Prediction(path=str(path), labels=result)
+
+
+def format_prediction(prediction: Prediction) -> str:
+    """`path<TAB>label 0.9312<TAB>label 0.0411 ...`: one line per image, easy to cut and grep."""
+    return "\t".join([prediction.path, *(f"{label} {probability:.4f}" for label, probability in prediction.labels)])
+
+
+# ---------------------------------------------------------------- the inference tail: pixels in, top-k out
+# One path for `petpipe predict`, `petpipe serve` (Try it and Clean pages) and the MLflow model.
+
+
+def decode_pixels(image: Path | str | bytes, presize: int) -> np.ndarray:
+    """One image, a file or its bytes as uploaded, as the (3, P, P) uint8 pixels evaluate's pixel cache holds
+    (decoded at presize); the decoder's own exception when it cannot be read."""
+    source = io.BytesIO(image) if isinstance(image, (bytes, bytearray, memoryview)) else image
+    return decode_image(source, presize).transpose(2, 0, 1)
+
+
+def read_pixels(image: Path | str | bytes, presize: int) -> np.ndarray | str:
+    """decode_pixels, or why the image cannot be read: one bad image is reported, the rest are predicted."""
     try:
-        return decode_image(path, presize).transpose(2, 0, 1)  # (3, P, P), as the pixel cache stores it
+        return decode_pixels(image, presize)
     except FileNotFoundError:
         return "no such file"
     except IsADirectoryError:
@@ -173,38 +210,30 @@ def _decode(path: Path, presize: int) -> np.ndarray | str:
         return f"cannot read image ({type(error).__name__}: {error})"
 
 
-def predict_files(predictor: Predictor, paths: Sequence[Path], *, top_k: int = 3,
-                  batch_size: int = 64) -> Iterator[Prediction]:
-    """Top-k predictions for each file, in order, batched; an unreadable file yields its error instead."""
-    if top_k < 1:
-        raise PetpipeError(f"--top-k must be at least 1, got {top_k}")
-    if batch_size < 1:
-        raise PetpipeError(f"--batch-size must be at least 1, got {batch_size}")
-    top_k = min(top_k, len(predictor.classes))
-    workers = min(8, os.cpu_count() or 1)
-    # PIL releases the GIL while decoding, so threads decode a batch in parallel.
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for start in range(0, len(paths), batch_size):
-            chunk = [Path(path) for path in paths[start:start + batch_size]]
-            decoded = list(pool.map(lambda path: _decode(path, predictor.views.presize), chunk))
-            good = [position for position, result in enumerate(decoded) if not isinstance(result, str)]
-            probabilities: dict[int, np.ndarray] = {}
-            if good:
-                pixels = torch.from_numpy(np.stack([decoded[position] for position in good]))  # (B, 3, P, P)
-                probabilities = dict(zip(good, predictor.probabilities(pixels)))
-            for position, path in enumerate(chunk):
-                if position not in probabilities:
-                    yield Prediction(path=str(path), error=str(decoded[position]))
-                    continue
-                row = probabilities[position]  # (C,)
-                best = np.argsort(-row, kind="stable")[:top_k]
-                labels = [(predictor.classes[label], float(row[label])) for label in best]
-                yield Prediction(path=str(path), labels=labels)
+def pixel_batch(pixels: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
+    """(3, P, P) images, or a (B, 3, P, P) slice of the pixel cache, as the uint8 (B, 3, P, P) tensor
+    Predictor.probabilities takes."""
+    return torch.from_numpy(np.ascontiguousarray(np.stack(pixels)))
 
 
-def format_prediction(prediction: Prediction) -> str:
-    """`path<TAB>label 0.9312<TAB>label 0.0411 ...`: one line per image, easy to cut and grep."""
-    return "\t".join([prediction.path, *(f"{label} {probability:.4f}" for label, probability in prediction.labels)])
+def most_probable(probabilities: np.ndarray, classes: Sequence[str], k: int) -> list[tuple[str, float]]:
+    """The k most probable (label, probability) of one image's (C,) probabilities, most probable first; a tie
+    keeps class order, and k beyond the classes gives them all."""
+    best = np.argsort(-probabilities, kind="stable")[:k]
+    return [(classes[index], float(probabilities[index])) for index in best]
+
+
+def classify(predictor: Predictor, decoded: Sequence[np.ndarray | str], *,
+             top_k: int) -> list[list[tuple[str, float]] | str]:
+    """Each image's top-k (label, probability), the readable ones in one batch; a reason an image could not be
+    read (read_pixels's string) passes through in its place."""
+    results: list[list[tuple[str, float]] | str] = [item if isinstance(item, str) else [] for item in decoded]
+    readable = [position for position, item in enumerate(decoded) if not isinstance(item, str)]
+    if readable:
+        probabilities = predictor.probabilities(pixel_batch([decoded[position] for position in readable]))  # (B, C)
+        for position, row in zip(readable, probabilities):
+            results[position] = most_probable(row, predictor.classes, top_k)
+    return results
 
 
 # ---------------------------------------------------------------- export

@@ -9,8 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -22,8 +20,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from petpipe.errors import PetpipeError
-from petpipe.pixels import decode_image, refuse_decompression_bomb
-from petpipe.predict import Predictor, load_predictor
+from petpipe.pixels import refuse_decompression_bomb
+from petpipe.predict import Predictor, classify, decode_pixels, load_predictor
 from petpipe.serve import pages
 from petpipe.serve.cleaner import DECISIONS, Cleaner, CorrectionsFile, counts
 
@@ -67,18 +65,16 @@ class Service:
     def predict_bytes(self, body: bytes, name: str) -> list[dict[str, Any]]:
         """Top-5 (label, probability) of one uploaded photo, decoded exactly as `petpipe predict` does."""
         try:
-            pixels = decode_image(io.BytesIO(body), self.predictor.views.presize)  # (P, P, 3)
+            pixels = decode_pixels(body, self.predictor.views.presize)  # (3, P, P)
         except UnidentifiedImageError:
             raise UploadError(415, f"{name}: not an image (no image format recognised)") from None
         except Image.DecompressionBombError:
             raise UploadError(413, f"{name}: too many pixels (over {Image.MAX_IMAGE_PIXELS:,})") from None
         except Exception as error:  # noqa: BLE001  (any decoder failure: say so, keep serving)
             raise UploadError(415, f"{name}: cannot read image ({type(error).__name__}: {error})") from None
-        batch = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)[None]))  # (1, 3, P, P)
         with self.lock:
-            row = self.predictor.probabilities(batch)[0]  # (C,)
-        best = np.argsort(-row, kind="stable")[:TOP_K]
-        return [{"label": self.predictor.classes[i], "probability": float(row[i])} for i in best]
+            (labels,) = classify(self.predictor, [pixels], top_k=TOP_K)
+        return [{"label": label, "probability": probability} for label, probability in labels]
 
     def thumbnail(self, relative: str) -> bytes | None:
         """A JPEG of an indexed image, from inside the images folder only; None for anything else."""

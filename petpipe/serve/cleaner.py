@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from petpipe import data, interpret
 from petpipe.atomic import write_csv
 from petpipe.errors import PetpipeError
 from petpipe.pixels import load_pixels
-from petpipe.predict import Predictor
+from petpipe.predict import Predictor, pixel_batch
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +71,7 @@ class Cleaner:
         files = [self.images / relative for relative in rows["path"]]
         # The decoded-pixel cache the training stages share: usually already built, so nothing is decoded.
         pixels = load_pixels(files, list(rows["hash"]), self.predictor.views.presize)  # (N, 3, P, P)
-        chunks = [self.predictor.probabilities(torch.from_numpy(np.ascontiguousarray(pixels[start:start + BATCH_SIZE])))
+        chunks = [self.predictor.probabilities(pixel_batch(pixels[start:start + BATCH_SIZE]))
                   for start in range(0, len(rows), BATCH_SIZE)]
         probabilities = np.concatenate(chunks) if chunks else np.empty((0, len(classes)))  # (N, C)
         targets = rows["label"].map({name: position for position, name in enumerate(classes)}).to_numpy()
