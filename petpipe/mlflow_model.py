@@ -3,21 +3,21 @@
 MLflow runs this file to load the model (`mlflow.pyfunc.load_model`, `mlflow models serve`), so it is the
 one module besides petpipe/tracking.py that imports mlflow. Input: a DataFrame with a column `image`
 (the file's bytes; base64 in a REST request) or `path`; output, per row: label, probability, the top-k
-labels and probabilities, and error (null, or why that row's image could not be read).
+labels and probabilities, and error (null, or why that row's image could not be read). `log_model`, at the
+end, packages it (signature, pip requirements) into the stage's run.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
 import pandas as pd
-import torch
 from mlflow.pyfunc import PythonModel
 
 TOP_K = 5
@@ -51,39 +51,84 @@ class PetpipeClassifier(PythonModel):
         self.top_k = int((context.model_config or {}).get("top_k", TOP_K))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        # petpipe predict's inference tail: the same pixels, batch and top-k as `petpipe predict` and serve.
+        from petpipe.predict import classify
+
         top_k = int((params or {}).get("top_k", self.top_k))
-        decoded = [self._decode(row) for row in model_input.to_dict("records")]
-        rows: list[dict[str, Any]] = [_failed(item) if isinstance(item, str) else {} for item in decoded]
-        good = [position for position, item in enumerate(decoded) if not isinstance(item, str)]
-        for start in range(0, len(good), BATCH):
-            chunk = good[start:start + BATCH]
-            pixels = torch.from_numpy(np.stack([decoded[position] for position in chunk]))  # (B, 3, P, P)
-            for position, probabilities in zip(chunk, self.predictor.probabilities(pixels)):
-                rows[position] = self._row(probabilities, top_k)
+        records = model_input.to_dict("records")
+        rows: list[dict[str, Any]] = []
+        for start in range(0, len(records), BATCH):
+            decoded = [self._decode(row) for row in records[start:start + BATCH]]
+            rows += [_failed(result) if isinstance(result, str) else self._row(result)
+                     for result in classify(self.predictor, decoded, top_k=top_k)]
         # object columns: a missing value stays None (JSON null), where pandas' own dtypes would make it NaN.
         return pd.DataFrame(rows, columns=COLUMNS, dtype=object)
 
     def _decode(self, row: dict[str, Any]) -> np.ndarray | str:
         """(3, P, P) uint8 pixels of the row's image, or why there are none."""
-        from petpipe.pixels import decode_image
+        from petpipe.predict import read_pixels
 
-        try:
-            if row.get("image") is not None:
-                source: Any = io.BytesIO(image_bytes(row["image"]))
-            elif row.get("path") is not None:
-                source = Path(row["path"])
-            else:
-                return "no image: give the column image (bytes or base64) or path"
-            return decode_image(source, self.predictor.views.presize).transpose(2, 0, 1)
-        except Exception as error:  # noqa: BLE001  (any unreadable image: report it, predict the rest)
-            return f"cannot read image ({type(error).__name__}: {error})"
+        if row.get("image") is not None:
+            try:
+                image: bytes | Path = image_bytes(row["image"])
+            except ValueError as error:
+                return f"cannot read image (ValueError: {error})"
+        elif row.get("path") is not None:
+            image = Path(row["path"])
+        else:
+            return "no image: give the column image (bytes or base64) or path"
+        return read_pixels(image, self.predictor.views.presize)
 
-    def _row(self, probabilities: np.ndarray, top_k: int) -> dict[str, Any]:
-        best = np.argsort(-probabilities, kind="stable")[:min(top_k, len(probabilities))]
-        labels = [self.predictor.classes[index] for index in best]
-        values = [float(probabilities[index]) for index in best]
-        return {"label": labels[0], "probability": values[0], "top_labels": labels, "top_probabilities": values,
+    @staticmethod
+    def _row(labels: list[tuple[str, float]]) -> dict[str, Any]:
+        """One image's answer from its top-k (label, probability), most probable first."""
+        names, values = [label for label, _ in labels], [probability for _, probability in labels]
+        return {"label": names[0], "probability": values[0], "top_labels": names, "top_probabilities": values,
                 "error": None}
+
+
+# ---------------------------------------------------------------- packaging: what finetune logs and registers
+
+
+def model_signature() -> Any:
+    """Input: a column `image` (the file's bytes) or `path`; output: the labels with probabilities."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+    from mlflow.types.schema import Array
+
+    inputs = Schema([ColSpec("binary", "image", required=False), ColSpec("string", "path", required=False)])
+    outputs = Schema([ColSpec("string", "label"), ColSpec("double", "probability"),
+                      ColSpec(Array("string"), "top_labels"), ColSpec(Array("double"), "top_probabilities"),
+                      ColSpec("string", "error", required=False)])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def requirements() -> list[str]:
+    """What the model needs installed to serve: petpipe's own requirements, at the versions in use."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for name in ("torch", "torchvision", "timm", "pillow", "numpy", "pandas", "mlflow"):
+        try:
+            pins.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            pins.append(name)
+    return pins
+
+
+def log_model(checkpoint: Path, *, example: Path, registered_name: str | None = None,
+              metadata: Mapping[str, Any] | None = None) -> None:
+    """Log this file and `checkpoint` to the active MLflow run (petpipe/tracking.py opens it) as the model
+    `model`, registered under `registered_name`; `example`, a photo, is its input example."""
+    mlflow.pyfunc.log_model(
+        name="model", python_model=__file__, artifacts={"checkpoint": str(checkpoint)},
+        # petpipe's own code travels with the model, so that the weights meet the code that made them.
+        code_paths=[str(Path(__file__).parent)], signature=model_signature(),
+        input_example=pd.DataFrame({"image": [Path(example).read_bytes()]}),
+        registered_model_name=registered_name, metadata=dict(metadata or {}),
+        # Stated, not inferred: inference would re-import the model in a subprocess.
+        pip_requirements=requirements(),
+    )
 
 
 mlflow.models.set_model(PetpipeClassifier())
