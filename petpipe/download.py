@@ -47,15 +47,43 @@ def download_archive(url: str, checksum: str | None, directory: Path) -> Path:
         target.unlink()  # cached for another checksum: the params changed, so fetch again
     part = target.with_name(target.name + ".part")
     directory.mkdir(parents=True, exist_ok=True)
-    if urlparse(url).scheme in ("http", "https"):
-        content_type = _download_http(url, part)
-    else:
-        content_type = _download_fsspec(url, part)
+    resumed = _sound_partial(part, url)
+    content_type = _download(url, part)
     _refuse_non_archive(part, url, content_type)
     if checksum is not None:
+        if resumed and not _digest_matches(part, checksum):
+            # Only the whole file can be checked: a partial one claims to be a prefix of it, nothing more.
+            log.warning("warning: %s, resumed from the partial download %s, does not match data.checksum (the "
+                        "partial file was damaged, or the file changed on the server); downloading it whole again",
+                        url, part)
+            part.unlink()
+            content_type = _download(url, part)
+            _refuse_non_archive(part, url, content_type)
         verify_checksum(part, checksum, delete_on_mismatch=True, described_as=url)
     os.replace(part, target)
     return target
+
+
+def _download(url: str, part: Path) -> str | None:
+    if urlparse(url).scheme in ("http", "https"):
+        return _download_http(url, part)
+    return _download_fsspec(url, part)
+
+
+def _sound_partial(part: Path, url: str) -> bool:
+    """Whether a partial download is there to resume: one that does not begin as an archive does (replaced, or
+    overwritten from the start) is deleted with a warning, as nothing of it would be kept anyway."""
+    if not part.is_file() or part.stat().st_size == 0:
+        return False
+    try:
+        sound = is_archive(part)
+    except Exception:  # noqa: BLE001 - a damaged prefix may raise anything from the decompressors
+        sound = False
+    if not sound:
+        log.warning("warning: partial download %s of %s does not begin as an archive does (it begins %r); "
+                    "downloading it whole again", part, url, read_head(part)[:16])
+        part.unlink()
+    return sound
 
 
 def cache_name(url: str) -> str:
@@ -75,6 +103,8 @@ def _download_http(url: str, part: Path) -> str | None:
                 total = _content_range_total(response)
                 if total is None or total == offset:
                     return None
+                log.warning("warning: partial download %s holds %d bytes, more than the %d of %s; "
+                            "downloading it whole again", part, offset, total, url)
                 part.unlink()
                 return _download_http(url, part)
             response.raise_for_status()
@@ -91,6 +121,8 @@ def _download_http(url: str, part: Path) -> str | None:
                 _copy_with_progress(response.iter_content(HTTP_CHUNK_BYTES), file, offset, total, url)
     except requests.HTTPError as error:
         raise PetpipeError(download_failed(url, f"HTTP {error.response.status_code} {error.response.reason}")) from None
+    except (requests.ConnectionError, requests.Timeout) as error:  # no DNS, no route, refused, timed out
+        raise PetpipeError(download_failed(url, _reason(error), resumable=part.exists(), unreachable=True)) from None
     except requests.RequestException as error:
         raise PetpipeError(download_failed(url, _reason(error), resumable=part.exists())) from None
     if total is not None and part.stat().st_size != total:
@@ -125,6 +157,8 @@ def _download_fsspec(url: str, part: Path) -> None:
     try:
         total = filesystem.size(path)
         if offset > total:
+            log.warning("warning: partial download %s holds %d bytes, more than the %d of %s; "
+                        "downloading it whole again", part, offset, total, url)
             offset = 0
         with filesystem.open(path, "rb") as remote, part.open("ab" if offset else "wb") as file:
             file.truncate(offset)
@@ -162,14 +196,12 @@ def _copy_with_progress(chunks: Any, file: IO[bytes], offset: int, total: int | 
             bar.update(len(chunk))
 
 
-def download_failed(url: str, reason: str, resumable: bool = False) -> str:
-    """The message for a failed download: what failed, why, and how to go on without the network."""
+def download_failed(url: str, reason: str, resumable: bool = False, unreachable: bool = False) -> str:
+    """The message for a failed download, in one line: what failed, why, and how to go on without the network."""
+    why = ": the network or the server is unreachable" if unreachable else ""
     retry = "Run again to resume the partial download, or, without" if resumable else "Without"
-    return (
-        f"download of {url} failed ({reason}).\n"
-        f"{retry} network access, point data.source at a local folder of images or an archive:\n"
-        "  dvc exp run -S data.source=/path/to/images   (or edit data.source in params.yaml)"
-    )
+    return (f"download of {url} failed ({reason}){why}. {retry} network access, use local photos (a folder or "
+            "an archive): dvc exp run -S data.source=/path/to/images -S data.checksum=null (or edit params.yaml)")
 
 
 def _reason(error: BaseException) -> str:

@@ -30,6 +30,8 @@ def fetch_source(source: str, checksum: str | None, destination: Path) -> int:
         archive = download_archive(source, checksum, download_directory())
         return extract_archive(archive, destination)
     path = Path(source).expanduser()
+    if path.suffix == ".url" and path.is_file():
+        return fetch_source(read_url_file(path), checksum, destination)
     if path.is_dir():
         return copy_folder(path, destination)
     if path.is_file():
@@ -40,6 +42,21 @@ def fetch_source(source: str, checksum: str | None, destination: Path) -> int:
         f"data.source {source!r}: no such file or folder (relative paths start at {Path.cwd()}). "
         "Point data.source at a folder of images, an archive (.tar.gz, .tgz, .tar, .zip) or a URL."
     )
+
+
+def read_url_file(path: Path) -> str:
+    """The one URL a .url file holds (lines starting with # are comments).
+
+    A URL kept in a file is what DVC hashes for fetch instead of the URL itself: DVC would ask the server
+    for the URL's ETag on every `dvc status` and, offline, stop with "dependency ... does not exist" before
+    fetch could say what to do. data.checksum pins the archive's bytes; editing the file reruns fetch.
+    """
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    urls = [line for line in lines if line and not line.startswith("#")]
+    if len(urls) != 1 or "://" not in urls[0] or urls[0].startswith("file://"):
+        raise PetpipeError(f"data.source {path}: a .url file holds one http(s)/s3/gs URL on a line of its own "
+                           f"(lines starting with # are comments); found {urls[:3] or 'none'}")
+    return urls[0]
 
 
 # --- local folders -----------------------------------------------------------------------------

@@ -65,12 +65,17 @@ def choose_levers(runtime: Runtime, model: Classifier, images: ImageSet, views: 
         levers = Levers(**baseline, chosen_by="params" if _all_set(settings) else "hardware")
     else:
         key = _key(runtime, model, views, settings)
-        known = _known().get(key)
-        if known is not None:
-            levers = Levers(**known, chosen_by="timed earlier")
+        known = _known()
+        entry = known.get(key)
+        if entry is not None and not _is_choice(entry, options):
+            log.warning("warning: %s holds %s for this machine, not one of the choices %s; timing the levers again",
+                        _levers_file(), entry, options)
+            entry = None
+        if entry is not None:
+            levers = Levers(**entry, chosen_by="timed earlier")
         else:
             levers = Levers(**_probe(model, images, views, options), chosen_by="timed")
-            _remember(key, levers)
+            _remember(known, key, levers)
     torch.set_num_threads(levers.threads)
     log.info("levers: %s", levers.describe())
     return dataclasses.replace(runtime, levers=levers)
@@ -94,15 +99,39 @@ def _levers_file() -> Path:
 
 
 def _known() -> dict[str, dict]:
+    """The levers timed earlier, by _key. A file that is not what _remember writes is ignored whole, in one
+    warning, and rewritten by the next timing: nothing of a damaged file is used."""
+    path = _levers_file()
     try:
-        return json.loads(_levers_file().read_text())
-    except (OSError, ValueError):
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
         return {}
+    except (OSError, ValueError) as error:  # cut short, extended, a zeroed page: not JSON, or not UTF-8
+        problem = f"is unreadable ({type(error).__name__}: {error})"
+    else:
+        bad = [key for key, entry in known.items() if not _is_levers(entry)] if isinstance(known, dict) else [""]
+        if not bad:
+            return known
+        problem = f"holds {bad[0]!r}, not levers" if bad[0] else "is not a mapping of machines to levers"
+    log.warning("warning: ignoring %s: it %s; timing the levers again", path, problem)
+    return {}
 
 
-def _remember(key: str, levers: Levers) -> None:
-    known = _known()
-    known[key] = {"precision": levers.precision, "memory_format": levers.memory_format, "threads": levers.threads}
+def _is_levers(entry: object) -> bool:
+    """An entry as _remember writes it."""
+    return (isinstance(entry, dict) and set(entry) == {"precision", "memory_format", "threads"}
+            and entry["precision"] in ("float32", "bfloat16") and entry["memory_format"] in MEMORY_FORMATS
+            and type(entry["threads"]) is int and entry["threads"] > 0)
+
+
+def _is_choice(entry: dict, options: dict[str, list]) -> bool:
+    """Whether each lever of a kept entry is among this run's choices (a file from elsewhere may not be)."""
+    return all(entry[lever] in choices for lever, choices in options.items())
+
+
+def _remember(known: dict[str, dict], key: str, levers: Levers) -> None:
+    known = {**known, key: {"precision": levers.precision, "memory_format": levers.memory_format,
+                            "threads": levers.threads}}
     try:
         write_json(_levers_file(), known)
     except OSError as error:  # a read-only cache folder costs a re-timing next time, nothing else

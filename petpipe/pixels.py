@@ -1,12 +1,14 @@
 """Decode each image once into a presized uint8 pixel cache, memory-mapped from disk.
 
 Epochs then index a (N, 3, P, P) uint8 array instead of decoding JPEGs: the
-"presizing" of the fastai book, done once per dataset and image size.
+"presizing" of the fastai book, done once per dataset and image size. A cache is
+mapped only after it matches the record written beside it when it was built.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -17,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from petpipe.atomic import atomic_path
+from petpipe.atomic import atomic_path, file_digest, write_json
 from petpipe.errors import PetpipeError
 from petpipe.paths import petpipe_folder
 
@@ -148,7 +150,7 @@ def load_pixels(
     drop them again under memory pressure), and writing to it never reaches the file.
     """
     target = _cache_file(cache_dir, f"pixels-{cache_key(content_hashes, size)}.npy")
-    if not target.exists():
+    if not _usable(target, (len(paths), 3, size, size)):
         _make_room(target.parent, len(paths) * 3 * size * size, len(paths), size)
         _build_cache(paths, size, target, workers or os.cpu_count() or 1)
     return _map(target)
@@ -167,7 +169,7 @@ def load_wide_pixels(
     key = cache_key(content_hashes, size, layout=f"wide{wide_side(size)}")
     target = _cache_file(cache_dir, f"pixels-{key}.npy")
     geometry = target.with_name(f"geometry-{key}.npy")
-    if not (target.exists() and geometry.exists()):
+    if not _usable(target, (len(paths), 3, size, wide_side(size)), geometry=geometry):
         _make_room(target.parent, len(paths) * 3 * size * wide_side(size), len(paths), size)
         _build_cache(paths, size, target, workers or os.cpu_count() or 1, geometry=geometry)
     return _map(target), np.load(geometry)
@@ -176,10 +178,103 @@ def load_wide_pixels(
 def _cache_file(cache_dir: Path | None, name: str) -> Path:
     cache_dir = cache_dir or default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cache_dir / name
-    if target.exists():
-        os.utime(target)  # recently used: the last to be evicted
-    return target
+    return cache_dir / name
+
+
+# --- checking a cache before it is used ------------------------------------------------------------
+#
+# Beside each cache, `<name>.json` records what was written when it was built: the array's shape, the
+# file's size and the SHA-256 of its bytes (and of the geometry file's, for a wide cache). A truncated,
+# extended, overwritten or replaced cache fails the check, is logged in one line and decoded again; an
+# unchecked map would crash every later stage (`mmap length is greater than file size`) or, worse,
+# train on garbage pixels in silence. The digest reads the whole file, about 1.4 GB/s with SHA-NI (0.8 s
+# for the pets' train split at 224 px; docs/reliability.md), so it runs once per process and file: stages
+# are processes. A cheaper stamp across processes would miss changes that keep the size and mtime.
+
+RECORD_FORMAT = "petpipe-pixel-cache/1"
+_CHECKED: dict[Path, tuple[int, int, int]] = {}  # cache -> (inode, size, mtime) when this process checked it
+
+
+def record_path(cache: Path) -> Path:
+    """The record of a cache (or of a wide cache's geometry file, which shares its cache's record)."""
+    return cache.with_name(cache.name.replace("geometry-", "pixels-", 1)).with_suffix(".json")
+
+
+def _usable(target: Path, shape: tuple[int, ...], *, geometry: Path | None = None) -> bool:
+    """Whether target (and geometry) exist and match their record; a mismatch is logged in one line."""
+    if not target.exists():
+        return False
+    problem = cache_problem(target, shape, geometry=geometry)
+    if problem is not None:
+        log.warning("warning: pixel cache %s %s; decoding the images again", target, problem)
+        return False
+    os.utime(target)  # recently used: the last to be evicted
+    _CHECKED[target.resolve()] = _stamp(target)
+    return True
+
+
+def cache_problem(target: Path, shape: tuple[int, ...], *, geometry: Path | None = None) -> str | None:
+    """What is wrong with a cache file (and its geometry file), in words; None when it holds what it claims."""
+    try:
+        record = json.loads(record_path(target).read_text())
+    except FileNotFoundError:
+        return "has no record of what it holds (cut off while being built, or built by an older petpipe)"
+    except (OSError, ValueError) as error:
+        return f"has an unreadable record {record_path(target).name} ({error})"
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        return f"has a record {record_path(target).name} that is not a {RECORD_FORMAT} record"
+    problem = _array_problem(target, shape, np.uint8, record.get("sha256"))
+    if problem is None and geometry is not None:
+        problem = _array_problem(geometry, (shape[0], 2), np.float32, record.get("geometry_sha256"))
+        if problem is not None:
+            problem = f"has a geometry file {geometry.name} that {problem}"
+    return problem
+
+
+def _array_problem(path: Path, shape: tuple[int, ...], dtype: type, digest: str | None) -> str | None:
+    """Check a .npy file's header against the shape expected, its size against its header, its bytes
+    against the digest recorded (skipped for a file this process checked and nobody touched since)."""
+    try:
+        with open(path, "rb") as file:
+            version = np.lib.format.read_magic(file)
+            read_header = _HEADER_READERS.get(version)
+            if read_header is None:
+                return f"has a .npy format version {version} petpipe never writes"
+            found, fortran_order, found_dtype = read_header(file)
+            data_offset = file.tell()
+    except FileNotFoundError:
+        return "is missing"
+    except (OSError, ValueError) as error:
+        return f"has no valid .npy header ({error})"
+    if tuple(found) != tuple(shape) or found_dtype != np.dtype(dtype) or fortran_order:
+        return f"holds a {found_dtype} array of shape {tuple(found)}, not the {np.dtype(dtype)} {tuple(shape)} expected"
+    expected = data_offset + math.prod(shape) * np.dtype(dtype).itemsize
+    actual = path.stat().st_size
+    if actual != expected:
+        return f"is {actual} bytes, its header says {expected}"
+    if _CHECKED.get(path.resolve()) == _stamp(path):
+        return None
+    if not isinstance(digest, str) or file_digest(path) != digest:
+        return "differs from the bytes written when it was built (SHA-256 mismatch)"
+    _CHECKED[path.resolve()] = _stamp(path)
+    return None
+
+
+_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    status = path.stat()
+    return status.st_ino, status.st_size, status.st_mtime_ns
+
+
+def _write_record(target: Path, shape: tuple[int, ...], geometry: Path | None) -> None:
+    """Written last, after the cache (and geometry) are in place: a cache without one is never trusted."""
+    record = {"format": RECORD_FORMAT, "shape": list(shape), "bytes": target.stat().st_size,
+              "sha256": file_digest(target)}
+    if geometry is not None:
+        record["geometry_sha256"] = file_digest(geometry)
+    write_json(record_path(target), record)
 
 
 def _make_room(cache_dir: Path, needed: int, count: int, size: int) -> None:
@@ -212,6 +307,7 @@ def evict_caches(cache_dir: Path, *, limit: int, keep: set[Path] = frozenset()) 
         size = path.stat().st_size
         path.unlink(missing_ok=True)
         path.with_name(path.name.replace("pixels-", "geometry-", 1)).unlink(missing_ok=True)  # a wide cache's
+        record_path(path).unlink(missing_ok=True)
         total -= size
         evicted.append(path)
         log.info("evicted the least recently used pixel cache %s (%.2f GB)", path, size / 1e9)
@@ -236,6 +332,7 @@ def _build_cache(paths: Sequence[Path], size: int, target: Path, workers: int, *
     width = size if geometry is None else wide_side(size)
     decode = _decode_into if geometry is None else _decode_wide_into
     shapes = np.zeros((len(paths), 2), dtype=np.float32)
+    record_path(target).unlink(missing_ok=True)  # the old record describes bytes about to be replaced
     with atomic_path(target) as temporary:
         # open_memmap writes straight to disk: the full pets set at 256 px is 1.4 GB, never all in RAM.
         array = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, width))
@@ -259,3 +356,4 @@ def _build_cache(paths: Sequence[Path], size: int, target: Path, workers: int, *
         if geometry is not None:
             with atomic_path(geometry) as geometry_temporary, geometry_temporary.open("wb") as file:
                 np.save(file, shapes)
+    _write_record(target, (len(paths), 3, size, width), geometry)
