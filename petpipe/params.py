@@ -149,13 +149,23 @@ class LrFindParams(_Section):
     num_it: Annotated[int, Field(ge=5)]
     batch_size: NonNegativeInt
     stop_div: Annotated[float, Field(gt=1)]
+    noise_window: NonNegativeInt
+    noise_sigmas: Annotated[float, Field(ge=0)]
     suggestion: Suggestion
+    fallback_lr: PositiveFloat
 
     @model_validator(mode="after")
     def _sweep_goes_up(self) -> "LrFindParams":
         if self.end_lr <= self.start_lr:
             raise ValueError(f"end_lr ({self.end_lr}) must be greater than start_lr ({self.start_lr})")
         return self
+
+    @field_validator("noise_window")
+    @classmethod
+    def _window_measures_a_spread(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("must be 0 (fastai's stop rule) or at least 2 (one loss has no spread)")
+        return value
 
 
 class FinetuneParams(_Section):
