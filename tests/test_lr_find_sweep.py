@@ -163,7 +163,7 @@ def fitted_stand_in(sample_images):
     return model, images, views, fitted_loss
 
 
-@pytest.mark.parametrize("seed", [0, 2, 3])  # fastai's rule alone stopped these at 3 to 5 batches, below 3e-7
+@pytest.mark.parametrize("seed", [0, 2, 3])  # fastai's rule alone: seeds 0, 2 stopped after 3, 6 batches (< 3e-7)
 def test_a_sweep_on_a_model_that_fits_its_batches_runs_on_to_the_rise(fitted_stand_in, seed):
     import copy
 
@@ -179,7 +179,7 @@ def test_a_sweep_on_a_model_that_fits_its_batches_runs_on_to_the_rise(fitted_sta
     settings = params_with(NO_AUGMENTATION)
     curve = lr_sweep(swept, images, views=views, sweep=settings.lr_find, settings=settings.train,
                      precision="float32", generator=torch.Generator().manual_seed(seed))
-    assert np.mean(curve["loss"][:DEFAULTS.noise_window]) < 0.5  # the sweep starts near zero loss: the bug's regime
+    assert np.mean(curve["loss"][:5]) < 0.5  # the sweep starts near zero loss: the bug's regime
     assert curve["lr"][-1] > 1e-3, f"stopped after {len(curve['lr'])} batches at {curve['lr'][-1]:.1e}"
     result = lr_find.choose(curve, settings.lr_find)
     assert result["trusted"] is True and result["chosen"]["rule"] == DEFAULTS.suggestion
