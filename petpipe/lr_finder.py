@@ -68,9 +68,9 @@ class StopRule:
         return cls(stop_div=sweep.stop_div, noise_window=sweep.noise_window, noise_sigmas=sweep.noise_sigmas)
 
     def noise(self, losses: Sequence[float]) -> float | None:
-        """The standard deviation of the raw losses of the window (0 without one: fastai's rule); None until
-        the window is complete."""
-        if self.noise_window == 0:
+        """The standard deviation of the raw losses of the window (0 for a window of 0 or 1 batch, which has
+        no spread: fastai's rule); None until the window is complete."""
+        if self.noise_window <= 1:
             return 0.0
         if len(losses) < self.noise_window:
             return None

@@ -160,13 +160,6 @@ class LrFindParams(_Section):
             raise ValueError(f"end_lr ({self.end_lr}) must be greater than start_lr ({self.start_lr})")
         return self
 
-    @field_validator("noise_window")
-    @classmethod
-    def _window_measures_a_spread(cls, value: int) -> int:
-        if value == 1:
-            raise ValueError("must be 0 (fastai's stop rule) or at least 2 (one loss has no spread)")
-        return value
-
 
 class FinetuneParams(_Section):
     epochs: PositiveInt
