@@ -2,13 +2,14 @@
 
 `lr_sweep` trains on batches while the learning rate grows exponentially and
 returns the curve; it works on the model it is given, so callers pass a copy
-when the weights must not change. The suggestion rules are pure functions.
+when the weights must not change. The stop rule and the suggestion rules are pure functions.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,12 +33,77 @@ def sweep_lrs(start_lr: float, end_lr: float, num_it: int) -> np.ndarray:
     return start_lr * (end_lr / start_lr) ** (np.arange(num_it) / num_it)
 
 
+def smooth(losses: Sequence[float]) -> list[float]:
+    """fastai's smoothed loss: the debiased exponential moving average of the raw losses."""
+    average, smoothed = 0.0, []
+    for iteration, value in enumerate(losses):
+        average = SMOOTHING * average + (1 - SMOOTHING) * value
+        smoothed.append(average / (1 - SMOOTHING ** (iteration + 1)))
+    return smoothed
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """When the sweep has seen the loss diverge: fastai's rule (smoothed loss above stop_div x its minimum),
+    made to tell a rise from batch noise.
+
+    fastai's minimum is taken from the first batch on, where the debiased average is one or two batches: on
+    a model that already fits its photos (at 224 px loss 0.30, spread 0.18 with batches of 16, single
+    batches from 0.03 to 0.7: most batches near zero, a few with one hard photo) that minimum is a lucky
+    batch, stop_div x it lies below the loss's own level, and the sweep stopped after 6 batches at 2.5e-7
+    (issue "The tutorial's loop works by default"). So:
+    - the first noise_window batches (learning rates too small to change the model) measure the noise, the
+      standard deviation of their raw losses, and are never a divergence;
+    - the minimum is that of the smoothed loss from the end of the window on, an average of enough batches;
+    - a divergence must also exceed that minimum by noise_sigmas x the noise. That term decides only where
+      the noise exceeds the minimum (stop_div - 1) / noise_sigmas times over: on losses near zero.
+    """
+
+    stop_div: float
+    noise_window: int
+    noise_sigmas: float
+
+    @classmethod
+    def of(cls, sweep: LrFindParams) -> StopRule:
+        return cls(stop_div=sweep.stop_div, noise_window=sweep.noise_window, noise_sigmas=sweep.noise_sigmas)
+
+    def noise(self, losses: Sequence[float]) -> float | None:
+        """The standard deviation of the raw losses of the window (0 for a window of 0 or 1 batch, which has
+        no spread: fastai's rule); None until the window is complete."""
+        if self.noise_window <= 1:
+            return 0.0
+        if len(losses) < self.noise_window:
+            return None
+        return float(np.std(np.asarray(losses[:self.noise_window], dtype=np.float64), ddof=1))
+
+    def threshold(self, losses: Sequence[float], smoothed: Sequence[float]) -> float:
+        """The smoothed loss above which the curve has diverged; inf while the window lasts."""
+        noise = self.noise(losses)
+        if noise is None or len(smoothed) <= self.noise_window:
+            return math.inf
+        best = float(min(smoothed[max(self.noise_window - 1, 0):]))
+        return max(self.stop_div * best, best + self.noise_sigmas * noise)
+
+    def diverged(self, losses: Sequence[float], smoothed: Sequence[float]) -> bool:
+        """Whether the curve's last point is a divergence (a loss that is not finite always is)."""
+        return bool(not math.isfinite(smoothed[-1]) or smoothed[-1] > self.threshold(losses, smoothed))
+
+
+def stop_index(losses: Sequence[float], rule: StopRule) -> int | None:
+    """The batch after which a sweep with these raw losses stops; None if it runs through them all."""
+    smoothed = smooth(losses)
+    for iteration in range(len(losses)):
+        if rule.diverged(losses[:iteration + 1], smoothed[:iteration + 1]):
+            return iteration
+    return None
+
+
 def lr_sweep(model: Classifier, images: ImageSet, *, views: Views, sweep: LrFindParams, settings: TrainParams,
              precision: str, generator: torch.Generator, progress: Progress | None = None) -> dict[str, list[float]]:
-    """Train one batch per learning rate from sweep.start_lr to sweep.end_lr; stop when the smoothed loss
-    exceeds sweep.stop_div x its minimum. Its batch size is sweep.batch_size (0: settings.batch_size) and
-    its weight decay settings.weight_decay; the model
-    trains in the mode it is given (`models.set_train_mode`: BatchNorm statistics updated or fixed).
+    """Train one batch per learning rate from sweep.start_lr to sweep.end_lr; stop when `StopRule` sees the
+    smoothed loss diverge. Its batch size is sweep.batch_size (0: settings.batch_size) and its weight decay
+    settings.weight_decay; the model trains in the mode it is given (`models.set_train_mode`: BatchNorm
+    statistics updated or fixed) on augmented batches, as the finetune it precedes.
 
     Returns {"lr", "loss", "smoothed_loss"}, one entry per batch trained.
     """
@@ -46,8 +112,9 @@ def lr_sweep(model: Classifier, images: ImageSet, *, views: Views, sweep: LrFind
     # The optimiser training uses (fastai's lr_find uses the Learner's): no decay on BatchNorm and biases.
     optimizer = make_optimizer(model, group_lrs=dict.fromkeys(model.layer_groups(), sweep.start_lr),
                                weight_decay=settings.weight_decay)
+    rule = StopRule.of(sweep)
     record: dict[str, list[float]] = {"lr": [], "loss": [], "smoothed_loss": []}
-    average, best = 0.0, math.inf
+    average = 0.0
     batches: list[torch.Tensor] = []
     lrs = sweep_lrs(sweep.start_lr, sweep.end_lr, sweep.num_it)
     for iteration, lr in enumerate(progress(iter(lrs), len(lrs)) if progress else lrs):
@@ -58,13 +125,11 @@ def lr_sweep(model: Classifier, images: ImageSet, *, views: Views, sweep: LrFind
             group["lr"] = float(lr)
         inputs = views.train(images.pixels[rows], generator, images.geometry_of(rows))
         value = training_step(model, optimizer, inputs, images.targets[rows], precision=precision)
-        average = SMOOTHING * average + (1 - SMOOTHING) * value
-        smoothed = average / (1 - SMOOTHING ** (iteration + 1))  # debiased, as fastai's
+        average = SMOOTHING * average + (1 - SMOOTHING) * value  # as `smooth`, one batch at a time
         record["lr"].append(float(lr))
         record["loss"].append(value)
-        record["smoothed_loss"].append(smoothed)
-        best = min(best, smoothed)
-        if not math.isfinite(smoothed) or smoothed > sweep.stop_div * best:
+        record["smoothed_loss"].append(average / (1 - SMOOTHING ** (iteration + 1)))
+        if rule.diverged(record["loss"], record["smoothed_loss"]):
             break
     return record
 
@@ -81,8 +146,9 @@ def trim_for_suggestions(lrs: np.ndarray, losses: np.ndarray, num_it: int) -> tu
 
 
 def suggest_minimum(lrs: np.ndarray, losses: np.ndarray) -> float:
-    """A tenth of the learning rate with the lowest loss."""
-    return float(lrs[int(np.argmin(losses))] / 10)
+    """A tenth of the learning rate with the lowest loss, no lower than the curve's first: a suggestion is a
+    learning rate the sweep tried (fastai's tenth of a minimum at the start lies below the sweep)."""
+    return float(max(lrs[int(np.argmin(losses))] / 10, lrs[0]))
 
 
 def suggest_steep(lrs: np.ndarray, losses: np.ndarray) -> float:

@@ -150,7 +150,10 @@ class LrFindParams(_Section):
     num_it: Annotated[int, Field(ge=5)]
     batch_size: NonNegativeInt
     stop_div: Annotated[float, Field(gt=1)]
+    noise_window: NonNegativeInt
+    noise_sigmas: Annotated[float, Field(ge=0)]
     suggestion: Suggestion
+    fallback_lr: PositiveFloat
 
     @model_validator(mode="after")
     def _sweep_goes_up(self) -> "LrFindParams":

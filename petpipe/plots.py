@@ -110,23 +110,41 @@ def plot_training_history(history: pd.DataFrame, *, title: str) -> Figure:
 
 
 def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], suggestions: Mapping[str, float],
-                 *, chosen: str) -> Figure:
-    """fastai's lr_find plot: smoothed loss against a log learning rate, suggestions marked."""
+                 *, chosen: str, raw_losses: Sequence[float] | None = None, threshold: float | None = None,
+                 noise_window: int = 0, trusted: bool = True) -> Figure:
+    """fastai's lr_find plot: smoothed loss against a log learning rate, suggestions marked; with
+    `raw_losses`, each batch's loss behind it (the noise), the window that measured that noise shaded and
+    the divergence threshold dashed. The y axis stops short of the divergence's last batches, so that the
+    flat stretch and the start of the rise stay readable."""
     figure = _new_figure(7.0, 4.2)
     axis = figure.subplots()
-    axis.plot(lrs, losses, color=TRAIN_COLOR)
+    if raw_losses is not None:
+        axis.plot(lrs, raw_losses, color=TRAIN_COLOR, alpha=0.25, linewidth=0.8, label="loss of each batch")
+    axis.plot(lrs, losses, color=TRAIN_COLOR, label="smoothed loss")
+    if noise_window > 1 and len(lrs) >= noise_window:
+        axis.axvspan(lrs[0], lrs[noise_window - 1], color="0.85", alpha=0.5, linewidth=0,
+                     label="noise window")
+    if threshold is not None and math.isfinite(threshold):
+        axis.axhline(threshold, color="0.4", linestyle="--", linewidth=0.9, label=f"divergence {threshold:.3g}")
     axis.set_xscale("log")
     axis.set_xlabel("learning rate")
-    axis.set_ylabel("smoothed loss")
+    axis.set_ylabel("loss")
+    finite = [value for value in losses if math.isfinite(value)]
+    if finite:
+        top = max([*finite, threshold if threshold is not None and math.isfinite(threshold) else 0.0])
+        axis.set_ylim(min(0.0, min(finite)), 1.15 * top)  # raw batches may spike far above: not the story
     markers = {"valley": "o", "slide": "s", "minimum": "v", "steep": "^"}
     for name, lr in suggestions.items():
         loss = float(np.interp(np.log10(lr), np.log10(lrs), losses))
-        label = f"{name}: {lr:.2e}" + (" (chosen)" if name == chosen else "")
+        label = f"{name}: {lr:.2e}" + (" (chosen)" if name == chosen and trusted else "")
         axis.plot([lr], [loss], marker=markers.get(name, "o"), markersize=9 if name == chosen else 6,
                   linestyle="none", label=label)
-    axis.legend(frameon=False)
+    axis.legend(frameon=False, fontsize=8)
     axis.grid(alpha=0.3, which="both")
-    axis.set_title("Learning rate finder (whole model unfrozen)", loc="left")
+    title = "Learning rate finder (whole model unfrozen)"
+    if not trusted:
+        title += ": no rise above the noise, suggestions untrusted"
+    axis.set_title(title, loc="left", fontsize=10)
     figure.tight_layout()
     return figure
 

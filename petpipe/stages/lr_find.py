@@ -26,7 +26,7 @@ from petpipe.compute import one_process
 from petpipe.errors import PetpipeError
 from petpipe.hardware import to_device
 from petpipe.levers import choose_levers
-from petpipe.lr_finder import lr_sweep, suggest
+from petpipe.lr_finder import StopRule, lr_sweep, suggest
 from petpipe.models import finetune_fixes_bn_stats, set_train_mode, unfreeze
 from petpipe.params import LrFindParams
 from petpipe.pipeline import path_option
@@ -70,29 +70,66 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     result = choose(curve, params.lr_find)
     write_csv(outputs.curve, pd.DataFrame(curve))
     save_figure(outputs.plot, plots.plot_lr_find(curve["lr"], curve["smoothed_loss"], result["suggestions"],
-                                                 chosen=params.lr_find.suggestion))
+                                                 chosen=params.lr_find.suggestion, raw_losses=curve["loss"],
+                                                 threshold=result["divergence"]["threshold"],
+                                                 noise_window=params.lr_find.noise_window,
+                                                 trusted=result["trusted"]))
     write_json(outputs.result, result)
     context.log.log_metrics({f"suggested_lr_{name}": value for name, value in result["suggestions"].items()})
     for step, (lr, loss) in enumerate(zip(curve["lr"], curve["smoothed_loss"])):
         context.log.log_metrics({"lr_find_lr": lr, "lr_find_smoothed_loss": loss}, step=step)
     context.log.log_artifacts([outputs.result, outputs.curve, outputs.plot])
-    described = ", ".join(f"{name} {value:.2e}" for name, value in result["suggestions"].items())
-    return (f"lr-find: {len(curve['lr'])} iterations; {described}; "
-            f"chosen {params.lr_find.suggestion} = {result['chosen']['lr']:.2e}")
+    return summary(result)
 
 
 def choose(curve: dict[str, list[float]], settings: LrFindParams) -> dict[str, Any]:
-    """lr_find.json: fastai's four suggestions on the curve, the one lr_find.suggestion picks, the curve."""
+    """lr_find.json: fastai's four suggestions on the curve, whether the curve can be trusted (it rose past
+    the divergence threshold: a curve of batch noise cannot), the lr chosen for finetune, the curve."""
     if len(curve["lr"]) < 5:
-        raise PetpipeError(f"lr-find: the loss diverged after {len(curve['lr'])} batches; lower lr_find.start_lr "
-                           f"or raise lr_find.stop_div")
+        raise PetpipeError(f"lr-find: the loss was not finite after {len(curve['lr'])} batches; lower "
+                           f"lr_find.start_lr, or check the data and the checkpoint")
     suggestions = suggest(curve["lr"], curve["smoothed_loss"], num_it=settings.num_it)
     if not all(math.isfinite(value) and value > 0 for value in suggestions.values()):
         raise PetpipeError(f"lr-find: suggestions are not usable ({suggestions}); check the data and lr_find params")
+    rule = StopRule.of(settings)
+    trusted = rule.diverged(curve["loss"], curve["smoothed_loss"])  # the sweep stops at its first divergence
+    threshold = rule.threshold(curve["loss"], curve["smoothed_loss"])
+    noise = rule.noise(curve["loss"])
+    window = curve["loss"][:settings.noise_window]
+    chosen = ({"rule": settings.suggestion, "lr": suggestions[settings.suggestion]} if trusted
+              else {"rule": "fallback_lr", "lr": settings.fallback_lr})
     return {
-        "chosen": {"rule": settings.suggestion, "lr": suggestions[settings.suggestion]},
+        "chosen": chosen,
         "suggestions": suggestions,
+        "trusted": trusted,
+        "verdict": verdict(trusted, curve, settings),
         "iterations": len(curve["lr"]),
+        "lr_reached": curve["lr"][-1],
         "stopped_early": len(curve["lr"]) < settings.num_it,
+        "noise": {"window": settings.noise_window, "mean": float(sum(window) / len(window)) if window else None,
+                  "std": noise},
+        "divergence": {"threshold": threshold if math.isfinite(threshold) else None,
+                       "smoothed_loss": curve["smoothed_loss"][-1]},
         "curve": curve,
     }
+
+
+def verdict(trusted: bool, curve: dict[str, list[float]], settings: LrFindParams) -> str:
+    """One sentence: what the curve shows and what finetune.lr auto gets from it."""
+    if trusted:
+        return (f"the loss rose past the divergence threshold at lr {curve['lr'][-1]:.2e}: "
+                f"finetune.lr auto uses the {settings.suggestion} suggestion")
+    return (f"no rise above the batch noise up to lr {curve['lr'][-1]:.2e}: the suggestions describe noise; "
+            f"finetune.lr auto uses lr_find.fallback_lr {settings.fallback_lr:.2e}")
+
+
+def summary(result: dict[str, Any]) -> str:
+    """The stage's one line."""
+    described = ", ".join(f"{name} {value:.2e}" for name, value in result["suggestions"].items())
+    noise = result["noise"]
+    level = (f"; start loss {noise['mean']:.3f} +- {noise['std']:.3f}" if noise["mean"] is not None
+             and noise["std"] is not None else "")
+    trust = "" if result["trusted"] else " (UNTRUSTED)"
+    return (f"lr-find: {result['iterations']} iterations to lr {result['lr_reached']:.2e}{level}; "
+            f"{described}{trust}; chosen {result['chosen']['rule']} = {result['chosen']['lr']:.2e}; "
+            f"{result['verdict']}")
