@@ -1,6 +1,6 @@
 """petpipe serve as a person uses it: headless Chromium (Playwright) clicks through a real `petpipe serve` of
 the pipeline the session reproduced: a photo's predicted breed, the Results page's confusion matrix, and two
-Clean decisions that the next index-labels applies. It saves the README's screenshots on the way
+Clean decisions that the next index-labels applies. It saves the screenshots of README.md and docs/serving.md on the way
 (PETPIPE_SCREENSHOTS=docs/screenshots to refresh them)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import run_command
+from helpers import copy_project, run_command, stale_stages
 
 from petpipe.predict import load_predictor, predict_files
 
@@ -40,9 +40,7 @@ VIEWPORT = {"width": 1100, "height": 820}
 @pytest.fixture(scope="module")
 def project(pipeline_project, tmp_path_factory) -> Path:
     """A copy of the reproduced pipeline (the Clean test writes its corrections and reruns index-labels)."""
-    copy = tmp_path_factory.mktemp("browser") / "project"
-    shutil.copytree(pipeline_project.folder, copy, symlinks=True)
-    return copy
+    return copy_project(pipeline_project.folder, tmp_path_factory.mktemp("browser") / "project")
 
 
 @pytest.fixture(scope="module")
@@ -210,9 +208,3 @@ def test_clean_relabels_and_excludes_and_index_labels_applies_it(project, server
     index = pd.read_csv(project / "stages/index-labels/index.csv", dtype=str, keep_default_na=False)
     assert index.set_index("path").loc[relabelled, "label"] == other and excluded not in set(index["path"])
     assert report["images"] == before["images"] - 1 and before["corrections"]["relabelled"] == 0
-
-
-def stale_stages(project: Path) -> set[str]:
-    """The stages `dvc status` says must run again."""
-    status = json.loads(run_command(["dvc", "status", "--json"], project).stdout or "{}")
-    return {name.split(":")[-1] for name in status}

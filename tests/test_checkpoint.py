@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import model_spec
+from helpers import model_spec
 
 from petpipe.checkpoint import FORMAT, Checkpoint, load_checkpoint, save_checkpoint
 from petpipe.errors import PetpipeError

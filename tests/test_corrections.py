@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import PROJECT_ROOT, params_with, write_params
-from test_index_labels import SMALL, copy_subset, outputs_in, read_outputs
+from helpers import PROJECT_ROOT, SMALL, copy_subset, outputs_in, params_with, read_outputs, write_params
 
 from petpipe import data
 from petpipe.cli import main

@@ -9,31 +9,24 @@ from pathlib import Path
 
 import pytest
 
-from conftest import OFFLINE_TRAINING, run_command, write_params
-
-SETTINGS = {**OFFLINE_TRAINING, "model.img_size": 64, "train_head.epochs": 3, "train_head.lr": 0.01}
-
-
-def train_head_command(folder: Path, index: Path, images: Path) -> list[str]:
-    return ["train-head", "--params", "params.yaml", "--images", str(images), "--index", str(index),
-            "--model", f"{folder}/model.pt", "--metrics", f"{folder}/metrics.json",
-            "--history", f"{folder}/history.csv", "--plot", f"{folder}/training.png"]
+from helpers import run_command, train_head_command
 
 
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
                     reason="torchrun is installed with torch")
-def test_two_process_train_head_writes_once_and_matches_single_process(tmp_path, indexed_sample, sample_images):
-    write_params(tmp_path / "params.yaml", SETTINGS)
-    petpipe = str(Path(sys.executable).parent / "petpipe")
-    single = run_command([petpipe, *train_head_command(tmp_path / "single", indexed_sample, sample_images)], tmp_path)
-    ddp = run_command(["torchrun", "--standalone", "--nproc-per-node", "2", petpipe,
-                       *train_head_command(tmp_path / "ddp", indexed_sample, sample_images)], tmp_path)
+def test_two_process_train_head_writes_once_and_matches_single_process(tmp_path, trained_head, indexed_sample,
+                                                                      sample_images):
+    """Against the session's single-process `petpipe train-head` (the same params, pixels and timed levers)."""
+    single = trained_head
+    command = train_head_command(trained_head.params_file, sample_images, indexed_sample, tmp_path / "ddp")
+    ddp = run_command(["torchrun", "--standalone", "--nproc-per-node", "2", *command], tmp_path,
+                      PETPIPE_CACHE_DIR=str(trained_head.cache))
 
     assert sorted(path.name for path in (tmp_path / "ddp").iterdir()) == \
         ["history.csv", "metrics.json", "model.pt", "training.png"]
     assert ddp.stdout.count("train-head: 3 epochs") == 1, "only rank 0 reports"
     assert not list((tmp_path / ".petpipe/resume").glob("*.pt"))
-    single_accuracy = json.loads((tmp_path / "single/metrics.json").read_text())["accuracy"]
+    single_accuracy = json.loads(single.outputs.metrics.read_text())["accuracy"]
     ddp_accuracy = json.loads((tmp_path / "ddp/metrics.json").read_text())["accuracy"]
     assert ddp_accuracy >= 3 / 37
     # Per-rank BatchNorm statistics and augmentations differ: close, not identical (86 valid photos).

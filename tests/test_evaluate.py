@@ -1,15 +1,13 @@
-"""The evaluate stage on a tiny model trained once on the real sample: every number checked independently."""
+"""The evaluate stage on the tiny model conftest trains once on the real sample (`trained`, `evaluated`): every
+number checked independently."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -18,105 +16,23 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from conftest import OFFLINE_TRAINING, SAMPLE_IMAGES, default_params, with_overrides
+from helpers import (
+    PNG_MAGIC,
+    SAMPLE_IMAGES,
+    TrainedSample,
+    evaluate_outputs,
+    run_evaluate,
+    stage_environment,
+    valid_rows,
+)
 from petpipe import data, interpret
 from petpipe.checkpoint import load_checkpoint
 from petpipe.cli import main
 from petpipe.errors import PetpipeError
-from petpipe.params import Params, parse_params
+from petpipe.params import with_overrides
 from petpipe.pixels import decode_image
-from petpipe.stages import evaluate, train_head
+from petpipe.stages import evaluate
 from petpipe.views import Views
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# 128 px and two epochs: a short run that clearly beats chance on 37 breeds (30-65%), so the
-# confusions and top losses below are a model's, not noise.
-TINY_TRAINING = {**OFFLINE_TRAINING, "model.img_size": 128, "train_head.epochs": 2, "train_head.lr": 3e-3,
-                 "evaluate.checkpoint": "train-head", "evaluate.tta": True}
-
-
-@dataclass(frozen=True)
-class TrainedSample:
-    """The sample indexed and a head trained briefly, in a session tmp folder."""
-
-    root: Path
-    index: Path
-    model: Path
-    params: Params
-    params_dict: dict[str, Any]
-
-
-@contextlib.contextmanager
-def stage_environment(root: Path):
-    """Run a stage from `root` with its pixel cache there: resume files, tracking stores and the
-    cache are written relative to the cwd or PETPIPE_CACHE_DIR, and must stay out of the repo."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        patch.setenv("PETPIPE_CACHE_DIR", str(root / "cache"))
-        yield
-
-
-_SESSION: dict[str, Any] = {}
-
-
-def trained_sample(tmp_path_factory: pytest.TempPathFactory) -> TrainedSample:
-    """Train once per session, shared by test_evaluate and test_predict (both call this)."""
-    if "sample" in _SESSION:
-        return _SESSION["sample"]
-    root = tmp_path_factory.mktemp("trained-sample")
-    raw = with_overrides(default_params(), TINY_TRAINING)
-    if "cache_features" in raw["train_head"]:
-        # The head on features computed once: ~5x faster here, and still a model to interpret.
-        raw = with_overrides(raw, {"train_head.cache_features": True})
-    params = parse_params(raw)
-    relative = [data.relative_posix(path, SAMPLE_IMAGES) for path in data.scan_images(SAMPLE_IMAGES)]
-    labels = data.label_images(relative, method="regex", pattern=params.labels.pattern, csv_path=None)
-    infos = dict(zip(relative, data.check_images([SAMPLE_IMAGES / path for path in relative])))
-    splits = data.split_images(relative, valid_pct=params.split.valid_pct, seed=params.split.seed, split_file=None)
-    index = root / "index.csv"
-    data.build_index(labels, infos, splits).to_csv(index, index=False)
-    model = root / "model.pt"
-    with stage_environment(root):
-        train_head.run(params, train_head.Inputs(images=SAMPLE_IMAGES, index=index),
-                       train_head.Outputs(model=model, metrics=root / "head_metrics.json",
-                                          history=root / "history.csv", plot=root / "training.png"))
-    _SESSION["sample"] = TrainedSample(root=root, index=index, model=model, params=params, params_dict=raw)
-    return _SESSION["sample"]
-
-
-def evaluate_outputs(folder: Path) -> evaluate.Outputs:
-    return evaluate.Outputs(
-        metrics=folder / "metrics.json", confusion=folder / "confusion.csv", confusion_plot=folder / "confusion.png",
-        confusion_normalized_plot=folder / "confusion_normalized.png", top_losses=folder / "top_losses.png",
-        top_losses_table=folder / "top_losses.csv", most_confused=folder / "most_confused.csv",
-        report=folder / "report.md")
-
-
-def run_evaluate(sample: TrainedSample, folder: Path, params: Params | None = None,
-                 index: Path | None = None) -> tuple[str, evaluate.Outputs]:
-    outputs = evaluate_outputs(folder)
-    inputs = evaluate.Inputs(images=SAMPLE_IMAGES, index=index or sample.index, finetune_model=sample.model,
-                             head_model=sample.model)
-    with stage_environment(sample.root):
-        summary = evaluate.run(params or sample.params, inputs, outputs)
-    return summary, outputs
-
-
-def evaluated_sample(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, evaluate.Outputs]:
-    """Evaluate the trained sample (with TTA) once per session."""
-    if "evaluated" not in _SESSION:
-        _SESSION["evaluated"] = run_evaluate(trained_sample(tmp_path_factory), tmp_path_factory.mktemp("evaluate"))
-    return _SESSION["evaluated"]
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory) -> TrainedSample:
-    return trained_sample(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def evaluated(tmp_path_factory) -> tuple[str, evaluate.Outputs]:
-    return evaluated_sample(tmp_path_factory)
 
 
 def independent_log_probabilities(sample: TrainedSample, relative_paths: list[str]) -> np.ndarray:
@@ -129,11 +45,6 @@ def independent_log_probabilities(sample: TrainedSample, relative_paths: list[st
     with torch.inference_mode():
         logits = model(views.evaluate(pixels))
     return torch.log_softmax(logits.double(), dim=1).numpy()
-
-
-def valid_rows(sample: TrainedSample) -> pd.DataFrame:
-    index = data.load_index(sample.index)
-    return index[index["split"] == "valid"].reset_index(drop=True)
 
 
 # ---------------------------------------------------------------- metrics.json against confusion.csv

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import model_spec, params_with
+from helpers import model_spec, params_with
 
 from petpipe.augment import (CORNERS, apply_perspective, augment_batch, center_crop_batch, find_coeffs,
                              flip_matrix, lighting, rotate_matrix, warp_targets, zoom_matrix)

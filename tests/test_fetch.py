@@ -21,10 +21,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import default_params, params_with, serving
+from helpers import default_params, params_with, serving
 from petpipe.cli import main
 from petpipe.errors import PetpipeError
-from petpipe.fetch import cache_name, fetch_source
+from petpipe.download import cache_name
+from petpipe.fetch import fetch_source
 from petpipe.stages import fetch as fetch_stage
 
 ARCHIVE_PHOTOS = 20

@@ -5,50 +5,25 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections import defaultdict
 from pathlib import Path
 
-import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import params_with, write_params
+from helpers import (
+    PNG_MAGIC,
+    SMALL,
+    copy_subset,
+    outputs_in,
+    params_with,
+    read_outputs,
+    sample_by_breed,
+    write_params,
+)
 
 from petpipe import data
 from petpipe.cli import main
 from petpipe.errors import PetpipeError
-from petpipe.stages.index_labels import Inputs, Outputs, run
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-SMALL = {"model.img_size": 32}  # show_batch at 32 px keeps the stage fast
-
-
-def outputs_in(folder: Path) -> Outputs:
-    return Outputs(
-        index=folder / "index.csv", classes=folder / "classes.json", report=folder / "report.json",
-        show_batch=folder / "show_batch.png", class_counts=folder / "class_counts.png",
-    )
-
-
-def sample_by_breed(sample_images: Path) -> dict[str, list[Path]]:
-    breeds: dict[str, list[Path]] = defaultdict(list)
-    for path in sorted(sample_images.glob("*.jpg")):
-        breeds[path.stem.rsplit("_", 1)[0]].append(path)
-    return dict(breeds)
-
-
-def copy_subset(sample_images: Path, folder: Path, *, breeds: int, per_breed: int) -> list[str]:
-    """Copy the first `per_breed` photos of the first `breeds` breeds; return their names."""
-    folder.mkdir(parents=True, exist_ok=True)
-    names = []
-    for photos in list(sample_by_breed(sample_images).values())[:breeds]:
-        for photo in photos[:per_breed]:
-            shutil.copy(photo, folder / photo.name)
-            names.append(photo.name)
-    return names
-
-
-def read_outputs(outputs: Outputs) -> tuple[pd.DataFrame, list[str], dict]:
-    return data.load_index(outputs.index), data.load_classes(outputs.classes), json.loads(outputs.report.read_text())
+from petpipe.stages.index_labels import Inputs, run
 
 
 def test_full_sample_is_labelled_split_and_reported(sample_images, tmp_path):

@@ -127,7 +127,7 @@ def test_fetch_and_index_labels_never_import_torch(tmp_path):
     project = tmp_path / "project"
     (project / "labels").mkdir(parents=True)
     raw = (PACKAGE.parent / "params.yaml").read_text()
-    raw = raw.replace("source: https://www.robots.ox.ac.uk/~vgg/data/pets/data/images.tar.gz",
+    raw = raw.replace("source: data/oxford-iiit-pet.url",
                       f"source: {SAMPLE_IMAGES}").replace("checksum: md5:5c4f3ee8e5d25df40f4fd59a7f44e54c",
                                                           "checksum: null")
     (project / "params.yaml").write_text(raw)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import model_spec, params_with
+from helpers import model_spec, params_with
 
 from petpipe import levers as levers_module
 from petpipe.dataset import ImageSet

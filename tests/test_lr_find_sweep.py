@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import params_with
+from helpers import params_with
 from petpipe.lr_finder import StopRule, smooth, stop_index, suggest, sweep_lrs
 from petpipe.stages import lr_find
 

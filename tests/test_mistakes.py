@@ -10,8 +10,7 @@ import shutil
 import click
 import pytest
 from click.testing import CliRunner
-from conftest import PROJECT_ROOT, params_with, write_params
-from test_index_labels import SMALL, copy_subset, outputs_in
+from helpers import PROJECT_ROOT, SMALL, copy_subset, outputs_in, params_with, write_params
 
 from petpipe import cli, tracking
 from petpipe.cli import main

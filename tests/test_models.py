@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import model_spec
+from helpers import model_spec
 
 from petpipe.errors import PetpipeError
 from petpipe.models import AdaptiveConcatPool2d, build_model, freeze_body, unfreeze

@@ -9,7 +9,7 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import STAGES, make_project, run_command
+from helpers import STAGES, make_project, run_command
 
 
 

@@ -1,4 +1,4 @@
-"""predict, export and show-batch on the model test_evaluate trains once per session."""
+"""predict, export and show-batch on the model conftest trains once per session (`trained`, as test_evaluate)."""
 
 from __future__ import annotations
 
@@ -12,30 +12,12 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import SAMPLE_IMAGES
+from helpers import PNG_MAGIC, SAMPLE_IMAGES, valid_rows
 from petpipe.atomic import file_digest
 from petpipe.checkpoint import load_checkpoint
 from petpipe.cli import main
 from petpipe.errors import PetpipeError
 from petpipe.predict import collect_images, load_predictor, predict_files
-from test_evaluate import PNG_MAGIC, TrainedSample, evaluated_sample, trained_sample, valid_rows
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory) -> TrainedSample:
-    return trained_sample(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def bundle(trained, tmp_path_factory) -> Path:
-    """The trained checkpoint exported through the CLI (once: the ONNX export takes seconds)."""
-    for module in ("onnxruntime", "onnxscript"):  # petpipe's export dependencies
-        pytest.importorskip(module, reason=f"export needs {module} (pip install onnx onnxscript onnxruntime)")
-    out = tmp_path_factory.mktemp("export") / "bundle"
-    result = CliRunner().invoke(main, ["export", "--model", str(trained.model), "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    assert f"-> {out}" in result.stdout
-    return out
 
 
 def all_probabilities(model: Path, paths: list[Path], *, batch_size: int = 64) -> dict[str, dict[str, float]]:
@@ -44,8 +26,8 @@ def all_probabilities(model: Path, paths: list[Path], *, batch_size: int = 64) -
     return {Path(prediction.path).name: dict(prediction.labels) for prediction in predictions}
 
 
-def test_predict_agrees_with_evaluate_on_the_validation_images(trained, tmp_path_factory):
-    _, outputs = evaluated_sample(tmp_path_factory)
+def test_predict_agrees_with_evaluate_on_the_validation_images(trained, evaluated):
+    _, outputs = evaluated
     rows = valid_rows(trained)
     probabilities = all_probabilities(trained.model, [SAMPLE_IMAGES / path for path in rows["path"]], batch_size=16)
     confusion = pd.read_csv(outputs.confusion, dtype=str, keep_default_na=False)

@@ -41,12 +41,14 @@ import pytest
 import torch
 from bad_inputs import Salted, copy_sample, salt
 from click.testing import CliRunner
-from conftest import (
+from helpers import (
     OFFLINE_TRAINING,
     PIPELINE_SMALL,
+    PNG_MAGIC,
     PROJECT_ROOT,
     STAGES,
     make_project,
+    outputs_in,
     params_with,
     run_command,
     serving,
@@ -57,14 +59,13 @@ from PIL import Image
 from petpipe import data, pixels
 from petpipe.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from petpipe.cli import main
-from petpipe.fetch import cache_name
+from petpipe.download import cache_name
 from petpipe.stages import index_labels, train_head
 
 # Tiny but real training: the offline EfficientNet-Lite0 at 32 px on four breeds. float32: on this
 # CPU bfloat16 autocast costs more than it saves at batches of eight 32 px images.
 SMALL_TRAINING = {**OFFLINE_TRAINING, "model.img_size": 32, "train.batch_size": 8, "train.precision": "float32",
                   "train_head.epochs": 1, "train_head.lr": 0.01, "finetune.lr": 1e-3, "finetune.epochs": 2}
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 INDEX_OUTPUTS = ["index.csv", "classes.json", "report.json", "show_batch.png", "class_counts.png"]
 EVALUATE_OUTPUTS = ["metrics.json", "confusion.csv", "confusion.png", "confusion_normalized.png", "top_losses.png",
                     "top_losses.csv", "most_confused.csv", "report.md"]
@@ -168,12 +169,6 @@ def working_in(folder: Path) -> Iterator[None]:
         yield
 
 
-def index_outputs(folder: Path) -> index_labels.Outputs:
-    return index_labels.Outputs(index=folder / "index.csv", classes=folder / "classes.json",
-                                report=folder / "report.json", show_batch=folder / "show_batch.png",
-                                class_counts=folder / "class_counts.png")
-
-
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -201,7 +196,7 @@ def small(tmp_path_factory, sample_images) -> SmallSample:
     root = tmp_path_factory.mktemp("small")
     images = root / "images"
     copy_sample(sample_images, images, breeds=4, per_breed=10)
-    outputs = index_outputs(root / "index")
+    outputs = outputs_in(root / "index")
     with working_in(root):
         index_labels.run(params_with(SMALL_TRAINING), index_labels.Inputs(images=images), outputs)
         head = train_head.Outputs(model=root / "head/model.pt", metrics=root / "head/metrics.json",
@@ -219,7 +214,7 @@ def test_index_labels_skips_each_unusable_file_with_its_reason_and_indexes_every
     copy_sample(sample_images, images, breeds=4, per_breed=5)
     originals = sorted(path.name for path in images.iterdir())
     salted = salt(images, sample_images)
-    outputs = index_outputs(tmp_path / "out")
+    outputs = outputs_in(tmp_path / "out")
 
     with working_in(tmp_path):
         summary = index_labels.run(params_with({"model.img_size": 32}), index_labels.Inputs(images=images), outputs)

@@ -8,38 +8,29 @@ only the stages a change makes stale run again.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import PIPELINE_SMALL, make_project, params_with, run_command
+from helpers import (
+    PIPELINE_SMALL,
+    copy_project,
+    make_project,
+    params_with,
+    ran,
+    run_as_a_user,
+    run_command,
+    stale_stages,
+    write_params,
+)
 
 from petpipe import data
 from petpipe.hardware import cpu_runs_bfloat16
 
 TRAINED = ("train-head", "lr-find", "finetune", "evaluate")
-
-
-def copy_project(source: Path, target: Path) -> Path:
-    """A copy of a reproduced project (git, DVC cache and outputs): the same state, to change freely."""
-    shutil.copytree(source, target, symlinks=True)
-    return target
-
-
-def stale_stages(project: Path) -> set[str]:
-    """The stages `dvc status` says must run again."""
-    status = json.loads(run_command(["dvc", "status", "--json"], project).stdout or "{}")
-    return {name.split(":")[-1] for name in status}
-
-
-def ran(log: str) -> list[str]:
-    return [line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage '")]
 
 
 def test_editing_a_module_reruns_exactly_the_stages_that_run_it(pipeline_project, tmp_path):
@@ -86,7 +77,7 @@ def test_photos_in_a_local_source_are_a_dependency(sample_images, tmp_path):
 def test_a_fixed_finetune_lr_does_not_need_a_changed_sweep(pipeline_project, tmp_path):
     """DVC cannot make finetune's dependency on lr-find's result conditional on finetune.lr being auto: after
     a change to lr_find.* with a number for finetune.lr, `dvc repro -s lr-find` then `dvc commit -f finetune`
-    (the README's command) reruns the sweep alone and keeps finetune's and evaluate's outputs."""
+    (the command in docs/reproducibility.md) reruns the sweep alone and keeps finetune's and evaluate's outputs."""
     project = copy_project(pipeline_project.folder, tmp_path / "project")
     before = {stage: (project / f"stages/{stage}/metrics.json").read_bytes() for stage in ("finetune", "evaluate")}
     params = project / "params.yaml"
@@ -100,12 +91,12 @@ def test_a_fixed_finetune_lr_does_not_need_a_changed_sweep(pipeline_project, tmp
     assert after == before
 
 
-def test_same_params_and_seed_give_byte_identical_outputs_in_a_fresh_project(pipeline_project, sample_images,
-                                                                            tmp_path):
-    """float32 on the CPU (PIPELINE_SMALL at 64 px; on this machine auto resolves to float32 unless the CPU
-    runs bfloat16, in which case both projects share the timed choice in the session's levers.json)."""
-    fresh = make_project(tmp_path / "fresh", {**PIPELINE_SMALL, "data.source": str(sample_images)})
-    run_command(["dvc", "repro"], fresh)
+def test_same_params_and_seed_give_byte_identical_outputs_in_a_fresh_project(pipeline_project, served):
+    """Two fresh projects of the session with the same params.yaml (PIPELINE_SMALL on the sample): the one
+    tracked to the embedded store (pipeline_project) and the one tracked to an MLflow server (`served`).
+    float32 on the CPU at 64 px; the memory format is timed, and `served` runs with pipeline_project's caches,
+    so both share the timed choice (levers.json). Where MLflow logs changes no byte of any output."""
+    fresh = served.project
     for stage in ("train-head", "finetune", "evaluate"):
         assert (fresh / f"stages/{stage}/metrics.json").read_bytes() == \
             (pipeline_project.folder / f"stages/{stage}/metrics.json").read_bytes(), stage
@@ -115,14 +106,23 @@ def test_same_params_and_seed_give_byte_identical_outputs_in_a_fresh_project(pip
 
 
 @pytest.mark.skipif(not cpu_runs_bfloat16(), reason="this CPU has no native bfloat16 (AMX or AVX-512 BF16)")
-def test_bfloat16_training_is_byte_identical_too(sample_images, tmp_path):
-    settings = {**PIPELINE_SMALL, "data.source": str(sample_images), "train.precision": "bfloat16",
-                "lr_find.num_it": 10}
+def test_bfloat16_training_is_byte_identical_too(indexed_sample, sample_images, tmp_path):
+    """train-head then finetune in bfloat16 (PIPELINE_SMALL on the sample), twice, each stage a fresh `petpipe`
+    process in a folder of its own, as dvc runs them (finetune.lr is a number: lr-find's result is not read)."""
+    write_params(tmp_path / "params.yaml", {**PIPELINE_SMALL, "train.precision": "bfloat16"})
+    (tmp_path / "lr_find.json").write_text("{}\n")
     metrics = []
     for name in ("first", "second"):
-        project = make_project(tmp_path / name, settings)
-        run_command(["dvc", "repro", "finetune"], project)
-        metrics.append([(project / f"stages/{stage}/metrics.json").read_bytes() for stage in ("train-head", "finetune")])
+        folder = tmp_path / name
+        folder.mkdir()
+        for stage, inputs in (("train-head", []),
+                              ("finetune", ["--checkpoint", folder / "train-head/model.pt",
+                                            "--lr-find", tmp_path / "lr_find.json"])):
+            outputs = ["--model", folder / stage / "model.pt", "--metrics", folder / stage / "metrics.json",
+                       "--history", folder / stage / "history.csv", "--plot", folder / stage / "training.png"]
+            run_command(["petpipe", stage, "--params", str(tmp_path / "params.yaml"), "--images", str(sample_images),
+                         "--index", str(indexed_sample), *map(str, inputs + outputs)], folder)
+        metrics.append([(folder / f"{stage}/metrics.json").read_bytes() for stage in ("train-head", "finetune")])
     assert metrics[0] == metrics[1]
 
 
@@ -161,55 +161,44 @@ def test_deterministic_algorithms_are_one_switch(indexed_sample, sample_images, 
 # ---------------------------------------------------------------- queued experiments share the caches
 
 
-def dvc_tracked(arguments: list[str], cwd: Path, **extra: str) -> subprocess.CompletedProcess[str]:
-    """dvc with MLflow on (the embedded store at the project root)."""
-    environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-                   "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", **extra}
-    for name in ("MLFLOW_TRACKING_URI", "PETPIPE_TRACKING", "PETPIPE_CACHE_DIR"):
-        environment.pop(name, None)
-    result = subprocess.run(arguments, cwd=cwd, env=environment, capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, f"{' '.join(arguments)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return result
-
-
 def wait_for_the_queue(project: Path, timeout: float = 900) -> None:
     deadline = time.monotonic() + timeout
     while True:
-        status = dvc_tracked(["dvc", "queue", "status"], project).stdout
+        status = run_as_a_user(["dvc", "queue", "status"], project).stdout
         if not any(word in status for word in ("Queued", "Running")):
             return
         assert time.monotonic() < deadline, status
         time.sleep(2)
 
 
-def test_queued_experiments_reuse_the_caches_at_the_project_root(sample_images, tmp_path):
-    project = make_project(tmp_path / "project", {**PIPELINE_SMALL, "data.source": str(sample_images)})
-    baseline = dvc_tracked(["dvc", "repro"], project)
-    assert "decoding" in baseline.stderr and (project / ".petpipe/cache").is_dir()
-    dvc_tracked(["git", "add", "-A"], project)
-    dvc_tracked(["git", "commit", "-q", "-m", "baseline"], project)
+def test_queued_experiments_reuse_the_caches_at_the_project_root(pipeline_project, tmp_path):
+    """The baseline is the session's `dvc repro` (tracked, caches at its root), copied."""
+    project = copy_project(pipeline_project.folder, tmp_path / "project")
+    assert "decoding" in pipeline_project.stderr and (project / ".petpipe/cache").is_dir()
+    run_as_a_user(["git", "add", "-A"], project)
+    run_as_a_user(["git", "commit", "-q", "-m", "baseline"], project)
     cache = sorted(path.name for path in (project / ".petpipe/cache").iterdir())
 
     experiments = {"lr-high": "0.003", "lr-low": "0.0003"}
     for name, lr in experiments.items():
-        dvc_tracked(["dvc", "exp", "run", "--queue", "-S", f"finetune.lr={lr}", "-n", name], project)
-    dvc_tracked(["dvc", "queue", "start", "-j", "1"], project)
+        run_as_a_user(["dvc", "exp", "run", "--queue", "-S", f"finetune.lr={lr}", "-n", name], project)
+    run_as_a_user(["dvc", "queue", "start", "-j", "1"], project)
     wait_for_the_queue(project)
     for name in experiments:
-        log = dvc_tracked(["dvc", "queue", "logs", name], project).stdout
+        log = run_as_a_user(["dvc", "queue", "logs", name], project).stdout
         assert ran(log) == ["finetune", "evaluate"], log[-3000:]
         assert "decoding" not in log, f"{name} decoded images again:\n{log[-3000:]}"
     assert sorted(path.name for path in (project / ".petpipe/cache").iterdir()) == cache  # nothing new decoded
     assert not (project / ".petpipe/downloads").exists()  # a local source: nothing downloaded, ever
 
-    shown = json.loads(dvc_tracked(["dvc", "exp", "show", "--json"], project).stdout)
+    shown = json.loads(run_as_a_user(["dvc", "exp", "show", "--json"], project).stdout)
     revs = {rev["name"]: rev for row in shown for exp in row.get("experiments") or [] for rev in exp["revs"]}
     assert set(experiments) <= set(revs)
     for name, lr in experiments.items():
         assert revs[name]["data"]["params"]["params.yaml"]["data"]["finetune"]["lr"] == float(lr)
         assert 0 <= revs[name]["data"]["metrics"]["stages/evaluate/metrics.json"]["data"]["accuracy"] <= 1
 
-    dvc_tracked(["dvc", "exp", "apply", "lr-low"], project)
+    run_as_a_user(["dvc", "exp", "apply", "lr-low"], project)
     assert "lr: 0.0003" in (project / "params.yaml").read_text()
     applied = json.loads((project / "stages/evaluate/metrics.json").read_text())
     assert applied["accuracy"] == revs["lr-low"]["data"]["metrics"]["stages/evaluate/metrics.json"]["data"]["accuracy"]

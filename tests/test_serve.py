@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import SAMPLE_IMAGES, model_spec, write_params
+from helpers import SAMPLE_IMAGES, model_spec, write_params
 from starlette.testclient import TestClient
 
 from petpipe import data

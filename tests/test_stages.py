@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import PROJECT_ROOT, STAGES
+from helpers import PROJECT_ROOT, STAGES
 
-from petpipe import stages, tracking
+from petpipe import stages
 from petpipe.cli import main
-from petpipe.stages import option_name
+from petpipe.pipeline import option_name
 
 DVC_YAML = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
 
@@ -32,8 +32,8 @@ def command_options(stage: str) -> dict[str, str]:
 
 
 def test_dvc_yaml_holds_the_packages_stages_in_its_order():
-    assert list(DVC_YAML) == STAGES
-    assert tracking.STAGE_ORDER == stages.ORDER
+    assert list(DVC_YAML) == STAGES == list(stages.ORDER)
+    assert [stages.load(name).STAGE.name for name in STAGES] == STAGES
 
 
 @pytest.mark.parametrize("name", STAGES)
@@ -63,8 +63,10 @@ def test_dvc_yaml_lists_the_code_each_stage_runs(name):
 
 
 def test_code_dependencies_follow_imports_but_not_logging():
-    assert stages.code_dependencies("fetch") == ["petpipe/archive_limits.py", "petpipe/atomic.py", "petpipe/fetch.py",
-                                                 "petpipe/params.py", "petpipe/stages/fetch.py", "petpipe/yamlfile.py"]
+    assert stages.code_dependencies("fetch") == [
+        "petpipe/archive_limits.py", "petpipe/archives.py", "petpipe/atomic.py", "petpipe/devices.py",
+        "petpipe/download.py", "petpipe/fetch.py", "petpipe/folders.py", "petpipe/params.py", "petpipe/runner.py",
+        "petpipe/stages/fetch.py", "petpipe/yamlfile.py"]
     train_head = stages.code_dependencies("train-head")
     assert {"petpipe/augment.py", "petpipe/training.py", "petpipe/models.py"} <= set(train_head)
     assert "petpipe/fetch.py" not in train_head and "petpipe/tracking.py" not in train_head
@@ -73,7 +75,7 @@ def test_code_dependencies_follow_imports_but_not_logging():
 
 @pytest.mark.parametrize("name", STAGES)
 def test_dvc_yaml_lists_the_params_the_stage_declares(name):
-    assert DVC_YAML[name].get("params", []) == list(stages.load(name).PARAMS)
+    assert DVC_YAML[name].get("params", []) == list(stages.load(name).STAGE.params)
 
 
 @pytest.mark.parametrize("name", STAGES)

@@ -4,9 +4,6 @@ and the embedded MLflow store that mirrors it (one pipeline run per repro or exp
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,30 +11,19 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import PIPELINE_SMALL, STAGES, make_project
+from helpers import STAGES, copy_project, run_as_a_user
 
 EXPERIMENT = "higher-finetune-lr"
 
 
-def run(arguments: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run dvc (or git) with the venv first on PATH and tracking to the embedded store; fail loudly."""
-    environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-                   "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
-    for name in ("MLFLOW_TRACKING_URI", "PETPIPE_TRACKING"):
-        environment.pop(name, None)
-    result = subprocess.run(arguments, cwd=cwd, env=environment, capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, f"{' '.join(arguments)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return result
-
-
 def dvc(arguments: list[str], cwd: Path) -> str:
-    """What a person sees: stdout and stderr."""
-    result = run(arguments, cwd)
+    """What a person sees: stdout and stderr (tracking on, to the embedded store)."""
+    result = run_as_a_user(arguments, cwd)
     return result.stdout + result.stderr
 
 
 def dvc_json(arguments: list[str], cwd: Path) -> Any:
-    return json.loads(run(arguments, cwd).stdout)
+    return json.loads(run_as_a_user(arguments, cwd).stdout)
 
 
 def ran(log: str) -> list[str]:
@@ -47,17 +33,17 @@ def ran(log: str) -> list[str]:
 @dataclass
 class Team:
     project: Path
-    baseline: str  # the first `dvc repro`'s output
+    baseline: str  # the first `dvc repro`'s output (the session's pipeline_project)
     second: str  # a second `dvc repro` with nothing changed
     experiment: str  # `dvc exp run -S finetune.lr=...`'s output
 
 
 @pytest.fixture(scope="module")
-def team(tmp_path_factory, sample_images) -> Team:
-    """The sample pipeline committed as a baseline, then one experiment that changes a finetune param."""
-    project = make_project(tmp_path_factory.mktemp("team") / "project",
-                           {**PIPELINE_SMALL, "data.source": str(sample_images)})
-    baseline = dvc(["dvc", "repro"], project)
+def team(pipeline_project, tmp_path_factory) -> Team:
+    """The sample pipeline (a copy of the session's `dvc repro`, tracked in its embedded store) committed as a
+    baseline, then one experiment that changes a finetune param."""
+    project = copy_project(pipeline_project.folder, tmp_path_factory.mktemp("team") / "project")
+    baseline = pipeline_project.stdout + pipeline_project.stderr
     dvc(["git", "add", "-A"], project)
     dvc(["git", "commit", "-q", "-m", "baseline results"], project)
     second = dvc(["dvc", "repro"], project)

@@ -8,13 +8,10 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,69 +19,25 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import PIPELINE_SMALL, PROJECT_ROOT, STAGES, make_project
-from petpipe import tracking
+from helpers import (
+    PIPELINE_SMALL,
+    PROJECT_ROOT,
+    QUIET_MLFLOW,
+    STAGES,
+    Served,
+    copy_subset,
+    free_port,
+    make_project,
+    mlflow_server,
+)
+from petpipe import run_identity, tracking
 
 VENV_BIN = Path(sys.executable).parent
-# Keep MLflow from phoning home (the test machines have no internet) and a server from
-# starting its job-runner processes, which nothing here uses.
-QUIET_MLFLOW = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
-                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 # ---------------------------------------------------------------- a real tracking server, a real pipeline
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@dataclass
-class Server:
-    url: str
-    process: subprocess.Popen
-    log: Path
-
-    def kill(self) -> None:
-        """SIGKILL the server and every process it started (it leads its own process group)."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
-
-
-def _wait_until_healthy(server: Server, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise AssertionError(f"mlflow server exited:\n{server.log.read_text()[-3000:]}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"{server.url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        time.sleep(0.5)
-    raise AssertionError(f"mlflow server not healthy after {timeout} s:\n{server.log.read_text()[-3000:]}")
-
-
-@contextlib.contextmanager
-def mlflow_server(folder: Path) -> Iterator[Server]:
-    """`mlflow server` on 127.0.0.1, a free port, a sqlite backend and a local artifact root; always stopped."""
-    folder.mkdir(parents=True)
-    port = free_port()
-    command = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-               "--artifacts-destination", str(folder / "artifacts")]
-    log_path = folder / "server.log"
-    with open(log_path, "w") as log_file:
-        process = subprocess.Popen(command, cwd=folder, stdout=log_file, stderr=subprocess.STDOUT,
-                                   env={**os.environ, **QUIET_MLFLOW}, start_new_session=True)
-    server = Server(f"http://127.0.0.1:{port}", process, log_path)
-    try:
-        _wait_until_healthy(server, timeout=180)
-        yield server
-    finally:
-        server.kill()
+# `served` (conftest): the sample pipeline's `dvc repro` against a real `mlflow server`, kept up for the session;
+# the server itself is helpers.mlflow_server.
 
 
 def pipeline_env(**extra: str) -> dict[str, str]:
@@ -94,57 +47,22 @@ def pipeline_env(**extra: str) -> dict[str, str]:
     return environment
 
 
-def sample_project(folder: Path, sample_images: Path) -> Path:
-    return make_project(folder, {**PIPELINE_SMALL, "data.source": str(sample_images)})
-
-
-@dataclass
-class Served:
-    project: Path
-    server: Server
-    output: str  # dvc repro's stdout and stderr
-    client: Any  # MlflowClient of the server
-    parent: Any
-    runs: dict[str, Any]  # stage -> its nested run
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, sample_images) -> Iterator[Served]:
-    """The sample pipeline run once with `dvc repro` against a real server, kept up for reading back."""
-    from mlflow.tracking import MlflowClient
-
-    folder = tmp_path_factory.mktemp("served")
-    with mlflow_server(folder / "server") as server:
-        project = sample_project(folder / "project", sample_images)
-        result = subprocess.run(["dvc", "repro"], cwd=project, env=pipeline_env(MLFLOW_TRACKING_URI=server.url),
-                                capture_output=True, text=True, timeout=1200)
-        output = result.stdout + result.stderr
-        assert result.returncode == 0, output[-6000:]
-        client = MlflowClient(tracking_uri=server.url)
-        experiment = client.get_experiment_by_name("petpipe")
-        runs = client.search_runs([experiment.experiment_id])
-        parents = [run for run in runs if tracking.PARENT_TAG not in run.data.tags]
-        assert len(parents) == 1, [run.info.run_name for run in parents]
-        children = {run.data.tags[tracking.STAGE_TAG]: run for run in runs if run not in parents}
-        yield Served(project, server, output, client, parents[0], children)
-
-
 def test_one_pipeline_run_with_a_nested_run_per_stage(served):
     parent = served.parent
     assert sorted(served.runs) == sorted(STAGES)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=served.project, capture_output=True,
                             text=True).stdout.strip()
-    assert parent.info.status == "FINISHED" and parent.data.tags[tracking.STAGE_TAG] == tracking.PIPELINE
-    assert parent.data.tags[tracking.GIT_COMMIT_TAG] == commit
+    assert parent.info.status == "FINISHED" and parent.data.tags[run_identity.STAGE_TAG] == run_identity.PIPELINE
+    assert parent.data.tags[run_identity.GIT_COMMIT_TAG] == commit
     assert parent.data.params["train_head.epochs"] == "2"  # the whole params.yaml, flattened
     for stage, run in served.runs.items():
         tags = run.data.tags
         assert run.info.status == "FINISHED", stage
-        assert run.info.run_name == stage and tags[tracking.STAGE_TAG] == stage
+        assert run.info.run_name == stage and tags[run_identity.STAGE_TAG] == stage
         assert tags[tracking.PARENT_TAG] == parent.info.run_id
-        assert tags[tracking.GIT_COMMIT_TAG] == commit
-        assert len(tags[tracking.PARAMS_HASH_TAG]) == 16
-        assert tracking.DVC_EXP_TAG not in tags  # plain `dvc repro`, no experiment
+        assert tags[run_identity.GIT_COMMIT_TAG] == commit
+        assert len(tags[run_identity.PARAMS_HASH_TAG]) == 16
+        assert run_identity.DVC_EXP_TAG not in tags  # plain `dvc repro`, no experiment
     head = served.runs["train-head"].data.params
     assert head["train_head.epochs"] == "2" and head["train.augment.min_scale"] == "0.75"
     assert served.runs["fetch"].data.params["data.source"].endswith("images")
@@ -276,12 +194,15 @@ def _wait_for_url(url: str, process: subprocess.Popen, log_path: Path, *, timeou
 
 
 def test_server_killed_mid_pipeline_costs_no_output(tmp_path, sample_images, monkeypatch):
-    """Kill the server once index-labels is logged: the four later stages each warn once and still finish."""
+    """Kill the server once index-labels is logged: the four later stages each warn once and still finish.
+    Four breeds at 32 px: what is under test is the logging, not the model."""
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    copy_subset(sample_images, tmp_path / "photos", breeds=4, per_breed=10)
     with mlflow_server(tmp_path / "server") as server:
-        project = sample_project(tmp_path / "project", sample_images)
+        project = make_project(tmp_path / "project", {**PIPELINE_SMALL, "data.source": str(tmp_path / "photos"),
+                                                      "model.img_size": 32, "train.batch_size": 8})
         log_path = tmp_path / "repro.log"
         with open(log_path, "w") as log_file:
             repro = subprocess.Popen(["dvc", "repro"], cwd=project, stdout=log_file, stderr=subprocess.STDOUT,
@@ -321,7 +242,7 @@ def _wait_until_stage_ended(client: Any, stage: str, repro: subprocess.Popen, lo
         assert repro.poll() is None, (f"the pipeline ended before the server could be killed ({stage}: {state})\n"
                                       + log_path.read_text()[-3000:])
         experiment = client.get_experiment_by_name("petpipe")
-        query = f"tags.`{tracking.STAGE_TAG}` = '{stage}'"
+        query = f"tags.`{run_identity.STAGE_TAG}` = '{stage}'"
         runs = client.search_runs([experiment.experiment_id], filter_string=query) if experiment is not None else []
         if runs:
             run = runs[0]
@@ -376,7 +297,7 @@ def test_stage_runs_group_into_pipeline_runs_in_the_embedded_store(embedded_proj
     assert parents[1].info.status == "FAILED"
     assert first[0].data.params == {"train.augment.flip": "true", "note": "null"}
     assert first[0].data.metrics == {"images": 3.0}
-    assert all(run.data.tags[tracking.DVC_EXP_TAG] == "tidy-exp" for run in runs)
+    assert all(run.data.tags[run_identity.DVC_EXP_TAG] == "tidy-exp" for run in runs)
 
 
 def test_unreachable_server_costs_seconds_and_one_warning(embedded_project, monkeypatch, caplog):
@@ -410,7 +331,7 @@ def test_a_stage_logs_where_its_own_params_file_says(embedded_project, sample_im
     other = embedded_project / "other.yaml"
     other.write_text((PROJECT_ROOT / "params.yaml").read_text()
                      .replace("experiment: petpipe", "experiment: other-experiment")
-                     .replace("source: https://www.robots.ox.ac.uk/~vgg/data/pets/data/images.tar.gz",
+                     .replace("source: data/oxford-iiit-pet.url",
                               f"source: {sample_images}").replace("checksum: md5:", "checksum: null #"))
     result = CliRunner().invoke(main, ["fetch", "--params", str(other), "--out", "stages/fetch/images"])
     assert result.exit_code == 0, result.output
@@ -418,8 +339,8 @@ def test_a_stage_logs_where_its_own_params_file_says(embedded_project, sample_im
     assert client.get_experiment_by_name("petpipe") is None
     experiment = client.get_experiment_by_name("other-experiment")
     runs = client.search_runs([experiment.experiment_id])
-    assert sorted(run.data.tags[tracking.STAGE_TAG] for run in runs) == ["fetch", "pipeline"]
-    parent = next(run for run in runs if run.data.tags[tracking.STAGE_TAG] == "pipeline")
+    assert sorted(run.data.tags[run_identity.STAGE_TAG] for run in runs) == ["fetch", "pipeline"]
+    parent = next(run for run in runs if run.data.tags[run_identity.STAGE_TAG] == "pipeline")
     assert parent.data.params["tracking.experiment"] == "other-experiment"  # the whole file it ran with
 
 
@@ -430,9 +351,46 @@ def test_tracking_off_logs_nothing(embedded_project, monkeypatch):
     assert not (embedded_project / "mlflow.db").exists()
 
 
+def test_system_metrics_follow_mlflows_own_switch(embedded_project, monkeypatch):
+    """MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING, as for any MLflow run: CPU and memory on the stage's run."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
+    with tracking.stage_run("fetch", params={}):
+        time.sleep(1.5)
+    client = MlflowClient(tracking_uri=f"sqlite:///{embedded_project / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("petpipe").experiment_id])
+    (stage,) = [run for run in runs if run.data.tags[run_identity.STAGE_TAG] == "fetch"]
+    assert "system/cpu_utilization_percentage" in stage.data.metrics and stage.info.status == "FINISHED"
+
+
+def test_a_stage_run_puts_mlflows_global_state_back(embedded_project, monkeypatch):
+    """In-process callers (tests, notebooks) keep their global tracking URI, MLFLOW_TRACKING_URI and active run."""
+    import mlflow
+
+    callers_uri, stage_uri = (f"sqlite:///{embedded_project / name}" for name in ("callers.db", "mlflow.db"))
+    mlflow.set_tracking_uri(callers_uri)
+    try:
+        with mlflow.start_run() as callers:
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", stage_uri)  # where the stage logs
+            with tracking.stage_run("fetch", params={}) as run:
+                run.log_metrics({"images": 3})
+            assert mlflow.active_run().info.run_id == callers.info.run_id
+            assert mlflow.get_tracking_uri() == callers_uri and os.environ["MLFLOW_TRACKING_URI"] == stage_uri
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert mlflow.MlflowClient(callers_uri).get_run(callers.info.run_id).data.metrics == {}
+    store = mlflow.MlflowClient(stage_uri)
+    runs = store.search_runs([store.get_experiment_by_name("petpipe").experiment_id])
+    assert sorted(run.data.tags[run_identity.STAGE_TAG] for run in runs) == ["fetch", "pipeline"]
+    assert next(run for run in runs if run.info.run_name == "fetch").data.metrics == {"images": 3.0}
+
+
 def test_params_flatten_to_mlflow_strings():
-    flat = tracking.flatten({"train": {"augment": {"flip": True, "min_scale": 0.75}}, "log_models": ["finetune"]})
-    assert {key: tracking.param_value(value) for key, value in flat.items()} == {
+    flat = run_identity.flatten({"train": {"augment": {"flip": True, "min_scale": 0.75}}, "log_models": ["finetune"]})
+    assert {key: run_identity.param_value(value) for key, value in flat.items()} == {
         "train.augment.flip": "true", "train.augment.min_scale": "0.75", "log_models": '["finetune"]'}
-    long = tracking.param_value("x" * 10_000)
-    assert len(long) == tracking.MAX_PARAM_VALUE and long.endswith("...")
+    long = run_identity.param_value("x" * 10_000)
+    assert len(long) == run_identity.MAX_PARAM_VALUE and long.endswith("...")

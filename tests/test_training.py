@@ -1,7 +1,8 @@
 """train-head, lr-find and finetune on the real sample photos with the offline EfficientNet-Lite0.
 
-Small images (64-96 px) and few epochs keep this to a couple of minutes on two
-cores; the assertions are about outcomes: accuracy, files, resume, determinism.
+Small images (64 px) and few epochs keep this to a couple of minutes on two cores; the head most tests
+start from is the session's (conftest's `trained_head`). The assertions are about outcomes: accuracy,
+files, resume, determinism.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,19 +18,12 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import OFFLINE_TRAINING, PROJECT_ROOT, params_with, write_params
+from helpers import PROJECT_ROOT, TRAINING, params_with, train_head_command, train_head_outputs
 from petpipe.atomic import file_digest
 from petpipe.checkpoint import load_checkpoint
 from petpipe.errors import PetpipeError
+from petpipe.models import finetune_fixes_bn_stats
 from petpipe.stages import finetune, lr_find, train_head
-
-TRAINING = {**OFFLINE_TRAINING, "train_head.lr": 0.01, "lr_find.num_it": 30}
-
-
-def train_head_outputs(folder: Path) -> train_head.Outputs:
-    return train_head.Outputs(model=folder / "model.pt", metrics=folder / "metrics.json",
-                              history=folder / "history.csv", plot=folder / "training.png")
-
 
 def run_train_head(folder: Path, index: Path, images: Path, **overrides) -> train_head.Outputs:
     outputs = train_head_outputs(folder)
@@ -48,12 +41,12 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def head(workdir, indexed_sample, sample_images) -> train_head.Outputs:
-    return run_train_head(workdir / "head", indexed_sample, sample_images,
-                          **{"model.img_size": 96, "train_head.epochs": 3})
+def head(trained_head) -> train_head.Outputs:
+    """The session's head: `petpipe train-head` at 64 px for 3 epochs (helpers.HEAD_TRAINING)."""
+    return trained_head.outputs
 
 
-def test_train_head_learns_well_above_chance(head):
+def test_train_head_learns_well_above_chance(head, trained_head):
     metrics = json.loads(head.metrics.read_text())
     chance = 1 / 37
     assert metrics["accuracy"] >= 3 * chance, metrics
@@ -64,14 +57,15 @@ def test_train_head_learns_well_above_chance(head):
     assert list(history["epoch"]) == [1, 2, 3]
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
     assert head.plot.read_bytes().startswith(b"\x89PNG")
-    assert not list(Path(".petpipe/resume").glob("train-head-*.pt")), "resume file left after success"
+    assert not list((trained_head.folder / ".petpipe/resume").glob("train-head-*.pt")), \
+        "resume file left after success"
 
 
 def test_checkpoint_is_a_plain_dict_loadable_without_pickle(head):
     checkpoint = torch.load(head.model, map_location="cpu", weights_only=True)
     assert checkpoint["arch"] == "tf_efficientnet_lite0"
     assert len(checkpoint["classes"]) == 37 and checkpoint["classes"][0] == "Abyssinian"
-    assert checkpoint["preprocessing"] == {"img_size": 96, "presize": 110, "eval_crop": 1.0, "mean": [0.5] * 3,
+    assert checkpoint["preprocessing"] == {"img_size": 64, "presize": 74, "eval_crop": 1.0, "mean": [0.5] * 3,
                                            "std": [0.5] * 3}
     assert set(checkpoint["layer_groups"]) == {"body", "head"}  # fastai's split of a timm body
     assert checkpoint["params"]["train_head"]["epochs"] == 3
@@ -125,20 +119,15 @@ def test_finetune_starts_from_train_head_weights(head, lr_find_outputs, workdir,
     assert outputs.history.exists() and outputs.plot.exists()
 
 
-def _cli_train_head(folder: Path, params_file: Path, index: Path, images: Path) -> list[str]:
-    return [sys.executable, "-m", "petpipe.cli", "train-head", "--params", str(params_file),
-            "--images", str(images), "--index", str(index), "--model", str(folder / "model.pt"),
-            "--metrics", str(folder / "metrics.json"), "--history", str(folder / "history.csv"),
-            "--plot", str(folder / "training.png")]
-
-
-def test_killed_train_head_resumes_and_matches_an_uninterrupted_run(tmp_path, indexed_sample, sample_images):
-    params_file = tmp_path / "params.yaml"
-    write_params(params_file, {**TRAINING, "model.img_size": 64, "train_head.epochs": 3})
-    environment = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+def test_killed_train_head_resumes_and_matches_an_uninterrupted_run(tmp_path, trained_head, indexed_sample,
+                                                                    sample_images):
+    """Killed after its first epoch, resumed: the same outputs as the session's uninterrupted `petpipe train-head`
+    (same params, and its cache: the same pixels and timed levers)."""
+    params_file = trained_head.params_file
+    environment = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "PETPIPE_CACHE_DIR": str(trained_head.cache)}
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(_cli_train_head(killed, params_file, indexed_sample, sample_images), cwd=tmp_path,
+    process = subprocess.Popen(train_head_command(params_file, sample_images, indexed_sample, killed), cwd=tmp_path,
                                env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not list((tmp_path / ".petpipe/resume").glob("train-head-*.pt")):
@@ -149,15 +138,12 @@ def test_killed_train_head_resumes_and_matches_an_uninterrupted_run(tmp_path, in
     process.wait()
     assert not (killed / "model.pt").exists() and not (killed / "metrics.json").exists()
 
-    resumed = subprocess.run(_cli_train_head(killed, params_file, indexed_sample, sample_images), cwd=tmp_path,
+    resumed = subprocess.run(train_head_command(params_file, sample_images, indexed_sample, killed), cwd=tmp_path,
                              env=environment, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr
 
-    whole = tmp_path / "whole"
-    uninterrupted = subprocess.run(_cli_train_head(whole, params_file, indexed_sample, sample_images), cwd=tmp_path,
-                                   env=environment, capture_output=True, text=True)
-    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    whole, uninterrupted = trained_head.outputs.model.parent, trained_head
     assert "resuming from" not in uninterrupted.stderr
     # fastai's table: one line per epoch that stays, and the levers chosen for this machine.
     assert "train-head: epoch  train_loss  valid_loss  accuracy    time" in uninterrupted.stderr
@@ -170,9 +156,17 @@ def test_killed_train_head_resumes_and_matches_an_uninterrupted_run(tmp_path, in
                                   pd.read_csv(whole / "history.csv")[columns])
 
 
-def test_cached_features_train_the_head_without_touching_the_body(workdir, indexed_sample, sample_images):
-    outputs = run_train_head(workdir / "cached", indexed_sample, sample_images,
-                             **{"model.img_size": 64, "train_head.epochs": 3, "train_head.cache_features": True})
+# The head on features computed once, without dropout (see the compile test): compiled and eager runs compare.
+CACHED_HEAD = {"train_head.epochs": 3, "train_head.cache_features": True, "model.head_dropout": 0.0}
+
+
+@pytest.fixture(scope="module")
+def cached_head(workdir, indexed_sample, sample_images) -> train_head.Outputs:
+    return run_train_head(workdir / "cached", indexed_sample, sample_images, **CACHED_HEAD)
+
+
+def test_cached_features_train_the_head_without_touching_the_body(cached_head):
+    outputs = cached_head
     metrics = json.loads(outputs.metrics.read_text())
     assert metrics["accuracy"] >= 3 / 37, metrics
     checkpoint = load_checkpoint(outputs.model)
@@ -185,16 +179,15 @@ def test_cached_features_train_the_head_without_touching_the_body(workdir, index
             assert torch.equal(trained[name], tensor), name
 
 
-def test_compiled_training_learns_as_the_eager_one_and_saves_plain_weights(workdir, indexed_sample, sample_images):
+def test_compiled_training_learns_as_the_eager_one_and_saves_plain_weights(cached_head, workdir, indexed_sample,
+                                                                          sample_images):
     """train.compile runs the training steps through torch.compile (here the head on cached features, which
     compiles in seconds); the saved checkpoint is the plain module's, loadable without torch.compile.
     No dropout: compiled code draws its dropout masks from another generator, which alone moves accuracy
     on 86 validation images by several points."""
-    settings = {"model.img_size": 64, "train_head.epochs": 3, "train_head.cache_features": True,
-                "model.head_dropout": 0.0}
-    eager = run_train_head(workdir / "eager", indexed_sample, sample_images, **settings)
+    eager = cached_head
     compiled = run_train_head(workdir / "compiled", indexed_sample, sample_images,
-                              **settings, **{"train.compile": True})
+                              **CACHED_HEAD, **{"train.compile": True})
     eager_accuracy = json.loads(eager.metrics.read_text())["accuracy"]
     compiled_accuracy = json.loads(compiled.metrics.read_text())["accuracy"]
     assert compiled_accuracy >= 3 / 37
@@ -209,11 +202,11 @@ def test_compile_without_a_cpp_compiler_names_the_fix(workdir, indexed_sample, s
                        **{"train_head.epochs": 1, "train_head.cache_features": True, "train.compile": True})
 
 
-def test_finetune_keeps_the_batchnorm_statistics_a_cached_head_learnt_on(workdir, indexed_sample, sample_images):
+def test_finetune_keeps_the_batchnorm_statistics_a_cached_head_learnt_on(cached_head, workdir, indexed_sample,
+                                                                         sample_images):
     """bn_stats auto after cache_features: the body's weights train, its BatchNorm statistics stay those the
     head was trained on (with update they move to the new data and the head's inputs shift under it)."""
-    head = run_train_head(workdir / "bn-head", indexed_sample, sample_images,
-                          **{"train_head.epochs": 1, "train_head.cache_features": True})
+    head = cached_head
     start = load_checkpoint(head.model).state_dict
     statistics = [name for name in start if name.startswith("body.") and name.endswith("running_mean")]
     assert statistics
@@ -235,8 +228,8 @@ def test_finetune_keeps_the_batchnorm_statistics_a_cached_head_learnt_on(workdir
 
 def test_bn_stats_auto_follows_how_the_head_was_trained():
     trained_on = {"model": {"train_bn": True}, "train_head": {"cache_features": False}}
-    assert finetune.freeze_bn_stats("auto", trained_on) is False
-    assert finetune.freeze_bn_stats("auto", {**trained_on, "train_head": {"cache_features": True}})
-    assert finetune.freeze_bn_stats("auto", {**trained_on, "model": {"train_bn": False}})
-    assert finetune.freeze_bn_stats("frozen", trained_on)
-    assert not finetune.freeze_bn_stats("update", {**trained_on, "train_head": {"cache_features": True}})
+    assert finetune_fixes_bn_stats("auto", trained_on) is False
+    assert finetune_fixes_bn_stats("auto", {**trained_on, "train_head": {"cache_features": True}})
+    assert finetune_fixes_bn_stats("auto", {**trained_on, "model": {"train_bn": False}})
+    assert finetune_fixes_bn_stats("frozen", trained_on)
+    assert not finetune_fixes_bn_stats("update", {**trained_on, "train_head": {"cache_features": True}})
