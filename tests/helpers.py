@@ -84,7 +84,10 @@ PIPELINE_SMALL = {
 # head learning rate that learns in a few epochs, a short lr-find sweep.
 TRAINING = {**OFFLINE_TRAINING, "train_head.lr": 0.01, "lr_find.num_it": 30}
 # The session's trained head (conftest's `trained_head`): three epochs reach about a third of the 37 breeds.
-HEAD_TRAINING = {**TRAINING, "train_head.epochs": 3}
+# float32: the runs compared with it (two-process DDP, a killed and resumed run) time their own levers, and
+# auto may pick bfloat16 for one process count and float32 for another (at 64 px a bfloat16 head reached
+# 0.19 where float32 reached 0.31): compared runs must compute alike. tests/test_levers.py covers auto.
+HEAD_TRAINING = {**TRAINING, "train_head.epochs": 3, "train.precision": "float32"}
 
 
 def model_spec(arch: str, weights: str, *, num_classes: int = 3, head_hidden: int = 8,
