@@ -107,12 +107,18 @@ def run_petpipe(args: argparse.Namespace, index: Path, workdir: Path, variant: d
     seconds["ft"] = time.perf_counter() - started
     history = [line.split(",") for line in tuned.history.read_text().splitlines()]
     levers = dict(zip(history[0], history[-1]))
+    sweep_result = json.loads(sweep.result.read_text())
+    swept = [float(line.split(",")[1]) for line in sweep.curve.read_text().splitlines()[1:]]
     return {
         "head_accuracy": json.loads(head.metrics.read_text())["accuracy"],
         "ft_accuracy": json.loads(tuned.metrics.read_text())["accuracy"],
         **{f"{phase}_seconds": value for phase, value in seconds.items()},
         "lr_find_iterations": json.loads(sweep.result.read_text())["iterations"],
         "lr_find_batch": params.lr_find.batch_size or params.train.batch_size,
+        "lr_find": {"suggestions": sweep_result["suggestions"], "chosen": sweep_result["chosen"],
+                    "trusted": sweep_result["trusted"], "lr_reached": max(swept),
+                    "finetune_lr": (sweep_result["chosen"]["lr"] if params.finetune.lr == "auto"
+                                    else float(params.finetune.lr))},
         "levers": {key: levers[key] for key in ("precision", "memory_format", "threads")},
     }
 
@@ -121,7 +127,7 @@ def run_fastai(args: argparse.Namespace, index: Path, workdir: Path) -> dict:
     import pandas as pd
     import torch
     from fastai.vision.all import (CategoryBlock, DataBlock, ImageBlock, Normalize, Resize, accuracy,
-                                   aug_transforms, set_seed, vision_learner)
+                                   aug_transforms, minimum, set_seed, slide, steep, valley, vision_learner)
 
     from petpipe.models import PACKAGED_WEIGHTS, _packaged_weights_file
 
@@ -161,15 +167,18 @@ def run_fastai(args: argparse.Namespace, index: Path, workdir: Path) -> dict:
     head_accuracy = float(learn.recorder.values[-1][2])
     learn.unfreeze()
     started = time.perf_counter()
-    learn.lr_find(show_plot=False)
+    suggested = learn.lr_find(show_plot=False, suggest_funcs=(valley, slide, minimum, steep))
     seconds["lr_find"] = time.perf_counter() - started
     iterations = len(learn.recorder.lrs)
+    lr_find = {"suggestions": {name: float(value) for name, value in suggested._asdict().items()},
+               "chosen": {"rule": "the recipe's slice(1e-6, 1e-4)", "lr": 1e-4}, "trusted": None,
+               "lr_reached": float(max(learn.recorder.lrs)), "finetune_lr": 1e-4}
     started = time.perf_counter()
     learn.fit_one_cycle(args.ft_epochs, slice(1e-6, 1e-4))
     seconds["ft"] = time.perf_counter() - started
     return {"head_accuracy": head_accuracy, "ft_accuracy": float(learn.recorder.values[-1][2]),
             **{f"{phase}_seconds": value for phase, value in seconds.items()},
-            "lr_find_iterations": iterations, "lr_find_batch": args.batch_size}
+            "lr_find_iterations": iterations, "lr_find_batch": args.batch_size, "lr_find": lr_find}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -255,6 +264,23 @@ def summarise(results: list[dict], frameworks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def lr_find_table(results: list[dict]) -> str:
+    """What each run's lr-find swept and chose, per seed (runs from before this was recorded are left out)."""
+    lines = ["| run | seed | lr-find steps x batch | lr reached | valley | minimum/10 | steep | chosen | finetune lr |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in results:
+        found = row.get("lr_find")
+        if not found:
+            continue
+        suggestions = found["suggestions"]
+        trust = {True: "", False: " (untrusted curve)", None: ""}[found["trusted"]]
+        lines.append(f"| {FRAMEWORKS.get(row['framework'], row['framework'])} | {row['seed']} "
+                     f"| {row['lr_find_iterations']} x {row['lr_find_batch']} | {found['lr_reached']:.1e} "
+                     f"| {suggestions['valley']:.1e} | {suggestions['minimum']:.1e} | {suggestions['steep']:.1e} "
+                     f"| {found['chosen']['rule']} = {found['chosen']['lr']:.1e}{trust} | {found['finetune_lr']:.1e} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 # The generated block: everything between these markers is rewritten; the opening marker is kept as written.
 MARKDOWN_BLOCK = re.compile(r"(<!-- benchmark\b[^>]*-->\n)(.*?)(<!-- /benchmark -->)", re.DOTALL)
 
@@ -262,8 +288,9 @@ MARKDOWN_BLOCK = re.compile(r"(<!-- benchmark\b[^>]*-->\n)(.*?)(<!-- /benchmark 
 def markdown_block(settings: str, results: list[dict], frameworks: list[str], raw: Path | None) -> str:
     """What goes between the markers: where the numbers come from, then the table."""
     source = f" Raw numbers: `{display_path(raw)}`." if raw else ""
+    chosen = lr_find_table(results)
     return (f"Measured by `benchmarks/compare_fastai.py` on this project's machine: {settings}.{source}\n\n"
-            + summarise(results, frameworks) + "\n")
+            + summarise(results, frameworks) + "\n" + (f"\nWhat lr-find swept and chose:\n\n{chosen}\n" if chosen else ""))
 
 
 def display_path(path: Path) -> str:
@@ -345,7 +372,8 @@ def main() -> None:
     if args.summarise:
         saved = json.loads(args.summarise.read_text())
         frameworks = list(dict.fromkeys(row["framework"] for row in saved["results"]))
-        print(saved["settings"] + "\n\n" + summarise(saved["results"], frameworks))
+        print(saved["settings"] + "\n\n" + summarise(saved["results"], frameworks) + "\n\n"
+              + lr_find_table(saved["results"]))
         write_markdown(args.markdown, markdown_block(saved["settings"], saved["results"], frameworks, args.summarise))
         return
     index, train_images = make_index(args, Path(tempfile.mkdtemp(prefix="bench-index-")))
@@ -359,7 +387,7 @@ def main() -> None:
                 f"{key} {value:.3f}" for key, value in results[-1].items() if isinstance(value, float)), flush=True)
             write_results(args, info, results, train_images)  # after every run: an interrupted benchmark keeps them
     settings = settings_line(args, info, results, train_images)
-    print("\n" + settings + "\n\n" + summarise(results, args.frameworks))
+    print("\n" + settings + "\n\n" + summarise(results, args.frameworks) + "\n\n" + lr_find_table(results))
     write_markdown(args.markdown, markdown_block(settings, results, args.frameworks, args.out))
 
 

@@ -53,6 +53,7 @@ class Learner:
     model: Classifier
     spec: ModelSpec
     data: Dataset
+    size_ratio: float = 1.0  # training crops' side as a fraction of spec.img_size (finetune.size_ratio)
 
     @property
     def stage(self) -> str:
@@ -73,7 +74,7 @@ class Learner:
 
     @property
     def views(self) -> Views:
-        return Views.of(self.spec, self.settings.augment)
+        return Views.of(self.spec, self.settings.augment, size_ratio=self.size_ratio)
 
     def checkpoint(self, used: dict[str, Any], history: list[dict[str, float]],
                    resume: dict[str, Any] | None = None) -> Checkpoint:

@@ -91,7 +91,7 @@ def _key(runtime: Runtime, model: Classifier, views: Views, settings: TrainParam
     flags = ",".join(sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}))
     parameters = sum(parameter.numel() for parameter in model.parameters())
     return (f"{device} [{flags}] torch {torch.__version__} cores {available_cores(runtime.world)} | "
-            f"{type(model.body).__name__} {parameters} parameters | {views.size} px, batch {settings.batch_size}")
+            f"{type(model.body).__name__} {parameters} parameters | {views.train_size or views.size} px, batch {settings.batch_size}")
 
 
 def _levers_file() -> Path:

@@ -84,6 +84,27 @@ class StopRule:
         best = float(min(smoothed[max(self.noise_window - 1, 0):]))
         return max(self.stop_div * best, best + self.noise_sigmas * noise)
 
+    def edge(self, lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float]) -> float:
+        """The end of the flat stretch: the largest learning rate the sweep tried before the smoothed loss rose
+        for good above its minimum (from the window's end on) by more than noise_sigmas x its own noise.
+
+        On a head that already fits its photos the curve has no descent for fastai's rules to find: it is
+        flat (batch noise) until the learning rate is large enough to change the model, then rises. Its
+        valley, slide and minimum lie in the noise (2e-5 on the sample, where finetune gained nothing); the
+        edge is the onset of the rise, Smith's largest learning rate that still trains (arXiv:1803.09820).
+        The smoothed loss's noise is the raw noise x sqrt((1 - 0.98) / (1 + 0.98)), an exponential moving
+        average's spread of independent batches; with no noise measured (fastai's rule) the edge is the
+        minimum's learning rate itself.
+        """
+        start = max(self.noise_window - 1, 0)
+        if start >= len(smoothed):
+            start = 0
+        best = start + int(np.argmin(np.asarray(smoothed[start:], dtype=np.float64)))
+        noise = self.noise(losses) or 0.0
+        margin = self.noise_sigmas * noise * math.sqrt((1 - SMOOTHING) / (1 + SMOOTHING))
+        within = [i for i in range(best, len(smoothed)) if smoothed[i] <= smoothed[best] + margin]
+        return float(lrs[within[-1]])  # the last one: past it the loss never came back
+
     def diverged(self, losses: Sequence[float], smoothed: Sequence[float]) -> bool:
         """Whether the curve's last point is a divergence (a loss that is not finite always is)."""
         return bool(not math.isfinite(smoothed[-1]) or smoothed[-1] > self.threshold(losses, smoothed))

@@ -141,7 +141,7 @@ class TrainHeadParams(_Section):
     feature_views: Annotated[int, Field(ge=1, le=64)]
 
 
-Suggestion = Literal["valley", "slide", "minimum", "steep"]
+Suggestion = Literal["valley", "slide", "minimum", "steep", "edge"]
 
 
 class LrFindParams(_Section):
@@ -154,6 +154,7 @@ class LrFindParams(_Section):
     noise_sigmas: Annotated[float, Field(ge=0)]
     suggestion: Suggestion
     fallback_lr: PositiveFloat
+    size_ratio: Annotated[float, Field(gt=0, le=1)]
 
     @model_validator(mode="after")
     def _sweep_goes_up(self) -> "LrFindParams":
@@ -177,6 +178,7 @@ class FinetuneParams(_Section):
     lr_ratio: Annotated[float, Field(ge=1)]
     schedule: Schedule
     bn_stats: Literal["auto", "update", "frozen"]
+    size_ratio: Annotated[float, Field(gt=0, le=1)]
 
 
 class EvaluateParams(_Section):

@@ -20,6 +20,13 @@ from petpipe.spec import ModelSpec
 NO_NORMALISATION = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 
+def training_size(img_size: int, size_ratio: float) -> int | None:
+    """The training view's side for a `size_ratio` of img_size (a multiple of 8, at least 16); None at 1."""
+    if size_ratio == 1.0:
+        return None
+    return max(16, int(round(img_size * size_ratio / 8)) * 8)
+
+
 @dataclass(frozen=True)
 class Views:
     """Presized uint8 pixels (B, 3, presize, presize) -> what the network takes (B, 3, size, size)."""
@@ -31,11 +38,14 @@ class Views:
     std: tuple[float, ...]
     augment: AugmentParams | None = None  # None: evaluation only (predict, export)
     memory_format: str = "channels_last"  # of the batches, as the model's (hardware.Levers)
+    train_size: int | None = None  # side of the training view when it differs from `size` (None: `size`)
 
     @classmethod
-    def of(cls, spec: ModelSpec, augment: AugmentParams | None = None) -> Views:
+    def of(cls, spec: ModelSpec, augment: AugmentParams | None = None, *, size_ratio: float = 1.0) -> Views:
+        """The model's views; `size_ratio` < 1 trains on smaller crops than it evaluates (FixRes: the objects in
+        a random-resized crop look larger than in the centre view, so a lower training size matches them)."""
         return cls(size=spec.img_size, presize=spec.presize, eval_crop=spec.eval_crop, mean=spec.mean,
-                   std=spec.std, augment=augment)
+                   std=spec.std, augment=augment, train_size=training_size(spec.img_size, size_ratio))
 
     @classmethod
     def for_display(cls, model: ModelParams, augment: AugmentParams) -> Views:
@@ -52,7 +62,8 @@ class Views:
         """
         if self.augment is None:
             raise ValueError("these views have no augmentation (built for evaluation only)")
-        return augment_batch(pixels, size=self.size, augment=self.augment, generator=generator, geometry=geometry)
+        return augment_batch(pixels, size=self.train_size or self.size, augment=self.augment, generator=generator,
+                             geometry=geometry)
 
     def cropped(self, pixels: torch.Tensor, geometry: torch.Tensor | None = None) -> torch.Tensor:
         """The evaluation view before normalisation: float (B, 3, size, size) in [0, 1]."""

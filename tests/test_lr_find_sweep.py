@@ -51,6 +51,32 @@ def test_a_real_rise_stops_the_sweep_once_it_has_begun(hard_share, rise_from, ra
         assert smoothed[-1] > DEFAULTS.stop_div * min(smoothed[DEFAULTS.noise_window - 1:])  # it shows the rise
 
 
+@pytest.mark.parametrize(("hard_share", "rise_from", "rate"), [(0.1, 60, 0.25), (0.02, 50, 0.1), (0.5, 70, 0.3)])
+def test_the_edge_is_where_a_flat_curve_starts_to_rise(hard_share, rise_from, rate):
+    """fastai's rules read a descent into a flat curve of noise; the edge suggestion is the rise's onset."""
+    rng = np.random.default_rng(2)
+    rule = StopRule.of(DEFAULTS)
+    lrs = sweep_lrs(DEFAULTS.start_lr, DEFAULTS.end_lr, DEFAULTS.num_it)
+    offsets = []
+    for _ in range(50):
+        flat = batch_losses(rng, batches=DEFAULTS.num_it, hard_share=hard_share)
+        losses = list(flat * np.exp(np.maximum(0, np.arange(DEFAULTS.num_it) - rise_from) * rate))
+        stopped = stop_index(losses, rule)
+        losses = losses[:stopped + 1]
+        edge = rule.edge(lrs[:stopped + 1], losses, smooth(losses))
+        assert lrs[DEFAULTS.noise_window - 1] <= edge < lrs[stopped]
+        offsets.append(int(np.searchsorted(lrs, edge)) - rise_from)
+    # Typically just past the onset (the smoothed loss lags the rise by a few batches; 12.5 batches are a
+    # decade of lr), seldom more than a decade before it (a rare hard batch lifts the average for long).
+    assert 0 <= np.median(offsets) <= 12 and np.mean(np.asarray(offsets) >= -12) >= 0.8, sorted(offsets)
+
+
+def test_without_a_noise_window_the_edge_is_the_minimum():
+    lrs = sweep_lrs(1e-7, 10, 20)
+    losses = [1.0, 0.8, 0.6, 0.5, 0.55, 0.6, 0.7, 2.0]
+    assert FASTAI_RULE.edge(lrs, losses, losses) == lrs[3]
+
+
 def test_the_noise_window_is_never_a_divergence_but_a_loss_that_is_not_finite_is():
     rule = StopRule.of(DEFAULTS)
     spiky = [0.01] * (DEFAULTS.noise_window - 1) + [50.0]  # fastai's rule stops here

@@ -226,6 +226,18 @@ def test_finetune_keeps_the_batchnorm_statistics_a_cached_head_learnt_on(cached_
         assert not torch.equal(state["body.model.conv_stem.weight"], start["body.model.conv_stem.weight"])
 
 
+def test_a_size_ratio_trains_on_smaller_crops_than_it_evaluates():
+    """finetune.size_ratio and lr_find.size_ratio (FixRes): training views shrink, evaluation views do not."""
+    from petpipe.views import Views, training_size
+
+    views = Views(size=64, presize=74, eval_crop=1.0, mean=(0.5,) * 3, std=(0.5,) * 3,
+                  augment=params_with().train.augment, train_size=training_size(64, 0.8))
+    pixels = torch.randint(0, 256, (4, 3, 74, 74), dtype=torch.uint8)
+    assert views.train(pixels, torch.Generator().manual_seed(0)).shape == (4, 3, 48, 48)  # 51.2 -> a multiple of 8
+    assert views.evaluate(pixels).shape == (4, 3, 64, 64)
+    assert training_size(224, 0.8) == 176 and training_size(224, 1.0) is None and training_size(20, 0.1) == 16
+
+
 def test_bn_stats_auto_follows_how_the_head_was_trained():
     trained_on = {"model": {"train_bn": True}, "train_head": {"cache_features": False}}
     assert finetune_fixes_bn_stats("auto", trained_on) is False

@@ -54,7 +54,8 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     record = Record(used=used, inputs=[inputs.index, inputs.checkpoint], outputs=outputs,
                     title=f"finetune: {head.spec.arch}, unfrozen, lr {lr / params.finetune.lr_ratio:.1e} to {lr:.1e}",
                     register_as=params.tracking.registered_model)  # the model to serve is finetune's
-    metrics = fit_and_save(Learner(context, model, head.spec, data), phase, record)
+    metrics = fit_and_save(Learner(context, model, head.spec, data, size_ratio=params.finetune.size_ratio),
+                           phase, record)
     return describe_metrics(STAGE.name, metrics) + f", from train-head accuracy {head.history[-1]['accuracy']:.4f}"
 
 

@@ -59,7 +59,7 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     data = context.compute.dataset(inputs, head.spec)
     model = to_device(head.model(), runtime.device)
     unfreeze(model)
-    views = Views.of(head.spec, params.train.augment)
+    views = Views.of(head.spec, params.train.augment, size_ratio=params.lr_find.size_ratio)
     levers = choose_levers(runtime, model, data.train, views, params.train).levers
     to_device(model, runtime.device, levers.memory_format)
     set_train_mode(model, freeze_bn_stats=finetune_fixes_bn_stats(params.finetune.bn_stats, head.params))
@@ -83,15 +83,16 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
 
 
 def choose(curve: dict[str, list[float]], settings: LrFindParams) -> dict[str, Any]:
-    """lr_find.json: fastai's four suggestions on the curve, whether the curve can be trusted (it rose past
-    the divergence threshold: a curve of batch noise cannot), the lr chosen for finetune, the curve."""
+    """lr_find.json: fastai's four suggestions and the edge on the curve, whether the curve can be trusted (it
+    rose past the divergence threshold: a curve of batch noise cannot), the lr chosen for finetune, the curve."""
     if len(curve["lr"]) < 5:
         raise PetpipeError(f"lr-find: the loss was not finite after {len(curve['lr'])} batches; lower "
                            f"lr_find.start_lr, or check the data and the checkpoint")
-    suggestions = suggest(curve["lr"], curve["smoothed_loss"], num_it=settings.num_it)
+    rule = StopRule.of(settings)
+    suggestions = {**suggest(curve["lr"], curve["smoothed_loss"], num_it=settings.num_it),
+                   "edge": rule.edge(curve["lr"], curve["loss"], curve["smoothed_loss"])}
     if not all(math.isfinite(value) and value > 0 for value in suggestions.values()):
         raise PetpipeError(f"lr-find: suggestions are not usable ({suggestions}); check the data and lr_find params")
-    rule = StopRule.of(settings)
     trusted = rule.diverged(curve["loss"], curve["smoothed_loss"])  # the sweep stops at its first divergence
     threshold = rule.threshold(curve["loss"], curve["smoothed_loss"])
     noise = rule.noise(curve["loss"])
