@@ -45,6 +45,8 @@ FASTAI_RECIPE = {
     "finetune.lr": 1e-4, "finetune.lr_ratio": 100.0,  # slice(1e-6, 1e-4)
     "finetune.bn_stats": "update",
     "lr_find.num_it": 100, "lr_find.start_lr": 1e-7, "lr_find.end_lr": 10.0, "lr_find.batch_size": 0,
+    "lr_find.suggestion": "valley",  # fastai's lr_find() default (its recipe then fixes the rate anyway)
+    "lr_find.size_ratio": 1.0, "finetune.size_ratio": 1.0,  # fastai sweeps and trains at the evaluation size
 }
 FRAMEWORKS = {
     "fastai": "fastai's recipe",

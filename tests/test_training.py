@@ -90,10 +90,11 @@ def test_lr_find_suggestions_are_finite_inside_the_sweep_and_reproducible(lr_fin
     first, second = lr_find_outputs
     result = json.loads(first.result.read_text())
     lrs = result["curve"]["lr"]
-    assert set(result["suggestions"]) == {"valley", "slide", "minimum", "steep"}
+    assert set(result["suggestions"]) == {"valley", "slide", "minimum", "steep", "edge"}
     for name, value in result["suggestions"].items():
-        assert lrs[0] / 10 <= value <= lrs[-1], (name, value)  # minimum is a tenth of a point on the curve
-    assert result["chosen"] == {"rule": "valley", "lr": result["suggestions"]["valley"]}
+        assert lrs[0] <= value <= lrs[-1], (name, value)  # every suggestion is a learning rate the sweep tried
+    rule = params_with(TRAINING).lr_find.suggestion
+    assert result["trusted"] and result["chosen"] == {"rule": rule, "lr": result["suggestions"][rule]}
     assert 5 <= result["iterations"] <= 30
     assert first.curve.read_text() == second.curve.read_text(), "same seed, different curve"
     assert first.plot.read_bytes().startswith(b"\x89PNG")
