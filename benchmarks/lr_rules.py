@@ -79,7 +79,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         values = [row["accuracy"][name] for row in rows]
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         lrs = ", ".join(f"{row['lrs'][name]:.1e}" for row in rows)
-        lines.append(f"| {name} | {lrs} | {statistics.mean(values):.3f} ± {spread:.3f} "
+        label = f"auto, lr_find.suggestion {rows[0]['lr_find']['chosen']['rule']}" if name == "auto (chosen)" else name
+        lines.append(f"| {label} | {lrs} | {statistics.mean(values):.3f} ± {spread:.3f} "
                      f"| {100 * (statistics.mean(values) - base):+.1f} points |")
     return "\n".join(lines)
 
@@ -94,10 +95,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for axis, row in zip(axes[0], rows):
         axis.plot(row["curve"]["lr"], row["curve"]["loss"], color="0.8", linewidth=0.8, label="batch loss")
         axis.plot(row["curve"]["lr"], row["curve"]["smoothed_loss"], label="smoothed loss")
-        for name, lr in row["lrs"].items():
+        top = 1.6 * max(row["curve"]["smoothed_loss"])
+        axis.set_ylim(0, top)
+        for position, (name, lr) in enumerate(sorted(row["lrs"].items(), key=lambda item: item[1])):
             axis.axvline(lr, linestyle=":", color="C3" if name.startswith("fixed") else "C2")
-            axis.text(lr, axis.get_ylim()[1], f"{name}\n{row['accuracy'][name]:.2f}", rotation=90, va="top",
-                      fontsize=7)
+            axis.text(lr, top * (0.98 - 0.16 * (position % 3)), f"{name} {row['accuracy'][name]:.2f}", rotation=90,
+                      va="top", ha="right", fontsize=7)
         axis.set_xscale("log")
         axis.set_xlabel("learning rate")
         axis.set_title(f"seed {row['seed']}: {row['lr_find']['iterations']} steps, "

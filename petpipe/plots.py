@@ -133,7 +133,7 @@ def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], suggestions: Map
     if finite:
         top = max([*finite, threshold if threshold is not None and math.isfinite(threshold) else 0.0])
         axis.set_ylim(min(0.0, min(finite)), 1.15 * top)  # raw batches may spike far above: not the story
-    markers = {"valley": "o", "slide": "s", "minimum": "v", "steep": "^"}
+    markers = {"valley": "o", "slide": "s", "minimum": "v", "steep": "^", "edge": "D"}
     for name, lr in suggestions.items():
         loss = float(np.interp(np.log10(lr), np.log10(lrs), losses))
         label = f"{name}: {lr:.2e}" + (" (chosen)" if name == chosen and trusted else "")
