@@ -13,11 +13,10 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from petpipe.devices import DEVICE_CHOICES, is_device_name
-from petpipe.yamlfile import DuplicateKeyError, parse_yaml
+from petpipe.yamlfile import DuplicateKeyError, YAMLError, parse_yaml
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -225,18 +224,6 @@ class Params(_Section):
         return chosen
 
 
-# YAML reads 1e-4 as a string (YAML 1.1 wants a dot); accept what people write.
-_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-
-
-def _coerce_numbers(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {key: _coerce_numbers(value) for key, value in node.items()}
-    if isinstance(node, str) and _FLOAT_RE.match(node) and ("e" in node.lower()):
-        return float(node)
-    return node
-
-
 def _coerce_ints_to_floats(model: type[BaseModel], node: Any) -> Any:
     """Let `lr: 1` mean 1.0 where a float is expected, without loosening strict mode elsewhere."""
     if not isinstance(node, dict):
@@ -293,7 +280,7 @@ def parse_params(raw: Any, path: Path | str = "params.yaml") -> Params:
     path = Path(path)
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections (data, labels, ...), got {type(raw).__name__}")
-    raw = _coerce_ints_to_floats(Params, _coerce_numbers(raw))
+    raw = _coerce_ints_to_floats(Params, raw)
     try:
         return Params.model_validate(raw)
     except ValidationError as error:
@@ -318,5 +305,5 @@ def read_params_file(path: Path) -> Any:
         return parse_yaml(text, str(path))
     except DuplicateKeyError as error:
         raise ParamsError(str(error)) from None
-    except yaml.YAMLError as error:
+    except YAMLError as error:
         raise ParamsError(f"{path}: not valid YAML ({error})".replace("\n", " ")) from None

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from petpipe import data
 from petpipe.params import ParamsError, parse_params, with_overrides
+from petpipe.yamlfile import parse_yaml
 
 DEFAULT_PATTERN = data.compile_label_pattern(default_params()["labels"]["pattern"])
 EXTENSIONS = ["jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff"]
@@ -136,11 +137,13 @@ SPEC: dict[str, dict[str, list[Any]]] = {
     "lr_find.noise_window": {"wrong": ["20", 20.5, True, None], "out": [-1, -20]},
     "lr_find.noise_sigmas": {"wrong": ["three", True, None], "out": [-0.1, -3, math.nan]},
     "lr_find.fallback_lr": POSITIVE_FLOAT,
+    "lr_find.size_ratio": {"wrong": ["0.7", True, None], "out": [0.0, -0.5, 1.5, math.nan]},
     "finetune.epochs": POSITIVE_INT,
     "finetune.lr": {"wrong": [True, None, A_LIST, A_MAPPING], "out": ["Auto", "automatic", 0.0, -1e-4, math.nan]},
     "finetune.lr_ratio": {"wrong": ["100", True, None], "out": [0.5, 0, -100, math.nan]},
     "finetune.schedule": {"wrong": [1, None], "out": ["fit", ""]},
     "finetune.bn_stats": {"wrong": [True, 1, None], "out": ["train", "eval", ""]},
+    "finetune.size_ratio": {"wrong": ["0.8", True, None], "out": [0.0, -0.8, 1.25, math.nan]},
     "evaluate.checkpoint": {"wrong": [1, None, A_LIST], "out": ["train_head", "lr-find", ""]},
     "evaluate.top_losses": POSITIVE_INT,
     "evaluate.min_count": POSITIVE_INT,
@@ -285,7 +288,9 @@ def test_an_unknown_key_is_refused_with_the_keys_allowed(section, extra):
 
 @FEW
 @given(
-    lr=st.floats(min_value=1e-8, max_value=10.0) | st.sampled_from(["1e-3", "3.0e-4", "5E-5"]),
+    # "1e-3" is how people write it (YAML 1.1 read a string); read from YAML as DVC reads it, a number.
+    lr=st.floats(min_value=1e-8, max_value=10.0) | st.sampled_from(["1e-3", "3.0e-4", "5E-5"]).map(
+        lambda text: parse_yaml(f"lr: {text}", "params.yaml")["lr"]),
     finetune_lr=st.floats(min_value=1e-8, max_value=1.0) | st.just("auto"),
     device=st.sampled_from(["auto", "cpu", "cuda", "cuda:0", "cuda:7", "mps"]),
     seed=st.integers(min_value=-(2**31), max_value=2**63),
@@ -296,6 +301,6 @@ def test_other_valid_values_parse(lr, finetune_lr, device, seed, start_lr, end_l
     changes = {"train_head.lr": lr, "finetune.lr": finetune_lr, "train.device": device, "train.seed": seed,
                "lr_find.start_lr": start_lr, "lr_find.end_lr": end_lr}
     params = parse_params(with_overrides(DEFAULTS, changes))
-    assert params.train_head.lr == float(lr)  # "1e-3" is how people write it: YAML 1.1 reads a string
+    assert params.train_head.lr == lr and isinstance(params.train_head.lr, float)
     assert params.finetune.lr == finetune_lr and params.train.device == device and params.train.seed == seed
     assert (params.lr_find.start_lr, params.lr_find.end_lr) == (start_lr, end_lr)
