@@ -53,6 +53,9 @@ FRAMEWORKS = {
     "petpipe": "petpipe, default params.yaml",
     "petpipe-fastai": "petpipe with the fastai override",
     "petpipe-fastai-compiled": "petpipe with the fastai override + train.compile",
+    "petpipe-fixed-lr": "petpipe's default before: finetune.lr 1e-3, full-size finetune",
+    "petpipe-edge": "lr auto (edge), full-size finetune",
+    "petpipe-edge-ft0.8-lr0.7": "default + lr_find.size_ratio 0.7",
 }
 # What each petpipe run changes in params.yaml, on top of the settings every run shares.
 VARIANTS: dict[str, dict[str, Any]] = {"petpipe": {}, "petpipe-fastai": FASTAI_RECIPE,
@@ -110,7 +113,6 @@ def run_petpipe(args: argparse.Namespace, index: Path, workdir: Path, variant: d
     history = [line.split(",") for line in tuned.history.read_text().splitlines()]
     levers = dict(zip(history[0], history[-1]))
     sweep_result = json.loads(sweep.result.read_text())
-    swept = [float(line.split(",")[1]) for line in sweep.curve.read_text().splitlines()[1:]]
     return {
         "head_accuracy": json.loads(head.metrics.read_text())["accuracy"],
         "ft_accuracy": json.loads(tuned.metrics.read_text())["accuracy"],
@@ -118,7 +120,7 @@ def run_petpipe(args: argparse.Namespace, index: Path, workdir: Path, variant: d
         "lr_find_iterations": json.loads(sweep.result.read_text())["iterations"],
         "lr_find_batch": params.lr_find.batch_size or params.train.batch_size,
         "lr_find": {"suggestions": sweep_result["suggestions"], "chosen": sweep_result["chosen"],
-                    "trusted": sweep_result["trusted"], "lr_reached": max(swept),
+                    "trusted": sweep_result["trusted"], "lr_reached": sweep_result["lr_reached"],
                     "finetune_lr": (sweep_result["chosen"]["lr"] if params.finetune.lr == "auto"
                                     else float(params.finetune.lr))},
         "levers": {key: levers[key] for key in ("precision", "memory_format", "threads")},
@@ -373,7 +375,9 @@ def main() -> None:
         return
     if args.summarise:
         saved = json.loads(args.summarise.read_text())
-        frameworks = list(dict.fromkeys(row["framework"] for row in saved["results"]))
+        seen = list(dict.fromkeys(row["framework"] for row in saved["results"]))
+        frameworks = [name for name in DEFAULT_FRAMEWORKS if name in seen] + [
+            name for name in seen if name not in DEFAULT_FRAMEWORKS]
         print(saved["settings"] + "\n\n" + summarise(saved["results"], frameworks) + "\n\n"
               + lr_find_table(saved["results"]))
         write_markdown(args.markdown, markdown_block(saved["settings"], saved["results"], frameworks, args.summarise))

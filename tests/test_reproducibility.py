@@ -109,7 +109,7 @@ def test_same_params_and_seed_give_byte_identical_outputs_in_a_fresh_project(pip
 def test_bfloat16_training_is_byte_identical_too(indexed_sample, sample_images, tmp_path):
     """train-head then finetune in bfloat16 (PIPELINE_SMALL on the sample), twice, each stage a fresh `petpipe`
     process in a folder of its own, as dvc runs them (finetune.lr is a number: lr-find's result is not read)."""
-    write_params(tmp_path / "params.yaml", {**PIPELINE_SMALL, "train.precision": "bfloat16"})
+    write_params(tmp_path / "params.yaml", {**PIPELINE_SMALL, "train.precision": "bfloat16", "finetune.lr": 1e-3})
     (tmp_path / "lr_find.json").write_text("{}\n")
     metrics = []
     for name in ("first", "second"):

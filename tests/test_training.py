@@ -216,7 +216,8 @@ def test_finetune_keeps_the_batchnorm_statistics_a_cached_head_learnt_on(cached_
         folder = workdir / f"bn-{setting}"
         outputs = finetune.Outputs(model=folder / "model.pt", metrics=folder / "metrics.json",
                                    history=folder / "history.csv", plot=folder / "training.png")
-        finetune.run(params_with({**TRAINING, "finetune.epochs": 1, "finetune.bn_stats": setting}),
+        finetune.run(params_with({**TRAINING, "finetune.epochs": 1, "finetune.bn_stats": setting,
+                                  "finetune.lr": 1e-3}),  # a number: no lr-find result to read
                      finetune.Inputs(images=sample_images, index=indexed_sample, checkpoint=head.model,
                                      lr_find=workdir / "no-lr-find.json"), outputs)
         tuned[setting] = load_checkpoint(outputs.model).state_dict
