@@ -45,7 +45,7 @@ def test_training_stage_outputs(project):
         assert (folder / f"stages/{stage}/model.pt").stat().st_size > 1_000_000
         assert len(pd.read_csv(folder / f"stages/{stage}/history.csv")) == metrics["epochs"]
     lr_find = json.loads((folder / "stages/lr-find/lr_find.json").read_text())
-    assert set(lr_find["suggestions"]) == {"valley", "slide", "minimum", "steep"}
+    assert set(lr_find["suggestions"]) == {"valley", "slide", "minimum", "steep", "edge"}
 
 
 def test_evaluate_outputs(project):
