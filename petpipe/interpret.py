@@ -2,6 +2,9 @@
 
 Pure functions on arrays, as fastai's ClassificationInterpretation: they take
 log-probabilities (N, C) and true class ids (N,) and return numbers and frames.
+scikit-learn computes the confusion matrix, per-class precision/recall/F1,
+macro F1 and top-k accuracy (with argmax's tie rule); most_confused and the
+top losses are petpipe's (fastai's).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn import metrics
 
 # fastai's top_k_accuracy default and the tutorial's second metric.
 TOP_K = 5
@@ -22,10 +26,8 @@ def per_image_losses(log_probabilities: np.ndarray, targets: np.ndarray) -> np.n
 
 
 def confusion_matrix(actual: np.ndarray, predicted: np.ndarray, *, num_classes: int) -> np.ndarray:
-    """Counts (C, C): row = actual class, column = predicted class."""
-    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(matrix, (np.asarray(actual), np.asarray(predicted)), 1)
-    return matrix
+    """Counts (C, C): row = actual class, column = predicted class (scikit-learn's, every class a row)."""
+    return metrics.confusion_matrix(actual, predicted, labels=np.arange(num_classes)).astype(np.int64)
 
 
 def normalize_rows(matrix: np.ndarray) -> np.ndarray:
@@ -34,64 +36,61 @@ def normalize_rows(matrix: np.ndarray) -> np.ndarray:
     return np.divide(matrix, totals, out=np.zeros(matrix.shape, dtype=np.float64), where=totals > 0)
 
 
-def per_class_metrics(matrix: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
+def per_class_metrics(actual: np.ndarray, predicted: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
     """Precision, recall, F1 and support per class, indexed by class name, in class order.
 
     A class never predicted has precision 0.0 and a class with no image recall
     0.0 (scikit-learn's zero_division=0): never NaN, which JSON cannot hold.
     """
-    true_positives = np.diag(matrix).astype(np.float64)
-    predicted = matrix.sum(axis=0).astype(np.float64)
-    support = matrix.sum(axis=1)
-    precision = np.divide(true_positives, predicted, out=np.zeros_like(true_positives), where=predicted > 0)
-    recall = np.divide(true_positives, support, out=np.zeros_like(true_positives), where=support > 0)
-    both = precision + recall
-    f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(both), where=both > 0)
+    precision, recall, f1, support = metrics.precision_recall_fscore_support(
+        actual, predicted, labels=np.arange(len(classes)), zero_division=0)
     return pd.DataFrame({"precision": precision, "recall": recall, "f1": f1, "support": support},
                         index=pd.Index(list(classes), name="class"))
 
 
-def macro_f1(matrix: np.ndarray) -> float:
+def macro_f1(actual: np.ndarray, predicted: np.ndarray) -> float:
     """Mean F1 over the classes that occur, as actual or as predicted (scikit-learn's default labels).
 
     A class absent from the validation split and never predicted says nothing
     about the model, so it does not drag the mean to zero.
     """
-    occurring = (matrix.sum(axis=0) + matrix.sum(axis=1)) > 0
-    if not occurring.any():
-        return 0.0
-    f1 = per_class_metrics(matrix, [str(position) for position in range(len(matrix))])["f1"].to_numpy()
-    return float(f1[occurring].mean())
+    return float(metrics.f1_score(actual, predicted, average="macro", zero_division=0))
 
 
 def top_k_accuracy(log_probabilities: np.ndarray, targets: np.ndarray, *, k: int = TOP_K) -> float:
-    """Fraction of images whose actual class is among the k most probable (k capped at the class count)."""
-    k = min(k, log_probabilities.shape[1])
-    # Stable sort: ties go to the lower class id, as argmax breaks them, so top-1 equals accuracy.
-    best = np.argsort(-log_probabilities, axis=1, kind="stable")[:, :k]
-    return float((best == np.asarray(targets)[:, None]).any(axis=1).mean())
+    """Fraction of images whose actual class is among the k most probable (k capped at the class count).
+
+    scikit-learn's top_k_accuracy_score, with ties going to the lower class id as argmax breaks them (so
+    top-1 equals accuracy): scikit-learn breaks ties towards the higher id, so it is given the classes in
+    reverse order (tests/test_evaluate.py pins a tie where the two rules give 0.25 and 0.5).
+    """
+    classes = log_probabilities.shape[1]
+    k = min(k, classes)
+    if k == classes:  # every class is among the k (scikit-learn warns that this score means nothing)
+        return 1.0
+    targets = np.asarray(targets)
+    if classes == 2:  # k == 1: scikit-learn reads two columns as a binary problem; top-1 is accuracy
+        return float((log_probabilities.argmax(axis=1) == targets).mean())
+    # scikit-learn refuses infinite scores; log(0) = -inf becomes the lowest finite number: same order.
+    scores = np.maximum(log_probabilities, np.finfo(np.float64).min)
+    return float(metrics.top_k_accuracy_score(classes - 1 - targets, scores[:, ::-1], k=k,
+                                              labels=np.arange(classes)))
 
 
 def classification_metrics(log_probabilities: np.ndarray, targets: np.ndarray,
                            classes: Sequence[str]) -> dict[str, Any]:
-    """The headline numbers and per-class table of metrics.json, from log-probabilities (N, C)."""
+    """The headline numbers of metrics.json (scalars only, so they compare across experiments in `dvc exp
+    show`), from log-probabilities (N, C); the per-class table is per_class_metrics (per_class.csv)."""
     if len(targets) == 0:
         raise ValueError("no images to evaluate")
     predicted = log_probabilities.argmax(axis=1)
-    matrix = confusion_matrix(targets, predicted, num_classes=len(classes))
     accuracy = float((predicted == targets).mean())
-    table = per_class_metrics(matrix, classes)
     return {
         "accuracy": accuracy,
         "error_rate": 1.0 - accuracy,
         "top5_accuracy": top_k_accuracy(log_probabilities, targets, k=TOP_K),
         "loss": float(per_image_losses(log_probabilities, targets).mean()),
-        "macro_f1": macro_f1(matrix),
-        "per_class": {
-            name: {"precision": float(row.precision), "recall": float(row.recall), "f1": float(row.f1),
-                   "support": int(row.support)}
-            for name, row in table.iterrows()
-        },
+        "macro_f1": macro_f1(targets, predicted),
     }
 
 

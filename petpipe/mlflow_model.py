@@ -91,16 +91,17 @@ class PetpipeClassifier(PythonModel):
 
 
 def model_signature() -> Any:
-    """Input: a column `image` (the file's bytes) or `path`; output: the labels with probabilities."""
+    """Input: a column `image` (the file's bytes) or `path`; output: the labels with probabilities; param
+    `top_k` (how many labels per image). MLflow drops a param the signature does not declare."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import Array
 
     inputs = Schema([ColSpec("binary", "image", required=False), ColSpec("string", "path", required=False)])
     outputs = Schema([ColSpec("string", "label"), ColSpec("double", "probability"),
                       ColSpec(Array("string"), "top_labels"), ColSpec(Array("double"), "top_probabilities"),
                       ColSpec("string", "error", required=False)])
-    return ModelSignature(inputs=inputs, outputs=outputs)
+    return ModelSignature(inputs=inputs, outputs=outputs, params=ParamSchema([ParamSpec("top_k", "long", TOP_K)]))
 
 
 def requirements() -> list[str]:
@@ -117,10 +118,11 @@ def requirements() -> list[str]:
 
 
 def log_model(checkpoint: Path, *, example: Path, registered_name: str | None = None,
-              metadata: Mapping[str, Any] | None = None) -> None:
+              metadata: Mapping[str, Any] | None = None) -> Any:
     """Log this file and `checkpoint` to the active MLflow run (petpipe/tracking.py opens it) as the model
-    `model`, registered under `registered_name`; `example`, a photo, is its input example."""
-    mlflow.pyfunc.log_model(
+    `model`, registered under `registered_name`; `example`, a photo, is its input example. Returns MLflow's
+    ModelInfo (its `model_id`: the LoggedModel that evaluate's metrics go to)."""
+    return mlflow.pyfunc.log_model(
         name="model", python_model=__file__, artifacts={"checkpoint": str(checkpoint)},
         # petpipe's own code travels with the model, so that the weights meet the code that made them.
         code_paths=[str(Path(__file__).parent)], signature=model_signature(),

@@ -190,10 +190,16 @@ class EvaluateParams(_Section):
 TrainedStage = Literal["train-head", "finetune"]
 
 
+# evaluate's metrics that can elect a champion (petpipe/tracking.py knows which way each is better).
+PromoteMetric = Literal["accuracy", "error_rate", "top5_accuracy", "loss", "macro_f1",
+                        "tta_accuracy", "tta_error_rate", "tta_top5_accuracy", "tta_loss", "tta_macro_f1"]
+
+
 class TrackingParams(_Section):
     experiment: Annotated[str, Field(min_length=1)]
     registered_model: Annotated[str, Field(min_length=1)] | None
     log_models: list[TrainedStage]
+    promote: PromoteMetric | None
 
 
 class Params(_Section):

@@ -15,12 +15,18 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from petpipe.atomic import file_digest
 from petpipe.pipeline import ORDER
 from petpipe.run_identity import PIPELINE, PIPELINE_KEY_TAG, STAGE_TAG, Project, load_project, mlflow_params
 
 log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
+# MLflow 3's kind of experiment: without it `mlflow ui` opens the experiment on the GenAI traces overview.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+CHECKPOINT_TAG = "petpipe.checkpoint_sha256"  # on a LoggedModel: the weights it holds, found again by evaluate
+CHAMPION = "champion"  # the registered-model alias evaluate moves (tracking.promote)
+LOWER_IS_BETTER = ("error_rate", "loss")  # evaluate's metrics where less wins; the rest, more wins
 OFF_VALUES = ("off", "0", "false", "no")
 
 # MLflow retries an unreachable server for about four minutes by default; a stage should lose
@@ -106,6 +112,8 @@ class StageRun:
         self._fluent_state = contextlib.ExitStack()  # held from start to end
         self._client: Any = None
         self._parent_id: str | None = None
+        self._experiment: str | None = None
+        self.model_id: str | None = None  # the LoggedModel this run logged (log_model) or evaluated (log_evaluation)
 
     def _best_effort(self, action: Callable[[], Any], kind: str, *names: str, step: int | None = None) -> None:
         """The one guard of every MLflow call: after the first failure, calls are only noted for the warning."""
@@ -136,7 +144,7 @@ class StageRun:
                 os.environ.setdefault(name, value)
             self._fluent_state.enter_context(_fluent_state(self.project.uri))
             self._client = _fluent().MlflowClient(self.project.uri)
-            experiment_id = self._experiment_id()
+            experiment_id = self._experiment = self._experiment_id()
             self._parent_id = self._pipeline_run(experiment_id)
             # log_system_metrics=None: MLflow's own switch, MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING, decides.
             _fluent().start_run(experiment_id=experiment_id, run_name=self.stage, nested=True,
@@ -165,10 +173,13 @@ class StageRun:
         name = self.project.experiment
         if (experiment := self._client.get_experiment_by_name(name)) is None:
             try:
-                return self._client.create_experiment(name, artifact_location=self.project.artifact_location)
+                return self._client.create_experiment(name, artifact_location=self.project.artifact_location,
+                                                      tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             except Exception:  # created meanwhile by another process?
                 if (experiment := self._client.get_experiment_by_name(name)) is None:
                     raise
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older petpipe, or by hand
+            self._client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
 
     def _pipeline_run(self, experiment_id: str) -> str:
@@ -222,7 +233,11 @@ class StageRun:
         def send() -> None:
             from petpipe import mlflow_model  # here, not at the top: importing it sets MLflow's model
 
-            mlflow_model.log_model(checkpoint, example=example, registered_name=registered_name, metadata=metadata)
+            info = mlflow_model.log_model(checkpoint, example=example, registered_name=registered_name,
+                                          metadata=metadata)
+            self.model_id = info.model_id
+            # The weights' digest, by which evaluate finds this LoggedModel again (in this pipeline run or later).
+            _fluent().set_logged_model_tags(info.model_id, {CHECKPOINT_TAG: file_digest(checkpoint)})
 
         self._best_effort(send, "model", "the model" + (f" (registered name {registered_name})"
                                                        if registered_name else ""))

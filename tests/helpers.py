@@ -217,7 +217,7 @@ def evaluate_outputs(folder: Path) -> Any:
         metrics=folder / "metrics.json", confusion=folder / "confusion.csv", confusion_plot=folder / "confusion.png",
         confusion_normalized_plot=folder / "confusion_normalized.png", top_losses=folder / "top_losses.png",
         top_losses_table=folder / "top_losses.csv", most_confused=folder / "most_confused.csv",
-        report=folder / "report.md")
+        report=folder / "report.md", per_class=folder / "per_class.csv")
 
 
 def run_evaluate(sample: TrainedSample, folder: Path, params: Params | None = None,
@@ -286,6 +286,7 @@ def make_project(folder: Path, overrides: dict[str, Any]) -> Path:
     run_command(["git", "config", "user.email", "tests@petpipe.invalid"], folder)
     run_command(["git", "config", "user.name", "petpipe tests"], folder)
     run_command(["dvc", "init", "-q"], folder)
+    shutil.copytree(PROJECT_ROOT / ".dvc" / "plots", folder / ".dvc" / "plots")  # dvc.yaml's custom templates
     run_command(["dvc", "config", "core.autostage", "true"], folder)
     run_command(["git", "add", "-A"], folder)
     run_command(["git", "commit", "-q", "-m", "pipeline"], folder)

@@ -66,7 +66,10 @@ def test_metrics_agree_with_confusion_csv_recomputed_by_hand(evaluated, trained)
     assert metrics["error_rate"] == pytest.approx(1 - correct / len(pairs), abs=1e-12)
     assert 1 / 37 < metrics["accuracy"] < 1  # learned something, and some errors to interpret
 
-    assert list(metrics["per_class"]) == classes
+    assert all(isinstance(value, (int, float, str)) for value in metrics.values())  # dvc exp show: one column each
+    per_class = pd.read_csv(outputs.per_class, keep_default_na=False).set_index("class")
+    assert per_class.index.tolist() == classes and per_class.columns.tolist() == ["precision", "recall", "f1",
+                                                                                  "support"]
     f1s = []
     for name in classes:
         true_positive = sum(actual == name and predicted == name for actual, predicted in pairs)
@@ -75,7 +78,7 @@ def test_metrics_agree_with_confusion_csv_recomputed_by_hand(evaluated, trained)
         precision = true_positive / predicted_as if predicted_as else 0.0
         recall = true_positive / support if support else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        assert metrics["per_class"][name] == pytest.approx(
+        assert per_class.loc[name].to_dict() == pytest.approx(
             {"precision": precision, "recall": recall, "f1": f1, "support": support}, abs=1e-12), name
         if support or predicted_as:
             f1s.append(f1)
@@ -223,12 +226,14 @@ def test_the_finetune_checkpoint_is_the_default_choice(trained, tmp_path):
 
 
 def test_per_class_metrics_of_a_class_never_predicted_are_zero_not_nan():
-    matrix = interpret.confusion_matrix(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1]), num_classes=4)
-    table = interpret.per_class_metrics(matrix, ["a", "b", "c", "d"])
+    actual, predicted = np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1])
+    matrix = interpret.confusion_matrix(actual, predicted, num_classes=4)
+    assert matrix.tolist() == [[1, 1, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]]
+    table = interpret.per_class_metrics(actual, predicted, ["a", "b", "c", "d"])
     assert table.loc["c"].tolist() == [0.0, 0.0, 0.0, 1]  # never predicted, one image
     assert table.loc["d"].tolist() == [0.0, 0.0, 0.0, 0]  # absent: excluded from macro F1
     assert table.loc["a", "precision"] == 1.0 and table.loc["a", "recall"] == 0.5
-    assert interpret.macro_f1(matrix) == pytest.approx((2 / 3 + 0.5 + 0.0) / 3)
+    assert interpret.macro_f1(actual, predicted) == pytest.approx((2 / 3 + 0.5 + 0.0) / 3)
 
 
 def test_top_k_accuracy_breaks_ties_as_argmax_does():
@@ -238,3 +243,31 @@ def test_top_k_accuracy_breaks_ties_as_argmax_does():
     assert interpret.top_k_accuracy(log_probabilities, targets, k=1) == accuracy == 0.25
     assert interpret.top_k_accuracy(log_probabilities, targets, k=2) == 1.0
     assert interpret.top_k_accuracy(log_probabilities, targets, k=5) == 1.0  # k capped at the class count
+
+
+def test_top_k_accuracy_from_scikit_learn_matches_a_stable_sort_with_ties_and_zero_probabilities():
+    """The reference: the k first of a stable sort (ties to the lower id); coarse scores make ties common."""
+    rng = np.random.default_rng(0)
+    for classes in (2, 3, 7, 37):
+        probabilities = rng.integers(0, 4, size=(200, classes)).astype(np.float64) + 1e-12 * (classes == 2)
+        probabilities[:, 0] = np.where(rng.random(200) < 0.2, 0.0, probabilities[:, 0])  # log(0) = -inf
+        with np.errstate(divide="ignore"):
+            log_probabilities = np.log(probabilities / np.maximum(probabilities.sum(1, keepdims=True), 1e-300))
+        targets = rng.integers(0, classes, size=200)
+        for k in (1, 2, 5):
+            best = np.argsort(-log_probabilities, axis=1, kind="stable")[:, :min(k, classes)]
+            expected = float((best == targets[:, None]).any(axis=1).mean())
+            assert interpret.top_k_accuracy(log_probabilities, targets, k=k) == expected, (classes, k)
+
+
+def test_the_results_page_reads_the_per_class_table_from_per_class_csv(evaluated):
+    """metrics.json holds no per_class (dvc exp show); petpipe serve's Results page reads per_class.csv."""
+    from petpipe.serve import pages
+
+    _, outputs = evaluated
+    assert "per_class" not in json.loads(outputs.metrics.read_text())
+    table = pd.read_csv(outputs.per_class, keep_default_na=False)
+    read = pages.read_evaluation(outputs.metrics.parent)["metrics"]["per_class"]
+    assert list(read) == table["class"].tolist()
+    assert [row["f1"] for row in read.values()] == pytest.approx(table["f1"].tolist())
+    assert [row["support"] for row in read.values()] == table["support"].tolist()

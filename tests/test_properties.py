@@ -151,6 +151,7 @@ SPEC: dict[str, dict[str, list[Any]]] = {
     "tracking.experiment": {"wrong": [1, None, A_LIST], "out": [""]},
     "tracking.registered_model": {"wrong": [1, True, A_LIST], "out": [""]},
     "tracking.log_models": {"wrong": ["finetune", None, 1, A_MAPPING], "out": [["evaluate"], ["fetch"], [1]]},
+    "tracking.promote": {"wrong": [1, True, A_LIST], "out": ["precision", "Accuracy", ""]},
 }
 
 

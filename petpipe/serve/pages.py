@@ -35,6 +35,11 @@ def read_evaluation(folder: Path) -> dict[str, Any]:
         metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
     except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
         return {}
+    per_class = folder / "per_class.csv"  # evaluate's per-class table (an older metrics.json nests it)
+    if per_class.is_file():
+        rows = pd.read_csv(per_class, dtype={"class": str}, keep_default_na=False)
+        metrics["per_class"] = {row["class"]: {key: row[key] for key in ("precision", "recall", "f1", "support")}
+                                for row in rows.to_dict("records")}
     tables = {}
     for name in ("most_confused", "top_losses"):
         path = folder / f"{name}.csv"

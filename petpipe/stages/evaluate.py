@@ -62,6 +62,9 @@ class Outputs:
     report: Path = path_option("report.md to write.")
     confusion_normalized_plot: Path | None = path_option(
         "confusion_normalized.png to write (rows sum to 1); not drawn when omitted.", optional=True)
+    per_class: Path | None = path_option(
+        "per_class.csv to write (precision, recall, F1, support per class); not written when omitted.",
+        optional=True)
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,9 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     write_csv(outputs.confusion, found.confusion)
     write_csv(outputs.most_confused, found.most_confused)
     write_csv(outputs.top_losses_table, found.top_losses)
+    if outputs.per_class is not None:  # not in metrics.json: 4 x 37 columns in `dvc exp show`
+        write_csv(outputs.per_class, interpret.per_class_metrics(
+            data.valid.targets.cpu().numpy(), log_probabilities.argmax(axis=1), data.classes).reset_index())
     for figure_path, figure in figures.items():
         save_figure(figure_path, figure)
     write_text(outputs.report, render_report(metrics, found.most_confused, outputs=outputs,
@@ -220,10 +226,11 @@ def render_report(metrics: dict[str, Any], confused: pd.DataFrame, *, outputs: O
     for path, title in entries:
         if path is not None:
             lines += [f"### {title[0].upper() + title[1:]}", "", f"![{title}]({_link(path, outputs.report)})", ""]
-    tables = [(outputs.metrics, "metrics.json: every number, per-class precision/recall/F1/support"),
+    tables = [(outputs.metrics, "metrics.json: the headline numbers (`dvc metrics show`, `dvc exp show`)"),
+              (outputs.per_class, "per_class.csv: precision, recall, F1 and support per class (dvc plots)"),
               (outputs.confusion, "confusion.csv: actual and predicted class of every image (dvc plots)"),
               (outputs.most_confused, "most_confused.csv: every confused pair"),
               (outputs.top_losses_table, "top_losses.csv: the images above, as a table")]
     lines += [f"- [{Path(path).name}]({_link(path, outputs.report)}): {text.split(': ', 1)[1]}"
-              for path, text in tables]
+              for path, text in tables if path is not None]
     return "\n".join(lines) + "\n"

@@ -50,6 +50,9 @@ class Outputs:
     result: Path = path_option("lr_find.json to write.")
     curve: Path = path_option("lr_find.csv to write.")
     plot: Path = path_option("lr_find.png to write.")
+    metrics: Path | None = path_option(
+        "metrics.json to write: the suggestions, the chosen lr and whether the curve is trusted, as scalars "
+        "(dvc metrics show, dvc exp show); not written when omitted.", optional=True)
 
 
 @STAGE.runs
@@ -75,10 +78,13 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
                                                  noise_window=params.lr_find.noise_window,
                                                  trusted=result["trusted"]))
     write_json(outputs.result, result)
+    if outputs.metrics is not None:
+        write_json(outputs.metrics, scalar_metrics(result))
     context.log.log_metrics({f"suggested_lr_{name}": value for name, value in result["suggestions"].items()})
     for step, (lr, loss) in enumerate(zip(curve["lr"], curve["smoothed_loss"])):
         context.log.log_metrics({"lr_find_lr": lr, "lr_find_smoothed_loss": loss}, step=step)
-    context.log.log_artifacts([outputs.result, outputs.curve, outputs.plot])
+    context.log.log_artifacts([path for path in (outputs.result, outputs.curve, outputs.plot, outputs.metrics)
+                               if path is not None])
     return summary(result)
 
 
@@ -113,6 +119,14 @@ def choose(curve: dict[str, list[float]], settings: LrFindParams) -> dict[str, A
                        "smoothed_loss": curve["smoothed_loss"][-1]},
         "curve": curve,
     }
+
+
+def scalar_metrics(result: dict[str, Any]) -> dict[str, float | int]:
+    """lr-find's metrics.json: lr_find.json's numbers that compare across experiments, one column each in
+    `dvc exp show` (the curve and the verdict stay in lr_find.json); trusted is 1 or 0."""
+    return {**{f"suggested_lr_{name}": float(value) for name, value in result["suggestions"].items()},
+            "chosen_lr": float(result["chosen"]["lr"]), "trusted": int(result["trusted"]),
+            "iterations": int(result["iterations"]), "lr_reached": float(result["lr_reached"])}
 
 
 def verdict(trusted: bool, curve: dict[str, list[float]], settings: LrFindParams) -> str:
