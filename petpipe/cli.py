@@ -24,6 +24,21 @@ from petpipe.pipeline import option_name
 
 PathOption = click.Path(path_type=Path)
 ExistingPath = click.Path(path_type=Path, exists=True)
+MODEL_HELP = ("A model.pt checkpoint, a bundle folder written by `petpipe export`, or a registered model: "
+              "models:/<name>@<alias> (e.g. models:/petpipe-classifier@champion) or models:/<name>/<version>.")
+
+
+def _model_file(model: str) -> Path:
+    """--model as a local file: a registered model's checkpoint is downloaded once per version into
+    .petpipe/models/ from MLFLOW_TRACKING_URI (else the project's mlflow.db); a path stays as it is."""
+    if not model.startswith("models:/"):  # a path: no MLflow import
+        return Path(model)
+    from petpipe import registry
+    from petpipe.paths import petpipe_folder, project_root
+    from petpipe.run_identity import tracking_uri
+
+    return registry.checkpoint_of(model, tracking_uri=tracking_uri(project_root()),
+                                  cache=petpipe_folder() / "models")
 
 
 def _run_stage(stage: ModuleType, params_path: Path, paths: dict[str, Any]) -> None:
@@ -134,13 +149,12 @@ def _stage_command(name: str) -> click.Command:
 
 @main.command("predict")
 @click.argument("paths", nargs=-1, required=True, type=PathOption)
-@click.option("--model", type=PathOption, default=Path("stages/finetune/model.pt"), show_default=True,
-              help="A model.pt checkpoint, or a bundle folder written by `petpipe export`.")
+@click.option("--model", default="stages/finetune/model.pt", show_default=True, help=MODEL_HELP)
 @click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True, help="Labels per image.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON list instead of tab-separated lines.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per batch.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
-def predict_command(paths: tuple[Path, ...], model: Path, top_k: int, as_json: bool, batch_size: int,
+def predict_command(paths: tuple[Path, ...], model: str, top_k: int, as_json: bool, batch_size: int,
                     device: str) -> None:
     """Top-k labels with probabilities for each image; folders are searched for images.
 
@@ -150,7 +164,7 @@ def predict_command(paths: tuple[Path, ...], model: Path, top_k: int, as_json: b
     from petpipe.predict import collect_images, format_prediction, load_predictor, predict_files
 
     try:
-        predictor = load_predictor(model, device=device)
+        predictor = load_predictor(_model_file(model), device=device)
         files = collect_images(paths)
         if not files:
             raise PetpipeError(f"no image files found in {', '.join(map(str, paths))}")
@@ -213,8 +227,7 @@ def show_batch_command(params_path: Path, images: Path, index: Path, split: str,
 
 @main.command("serve")
 @params_option
-@click.option("--model", type=PathOption, default=Path("stages/finetune/model.pt"), show_default=True,
-              help="A model.pt checkpoint, or a bundle folder written by `petpipe export`.")
+@click.option("--model", default="stages/finetune/model.pt", show_default=True, help=MODEL_HELP)
 @click.option("--index", type=PathOption, default=Path("stages/index-labels/index.csv"), show_default=True,
               help="index-labels' index.csv: the images and labels the Clean page shows.")
 @click.option("--images", type=PathOption, default=Path("stages/fetch/images"), show_default=True,
@@ -227,7 +240,7 @@ def show_batch_command(params_path: Path, images: Path, index: Path, split: str,
               help="Port to listen on; 0 picks a free one.")
 @click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
               help="Largest photo the Try it page accepts, in MB.")
-def serve_command(params_path: Path, model: Path, index: Path, images: Path, evaluate: Path, host: str, port: int,
+def serve_command(params_path: Path, model: str, index: Path, images: Path, evaluate: Path, host: str, port: int,
                   max_upload_mb: float) -> None:
     """A web page to try the model on photos, read the evaluation and clean labels (fastai's cleaner).
 
@@ -239,7 +252,7 @@ def serve_command(params_path: Path, model: Path, index: Path, images: Path, eva
     with _user_errors():
         params = load_params(params_path)
         # labels.corrections is relative to the project folder, where params.yaml and dvc.yaml are.
-        settings = ServeSettings(model=model, index=index, images=images, evaluate=evaluate,
+        settings = ServeSettings(model=_model_file(model), index=index, images=images, evaluate=evaluate,
                                  corrections=params_path.parent / params.labels.corrections,
                                  max_upload_bytes=int(max_upload_mb * 2**20))
         app = create_app(settings, host=host)

@@ -86,6 +86,7 @@ class Record:
     """What a training stage records of its fit."""
 
     used: dict[str, Any]  # the params the result depends on (resume key, checkpoint, MLflow params)
+    index: Path  # index-labels' index.csv: the model's dataset in MLflow
     inputs: list[Path]  # files the result depends on besides the images (resume key)
     outputs: TrainedOutputs
     title: str  # of the training-curve plot
@@ -141,7 +142,7 @@ def _log_model(learner: Learner, record: Record) -> None:
     data, spec = learner.data, learner.spec
     rows = data.rows("valid") if len(data.valid) else data.rows("train")
     learner.context.log.log_model(record.outputs.model, example=data.folder / rows["path"].iloc[0],
-                                  registered_name=record.register_as,
+                                  index=record.index, registered_name=record.register_as,
                   metadata={"classes": list(spec.classes), "img_size": spec.img_size, "presize": spec.presize,
                             "eval_crop": spec.eval_crop, "mean": list(spec.mean), "std": list(spec.std)})
 

@@ -78,6 +78,7 @@ class Project:
     experiment: str
     registered_model: str | None
     log_models: tuple[str, ...]
+    promote: str | None  # the evaluate metric that elects the champion (registry.py), or None
     params: dict[str, Any]  # the whole params.yaml
     commit: str | None
     exp_name: str | None
@@ -123,6 +124,7 @@ def load_project(workspace: Path, root: Path | None = None, settings: Any = None
     return Project(
         root=root, uri=tracking_uri(root), experiment=tracked.experiment,
         registered_model=tracked.registered_model, log_models=tuple(tracked.log_models),
+        promote=tracked.promote,
         params=settings.model_dump(mode="json"), commit=git_commit(workspace),
         exp_name=os.environ.get("DVC_EXP_NAME") or None,
     )

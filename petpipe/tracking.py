@@ -24,9 +24,6 @@ log = logging.getLogger(__name__)
 PARENT_TAG = "mlflow.parentRunId"
 # MLflow 3's kind of experiment: without it `mlflow ui` opens the experiment on the GenAI traces overview.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
-CHECKPOINT_TAG = "petpipe.checkpoint_sha256"  # on a LoggedModel: the weights it holds, found again by evaluate
-CHAMPION = "champion"  # the registered-model alias evaluate moves (tracking.promote)
-LOWER_IS_BETTER = ("error_rate", "loss")  # evaluate's metrics where less wins; the rest, more wins
 OFF_VALUES = ("off", "0", "false", "no")
 
 # MLflow retries an unreachable server for about four minutes by default; a stage should lose
@@ -113,7 +110,6 @@ class StageRun:
         self._client: Any = None
         self._parent_id: str | None = None
         self._experiment: str | None = None
-        self.model_id: str | None = None  # the LoggedModel this run logged (log_model) or evaluated (log_evaluation)
 
     def _best_effort(self, action: Callable[[], Any], kind: str, *names: str, step: int | None = None) -> None:
         """The one guard of every MLflow call: after the first failure, calls are only noted for the warning."""
@@ -223,24 +219,49 @@ class StageRun:
             elif path.exists():
                 self._best_effort(lambda: _fluent().log_artifact(str(path)), "artifacts", path.name)
 
-    def log_model(self, checkpoint: Path, *, example: Path, registered_name: str | None = None,
+    def log_model(self, checkpoint: Path, *, example: Path, index: Path, registered_name: str | None = None,
                   metadata: Mapping[str, Any] | None = None) -> None:
         """The checkpoint as the MLflow model that takes photos (petpipe/mlflow_model.py), registered under
-        `registered_name`; `example` is a photo for its input example. Only for the stages in log_models."""
+        `registered_name`, with `index` (index.csv) as the run's training dataset; `example` is a photo for its
+        input example. Only for the stages in log_models."""
         if self.project is None or self.stage not in self.project.log_models:
             return
 
         def send() -> None:
-            from petpipe import mlflow_model  # here, not at the top: importing it sets MLflow's model
+            from petpipe import mlflow_model, registry  # here, not at the top: importing it sets MLflow's model
 
             info = mlflow_model.log_model(checkpoint, example=example, registered_name=registered_name,
                                           metadata=metadata)
-            self.model_id = info.model_id
-            # The weights' digest, by which evaluate finds this LoggedModel again (in this pipeline run or later).
-            _fluent().set_logged_model_tags(info.model_id, {CHECKPOINT_TAG: file_digest(checkpoint)})
+            # The weights' digest, by which evaluate finds this LoggedModel again (registry.logged_model_of).
+            _fluent().set_logged_model_tags(info.model_id, {registry.CHECKPOINT_TAG: file_digest(checkpoint)})
+            _fluent().log_input(registry.index_dataset(index), context="training")
 
         self._best_effort(send, "model", "the model" + (f" (registered name {registered_name})"
                                                        if registered_name else ""))
+
+    def log_evaluation(self, checkpoint: Path, metrics: Mapping[str, float], *, index: Path) -> str | None:
+        """evaluate's metrics on the LoggedModel that holds `checkpoint` (logged by finetune), the index as
+        their dataset; then tracking.promote's decision on the registered model's `champion` alias, returned as
+        a sentence (None when there is nothing to decide: no such model, or promote off)."""
+        decided: list[str] = []
+
+        def send() -> None:
+            from petpipe import registry
+
+            model_id = registry.logged_model_of(self._experiment, checkpoint)
+            if model_id is None:  # not logged (tracking.log_models), or logged to another store
+                return
+            registry.log_evaluation(model_id, metrics, index=index)
+            name, metric = self.project.registered_model, self.project.promote
+            version = None if name is None else registry.version_of(self._client, name, model_id)
+            if version is None or metric is None or metric not in metrics:
+                return
+            decision = registry.promote(self._client, name, version, metric, float(metrics[metric]))
+            _fluent().set_tags(decision.tags())
+            decided.append(decision.sentence())
+
+        self._best_effort(send, "metrics", "the evaluation of the logged model")
+        return decided[0] if decided else None
 
 
 def no_run(stage: str) -> StageRun:

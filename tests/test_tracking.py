@@ -4,6 +4,7 @@ a server killed mid-pipeline costs no output; a dead server costs seconds and on
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -142,8 +143,102 @@ def test_finetune_model_is_registered_takes_photos_and_holds_no_pickle(served):
             assert list(row.top_labels) == [label for label, _ in prediction.labels]
             assert row.top_probabilities == pytest.approx([value for _, value in prediction.labels], abs=1e-4)
             assert row.error is None  # null, not NaN: what a JSON answer carries
+    # top_k is a param of the signature: MLflow passes it on (an undeclared param would be dropped).
+    assert info.signature.params.to_dict() == [{"name": "top_k", "type": "long", "default": 5, "shape": None}]
+    three = model.predict(pd.DataFrame({"path": [str(photos[0])]}), params={"top_k": 3})
+    assert list(three["top_labels"][0]) == [label for label, _ in expected[0].labels[:3]]
     broken = model.predict(pd.DataFrame({"image": [b"not an image", photos[0].read_bytes()]}))
     assert "cannot read image" in broken["error"][0] and broken["label"][1] == expected[0].labels[0][0]
+
+
+def test_the_registered_version_carries_its_evaluation_and_is_the_champion(served):
+    """MLflow 3's lineage: finetune's LoggedModel holds evaluate's metrics (on the index as their dataset), the
+    registered version is made from it, and the first evaluated version takes the `champion` alias."""
+    from petpipe import registry
+
+    client = served.client
+    experiment = client.get_experiment_by_name("petpipe")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # not the GenAI overview
+    (version,) = client.search_model_versions("name='petpipe-classifier'")
+    model_id = version.model_id or version.source.removeprefix("models:/")
+    logged = client.get_logged_model(model_id)
+    assert logged.source_run_id == served.runs["finetune"].info.run_id
+    checkpoint = served.project / "stages/finetune/model.pt"
+    assert logged.tags[registry.CHECKPOINT_TAG] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+
+    evaluated = json.loads((served.project / "stages/evaluate/metrics.json").read_text())
+    index = served.project / "stages/index-labels/index.csv"
+    digest = hashlib.sha256(index.read_bytes()).hexdigest()[:32]
+    on_model = {metric.key: metric for metric in logged.metrics if metric.run_id == served.runs["evaluate"].info.run_id}
+    for name in ("accuracy", "error_rate", "top5_accuracy", "loss", "macro_f1"):
+        assert on_model[name].value == pytest.approx(evaluated[name]), name
+        assert (on_model[name].dataset_name, on_model[name].dataset_digest) == ("index", digest)
+
+    # The runs' inputs: finetune trained on the index; evaluate evaluated that model on it.
+    for stage, context in (("finetune", "training"), ("evaluate", "evaluation")):
+        inputs = client.get_run(served.runs[stage].info.run_id).inputs
+        (dataset,) = inputs.dataset_inputs
+        assert (dataset.dataset.name, dataset.dataset.digest) == ("index", digest), stage
+        assert {tag.key: tag.value for tag in dataset.tags}["mlflow.data.context"] == context
+    assert [model.model_id for model in client.get_run(served.runs["evaluate"].info.run_id).inputs.model_inputs] \
+        == [model_id]
+
+    champion = client.get_model_version_by_alias("petpipe-classifier", "champion")
+    assert champion.version == version.version
+    decision = client.get_run(served.runs["evaluate"].info.run_id).data.tags
+    assert decision["petpipe.champion.decision"] == "promoted"
+    assert float(decision["petpipe.champion.value"]) == pytest.approx(evaluated["accuracy"])
+    assert (f"champion: petpipe-classifier@champion -> version 1 (accuracy {evaluated['accuracy']:.4f}), "
+            "the first evaluated version") in served.output
+
+
+def test_predict_and_serve_take_a_registered_model(served, tmp_path):
+    """--model models:/<name>@champion (or /<version>): the registered checkpoint, downloaded once per version
+    into .petpipe/models/, predicts what the pipeline's own checkpoint predicts."""
+    photos = sorted((served.project / "stages/fetch/images").glob("*.jpg"))[:3]
+    environment = pipeline_env(MLFLOW_TRACKING_URI=served.server.url)
+
+    def predict(model: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(VENV_BIN / "petpipe"), "predict", "--model", model, "--json", *map(str, photos)],
+                              cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+
+    local = predict(str(served.project / "stages/finetune/model.pt"))
+    assert local.returncode == 0, local.stderr
+    for uri in ("models:/petpipe-classifier@champion", "models:/petpipe-classifier/1"):
+        remote = predict(uri)
+        assert remote.returncode == 0, remote.stderr
+        assert json.loads(remote.stdout) == json.loads(local.stdout), uri
+    assert [path.name for path in (tmp_path / ".petpipe/models/petpipe-classifier").iterdir()] == ["1"]
+
+    for uri, said in (("models:/petpipe-classifier@nope", "not found in the model registry"),
+                      ("models:/petpipe-classifier/7", "not found in the model registry"),
+                      ("models:/petpipe-classifier", "not a registered model URI")):
+        refused = predict(uri)
+        assert refused.returncode == 1 and refused.stdout == "", uri
+        (line,) = refused.stderr.strip().splitlines()
+        assert line.startswith(f"Error: {uri}: {said}"), line
+
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen([str(VENV_BIN / "petpipe"), "serve", "--model", "models:/petpipe-classifier@champion",
+                                    "--port", "0"], cwd=served.project, stdout=log_file, stderr=subprocess.STDOUT,
+                                   env=environment, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "http://" not in log_path.read_text() and time.monotonic() < deadline:
+            assert process.poll() is None, log_path.read_text()
+            time.sleep(0.2)
+        url = log_path.read_text().split("petpipe serve: ")[1].split()[0]
+        request = urllib.request.Request(f"{url}api/predict?name={photos[0].name}", data=photos[0].read_bytes(),
+                                         method="POST")
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+        expected = json.loads(local.stdout)[0]["predictions"][0]
+        assert answer["predictions"][0]["label"] == expected["label"]
+        assert answer["predictions"][0]["probability"] == pytest.approx(expected["probability"], abs=1e-6)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
 
 
 def test_mlflow_models_serve_answers_a_jpeg_with_the_breed(served, tmp_path):
@@ -166,13 +261,16 @@ def test_mlflow_models_serve_answers_a_jpeg_with_the_breed(served, tmp_path):
         expected = next(predict_files(load_predictor(served.project / "stages/finetune/model.pt", device="cpu"),
                                       [photo], top_k=5)).labels[0][0]
         encoded = base64.b64encode(photo.read_bytes()).decode()
-        for images in ([encoded], ["bm90IGFuIGltYWdl", encoded], [encoded]):  # the second holds "not an image"
-            body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[image] for image in images]}})
+        for images, top_k in (([encoded], 5), (["bm90IGFuIGltYWdl", encoded], 2), ([encoded], 1)):
+            # the second holds "not an image"; top_k travels as a param of the request, as MLflow's clients send it
+            body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[image] for image in images]},
+                               "params": {"top_k": top_k}})
             request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
                                              headers={"Content-Type": "application/json"})
             with urllib.request.urlopen(request, timeout=120) as response:
                 rows = json.loads(response.read())["predictions"]
             assert rows[-1]["label"] == expected and rows[-1]["error"] is None
+            assert len(rows[-1]["top_labels"]) == len(rows[-1]["top_probabilities"]) == top_k
             if len(rows) == 2:
                 assert rows[0]["label"] is None and "cannot read image" in rows[0]["error"]
     finally:
@@ -394,3 +492,43 @@ def test_params_flatten_to_mlflow_strings():
         "train.augment.flip": "true", "train.augment.min_scale": "0.75", "log_models": '["finetune"]'}
     long = run_identity.param_value("x" * 10_000)
     assert len(long) == run_identity.MAX_PARAM_VALUE and long.endswith("...")
+
+
+def test_the_champion_moves_only_to_a_better_version(embedded_project):
+    """registry.promote against a real (embedded) registry: the first evaluated version becomes champion, a worse
+    one leaves the alias where it is, a better one takes it; lower wins for loss; both numbers are said."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from petpipe import registry
+
+    uri = f"sqlite:///{embedded_project / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    versions = {}
+    with mlflow.start_run():
+        for accuracy, loss in ((0.80, 0.70), (0.75, 0.60), (0.90, 0.65)):
+            model = mlflow.create_external_model(name="model")
+            mlflow.log_metrics({"accuracy": accuracy, "loss": loss}, model_id=model.model_id)
+            versions[accuracy] = str(mlflow.register_model(f"models:/{model.model_id}", "pets").version)
+            assert registry.version_of(client, "pets", model.model_id) == versions[accuracy]
+    mlflow.set_tracking_uri(None)
+
+    first = registry.promote(client, "pets", versions[0.80], "accuracy", 0.80)
+    assert first.promoted and first.sentence() == \
+        "champion: pets@champion -> version 1 (accuracy 0.8000), the first evaluated version"
+    worse = registry.promote(client, "pets", versions[0.75], "accuracy", 0.75)
+    assert not worse.promoted and worse.sentence() == \
+        "champion: pets@champion stays version 1 (accuracy 0.8000); version 2 (accuracy 0.7500) is not better"
+    assert str(client.get_model_version_by_alias("pets", "champion").version) == "1"
+    assert worse.tags()["petpipe.champion.decision"] == "kept"
+    better = registry.promote(client, "pets", versions[0.90], "accuracy", 0.90)
+    assert better.promoted and str(client.get_model_version_by_alias("pets", "champion").version) == "3"
+    assert better.sentence().endswith("better than version 1 (accuracy 0.8000)")
+    # loss: lower wins, read from the champion's LoggedModel (0.65), not from the call
+    by_loss = registry.promote(client, "pets", versions[0.75], "loss", 0.60)
+    assert (by_loss.champion, by_loss.champion_value, by_loss.promoted) == ("3", 0.65, True)
+    assert str(client.get_model_version_by_alias("pets", "champion").version) == "2"
+    again = registry.promote(client, "pets", "2", "loss", 0.60)
+    assert not again.promoted and "evaluated again" in again.sentence()
+    assert client.get_model_version("pets", "2").tags["petpipe.loss"] == "0.6"

@@ -106,14 +106,17 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     write_text(outputs.report, render_report(metrics, found.most_confused, outputs=outputs,
                                              checkpoint_path=checkpoint_path))
     write_json(outputs.metrics, metrics)
-    context.log.log_metrics({name: float(value) for name, value in metrics.items() if isinstance(value, float)})
+    numbers = {name: float(value) for name, value in metrics.items() if isinstance(value, float)}
+    context.log.log_metrics(numbers)
     context.log.log_artifacts(_output_paths(outputs))
+    # The same numbers on the MLflow model that holds these weights, and the champion alias (tracking.promote).
+    champion = context.log.log_evaluation(checkpoint_path, numbers, index=inputs.index)
     summary = (f"evaluate ({which}): {metrics['images']} images, accuracy {metrics['accuracy']:.4f}, "
                f"error rate {metrics['error_rate']:.4f}, top-5 {metrics['top5_accuracy']:.4f}, "
                f"loss {metrics['loss']:.4f}")
     if params.evaluate.tta:
         summary += f"; with TTA accuracy {metrics['tta_accuracy']:.4f}"
-    return summary + f" -> {outputs.metrics}"
+    return summary + f" -> {outputs.metrics}" + (f"\n{champion}" if champion else "")
 
 
 def score(model: Classifier, data: Dataset, *, views: Views, params: Params) -> tuple[np.ndarray, dict[str, Any]]:

@@ -51,7 +51,7 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
         freeze_bn_stats=finetune_fixes_bn_stats(params.finetune.bn_stats, head.params))
     used = {**params.select(STAGE.params), "finetune": {**params.finetune.model_dump(), "peak_lr": lr},
             "group_lrs": phase.group_lrs}
-    record = Record(used=used, inputs=[inputs.index, inputs.checkpoint], outputs=outputs,
+    record = Record(used=used, index=inputs.index, inputs=[inputs.index, inputs.checkpoint], outputs=outputs,
                     title=f"finetune: {head.spec.arch}, unfrozen, lr {lr / params.finetune.lr_ratio:.1e} to {lr:.1e}",
                     register_as=params.tracking.registered_model)  # the model to serve is finetune's
     metrics = fit_and_save(Learner(context, model, head.spec, data, size_ratio=params.finetune.size_ratio),

@@ -44,6 +44,6 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
                   schedule=params.train_head.schedule, seed=compute.seed,
                   feature_views=params.train_head.feature_views if cached else 0,
                   freeze_bn_stats=head_fixes_bn_stats(cache_features=cached, train_bn=params.model.train_bn))
-    record = Record(used=params.select(STAGE.params), inputs=[inputs.index], outputs=outputs,
+    record = Record(used=params.select(STAGE.params), index=inputs.index, inputs=[inputs.index], outputs=outputs,
                     title=f"train-head: {spec.arch}, body frozen")
     return describe_metrics(STAGE.name, fit_and_save(Learner(context, model, spec, data), phase, record))
