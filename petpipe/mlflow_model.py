@@ -77,7 +77,7 @@ class PetpipeClassifier(PythonModel):
             image = Path(row["path"])
         else:
             return "no image: give the column image (bytes or base64) or path"
-        return read_pixels(image, self.predictor.views.presize)
+        return read_pixels(image, self.predictor.presize)
 
     @staticmethod
     def _row(labels: list[tuple[str, float]]) -> dict[str, Any]:
