@@ -21,10 +21,10 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from petpipe import data
 from petpipe.bundle import BundlePredictor
 from petpipe.devices import DEVICE_CHOICES, is_device_name
 from petpipe.errors import PetpipeError
+from petpipe.folders import visible_files
 from petpipe.pixels import decode_image
 
 
@@ -82,7 +82,7 @@ def collect_images(paths: Sequence[Path]) -> list[Path]:
     found: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found.extend(file for file in data.scan_images(path) if file.suffix.lower() in extensions)
+            found.extend(path / file for file in visible_files(path) if file.suffix.lower() in extensions)
         else:
             found.append(path)
     return found

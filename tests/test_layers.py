@@ -103,10 +103,11 @@ def test_configuration_modules_are_leaves(leaf):
     assert result.stdout.strip() == "[]", f"importing {leaf} loads {result.stdout.strip()}"
 
 
-def test_predicting_with_a_bundle_imports_neither_torch_nor_mlflow():
-    """petpipe.predict and petpipe.bundle (what `petpipe predict --model bundle/` runs) load without torch."""
+def test_predicting_with_a_bundle_imports_neither_torch_nor_pandas_nor_mlflow():
+    """petpipe.predict and petpipe.bundle (what `petpipe predict --model bundle/` runs) load with numpy and
+    Pillow, onnxruntime coming when a bundle is opened; the CLI adds its own click and pydantic."""
     code = ("import sys, petpipe.predict, petpipe.bundle, petpipe.cli; "
-            "print(sorted(m for m in ('torch', 'torchvision', 'timm', 'mlflow') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'torchvision', 'timm', 'mlflow', 'pandas') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", f"importing the bundle's predictor loads {result.stdout.strip()}"
 
