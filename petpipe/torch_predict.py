@@ -39,6 +39,7 @@ class CheckpointPredictor:
 
     @classmethod
     def load(cls, path: Path, *, device: str) -> CheckpointPredictor:
+        """The checkpoint at `path` on `device` (a name: auto, cpu, cuda, cuda:N or mps)."""
         return cls(load_checkpoint(path), choose_device(device, setting="--device"))
 
     @torch.inference_mode()
