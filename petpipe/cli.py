@@ -190,7 +190,7 @@ def predict_command(paths: tuple[Path, ...], model: str, top_k: int, as_json: bo
               help="Bundle folder to write: model.onnx and bundle.json (replaced whole if it exists).")
 def export_command(model: Path, out: Path) -> None:
     """Export a checkpoint as a pickle-free ONNX bundle that `petpipe predict --model` accepts."""
-    from petpipe.predict import export_bundle
+    from petpipe.torch_predict import export_bundle
 
     try:
         manifest = export_bundle(model, out)

@@ -1,17 +1,16 @@
-"""Inference outside the pipeline: predict images with a checkpoint or an exported ONNX bundle, export one.
+"""Inference outside the pipeline: predict images with a checkpoint or an exported ONNX bundle.
 
 Images go through exactly evaluate's preprocessing (decode at presize, center
 crop, normalise), so predict agrees with evaluate on the validation images; its
 inference tail (decode_pixels, pixel_batch, most_probable, classify) also serves
-`petpipe serve` and the MLflow model.
-A bundle is pickle-free: model.onnx plus bundle.json (classes, preprocessing).
+`petpipe serve` and the MLflow model. This module does not import torch: a
+checkpoint's predictor (petpipe/torch_predict.py) loads it, a bundle's
+(petpipe/bundle.py) needs only numpy, Pillow and onnxruntime.
 """
 
 from __future__ import annotations
 
 import io
-import json
-import logging
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,24 +19,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 from PIL import Image
 
-from petpipe import data
-from petpipe.atomic import atomic_directory, file_digest, write_json
-from petpipe.checkpoint import Checkpoint, load_checkpoint
+from petpipe.bundle import BundlePredictor
+from petpipe.devices import DEVICE_CHOICES, is_device_name
 from petpipe.errors import PetpipeError
-from petpipe.hardware import autocast, choose_device, to_device
-from petpipe.models import Classifier
+from petpipe.folders import visible_files
 from petpipe.pixels import decode_image
-from petpipe.views import Views
-
-
-BUNDLE_FORMAT = "petpipe-bundle/1"
-BUNDLE_FILE = "bundle.json"
-ONNX_FILE = "model.onnx"
-# The opset the torch.export-based exporter targets by default.
-ONNX_OPSET = 18
 
 
 # ---------------------------------------------------------------- predictors
@@ -45,85 +33,23 @@ ONNX_OPSET = 18
 
 class Predictor(Protocol):
     classes: list[str]
-    views: Views  # evaluation only
+    presize: int  # the side images are decoded at (decode_pixels)
 
-    def probabilities(self, pixels: torch.Tensor) -> np.ndarray:
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """Presized uint8 (B, 3, P, P) -> class probabilities (B, C) float64."""
 
 
-class CheckpointPredictor:
-    """A petpipe checkpoint (model.pt), run with torch on the chosen device."""
-
-    def __init__(self, checkpoint: Checkpoint, device: torch.device):
-        self.classes = list(checkpoint.spec.classes)
-        self.views = Views.of(checkpoint.spec)
-        self.device = device
-        self.model = to_device(checkpoint.model(), device).eval()
-
-    @torch.inference_mode()
-    def probabilities(self, pixels: torch.Tensor) -> np.ndarray:
-        batch = self.views.evaluate(pixels.to(self.device))
-        with autocast(self.device):
-            logits = self.model(batch)
-        return torch.softmax(logits.double(), dim=1).cpu().numpy()
-
-
-class BundlePredictor:
-    """An exported bundle (bundle.json + model.onnx), run with onnxruntime."""
-
-    def __init__(self, folder: Path, device: torch.device):
-        manifest = read_bundle(folder)
-        self.classes = list(manifest["classes"])
-        sizes = manifest["preprocessing"]
-        size, presize = int(sizes["img_size"]), int(sizes["presize"])
-        # Bundles from before eval_crop evaluated on the central img_size pixels.
-        self.views = Views(size=size, presize=presize, eval_crop=float(sizes.get("eval_crop", size / presize)),
-                           mean=tuple(sizes["mean"]), std=tuple(sizes["std"]))
-        self.session = _onnx_session(folder / manifest["model"], device)
-        self.input_name = manifest["input"]["name"]
-
-    def probabilities(self, pixels: torch.Tensor) -> np.ndarray:
-        batch = self.views.evaluate(pixels.cpu())
-        (logits,) = self.session.run(None, {self.input_name: batch.contiguous().numpy()})
-        return torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
-
-
-def _onnx_session(path: Path, device: torch.device) -> Any:
-    try:
-        import onnxruntime
-    except ImportError:
-        raise PetpipeError("predicting with an exported bundle needs onnxruntime: pip install onnxruntime") from None
-    providers = ["CPUExecutionProvider"]
-    if device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    try:
-        return onnxruntime.InferenceSession(str(path), providers=providers)
-    except Exception as error:  # onnxruntime raises its own exception types for bad files
-        raise PetpipeError(f"{path}: not a loadable ONNX model ({error}); export it again") from None
-
-
-def read_bundle(folder: Path) -> dict[str, Any]:
-    """bundle.json of an exported bundle, checked enough to trust its fields."""
-    path = Path(folder) / BUNDLE_FILE
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PetpipeError(f"{folder}: no {BUNDLE_FILE}; pass a model.pt checkpoint or a folder "
-                           f"written by `petpipe export`") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise PetpipeError(f"{path}: not valid JSON ({error}); export the bundle again") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
-        raise PetpipeError(f"{path}: not a petpipe bundle (format {BUNDLE_FORMAT}); export it again")
-    return manifest
-
-
 def load_predictor(model: Path, *, device: str = "auto") -> Predictor:
-    """A checkpoint file (model.pt) or an exported bundle folder, ready to predict on `device`."""
+    """A checkpoint file (model.pt), run with torch, or an exported bundle folder, run with onnxruntime alone,
+    ready to predict on `device`."""
     model = Path(model)
-    chosen = choose_device(device, setting="--device")
+    if not is_device_name(device):
+        raise PetpipeError(f"--device = {device!r} is not a device; use {DEVICE_CHOICES}")
     if model.is_dir():
-        return BundlePredictor(model, chosen)
-    return CheckpointPredictor(load_checkpoint(model), chosen)
+        return BundlePredictor(model, device=device)
+    from petpipe.torch_predict import CheckpointPredictor  # here: a bundle must not pay for (or need) torch
+
+    return CheckpointPredictor.load(model, device=device)
 
 
 # ---------------------------------------------------------------- predicting files
@@ -156,7 +82,7 @@ def collect_images(paths: Sequence[Path]) -> list[Path]:
     found: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found.extend(file for file in data.scan_images(path) if file.suffix.lower() in extensions)
+            found.extend(path / file for file in visible_files(path) if file.suffix.lower() in extensions)
         else:
             found.append(path)
     return found
@@ -174,7 +100,7 @@ def predict_files(predictor: Predictor, paths: Sequence[Path], *, top_k: int = 3
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(paths), batch_size):
             chunk = [Path(path) for path in paths[start:start + batch_size]]
-            decoded = list(pool.map(lambda path: read_pixels(path, predictor.views.presize), chunk))
+            decoded = list(pool.map(lambda path: read_pixels(path, predictor.presize), chunk))
             for path, result in zip(chunk, classify(predictor, decoded, top_k=top_k)):
                 if isinstance(result, str):
                     yield Prediction(path=str(path), error=result)
@@ -210,10 +136,10 @@ def read_pixels(image: Path | str | bytes, presize: int) -> np.ndarray | str:
         return f"cannot read image ({type(error).__name__}: {error})"
 
 
-def pixel_batch(pixels: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
-    """(3, P, P) images, or a (B, 3, P, P) slice of the pixel cache, as the uint8 (B, 3, P, P) tensor
-    Predictor.probabilities takes."""
-    return torch.from_numpy(np.ascontiguousarray(np.stack(pixels)))
+def pixel_batch(pixels: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+    """(3, P, P) images, or a (B, 3, P, P) slice of the pixel cache, as the contiguous uint8 (B, 3, P, P)
+    array Predictor.probabilities takes."""
+    return np.ascontiguousarray(np.stack(pixels))
 
 
 def most_probable(probabilities: np.ndarray, classes: Sequence[str], k: int) -> list[tuple[str, float]]:
@@ -234,88 +160,3 @@ def classify(predictor: Predictor, decoded: Sequence[np.ndarray | str], *,
         for position, row in zip(readable, probabilities):
             results[position] = most_probable(row, predictor.classes, top_k)
     return results
-
-
-# ---------------------------------------------------------------- export
-
-
-def export_bundle(checkpoint_path: Path, out: Path, *, check_tolerance: float = 1e-4) -> dict[str, Any]:
-    """Write `out/` = model.onnx + bundle.json from a checkpoint; return the manifest.
-
-    The folder appears whole or not at all (written beside, then renamed). The
-    export is checked before it is kept: onnxruntime's probabilities on a
-    random batch must match torch's within `check_tolerance`.
-    """
-    checkpoint_path = Path(checkpoint_path)
-    checkpoint = load_checkpoint(checkpoint_path)
-    spec = checkpoint.spec
-    model = checkpoint.model().eval()
-    example = torch.randn(2, 3, spec.img_size, spec.img_size, generator=torch.Generator().manual_seed(0))
-    manifest = {
-        "format": BUNDLE_FORMAT,
-        "model": ONNX_FILE,
-        "runtime": "onnxruntime",
-        "input": {"name": "images", "shape": ["batch", 3, spec.img_size, spec.img_size], "dtype": "float32",
-                  "layout": "NCHW, RGB, (pixel / 255 - mean) / std"},
-        "output": {"name": "logits", "shape": ["batch", spec.num_classes],
-                   "meaning": "unnormalised scores; softmax gives class probabilities"},
-        "classes": list(spec.classes),
-        "preprocessing": {
-            "img_size": spec.img_size, "presize": spec.presize, "eval_crop": spec.eval_crop,
-            "mean": list(spec.mean), "std": list(spec.std),
-            "steps": ["apply EXIF orientation, convert to RGB",
-                      "resize the shorter side to presize and center-crop a presize square (bilinear)",
-                      "center-crop eval_crop of that square's side and resize it to img_size "
-                      "(bilinear, align_corners; no resampling when the crop is img_size pixels)",
-                      "scale to [0, 1], subtract mean and divide by std per channel"],
-        },
-        "arch": spec.arch,
-        "stage": checkpoint.stage,
-        "source": {"checkpoint": checkpoint_path.name, "sha256": file_digest(checkpoint_path)},
-        "opset": ONNX_OPSET,
-    }
-    with atomic_directory(out) as folder:
-        _export_onnx(model, example, folder / ONNX_FILE)
-        write_json(folder / BUNDLE_FILE, manifest)
-        _check_export(model, example, folder, tolerance=check_tolerance)
-        folder.chmod(0o755)  # the temporary folder is private (0700); the bundle is meant to be shared
-    return manifest
-
-
-def _export_onnx(model: Classifier, example: torch.Tensor, path: Path) -> None:
-    try:
-        import onnxscript  # noqa: F401  (the torch.export-based exporter needs it)
-    except ImportError:
-        raise PetpipeError("export needs onnx, onnxscript and onnxruntime: "
-                           "pip install onnx onnxscript onnxruntime") from None
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    # The graph optimiser logs every initializer it merges at INFO; that is not news for the user.
-    quiet = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
-    levels = [logger.level for logger in quiet]
-    for logger in quiet:
-        logger.setLevel(logging.WARNING)
-    try:
-        # One self-contained file (external_data=False): these models stay far below ONNX's 2 GB limit.
-        # dynamic_shapes by position, so renaming forward's argument cannot break the export.
-        program = torch.onnx.export(model, (example,), None, input_names=["images"], output_names=["logits"],
-                                    dynamic_shapes=({0: batch},), opset_version=ONNX_OPSET, dynamo=True,
-                                    external_data=False, verbose=False)
-        program.save(str(path), external_data=False)
-    finally:
-        for logger, level in zip(quiet, levels):
-            logger.setLevel(level)
-
-
-def _check_export(model: Classifier, example: torch.Tensor, folder: Path, *, tolerance: float) -> None:
-    predictor = BundlePredictor(folder, torch.device("cpu"))
-    batch = torch.cat([example, example.flip(0), example * 0.5])  # another batch size than the export's
-    exported = predictor.session.run(None, {predictor.input_name: batch.numpy()})[0]
-    with torch.inference_mode():
-        reference = torch.softmax(model(batch).double(), dim=1).numpy()
-    difference = np.abs(torch.softmax(torch.from_numpy(exported).double(), dim=1).numpy() - reference).max()
-    if not difference <= tolerance:
-        raise PetpipeError(f"the exported model disagrees with the checkpoint (probabilities differ by up to "
-                           f"{difference:.2e} > {tolerance:.0e}); nothing was written")
-
-
-# ---------------------------------------------------------------- show-batch

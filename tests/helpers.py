@@ -236,6 +236,25 @@ def run_evaluate(sample: TrainedSample, folder: Path, params: Params | None = No
 # ---------------------------------------------------------------- projects and commands
 
 
+# Runs a petpipe command in this process after making `import torch` fail: any import of torch (or of a
+# library that needs it) is then a traceback, so a command that succeeds never imported it.
+WITHOUT_TORCH = """
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "timm"):
+            raise ImportError(f"{name} imported")
+sys.meta_path.insert(0, NoTorch())
+from petpipe.cli import main
+main(sys.argv[1:])
+"""
+
+
+def run_without_torch(arguments: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *arguments], cwd=cwd, capture_output=True,
+                          text=True, env={**os.environ, "PETPIPE_TRACKING": "off"}, timeout=300)
+
+
 def run_command(arguments: list[str], cwd: Path, timeout: float = 900, **environment: str) -> Any:
     """Run a command (dvc, petpipe, git) with the project's venv first on PATH and the test session's
     environment (tracking off, the session's pixel cache) updated with `environment`; fail loudly."""

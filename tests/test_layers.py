@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_without_torch
 
 from petpipe.errors import PetpipeError
 from petpipe.stages import imported_modules
@@ -102,23 +103,13 @@ def test_configuration_modules_are_leaves(leaf):
     assert result.stdout.strip() == "[]", f"importing {leaf} loads {result.stdout.strip()}"
 
 
-# Runs a petpipe command in this process after making `import torch` fail: any import of torch (or of a
-# library that needs it) is then a traceback, so a command that succeeds never imported it.
-WITHOUT_TORCH = """
-import sys
-class NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "torchvision", "timm"):
-            raise ImportError(f"{name} imported")
-sys.meta_path.insert(0, NoTorch())
-from petpipe.cli import main
-main(sys.argv[1:])
-"""
-
-
-def run_without_torch(arguments: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *arguments], cwd=cwd, capture_output=True,
-                          text=True, env={**__import__("os").environ, "PETPIPE_TRACKING": "off"}, timeout=300)
+def test_predicting_with_a_bundle_imports_neither_torch_nor_pandas_nor_mlflow():
+    """petpipe.predict and petpipe.bundle (what `petpipe predict --model bundle/` runs) load with numpy and
+    Pillow, onnxruntime coming when a bundle is opened; the CLI adds its own click and pydantic."""
+    code = ("import sys, petpipe.predict, petpipe.bundle, petpipe.cli; "
+            "print(sorted(m for m in ('torch', 'torchvision', 'timm', 'mlflow', 'pandas') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", f"importing the bundle's predictor loads {result.stdout.strip()}"
 
 
 def test_fetch_and_index_labels_never_import_torch(tmp_path):

@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 import yaml
 from click.testing import CliRunner
+from PIL import Image
 
-from helpers import PNG_MAGIC, SAMPLE_IMAGES, valid_rows
+from helpers import PNG_MAGIC, SAMPLE_IMAGES, run_without_torch, valid_rows
 from petpipe.atomic import file_digest
 from petpipe.checkpoint import load_checkpoint
 from petpipe.cli import main
@@ -53,6 +54,7 @@ def test_an_exported_bundle_is_pickle_free_and_agrees_with_the_checkpoint(traine
     manifest = json.loads((bundle / "bundle.json").read_text())
     spec = load_checkpoint(trained.model).spec
     assert manifest["format"] == "petpipe-bundle/1" and manifest["model"] == "model.onnx"
+    assert manifest["preprocessing"]["resize"] == {"mode": "bilinear", "align_corners": True, "antialias": False}
     assert manifest["classes"] == list(spec.classes)
     assert {key: manifest["preprocessing"][key] for key in ("img_size", "presize", "mean", "std")} == \
         {"img_size": spec.img_size, "presize": spec.presize, "mean": list(spec.mean), "std": list(spec.std)}
@@ -66,6 +68,47 @@ def test_an_exported_bundle_is_pickle_free_and_agrees_with_the_checkpoint(traine
     for name in reference:
         assert max(exported[name], key=exported[name].get) == max(reference[name], key=reference[name].get)
         assert exported[name] == pytest.approx(reference[name], abs=1e-4), name
+
+
+def photos_of_every_kind(folder: Path) -> Path:
+    """Sample photos as users have them: landscape, portrait and square JPEGs, and the same photos re-encoded as
+    a greyscale JPEG, a CMYK JPEG and a PNG with transparency (which decode_image composites on white)."""
+    folder.mkdir()
+    for name in ("Abyssinian_101.jpg", "Abyssinian_12.jpg", "Persian_163.jpg", "pug_112.jpg", "Bombay_10.jpg"):
+        shutil.copy(SAMPLE_IMAGES / name, folder / name)
+    with Image.open(SAMPLE_IMAGES / "beagle_10.jpg") as photo:
+        photo.convert("L").save(folder / "beagle_grey.jpg", quality=90)
+        photo.convert("CMYK").save(folder / "beagle_cmyk.jpg", quality=90)
+        transparent = photo.convert("RGBA")
+        transparent.putalpha(Image.linear_gradient("L").resize(photo.size))
+        transparent.save(folder / "beagle_alpha.png")
+    return folder
+
+
+def predicted_json(output: str) -> dict[str, dict[str, float]]:
+    return {Path(item["path"]).name: {entry["label"]: entry["probability"] for entry in item["predictions"]}
+            for item in json.loads(output)}
+
+
+def test_a_bundle_predicts_without_torch_what_the_checkpoint_predicts(trained, bundle, tmp_path):
+    """`petpipe predict --model bundle/` in a process where importing torch fails: numpy, Pillow and onnxruntime
+    give the checkpoint's probabilities to 1e-4, on every kind of photo."""
+    photos = photos_of_every_kind(tmp_path / "photos")
+    every_class = str(len(load_checkpoint(trained.model).spec.classes))
+    torch_free = run_without_torch(["predict", "--model", str(bundle), "--json", "--top-k", every_class,
+                                    "--batch-size", "3", str(photos)], tmp_path)
+    assert torch_free.returncode == 0, torch_free.stderr[-3000:]
+    with_torch = CliRunner().invoke(main, ["predict", "--model", str(trained.model), "--json", "--top-k",
+                                           every_class, str(photos)])
+    assert with_torch.exit_code == 0, with_torch.output
+    exported, reference = predicted_json(torch_free.stdout), predicted_json(with_torch.stdout)
+    assert exported.keys() == reference.keys() and len(reference) == 8
+    for name, probabilities in reference.items():
+        assert exported[name].keys() == probabilities.keys() and sum(probabilities.values()) == pytest.approx(1)
+        assert exported[name] == pytest.approx(probabilities, abs=1e-4), name
+    # The guard is real: the checkpoint, which does need torch, fails there.
+    refused = run_without_torch(["predict", "--model", str(trained.model), str(photos)], tmp_path)
+    assert refused.returncode != 0 and "torch imported" in refused.stderr
 
 
 @pytest.mark.parametrize("model_kind", ["checkpoint", "bundle"])

@@ -24,6 +24,7 @@ from helpers import (
     PIPELINE_SMALL,
     PROJECT_ROOT,
     QUIET_MLFLOW,
+    SAMPLE_IMAGES,
     STAGES,
     Served,
     copy_subset,
@@ -129,6 +130,7 @@ def test_finetune_model_is_registered_takes_photos_and_holds_no_pickle(served):
     # A model from code: petpipe/mlflow_model.py and the checkpoint; nothing pickled anywhere in it.
     files = {path.relative_to(local).as_posix() for path in local.rglob("*") if path.is_file()}
     assert "mlflow_model.py" in files and "artifacts/model.pt" in files
+    assert {"artifacts/onnx/bundle.json", "artifacts/onnx/model.onnx"} <= files  # the bundle, runs without torch
     assert not [name for name in files if name.endswith((".pkl", ".pickle", ".cloudpickle"))]
 
     photos = sorted((served.project / "stages/fetch/images").glob("*.jpg"))[:6]
@@ -417,6 +419,66 @@ def test_unreachable_server_costs_seconds_and_one_warning(embedded_project, monk
         f"mlflow: tracking server {url} unreachable (connection refused); not logged for stage finetune: "
         "params, metrics (accuracy, train_loss at steps 1-2), artifacts (report.md), "
         "the model (registered name pets). The stage's outputs are written as usual.")
+
+
+def logged_model_files(project: Path, uri: str, into: Path) -> tuple[Path, set[str]]:
+    """A local copy of the logged model at `uri` in the project's embedded store, and its files."""
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(into)))
+    finally:
+        mlflow.set_tracking_uri(None)
+    return local, {path.relative_to(local).as_posix() for path in local.rglob("*") if path.is_file()}
+
+
+def test_the_logged_model_carries_its_onnx_bundle_which_predicts_as_the_checkpoint(embedded_project, trained):
+    """finetune's model holds artifacts/onnx/ (`petpipe export`'s bundle) beside artifacts/model.pt: the downloaded
+    bundle, run by petpipe.bundle (numpy and onnxruntime), gives the checkpoint's probabilities to 1e-4."""
+    import mlflow
+    import numpy as np
+
+    from petpipe.bundle import BundlePredictor
+    from petpipe.predict import decode_pixels, load_predictor, pixel_batch
+
+    pytest.importorskip("onnxscript", reason="export needs onnxscript (pip install onnx onnxscript onnxruntime)")
+    photos = sorted(SAMPLE_IMAGES.glob("*.jpg"))[::50]  # 8 breeds, landscapes and portraits
+    with tracking.stage_run("finetune", params={"finetune": {"epochs": 1}}) as run:
+        run.log_model(trained.model, example=photos[0], registered_name="pets")
+    assert run.failure is None and run.model_id is not None
+    local, files = logged_model_files(embedded_project, "models:/pets/1", embedded_project / "downloaded")
+    assert {"artifacts/model.pt", "artifacts/onnx/bundle.json", "artifacts/onnx/model.onnx"} <= files
+
+    bundle = BundlePredictor(local / "artifacts" / "onnx")
+    checkpoint = load_predictor(trained.model, device="cpu")
+    assert bundle.classes == checkpoint.classes and bundle.presize == checkpoint.presize
+    pixels = pixel_batch([decode_pixels(photo, bundle.presize) for photo in photos])  # (8, 3, P, P)
+    expected = checkpoint.probabilities(pixels)
+    assert np.abs(bundle.probabilities(pixels) - expected).max() <= 1e-4
+    # The pyfunc itself still predicts from the checkpoint beside the bundle.
+    answer = mlflow.pyfunc.load_model(str(local)).predict(pd.DataFrame({"path": [str(photos[0])]}))
+    assert answer["label"][0] == checkpoint.classes[int(expected[0].argmax())]
+
+
+def test_a_model_that_cannot_be_exported_is_logged_without_its_bundle(embedded_project, trained, monkeypatch,
+                                                                       caplog):
+    from petpipe import torch_predict
+    from petpipe.errors import PetpipeError
+
+    def no_exporter(*args, **kwargs):
+        raise PetpipeError("export needs onnx, onnxscript and onnxruntime: pip install onnx onnxscript onnxruntime")
+
+    monkeypatch.setattr(torch_predict, "export_bundle", no_exporter)
+    with caplog.at_level(logging.WARNING):
+        with tracking.stage_run("finetune", params={}) as run:
+            run.log_model(trained.model, example=next(SAMPLE_IMAGES.glob("*.jpg")))
+    assert run.failure is None
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert warnings == ["mlflow: the model is logged without its ONNX bundle (export needs onnx, onnxscript and "
+                        "onnxruntime: pip install onnx onnxscript onnxruntime)"]
+    _, files = logged_model_files(embedded_project, f"models:/{run.model_id}", embedded_project / "downloaded")
+    assert "artifacts/model.pt" in files and not [name for name in files if "onnx" in name]
 
 
 def test_a_stage_logs_where_its_own_params_file_says(embedded_project, sample_images, monkeypatch):

@@ -65,7 +65,7 @@ class Service:
     def predict_bytes(self, body: bytes, name: str) -> list[dict[str, Any]]:
         """Top-5 (label, probability) of one uploaded photo, decoded exactly as `petpipe predict` does."""
         try:
-            pixels = decode_pixels(body, self.predictor.views.presize)  # (3, P, P)
+            pixels = decode_pixels(body, self.predictor.presize)  # (3, P, P)
         except UnidentifiedImageError:
             raise UploadError(415, f"{name}: not an image (no image format recognised)") from None
         except Image.DecompressionBombError:

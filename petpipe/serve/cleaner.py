@@ -70,7 +70,7 @@ class Cleaner:
         log.info("computing the losses of %d images", len(rows))
         files = [self.images / relative for relative in rows["path"]]
         # The decoded-pixel cache the training stages share: usually already built, so nothing is decoded.
-        pixels = load_pixels(files, list(rows["hash"]), self.predictor.views.presize)  # (N, 3, P, P)
+        pixels = load_pixels(files, list(rows["hash"]), self.predictor.presize)  # (N, 3, P, P)
         chunks = [self.predictor.probabilities(pixel_batch(pixels[start:start + BATCH_SIZE]))
                   for start in range(0, len(rows), BATCH_SIZE)]
         probabilities = np.concatenate(chunks) if chunks else np.empty((0, len(classes)))  # (N, C)
