@@ -202,4 +202,5 @@ def test_every_cli_command_documents_its_options():
     dvc_cmd = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())
     evaluate_cmd = dvc_cmd["stages"]["evaluate"]["cmd"]
     assert "--confusion-normalized-plot stages/evaluate/confusion_normalized.png" in evaluate_cmd
-    assert "stages/evaluate/confusion_normalized.png" in dvc_cmd["stages"]["evaluate"]["outs"]
+    # a figure is an image plot (dvc plots diff shows each revision's), cached like an out
+    assert "stages/evaluate/confusion_normalized.png" in dvc_cmd["stages"]["evaluate"]["plots"]
