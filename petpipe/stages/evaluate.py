@@ -163,6 +163,9 @@ def audit_data(head: Checkpoint, data: Dataset, *, params: Params, runtime: Runt
         .features[0].cpu().numpy() for images in (data.train, data.valid)])  # (N, 2C)
     rows = pd.concat([data.rows("train"), data.rows("valid")], ignore_index=True)
     labels = torch.cat([data.train.targets, data.valid.targets]).cpu().numpy()
+    if np.bincount(labels).max() < 2:
+        raise PetpipeError(f"the data audit needs a class with at least 2 images and every class of {inputs.index} "
+                           "has one; add photos or set evaluate.audit.enabled: false")
     settings = params.evaluate.audit
     probabilities = audit.out_of_sample_probabilities(features, labels, num_classes=len(data.classes),
                                                       folds=settings.folds, seed=params.train.seed)
