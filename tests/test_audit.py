@@ -162,3 +162,18 @@ def test_out_of_sample_probabilities_never_come_from_a_head_that_saw_the_image()
     assert found.suggested[5] == 0 and found.quality[5] < 0.1
     again = audit.out_of_sample_probabilities(features, labels, num_classes=4, folds=5, seed=0)
     np.testing.assert_array_equal(probabilities, again)  # seeded: the same folds, the same heads
+
+
+def test_a_set_with_one_image_per_class_refuses_the_audit_with_what_to_do(trained, tmp_path):
+    from petpipe.errors import PetpipeError
+
+    index = data.load_index(trained.index).groupby("label").head(1).reset_index(drop=True)
+    index["split"] = ["valid" if position % 4 == 0 else "train" for position in range(len(index))]
+    index.to_csv(tmp_path / "index.csv", index=False)
+    params = trained.params.model_copy(update={"evaluate": trained.params.evaluate.model_copy(update={"tta": False})})
+    inputs = evaluate.Inputs(images=SAMPLE_IMAGES, index=tmp_path / "index.csv", finetune_model=trained.model,
+                             head_model=trained.model)
+    with pytest.raises(PetpipeError, match="at least 2 images.*evaluate.audit.enabled: false"), \
+            stage_environment(trained.root):
+        evaluate.run(params, inputs, evaluate_outputs(tmp_path / "out"))
+    assert not (tmp_path / "out" / "metrics.json").exists()
