@@ -180,11 +180,18 @@ class FinetuneParams(_Section):
     size_ratio: Annotated[float, Field(gt=0, le=1)]
 
 
+class AuditParams(_Section):
+    enabled: bool
+    folds: Annotated[int, Field(ge=2, le=50)]
+    duplicate_similarity: Annotated[float, Field(gt=0, le=1)]
+
+
 class EvaluateParams(_Section):
     checkpoint: Literal["finetune", "train-head"]
     top_losses: PositiveInt
     min_count: PositiveInt
     tta: bool
+    audit: AuditParams
 
 
 TrainedStage = Literal["train-head", "finetune"]

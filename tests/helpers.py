@@ -217,7 +217,8 @@ def evaluate_outputs(folder: Path) -> Any:
         metrics=folder / "metrics.json", confusion=folder / "confusion.csv", confusion_plot=folder / "confusion.png",
         confusion_normalized_plot=folder / "confusion_normalized.png", top_losses=folder / "top_losses.png",
         top_losses_table=folder / "top_losses.csv", most_confused=folder / "most_confused.csv",
-        report=folder / "report.md", per_class=folder / "per_class.csv")
+        report=folder / "report.md", per_class=folder / "per_class.csv", label_issues=folder / "label_issues.csv",
+        duplicates=folder / "duplicates.csv")
 
 
 def run_evaluate(sample: TrainedSample, folder: Path, params: Params | None = None,

@@ -208,3 +208,43 @@ def test_clean_relabels_and_excludes_and_index_labels_applies_it(project, server
     index = pd.read_csv(project / "stages/index-labels/index.csv", dtype=str, keep_default_na=False)
     assert index.set_index("path").loc[relabelled, "label"] == other and excluded not in set(index["path"])
     assert report["images"] == before["images"] - 1 and before["corrections"]["relabelled"] == 0
+
+
+def test_clean_leads_with_suspects_whose_suggestion_one_click_accepts_and_duplicates_excluded_either_side(
+        project, server, page, screenshots):
+    """Clean opens on the audit's Suspects (evaluate's label_issues.csv, most suspect first): one click accepts
+    the suggested breed. Duplicates shows a pair side by side: one click excludes a side. Both reach the file."""
+    corrections = project / "labels/corrections.csv"
+    index = pd.read_csv(project / "stages/index-labels/index.csv", dtype=str, keep_default_na=False)
+    issues = pd.read_csv(project / "stages/evaluate/label_issues.csv", dtype=str, keep_default_na=False)
+    labels = dict(zip(index["path"], index["label"]))
+    page.goto(server + "/clean")
+    expect(page.locator('nav.views a[aria-current="page"]')).to_have_text("Suspects")
+    cards = page.locator("section.suspects article.candidate")
+    shown = issues[issues["path"].isin(labels)]["path"].head(cards.count()).tolist()
+    assert cards.count() > 0 and [cards.nth(i).get_attribute("data-path") for i in range(cards.count())] == shown
+    card = page.locator("section.suspects article.candidate:has(button.accept)").first
+    path, suggested = card.get_attribute("data-path"), card.locator("button.accept").get_attribute("data-label")
+    assert suggested == issues.set_index("path").at[path, "suggested"] != labels[path]
+    card.locator("button.accept").click()  # one click
+    expect(page.locator("#status")).to_contain_text(f"{path}: relabelled as {suggested}.")
+    expect(card.locator("select.decision")).to_have_value(f"relabel:{suggested}")
+    save_screenshot(page, screenshots / "clean-suspects.png")
+    assert f"{path},relabel,{suggested}\n" in corrections.read_text()
+
+    # A pair of a training and a validation photo, as evaluate writes it (the sample at 64 px has none at the
+    # default threshold: tests/test_audit.py checks that a planted copy is found; here the page is checked).
+    train = next(p for p in index[index["split"] == "train"]["path"] if p != path)
+    valid = next(p for p in index[index["split"] == "valid"]["path"] if p != path)
+    (project / "stages/evaluate/duplicates.csv").write_text(
+        f"path_a,path_b,split_a,split_b,similarity\n{train},{valid},train,valid,0.97\n")
+    page.goto(server + "/clean?view=duplicates")
+    pair = page.locator("article.pair.leak")
+    expect(pair).to_have_count(1)
+    assert [side.get_attribute("data-path") for side in pair.locator(".candidate").all()] == [train, valid]
+    pair.locator(f'.candidate[data-path="{train}"] button.exclude').click()
+    expect(page.locator("#status")).to_contain_text(f"{train}: excluded.")
+    save_screenshot(page, screenshots / "clean-duplicates.png")
+    assert f"{train},exclude,\n" in corrections.read_text() and f"{valid}," not in corrections.read_text()
+    page.reload()  # the decisions are what the page shows next time
+    assert page.locator(f'.candidate[data-path="{train}"] select').input_value() == "exclude"

@@ -190,3 +190,37 @@ def test_the_cli_refuses_a_missing_model_and_a_port_in_use_with_one_line(project
                                          str(project / "model.pt"), "--port", str(port)])
     assert busy.exit_code == 1
     assert busy.output.startswith(f"Error: cannot listen on 127.0.0.1:{port} (") and busy.output.count("\n") == 1
+
+
+def test_the_clean_page_leads_with_the_audits_suspects_and_duplicates(client, project):
+    """Clean opens on Suspects (label_issues.csv, most suspect first, today's label, the suggestion one click
+    away); Duplicates shows each pair side by side with its leak; before evaluate's audit, a line says so."""
+    assert "No audit yet" in client.get("/clean").text
+    evaluate = project / "evaluate"
+    (evaluate / "label_issues.csv").write_text(
+        "path,split,label,suggested,quality,issue\n"
+        "Bengal_107.jpg,train,Bengal,Abyssinian,0.02,True\n"
+        "gone_1.jpg,train,Bengal,beagle,0.03,True\n"  # excluded since the audit ran: not shown
+        "Abyssinian_12.jpg,train,Bengal,Abyssinian,0.10,False\n"  # relabelled back since: today's label shown
+        "beagle_10.jpg,train,beagle,beagle,0.40,False\n")
+    (evaluate / "duplicates.csv").write_text("path_a,path_b,split_a,split_b,similarity\n"
+                                             "Abyssinian_101.jpg,Abyssinian_12.jpg,valid,train,0.97\n")
+    try:
+        page = client.get("/clean")
+        assert page.status_code == 200 and 'aria-current="page">Suspects' in page.text
+        shown = [line.split('data-path="')[1].split('"')[0] for line in page.text.splitlines()
+                 if 'class="candidate' in line]
+        assert shown == ["Bengal_107.jpg", "Abyssinian_12.jpg", "beagle_10.jpg"]  # most suspect first
+        assert "labelled Abyssinian · quality 0.100" in page.text  # index.csv's label, not the audit's
+        assert '<button type="button" class="accept" data-label="Abyssinian">relabel as Abyssinian</button>' \
+            in page.text
+        assert page.text.count('class="accept"') == 1  # the others' suggestion is their label: nothing to accept
+        assert "cleanlab flags 2 likely label issue(s)" in page.text
+        pairs = client.get("/clean?view=duplicates")
+        assert pairs.status_code == 200 and pairs.text.count('class="pair leak"') == 1
+        assert pairs.text.count('<button type="button" class="exclude">exclude</button>') == 2
+        assert "1 leak(s) across train and valid" in pairs.text
+        assert client.get("/clean?view=nothing").status_code == 400
+    finally:
+        (evaluate / "label_issues.csv").unlink()
+        (evaluate / "duplicates.csv").unlink()

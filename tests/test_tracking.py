@@ -94,7 +94,8 @@ def test_plots_and_reports_are_artifacts(served, tmp_path):
         "train-head": {"training.png", "history.csv", "metrics.json"},
         "lr-find": {"lr_find.png", "lr_find.csv", "lr_find.json"},
         "finetune": {"training.png", "history.csv", "metrics.json"},
-        "evaluate": {"confusion.png", "top_losses.png", "confusion.csv", "report.md", "metrics.json"},
+        "evaluate": {"confusion.png", "top_losses.png", "confusion.csv", "report.md", "metrics.json",
+                     "label_issues.csv", "duplicates.csv"},
     }
     for stage, names in expected.items():
         listed = {artifact.path for artifact in served.client.list_artifacts(served.runs[stage].info.run_id)}

@@ -1,4 +1,5 @@
-"""evaluate: interpret the model on the validation split (fastai's ClassificationInterpretation).
+"""evaluate: interpret the model on the validation split (fastai's ClassificationInterpretation), and audit the
+data: likely label errors and near-duplicates of every indexed image (petpipe/audit.py).
 
     petpipe evaluate --images stages/fetch/images --index stages/index-labels/index.csv \\
         --finetune-model stages/finetune/model.pt --head-model stages/train-head/model.pt \\
@@ -6,12 +7,14 @@
         --confusion-plot stages/evaluate/confusion.png \\
         --confusion-normalized-plot stages/evaluate/confusion_normalized.png \\
         --top-losses stages/evaluate/top_losses.png --top-losses-table stages/evaluate/top_losses.csv \\
-        --most-confused stages/evaluate/most_confused.csv --report stages/evaluate/report.md
+        --most-confused stages/evaluate/most_confused.csv --report stages/evaluate/report.md \\
+        --label-issues stages/evaluate/label_issues.csv --duplicates stages/evaluate/duplicates.csv
 """
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,18 +23,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from petpipe import interpret, plots
+from petpipe import audit, interpret, plots
 from petpipe.atomic import save_figure, write_csv, write_json, write_text
-from petpipe.checkpoint import load_checkpoint
+from petpipe.checkpoint import Checkpoint, load_checkpoint
 from petpipe.compute import one_process
 from petpipe.dataset import Dataset, ImageSet
 from petpipe.errors import PetpipeError
-from petpipe.hardware import autocast, to_device
+from petpipe.hardware import Runtime, autocast, to_device
 from petpipe.models import Classifier
 from petpipe.params import EvaluateParams, Params
 from petpipe.pipeline import path_option
 from petpipe.runner import Context, Stage
-from petpipe.training import batch_indices, predict
+from petpipe.training import batch_indices, predict, with_features
 from petpipe.views import Views
 
 STAGE = Stage("evaluate", params=("train.device", "train.batch_size", "train.seed", "train.augment", "evaluate"),
@@ -65,6 +68,12 @@ class Outputs:
     per_class: Path | None = path_option(
         "per_class.csv to write (precision, recall, F1, support per class); not written when omitted.",
         optional=True)
+    label_issues: Path | None = path_option(
+        "label_issues.csv to write (the data audit: every image's label quality and suggested class, most "
+        "suspect first); not written when omitted.", optional=True)
+    duplicates: Path | None = path_option(
+        "duplicates.csv to write (the data audit: near-duplicate pairs, most similar first); not written when "
+        "omitted.", optional=True)
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,17 @@ class Interpretation:
     most_confused: pd.DataFrame
     top_losses: pd.DataFrame  # top_losses.csv
     top_positions: np.ndarray  # where those images are in the validation split
+
+
+@dataclass(frozen=True)
+class DataAudit:
+    """The audit's two tables (label_issues.csv, duplicates.csv) and its counts for metrics.json."""
+
+    label_issues: pd.DataFrame
+    duplicates: pd.DataFrame
+    counts: dict[str, int]
+    similarity: float  # the duplicate threshold
+    seconds: float
 
 
 @STAGE.runs
@@ -92,6 +112,11 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     views = Views.of(checkpoint.spec, params.train.augment)
     log_probabilities, metrics = score(model, data, views=views, params=params)
     found = interpret_predictions(log_probabilities, data, settings=params.evaluate)
+    audited = None
+    if params.evaluate.audit.enabled and (outputs.label_issues is not None or outputs.duplicates is not None):
+        head = checkpoint if which == "train-head" else load_checkpoint(inputs.head_model)
+        audited = audit_data(head, data, params=params, runtime=runtime, inputs=inputs, context=context)
+        metrics.update(audited.counts)
     # Draw every figure before writing anything, so a plotting failure leaves no new outputs.
     figures = draw(found, data, views=views, outputs=outputs)
     context.log.log_params({"checkpoint_path": str(checkpoint_path)})
@@ -101,13 +126,16 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     if outputs.per_class is not None:  # not in metrics.json: 4 x 37 columns in `dvc exp show`
         write_csv(outputs.per_class, interpret.per_class_metrics(
             data.valid.targets.cpu().numpy(), log_probabilities.argmax(axis=1), data.classes).reset_index())
+    write_audit(audited, outputs)
     for figure_path, figure in figures.items():
         save_figure(figure_path, figure)
     write_text(outputs.report, render_report(metrics, found.most_confused, outputs=outputs,
-                                             checkpoint_path=checkpoint_path))
+                                             checkpoint_path=checkpoint_path, audited=audited))
     write_json(outputs.metrics, metrics)
     numbers = {name: float(value) for name, value in metrics.items() if isinstance(value, float)}
     context.log.log_metrics(numbers)
+    if audited is not None:  # the time only in MLflow and the summary: metrics.json stays reproducible
+        context.log.log_metrics({**audited.counts, "audit_seconds": audited.seconds})
     context.log.log_artifacts(_output_paths(outputs))
     # The same numbers on the MLflow model that holds these weights, and the champion alias (tracking.promote).
     champion = context.log.log_evaluation(checkpoint_path, numbers, index=inputs.index)
@@ -116,7 +144,49 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
                f"loss {metrics['loss']:.4f}")
     if params.evaluate.tta:
         summary += f"; with TTA accuracy {metrics['tta_accuracy']:.4f}"
+    if audited is not None:
+        counts = audited.counts
+        summary += (f"; audit of {counts['audit_images']} images in {audited.seconds:.1f} s: "
+                    f"{counts['audit_label_issues']} likely label issues, {counts['audit_duplicate_pairs']} "
+                    f"duplicate pairs ({counts['audit_leaks']} across train and valid)")
     return summary + f" -> {outputs.metrics}" + (f"\n{champion}" if champion else "")
+
+
+def audit_data(head: Checkpoint, data: Dataset, *, params: Params, runtime: Runtime, inputs: Inputs,
+               context: Context) -> DataAudit:
+    """Every indexed image (train, then valid) through train-head's frozen body at its evaluation view (features
+    no label has touched), then petpipe/audit.py: k-fold heads and cleanlab, and near-duplicate pairs."""
+    started = time.perf_counter()
+    if head.spec.presize != data.valid.pixels.shape[-1] or list(head.spec.classes) != list(data.classes):
+        data = context.compute.dataset(inputs, head.spec, training=False)  # trained at another size
+    body = to_device(head.model(), runtime.device).eval()
+    views = Views.of(head.spec, params.train.augment)
+    features = np.concatenate([
+        with_features(body, images, batch_size=params.train.batch_size, views=views, precision="float32")
+        .features[0].cpu().numpy() for images in (data.train, data.valid)])  # (N, 2C)
+    rows = pd.concat([data.rows("train"), data.rows("valid")], ignore_index=True)
+    labels = torch.cat([data.train.targets, data.valid.targets]).cpu().numpy()
+    if np.bincount(labels).max() < 2:
+        raise PetpipeError(f"the data audit needs a class with at least 2 images and every class of {inputs.index} "
+                           "has one; add photos or set evaluate.audit.enabled: false")
+    settings = params.evaluate.audit
+    probabilities = audit.out_of_sample_probabilities(features, labels, num_classes=len(data.classes),
+                                                      folds=settings.folds, seed=params.train.seed)
+    issues = audit.label_issues_table(rows, audit.label_audit(probabilities, labels), list(data.classes))
+    duplicates = audit.duplicates_table(rows, audit.near_duplicates(features,
+                                                                    threshold=settings.duplicate_similarity))
+    return DataAudit(issues, duplicates, audit.summary(issues, duplicates), settings.duplicate_similarity,
+                     time.perf_counter() - started)
+
+
+def write_audit(audited: DataAudit | None, outputs: Outputs) -> None:
+    """The audit's tables; with the audit off, their header row alone (DVC expects every declared output)."""
+    tables = ((outputs.label_issues, audited.label_issues if audited else pd.DataFrame(
+        columns=audit.LABEL_ISSUE_COLUMNS)), (outputs.duplicates, audited.duplicates if audited else pd.DataFrame(
+            columns=audit.DUPLICATE_COLUMNS)))
+    for path, table in tables:
+        if path is not None:
+            write_csv(path, table)
 
 
 def score(model: Classifier, data: Dataset, *, views: Views, params: Params) -> tuple[np.ndarray, dict[str, Any]]:
@@ -196,7 +266,7 @@ def _link(path: Path, report: Path) -> str:
 
 
 def render_report(metrics: dict[str, Any], confused: pd.DataFrame, *, outputs: Outputs,
-                  checkpoint_path: Path) -> str:
+                  checkpoint_path: Path, audited: DataAudit | None = None) -> str:
     """report.md: one page with the headline numbers, the most confused pairs and every plot."""
     tta = "tta_accuracy" in metrics
     lines = [
@@ -222,6 +292,7 @@ def render_report(metrics: dict[str, Any], confused: pd.DataFrame, *, outputs: O
         lines += ["| actual | predicted | count |", "|---|---|---:|"]
         lines += [f"| {row.actual} | {row.predicted} | {row.count} |"
                   for row in confused.head(REPORT_CONFUSED).itertuples()]
+    lines += render_audit(audited, outputs)
     lines += ["", "## Plots and tables", ""]
     entries = [(outputs.confusion_plot, "confusion matrix (counts)"),
                (outputs.confusion_normalized_plot, "confusion matrix (rows normalised)"),
@@ -233,7 +304,41 @@ def render_report(metrics: dict[str, Any], confused: pd.DataFrame, *, outputs: O
               (outputs.per_class, "per_class.csv: precision, recall, F1 and support per class (dvc plots)"),
               (outputs.confusion, "confusion.csv: actual and predicted class of every image (dvc plots)"),
               (outputs.most_confused, "most_confused.csv: every confused pair"),
-              (outputs.top_losses_table, "top_losses.csv: the images above, as a table")]
+              (outputs.top_losses_table, "top_losses.csv: the images above, as a table"),
+              (outputs.label_issues, "label_issues.csv: every image's label quality and suggested class, most "
+                                     "suspect first (the data audit)"),
+              (outputs.duplicates, "duplicates.csv: near-duplicate pairs, most similar first (the data audit)")]
     lines += [f"- [{Path(path).name}]({_link(path, outputs.report)}): {text.split(': ', 1)[1]}"
               for path, text in tables if path is not None]
     return "\n".join(lines) + "\n"
+
+
+REPORT_SUSPECTS = 10
+
+
+def render_audit(audited: DataAudit | None, outputs: Outputs) -> list[str]:
+    """report.md's data audit: the counts, the most suspect labels and the leaks."""
+    if outputs.label_issues is None and outputs.duplicates is None:
+        return []
+    lines = ["", "## Data audit", ""]
+    if audited is None:
+        return lines + ["Off (evaluate.audit.enabled: false)."]
+    counts, issues, duplicates = audited.counts, audited.label_issues, audited.duplicates
+    lines += [f"Every indexed image ({counts['audit_images']}, train and valid) scored by k-fold heads on "
+              "train-head's frozen body features (out-of-sample probabilities, ranked by cleanlab):",
+              "",
+              f"- {counts['audit_label_issues']} likely label issues (cleanlab's find_label_issues); "
+              "`petpipe serve`'s Clean page shows them first, each with its suggested class",
+              f"- {counts['audit_duplicate_pairs']} near-duplicate pairs at similarity >= "
+              f"{audited.similarity:g}, of which {counts['audit_leaks']} across train and valid "
+              "(leaks: the same photo scored in validation after training on it)",
+              "", f"Most suspect labels (top {REPORT_SUSPECTS}):", "",
+              "| path | split | label | suggested | quality |", "|---|---|---|---|---:|"]
+    lines += [f"| {row.path} | {row.split} | {row.label} | {row.suggested} | {row.quality:.3f} |"
+              for row in issues.head(REPORT_SUSPECTS).itertuples()]
+    leaks = duplicates[duplicates["split_a"] != duplicates["split_b"]]
+    if len(leaks):
+        lines += ["", f"Leaks (top {REPORT_SUSPECTS}):", "", "| path a | path b | similarity |", "|---|---|---:|"]
+        lines += [f"| {row.path_a} | {row.path_b} | {row.similarity:.3f} |"
+                  for row in leaks.head(REPORT_SUSPECTS).itertuples()]
+    return lines
