@@ -1,7 +1,7 @@
 """Does evaluate's data audit find planted noise, and does accepting its suggestions pay? Per seed, on the sample.
 
     python benchmarks/audit.py --images ../shared/data/pets-sample/images --seeds 1 2 3 --size 128 \\
-        --out benchmarks/audit.json --markdown README.md docs/audit.md
+        --out benchmarks/audit.json --markdown docs/audit.md
 
 Per seed: copy the photos and plant noise: rename ~5 % of them (--wrong) to a wrong breed (the label comes from
 the file name) and add --copies re-encoded (JPEG quality 85), 90 %-resized copies of validation photos to the
