@@ -213,3 +213,22 @@ def test_a_sweep_on_a_model_that_fits_its_batches_runs_on_to_the_rise(fitted_sta
     assert smoothed[-1] > DEFAULTS.stop_div * min(smoothed[DEFAULTS.noise_window - 1:])  # the rise is on the curve
     for name, value in result["suggestions"].items():
         assert curve["lr"][0] <= value <= curve["lr"][-1], (name, value)
+
+
+# The raw losses of a 30-step sweep (1e-7 to 10) on the tests' 64 px head (batches of 32): flat with noise until
+# about 2e-3, then rising. A window of 20 batches would reach 2e-2 and take the rise for noise (std 1.5): the edge
+# came out at 4e-2, where the loss had nearly doubled, and finetune from it diverged (valid loss 31).
+SHORT_SWEEP = [2.03, 2.1, 1.47, 1.21, 1.08, 1.26, 1.13, 1.61, 1.13, 1.42, 1.61, 1.8, 1.85, 1.19, 1.54, 1.88, 2.19,
+               3.83, 5.36, 6.85, 5.82, 6.88, 6.2, 4.47, 5.4, 8.89, 13.04, 30.23, 87.61, 352.73]
+
+
+def test_on_a_short_sweep_the_noise_window_stays_at_learning_rates_too_small_to_matter():
+    settings = params_with({"lr_find.num_it": 30}).lr_find
+    rule = StopRule.of(settings)
+    lrs = sweep_lrs(settings.start_lr, settings.end_lr, settings.num_it)
+    assert rule.noise_window == 6 and lrs[rule.noise_window - 1] < 1e-5  # the default sweep's window: 1e-7..4e-6
+    assert StopRule.of(DEFAULTS).noise_window == DEFAULTS.noise_window == 20
+    rising = next(i for i, loss in enumerate(SHORT_SWEEP) if loss > 3)  # the raw loss's rise: batch 17, 3.4e-3
+    edge = rule.edge(lrs, SHORT_SWEEP, smooth(SHORT_SWEEP))
+    assert 1e-4 <= edge < lrs[rising], edge
+    assert stop_index(SHORT_SWEEP, rule) is not None  # the rise is a divergence

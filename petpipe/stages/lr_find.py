@@ -75,7 +75,7 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     save_figure(outputs.plot, plots.plot_lr_find(curve["lr"], curve["smoothed_loss"], result["suggestions"],
                                                  chosen=params.lr_find.suggestion, raw_losses=curve["loss"],
                                                  threshold=result["divergence"]["threshold"],
-                                                 noise_window=params.lr_find.noise_window,
+                                                 noise_window=result["noise"]["window"],
                                                  trusted=result["trusted"]))
     write_json(outputs.result, result)
     if outputs.metrics is not None:
@@ -102,7 +102,7 @@ def choose(curve: dict[str, list[float]], settings: LrFindParams) -> dict[str, A
     trusted = rule.diverged(curve["loss"], curve["smoothed_loss"])  # the sweep stops at its first divergence
     threshold = rule.threshold(curve["loss"], curve["smoothed_loss"])
     noise = rule.noise(curve["loss"])
-    window = curve["loss"][:settings.noise_window]
+    window = curve["loss"][:rule.noise_window]
     chosen = ({"rule": settings.suggestion, "lr": suggestions[settings.suggestion]} if trusted
               else {"rule": "fallback_lr", "lr": settings.fallback_lr})
     return {
@@ -113,7 +113,7 @@ def choose(curve: dict[str, list[float]], settings: LrFindParams) -> dict[str, A
         "iterations": len(curve["lr"]),
         "lr_reached": curve["lr"][-1],
         "stopped_early": len(curve["lr"]) < settings.num_it,
-        "noise": {"window": settings.noise_window, "mean": float(sum(window) / len(window)) if window else None,
+        "noise": {"window": rule.noise_window, "mean": float(sum(window) / len(window)) if window else None,
                   "std": noise},
         "divergence": {"threshold": threshold if math.isfinite(threshold) else None,
                        "smoothed_loss": curve["smoothed_loss"][-1]},
