@@ -202,12 +202,14 @@ def create_app(settings: ServeSettings, *, host: str = "127.0.0.1") -> Starlette
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port (port 0: any free one), so a port in use is one clear error."""
+    """A socket listening on host:port (port 0: any free one), so a port in use is one clear error and the
+    address printed before uvicorn starts already takes connections (they wait in the backlog)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(2048)  # uvicorn's backlog; uvicorn listens on it again, which changes nothing
     except OSError as error:
         sock.close()
         raise PetpipeError(f"cannot listen on {host}:{port} ({error.strerror or error}); "
