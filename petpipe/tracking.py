@@ -110,6 +110,7 @@ class StageRun:
         self._client: Any = None
         self._parent_id: str | None = None
         self._experiment: str | None = None
+        self.model_id: str | None = None  # the LoggedModel log_model logged
 
     def _best_effort(self, action: Callable[[], Any], kind: str, *names: str, step: int | None = None) -> None:
         """The one guard of every MLflow call: after the first failure, calls are only noted for the warning."""
@@ -232,6 +233,7 @@ class StageRun:
 
             info = mlflow_model.log_model(checkpoint, example=example, registered_name=registered_name,
                                           metadata=metadata)
+            self.model_id = info.model_id
             # The weights' digest, by which evaluate finds this LoggedModel again (registry.logged_model_of).
             _fluent().set_logged_model_tags(info.model_id, {registry.CHECKPOINT_TAG: file_digest(checkpoint)})
             _fluent().log_input(registry.index_dataset(index), context="training")

@@ -411,7 +411,8 @@ def test_unreachable_server_costs_seconds_and_one_warning(embedded_project, monk
             for epoch in (1, 2):
                 run.log_metrics({"accuracy": 0.5, "train_loss": 1.0}, step=epoch)
             run.log_artifacts([embedded_project / "report.md"])
-            run.log_model(embedded_project / "model.pt", example=embedded_project / "photo.jpg", registered_name="pets")
+            run.log_model(embedded_project / "model.pt", example=embedded_project / "photo.jpg",
+                          index=embedded_project / "index.csv", registered_name="pets")
             finished = True
     assert finished and time.monotonic() - started < 60
     warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
@@ -446,7 +447,7 @@ def test_the_logged_model_carries_its_onnx_bundle_which_predicts_as_the_checkpoi
     pytest.importorskip("onnxscript", reason="export needs onnxscript (pip install onnx onnxscript onnxruntime)")
     photos = sorted(SAMPLE_IMAGES.glob("*.jpg"))[::50]  # 8 breeds, landscapes and portraits
     with tracking.stage_run("finetune", params={"finetune": {"epochs": 1}}) as run:
-        run.log_model(trained.model, example=photos[0], registered_name="pets")
+        run.log_model(trained.model, example=photos[0], index=trained.index, registered_name="pets")
     assert run.failure is None and run.model_id is not None
     local, files = logged_model_files(embedded_project, "models:/pets/1", embedded_project / "downloaded")
     assert {"artifacts/model.pt", "artifacts/onnx/bundle.json", "artifacts/onnx/model.onnx"} <= files
@@ -473,7 +474,7 @@ def test_a_model_that_cannot_be_exported_is_logged_without_its_bundle(embedded_p
     monkeypatch.setattr(torch_predict, "export_bundle", no_exporter)
     with caplog.at_level(logging.WARNING):
         with tracking.stage_run("finetune", params={}) as run:
-            run.log_model(trained.model, example=next(SAMPLE_IMAGES.glob("*.jpg")))
+            run.log_model(trained.model, example=next(SAMPLE_IMAGES.glob("*.jpg")), index=trained.index)
     assert run.failure is None
     warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
     assert warnings == ["mlflow: the model is logged without its ONNX bundle (export needs onnx, onnxscript and "
