@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,8 +84,10 @@ def index_dataset(index: Path) -> Any:
     """index.csv as an MLflow dataset: its schema and row count, the file's SHA-256 as its digest (MLflow keeps
     36 characters: the first 32), its path as the source."""
     frame = pd.read_csv(index, dtype=str, keep_default_na=False)
-    return mlflow.data.from_pandas(frame, source=str(Path(index).resolve()), name="index", targets="label",
-                                   digest=file_digest(index)[:32])
+    with warnings.catch_warnings():  # MLflow registers its local-file source twice, then warns it is ambiguous
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        return mlflow.data.from_pandas(frame, source=str(Path(index).resolve()), name="index", targets="label",
+                                       digest=file_digest(index)[:32])
 
 
 def logged_model_of(experiment_id: str, checkpoint: Path) -> str | None:
