@@ -29,7 +29,7 @@ from petpipe.checkpoint import Checkpoint, load_checkpoint
 from petpipe.compute import one_process
 from petpipe.dataset import Dataset, ImageSet
 from petpipe.errors import PetpipeError
-from petpipe.hardware import Runtime, autocast, to_device
+from petpipe.hardware import autocast, to_device
 from petpipe.models import Classifier
 from petpipe.params import EvaluateParams, Params
 from petpipe.pipeline import path_option
@@ -115,7 +115,7 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     audited = None
     if params.evaluate.audit.enabled and (outputs.label_issues is not None or outputs.duplicates is not None):
         head = checkpoint if which == "train-head" else load_checkpoint(inputs.head_model)
-        audited = audit_data(head, data, params=params, runtime=runtime, inputs=inputs, context=context)
+        audited = audit_data(head, data, inputs=inputs, context=context)
         metrics.update(audited.counts)
     # Draw every figure before writing anything, so a plotting failure leaves no new outputs.
     figures = draw(found, data, views=views, outputs=outputs)
@@ -152,11 +152,11 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     return summary + f" -> {outputs.metrics}" + (f"\n{champion}" if champion else "")
 
 
-def audit_data(head: Checkpoint, data: Dataset, *, params: Params, runtime: Runtime, inputs: Inputs,
-               context: Context) -> DataAudit:
+def audit_data(head: Checkpoint, data: Dataset, *, inputs: Inputs, context: Context) -> DataAudit:
     """Every indexed image (train, then valid) through train-head's frozen body at its evaluation view (features
     no label has touched), then petpipe/audit.py: k-fold heads and cleanlab, and near-duplicate pairs."""
     started = time.perf_counter()
+    params, runtime = context.params, context.compute.runtime
     if head.spec.presize != data.valid.pixels.shape[-1] or list(head.spec.classes) != list(data.classes):
         data = context.compute.dataset(inputs, head.spec, training=False)  # trained at another size
     body = to_device(head.model(), runtime.device).eval()
