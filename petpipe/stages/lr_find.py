@@ -78,9 +78,10 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
                                                  noise_window=result["noise"]["window"],
                                                  trusted=result["trusted"]))
     write_json(outputs.result, result)
+    numbers = scalar_metrics(result)  # the same names in metrics.json (DVC) and in the MLflow run
     if outputs.metrics is not None:
-        write_json(outputs.metrics, scalar_metrics(result))
-    context.log.log_metrics({f"suggested_lr_{name}": value for name, value in result["suggestions"].items()})
+        write_json(outputs.metrics, numbers)
+    context.log.log_metrics(numbers)
     for step, (lr, loss) in enumerate(zip(curve["lr"], curve["smoothed_loss"])):
         context.log.log_metrics({"lr_find_lr": lr, "lr_find_smoothed_loss": loss}, step=step)
     context.log.log_artifacts([path for path in (outputs.result, outputs.curve, outputs.plot, outputs.metrics)
