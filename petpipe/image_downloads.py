@@ -102,12 +102,16 @@ def download_all(urls: Iterable[str], cache: Path, settings: Settings) -> dict[s
     if not missing:
         return outcomes
     sessions = threading.local()
-    with ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="download") as pool, \
-            tqdm(total=len(missing), unit="url", desc="downloading", disable=None) as bar:
-        futures = {pool.submit(_download_one, sessions, url, cache, settings): url for url in missing}
-        for future in as_completed(futures):
-            outcomes[futures[future]] = future.result()
-            bar.update()
+    pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="download")
+    try:
+        with tqdm(total=len(missing), unit="url", desc="downloading", disable=None) as bar:
+            futures = {pool.submit(_download_one, sessions, url, cache, settings): url for url in missing}
+            for future in as_completed(futures):
+                outcomes[futures[future]] = future.result()
+                bar.update()
+    finally:
+        # Ctrl-C or an error: drop the queued URLs; those in flight end within their timeout.
+        pool.shutdown(wait=True, cancel_futures=True)
     return outcomes
 
 
@@ -159,8 +163,9 @@ def _attempt(session: requests.Session, url: str, settings: Settings) -> tuple[b
         return Failure("too-many-redirects", f"more than {MAX_REDIRECTS} redirects (a loop?)")
     except requests.Timeout:
         return Failure("timeout", f"no answer within {settings.timeout:g} s", transient=True)
-    except (requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL, requests.exceptions.MissingSchema) as error:
-        return Failure("bad-url", _first_line(error))  # e.g. a redirect to ftp:// or file://
+    except (requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL,
+            requests.exceptions.MissingSchema) as error:  # e.g. a redirect to ftp:// or file://
+        return Failure("bad-url", _first_line(error))
     except requests.ConnectionError as error:
         return Failure("connection", _connection_reason(error), transient=True)
     except requests.RequestException as error:

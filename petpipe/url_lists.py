@@ -26,7 +26,8 @@ LIST_SUFFIXES = (".txt", ".csv")
 # not what image searches return.
 ALLOWED_SCHEMES = ("http", "https")
 # Names Windows keeps for devices: a folder so named cannot be created or checked out there.
-RESERVED_NAMES = frozenset({"con", "prn", "aux", "nul", *(f"com{n}" for n in range(10)), *(f"lpt{n}" for n in range(10))})
+RESERVED_NAMES = frozenset({"con", "prn", "aux", "nul", *(f"com{n}" for n in range(10)),
+                            *(f"lpt{n}" for n in range(10))})
 FORBIDDEN_CHARACTERS = re.compile(r'[/\\<>:"|?*\x00-\x1f\x7f]')
 MAX_LABEL_BYTES = 255
 

@@ -202,8 +202,9 @@ def test_dvc_repro_trains_on_exactly_the_good_photos_and_reruns_download_only_wh
         assert "scheme file" in by_url[("file:///etc/passwd", "failed")]["reason"]
         first, a = next(iter(breeds.items()))
         duplicates = [row for row in report if row["status"] == "duplicate"]
-        assert {row["url"] for row in duplicates} == {server.url(f"/copy/{a[0].name}"), server.url(f"/photo/{a[0].name}")}
-        assert all(row["file"] == by_url[(server.url(f"/photo/{a[0].name}"), "downloaded")]["file"] for row in duplicates)
+        kept = server.url(f"/photo/{a[0].name}")
+        assert {row["url"] for row in duplicates} == {server.url(f"/copy/{a[0].name}"), kept}
+        assert all(row["file"] == by_url[(kept, "downloaded")]["file"] for row in duplicates)
         assert [row["status"] for row in report].count("downloaded") == 12
         summary = [line for line in log.splitlines() if line.startswith("fetched ")]
         assert summary and "12 downloaded, 0 already present, 2 duplicate, 11 failed (" in summary[0], log
@@ -231,7 +232,8 @@ def test_dvc_repro_trains_on_exactly_the_good_photos_and_reruns_download_only_wh
         log = run_command(["dvc", "repro", "fetch"], project).stdout
         assert ran(log) == ["fetch"]
         assert stale_stages(project) == {"index-labels", "train-head", "lr-find", "finetune", "evaluate"}
-        photo_requests = [path for path in server.requested(asked) if path.startswith(("/photo/", "/as-html/", "/copy/", "/flaky/"))]
+        photo_requests = [path for path in server.requested(asked)
+                          if path.startswith(("/photo/", "/as-html/", "/copy/", "/flaky/"))]
         assert photo_requests == [f"/photo/{a[4].name}"]
         report = read_report(project / "stages/fetch/downloads.csv")
         assert [row["url"] for row in report if row["status"] == "downloaded"] == [new]
@@ -340,7 +342,7 @@ def test_a_class_file_whose_name_is_no_folder_name_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("link,label\nhttps://example.invalid/a.jpg,cat\n", r"needs a header row with the columns url,label; no url column"),
+    ("link,label\nhttps://example.invalid/a.jpg,cat\n", r"a header row with the columns url,label; no url column"),
     ("url\nhttps://example.invalid/a.jpg\n", r"no label column"),
     ("url,label\nftp://example.invalid/a.jpg,cat\nfile:///etc/passwd,cat\nwww.example.com/b.jpg,cat\n",
      r"no http\(s\) URL in the list \(3 entries; first: 'ftp://example.invalid/a.jpg'"),
