@@ -10,19 +10,24 @@ link costs one request; a server that never answers costs the timeout, twice).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import random
+import socket
 import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import requests
 from PIL import Image, UnidentifiedImageError
+from requests.adapters import HTTPAdapter
 from tqdm import tqdm
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from petpipe.archives import looks_like_html
 from petpipe.atomic import atomic_path
@@ -117,13 +122,93 @@ def download_all(urls: Iterable[str], cache: Path, settings: Settings) -> dict[s
 
 def _thread_session(sessions: threading.local) -> requests.Session:
     """The calling thread's requests.Session: connections are reused per host, and sessions are not shared
-    between threads."""
+    between threads. Its connection pools hand each connection to the thread's watchdog."""
     session = getattr(sessions, "session", None)
     if session is None:
         session = sessions.session = requests.Session()
         session.max_redirects = MAX_REDIRECTS
         session.headers.update(HEADERS)
+        adapter = HTTPAdapter()
+        adapter.poolmanager.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
     return session
+
+
+# --- the whole-request deadline ------------------------------------------------------------------------------
+
+_CURRENT = threading.local()  # the watchdog of the attempt the thread runs now
+
+
+class _Watchdog:
+    """Cuts one attempt when data.download_timeout has passed since it began, wherever it waits: it shuts down
+    the sockets of the connections the attempt took, so a server that sends its headers or its body a byte at a
+    time, or a chain of slow redirects, ends then (requests' own timeout bounds each wait, not the whole)."""
+
+    RECHECK_S = 0.1  # after expiry, how often a connection still being opened is looked at again
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = False
+        self._connections: list[Any] = []
+        self._lock = threading.Lock()
+        self._done = False
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Watchdog:
+        _CURRENT.watchdog = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        _CURRENT.watchdog = None
+        with self._lock:
+            self._done = True
+            self._timer.cancel()
+
+    def watch(self, connection: Any) -> None:
+        with self._lock:
+            self._connections.append(connection)
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self.expired = True
+            unopened = [connection for connection in self._connections if not _shut_down(connection)]
+            if unopened or not self._connections:  # still connecting: its socket appears within the connect timeout
+                self._timer = threading.Timer(self.RECHECK_S, self._expire)
+                self._timer.daemon = True
+                self._timer.start()
+
+
+def _shut_down(connection: Any) -> bool:
+    """Shut a connection's socket down (a thread blocked reading it wakes at once); False when it has none yet."""
+    sock = getattr(connection, "sock", None)
+    if sock is None:
+        return False
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    return True
+
+
+class _Watched:
+    """A urllib3 pool that hands every connection it gives out to the thread's current watchdog."""
+
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        connection = super()._get_conn(timeout)  # type: ignore[misc]
+        watchdog = getattr(_CURRENT, "watchdog", None)
+        if watchdog is not None:
+            watchdog.watch(connection)
+        return connection
+
+
+class _WatchedHTTPPool(_Watched, HTTPConnectionPool):
+    pass
+
+
+class _WatchedHTTPSPool(_Watched, HTTPSConnectionPool):
+    pass
 
 
 def _download_one(sessions: threading.local, url: str, cache: Path, settings: Settings) -> Outcome:
@@ -146,7 +231,19 @@ def _download_one(sessions: threading.local, url: str, cache: Path, settings: Se
 
 
 def _attempt(session: requests.Session, url: str, settings: Settings) -> tuple[bytes, str] | Failure:
-    """One GET of url: its bytes and image extension, or why not."""
+    """One GET of url, cut when its time is up: its bytes and image extension, or why not."""
+    with _Watchdog(settings.timeout) as watchdog:
+        result = _get(session, url, settings)
+    if watchdog.expired:
+        session.close()  # its sockets may be shut down: open fresh ones for the next URL
+        if not isinstance(result, Failure) or result.reason in ("connection", "truncated", "empty"):
+            # what a socket shut down mid-answer looks like
+            return Failure("timeout", f"not complete within {settings.timeout:g} s", transient=True)
+    return result if isinstance(result, Failure) else _identify(*result)
+
+
+def _get(session: requests.Session, url: str, settings: Settings) -> tuple[bytes, str | None] | Failure:
+    """The body of url and its Content-Type, or why not."""
     deadline = time.monotonic() + settings.timeout
     try:
         with session.get(url, stream=True, timeout=settings.timeout) as response:
@@ -170,7 +267,7 @@ def _attempt(session: requests.Session, url: str, settings: Settings) -> tuple[b
         return Failure("connection", _connection_reason(error), transient=True)
     except requests.RequestException as error:
         return Failure("connection", _first_line(error), transient=True)
-    return _identify(data, content_type)
+    return data, content_type
 
 
 def _read_capped(response: requests.Response, settings: Settings, deadline: float) -> bytes | Failure:
@@ -181,7 +278,7 @@ def _read_capped(response: requests.Response, settings: Settings, deadline: floa
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            return Failure("timeout", f"not complete after {settings.timeout:g} s ({len(buffer)} bytes)",
+            return Failure("timeout", f"not complete within {settings.timeout:g} s ({len(buffer)} bytes arrived)",
                            transient=True)
         chunk = raw.read1(CHUNK_BYTES, decode_content=True)
         if not chunk:
@@ -201,6 +298,8 @@ def _identify(data: bytes, content_type: str | None) -> tuple[bytes, str] | Fail
                 return Failure("too-large", f"{image.width}x{image.height} pixels, over {MAX_PIXELS}")
             image_format = image.format
             image.load()
+    except Image.DecompressionBombError as error:  # over twice Pillow's own pixel limit
+        return Failure("too-large", _first_line(error))
     except UnidentifiedImageError:
         if looks_like_html(data[:512], content_type):
             return Failure("html-page", "the server sent an HTML page, not an image")

@@ -98,6 +98,15 @@ class PhotoServer:
                 elif route == "hold" and photo:  # answers only once the test releases it
                     if owner.release.wait(30):
                         self.send(200, photo)
+                elif route == "announced":  # says it is huge, and is refused before its body
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/jpeg")
+                    self.send_header("Content-Length", str(50 * MAX_BYTES))
+                    self.end_headers()
+                elif route == "text":
+                    self.send(200, b"GIF87a? no: a plain text file", "image/gif")
+                elif route == "empty":
+                    self.send(200, b"")
                 elif route == "forbidden":
                     self.send(403, b"no", "text/plain")
                 elif route == "page":  # an HTML page claiming to be a JPEG
@@ -119,6 +128,14 @@ class PhotoServer:
                     while not owner.stop.wait(0.05):
                         try:
                             self.wfile.write(b"\xff")
+                            self.wfile.flush()
+                        except OSError:
+                            return
+                elif route == "slow-headers":  # a status line, then its headers a byte at a time, forever
+                    self.wfile.write(b"HTTP/1.0 200 OK\r\nX-Slow: ")
+                    while not owner.stop.wait(0.05):
+                        try:
+                            self.wfile.write(b"a")
                             self.wfile.flush()
                         except OSError:
                             return
@@ -309,14 +326,21 @@ def test_a_killed_fetch_resumes_without_asking_again_for_what_it_has(tmp_path, c
 def test_a_list_where_nothing_downloads_says_so_and_keeps_the_report(tmp_path, cache):
     server = PhotoServer({})
     source = tmp_path / "urls.csv"
-    source.write_text(f"url,label\n{server.url('/missing/a.jpg')},cat\n{server.url('/page/b.jpg')},dog\n")
+    routes = ["/missing/a.jpg", "/page/b.jpg", "/announced/c.jpg", "/text/d.gif", "/empty/e.jpg", "/slow-headers/f.jpg"]
+    source.write_text("url,label\n" + "".join(f"{server.url(route)},cat\n" for route in routes))
     with server.running(), pytest.raises(PetpipeError) as raised:
         fetch_url_list(str(source), SETTINGS, tmp_path / "images", tmp_path / "downloads.csv")
     assert str(raised.value) == (
-        f"data.source {source}: none of its 2 URLs gave a photo (0 downloaded, 0 already present, 0 duplicate, "
-        f"2 failed (http-404 1, html-page 1)); see {tmp_path / 'downloads.csv'} for each URL's reason")
-    assert [row["reason"] for row in read_report(tmp_path / "downloads.csv")] == [
-        "http-404: Not Found", "html-page: the server sent an HTML page, not an image"]
+        f"data.source {source}: none of its 6 URLs gave a photo (0 downloaded, 0 already present, 0 duplicate, "
+        f"6 failed (http-404 1, html-page 1, too-large 1, not-an-image 1, empty 1, timeout 1)); "
+        f"see {tmp_path / 'downloads.csv'} for each URL's reason")
+    reasons = [row["reason"] for row in read_report(tmp_path / "downloads.csv")]
+    assert reasons[-1].startswith(f"timeout: not complete within {TIMEOUT_S:g} s")  # cut in its headers
+    assert reasons[:-1] == [
+        "http-404: Not Found", "html-page: the server sent an HTML page, not an image",
+        f"too-large: {50 * MAX_BYTES} bytes announced, over data.download_max_mb",
+        "not-an-image: cannot identify an image in it (image/gif, begins b'GIF87a? ')",
+        "empty: the server sent no bytes"]
     assert not (tmp_path / "images").exists()
 
 
