@@ -46,7 +46,8 @@ def fetch_source(source: str, checksum: str | None, destination: Path) -> int:
         return extract_archive(path, destination)
     raise PetpipeError(
         f"data.source {source!r}: no such file or folder (relative paths start at {Path.cwd()}). "
-        "Point data.source at a folder of images, an archive (.tar.gz, .tgz, .tar, .zip) or a URL."
+        "Point data.source at a folder of images, an archive (.tar.gz, .tgz, .tar, .zip), a URL, or a list of "
+        "image URLs (a .csv with columns url,label, or a folder of <label>.txt files)."
     )
 
 

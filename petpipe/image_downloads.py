@@ -236,8 +236,8 @@ def _attempt(session: requests.Session, url: str, settings: Settings) -> tuple[b
         result = _get(session, url, settings)
     if watchdog.expired:
         session.close()  # its sockets may be shut down: open fresh ones for the next URL
-        if not isinstance(result, Failure) or result.reason in ("connection", "truncated", "empty"):
-            # what a socket shut down mid-answer looks like
+        if not isinstance(result, Failure) or result.reason == "connection":
+            # what a socket shut down mid-answer looks like: an early end of the body, or a broken connection
             return Failure("timeout", f"not complete within {settings.timeout:g} s", transient=True)
     return result if isinstance(result, Failure) else _identify(*result)
 
@@ -271,8 +271,8 @@ def _get(session: requests.Session, url: str, settings: Settings) -> tuple[bytes
 
 
 def _read_capped(response: requests.Response, settings: Settings, deadline: float) -> bytes | Failure:
-    """The body, cut at max_bytes and at the deadline: read1 returns what has arrived, so a server that trickles
-    a byte at a time is stopped when the request's time is up, not after its last byte."""
+    """The body, cut at max_bytes and at the deadline. read1 returns what has arrived, so the clock is looked at
+    between small reads; a read that waits past the deadline is woken by the watchdog."""
     raw = response.raw
     buffer = bytearray()
     while True:
