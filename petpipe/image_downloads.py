@@ -106,7 +106,7 @@ def download_all(urls: Iterable[str], cache: Path, settings: Settings) -> dict[s
             missing.append(url)
     if not missing:
         return outcomes
-    sessions = threading.local()
+    sessions = _Sessions()
     pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="download")
     try:
         with tqdm(total=len(missing), unit="url", desc="downloading", disable=None) as bar:
@@ -117,21 +117,43 @@ def download_all(urls: Iterable[str], cache: Path, settings: Settings) -> dict[s
     finally:
         # Ctrl-C or an error: drop the queued URLs; those in flight end within their timeout.
         pool.shutdown(wait=True, cancel_futures=True)
+        sessions.close()
     return outcomes
 
 
-def _thread_session(sessions: threading.local) -> requests.Session:
-    """The calling thread's requests.Session: connections are reused per host, and sessions are not shared
-    between threads. Its connection pools hand each connection to the thread's watchdog."""
-    session = getattr(sessions, "session", None)
-    if session is None:
-        session = sessions.session = requests.Session()
-        session.max_redirects = MAX_REDIRECTS
-        session.headers.update(HEADERS)
-        adapter = HTTPAdapter()
-        adapter.poolmanager.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
+class _Sessions:
+    """A requests.Session per download thread (sessions are not shared between threads; each reuses its
+    connections per host), all closed at the end."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._opened: list[requests.Session] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = _new_session()
+            with self._lock:
+                self._opened.append(session)
+        return session
+
+    def close(self) -> None:
+        with self._lock:
+            for session in self._opened:
+                session.close()
+
+
+def _new_session() -> requests.Session:
+    """A session that follows at most MAX_REDIRECTS redirects, and whose connection pools hand each
+    connection to the thread's watchdog."""
+    session = requests.Session()
+    session.max_redirects = MAX_REDIRECTS
+    session.headers.update(HEADERS)
+    adapter = HTTPAdapter()
+    adapter.poolmanager.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
     return session
 
 
@@ -211,15 +233,15 @@ class _WatchedHTTPSPool(_Watched, HTTPSConnectionPool):
     pass
 
 
-def _download_one(sessions: threading.local, url: str, cache: Path, settings: Settings) -> Outcome:
+def _download_one(sessions: _Sessions, url: str, cache: Path, settings: Settings) -> Outcome:
     """Download, verify and cache one URL, retrying once after a transient failure."""
-    result = _attempt(_thread_session(sessions), url, settings)
+    result = _attempt(sessions.get(), url, settings)
     if isinstance(result, Failure) and result.transient:
         pause = RETRY_BACKOFF_S * (1 + random.random())
         if result.retry_after is not None:
             pause = max(pause, min(result.retry_after, RETRY_AFTER_CAP_S))
         time.sleep(pause)
-        result = _attempt(_thread_session(sessions), url, settings)
+        result = _attempt(sessions.get(), url, settings)
     if isinstance(result, Failure):
         return result
     data, suffix = result
