@@ -5,7 +5,8 @@ none is a duplicate by content); an http.server in a process of its own serves t
 (petpipe.fetch.fetch_url_list: the download workers, decoding each photo to check it, the content hashes,
 the label folders and downloads.csv), first into an empty download cache, then again with every photo in
 the cache (a rerun after a line was added asks only for what is missing). Both the server and fetch are
-pinned to --cores cores.
+pinned to --cores cores. The CPU time of each is reported beside the wall time: on a machine shared with
+other work the wall time grows with the load, the CPU time hardly.
 
     python benchmarks/downloads.py --out benchmarks/downloads.json
 """
@@ -25,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT.parent / "shared" / "data" / "pets-sample" / "images"
 
@@ -39,6 +42,11 @@ def serve(folder: str, port: multiprocessing.Queue, cores: set[int]) -> None:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=folder))
     port.put(server.server_address[1])
     server.serve_forever()
+
+
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
 
 
 def make_photos(folder: Path, count: int, size: int) -> list[str]:
@@ -95,12 +103,14 @@ def main() -> None:
             write_lists(scratch / "urls", base, names, classes=4)
             os.environ["PETPIPE_DOWNLOAD_DIR"] = str(scratch / "downloads")
             settings = Settings(workers=args.workers, timeout=30, max_bytes=20 << 20)
-            timings = {}
+            timings, cpu = {}, {}
+            serving = psutil.Process(server.pid)
             for run in ("cold", "warm"):
-                started = time.perf_counter()
+                started, fetch_cpu, server_cpu = time.perf_counter(), time.process_time(), _cpu(serving)
                 tally = fetch_url_list(str(scratch / "urls"), settings, scratch / run / "images",
                                        scratch / run / "downloads.csv")
                 timings[run] = time.perf_counter() - started
+                cpu[run] = (time.process_time() - fetch_cpu, _cpu(serving) - server_cpu)
                 expected = "downloaded" if run == "cold" else "present"
                 assert tally.counts[expected] == args.count, tally.summary()
         finally:
@@ -109,6 +119,10 @@ def main() -> None:
         "photos": args.count, "size_px": args.size, "workers": args.workers, "cores": sorted(cores),
         "cold_seconds": round(timings["cold"], 2), "photos_per_second": round(args.count / timings["cold"], 1),
         "warm_seconds": round(timings["warm"], 2),
+        # CPU time (user + system) of fetch's process and of the server's: what the wall time is made of when
+        # the cores are not shared with other work.
+        "cold_cpu_seconds": {"fetch": round(cpu["cold"][0], 2), "server": round(cpu["cold"][1], 2)},
+        "warm_cpu_seconds": {"fetch": round(cpu["warm"][0], 2), "server": round(cpu["warm"][1], 2)},
         "load_average_after": [round(load, 2) for load in os.getloadavg()],
         "machine": {"cpu": platform.processor() or platform.machine(), "cpus_online": os.cpu_count(),
                     "python": platform.python_version()},
