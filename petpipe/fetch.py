@@ -1,23 +1,29 @@
 """Get the raw photos named by data.source: download (petpipe/download.py), extract safely
-(petpipe/archives.py), or copy a folder (here).
+(petpipe/archives.py), copy a folder (here), or download the photos of a URL list (petpipe/url_lists.py,
+petpipe/image_downloads.py; laid out in label folders here).
 
 Every way in ends in one folder of untouched image files, swapped into place only when complete.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import shutil
 import stat
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from petpipe.archives import extract_archive
-from petpipe.atomic import atomic_directory
+from petpipe.atomic import atomic_directory, atomic_path, file_digest
 from petpipe.download import download_archive, download_directory, verify_checksum
 from petpipe.errors import PetpipeError
 from petpipe.folders import IMAGE_SUFFIXES, count_images, visible_files
+from petpipe.image_downloads import Failure, Outcome, Settings, download_all
+from petpipe.url_lists import Entry, read_url_list, url_problem
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +46,8 @@ def fetch_source(source: str, checksum: str | None, destination: Path) -> int:
         return extract_archive(path, destination)
     raise PetpipeError(
         f"data.source {source!r}: no such file or folder (relative paths start at {Path.cwd()}). "
-        "Point data.source at a folder of images, an archive (.tar.gz, .tgz, .tar, .zip) or a URL."
+        "Point data.source at a folder of images, an archive (.tar.gz, .tgz, .tar, .zip), a URL, or a list of "
+        "image URLs (a .csv with columns url,label, or a folder of <label>.txt files)."
     )
 
 
@@ -101,3 +108,101 @@ def _special_file_kind(path: Path) -> str | None:
     kinds = {stat.S_IFIFO: "a named pipe", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
              stat.S_IFBLK: "a block device", stat.S_IFDIR: None, stat.S_IFREG: None}
     return kinds.get(stat.S_IFMT(mode), "a special file")
+
+
+# --- URL lists ---------------------------------------------------------------------------------
+
+REPORT_COLUMNS = ("url", "label", "status", "file", "reason")
+
+
+@dataclass
+class Tally:
+    """What a URL list gave: one report row per entry, and the counts of the summary and of MLflow."""
+
+    rows: list[dict[str, str]] = field(default_factory=list)
+    counts: Counter[str] = field(default_factory=Counter)  # downloaded, present, duplicate, failed
+    failures: Counter[str] = field(default_factory=Counter)  # failure reason -> count
+
+    def add(self, entry: Entry, status: str, file: str = "", reason: str = "") -> None:
+        self.rows.append({"url": entry.url, "label": entry.label, "status": status, "file": file, "reason": reason})
+        self.counts[status] += 1
+
+    def fail(self, entry: Entry, failure: Failure) -> None:
+        self.add(entry, "failed", reason=str(failure))
+        self.failures[failure.reason] += 1
+
+    @property
+    def kept(self) -> int:
+        return self.counts["downloaded"] + self.counts["present"]
+
+    def metrics(self) -> dict[str, int]:
+        return {"urls": len(self.rows), "images": self.kept,
+                **{status: self.counts[status] for status in STATUSES},
+                **{f"failed_{reason.replace('-', '_')}": count for reason, count in self.failures.items()}}
+
+    def summary(self) -> str:
+        by_reason = ", ".join(f"{reason} {count}" for reason, count in self.failures.most_common())
+        return (f"{self.counts['downloaded']} downloaded, {self.counts['present']} already present, "
+                f"{self.counts['duplicate']} duplicate, {self.counts['failed']} failed"
+                + (f" ({by_reason})" if by_reason else ""))
+
+
+STATUSES = ("downloaded", "present", "duplicate", "failed")
+
+
+def fetch_url_list(source: str, settings: Settings, destination: Path, report: Path) -> Tally:
+    """Download the photos a URL list names into destination/<label>/<url key><ext>, each distinct photo once,
+    and write the report (a row per entry); PetpipeError when no photo came of it (the report is written)."""
+    entries = read_url_list(source)
+    wanted = [entry.url for entry in entries if url_problem(entry.url) is None]
+    outcomes = download_all(wanted, url_cache_directory(), settings)
+    tally = Tally()
+    with atomic_directory(destination) as staging:
+        _place_photos(entries, outcomes, staging, tally)
+        write_report(report, tally.rows)
+        if tally.kept == 0:
+            raise PetpipeError(f"data.source {source}: none of its {len(entries)} URLs gave a photo "
+                               f"({tally.summary()}); see {report} for each URL's reason")
+    return tally
+
+
+def url_cache_directory() -> Path:
+    """Where the photos of URL lists are kept between runs (beside the archive downloads)."""
+    return download_directory() / "url-images"
+
+
+def _place_photos(entries: list[Entry], outcomes: dict[str, Outcome], staging: Path, tally: Tally) -> None:
+    """Copy each entry's photo into staging/<label>/, in list order, so the first of duplicates is the one kept."""
+    kept_urls: dict[str, tuple[Entry, str]] = {}  # url -> (its first entry, its file)
+    kept_photos: dict[str, tuple[Entry, str]] = {}  # content hash -> (its first entry, its file)
+    for entry in entries:
+        problem = url_problem(entry.url)
+        if problem is not None:
+            tally.fail(entry, Failure("refused", problem))
+            continue
+        if entry.url in kept_urls:
+            first, file = kept_urls[entry.url]
+            tally.add(entry, "duplicate", file, f"same URL as {first.where}")
+            continue
+        outcome = outcomes[entry.url]
+        if isinstance(outcome, Failure):
+            tally.fail(entry, outcome)
+            continue
+        content = file_digest(outcome.path)
+        if content in kept_photos:
+            first, file = kept_photos[content]
+            tally.add(entry, "duplicate", file, f"same photo as {first.url} ({first.where})")
+            continue
+        file = f"{entry.label}/{outcome.path.name}"
+        (staging / entry.label).mkdir(exist_ok=True)
+        shutil.copyfile(outcome.path, staging / file)
+        kept_urls[entry.url] = kept_photos[content] = (entry, file)
+        tally.add(entry, "downloaded" if outcome.downloaded else "present", file)
+
+
+def write_report(report: Path, rows: list[dict[str, str]]) -> None:
+    """downloads.csv: url,label,status,file,reason (a header alone for a source that is not a URL list)."""
+    with atomic_path(report) as temporary, temporary.open("w", newline="", encoding="utf-8") as file:
+        writer = csv.DictWriter(file, fieldnames=REPORT_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)

@@ -37,6 +37,10 @@ class _Section(BaseModel):
 class DataParams(_Section):
     source: str
     checksum: str | None
+    # For a URL list as source (petpipe/url_lists.py): downloads at a time, seconds per URL, megabytes per photo.
+    download_workers: Annotated[int, Field(ge=1, le=256)]
+    download_timeout: Annotated[float, Field(gt=0, le=3600)]
+    download_max_mb: Annotated[float, Field(gt=0, le=4096)]
 
     @field_validator("checksum")
     @classmethod

@@ -125,7 +125,7 @@ def test_fetch_replaces_an_earlier_output(in_tmp: Path, photos: list[Path]) -> N
 
 def test_cli_fetches_an_archive_named_in_params_yaml(in_tmp: Path, photos: list[Path]) -> None:
     (in_tmp / "pets.tgz").write_bytes(make_tarball(photos))
-    params = {**default_params(), "data": {"source": "pets.tgz", "checksum": None}}
+    params = {**default_params(), "data": {**default_params()["data"], "source": "pets.tgz", "checksum": None}}
     params_file = in_tmp / "params.yaml"
     params_file.write_text(yaml.safe_dump(params))
     out = in_tmp / "stages/fetch/images"
@@ -388,7 +388,8 @@ def test_an_html_page_instead_of_the_archive_is_refused_plainly_and_never_cached
 
 def test_an_html_page_through_the_cli_is_one_error_line(in_tmp: Path) -> None:
     with ArchiveServer(LOGIN_PAGE, content_type="text/html").running() as server:
-        params = {**default_params(), "data": {"source": server.url, "checksum": "md5:" + "0" * 32}}
+        params = {**default_params(),
+                  "data": {**default_params()["data"], "source": server.url, "checksum": "md5:" + "0" * 32}}
         (in_tmp / "params.yaml").write_text(yaml.safe_dump(params))
         result = CliRunner().invoke(main, ["fetch", "--out", "stages/fetch/images"])
 
@@ -445,7 +446,7 @@ def closed_port() -> int:
 
 def test_no_network_tells_how_to_use_local_photos(in_tmp: Path) -> None:
     url = f"http://127.0.0.1:{closed_port()}/x.tar.gz"
-    params = {**default_params(), "data": {"source": url, "checksum": None}}
+    params = {**default_params(), "data": {**default_params()["data"], "source": url, "checksum": None}}
     (in_tmp / "params.yaml").write_text(yaml.safe_dump(params))
 
     result = CliRunner().invoke(main, ["fetch", "--out", "stages/fetch/images"])

@@ -87,6 +87,9 @@ OPTIONAL_TEXT = {"wrong": [4, 4.5, True, A_LIST, A_MAPPING], "out": []}
 SPEC: dict[str, dict[str, list[Any]]] = {
     "data.source": TEXT,
     "data.checksum": {"wrong": [4, True, A_LIST], "out": ["md5", "crc32:abcd", "md5:xyz", "sha256:"]},
+    "data.download_workers": {**POSITIVE_INT, "out": [0, -1, 257, 10**6]},
+    "data.download_timeout": {**POSITIVE_FLOAT, "out": [0.0, -1, 3601, math.inf, math.nan]},
+    "data.download_max_mb": {**POSITIVE_FLOAT, "out": [0.0, -1e-3, 4097, math.nan]},
     "labels.method": {"wrong": [1, None, A_LIST], "out": ["regexp", "Folder", "", "filename"]},
     "labels.pattern": {"wrong": [1, None, A_LIST], "out": ["no group", "(unclosed", "^[a-z]+$", "*"]},
     "labels.csv": OPTIONAL_TEXT,
@@ -196,6 +199,9 @@ def test_every_wrong_type_and_impossible_value_in_the_table_is_refused_naming_th
 
 # Numeric keys: (integer?, lowest allowed, is the lowest itself allowed, highest allowed, is it allowed).
 BOUNDS: dict[str, tuple[bool, float, bool, float | None, bool]] = {
+    "data.download_workers": (True, 1, True, 256, True),
+    "data.download_timeout": (False, 0, False, 3600, True),
+    "data.download_max_mb": (False, 0, False, 4096, True),
     "split.valid_pct": (False, 0, False, 1, False),
     "model.img_size": (True, 16, True, 2048, True),
     "model.presize_ratio": (False, 1, True, 3, True),

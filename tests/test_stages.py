@@ -65,8 +65,9 @@ def test_dvc_yaml_lists_the_code_each_stage_runs(name):
 def test_code_dependencies_follow_imports_but_not_logging():
     assert stages.code_dependencies("fetch") == [
         "petpipe/archive_limits.py", "petpipe/archives.py", "petpipe/atomic.py", "petpipe/devices.py",
-        "petpipe/download.py", "petpipe/fetch.py", "petpipe/folders.py", "petpipe/params.py", "petpipe/runner.py",
-        "petpipe/stages/fetch.py", "petpipe/yamlfile.py"]
+        "petpipe/download.py", "petpipe/fetch.py", "petpipe/folders.py", "petpipe/image_downloads.py",
+        "petpipe/params.py", "petpipe/runner.py", "petpipe/stages/fetch.py", "petpipe/url_lists.py",
+        "petpipe/yamlfile.py"]
     train_head = stages.code_dependencies("train-head")
     assert {"petpipe/augment.py", "petpipe/training.py", "petpipe/models.py"} <= set(train_head)
     assert "petpipe/fetch.py" not in train_head and "petpipe/tracking.py" not in train_head
