@@ -88,16 +88,19 @@ class Model:
         for prediction in predict_images(self.predictor, sources, names=names, top_k=top_k, batch_size=batch_size):
             row: dict[str, Any] = {"image": prediction.path}
             for rank, (label, probability) in enumerate(prediction.labels, start=1):
-                suffix = "" if rank == 1 else f"_{rank}"
-                row[f"label{suffix}"], row[f"probability{suffix}"] = label, probability
+                row[_column("label", rank)], row[_column("probability", rank)] = label, probability
             rows.append({**row, "error": prediction.error})
-        columns = ["image"] + [f"{name}{'' if rank == 1 else f'_{rank}'}"
-                               for rank in range(1, min(top_k, len(self.classes)) + 1)
-                               for name in ("label", "probability")] + ["error"]
+        ranks = range(1, min(top_k, len(self.classes)) + 1)
+        columns = ["image", *(_column(name, rank) for rank in ranks for name in ("label", "probability")), "error"]
         return pd.DataFrame(rows, columns=columns)
 
     def __repr__(self) -> str:
         return f"Model({self.source!r}, {len(self.classes)} classes)"
+
+
+def _column(name: str, rank: int) -> str:
+    """label, probability for the most probable class; label_2, probability_2 for the next, ..."""
+    return name if rank == 1 else f"{name}_{rank}"
 
 
 def load_model(model: str | Path = STAGES / "finetune" / "model.pt", *, device: str = "auto") -> Model:
