@@ -1,8 +1,8 @@
 """petpipe: the fastai Oxford-IIIT Pet tutorial as a reproducible, tracked DVC pipeline.
 
 From Python (docs/api.md): load_model, results, show_batch, top_losses, confusion, most_confused. They live in
-petpipe/api.py and load on first use (PEP 562), so `import petpipe` stays cheap and imports neither torch,
-pandas nor MLflow; every stage imports its own modules.
+petpipe/api.py and load on first use (PEP 562), so `import petpipe` stays cheap: neither torch, pandas nor
+MLflow (tests/test_layers.py).
 """
 
 from __future__ import annotations
