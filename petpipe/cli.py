@@ -28,19 +28,6 @@ MODEL_HELP = ("A model.pt checkpoint, a bundle folder written by `petpipe export
               "models:/<name>@<alias> (e.g. models:/petpipe-classifier@champion) or models:/<name>/<version>.")
 
 
-def _model_file(model: str) -> Path:
-    """--model as a local file: a registered model's checkpoint is downloaded once per version into
-    .petpipe/models/ from MLFLOW_TRACKING_URI (else the project's mlflow.db); a path stays as it is."""
-    if not model.startswith("models:/"):  # a path: no MLflow import
-        return Path(model)
-    from petpipe import registry
-    from petpipe.paths import petpipe_folder, project_root
-    from petpipe.run_identity import tracking_uri
-
-    return registry.checkpoint_of(model, tracking_uri=tracking_uri(project_root()),
-                                  cache=petpipe_folder() / "models")
-
-
 def _run_stage(stage: ModuleType, params_path: Path, paths: dict[str, Any]) -> None:
     """Load params.yaml, call the stage's run with its Inputs and Outputs, print its summary."""
     inputs = {field.name: paths[field.name] for field in dataclasses.fields(stage.Inputs)}
@@ -161,10 +148,10 @@ def predict_command(paths: tuple[Path, ...], model: str, top_k: int, as_json: bo
     An unreadable file gets an `error: PATH: REASON` line on stderr, the rest are
     still predicted, and the exit status is 1.
     """
-    from petpipe.predict import collect_images, format_prediction, load_predictor, predict_files
+    from petpipe.predict import collect_images, format_prediction, load_predictor, model_file, predict_files
 
     try:
-        predictor = load_predictor(_model_file(model), device=device)
+        predictor = load_predictor(model_file(model), device=device)
         files = collect_images(paths)
         if not files:
             raise PetpipeError(f"no image files found in {', '.join(map(str, paths))}")
@@ -213,7 +200,7 @@ def show_batch_command(params_path: Path, images: Path, index: Path, split: str,
     """Draw a batch as the model sees it (fastai's show_batch), with params.yaml's sizes and augmentation."""
     from petpipe.atomic import save_figure
     from petpipe.data import load_index
-    from petpipe.show_batch import show_batch_figure
+    from petpipe.draw_batch import show_batch_figure
     from petpipe.views import Views
 
     with _user_errors():
@@ -247,12 +234,13 @@ def serve_command(params_path: Path, model: str, index: Path, images: Path, eval
     Clean's decisions go to the labels.corrections CSV of --params; commit it
     and run `dvc repro`: index-labels applies them and what they change retrains.
     """
+    from petpipe.predict import model_file
     from petpipe.serve import ServeSettings, create_app, listen, run_server
 
     with _user_errors():
         params = load_params(params_path)
         # labels.corrections is relative to the project folder, where params.yaml and dvc.yaml are.
-        settings = ServeSettings(model=_model_file(model), index=index, images=images, evaluate=evaluate,
+        settings = ServeSettings(model=model_file(model), index=index, images=images, evaluate=evaluate,
                                  corrections=params_path.parent / params.labels.corrections,
                                  max_upload_bytes=int(max_upload_mb * 2**20))
         app = create_app(settings, host=host)

@@ -39,6 +39,20 @@ class Predictor(Protocol):
         """Presized uint8 (B, 3, P, P) -> class probabilities (B, C) float64."""
 
 
+def model_file(model: str | Path) -> Path:
+    """A model as a local path: a registered model (models:/<name>@<alias> or models:/<name>/<version>) is
+    downloaded once per version into .petpipe/models/ from MLFLOW_TRACKING_URI (else the project's mlflow.db);
+    a path stays as it is. `petpipe predict`, `petpipe serve` and petpipe.load_model resolve --model here."""
+    if not str(model).startswith("models:/"):  # a path: no MLflow import
+        return Path(model)
+    from petpipe import registry
+    from petpipe.paths import petpipe_folder, project_root
+    from petpipe.run_identity import tracking_uri
+
+    return registry.checkpoint_of(str(model), tracking_uri=tracking_uri(project_root()),
+                                  cache=petpipe_folder() / "models")
+
+
 def load_predictor(model: Path, *, device: str = "auto") -> Predictor:
     """A checkpoint file (model.pt), run with torch, or an exported bundle folder, run with onnxruntime alone,
     ready to predict on `device`."""
@@ -91,6 +105,15 @@ def collect_images(paths: Sequence[Path]) -> list[Path]:
 def predict_files(predictor: Predictor, paths: Sequence[Path], *, top_k: int = 3,
                   batch_size: int = 64) -> Iterator[Prediction]:
     """Top-k predictions for each file, in order, batched; an unreadable file yields its error instead."""
+    paths = [Path(path) for path in paths]
+    return predict_images(predictor, paths, names=[str(path) for path in paths], top_k=top_k,
+                          batch_size=batch_size)
+
+
+def predict_images(predictor: Predictor, images: Sequence[Path | bytes], *, names: Sequence[str], top_k: int = 3,
+                   batch_size: int = 64) -> Iterator[Prediction]:
+    """Top-k predictions for each image (a file, or an image file's bytes), named by `names`, in order and
+    batched; an unreadable image yields its error instead."""
     if top_k < 1:
         raise PetpipeError(f"--top-k must be at least 1, got {top_k}")
     if batch_size < 1:
@@ -98,14 +121,14 @@ def predict_files(predictor: Predictor, paths: Sequence[Path], *, top_k: int = 3
     workers = min(8, os.cpu_count() or 1)
     # PIL releases the GIL while decoding, so threads decode a batch in parallel.
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for start in range(0, len(paths), batch_size):
-            chunk = [Path(path) for path in paths[start:start + batch_size]]
-            decoded = list(pool.map(lambda path: read_pixels(path, predictor.presize), chunk))
-            for path, result in zip(chunk, classify(predictor, decoded, top_k=top_k)):
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            decoded = list(pool.map(lambda image: read_pixels(image, predictor.presize), chunk))
+            for name, result in zip(names[start:start + batch_size], classify(predictor, decoded, top_k=top_k)):
                 if isinstance(result, str):
-                    yield Prediction(path=str(path), error=result)
+                    yield Prediction(path=name, error=result)
                 else:
-                    yield Prediction(path=str(path), labels=result)
+                    yield Prediction(path=name, labels=result)
 
 
 def format_prediction(prediction: Prediction) -> str:

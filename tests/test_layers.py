@@ -74,7 +74,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_the_graph_reader_sees_lazy_imports_and_cycles():
-    assert "petpipe.show_batch" in import_graph()["petpipe.stages.index_labels"]  # imported inside a function
+    assert "petpipe.draw_batch" in import_graph()["petpipe.stages.index_labels"]  # imported inside a function
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
@@ -110,6 +110,22 @@ def test_predicting_with_a_bundle_imports_neither_torch_nor_pandas_nor_mlflow():
             "print(sorted(m for m in ('torch', 'torchvision', 'timm', 'mlflow', 'pandas') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", f"importing the bundle's predictor loads {result.stdout.strip()}"
+
+
+def test_import_petpipe_is_cheap_and_its_api_loads_torch_only_for_a_checkpoint():
+    """`import petpipe` loads nothing heavy; its Python API (petpipe/api.py, loaded on first use) brings pandas
+    for its tables but neither torch nor MLflow: a bundle predicts without torch, and a `models:/` URI or a
+    checkpoint imports what it needs when it is loaded."""
+    heavy = "sorted(m for m in ('torch', 'torchvision', 'timm', 'mlflow', 'pandas', 'sklearn') if m in sys.modules)"
+    code = f"import sys, petpipe; print({heavy}); petpipe.load_model, petpipe.results; print({heavy})"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    bare, with_api = result.stdout.splitlines()
+    assert bare == "[]", f"import petpipe loads {bare}"
+    assert with_api == "['pandas']", with_api
+    # The module of show_batch's figure cannot shadow the function: petpipe.show_batch stays the API's.
+    code = "import petpipe, petpipe.draw_batch, petpipe.api; print(petpipe.show_batch is petpipe.api.show_batch)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "True"
 
 
 def test_fetch_and_index_labels_never_import_torch(tmp_path):

@@ -317,16 +317,16 @@ def test_exif_orientation_is_applied_before_training_and_in_show_batch(sample_im
     assert difference(np.rot90(cached[0], axes=(1, 2)), cached[1]) > 4 * difference(*cached)
 
     # show_batch draws it upright.
-    from petpipe import show_batch
+    from petpipe import draw_batch
     from petpipe.views import Views
 
     drawn = []
-    monkeypatch.setattr(show_batch, "plot_show_batch", lambda batch, labels, title: drawn.append(batch[0].numpy()))
+    monkeypatch.setattr(draw_batch, "plot_show_batch", lambda batch, labels, title: drawn.append(batch[0].numpy()))
     for path in (rotated, upright):
         index = pd.DataFrame({"path": [path.name], "label": ["Bengal"], "split": ["train"]})
         params = params_with({"model.img_size": 64})
         views = Views.for_display(params.model, params.train.augment)
-        show_batch.show_batch_figure(index, path.parent, split="train", count=1, views=views, seed=0)
+        draw_batch.show_batch_figure(index, path.parent, split="train", count=1, views=views, seed=0)
     assert difference(*drawn) < 0.03  # floats in [0, 1]: the same picture after the same augmentation
 
 

@@ -54,7 +54,7 @@ class Outputs:
 def _show_batch(index: pd.DataFrame, folder: Path, params: Params) -> Any:
     """fastai's show_batch of the training split, augmented as train-head will augment it. Imported here:
     labelling, splitting and reporting need no torch, so index-labels without --show-batch loads none."""
-    from petpipe.show_batch import show_batch_figure
+    from petpipe.draw_batch import show_batch_figure
     from petpipe.views import Views
 
     views = Views.for_display(params.model, params.train.augment)
