@@ -580,15 +580,17 @@ def test_the_champion_moves_only_to_a_better_version(embedded_project):
 
     first = registry.promote(client, "pets", versions[0.80], "accuracy", 0.80)
     assert first.promoted and first.sentence() == \
-        "champion: pets@champion -> version 1 (accuracy 0.8000), the first evaluated version"
+        "champion: pets@champion -> version 1 (accuracy 0.8000), the first evaluated version; elected on the valid " \
+        "split, never on test"
     worse = registry.promote(client, "pets", versions[0.75], "accuracy", 0.75)
     assert not worse.promoted and worse.sentence() == \
-        "champion: pets@champion stays version 1 (accuracy 0.8000); version 2 (accuracy 0.7500) is not better"
+        "champion: pets@champion stays version 1 (accuracy 0.8000); version 2 (accuracy 0.7500) is not better; " \
+        "elected on the valid split, never on test"
     assert str(client.get_model_version_by_alias("pets", "champion").version) == "1"
     assert worse.tags()["petpipe.champion.decision"] == "kept"
     better = registry.promote(client, "pets", versions[0.90], "accuracy", 0.90)
     assert better.promoted and str(client.get_model_version_by_alias("pets", "champion").version) == "3"
-    assert better.sentence().endswith("better than version 1 (accuracy 0.8000)")
+    assert better.sentence().endswith("better than version 1 (accuracy 0.8000); elected on the valid split, never on test")
     # loss: lower wins, read from the champion's LoggedModel (0.65), not from the call
     by_loss = registry.promote(client, "pets", versions[0.75], "loss", 0.60)
     assert (by_loss.champion, by_loss.champion_value, by_loss.promoted) == ("3", 0.65, True)
