@@ -426,7 +426,8 @@ def load_index(path: Path) -> pd.DataFrame:
     index = index[INDEX_COLUMNS]
     bad_split = sorted(set(index["split"]) - set(SPLITS))
     if bad_split:
-        raise PetpipeError(f"{path}: split must be train, valid or test, found {', '.join(map(repr, bad_split))}; {hint}")
+        raise PetpipeError(f"{path}: split must be train, valid or test, found {', '.join(map(repr, bad_split))}; "
+                           f"{hint}")
     try:
         index = index.astype({"width": int, "height": int})
     except ValueError as error:

@@ -31,7 +31,8 @@ def test_index_labels_outputs(project):
     classes = json.loads((folder / "stages/index-labels/classes.json").read_text())["classes"]
     assert len(index) == 370 and len(classes) == 37
     # A three-way split (split.test_pct 0.2), stratified: 2 valid and 2 test photos of each breed's 10.
-    assert (index.groupby("label")["split"].value_counts().unstack()[["train", "valid", "test"]] == [6, 2, 2]).all().all()
+    per_class = index.groupby("label")["split"].value_counts().unstack()[["train", "valid", "test"]]
+    assert (per_class == [6, 2, 2]).all().all()
     report = json.loads((folder / "stages/index-labels/report.json").read_text())
     assert report["images"] == 370 and report["skipped"] == [] and report["unmatched"] == []
     assert (report["train"], report["valid"], report["test"]) == (222, 74, 74) and report["split"]["method"] == "random"
@@ -86,7 +87,8 @@ def test_evaluate_reports_the_test_split_nothing_tuned_on(project):
     from petpipe.pixels import cache_key
 
     presize = load_params(folder / "params.yaml").model.presize
-    test_cache = folder / ".petpipe/cache" / f"pixels-{cache_key(list(index.loc[index['split'] == 'test', 'hash']), presize)}.npy"
+    test_hashes = list(index.loc[index["split"] == "test", "hash"])
+    test_cache = folder / ".petpipe/cache" / f"pixels-{cache_key(test_hashes, presize)}.npy"
     assert test_cache.stat().st_mtime > (folder / "stages/finetune/model.pt").stat().st_mtime
     shown = run_command(["dvc", "metrics", "show", "--json"], folder).stdout
     assert "test_accuracy" in shown and "test_balanced_accuracy" in shown

@@ -177,7 +177,8 @@ def test_the_results_page_shows_the_test_split_beside_valid_when_there_is_one(cl
     folder = tmp_path / "evaluate"
     shutil.copytree(project / "evaluate", folder)
     metrics = json.loads((folder / "metrics.json").read_text())
-    metrics.update({"balanced_accuracy": 0.45, "test_images": 3, "test_accuracy": 0.6667, "test_error_rate": 0.3333, "test_top5_accuracy": 1.0,
+    metrics.update({"balanced_accuracy": 0.45, "test_images": 3, "test_accuracy": 0.6667, "test_error_rate": 0.3333,
+                    "test_top5_accuracy": 1.0,
                     "test_loss": 0.7, "test_macro_f1": 0.55, "test_balanced_accuracy": 0.625})
     (folder / "metrics.json").write_text(json.dumps(metrics))
     (folder / "test_confusion.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 16)

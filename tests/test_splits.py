@@ -146,3 +146,21 @@ def test_layout_mistakes_are_refused_in_one_line(sample_images, tmp_path):
     shutil.rmtree(images / "train/pug")
     with pytest.raises(PetpipeError, match=r"class\(es\) with no training image: pug; add photos of them to train/"):
         index(images, tmp_path / "out")
+
+
+def test_class_imbalance_is_reported_and_warned_above_ten_times(sample_images, tmp_path):
+    images = tmp_path / "imbalanced"
+    images.mkdir()
+    by_breed = sample_by_breed(sample_images)
+    for number, photo in enumerate(sorted(by_breed["Bombay"]) * 2):  # 20 Bombay photos (each twice)...
+        (images / f"Bombay_{number}.jpg").symlink_to(photo)
+    (images / "pug_1.jpg").symlink_to(sorted(by_breed["pug"])[0])  # ... and one pug
+    summary, table, report = index(images, tmp_path / "out", **{"labels.method": "regex"})
+    assert report["imbalance"] == {"largest": {"class": "Bombay", "images": 20},
+                                   "smallest": {"class": "pug", "images": 1}, "ratio": 20.0}
+    assert "classes of 1 to 20 images (20x)" in summary
+    assert any(warning.startswith("classes are imbalanced 20x: Bombay has 20 images, pug 1")
+               for warning in report["warnings"])
+    # Stratified: Bombay gives valid 4 of its 20, the single pug trains.
+    assert table.groupby("label")["split"].apply(lambda splits: (splits == "valid").sum()).to_dict() == \
+        {"Bombay": 4, "pug": 0}
