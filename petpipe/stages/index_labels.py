@@ -94,7 +94,7 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     _refuse_classes_without_training_images(counts, plan)
     leaks = data.find_leaks(index)
     imbalance = data.class_imbalance(counts)
-    how = split_description(plan, params.split, counts)
+    how = split_description(plan, params.split)
     warnings = _warnings(counts, leaks=leaks, skipped=found.skipped, unmatched=found.unmatched,
                          outside=found.outside, imbalance=imbalance)
     if corrected["ignored"]:
@@ -135,7 +135,7 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     )
 
 
-def split_description(plan: data.SplitPlan, split: SplitParams, counts: pd.DataFrame) -> str:
+def split_description(plan: data.SplitPlan, split: SplitParams) -> str:
     """The method used and why, in words for the summary line and report.json: which folders were the
     splits, and what was drawn from train/ for a split without its folder."""
     if plan.method != "folders":
@@ -179,11 +179,12 @@ def survey(folder: Path, labels: LabelParams, plan: data.SplitPlan, relative_pat
                   skipped=skipped, unmatched=unmatched, outside=[path for path in outside if _looks_like_image(path)])
 
 
+# What counts as a photo when reporting files outside the split folders or loose in one (notes.txt is not).
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
 def _looks_like_image(path: str) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
-
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 def _refuse_split_folders_without_class_folders(paths: list[str], found: dict[str, str | None],
