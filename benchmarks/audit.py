@@ -67,12 +67,13 @@ def plant(args: argparse.Namespace, seed: int, folder: Path) -> dict[str, Any]:
     import pandas as pd
     from PIL import Image
 
-    from petpipe.data import assign_split
+    from petpipe.data import stratified_split
 
     rng = np.random.default_rng(seed)
     names = sorted(path.name for path in args.images.glob("*.jpg"))
     breeds = sorted({breed(name) for name in names})
-    split = {name: assign_split(name, valid_pct=0.2, seed=42) for name in names}  # index-labels' default
+    split = stratified_split({name: breed(name) for name in names}, valid_pct=0.2, test_pct=0.0,
+                             seed=42)  # index-labels' default
     images = folder / "images"
     images.mkdir(parents=True)
     wrong = {}  # new name -> (original name, true breed)

@@ -174,8 +174,10 @@ def duplicates_table(rows: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
 
 
 def summary(issues: pd.DataFrame, duplicates: pd.DataFrame) -> dict[str, int]:
-    """evaluate's audit metrics: label issues (cleanlab's default threshold), duplicate pairs, and leaks
-    (pairs across train and valid)."""
-    leaks = int((duplicates["split_a"] != duplicates["split_b"]).sum()) if len(duplicates) else 0
+    """evaluate's audit metrics: label issues (cleanlab's default threshold), duplicate pairs, leaks (pairs
+    across splits), and test leaks: pairs with one photo in test, whose test numbers then score what trained."""
+    across = duplicates["split_a"] != duplicates["split_b"] if len(duplicates) else pd.Series(dtype=bool)
+    test = (duplicates["split_a"] == "test") | (duplicates["split_b"] == "test") if len(duplicates) else across
     return {"audit_images": len(issues), "audit_label_issues": int(issues["issue"].sum()),
-            "audit_duplicate_pairs": len(duplicates), "audit_leaks": leaks}
+            "audit_duplicate_pairs": len(duplicates), "audit_leaks": int(across.sum()),
+            "audit_test_leaks": int((across & test).sum())}

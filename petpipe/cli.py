@@ -192,8 +192,8 @@ def export_command(model: Path, out: Path) -> None:
               help="fetch's images folder.")
 @click.option("--index", type=ExistingPath, default=Path("stages/index-labels/index.csv"), show_default=True,
               help="index-labels' index.csv.")
-@click.option("--split", type=click.Choice(["train", "valid"]), default="train", show_default=True,
-              help="train: augmented as in training; valid: center crops.")
+@click.option("--split", type=click.Choice(["train", "valid", "test"]), default="train", show_default=True,
+              help="train: augmented as in training; valid, test: center crops.")
 @click.option("--n", "count", type=click.IntRange(min=1), default=9, show_default=True, help="Images to show.")
 @click.option("--out", type=PathOption, default=Path("show_batch.png"), show_default=True, help="PNG to write.")
 def show_batch_command(params_path: Path, images: Path, index: Path, split: str, count: int, out: Path) -> None:

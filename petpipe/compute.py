@@ -33,18 +33,21 @@ class Compute:
     def is_main(self) -> bool:
         return self.runtime is not None and self.runtime.world.is_main
 
-    def dataset(self, inputs: Any, spec: ModelSpec | None = None, *, training: bool = True) -> Dataset:
+    def dataset(self, inputs: Any, spec: ModelSpec | None = None, *, training: bool = True,
+                with_test: bool = False) -> Dataset:
         """inputs.index's images from inputs.images, decoded once into the pixel cache, at the size and in
         the class order of `spec` (a checkpoint's), or of params.model and the index's sorted labels.
 
         training: the stage trains, so the training split keeps each photo's long side when
-        train.augment.presize_crop is random.
+        train.augment.presize_crop is random. with_test: the test split too (evaluate alone).
         """
+        assert not (training and with_test), "a stage that trains never reads the test split"
         presize = spec.presize if spec is not None else self.params.model.presize
         return load_dataset(inputs.index, inputs.images, presize=presize, runtime=self.runtime,
                             workers=self.params.train.decode_workers,
                             classes=spec.classes if spec is not None else None,
-                            wide_train=training and self.params.train.augment.presize_crop == "random")
+                            wide_train=training and self.params.train.augment.presize_crop == "random",
+                            with_test=with_test)
 
     def close(self) -> None:
         shutdown()

@@ -26,7 +26,7 @@ from petpipe.errors import PetpipeError
 from petpipe.folders import visible_files
 
 INDEX_COLUMNS = ["path", "label", "split", "width", "height", "hash"]
-SPLITS = ("train", "valid")
+SPLITS = ("train", "valid", "test")
 # EXIF orientations 5-8 rotate by 90 or 270 degrees: width and height swap.
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION = 0x0112
@@ -119,8 +119,13 @@ def labels_from_regex(relative_paths: Iterable[str], pattern: re.Pattern[str]) -
     return {path: label_from_name(PurePosixPath(path).name, pattern) for path in relative_paths}
 
 
-def labels_from_folders(relative_paths: Iterable[str]) -> dict[str, str | None]:
-    return {path: label_from_folder(path) for path in relative_paths}
+def labels_from_folders(relative_paths: Iterable[str], *, under_split_folder: bool = False) -> dict[str, str | None]:
+    """Each file's parent folder; under_split_folder: the path starts with a split folder (train/ants/1.jpg),
+    which is never a class: a file directly in it (train/1.jpg) has none."""
+    def inside(path: str) -> str:
+        return PurePosixPath(*PurePosixPath(path).parts[1:]).as_posix() if under_split_folder else path
+
+    return {path: label_from_folder(inside(path)) for path in relative_paths}
 
 
 def labels_from_csv(csv_path: Path, relative_paths: Sequence[str]) -> dict[str, str | None]:
@@ -138,13 +143,15 @@ def labels_from_csv(csv_path: Path, relative_paths: Sequence[str]) -> dict[str, 
 
 
 def label_images(
-    relative_paths: Sequence[str], *, method: str, pattern: str, csv_path: Path | None
+    relative_paths: Sequence[str], *, method: str, pattern: str, csv_path: Path | None,
+    under_split_folder: bool = False,
 ) -> dict[str, str | None]:
-    """Map each relative path to its label by labels.method; None means unmatched."""
+    """Map each relative path to its label by labels.method; None means unmatched. under_split_folder: every
+    path starts with its split's folder (split.method folders), which folder labels skip."""
     if method == "regex":
         return labels_from_regex(relative_paths, compile_label_pattern(pattern))
     if method == "folder":
-        return labels_from_folders(relative_paths)
+        return labels_from_folders(relative_paths, under_split_folder=under_split_folder)
     if method == "csv":
         if csv_path is None:
             raise PetpipeError("labels.method is csv but labels.csv is null; set labels.csv to a path,label CSV")
@@ -224,11 +231,92 @@ def apply_corrections(
 
 # --- split -----------------------------------------------------------------------------------
 
+# Top-level folders that name a split, compared case-insensitively: the names fastai (train/valid),
+# Ultralytics classify and Hugging Face imagefolder (train/val/test) and Keras give them.
+SPLIT_FOLDER_NAMES = {"train": ("train",), "valid": ("valid", "val", "validation"), "test": ("test",)}
 
-def assign_split(relative_path: str, *, valid_pct: float, seed: int) -> str:
-    """train or valid from the file's name and the seed alone, so adding or reordering files moves none."""
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """How index-labels splits: method folders, random or file; why; and, for folders, each split's folder."""
+
+    method: str
+    reason: str
+    folders: dict[str, str]  # split -> its folder's name as on disk (folders only)
+    file: Path | None = None
+
+    def folder_of(self, relative_path: str) -> str | None:
+        """The split whose folder holds the file, or None (outside every split folder, or not folders)."""
+        top = PurePosixPath(relative_path).parts[0]
+        return next((split for split, name in self.folders.items() if name == top), None)
+
+
+def find_split_folders(relative_paths: Iterable[str]) -> dict[str, str]:
+    """{split: folder} for each top-level folder named as a split (SPLIT_FOLDER_NAMES, any case)."""
+    tops = sorted({PurePosixPath(path).parts[0] for path in relative_paths if len(PurePosixPath(path).parts) > 1})
+    found: dict[str, list[str]] = {}
+    for top in tops:
+        for split, names in SPLIT_FOLDER_NAMES.items():
+            if top.lower() in names:
+                found.setdefault(split, []).append(top)
+    twice = {split: names for split, names in found.items() if len(names) > 1}
+    if twice:
+        split, names = next(iter(twice.items()))
+        raise PetpipeError(f"folders {', '.join(n + '/' for n in names)} all name the {split} split; "
+                           "keep one of them (or set split.method random)")
+    return {split: names[0] for split, names in found.items()}
+
+
+def plan_split(relative_paths: Sequence[str], *, method: str, file: str | None) -> SplitPlan:
+    """split.method resolved against the images: which method splits them and why (index-labels' summary)."""
+    if method == "file" or (method == "auto" and file is not None):
+        return SplitPlan("file", f"split.file {file}", {}, Path(str(file)))
+    folders = find_split_folders(relative_paths) if method in ("auto", "folders") else {}
+    usable = "train" in folders and ("valid" in folders or "test" in folders)
+    listed = ", ".join(f"{folders[split]}/" for split in SPLITS if split in folders)
+    if method == "folders" and not usable:
+        raise PetpipeError(
+            "split.method folders needs train/ and valid/ (or val/, validation/; optionally test/) folders at "
+            f"the top of the images, found {listed or 'none'}; make them or set split.method auto or random")
+    if usable:
+        return SplitPlan("folders", f"{'auto' if method == 'auto' else 'split.method folders'}: the folders "
+                         f"{listed}", folders)
+    why = "split.method random" if method == "random" else "auto: no train/ and valid/ folders"
+    return SplitPlan("random", f"{why}; stratified per class", {})
+
+
+def split_key(relative_path: str, seed: int) -> float:
+    """A file's place in the order of its class, in [0, 1): a hash of the seed and its name alone."""
     digest = hashlib.sha256(f"{seed}:{relative_path}".encode()).hexdigest()
-    return "valid" if int(digest[:16], 16) / 2**64 < valid_pct else "train"
+    return int(digest[:16], 16) / 2**64
+
+
+def held_out(count: int, fraction: float) -> int:
+    """Photos of a class of `count` a split of `fraction` takes: floor(fraction x count), so that a class with
+    at least 1/fraction photos gets one and, with fractions summing below 1, training keeps one."""
+    return int(count * fraction + 1e-9)
+
+
+def stratified_split(labels: dict[str, str], *, valid_pct: float, test_pct: float, seed: int) -> dict[str, str]:
+    """train/valid/test for each path, class by class: the class's files ordered by split_key, valid the
+    first held_out(n, valid_pct), test the last held_out(n, test_pct), train the rest.
+
+    Stratified: every class gives each split its share within one photo. Stable: the order depends on
+    names and the seed alone, so listing files in another order moves none, and a new file shifts each
+    boundary of its class by at most one place: at most one other file moves between train and valid
+    (and, with test_pct, one between train and test).
+    """
+    by_class: dict[str, list[str]] = {}
+    for path, label in labels.items():
+        by_class.setdefault(label, []).append(path)
+    splits: dict[str, str] = {}
+    for paths in by_class.values():
+        ordered = sorted(paths, key=lambda path: (split_key(path, seed), path))
+        n_valid, n_test = held_out(len(ordered), valid_pct), held_out(len(ordered), test_pct)
+        for position, path in enumerate(ordered):
+            splits[path] = ("valid" if position < n_valid else
+                            "test" if position >= len(ordered) - n_test else "train")
+    return {path: splits[path] for path in labels}
 
 
 def splits_from_file(split_path: Path, relative_paths: Sequence[str]) -> dict[str, str]:
@@ -241,7 +329,7 @@ def splits_from_file(split_path: Path, relative_paths: Sequence[str]) -> dict[st
     wrong = table.loc[~table["split"].isin(SPLITS)]
     if len(wrong):
         shown = [f"{row.path}={row.split!r}" for row in wrong.head(5).itertuples()]
-        raise PetpipeError(f"{source}: split must be train or valid, got {', '.join(shown)}")
+        raise PetpipeError(f"{source}: split must be train, valid or test, got {', '.join(shown)}")
     fixed = dict(zip(table["path"], table["split"]))
     missing = [path for path in relative_paths if path not in fixed]
     if missing:
@@ -252,31 +340,23 @@ def splits_from_file(split_path: Path, relative_paths: Sequence[str]) -> dict[st
     return {path: fixed[path] for path in relative_paths}
 
 
-def split_images(
-    relative_paths: Sequence[str], *, valid_pct: float, seed: int, split_file: Path | None
-) -> dict[str, str]:
-    """train/valid for each path: from split_file when given, else from valid_pct and seed."""
-    if split_file is not None:
-        return splits_from_file(split_file, relative_paths)
-    return {path: assign_split(path, valid_pct=valid_pct, seed=seed) for path in relative_paths}
+def split_images(labels: dict[str, str], plan: SplitPlan, *, valid_pct: float, test_pct: float,
+                 seed: int) -> dict[str, str]:
+    """train/valid/test for each labelled path, by the plan: the user's folders or file, else stratified.
 
-
-def give_every_class_a_training_image(
-    splits: dict[str, str], labels: dict[str, str]
-) -> tuple[dict[str, str], list[str]]:
-    """Move one image to train for each class the split left without any; return the new split and those moved.
-
-    A class with no training image cannot be learnt, and the name-hash split leaves a small class
-    all-valid by chance (a class of one image, one time in five at valid_pct 0.2). The image
-    moved is the class's first by path; every other file keeps the split its name gives it.
+    With folders, a split without its folder is drawn from train/ as random would (valid by valid_pct,
+    test by test_pct): train/ and test/ alone still give a validation split.
     """
-    trained = {labels[path] for path, split in splits.items() if split == "train"}
-    first_of_class: dict[str, str] = {}
-    for path in sorted(splits):
-        if labels[path] not in trained:
-            first_of_class.setdefault(labels[path], path)
-    moved = sorted(first_of_class.values())
-    return {**splits, **{path: "train" for path in moved}}, moved
+    if plan.method == "file":
+        assert plan.file is not None
+        return splits_from_file(plan.file, list(labels))
+    if plan.method == "random":
+        return stratified_split(labels, valid_pct=valid_pct, test_pct=test_pct, seed=seed)
+    placed = {path: plan.folder_of(path) for path in labels}
+    in_train = {path: label for path, label in labels.items() if placed[path] == "train"}
+    drawn = stratified_split(in_train, valid_pct=0.0 if "valid" in plan.folders else valid_pct,
+                             test_pct=0.0 if "test" in plan.folders else test_pct, seed=seed)
+    return {path: drawn.get(path) or str(placed[path]) for path in labels}
 
 
 # --- index -----------------------------------------------------------------------------------
@@ -300,21 +380,31 @@ def class_names(index: pd.DataFrame) -> list[str]:
 
 
 def split_counts(index: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
-    """(class x {train, valid}) image counts, zeros included, rows in class order."""
+    """(class x {train, valid, test}) image counts, zeros included, rows in class order."""
     counts = pd.crosstab(index["label"], index["split"])
     return counts.reindex(index=list(classes), columns=list(SPLITS), fill_value=0).astype(int)
 
 
 def find_leaks(index: pd.DataFrame) -> list[dict[str, str]]:
-    """Pairs of files with identical bytes, one in train and one in valid."""
-    train = index.loc[index["split"] == "train", ["path", "hash"]]
-    valid = index.loc[index["split"] == "valid", ["path", "hash"]]
-    pairs = train.merge(valid, on="hash", suffixes=("_train", "_valid"))
-    pairs = pairs.sort_values(["hash", "path_train", "path_valid"])
-    return [
-        {"train": train_path, "valid": valid_path, "hash": content_hash}
-        for train_path, valid_path, content_hash in zip(pairs["path_train"], pairs["path_valid"], pairs["hash"])
-    ]
+    """Pairs of files with identical bytes in two splits: {"train": a, "valid": b, "hash": h}, or with "test"
+    beside train or valid (a test photo also in training or validation scores what was tuned on)."""
+    leaks = []
+    for first, second in (("train", "valid"), ("train", "test"), ("valid", "test")):
+        pairs = index.loc[index["split"] == first, ["path", "hash"]].merge(
+            index.loc[index["split"] == second, ["path", "hash"]], on="hash", suffixes=("_a", "_b"))
+        pairs = pairs.sort_values(["hash", "path_a", "path_b"])
+        leaks += [{first: path_a, second: path_b, "hash": content_hash}
+                  for path_a, path_b, content_hash in zip(pairs["path_a"], pairs["path_b"], pairs["hash"])]
+    return leaks
+
+
+def class_imbalance(counts: pd.DataFrame) -> dict[str, Any]:
+    """The largest and smallest class (images over every split) and their ratio, as report.json holds it."""
+    totals = counts.sum(axis=1)
+    largest, smallest = str(totals.idxmax()), str(totals.idxmin())
+    return {"largest": {"class": largest, "images": int(totals[largest])},
+            "smallest": {"class": smallest, "images": int(totals[smallest])},
+            "ratio": round(float(totals[largest]) / max(int(totals[smallest]), 1), 2)}
 
 
 def load_index(path: Path) -> pd.DataFrame:
@@ -336,7 +426,8 @@ def load_index(path: Path) -> pd.DataFrame:
     index = index[INDEX_COLUMNS]
     bad_split = sorted(set(index["split"]) - set(SPLITS))
     if bad_split:
-        raise PetpipeError(f"{path}: split must be train or valid, found {', '.join(map(repr, bad_split))}; {hint}")
+        raise PetpipeError(f"{path}: split must be train, valid or test, found {', '.join(map(repr, bad_split))}; "
+                           f"{hint}")
     try:
         index = index.astype({"width": int, "height": int})
     except ValueError as error:

@@ -1,7 +1,9 @@
-"""The indexed images as tensors: train and valid `ImageSet`s read from the pixel cache.
+"""The indexed images as tensors: train and valid (and, for evaluate alone, test) `ImageSet`s read from the
+pixel cache.
 
 index-labels decided the split and the labels; this module only reads them
-(`data.load_index`) and maps the presized pixels (`pixels.load_pixels`).
+(`data.load_index`) and maps the presized pixels (`pixels.load_pixels`). The test split is decoded only when
+asked (`with_test`): the training stages never read a test photo, not even into the pixel cache.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class Dataset:
     valid: ImageSet
     index: pd.DataFrame
     folder: Path  # the images folder index.csv's paths are relative to
+    test: ImageSet | None = None  # loaded only with_test (evaluate); None for the training stages
 
     def rows(self, split: str) -> pd.DataFrame:
         """index.csv's rows of one split, in the order of that split's ImageSet."""
@@ -72,9 +75,10 @@ class Dataset:
 
 
 def load_dataset(index_path: Path, images: Path, *, presize: int, runtime: Runtime, workers: int,
-                 classes: Sequence[str] | None = None, wide_train: bool = False) -> Dataset:
+                 classes: Sequence[str] | None = None, wide_train: bool = False,
+                 with_test: bool = False) -> Dataset:
     """The indexed images as train and valid ImageSets on the runtime's device, decoded once into the
-    pixel cache.
+    pixel cache; with_test, the test split's too (evaluate's; the training stages leave it unread).
 
     `classes` fixes the class order (a checkpoint's); by default it is index-labels' sorted labels.
     wide_train: the training split keeps each photo's long side (pixels.decode_wide), for
@@ -87,13 +91,14 @@ def load_dataset(index_path: Path, images: Path, *, presize: int, runtime: Runti
     if unknown:
         raise PetpipeError(f"{index_path} has labels the model was not trained on: {', '.join(unknown[:5])}; "
                            f"rerun train-head (dvc repro)")
+    splits = ("train", "valid", "test") if with_test else ("train", "valid")
+    rows = {split: np.flatnonzero((index["split"] == split).to_numpy()) for split in splits}
     paths = [images / relative for relative in index["path"]]
-    missing = [str(path) for path in paths if not path.is_file()]
+    missing = [str(paths[row]) for chosen in rows.values() for row in chosen if not paths[row].is_file()]
     if missing:
         raise PetpipeError(f"{len(missing)} indexed images are missing, e.g. {missing[0]}; "
                            f"rerun fetch and index-labels (dvc repro)")
     class_ids = index["label"].map({name: position for position, name in enumerate(classes)}).to_numpy()
-    rows = {split: np.flatnonzero((index["split"] == split).to_numpy()) for split in ("train", "valid")}
     if not world.is_main:
         barrier()  # rank 0 decodes the images into the cache first; the others then map it
     # One cache per split, so that each split is one contiguous memory map that batches index directly.
@@ -110,4 +115,6 @@ def load_dataset(index_path: Path, images: Path, *, presize: int, runtime: Runti
     def subset(split: str) -> ImageSet:
         return ImageSet.from_cache(pixels[split], class_ids[rows[split]], device, geometry.get(split))
 
-    return Dataset(classes=classes, train=subset("train"), valid=subset("valid"), index=index, folder=Path(images))
+    test = subset("test") if with_test and len(rows["test"]) else None
+    return Dataset(classes=classes, train=subset("train"), valid=subset("valid"), index=index, folder=Path(images),
+                   test=test)

@@ -20,11 +20,11 @@ def show_batch_figure(index: pd.DataFrame, images: Path, *, split: str, count: i
     """fastai's show_batch: `count` images of a split as the model sees them (`views`, before normalisation).
 
     train: augmented like a training batch, drawn as index-labels' show_batch.png
-    is; valid: the center crops evaluate and predict use.
+    is; valid, test: the center crops evaluate and predict use.
     """
     rows = index[index["split"] == split].reset_index(drop=True)
     if rows.empty:
-        raise PetpipeError(f"the {split} split has no images; check split.valid_pct or the index")
+        raise PetpipeError(f"the {split} split has no images; check split.valid_pct / split.test_pct or the index")
     chosen = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:count].tolist()
     decoded = []
     for row in chosen:
@@ -39,5 +39,5 @@ def show_batch_figure(index: pd.DataFrame, images: Path, *, split: str, count: i
         title = "show_batch: training images after augmentation"
     else:
         batch = views.cropped(pixels)
-        title = "show_batch: validation images (center crop)"
+        title = f"show_batch: {'validation' if split == 'valid' else 'test'} images (center crop)"
     return plot_show_batch(batch, [rows.at[row, "label"] for row in chosen], title=title)

@@ -9,6 +9,7 @@ top losses are petpipe's (fastai's).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,6 +58,14 @@ def macro_f1(actual: np.ndarray, predicted: np.ndarray) -> float:
     return float(metrics.f1_score(actual, predicted, average="macro", zero_division=0))
 
 
+def balanced_accuracy(actual: np.ndarray, predicted: np.ndarray) -> float:
+    """Mean recall over the classes that occur in `actual` (scikit-learn's balanced_accuracy_score): each
+    class counts once however many photos it has, so a small class the model ignores shows."""
+    with warnings.catch_warnings():  # a predicted class absent from actual: scikit-learn warns, the mean skips it
+        warnings.simplefilter("ignore", UserWarning)
+        return float(metrics.balanced_accuracy_score(actual, predicted))
+
+
 def top_k_accuracy(log_probabilities: np.ndarray, targets: np.ndarray, *, k: int = TOP_K) -> float:
     """Fraction of images whose actual class is among the k most probable (k capped at the class count).
 
@@ -91,6 +100,7 @@ def classification_metrics(log_probabilities: np.ndarray, targets: np.ndarray,
         "top5_accuracy": top_k_accuracy(log_probabilities, targets, k=TOP_K),
         "loss": float(per_image_losses(log_probabilities, targets).mean()),
         "macro_f1": macro_f1(targets, predicted),
+        "balanced_accuracy": balanced_accuracy(targets, predicted),
     }
 
 
@@ -111,6 +121,9 @@ def top_losses(losses: np.ndarray, *, k: int) -> np.ndarray:
     """Positions of the k highest losses, highest first; ties keep the earlier image first."""
     order = np.argsort(-np.asarray(losses, dtype=np.float64), kind="stable")
     return order[:k]
+
+
+TOP_LOSSES_COLUMNS = ["path", "actual", "predicted", "loss", "probability_actual", "probability_predicted"]
 
 
 def top_losses_table(log_probabilities: np.ndarray, targets: np.ndarray, *, paths: Sequence[str],

@@ -69,9 +69,23 @@ class LabelParams(_Section):
 
 
 class SplitParams(_Section):
+    method: Literal["auto", "folders", "random", "file"]
     valid_pct: Annotated[float, Field(gt=0, lt=1)]
+    test_pct: Annotated[float, Field(ge=0, lt=1)]
     seed: int
     file: str | None
+
+    @model_validator(mode="after")
+    def _train_keeps_a_share(self) -> "SplitParams":
+        if self.valid_pct + self.test_pct >= 1:
+            raise ValueError(f"valid_pct ({self.valid_pct}) + test_pct ({self.test_pct}) must be below 1: "
+                             "the rest is the training split")
+        if self.method == "file" and self.file is None:
+            raise ValueError("method file needs file: a path,split CSV (train, valid or test per image)")
+        if self.method in ("folders", "random") and self.file is not None:
+            raise ValueError(f"file ({self.file}) is read only with method file or auto; set it to null "
+                             f"or method to file")
+        return self
 
 
 class ModelParams(_Section):
@@ -202,8 +216,9 @@ TrainedStage = Literal["train-head", "finetune"]
 
 
 # evaluate's metrics that can elect a champion (petpipe/tracking.py knows which way each is better).
-PromoteMetric = Literal["accuracy", "error_rate", "top5_accuracy", "loss", "macro_f1",
-                        "tta_accuracy", "tta_error_rate", "tta_top5_accuracy", "tta_loss", "tta_macro_f1"]
+PromoteMetric = Literal["accuracy", "error_rate", "top5_accuracy", "loss", "macro_f1", "balanced_accuracy",
+                        "tta_accuracy", "tta_error_rate", "tta_top5_accuracy", "tta_loss", "tta_macro_f1",
+                        "tta_balanced_accuracy"]
 
 
 class TrackingParams(_Section):

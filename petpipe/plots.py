@@ -21,11 +21,20 @@ if TYPE_CHECKING:  # images arrive as tensors; drawing them needs no torch of it
 
 TRAIN_COLOR = "#4C72B0"
 VALID_COLOR = "#DD8452"
+TEST_COLOR = "#55A868"
+SPLIT_COLORS = {"train": TRAIN_COLOR, "valid": VALID_COLOR, "test": TEST_COLOR}
 
 
 def _new_figure(width: float, height: float) -> Figure:
     figure = Figure(figsize=(width, height))
     FigureCanvasAgg(figure)
+    return figure
+
+
+def plot_message(text: str) -> Figure:
+    """A small figure holding one sentence: a declared plot with nothing to show says why."""
+    figure = _new_figure(6.0, 1.2)
+    figure.text(0.5, 0.5, text, ha="center", va="center", fontsize=9, wrap=True)
     return figure
 
 
@@ -55,30 +64,33 @@ def plot_show_batch(
 
 
 def plot_class_counts(counts: pd.DataFrame | Mapping[str, Mapping[str, int]]) -> Figure:
-    """Horizontal stacked bars of train and valid images per class, first class at the top.
+    """Horizontal stacked bars of train, valid (and test, when any) images per class, first class at the top.
 
-    counts: a frame indexed by class with columns train and valid, or
-    {class: {"train": n, "valid": n}} as in index-labels' report.json.
+    counts: a frame indexed by class with columns train, valid and test, or
+    {class: {"train": n, "valid": n, "test": n}} as in index-labels' report.json.
     """
     frame = counts if isinstance(counts, pd.DataFrame) else pd.DataFrame.from_dict(counts, orient="index")
-    frame = frame.reindex(columns=["train", "valid"], fill_value=0).fillna(0).astype(int)
+    frame = frame.reindex(columns=["train", "valid", "test"], fill_value=0).fillna(0).astype(int)
+    splits = ["train", "valid"] + (["test"] if frame["test"].sum() else [])
     names = [str(name) for name in frame.index]
     positions = np.arange(len(names))
-    train, valid = frame["train"].to_numpy(), frame["valid"].to_numpy()
     figure = _new_figure(8.0, 1.2 + 0.28 * max(len(names), 1))
     axis = figure.subplots()
-    axis.barh(positions, train, color=TRAIN_COLOR, label=f"train ({train.sum()})")
-    axis.barh(positions, valid, left=train, color=VALID_COLOR, label=f"valid ({valid.sum()})")
-    for position, (n_train, n_valid) in enumerate(zip(train, valid)):
-        axis.text(n_train + n_valid, position, f" {n_train} / {n_valid}", va="center", fontsize=7)
+    left = np.zeros(len(names), dtype=int)
+    for split in splits:
+        values = frame[split].to_numpy()
+        axis.barh(positions, values, left=left, color=SPLIT_COLORS[split], label=f"{split} ({values.sum()})")
+        left = left + values
+    for position, row in enumerate(frame[splits].itertuples(index=False)):
+        axis.text(left[position], position, " " + " / ".join(str(n) for n in row), va="center", fontsize=7)
     axis.set_yticks(positions, names, fontsize=8)
     axis.set_ylim(len(names) - 0.5, -0.5)  # first class at the top, like a table
-    axis.set_xlim(0, max(int((train + valid).max(initial=0)) * 1.15, 1))
-    axis.set_xlabel("images (train / valid)")
+    axis.set_xlim(0, max(int(left.max(initial=0)) * 1.15, 1))
+    axis.set_xlabel(f"images ({' / '.join(splits)})")
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_title(f"Images per class: {len(names)} classes", loc="left")
     # Above the bars, beside the title: inside the axes it would hide the last classes.
-    axis.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=2, frameon=False, fontsize=8)
+    axis.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=len(splits), frameon=False, fontsize=8)
     axis.grid(axis="x", alpha=0.3)
     axis.set_axisbelow(True)
     figure.tight_layout()

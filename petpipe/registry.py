@@ -7,6 +7,7 @@ Only tracking.py (best effort, from evaluate) and the CLI (predict, serve) call 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -57,6 +58,11 @@ class Promotion:
         return self.champion_value is None or better(self.metric, self.value, self.champion_value)
 
     def sentence(self) -> str:
+        """The decision in words, saying which split elected it: valid, never test (evaluate reports test
+        beside it, but a champion chosen on the test split would make its test numbers optimistic)."""
+        return self._decision() + "; elected on the valid split, never on test"
+
+    def _decision(self) -> str:
         mine = f"version {self.version} ({self.metric} {self.value:.4f})"
         if self.champion is None:
             return f"champion: {self.model}@{CHAMPION} -> {mine}, the first evaluated version"
@@ -98,11 +104,28 @@ def logged_model_of(experiment_id: str, checkpoint: Path) -> str | None:
     return found[0].model_id if found else None
 
 
+def split_dataset(index: Path, split: str) -> Any:
+    """index.csv's rows of one split as an MLflow dataset named after it (valid, test): its schema and row
+    count, the SHA-256 of those rows as CSV as its digest (the first 32 characters), the index as its source."""
+    frame = pd.read_csv(index, dtype=str, keep_default_na=False)
+    rows = frame[frame["split"] == split].reset_index(drop=True)
+    digest = hashlib.sha256(rows.to_csv(index=False).encode()).hexdigest()[:32]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        return mlflow.data.from_pandas(rows, source=str(Path(index).resolve()), name=split, targets="label",
+                                       digest=digest)
+
+
 def log_evaluation(model_id: str, metrics: Mapping[str, float], *, index: Path) -> None:
-    """In the active (evaluate's) run: the model as its input, the index as its dataset, the metrics on both."""
-    dataset = index_dataset(index)
-    mlflow.log_input(dataset, context="evaluation", model=LoggedModelInput(model_id))
-    mlflow.log_metrics(dict(metrics), model_id=model_id, dataset=dataset)
+    """In the active (evaluate's) run: the model as its input, and its metrics on it, each set with its
+    dataset: the valid split's (the unprefixed ones, what elects the champion) and the test split's (test_)."""
+    for split, chosen in (("valid", {k: v for k, v in metrics.items() if not k.startswith("test_")}),
+                          ("test", {k: v for k, v in metrics.items() if k.startswith("test_")})):
+        if not chosen:
+            continue
+        dataset = split_dataset(index, split)
+        mlflow.log_input(dataset, context="evaluation", model=LoggedModelInput(model_id))
+        mlflow.log_metrics(chosen, model_id=model_id, dataset=dataset)
 
 
 def version_of(client: MlflowClient, name: str, model_id: str) -> str | None:

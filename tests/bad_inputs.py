@@ -74,13 +74,19 @@ def encoded(image: Image.Image, format: str, **options) -> bytes:
     return buffer.getvalue()
 
 
-def name_in_split(breed: str, split: str, *, seed: int, valid_pct: float, start: int = 9000,
-                  folder: str = "") -> str:
-    """The first `<folder><breed>_<n>.jpg` (n >= start) that the name-hash split puts in `split`."""
+def copy_name_in_other_split(folder: Path, original: str, breed: str, *, seed: int, valid_pct: float,
+                              start: int) -> tuple[str, str]:
+    """The first `<breed>_<n>.jpg` (n >= start) that the stratified split, given the breed's photos already in
+    `folder` (original among them), puts in the other split than `original`; and original's split then."""
+    pattern = data.compile_label_pattern(r"^(.+)_\d+\.(?:jpe?g|png|bmp|gif|webp|tiff?)$")
+    relative = [data.relative_posix(path, folder) for path in data.scan_images(folder)]
+    others = [path for path in relative if data.label_from_name(Path(path).name, pattern) == breed]
     for number in range(start, start + 10_000):
-        candidate = f"{folder}{breed}_{number}.jpg"
-        if data.assign_split(candidate, valid_pct=valid_pct, seed=seed) == split:
-            return candidate
+        candidate = f"{breed}_{number}.jpg"
+        splits = data.stratified_split(dict.fromkeys([*others, candidate], breed), valid_pct=valid_pct,
+                                       test_pct=0.0, seed=seed)
+        if splits[candidate] != splits[original]:
+            return candidate, splits[original]
     raise AssertionError("no such name")  # pragma: no cover  (each try is a coin flip)
 
 
@@ -125,23 +131,22 @@ def salt(folder: Path, sample_images: Path, *, seed: int = 42, valid_pct: float 
     mirrored = small.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     salted.usable[add("new photos/Bengal_9016.jpg", encoded(mirrored, "JPEG"))] = "folder name with a space"
     salted.usable[add("été – Ørsted/Bengal_9017.jpg", encoded(small, "JPEG"))] = "non-ASCII folder name"
-    # A class of one photo, named so that the split puts it in valid: index-labels must move it to
-    # train (a class needs a training image) rather than refuse the whole folder.
+    # A class of one photo: the stratified split keeps it in train (floor(0.2 x 1) = 0 held out), so the class
+    # is learnt and has no validation photo, which the report must say.
     salted.single_image_class = "Chat Québécois à poil long"
-    single = name_in_split(salted.single_image_class, "valid", seed=seed, valid_pct=valid_pct, start=1)
+    single = f"{salted.single_image_class}_1.jpg"
     with Image.open(sample_images / "Birman_121.jpg") as birman:
         salted.usable[add(single, encoded(birman.convert("RGB"), "JPEG", quality=90))] = \
             "spaces and non-ASCII in the name; the only image of its class"
 
-    # The same photo once in each split: a leak the report must name. Names are chosen by the
-    # split's own rule, so whichever split the original is in, its copy lands in the other.
+    # The same photo once in each split: a leak the report must name. The copy's name is chosen by the
+    # split's own rule, so that whichever split the original is in, its copy lands in the other.
     original = "Bombay_9020.jpg"
-    original_split = data.assign_split(original, valid_pct=valid_pct, seed=seed)
-    other = "valid" if original_split == "train" else "train"
-    copy = name_in_split("Bombay", other, seed=seed, valid_pct=valid_pct, start=9021)
     with Image.open(sample_images / "Bombay_10.jpg") as bombay:
         source = encoded(bombay.convert("RGB"), "JPEG", quality=93)  # unlike any sample photo's bytes
     add(original, source)
+    copy, original_split = copy_name_in_other_split(folder, original, "Bombay", seed=seed, valid_pct=valid_pct,
+                                                    start=9021)
     add(copy, source)
     salted.usable[original] = salted.usable[copy] = "duplicate across train and valid"
     salted.leak = (original, copy) if original_split == "train" else (copy, original)

@@ -12,7 +12,7 @@ import pytest
 from helpers import (
     EVALUATE_THE_HEAD,
     HEAD_TRAINING,
-    PIPELINE_SMALL,
+    PIPELINE_THREE_WAY,
     SAMPLE_IMAGES,
     ReproducedProject,
     Served,
@@ -125,7 +125,7 @@ def served(pipeline_project, tmp_path_factory, sample_images) -> Iterator[Served
 
     folder = tmp_path_factory.mktemp("served")
     with mlflow_server(folder / "server") as server:
-        project = make_project(folder / "project", {**PIPELINE_SMALL, "data.source": str(sample_images)})
+        project = make_project(folder / "project", {**PIPELINE_THREE_WAY, "data.source": str(sample_images)})
         environment = as_a_user(MLFLOW_TRACKING_URI=server.url,
                                 PETPIPE_CACHE_DIR=str(pipeline_project.folder / ".petpipe/cache"))
         result = subprocess.run(["dvc", "repro"], cwd=project, env=environment, capture_output=True, text=True,
@@ -143,11 +143,12 @@ def served(pipeline_project, tmp_path_factory, sample_images) -> Iterator[Served
 
 @pytest.fixture(scope="session")
 def pipeline_project(tmp_path_factory, sample_images) -> ReproducedProject:
-    """The real `dvc repro` of all six stages on the sample, once per session, as a person runs it: MLflow
-    tracking to the embedded store and the caches at the project root. tests/test_pipeline.py reads its
+    """The real `dvc repro` of all six stages on the sample, once per session, as a person runs it, on a
+    three-way split (split.test_pct 0.2): MLflow tracking to the embedded store and the caches at the project
+    root. tests/test_pipeline.py reads its
     outputs; tests that change things (test_browser, test_reproducibility, test_team) work on copies of it
     (helpers.copy_project), where `dvc repro` reruns only what they changed."""
     folder = make_project(tmp_path_factory.mktemp("pipeline") / "project",
-                          {**PIPELINE_SMALL, "data.source": str(sample_images)})
+                          {**PIPELINE_THREE_WAY, "data.source": str(sample_images)})
     result = run_as_a_user(["dvc", "repro"], folder)
     return ReproducedProject(folder, result.stdout, result.stderr)

@@ -80,6 +80,10 @@ PIPELINE_SMALL = {
 }
 
 
+# The session's end-to-end projects (conftest's pipeline_project and served): a three-way split, so that the real
+# `dvc repro` also proves the test split (6 train, 2 valid, 2 test photos of each breed).
+PIPELINE_THREE_WAY = {**PIPELINE_SMALL, "split.test_pct": 0.2}
+
 # What the tests that train in-process or through `petpipe <stage>` use: the offline weights at 64 px, a
 # head learning rate that learns in a few epochs, a short lr-find sweep.
 TRAINING = {**OFFLINE_TRAINING, "train_head.lr": 0.01, "lr_find.num_it": 30}

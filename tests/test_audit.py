@@ -106,7 +106,8 @@ def test_reencoded_copies_are_found_as_duplicates_and_leaks_and_distinct_photos_
     assert ((pairs["split_a"] != pairs["split_b"])).all()
     metrics = json.loads(outputs.metrics.read_text())
     assert metrics["audit_duplicate_pairs"] == metrics["audit_leaks"] == PLANTED_COPIES
-    assert f"of which {PLANTED_COPIES} across train and valid" in outputs.report.read_text()
+    assert f"of which {PLANTED_COPIES} across splits" in outputs.report.read_text()
+    assert metrics["audit_test_leaks"] == 0  # no test split here
 
 
 def test_the_audit_off_changes_no_other_number_and_writes_header_only_tables(audited, trained, tmp_path):

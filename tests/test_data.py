@@ -33,26 +33,98 @@ def test_label_from_folder_is_the_parent_folder():
 
 
 @given(st.text(min_size=1, max_size=40), st.integers(min_value=0, max_value=2**31))
-def test_assign_split_depends_only_on_name_and_seed(name, seed):
-    first = data.assign_split(name, valid_pct=0.2, seed=seed)
-    assert first in data.SPLITS
-    assert data.assign_split(name, valid_pct=0.2, seed=seed) == first
+def test_split_key_depends_only_on_name_and_seed(name, seed):
+    first = data.split_key(name, seed)
+    assert 0 <= first < 1 and data.split_key(name, seed) == first
 
 
-def test_assign_split_holds_out_about_valid_pct():
-    names = [f"class_{i % 37}/image_{i}.jpg" for i in range(10_000)]
-    valid = sum(data.assign_split(name, valid_pct=0.2, seed=42) == "valid" for name in names)
-    assert 1_850 < valid < 2_150
-    other_seed = [data.assign_split(name, valid_pct=0.2, seed=7) for name in names]
-    assert other_seed != [data.assign_split(name, valid_pct=0.2, seed=42) for name in names]
+def labelled(sizes: list[int]) -> dict[str, str]:
+    """{path: class} with sizes[i] photos in class c<i>, named as the sample's are."""
+    return {f"c{position}/c{position}_{number}.jpg": f"c{position}"
+            for position, size in enumerate(sizes) for number in range(size)}
+
+
+FRACTIONS = st.sampled_from([0.1, 0.15, 0.2, 0.25, 0.3, 0.5])
+
+
+@given(sizes=st.lists(st.integers(1, 60), min_size=1, max_size=6), valid_pct=FRACTIONS,
+       test_pct=st.sampled_from([0.0, 0.1, 0.2, 0.3]), seed=st.integers(0, 2**31))
+def test_the_random_split_is_stratified_per_class(sizes, valid_pct, test_pct, seed):
+    """Each class gives valid (and test) its share within one photo, a class of at least 1/valid_pct photos
+    always has a validation photo, and every class keeps a training photo."""
+    splits = data.stratified_split(labelled(sizes), valid_pct=valid_pct, test_pct=test_pct, seed=seed)
+    for position, size in enumerate(sizes):
+        mine = [split for path, split in splits.items() if path.startswith(f"c{position}/")]
+        for split, fraction in (("valid", valid_pct), ("test", test_pct)):
+            assert abs(mine.count(split) - fraction * size) < 1, (split, size, mine)
+        assert mine.count("train") >= 1
+        if size * valid_pct >= 1 - 1e-9:
+            assert mine.count("valid") >= 1
+
+
+@given(names=st.lists(st.text("abcdefgh_0123456789", min_size=1, max_size=12), min_size=1, max_size=40,
+                      unique=True),
+       new=st.text("abcdefgh_0123456789", min_size=1, max_size=12), valid_pct=FRACTIONS,
+       test_pct=st.sampled_from([0.0, 0.1, 0.2]), seed=st.integers(0, 2**31))
+def test_adding_a_file_moves_at_most_one_other_file_of_its_class(names, new, valid_pct, test_pct, seed):
+    """The split's stability: a new photo of a class moves at most one of its other photos between train and
+    valid (and, with a test split, at most one between train and test; none between valid and test)."""
+    if new in names:
+        return
+    before = data.stratified_split(dict.fromkeys(names, "cat"), valid_pct=valid_pct, test_pct=test_pct, seed=seed)
+    after = data.stratified_split(dict.fromkeys([*names, new], "cat"), valid_pct=valid_pct, test_pct=test_pct,
+                                  seed=seed)
+    moves = [frozenset((before[name], after[name])) for name in names if before[name] != after[name]]
+    assert moves.count(frozenset(("train", "valid"))) <= 1
+    assert moves.count(frozenset(("train", "test"))) <= 1
+    assert frozenset(("valid", "test")) not in moves
+    if test_pct == 0:
+        assert len(moves) <= 1
+
+
+def test_the_random_split_holds_out_valid_pct_and_depends_on_the_seed():
+    labels = {f"class_{i % 37}/image_{i}.jpg": f"class_{i % 37}" for i in range(10_000)}
+    splits = data.stratified_split(labels, valid_pct=0.2, test_pct=0.1, seed=42)
+    assert 1_950 < list(splits.values()).count("valid") <= 2_000 and 950 < list(splits.values()).count("test") <= 1_000
+    assert data.stratified_split(labels, valid_pct=0.2, test_pct=0.1, seed=7) != splits
 
 
 def test_split_is_stable_under_reordering():
-    names = [f"img_{i}.jpg" for i in range(200)]
-    shuffled = names[:]
+    labels = {f"img_{i}.jpg": f"class_{i % 3}" for i in range(200)}
+    shuffled = list(labels.items())
     random.Random(0).shuffle(shuffled)
-    in_order = data.split_images(names, valid_pct=0.3, seed=1, split_file=None)
-    assert data.split_images(shuffled, valid_pct=0.3, seed=1, split_file=None) == in_order
+    in_order = data.stratified_split(labels, valid_pct=0.3, test_pct=0.1, seed=1)
+    assert data.stratified_split(dict(shuffled), valid_pct=0.3, test_pct=0.1, seed=1) == in_order
+
+
+def test_split_folders_are_found_in_any_case_and_named_once():
+    paths = ["Train/cat/1.jpg", "VAL/cat/2.jpg", "test/dog/3.jpg", "notes/readme.txt", "loose.jpg"]
+    assert data.find_split_folders(paths) == {"train": "Train", "valid": "VAL", "test": "test"}
+    plan = data.plan_split(paths, method="auto", file=None)
+    assert (plan.method, plan.folder_of("VAL/cat/2.jpg"), plan.folder_of("notes/readme.txt")) == \
+        ("folders", "valid", None)
+    # train/ and test/ without a valid folder: folders all the same (valid is then drawn from train/)
+    assert data.plan_split(["train/a/1.jpg", "test/a/2.jpg"], method="auto", file=None).method == "folders"
+    # no split folders: auto splits at random; folders refuses in one line
+    assert data.plan_split(["cat/1.jpg", "dog/2.jpg"], method="auto", file=None).method == "random"
+    with pytest.raises(PetpipeError, match="split.method folders needs train/ and valid/.*found none"):
+        data.plan_split(["cat/1.jpg"], method="folders", file=None)
+    with pytest.raises(PetpipeError, match="found train/;"):
+        data.plan_split(["train/cat/1.jpg"], method="folders", file=None)
+    with pytest.raises(PetpipeError, match="folders val/, valid/ all name the valid split"):
+        data.plan_split(["train/a/1.jpg", "val/a/2.jpg", "valid/a/3.jpg"], method="auto", file=None)
+    assert data.plan_split(paths, method="random", file=None).method == "random"
+    assert data.plan_split(paths, method="auto", file="split.csv").method == "file"
+
+
+def test_folder_splits_keep_each_file_in_its_folder_and_draw_what_is_missing_from_train():
+    labels = {**{f"train/a/{i}.jpg": "a" for i in range(10)}, **{f"test/a/{i}.jpg": "a" for i in range(3)}}
+    plan = data.plan_split(list(labels), method="auto", file=None)
+    splits = data.split_images(labels, plan, valid_pct=0.2, test_pct=0.3, seed=0)
+    assert all(splits[path] == "test" for path in labels if path.startswith("test/"))  # test_pct: test/ is test
+    assert [splits[path] for path in labels if path.startswith("train/")].count("valid") == 2
+    assert data.labels_from_folders(["train/a/1.jpg", "train/2.jpg"], under_split_folder=True) == \
+        {"train/a/1.jpg": "a", "train/2.jpg": None}
 
 
 def test_scan_images_is_recursive_sorted_and_skips_hidden(tmp_path):
@@ -130,18 +202,22 @@ def test_splits_from_file_needs_every_image_and_valid_values(tmp_path):
     assert data.splits_from_file(split_file, ["a.jpg", "b.jpg"]) == {"a.jpg": "train", "b.jpg": "valid"}
     with pytest.raises(PetpipeError, match="1 image.*no split.*c.jpg"):
         data.splits_from_file(split_file, ["a.jpg", "b.jpg", "c.jpg"])
-    split_file.write_text("path,split\na.jpg,test\n")
-    with pytest.raises(PetpipeError, match="train or valid.*'test'"):
+    split_file.write_text("path,split\na.jpg,test\nb.jpg,Train\n")
+    assert data.splits_from_file(split_file, ["a.jpg", "b.jpg"]) == {"a.jpg": "test", "b.jpg": "train"}
+    split_file.write_text("path,split\na.jpg,holdout\n")
+    with pytest.raises(PetpipeError, match="split must be train, valid or test, got a.jpg='holdout'"):
         data.splits_from_file(split_file, ["a.jpg"])
 
 
 def test_find_leaks_pairs_identical_files_across_splits():
     index = pd.DataFrame({
-        "path": ["a.jpg", "b.jpg", "c.jpg", "d.jpg"],
-        "split": ["train", "valid", "train", "train"],
-        "hash": ["h1", "h1", "h2", "h2"],
+        "path": ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"],
+        "split": ["train", "valid", "train", "train", "test"],
+        "hash": ["h1", "h1", "h2", "h2", "h2"],
     })
-    assert data.find_leaks(index) == [{"train": "a.jpg", "valid": "b.jpg", "hash": "h1"}]
+    assert data.find_leaks(index) == [{"train": "a.jpg", "valid": "b.jpg", "hash": "h1"},
+                                      {"train": "c.jpg", "test": "e.jpg", "hash": "h2"},
+                                      {"train": "d.jpg", "test": "e.jpg", "hash": "h2"}]
 
 
 def test_load_index_round_trips_and_refuses_garbage(tmp_path):

@@ -169,7 +169,7 @@ def test_tta_is_reported_beside_the_plain_numbers_never_instead(evaluated, train
     with stage_environment(trained.root):
         result = CliRunner().invoke(main, arguments)
     assert result.exit_code == 0, result.output
-    assert re.search(r"evaluate \(train-head\): \d+ images, accuracy 0\.\d{4}", result.output)
+    assert re.search(r"evaluate \(train-head\): \d+ valid images, accuracy 0\.\d{4}, balanced 0\.\d{4}", result.output)
     plain = json.loads(outputs.metrics.read_text())
     assert not [key for key in plain if key.startswith("tta_")]
     assert {key: value for key, value in metrics.items() if not key.startswith("tta_")} == plain

@@ -30,9 +30,13 @@ def test_index_labels_outputs(project):
     index = pd.read_csv(folder / "stages/index-labels/index.csv")
     classes = json.loads((folder / "stages/index-labels/classes.json").read_text())["classes"]
     assert len(index) == 370 and len(classes) == 37
-    assert 0.15 <= (index["split"] == "valid").mean() <= 0.25  # about a fifth
+    # A three-way split (split.test_pct 0.2), stratified: 2 valid and 2 test photos of each breed's 10.
+    per_class = index.groupby("label")["split"].value_counts().unstack()[["train", "valid", "test"]]
+    assert (per_class == [6, 2, 2]).all().all()
     report = json.loads((folder / "stages/index-labels/report.json").read_text())
     assert report["images"] == 370 and report["skipped"] == [] and report["unmatched"] == []
+    assert (report["train"], report["valid"], report["test"]) == (222, 74, 74) and report["split"]["method"] == "random"
+    assert report["imbalance"]["ratio"] == 1.0
     for picture in ("show_batch.png", "class_counts.png"):
         assert (folder / "stages/index-labels" / picture).read_bytes().startswith(b"\x89PNG")
 
@@ -61,6 +65,33 @@ def test_evaluate_outputs(project):
     assert list(confusion.columns) == ["actual", "predicted"]
     assert (confusion["actual"] == confusion["predicted"]).mean() == pytest.approx(metrics["accuracy"])
     assert "accuracy" in (folder / "stages/evaluate/report.md").read_text().lower()
+
+
+def test_evaluate_reports_the_test_split_nothing_tuned_on(project):
+    """test_ numbers from the 74 test photos alone, beside valid's; training never read them."""
+    folder, log, _ = project
+    metrics = json.loads((folder / "stages/evaluate/metrics.json").read_text())
+    index = pd.read_csv(folder / "stages/index-labels/index.csv")
+    test_paths = set(index.loc[index["split"] == "test", "path"])
+    assert metrics["images"] == 74 and metrics["test_images"] == 74
+    confusion = pd.read_csv(folder / "stages/evaluate/test_confusion.csv")
+    assert metrics["test_accuracy"] == pytest.approx((confusion["actual"] == confusion["predicted"]).mean())
+    assert 3 / 37 <= metrics["test_accuracy"] <= 1 and 0 <= metrics["test_balanced_accuracy"] <= 1
+    assert metrics["test_error_rate"] == pytest.approx(1 - metrics["test_accuracy"])
+    assert set(pd.read_csv(folder / "stages/evaluate/test_top_losses.csv")["path"]) <= test_paths
+    for picture in ("test_confusion.png", "test_top_losses.png"):
+        assert (folder / "stages/evaluate" / picture).read_bytes().startswith(b"\x89PNG")
+    assert "| metric | valid | test |" in (folder / "stages/evaluate/report.md").read_text()
+    # Training never decoded a test photo: the test split's pixel cache was written by evaluate, after finetune.
+    from petpipe.params import load_params
+    from petpipe.pixels import cache_key
+
+    presize = load_params(folder / "params.yaml").model.presize
+    test_hashes = list(index.loc[index["split"] == "test", "hash"])
+    test_cache = folder / ".petpipe/cache" / f"pixels-{cache_key(test_hashes, presize)}.npy"
+    assert test_cache.stat().st_mtime > (folder / "stages/finetune/model.pt").stat().st_mtime
+    shown = run_command(["dvc", "metrics", "show", "--json"], folder).stdout
+    assert "test_accuracy" in shown and "test_balanced_accuracy" in shown
 
 
 def test_progress_a_person_can_follow(project):

@@ -94,7 +94,10 @@ SPEC: dict[str, dict[str, list[Any]]] = {
     "labels.pattern": {"wrong": [1, None, A_LIST], "out": ["no group", "(unclosed", "^[a-z]+$", "*"]},
     "labels.csv": OPTIONAL_TEXT,
     "labels.corrections": {"wrong": [4, 4.5, True, None, A_LIST, A_MAPPING], "out": [""]},
+    "split.method": {"wrong": [1, None, A_LIST], "out": ["folder", "Folders", "hash", ""]},
     "split.valid_pct": {"wrong": ["a fifth", True, None, A_LIST], "out": [0.0, 1.0, 1.5, -0.2, math.nan, 20]},
+    # 0.8 and 0.9: valid_pct (0.2) + test_pct >= 1 leaves no training split
+    "split.test_pct": {"wrong": ["none", True, None, A_LIST], "out": [-0.1, 1.0, 0.8, 0.9, math.nan]},
     "split.seed": {"wrong": ["42", 4.2, True, None, A_LIST], "out": []},
     "split.file": OPTIONAL_TEXT,
     # A name torchvision and timm do not know (resnet35) is refused where the model is built: tests/test_layers.py.

@@ -227,26 +227,18 @@ def test_index_labels_skips_each_unusable_file_with_its_reason_and_indexes_every
     assert sorted(index["path"]) == sorted(originals + list(salted.usable))  # every usable file, no other
     assert report["unmatched"] == []
     assert [(leak["train"], leak["valid"]) for leak in report["leaks"]] == [salted.leak]
-    # The class of one image: moved to train (the split put it in valid), reported, trained on.
+    # The class of one image: kept in train by the stratified split, trained on, its missing valid photo said.
     [single] = [path for path in salted.usable if path.startswith(salted.single_image_class)]
-    assert report["moved_to_train"] == [single]
-    assert report["per_class"][salted.single_image_class] == {"train": 1, "valid": 0}
-    assert any("moved to train" in warning for warning in report["warnings"])
-    assert f"{len(salted.unusable)} skipped" in summary and "1 train/valid duplicates" in summary
+    assert index.set_index("path").loc[single, "split"] == "train"
+    assert report["per_class"][salted.single_image_class] == {"train": 1, "valid": 0, "test": 0}
+    assert any("no validation image" in warning and salted.single_image_class in warning
+               for warning in report["warnings"])
+    assert f"{len(salted.unusable)} skipped" in summary and "1 duplicates across splits" in summary
     # The EXIF-rotated photo is recorded with its upright size.
     with Image.open(sample_images / salted.rotated_from) as upright:
         rotated = index.set_index("path").loc[salted.rotated]
         assert (rotated["width"], rotated["height"]) == upright.size
     assert temporaries(tmp_path / "out") == []
-
-
-def test_a_class_split_entirely_into_valid_keeps_its_other_images_in_valid():
-    labels = {"a_1.jpg": "a", "a_2.jpg": "a", "b_1.jpg": "b", "b_2.jpg": "b", "c_1.jpg": "c"}
-    splits = {"a_1.jpg": "valid", "a_2.jpg": "valid", "b_1.jpg": "train", "b_2.jpg": "valid", "c_1.jpg": "train"}
-    fixed, moved = data.give_every_class_a_training_image(splits, labels)
-    assert moved == ["a_1.jpg"]
-    assert fixed == {**splits, "a_1.jpg": "train"}
-    assert data.give_every_class_a_training_image(fixed, labels) == (fixed, [])
 
 
 MEASURE_BOMBS = r"""

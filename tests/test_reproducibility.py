@@ -127,15 +127,15 @@ def test_bfloat16_training_is_byte_identical_too(indexed_sample, sample_images, 
 
 
 def test_the_split_depends_only_on_names_and_the_seed():
-    """The same on any machine: a hash of `seed:path`, no RNG, no file order (values of this version)."""
-    names = ["Abyssinian_1.jpg", "Bengal_105.jpg", "pug_52.jpg", "yorkshire_terrier_10.jpg", "beagle_1.jpg",
-             "Persian_13.jpg", "saint_bernard_15.jpg", "boxer_10.jpg"]
-    expected = {42: ["valid", "train", "train", "train", "train", "train", "valid", "valid"],
-                7: ["train", "valid", "train", "valid", "train", "valid", "train", "train"]}
+    """The same on any machine: per class, files ordered by a hash of `seed:path`, no RNG, no file order
+    (values of this version: valid the first fifth of each class, test the last)."""
+    names = [f"Abyssinian_{number}.jpg" for number in range(1, 6)] + [f"pug_{number}.jpg" for number in range(52, 57)]
+    labels = {name: name.rsplit("_", 1)[0] for name in names}
+    expected = {42: ["valid", "test", "train", "train", "train", "test", "train", "train", "train", "valid"],
+                7: ["train", "valid", "train", "train", "test", "train", "train", "test", "valid", "train"]}
     for seed, splits in expected.items():
-        assert [data.assign_split(name, valid_pct=0.2, seed=seed) for name in names] == splits
-        shuffled = list(reversed(names))
-        assert data.split_images(shuffled, valid_pct=0.2, seed=seed, split_file=None) == dict(zip(names, splits))
+        shuffled = dict(reversed(labels.items()))
+        assert data.stratified_split(shuffled, valid_pct=0.2, test_pct=0.2, seed=seed) == dict(zip(names, splits))
 
 
 def test_deterministic_algorithms_are_one_switch(indexed_sample, sample_images, tmp_path, monkeypatch):

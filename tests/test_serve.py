@@ -5,6 +5,7 @@ everything rendered is escaped. tests/test_browser.py clicks through a real serv
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import socket
 from pathlib import Path
@@ -169,6 +170,22 @@ def test_the_results_page_escapes_what_it_renders(client, project):
     assert "0.5000" in page.text
     empty = TestClient(create_app(settings_of(project, evaluate=project / "nothing")), base_url="http://127.0.0.1")
     assert "No evaluation in" in empty.get("/results").text
+
+
+def test_the_results_page_shows_the_test_split_beside_valid_when_there_is_one(client, project, tmp_path):
+    assert "<th>test</th>" not in client.get("/results").text  # no test_ metrics: valid alone
+    folder = tmp_path / "evaluate"
+    shutil.copytree(project / "evaluate", folder)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics.update({"balanced_accuracy": 0.45, "test_images": 3, "test_accuracy": 0.6667, "test_error_rate": 0.3333,
+                    "test_top5_accuracy": 1.0,
+                    "test_loss": 0.7, "test_macro_f1": 0.55, "test_balanced_accuracy": 0.625})
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    (folder / "test_confusion.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 16)
+    page = TestClient(create_app(settings_of(project, evaluate=folder)), base_url="http://127.0.0.1").get("/results")
+    assert "<th>valid</th><th>test</th>" in page.text and "3 test images that nothing tuned on" in page.text
+    assert '<td>0.5000</td><td class="test">0.6667</td>' in page.text and "0.6250" in page.text
+    assert '<img src="/figure/test_confusion.png" alt="Test confusion matrix">' in page.text
 
 
 def test_the_cli_refuses_a_missing_model_and_a_port_in_use_with_one_line(project, tmp_path):

@@ -172,17 +172,26 @@ def test_the_registered_version_carries_its_evaluation_and_is_the_champion(serve
     evaluated = json.loads((served.project / "stages/evaluate/metrics.json").read_text())
     index = served.project / "stages/index-labels/index.csv"
     digest = hashlib.sha256(index.read_bytes()).hexdigest()[:32]
+    frame = pd.read_csv(index, dtype=str, keep_default_na=False)
+    split_digests = {split: hashlib.sha256(frame[frame["split"] == split].to_csv(index=False).encode()).hexdigest()[:32]
+                     for split in ("valid", "test")}
     on_model = {metric.key: metric for metric in logged.metrics if metric.run_id == served.runs["evaluate"].info.run_id}
-    for name in ("accuracy", "error_rate", "top5_accuracy", "loss", "macro_f1"):
-        assert on_model[name].value == pytest.approx(evaluated[name]), name
-        assert (on_model[name].dataset_name, on_model[name].dataset_digest) == ("index", digest)
+    # Both sets of numbers, each with its dataset: valid's (what elects the champion) and test's.
+    for name in ("accuracy", "error_rate", "top5_accuracy", "loss", "macro_f1", "balanced_accuracy"):
+        for split, key in (("valid", name), ("test", f"test_{name}")):
+            assert on_model[key].value == pytest.approx(evaluated[key]), key
+            assert (on_model[key].dataset_name, on_model[key].dataset_digest) == (split, split_digests[split])
 
-    # The runs' inputs: finetune trained on the index; evaluate evaluated that model on it.
-    for stage, context in (("finetune", "training"), ("evaluate", "evaluation")):
-        inputs = client.get_run(served.runs[stage].info.run_id).inputs
-        (dataset,) = inputs.dataset_inputs
-        assert (dataset.dataset.name, dataset.dataset.digest) == ("index", digest), stage
-        assert {tag.key: tag.value for tag in dataset.tags}["mlflow.data.context"] == context
+    # The runs' inputs: finetune trained on the index; evaluate evaluated that model on its valid and test rows.
+    inputs = client.get_run(served.runs["finetune"].info.run_id).inputs
+    (dataset,) = inputs.dataset_inputs
+    assert (dataset.dataset.name, dataset.dataset.digest) == ("index", digest)
+    assert {tag.key: tag.value for tag in dataset.tags}["mlflow.data.context"] == "training"
+    inputs = client.get_run(served.runs["evaluate"].info.run_id).inputs
+    assert {(dataset.dataset.name, dataset.dataset.digest) for dataset in inputs.dataset_inputs} == \
+        set(split_digests.items())
+    assert {tag.value for dataset in inputs.dataset_inputs for tag in dataset.tags
+            if tag.key == "mlflow.data.context"} == {"evaluation"}
     assert [model.model_id for model in client.get_run(served.runs["evaluate"].info.run_id).inputs.model_inputs] \
         == [model_id]
 
@@ -580,15 +589,18 @@ def test_the_champion_moves_only_to_a_better_version(embedded_project):
 
     first = registry.promote(client, "pets", versions[0.80], "accuracy", 0.80)
     assert first.promoted and first.sentence() == \
-        "champion: pets@champion -> version 1 (accuracy 0.8000), the first evaluated version"
+        "champion: pets@champion -> version 1 (accuracy 0.8000), the first evaluated version; elected on the valid " \
+        "split, never on test"
     worse = registry.promote(client, "pets", versions[0.75], "accuracy", 0.75)
     assert not worse.promoted and worse.sentence() == \
-        "champion: pets@champion stays version 1 (accuracy 0.8000); version 2 (accuracy 0.7500) is not better"
+        "champion: pets@champion stays version 1 (accuracy 0.8000); version 2 (accuracy 0.7500) is not better; " \
+        "elected on the valid split, never on test"
     assert str(client.get_model_version_by_alias("pets", "champion").version) == "1"
     assert worse.tags()["petpipe.champion.decision"] == "kept"
     better = registry.promote(client, "pets", versions[0.90], "accuracy", 0.90)
     assert better.promoted and str(client.get_model_version_by_alias("pets", "champion").version) == "3"
-    assert better.sentence().endswith("better than version 1 (accuracy 0.8000)")
+    assert better.sentence().endswith("better than version 1 (accuracy 0.8000); elected on the valid split, "
+                                      "never on test")
     # loss: lower wins, read from the champion's LoggedModel (0.65), not from the call
     by_loss = registry.promote(client, "pets", versions[0.75], "loss", 0.60)
     assert (by_loss.champion, by_loss.champion_value, by_loss.promoted) == ("3", 0.65, True)

@@ -20,9 +20,11 @@ templates = Jinja2Templates(directory=HERE / "templates")
 
 # evaluate's figures the Results page shows, by file name (nothing else of that folder is served).
 FIGURES = {"confusion.png": "Confusion matrix", "confusion_normalized.png": "Confusion matrix, rows normalised",
-           "top_losses.png": "Top losses (prediction / actual / loss / probability of actual)"}
+           "top_losses.png": "Top losses (prediction / actual / loss / probability of actual)",
+           "test_confusion.png": "Test confusion matrix", "test_top_losses.png": "Test top losses"}
+TEST_FIGURES = {"test_confusion.png", "test_top_losses.png"}  # shown when there is a test split
 HEADLINE = {"accuracy": "accuracy", "error_rate": "error rate", "top5_accuracy": "top-5 accuracy",
-            "loss": "loss (cross-entropy)", "macro_f1": "macro F1"}
+            "loss": "loss (cross-entropy)", "macro_f1": "macro F1", "balanced_accuracy": "balanced accuracy"}
 SPLITS = ("valid", "train")
 CLEAN_COUNT = 12  # images per class and split on the Clean page by default (fastai's cleaner: up to 50)
 CLEAN_MAX = 100
@@ -47,9 +49,13 @@ def read_evaluation(folder: Path) -> dict[str, Any]:
     for name in ("most_confused", "top_losses"):
         path = folder / f"{name}.csv"
         tables[name] = pd.read_csv(path, dtype=str, keep_default_na=False) if path.is_file() else pd.DataFrame()
-    headline = [(title, metrics[key]) for key, title in HEADLINE.items() if isinstance(metrics.get(key), float)]
-    return {"metrics": metrics, "headline": headline, "figures": {name: title for name, title in FIGURES.items()
-                                                                  if (folder / name).is_file()}, **tables}
+    # The test split's numbers beside valid's (evaluate's test_ metrics), when there is a test split.
+    has_test = isinstance(metrics.get("test_accuracy"), float)
+    headline = [(title, metrics[key], metrics.get("test_" + key) if has_test else None)
+                for key, title in HEADLINE.items() if isinstance(metrics.get(key), float)]
+    figures = {name: title for name, title in FIGURES.items()
+               if (folder / name).is_file() and (has_test or name not in TEST_FIGURES)}
+    return {"metrics": metrics, "headline": headline, "has_test": has_test, "figures": figures, **tables}
 
 
 async def try_page(request: Request) -> Response:

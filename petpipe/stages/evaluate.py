@@ -1,5 +1,6 @@
-"""evaluate: interpret the model on the validation split (fastai's ClassificationInterpretation), and audit the
-data: likely label errors and near-duplicates of every indexed image (petpipe/audit.py).
+"""evaluate: interpret the model on the validation split (fastai's ClassificationInterpretation) and, beside it, on
+the test split that nothing tuned on (test_ metrics and plots); and audit the data: likely label errors and
+near-duplicates of every indexed image, test included (petpipe/audit.py).
 
     petpipe evaluate --images stages/fetch/images --index stages/index-labels/index.csv \\
         --finetune-model stages/finetune/model.pt --head-model stages/train-head/model.pt \\
@@ -8,7 +9,10 @@ data: likely label errors and near-duplicates of every indexed image (petpipe/au
         --confusion-normalized-plot stages/evaluate/confusion_normalized.png \\
         --top-losses stages/evaluate/top_losses.png --top-losses-table stages/evaluate/top_losses.csv \\
         --most-confused stages/evaluate/most_confused.csv --report stages/evaluate/report.md \\
-        --label-issues stages/evaluate/label_issues.csv --duplicates stages/evaluate/duplicates.csv
+        --label-issues stages/evaluate/label_issues.csv --duplicates stages/evaluate/duplicates.csv \\
+        --test-confusion stages/evaluate/test_confusion.csv --test-confusion-plot stages/evaluate/test_confusion.png \\
+        --test-top-losses stages/evaluate/test_top_losses.png \\
+        --test-top-losses-table stages/evaluate/test_top_losses.csv
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ STAGE = Stage("evaluate", params=("train.device", "train.batch_size", "train.see
 # fastai's tta: n=4 augmented views, blended with the plain view by beta=0.25.
 TTA_VIEWS = 4
 TTA_BETA = 0.25
-HEADLINE = ("accuracy", "error_rate", "top5_accuracy", "loss", "macro_f1")
+HEADLINE = ("accuracy", "error_rate", "top5_accuracy", "loss", "macro_f1", "balanced_accuracy")
+TEST = "test_"  # the prefix of the test split's numbers in metrics.json
 REPORT_CONFUSED = 10
 
 
@@ -74,6 +79,17 @@ class Outputs:
     duplicates: Path | None = path_option(
         "duplicates.csv to write (the data audit: near-duplicate pairs, most similar first); not written when "
         "omitted.", optional=True)
+    # The test split's own tables and plots; with no test split, the tables hold their header row and the
+    # plots say so (DVC expects every declared output).
+    test_confusion: Path | None = path_option(
+        "test_confusion.csv to write (actual, predicted of every test image); not written when omitted.",
+        optional=True)
+    test_confusion_plot: Path | None = path_option("test_confusion.png to write; not drawn when omitted.",
+                                                   optional=True)
+    test_top_losses: Path | None = path_option("test_top_losses.png to write; not drawn when omitted.",
+                                               optional=True)
+    test_top_losses_table: Path | None = path_option("test_top_losses.csv to write; not written when omitted.",
+                                                     optional=True)
 
 
 @dataclass(frozen=True)
@@ -104,25 +120,36 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     which = params.evaluate.checkpoint
     checkpoint_path = inputs.finetune_model if which == "finetune" else inputs.head_model
     checkpoint = load_checkpoint(checkpoint_path)
-    data = context.compute.dataset(inputs, checkpoint.spec, training=False)
+    data = context.compute.dataset(inputs, checkpoint.spec, training=False, with_test=True)
     if len(data.valid) == 0:
         raise PetpipeError(f"{inputs.index} has no validation images to evaluate; raise split.valid_pct "
                            f"(or give split.file some valid rows) and rerun index-labels")
     model = to_device(checkpoint.model(), runtime.device).eval()
     views = Views.of(checkpoint.spec, params.train.augment)
-    log_probabilities, metrics = score(model, data, views=views, params=params)
-    found = interpret_predictions(log_probabilities, data, settings=params.evaluate)
+    log_probabilities, metrics = score(model, data.valid, classes=data.classes, views=views, params=params)
+    found = interpret_predictions(log_probabilities, data.valid, data.rows("valid"), classes=data.classes,
+                                  settings=params.evaluate)
+    tested = None
+    if data.test is not None:  # scored after valid, with the same model: nothing here looks at it to decide
+        test_log_probabilities, test_metrics = score(model, data.test, classes=data.classes, views=views,
+                                                     params=params)
+        metrics.update({TEST + name: value for name, value in test_metrics.items() if name != "checkpoint"})
+        tested = interpret_predictions(test_log_probabilities, data.test, data.rows("test"), classes=data.classes,
+                                       settings=params.evaluate)
     audited = None
     if params.evaluate.audit.enabled and (outputs.label_issues is not None or outputs.duplicates is not None):
         head = checkpoint if which == "train-head" else load_checkpoint(inputs.head_model)
         audited = audit_data(head, data, inputs=inputs, context=context)
         metrics.update(audited.counts)
     # Draw every figure before writing anything, so a plotting failure leaves no new outputs.
-    figures = draw(found, data, views=views, outputs=outputs)
+    figures = draw(found, data.valid, classes=data.classes, views=views, confusion=outputs.confusion_plot,
+                   normalized=outputs.confusion_normalized_plot, top_losses=outputs.top_losses)
+    figures.update(draw_test(tested, data, views=views, outputs=outputs))
     context.log.log_params({"checkpoint_path": str(checkpoint_path)})
     write_csv(outputs.confusion, found.confusion)
     write_csv(outputs.most_confused, found.most_confused)
     write_csv(outputs.top_losses_table, found.top_losses)
+    write_test_tables(tested, outputs)
     if outputs.per_class is not None:  # not in metrics.json: 4 x 37 columns in `dvc exp show`
         write_csv(outputs.per_class, interpret.per_class_metrics(
             data.valid.targets.cpu().numpy(), log_probabilities.argmax(axis=1), data.classes).reset_index())
@@ -130,42 +157,50 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     for figure_path, figure in figures.items():
         save_figure(figure_path, figure)
     write_text(outputs.report, render_report(metrics, found.most_confused, outputs=outputs,
-                                             checkpoint_path=checkpoint_path, audited=audited))
+                                             checkpoint_path=checkpoint_path, audited=audited,
+                                             test_confused=tested.most_confused if tested else None))
     write_json(outputs.metrics, metrics)
     numbers = {name: float(value) for name, value in metrics.items() if isinstance(value, float)}
     context.log.log_metrics(numbers)
     if audited is not None:  # the time only in MLflow and the summary: metrics.json stays reproducible
         context.log.log_metrics({**audited.counts, "audit_seconds": audited.seconds})
     context.log.log_artifacts(_output_paths(outputs))
-    # The same numbers on the MLflow model that holds these weights, and the champion alias (tracking.promote).
+    # The same numbers on the MLflow model that holds these weights (valid and test, each with its dataset),
+    # and the champion alias (tracking.promote), elected on valid's numbers alone.
     champion = context.log.log_evaluation(checkpoint_path, numbers, index=inputs.index)
-    summary = (f"evaluate ({which}): {metrics['images']} images, accuracy {metrics['accuracy']:.4f}, "
-               f"error rate {metrics['error_rate']:.4f}, top-5 {metrics['top5_accuracy']:.4f}, "
-               f"loss {metrics['loss']:.4f}")
+    summary = (f"evaluate ({which}): {metrics['images']} valid images, accuracy {metrics['accuracy']:.4f}, "
+               f"balanced {metrics['balanced_accuracy']:.4f}, error rate {metrics['error_rate']:.4f}, "
+               f"top-5 {metrics['top5_accuracy']:.4f}, loss {metrics['loss']:.4f}")
     if params.evaluate.tta:
         summary += f"; with TTA accuracy {metrics['tta_accuracy']:.4f}"
+    if tested is not None:
+        summary += (f"; test ({metrics[TEST + 'images']} images, never tuned on): accuracy "
+                    f"{metrics[TEST + 'accuracy']:.4f}, balanced {metrics[TEST + 'balanced_accuracy']:.4f}, "
+                    f"loss {metrics[TEST + 'loss']:.4f}")
     if audited is not None:
         counts = audited.counts
         summary += (f"; audit of {counts['audit_images']} images in {audited.seconds:.1f} s: "
                     f"{counts['audit_label_issues']} likely label issues, {counts['audit_duplicate_pairs']} "
-                    f"duplicate pairs ({counts['audit_leaks']} across train and valid)")
+                    f"duplicate pairs ({counts['audit_leaks']} across splits, {counts['audit_test_leaks']} of them "
+                    "test leaks)")
     return summary + f" -> {outputs.metrics}" + (f"\n{champion}" if champion else "")
 
 
 def audit_data(head: Checkpoint, data: Dataset, *, inputs: Inputs, context: Context) -> DataAudit:
-    """Every indexed image (train, then valid) through train-head's frozen body at its evaluation view (features
+    """Every indexed image (train, valid, then test) through train-head's frozen body at its evaluation view (features
     no label has touched), then petpipe/audit.py: k-fold heads and cleanlab, and near-duplicate pairs."""
     started = time.perf_counter()
     params, runtime = context.params, context.compute.runtime
     if head.spec.presize != data.valid.pixels.shape[-1] or list(head.spec.classes) != list(data.classes):
-        data = context.compute.dataset(inputs, head.spec, training=False)  # trained at another size
+        data = context.compute.dataset(inputs, head.spec, training=False, with_test=True)  # another size
     body = to_device(head.model(), runtime.device).eval()
     views = Views.of(head.spec, params.train.augment)
+    sets = {"train": data.train, "valid": data.valid, **({"test": data.test} if data.test is not None else {})}
     features = np.concatenate([
         with_features(body, images, batch_size=params.train.batch_size, views=views, precision="float32")
-        .features[0].cpu().numpy() for images in (data.train, data.valid)])  # (N, 2C)
-    rows = pd.concat([data.rows("train"), data.rows("valid")], ignore_index=True)
-    labels = torch.cat([data.train.targets, data.valid.targets]).cpu().numpy()
+        .features[0].cpu().numpy() for images in sets.values()])  # (N, 2C)
+    rows = pd.concat([data.rows(split) for split in sets], ignore_index=True)
+    labels = torch.cat([images.targets for images in sets.values()]).cpu().numpy()
     if np.bincount(labels).max() < 2:
         raise PetpipeError(f"the data audit needs a class with at least 2 images and every class of {inputs.index} "
                            "has one; add photos or set evaluate.audit.enabled: false")
@@ -189,25 +224,26 @@ def write_audit(audited: DataAudit | None, outputs: Outputs) -> None:
             write_csv(path, table)
 
 
-def score(model: Classifier, data: Dataset, *, views: Views, params: Params) -> tuple[np.ndarray, dict[str, Any]]:
-    """The validation split's log-probabilities (N, C) and metrics.json (with TTA's beside, if asked)."""
-    logits = predict(model, data.valid, batch_size=params.train.batch_size, views=views)
+def score(model: Classifier, images: ImageSet, *, classes: list[str], views: Views,
+          params: Params) -> tuple[np.ndarray, dict[str, Any]]:
+    """One split's log-probabilities (N, C) and metrics.json's numbers for it (with TTA's beside, if asked)."""
+    logits = predict(model, images, batch_size=params.train.batch_size, views=views)
     log_probabilities = torch.log_softmax(logits.double(), dim=1).numpy()  # (N, C)
-    targets = data.valid.targets.cpu().numpy()
+    targets = images.targets.cpu().numpy()
     metrics: dict[str, Any] = {"checkpoint": params.evaluate.checkpoint, "images": len(targets),
-                               **interpret.classification_metrics(log_probabilities, targets, data.classes)}
+                               **interpret.classification_metrics(log_probabilities, targets, classes)}
     if params.evaluate.tta:
-        tta = tta_log_probabilities(model, data.valid, views=views, batch_size=params.train.batch_size,
+        tta = tta_log_probabilities(model, images, views=views, batch_size=params.train.batch_size,
                                     seed=params.train.seed, plain=log_probabilities)
-        tta_metrics = interpret.classification_metrics(tta, targets, data.classes)
+        tta_metrics = interpret.classification_metrics(tta, targets, classes)
         metrics.update({f"tta_{name}": tta_metrics[name] for name in HEADLINE})
     return log_probabilities, metrics
 
 
-def interpret_predictions(log_probabilities: np.ndarray, data: Dataset, *,
-                          settings: EvaluateParams) -> Interpretation:
-    classes, rows = data.classes, data.rows("valid")
-    targets = data.valid.targets.cpu().numpy()
+def interpret_predictions(log_probabilities: np.ndarray, images: ImageSet, rows: pd.DataFrame, *,
+                          classes: list[str], settings: EvaluateParams) -> Interpretation:
+    """fastai's ClassificationInterpretation of one split: `rows` are index.csv's rows of `images`."""
+    targets = images.targets.cpu().numpy()
     predicted = log_probabilities.argmax(axis=1)
     matrix = interpret.confusion_matrix(targets, predicted, num_classes=len(classes))
     return Interpretation(
@@ -221,17 +257,45 @@ def interpret_predictions(log_probabilities: np.ndarray, data: Dataset, *,
     )
 
 
-def draw(found: Interpretation, data: Dataset, *, views: Views, outputs: Outputs) -> dict[Path, Any]:
-    """Every figure evaluate writes, by output path."""
-    figures = {outputs.confusion_plot: plots.plot_confusion(found.matrix, data.classes)}
-    if outputs.confusion_normalized_plot is not None:
-        figures[outputs.confusion_normalized_plot] = plots.plot_confusion(found.matrix, data.classes, normalize=True)
-    positions = torch.as_tensor(found.top_positions, device=data.valid.pixels.device)
-    losses = found.top_losses
-    figures[outputs.top_losses] = plots.plot_top_losses(
-        views.cropped(data.valid.pixels[positions].cpu()), predicted=list(losses["predicted"]),
-        actual=list(losses["actual"]), losses=list(losses["loss"]), probabilities=list(losses["probability_actual"]))
+def draw(found: Interpretation, images: ImageSet, *, classes: list[str], views: Views, confusion: Path | None,
+         normalized: Path | None, top_losses: Path | None) -> dict[Path, Any]:
+    """The figures of one split's interpretation, by output path (None: not drawn)."""
+    figures = {}
+    if confusion is not None:
+        figures[confusion] = plots.plot_confusion(found.matrix, classes)
+    if normalized is not None:
+        figures[normalized] = plots.plot_confusion(found.matrix, classes, normalize=True)
+    if top_losses is not None:
+        positions = torch.as_tensor(found.top_positions, device=images.pixels.device)
+        losses = found.top_losses
+        figures[top_losses] = plots.plot_top_losses(
+            views.cropped(images.pixels[positions].cpu()), predicted=list(losses["predicted"]),
+            actual=list(losses["actual"]), losses=list(losses["loss"]),
+            probabilities=list(losses["probability_actual"]))
     return figures
+
+
+def draw_test(tested: Interpretation | None, data: Dataset, *, views: Views, outputs: Outputs) -> dict[Path, Any]:
+    """The test split's confusion matrix and top losses; without a test split, figures that say so."""
+    if tested is not None:
+        assert data.test is not None
+        return draw(tested, data.test, classes=data.classes, views=views, confusion=outputs.test_confusion_plot,
+                    normalized=None, top_losses=outputs.test_top_losses)
+    return {path: plots.plot_message(NO_TEST_SPLIT) for path in (outputs.test_confusion_plot, outputs.test_top_losses)
+            if path is not None}
+
+
+NO_TEST_SPLIT = "No test split: set split.test_pct above 0, or add a test/ folder beside train/ and valid/"
+
+
+def write_test_tables(tested: Interpretation | None, outputs: Outputs) -> None:
+    """test_confusion.csv and test_top_losses.csv; their header row alone without a test split."""
+    tables = ((outputs.test_confusion, tested.confusion if tested else pd.DataFrame(columns=["actual", "predicted"])),
+              (outputs.test_top_losses_table, tested.top_losses if tested else pd.DataFrame(
+                  columns=interpret.TOP_LOSSES_COLUMNS)))
+    for path, table in tables:
+        if path is not None:
+            write_csv(path, table)
 
 
 @torch.inference_mode()
@@ -266,37 +330,52 @@ def _link(path: Path, report: Path) -> str:
 
 
 def render_report(metrics: dict[str, Any], confused: pd.DataFrame, *, outputs: Outputs,
-                  checkpoint_path: Path, audited: DataAudit | None = None) -> str:
-    """report.md: one page with the headline numbers, the most confused pairs and every plot."""
-    tta = "tta_accuracy" in metrics
+                  checkpoint_path: Path, audited: DataAudit | None = None,
+                  test_confused: pd.DataFrame | None = None) -> str:
+    """report.md: one page with the headline numbers of valid and test side by side, the most confused pairs
+    and every plot."""
+    tta, test = "tta_accuracy" in metrics, TEST + "accuracy" in metrics
+    columns = [("valid", ""), *([("valid, TTA", "tta_")] if tta else []),
+               *([("test", TEST), *([("test, TTA", TEST + "tta_")] if tta else [])] if test else [])]
     lines = [
-        f"# Evaluation: {metrics['checkpoint']} model on {metrics['images']} validation images",
+        f"# Evaluation: {metrics['checkpoint']} model on {metrics['images']} validation images"
+        + (f" and {metrics[TEST + 'images']} test images" if test else ""),
         "",
         f"Checkpoint: `{checkpoint_path}`.",
         "",
-        "| metric | plain |" + (" with TTA |" if tta else ""),
-        "|---|---:|" + ("---:|" if tta else ""),
+        "| metric | " + " | ".join(title for title, _ in columns) + " |",
+        "|---|" + "---:|" * len(columns),
     ]
     labels = {"accuracy": "accuracy", "error_rate": "error rate", "top5_accuracy": "top-5 accuracy",
-              "loss": "loss (cross-entropy)", "macro_f1": "macro F1"}
+              "loss": "loss (cross-entropy)", "macro_f1": "macro F1",
+              "balanced_accuracy": "balanced accuracy (mean recall per class)"}
     for name in HEADLINE:
-        row = f"| {labels[name]} | {metrics[name]:.4f} |"
-        lines.append(row + (f" {metrics['tta_' + name]:.4f} |" if tta else ""))
+        lines.append(f"| {labels[name]} | " + " | ".join(f"{metrics[prefix + name]:.4f}" for _, prefix in columns)
+                     + " |")
+    lines += ["", "Valid is the split the epoch tables, lr-find and the `champion` election saw; "
+                  + ("test is the split nothing tuned on: its numbers are the ones to report."
+                     if test else "there is no test split (split.test_pct 0 and no test/ folder), so these numbers "
+                     "are somewhat optimistic.")]
     if tta:
         lines += ["", f"TTA: fastai's `tta` ({TTA_VIEWS} augmented views blended with the plain view, "
                       f"beta {TTA_BETA}); the plain numbers are the ones to compare across runs."]
-    lines += ["", f"## Most confused pairs (top {REPORT_CONFUSED})", ""]
-    if confused.empty:
-        lines.append("No confusion at or above evaluate.min_count.")
-    else:
-        lines += ["| actual | predicted | count |", "|---|---|---:|"]
-        lines += [f"| {row.actual} | {row.predicted} | {row.count} |"
-                  for row in confused.head(REPORT_CONFUSED).itertuples()]
+    for title, pairs in (("valid", confused), ("test", test_confused)):
+        if pairs is None:
+            continue
+        lines += ["", f"## Most confused pairs, {title} (top {REPORT_CONFUSED})", ""]
+        if pairs.empty:
+            lines.append("No confusion at or above evaluate.min_count.")
+        else:
+            lines += ["| actual | predicted | count |", "|---|---|---:|"]
+            lines += [f"| {row.actual} | {row.predicted} | {row.count} |"
+                      for row in pairs.head(REPORT_CONFUSED).itertuples()]
     lines += render_audit(audited, outputs)
     lines += ["", "## Plots and tables", ""]
     entries = [(outputs.confusion_plot, "confusion matrix (counts)"),
                (outputs.confusion_normalized_plot, "confusion matrix (rows normalised)"),
-               (outputs.top_losses, "top losses (prediction/actual/loss/probability of actual)")]
+               (outputs.top_losses, "top losses (prediction/actual/loss/probability of actual)"),
+               *([(outputs.test_confusion_plot, "test confusion matrix (counts)"),
+                  (outputs.test_top_losses, "test top losses")] if test else [])]
     for path, title in entries:
         if path is not None:
             lines += [f"### {title[0].upper() + title[1:]}", "", f"![{title}]({_link(path, outputs.report)})", ""]
@@ -305,6 +384,8 @@ def render_report(metrics: dict[str, Any], confused: pd.DataFrame, *, outputs: O
               (outputs.confusion, "confusion.csv: actual and predicted class of every image (dvc plots)"),
               (outputs.most_confused, "most_confused.csv: every confused pair"),
               (outputs.top_losses_table, "top_losses.csv: the images above, as a table"),
+              (outputs.test_confusion, "test_confusion.csv: actual and predicted class of every test image"),
+              (outputs.test_top_losses_table, "test_top_losses.csv: the test split's top losses, as a table"),
               (outputs.label_issues, "label_issues.csv: every image's label quality and suggested class, most "
                                      "suspect first (the data audit)"),
               (outputs.duplicates, "duplicates.csv: near-duplicate pairs, most similar first (the data audit)")]
@@ -324,14 +405,14 @@ def render_audit(audited: DataAudit | None, outputs: Outputs) -> list[str]:
     if audited is None:
         return lines + ["Off (evaluate.audit.enabled: false)."]
     counts, issues, duplicates = audited.counts, audited.label_issues, audited.duplicates
-    lines += [f"Every indexed image ({counts['audit_images']}, train and valid) scored by k-fold heads on "
+    lines += [f"Every indexed image ({counts['audit_images']}, every split) scored by k-fold heads on "
               "train-head's frozen body features (out-of-sample probabilities, ranked by cleanlab):",
               "",
               f"- {counts['audit_label_issues']} likely label issues (cleanlab's find_label_issues); "
               "`petpipe serve`'s Clean page shows them first, each with its suggested class",
               f"- {counts['audit_duplicate_pairs']} near-duplicate pairs at similarity >= "
-              f"{audited.similarity:g}, of which {counts['audit_leaks']} across train and valid "
-              "(leaks: the same photo scored in validation after training on it)",
+              f"{audited.similarity:g}, of which {counts['audit_leaks']} across splits "
+              "(leaks: the same photo scored in validation or test after training on it)",
               "", f"Most suspect labels (top {REPORT_SUSPECTS}):", "",
               "| path | split | label | suggested | quality |", "|---|---|---|---|---:|"]
     lines += [f"| {row.path} | {row.split} | {row.label} | {row.suggested} | {row.quality:.3f} |"

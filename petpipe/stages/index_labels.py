@@ -1,4 +1,4 @@
-"""index-labels: label every image, apply corrections, split train/valid once, report unusable files, draw a batch.
+"""index-labels: label every image, apply corrections, split train/valid/test once, report unusable files, draw a batch.
 
     petpipe index-labels --images stages/fetch/images --corrections labels/corrections.csv \\
         --index stages/index-labels/index.csv \\
@@ -71,6 +71,11 @@ class Survey:
     infos: dict[str, data.ImageInfo]
     skipped: list[dict[str, str]]  # {"path", "reason"}
     unmatched: list[str]
+    outside: list[str]  # images outside every split folder (split.method folders): not indexed
+
+
+# Above this ratio of the largest class to the smallest, index-labels warns (the issue trackers' "imbalanced").
+IMBALANCE_WARNING = 10.0
 
 
 @STAGE.runs
@@ -79,14 +84,19 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     folder = Path(inputs.images)
     if not folder.is_dir():
         raise PetpipeError(f"{folder}: images folder not found; run `petpipe fetch` first or fix --images")
-    found, corrected = corrected_survey(survey(folder, params.labels), inputs.corrections)
+    relative_paths = [data.relative_posix(path, folder) for path in data.scan_images(folder)]
+    plan = data.plan_split(relative_paths, method=params.split.method, file=params.split.file)
+    found, corrected = corrected_survey(survey(folder, params.labels, plan, relative_paths), inputs.corrections)
     _refuse_a_single_class(sorted(set(found.labels.values())), folder, params.labels)
-    index, moved = split_index(found, params.split)
+    index = split_index(found, params.split, plan)
     classes = data.class_names(index)
     counts = data.split_counts(index, classes)
-    _refuse_classes_without_training_images(counts, split_file=params.split.file)
+    _refuse_classes_without_training_images(counts, plan)
     leaks = data.find_leaks(index)
-    warnings = _warnings(counts, leaks=leaks, skipped=found.skipped, unmatched=found.unmatched, moved=moved)
+    imbalance = data.class_imbalance(counts)
+    how = split_description(plan, params.split)
+    warnings = _warnings(counts, leaks=leaks, skipped=found.skipped, unmatched=found.unmatched,
+                         outside=found.outside, imbalance=imbalance)
     if corrected["ignored"]:
         warnings.append(f"{len(corrected['ignored'])} correction(s) name files without a label (see corrections)")
     for warning in warnings:
@@ -95,37 +105,66 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     # Draw both figures before writing anything, so a plotting failure leaves no new outputs.
     show_batch = _show_batch(index, folder, params) if outputs.show_batch is not None else None
     class_counts = plot_class_counts(counts)
-    n_valid = int(counts["valid"].sum())
+    n_train, n_valid, n_test = (int(counts[split].sum()) for split in data.SPLITS)
     write_csv(outputs.index, index)
     write_json(outputs.classes, {"classes": classes})
-    write_json(outputs.report, _report(index, counts, survey=found, leaks=leaks, moved=moved,
-                                       warnings=warnings, corrections=corrected))
+    write_json(outputs.report, _report(index, counts, survey=found, leaks=leaks, warnings=warnings,
+                                       corrections=corrected, split={"method": plan.method, "how": how,
+                                                                     "folders": plan.folders},
+                                       imbalance=imbalance))
     if show_batch is not None:
         save_figure(outputs.show_batch, show_batch)
     save_figure(outputs.class_counts, class_counts)
-    context.log.log_metrics({"images": len(index), "classes": len(classes), "train_images": len(index) - n_valid,
-                             "valid_images": n_valid, "skipped": len(found.skipped),
+    context.log.log_metrics({"images": len(index), "classes": len(classes), "train_images": n_train,
+                             "valid_images": n_valid, "test_images": n_test, "skipped": len(found.skipped),
                              "unmatched": len(found.unmatched), "leaks": len(leaks),
-                             "relabelled": corrected["relabelled"], "excluded": corrected["excluded"]})
+                             "relabelled": corrected["relabelled"], "excluded": corrected["excluded"],
+                             "imbalance_ratio": imbalance["ratio"]})
     written = [outputs.report, outputs.classes, outputs.index, outputs.show_batch, outputs.class_counts]
     context.log.log_artifacts([path for path in written if path is not None])
 
     return (
-        f"indexed {len(index)} images of {len(classes)} classes ({len(index) - n_valid} train, {n_valid} valid); "
-        f"{len(found.skipped)} skipped, {len(found.unmatched)} unmatched, {len(leaks)} train/valid duplicates"
+        f"indexed {len(index)} images of {len(classes)} classes ({n_train} train, {n_valid} valid, {n_test} test; "
+        f"split: {how}); classes of {imbalance['smallest']['images']} to {imbalance['largest']['images']} images "
+        f"({imbalance['ratio']:g}x); "
+        f"{len(found.skipped)} skipped, {len(found.unmatched)} unmatched, {len(leaks)} duplicates across splits"
+        + (f", {len(found.outside)} outside the split folders" if found.outside else "")
         + (f"; {corrected['relabelled']} relabelled, {corrected['excluded']} excluded by {inputs.corrections}"
            if inputs.corrections else "")
         + f" -> {outputs.index}"
     )
 
 
-def survey(folder: Path, labels: LabelParams) -> Survey:
-    """Label every file in the folder by labels.method, then decode each labelled one to check it."""
-    relative_paths = [data.relative_posix(path, folder) for path in data.scan_images(folder)]
-    found = data.label_images(relative_paths, method=labels.method, pattern=labels.pattern,
-                              csv_path=Path(labels.csv) if labels.csv else None)
-    unmatched = [path for path in relative_paths if found[path] is None]
-    candidates = [path for path in relative_paths if found[path] is not None]
+def split_description(plan: data.SplitPlan, split: SplitParams) -> str:
+    """The method used and why, in words for the summary line and report.json: which folders were the
+    splits, and what was drawn from train/ for a split without its folder."""
+    if plan.method != "folders":
+        shares = (f"valid_pct {split.valid_pct:g}, test_pct {split.test_pct:g}, seed {split.seed}"
+                  if plan.method == "random" else "")
+        return f"{plan.method} ({plan.reason}" + (f", {shares})" if shares else ")")
+    drawn = []
+    if "valid" not in plan.folders:
+        drawn.append(f"valid drawn from {plan.folders['train']}/ by split.valid_pct {split.valid_pct:g} "
+                     f"(no valid/ or val/ folder)")
+    if "test" not in plan.folders and split.test_pct > 0:
+        drawn.append(f"test drawn from {plan.folders['train']}/ by split.test_pct {split.test_pct:g}")
+    if "test" in plan.folders and split.test_pct > 0:
+        drawn.append(f"split.test_pct ignored: {plan.folders['test']}/ is the test split")
+    return f"folders ({plan.reason}" + "".join(f"; {part}" for part in drawn) + ")"
+
+
+def survey(folder: Path, labels: LabelParams, plan: data.SplitPlan, relative_paths: list[str]) -> Survey:
+    """Label every file in the folder by labels.method, then decode each labelled one to check it. With split
+    folders, files outside them are not indexed, and the split folder is never a folder label."""
+    outside = [path for path in relative_paths if plan.folders and plan.folder_of(path) is None]
+    inside = [path for path in relative_paths if not plan.folders or plan.folder_of(path) is not None]
+    found = data.label_images(inside, method=labels.method, pattern=labels.pattern,
+                              csv_path=Path(labels.csv) if labels.csv else None,
+                              under_split_folder=bool(plan.folders))
+    if labels.method == "folder":
+        _refuse_split_folders_without_class_folders(inside, found, plan, folder)
+    unmatched = [path for path in inside if found[path] is None]
+    candidates = [path for path in inside if found[path] is not None]
     log.info("checking %d images in %s (%d unmatched names)", len(candidates), folder, len(unmatched))
     results = data.check_images([folder / path for path in candidates])
     infos = {path: result for path, result in zip(candidates, results) if isinstance(result, data.ImageInfo)}
@@ -135,8 +174,41 @@ def survey(folder: Path, labels: LabelParams) -> Survey:
             f"no usable images in {folder}: {len(relative_paths)} files, {len(skipped)} skipped, "
             f"{len(unmatched)} unmatched; check labels.pattern / data.source"
         )
+    _refuse_unreadable_split_folders(candidates, results, plan, folder)
     return Survey(files=len(relative_paths), labels={path: found[path] for path in infos}, infos=infos,
-                  skipped=skipped, unmatched=unmatched)
+                  skipped=skipped, unmatched=unmatched, outside=[path for path in outside if _looks_like_image(path)])
+
+
+# What counts as a photo when reporting files outside the split folders or loose in one (notes.txt is not).
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def _looks_like_image(path: str) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _refuse_split_folders_without_class_folders(paths: list[str], found: dict[str, str | None],
+                                               plan: data.SplitPlan, folder: Path) -> None:
+    """Folder labels under split folders need class folders: test/1.jpg has no class, and a split folder
+    holding only such images is a layout mistake, not a few unmatched names."""
+    for split, name in plan.folders.items():
+        members = [path for path in paths if plan.folder_of(path) == split and _looks_like_image(path)]
+        if members and all(found[path] is None for path in members):
+            raise PetpipeError(
+                f"{folder / name}: {len(members)} images but no class folders; with labels.method folder put each "
+                f"in {name}/<class>/ (as {plan.folders.get('train', 'train')}/ has them), or label by name "
+                "(labels.method regex)")
+
+
+def _refuse_unreadable_split_folders(candidates: list[str], results: list[data.ImageInfo | str],
+                                     plan: data.SplitPlan, folder: Path) -> None:
+    """A split folder whose every labelled image is unusable would silently vanish from the split."""
+    for split, name in plan.folders.items():
+        reasons = [(path, result) for path, result in zip(candidates, results) if plan.folder_of(path) == split]
+        if reasons and all(isinstance(result, str) for _, result in reasons):
+            path, reason = reasons[0]
+            raise PetpipeError(f"{folder / name}: none of its {len(reasons)} images can be read (e.g. {path}: "
+                               f"{reason}); replace them, or remove the folder")
 
 
 def corrected_survey(found: Survey, corrections: Path | None) -> tuple[Survey, dict[str, Any]]:
@@ -145,7 +217,7 @@ def corrected_survey(found: Survey, corrections: Path | None) -> tuple[Survey, d
     if corrections is None:
         return found, {"file": None, "relabelled": 0, "excluded": 0, "ignored": []}
     source = f"labels.corrections {corrections}"
-    folder_files = [*found.labels, *(entry["path"] for entry in found.skipped), *found.unmatched]
+    folder_files = [*found.labels, *(entry["path"] for entry in found.skipped), *found.unmatched, *found.outside]
     labels, done = data.apply_corrections(found.labels, data.load_corrections(corrections),
                                           folder_files=folder_files, source=source)
     if not labels:
@@ -154,14 +226,11 @@ def corrected_survey(found: Survey, corrections: Path | None) -> tuple[Survey, d
     return replace(found, labels=labels, infos=infos), {"file": str(corrections), **done}
 
 
-def split_index(found: Survey, split: SplitParams) -> tuple[pd.DataFrame, list[str]]:
-    """index.csv's rows, split once; and the images moved to train because their class had none there."""
-    splits = data.split_images(list(found.infos), valid_pct=split.valid_pct, seed=split.seed,
-                               split_file=Path(split.file) if split.file else None)
-    moved: list[str] = []
-    if not split.file:  # a split file is the user's decision: a class it leaves untrained is refused later
-        splits, moved = data.give_every_class_a_training_image(splits, found.labels)
-    return data.build_index(found.labels, found.infos, splits), moved
+def split_index(found: Survey, split: SplitParams, plan: data.SplitPlan) -> pd.DataFrame:
+    """index.csv's rows, split once by the plan."""
+    splits = data.split_images(found.labels, plan, valid_pct=split.valid_pct, test_pct=split.test_pct,
+                               seed=split.seed)
+    return data.build_index(found.labels, found.infos, splits)
 
 
 def _refuse_a_single_class(classes: list[str], folder: Path, labels: LabelParams) -> None:
@@ -177,53 +246,65 @@ def _refuse_a_single_class(classes: list[str], folder: Path, labels: LabelParams
     )
 
 
-def _refuse_classes_without_training_images(counts: pd.DataFrame, *, split_file: str | None) -> None:
-    """Only a split file can leave a class untrained (the hash split moves one image of it to train)."""
+def _refuse_classes_without_training_images(counts: pd.DataFrame, plan: data.SplitPlan) -> None:
+    """A class with no training image cannot be learnt. The random split always trains on one of each; the
+    user's folders or file can leave one out: refused, since moving a photo the user placed would be worse."""
     empty = counts.index[counts["train"] == 0].tolist()
-    if empty:
-        raise PetpipeError(
-            f"class(es) with no training image: {', '.join(empty)}; mark at least one image of each as train "
-            f"in split.file ({split_file}) or add images of these classes"
-        )
+    if not empty:
+        return
+    where = {"folders": f"add photos of them to {plan.folders.get('train', 'train')}/ (they are only in the "
+                        "valid or test folders), or set split.method random",
+             "file": f"mark at least one image of each as train in split.file ({plan.file})"}
+    raise PetpipeError(f"class(es) with no training image: {', '.join(empty)}; "
+                       f"{where.get(plan.method, 'add images of these classes')}")
 
 
 def _warnings(
     counts: pd.DataFrame, *, leaks: list[dict[str, str]], skipped: list[dict[str, str]], unmatched: list[str],
-    moved: list[str],
+    outside: list[str], imbalance: dict[str, Any],
 ) -> list[str]:
     warnings = []
-    if moved:
-        warnings.append(f"{len(moved)} class(es) had no training image; moved to train: {', '.join(moved)}")
     no_valid = counts.index[counts["valid"] == 0].tolist()
     if no_valid:
         warnings.append(f"{len(no_valid)} class(es) with no validation image: {', '.join(no_valid)}")
+    if imbalance["ratio"] > IMBALANCE_WARNING:
+        warnings.append(f"classes are imbalanced {imbalance['ratio']:g}x: {imbalance['largest']['class']} has "
+                        f"{imbalance['largest']['images']} images, {imbalance['smallest']['class']} "
+                        f"{imbalance['smallest']['images']} (read balanced_accuracy and per_class.csv, not "
+                        "accuracy alone)")
     if leaks:
-        warnings.append(f"{len(leaks)} identical file pair(s) across train and valid (see leaks)")
+        warnings.append(f"{len(leaks)} identical file pair(s) across splits (see leaks)")
     if skipped:
         warnings.append(f"{len(skipped)} unusable file(s) skipped (see skipped)")
     if unmatched:
         warnings.append(f"{len(unmatched)} file name(s) without a label (see unmatched)")
+    if outside:
+        warnings.append(f"{len(outside)} image(s) outside the split folders, not indexed (see outside_splits)")
     return warnings
 
 
 def _report(
-    index: pd.DataFrame, counts: pd.DataFrame, *, survey: Survey, leaks: list[dict[str, str]], moved: list[str],
-    warnings: list[str], corrections: dict[str, Any],
+    index: pd.DataFrame, counts: pd.DataFrame, *, survey: Survey, leaks: list[dict[str, str]],
+    warnings: list[str], corrections: dict[str, Any], split: dict[str, Any], imbalance: dict[str, Any],
 ) -> dict[str, Any]:
     return {
         "images": len(index),
         "train": int(counts["train"].sum()),
         "valid": int(counts["valid"].sum()),
+        "test": int(counts["test"].sum()),
         "classes": len(counts),
-        "per_class": {name: {"train": int(row.train), "valid": int(row.valid)} for name, row in counts.iterrows()},
+        # How the split was made: method folders, random or file, and why (the summary line's words).
+        "split": split,
+        # The largest and smallest class over every split, and their ratio (a warning above 10x).
+        "imbalance": imbalance,
+        "per_class": {name: {"train": int(row.train), "valid": int(row.valid), "test": int(row.test)}
+                      for name, row in counts.iterrows()},
         "skipped": survey.skipped,
         "unmatched": survey.unmatched,
+        # Images outside the train/valid/test folders when those are the split: not indexed.
+        "outside_splits": survey.outside,
         "leaks": leaks,
-        # Images the split put in valid, moved to train because their class had no training image.
-        "moved_to_train": moved,
         # labels.corrections applied: images relabelled and excluded, corrections naming unlabelled files.
         "corrections": corrections,
         "warnings": warnings,
     }
-
-
