@@ -30,7 +30,7 @@ from petpipe.resume import ResumeFile
 from petpipe.spec import ModelSpec
 from petpipe.pipeline import path_option
 from petpipe.runner import Context
-from petpipe.training import FitHooks, FitState, Phase, fit
+from petpipe.training import Criterion, FitHooks, FitState, Phase, fit
 from petpipe.views import Views
 
 
@@ -73,6 +73,11 @@ class Learner:
         return self.params.train
 
     @property
+    def criterion(self) -> Criterion:
+        """The loss (fastai's loss_func): cross-entropy, weighted per class as train.class_weights says."""
+        return Criterion.of(self.settings, self.data)
+
+    @property
     def views(self) -> Views:
         return Views.of(self.spec, self.settings.augment, size_ratio=self.size_ratio)
 
@@ -108,13 +113,17 @@ def fit_and_save(learner: Learner, phase: Phase, record: Record) -> dict[str, An
     log = learner.context.log
     log.log_params({**record.used, "levers": dataclasses.asdict(runtime.levers)})
     table = EpochTable(learner.stage, phase.epochs)
+    criterion = learner.criterion
     if main:
+        if criterion.weight is not None:
+            table.show(f"{learner.stage}: loss {criterion.describe()}")
         table.show(table.header())
     hooks = FitHooks(on_epoch_end=_saving_each_epoch(learner, record, resume_file, table) if main else None,
                      progress=progress_bar(learner.stage) if main else None)
     history = fit(learner.model, learner.data, views=learner.views, phase=phase, settings=learner.settings,
-                  runtime=runtime, resume=FitState(**resumed.resume) if resumed else None, hooks=hooks)
-    metrics = final_metrics(history, stage=learner.stage)
+                  runtime=runtime, criterion=criterion, resume=FitState(**resumed.resume) if resumed else None,
+                  hooks=hooks)
+    metrics = final_metrics(history, stage=learner.stage, criterion=criterion)
     if main:
         write_training_outputs(record.outputs, learner.checkpoint(record.used, history), metrics, title=record.title)
         log.log_artifacts([record.outputs.metrics, record.outputs.history, record.outputs.plot])
@@ -147,10 +156,11 @@ def _log_model(learner: Learner, record: Record) -> None:
                             "eval_crop": spec.eval_crop, "mean": list(spec.mean), "std": list(spec.std)})
 
 
-def final_metrics(history: list[dict[str, float]], *, stage: str) -> dict[str, Any]:
+def final_metrics(history: list[dict[str, float]], *, stage: str, criterion: Criterion) -> dict[str, Any]:
     last = history[-1]
     return {
         "stage": stage,
+        "class_weights": criterion.method,  # train_loss and valid_loss are weighted when it is balanced
         "epochs": int(last["epoch"]),
         "train_loss": last["train_loss"],
         "valid_loss": last.get("valid_loss"),
@@ -170,5 +180,6 @@ def write_training_outputs(outputs: TrainedOutputs, checkpoint: Checkpoint, metr
 
 
 def describe_metrics(stage: str, metrics: dict[str, Any]) -> str:
+    weighted = f"; losses weighted by class ({metrics['class_weights']})" if metrics["class_weights"] != "none" else ""
     return (f"{stage}: {metrics['epochs']} epochs, accuracy {metrics['accuracy']:.4f}, "
-            f"valid loss {metrics['valid_loss']:.4f}")
+            f"valid loss {metrics['valid_loss']:.4f}{weighted}")
