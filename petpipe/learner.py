@@ -123,7 +123,7 @@ def fit_and_save(learner: Learner, phase: Phase, record: Record) -> dict[str, An
     history = fit(learner.model, learner.data, views=learner.views, phase=phase, settings=learner.settings,
                   runtime=runtime, criterion=criterion, resume=FitState(**resumed.resume) if resumed else None,
                   hooks=hooks)
-    metrics = final_metrics(history, stage=learner.stage, criterion=criterion)
+    metrics = final_metrics(history, stage=learner.stage)
     if main:
         write_training_outputs(record.outputs, learner.checkpoint(record.used, history), metrics, title=record.title)
         log.log_artifacts([record.outputs.metrics, record.outputs.history, record.outputs.plot])
@@ -156,11 +156,10 @@ def _log_model(learner: Learner, record: Record) -> None:
                             "eval_crop": spec.eval_crop, "mean": list(spec.mean), "std": list(spec.std)})
 
 
-def final_metrics(history: list[dict[str, float]], *, stage: str, criterion: Criterion) -> dict[str, Any]:
+def final_metrics(history: list[dict[str, float]], *, stage: str) -> dict[str, Any]:
     last = history[-1]
     return {
         "stage": stage,
-        "class_weights": criterion.method,  # train_loss and valid_loss are weighted when it is balanced
         "epochs": int(last["epoch"]),
         "train_loss": last["train_loss"],
         "valid_loss": last.get("valid_loss"),
@@ -179,7 +178,9 @@ def write_training_outputs(outputs: TrainedOutputs, checkpoint: Checkpoint, metr
     save_checkpoint(outputs.model, checkpoint)
 
 
-def describe_metrics(stage: str, metrics: dict[str, Any]) -> str:
-    weighted = f"; losses weighted by class ({metrics['class_weights']})" if metrics["class_weights"] != "none" else ""
-    return (f"{stage}: {metrics['epochs']} epochs, accuracy {metrics['accuracy']:.4f}, "
+def describe_metrics(learner: Learner, metrics: dict[str, Any]) -> str:
+    """The stage's one line; it says when the losses are weighted by class (train.class_weights)."""
+    method = learner.settings.class_weights
+    weighted = f"; losses weighted by class ({method})" if method != "none" else ""
+    return (f"{learner.stage}: {metrics['epochs']} epochs, accuracy {metrics['accuracy']:.4f}, "
             f"valid loss {metrics['valid_loss']:.4f}{weighted}")
