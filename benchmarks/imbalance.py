@@ -149,16 +149,16 @@ def table(rows: list[dict[str, Any]]) -> str:
     for weighting in WEIGHTINGS:
         cells = [f"{m:.3f} ± {s:.3f}" for m, s in (mean_std(rows, weighting, key) for key in METRICS)]
         lines.append(f"| {weighting} | {' | '.join(cells)} | {mean_std(rows, weighting, 'seconds')[0]:.0f} |")
-    differences = {key: [] for key in METRICS}
-    for seed in sorted({row["seed"] for row in rows}):
-        pair = {row["class_weights"]: row for row in rows if row["seed"] == seed}
+    differences: dict[str, list[float]] = {key: [] for key in METRICS}
+    for run in sorted({(row.get("split_seed", 0), row["seed"]) for row in rows}):
+        pair = {row["class_weights"]: row for row in rows if (row.get("split_seed", 0), row["seed"]) == run}
         if set(pair) == set(WEIGHTINGS):
             for key in METRICS:
                 differences[key].append(pair["balanced"][key] - pair["none"][key])
     if differences["accuracy"]:
         cells = [f"{statistics.mean(values):+.3f} ({', '.join(f'{value:+.3f}' for value in values)})"
                  for values in differences.values()]
-        lines.append(f"| balanced − none, per seed | {' | '.join(cells)} | |")
+        lines.append(f"| balanced − none, per run | {' | '.join(cells)} | |")
     return "\n".join(lines)
 
 
@@ -176,13 +176,16 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "petpipe-imbalance-cache")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "benchmarks/imbalance.json")
     parser.add_argument("--markdown", type=Path, default=None,
-                        help="a file whose <!-- imbalance --> ... <!-- /imbalance --> block gets the table")
+                        help="a file whose <!-- BLOCK --> ... <!-- /BLOCK --> block gets the table")
+    parser.add_argument("--block", default="imbalance", help="the name of that block (one per split seed)")
+    parser.add_argument("--summarise", type=Path, nargs="+", default=None,
+                        help="no runs: one table of earlier --out files, pooled (with --markdown, written there)")
     return parser.parse_args()
 
 
-def write_markdown(path: Path, block: str) -> None:
+def write_markdown(path: Path, name: str, block: str) -> None:
     text = path.read_text()
-    start, end = "<!-- imbalance -->", "<!-- /imbalance -->"
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
     if start not in text or end not in text:
         raise SystemExit(f"{path} has no {start} ... {end} block to fill")
     before, rest = text.split(start, 1)
@@ -191,6 +194,11 @@ def write_markdown(path: Path, block: str) -> None:
 
 def main() -> None:
     args = parse_arguments()
+    if args.summarise is not None:
+        publish(args, [{"split_seed": result["setup"]["split_seed"], **row}
+                       for result in map(json.loads, (path.read_text() for path in args.summarise))
+                       for row in result["results"]])
+        return
     os.environ["PETPIPE_CACHE_DIR"] = str(args.cache)  # the same photos every run: decoded once
     os.environ["PETPIPE_TRACKING"] = "off"
     made = make_split(args, Path(tempfile.mkdtemp(prefix="imbalance-photos-")))
@@ -199,16 +207,20 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for seed in args.seeds:
         for weighting in WEIGHTINGS:  # alternating, so a slower stretch of a shared machine hits both alike
-            rows.append(one_run(args, made, seed, weighting))
+            rows.append({"split_seed": args.split_seed, **one_run(args, made, seed, weighting)})
             print(json.dumps(rows[-1]), flush=True)
             result = {"setup": {**setup, "cut_breeds": made["cut"], "train_photos": made["train_photos"],
                                 "train_per_breed": made["train_per_breed"], "valid_photos": len(made["valid"])},
                       "machine": describe_machine(info), "results": rows}
             args.out.write_text(json.dumps(result, indent=2) + "\n")
+    publish(args, rows)
+
+
+def publish(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     block = table(rows)
     print(block)
     if args.markdown is not None:
-        write_markdown(args.markdown, block)
+        write_markdown(args.markdown, args.block, block)
 
 
 if __name__ == "__main__":
