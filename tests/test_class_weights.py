@@ -1,7 +1,7 @@
 """train.class_weights: scikit-learn's balanced weights, counted on the training split, are the loss of train-head
 (cached features), lr-find and finetune, and the valid_loss they report.
 
-The stages run on an unbalanced subset of the sample (three breeds of 10 photos, three of 4) at 64 px; the
+The stages run on an unbalanced subset of the sample (three breeds of 10 photos, three of 5) at 64 px; the
 reported valid_loss is recomputed from the saved model with the weights of the formula, so a stage that trained
 or validated on another loss fails.
 """
@@ -65,13 +65,13 @@ def test_an_unknown_class_weights_is_refused_with_the_allowed_values():
 
 @pytest.fixture(scope="module")
 def unbalanced(tmp_path_factory, sample_images) -> dict:
-    """Three breeds of 10 photos and three of 4, indexed; then train-head (cached features), lr-find and
-    finetune with train.class_weights balanced."""
+    """Three breeds of 10 photos and three of 5 (a stratified split gives each a validation photo), indexed;
+    then train-head (cached features), lr-find and finetune with train.class_weights balanced."""
     root = tmp_path_factory.mktemp("class-weights")
     images = root / "images"
     images.mkdir()
     for position, photos in enumerate(list(sample_by_breed(sample_images).values())[:6]):
-        for photo in photos[:10 if position < 3 else 4]:
+        for photo in photos[:10 if position < 3 else 5]:
             shutil.copy(photo, images / photo.name)
     params = params_with(BALANCED)
     indexed = outputs_in(root / "index")
