@@ -30,7 +30,7 @@ from petpipe.resume import ResumeFile
 from petpipe.spec import ModelSpec
 from petpipe.pipeline import path_option
 from petpipe.runner import Context
-from petpipe.training import FitHooks, FitState, Phase, fit
+from petpipe.training import Criterion, FitHooks, FitState, Phase, fit
 from petpipe.views import Views
 
 
@@ -73,6 +73,11 @@ class Learner:
         return self.params.train
 
     @property
+    def criterion(self) -> Criterion:
+        """The loss (fastai's loss_func): cross-entropy, weighted per class as train.class_weights says."""
+        return Criterion.of(self.settings, self.data)
+
+    @property
     def views(self) -> Views:
         return Views.of(self.spec, self.settings.augment, size_ratio=self.size_ratio)
 
@@ -108,12 +113,16 @@ def fit_and_save(learner: Learner, phase: Phase, record: Record) -> dict[str, An
     log = learner.context.log
     log.log_params({**record.used, "levers": dataclasses.asdict(runtime.levers)})
     table = EpochTable(learner.stage, phase.epochs)
+    criterion = learner.criterion
     if main:
+        if criterion.weight is not None:
+            table.show(f"{learner.stage}: loss {criterion.describe()}")
         table.show(table.header())
     hooks = FitHooks(on_epoch_end=_saving_each_epoch(learner, record, resume_file, table) if main else None,
                      progress=progress_bar(learner.stage) if main else None)
     history = fit(learner.model, learner.data, views=learner.views, phase=phase, settings=learner.settings,
-                  runtime=runtime, resume=FitState(**resumed.resume) if resumed else None, hooks=hooks)
+                  runtime=runtime, criterion=criterion, resume=FitState(**resumed.resume) if resumed else None,
+                  hooks=hooks)
     metrics = final_metrics(history, stage=learner.stage)
     if main:
         write_training_outputs(record.outputs, learner.checkpoint(record.used, history), metrics, title=record.title)
@@ -169,6 +178,9 @@ def write_training_outputs(outputs: TrainedOutputs, checkpoint: Checkpoint, metr
     save_checkpoint(outputs.model, checkpoint)
 
 
-def describe_metrics(stage: str, metrics: dict[str, Any]) -> str:
-    return (f"{stage}: {metrics['epochs']} epochs, accuracy {metrics['accuracy']:.4f}, "
-            f"valid loss {metrics['valid_loss']:.4f}")
+def describe_metrics(learner: Learner, metrics: dict[str, Any]) -> str:
+    """The stage's one line; it says when the losses are weighted by class (train.class_weights)."""
+    method = learner.settings.class_weights
+    weighted = f"; losses weighted by class ({method})" if method != "none" else ""
+    return (f"{learner.stage}: {metrics['epochs']} epochs, accuracy {metrics['accuracy']:.4f}, "
+            f"valid loss {metrics['valid_loss']:.4f}{weighted}")

@@ -19,7 +19,7 @@ from petpipe.models import Classifier
 from petpipe.optim import make_optimizer
 from petpipe.params import LrFindParams, TrainParams
 from petpipe.progress import Progress
-from petpipe.training import batch_indices, training_step
+from petpipe.training import Criterion, batch_indices, training_step
 from petpipe.views import Views
 
 SMOOTHING = 0.98  # fastai's Recorder smooths the loss with this exponential moving average
@@ -125,10 +125,11 @@ def stop_index(losses: Sequence[float], rule: StopRule) -> int | None:
 
 
 def lr_sweep(model: Classifier, images: ImageSet, *, views: Views, sweep: LrFindParams, settings: TrainParams,
-             precision: str, generator: torch.Generator, progress: Progress | None = None) -> dict[str, list[float]]:
+             precision: str, generator: torch.Generator, criterion: Criterion = Criterion("none"),
+             progress: Progress | None = None) -> dict[str, list[float]]:
     """Train one batch per learning rate from sweep.start_lr to sweep.end_lr; stop when `StopRule` sees the
-    smoothed loss diverge. Its batch size is sweep.batch_size (0: settings.batch_size) and its weight decay
-    settings.weight_decay; the model trains in the mode it is given (`models.set_train_mode`: BatchNorm
+    smoothed loss diverge. Its batch size is sweep.batch_size (0: settings.batch_size), its weight decay
+    settings.weight_decay, its loss `criterion` (the finetune's); the model trains in the mode it is given (`models.set_train_mode`: BatchNorm
     statistics updated or fixed) on augmented batches, as the finetune it precedes.
 
     Returns {"lr", "loss", "smoothed_loss"}, one entry per batch trained.
@@ -150,7 +151,8 @@ def lr_sweep(model: Classifier, images: ImageSet, *, views: Views, sweep: LrFind
         for group in optimizer.param_groups:
             group["lr"] = float(lr)
         inputs = views.train(images.pixels[rows], generator, images.geometry_of(rows))
-        value = training_step(model, optimizer, inputs, images.targets[rows], precision=precision)
+        value = training_step(model, optimizer, inputs, images.targets[rows], criterion=criterion,
+                              precision=precision)
         average = SMOOTHING * average + (1 - SMOOTHING) * value  # as `smooth`, one batch at a time
         record["lr"].append(float(lr))
         record["loss"].append(value)

@@ -136,6 +136,7 @@ class TrainParams(_Section):
     batch_size: PositiveInt
     decode_workers: NonNegativeInt
     weight_decay: Annotated[float, Field(ge=0)]
+    class_weights: Literal["none", "balanced"]
     compile: bool
     augment: AugmentParams
 

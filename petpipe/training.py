@@ -68,6 +68,57 @@ class FitHooks:
     progress: Progress | None = None
 
 
+# ---------------------------------------------------------------- the loss
+
+
+def balanced_class_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """scikit-learn's compute_class_weight("balanced"): n_samples / (n_classes * count of the class), (classes,).
+
+    A class without a photo among `targets` is weighted as one with a single photo (scikit-learn refuses it):
+    it never appears as a training target, and its validation photos then weigh as much as the rarest class's.
+    """
+    counts = torch.bincount(targets.cpu(), minlength=num_classes).to(torch.float64)
+    return (len(targets) / (num_classes * counts.clamp(min=1))).to(torch.float32)
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """Cross-entropy, weighted per class or not: the loss a stage trains on and reports as valid_loss (fastai's
+    CrossEntropyLossFlat(weight=...) as the Learner's loss_func weighs both). Weights count the training split."""
+
+    method: str  # train.class_weights: none or balanced
+    weight: torch.Tensor | None = None  # (classes,) float32; None: every photo weighs 1
+
+    @classmethod
+    def of(cls, settings: TrainParams, data: Dataset) -> Criterion:
+        """train.class_weights' loss for this data set, its weights counted on the training split alone."""
+        if settings.class_weights == "none":
+            return cls("none")
+        return cls(settings.class_weights, balanced_class_weights(data.train.targets, len(data.classes)))
+
+    def _weight_on(self, device: torch.device) -> torch.Tensor | None:
+        return None if self.weight is None else self.weight.to(device)
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The batch's mean loss: with weights, the weighted sum over the sum of the targets' weights."""
+        return F.cross_entropy(logits, targets, weight=self._weight_on(logits.device))
+
+    def sums(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+        """The summed (weighted) loss and the summed weight of the targets, to average over ranks and batches."""
+        if not len(targets):
+            return 0.0, 0.0
+        weight = self._weight_on(logits.device)
+        total = F.cross_entropy(logits, targets, weight=weight, reduction="sum").item()
+        return total, float(len(targets)) if weight is None else weight[targets].sum().item()
+
+    def describe(self) -> str:
+        """For a stage's summary line: which loss, and the range of its weights."""
+        if self.weight is None:
+            return "cross-entropy"
+        return (f"cross-entropy weighted by class ({self.method}: {self.weight.min().item():.2f} to "
+                f"{self.weight.max().item():.2f})")
+
+
 # ---------------------------------------------------------------- batches
 
 
@@ -101,10 +152,10 @@ def rank_batches(count: int, batch_size: int, *, world: World, seed: int, epoch:
 
 
 def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
-                  *, precision: str) -> float:
-    """Forward, cross-entropy, backward and one optimiser step; returns the batch's mean loss."""
+                  *, criterion: Criterion, precision: str) -> float:
+    """Forward, the criterion's loss, backward and one optimiser step; returns the batch's mean loss."""
     with autocast(inputs.device, precision, training=True):
-        loss = F.cross_entropy(model(inputs), targets)
+        loss = criterion(model(inputs), targets)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -114,11 +165,12 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: to
 @dataclass
 class Loop:
     """The moving parts of a fit's epochs: the module trained (maybe DDP, maybe compiled), its optimiser
-    and schedule, the views and the augmentation generator."""
+    and schedule, the loss, the views and the augmentation generator."""
 
     trained: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Schedule
+    criterion: Criterion
     views: Views
     generator: torch.Generator
     precision: str
@@ -139,7 +191,8 @@ def train_one_epoch(loop: Loop, images: ImageSet, batches: list[torch.Tensor],
         else:
             inputs = loop.views.train(images.pixels[rows], loop.generator, images.geometry_of(rows))
         peak_lr = max(peak_lr, loop.optimizer.param_groups[-1]["lr"])
-        loss = training_step(loop.trained, loop.optimizer, inputs, images.targets[rows], precision=loop.precision)
+        loss = training_step(loop.trained, loop.optimizer, inputs, images.targets[rows], criterion=loop.criterion,
+                             precision=loop.precision)
         loop.scheduler.step()
         total_loss += loss * len(rows)
         seen += len(rows)
@@ -188,18 +241,20 @@ def with_features(model: Classifier, images: ImageSet, *, batch_size: int, views
 
 
 def _sharded_validation(model: nn.Module, images: ImageSet, *, world: World, batch_size: int,
-                        views: Views) -> dict[str, float]:
-    """Each rank scores its share of the validation set; sums are reduced over ranks."""
+                        views: Views, criterion: Criterion) -> dict[str, float]:
+    """Each rank scores its share of the validation set; sums are reduced over ranks. valid_loss is the
+    criterion's: with class weights, the weighted mean as in training."""
     rows = torch.arange(world.rank, len(images), world.size)
     shard = ImageSet(images.pixels[rows.to(images.pixels.device)], images.targets[rows.to(images.targets.device)],
                      None if images.features is None else images.features[:, rows.to(images.features.device)])
     logits = predict(model, shard, batch_size=batch_size, views=views)
     targets = shard.targets.cpu()
-    loss_sum = F.cross_entropy(logits, targets, reduction="sum").item() if len(targets) else 0.0
+    loss_sum, weight_sum = criterion.sums(logits, targets)
     correct = (logits.argmax(dim=1) == targets).sum().item() if len(targets) else 0
-    loss_sum, correct, count = all_reduce_sum([loss_sum, float(correct), float(len(targets))], images.pixels.device)
+    loss_sum, weight_sum, correct, count = all_reduce_sum(
+        [loss_sum, weight_sum, float(correct), float(len(targets))], images.pixels.device)
     accuracy = correct / max(count, 1)
-    return {"valid_loss": loss_sum / max(count, 1), "accuracy": accuracy, "error_rate": 1.0 - accuracy}
+    return {"valid_loss": loss_sum / max(weight_sum, 1e-12), "accuracy": accuracy, "error_rate": 1.0 - accuracy}
 
 
 # ---------------------------------------------------------------- fit
@@ -215,7 +270,7 @@ def _batch_size(requested: int, train: ImageSet, world: World) -> int:
 
 
 def _start_loop(model: Classifier, *, phase: Phase, settings: TrainParams, views: Views, runtime: Runtime,
-                total_steps: int) -> Loop:
+                total_steps: int, criterion: Criterion) -> Loop:
     optimizer = make_optimizer(model, group_lrs=phase.group_lrs, weight_decay=settings.weight_decay)
     scheduler = make_scheduler(optimizer, schedule=phase.schedule, total_steps=total_steps)
     # Augmentation differs per rank, like the images each rank sees.
@@ -226,7 +281,7 @@ def _start_loop(model: Classifier, *, phase: Phase, settings: TrainParams, views
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if settings.compile:
         trained = compiled(trained)
-    return Loop(trained, optimizer, scheduler, views, generator, runtime.levers.precision)
+    return Loop(trained, optimizer, scheduler, criterion, views, generator, runtime.levers.precision)
 
 
 def _resume(loop: Loop, state: FitState) -> tuple[int, list[dict[str, float]]]:
@@ -239,11 +294,13 @@ def _resume(loop: Loop, state: FitState) -> tuple[int, list[dict[str, float]]]:
 
 
 def fit(model: Classifier, data: Dataset, *, views: Views, phase: Phase, settings: TrainParams,
-        runtime: Runtime, resume: FitState | None = None, hooks: FitHooks = FitHooks()) -> list[dict[str, float]]:
+        runtime: Runtime, criterion: Criterion = Criterion("none"), resume: FitState | None = None,
+        hooks: FitHooks = FitHooks()) -> list[dict[str, float]]:
     """Train for phase.epochs (fastai's fit_one_cycle or fit) and return the per-epoch history.
 
     The model moves to the images' device, in the runtime's memory format; the
     levers (precision, memory format, threads) go into every history row.
+    The loss is `criterion`, or plain cross-entropy.
     `resume` is a FitState from `hooks.on_epoch_end`: the fit continues after
     its epoch and ends exactly as an uninterrupted fit would. With several
     ranks (torchrun), the model trains as DistributedDataParallel and every
@@ -263,7 +320,7 @@ def fit(model: Classifier, data: Dataset, *, views: Views, phase: Phase, setting
     batch_size = _batch_size(settings.batch_size, train, world)
     steps_per_epoch = len(rank_batches(len(train), batch_size, world=world, seed=phase.seed, epoch=0))
     loop = _start_loop(model, phase=phase, settings=settings, views=views, runtime=runtime,
-                       total_steps=phase.epochs * steps_per_epoch)
+                       total_steps=phase.epochs * steps_per_epoch, criterion=criterion)
     start_epoch, history = _resume(loop, resume) if resume is not None else (0, [])
     for epoch in range(start_epoch, phase.epochs):
         started = time.perf_counter()
@@ -273,7 +330,7 @@ def fit(model: Classifier, data: Dataset, *, views: Views, phase: Phase, setting
         loss_sum, images_seen = all_reduce_sum([row["loss_sum"], float(row["images"])], device)
         train_seconds = time.perf_counter() - started
         metrics = _sharded_validation(model, valid, world=world, batch_size=batch_size * 2,
-                                      views=views) if len(valid) else {}
+                                      views=views, criterion=criterion) if len(valid) else {}
         history.append({
             "epoch": epoch + 1, "train_loss": loss_sum / max(images_seen, 1), **metrics, "lr": row["lr"],
             "seconds": round(time.perf_counter() - started, 3),

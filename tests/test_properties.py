@@ -118,6 +118,7 @@ SPEC: dict[str, dict[str, list[Any]]] = {
     "train.batch_size": POSITIVE_INT,
     "train.decode_workers": {"wrong": ["0", 1.5, True, None], "out": [-1, -8]},
     "train.weight_decay": {"wrong": ["none", True, None, A_LIST], "out": [-0.01, -1, math.nan]},
+    "train.class_weights": {"wrong": [1, True, None, A_LIST], "out": ["balance", "Balanced", "inverse", ""]},
     "train.compile": BOOL,
     "train.augment.presize_crop": {"wrong": [1, True, None, A_LIST], "out": ["centre", "Random", ""]},
     "train.augment.min_scale": {"wrong": ["most", True, None], "out": [0.0, 1.01, -0.5, math.nan]},

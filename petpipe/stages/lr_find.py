@@ -32,6 +32,7 @@ from petpipe.params import LrFindParams
 from petpipe.pipeline import path_option
 from petpipe.progress import progress_bar
 from petpipe.runner import Context, Stage
+from petpipe.training import Criterion
 from petpipe.views import Views
 
 # finetune.bn_stats: the sweep handles BatchNorm as the finetune it is for will.
@@ -67,10 +68,12 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     to_device(model, runtime.device, levers.memory_format)
     set_train_mode(model, freeze_bn_stats=finetune_fixes_bn_stats(params.finetune.bn_stats, head.params))
     context.log.log_params({"levers": dataclasses.asdict(levers)})
+    criterion = Criterion.of(params.train, data)  # the loss finetune will train on
     curve = lr_sweep(model, data.train, views=dataclasses.replace(views, memory_format=levers.memory_format),
                      sweep=params.lr_find, settings=params.train, precision=levers.precision,
-                     generator=torch.Generator().manual_seed(context.compute.seed), progress=progress_bar(STAGE.name))
-    result = choose(curve, params.lr_find)
+                     generator=torch.Generator().manual_seed(context.compute.seed), criterion=criterion,
+                     progress=progress_bar(STAGE.name))
+    result = {**choose(curve, params.lr_find), "class_weights": criterion.method}
     write_csv(outputs.curve, pd.DataFrame(curve))
     save_figure(outputs.plot, plots.plot_lr_find(curve["lr"], curve["smoothed_loss"], result["suggestions"],
                                                  chosen=params.lr_find.suggestion, raw_losses=curve["loss"],
@@ -146,6 +149,8 @@ def summary(result: dict[str, Any]) -> str:
     level = (f"; start loss {noise['mean']:.3f} +- {noise['std']:.3f}" if noise["mean"] is not None
              and noise["std"] is not None else "")
     trust = "" if result["trusted"] else " (UNTRUSTED)"
-    return (f"lr-find: {result['iterations']} iterations to lr {result['lr_reached']:.2e}{level}; "
+    weighted = (f" (loss weighted by class: {result['class_weights']})"
+                if result.get("class_weights", "none") != "none" else "")
+    return (f"lr-find: {result['iterations']} iterations to lr {result['lr_reached']:.2e}{weighted}{level}; "
             f"{described}{trust}; chosen {result['chosen']['rule']} = {result['chosen']['lr']:.2e}; "
             f"{result['verdict']}")

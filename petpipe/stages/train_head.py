@@ -46,4 +46,5 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
                   freeze_bn_stats=head_fixes_bn_stats(cache_features=cached, train_bn=params.model.train_bn))
     record = Record(used=params.select(STAGE.params), index=inputs.index, inputs=[inputs.index], outputs=outputs,
                     title=f"train-head: {spec.arch}, body frozen")
-    return describe_metrics(STAGE.name, fit_and_save(Learner(context, model, spec, data), phase, record))
+    learner = Learner(context, model, spec, data)
+    return describe_metrics(learner, fit_and_save(learner, phase, record))
