@@ -81,10 +81,8 @@ def params_for(args: argparse.Namespace, seed: int, weighting: str, split_file: 
         "model.img_size": args.size, "train.seed": seed, "train.device": "cpu", "train.precision": "float32",
         "train.memory_format": "contiguous", "train.class_weights": weighting,
         "train_head.epochs": args.head_epochs, "finetune.epochs": args.ft_epochs, "finetune.lr": args.ft_lr,
-        "split.file": str(split_file),
+        "split.method": "file", "split.file": str(split_file),
     }
-    if "method" in defaults["split"]:  # split.method (issue 26): the file decides
-        changes["split.method"] = "file"
     return parse_params(with_overrides(defaults, changes))
 
 
