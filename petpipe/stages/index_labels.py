@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,7 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     classes = data.class_names(index)
     counts = data.split_counts(index, classes)
     _refuse_classes_without_training_images(counts, plan)
+    _refuse_an_empty_validation_split(counts, plan, params.split)
     leaks = data.find_leaks(index)
     imbalance = data.class_imbalance(counts)
     how = split_description(plan, params.split)
@@ -257,6 +259,19 @@ def _refuse_classes_without_training_images(counts: pd.DataFrame, plan: data.Spl
              "file": f"mark at least one image of each as train in split.file ({plan.file})"}
     raise PetpipeError(f"class(es) with no training image: {', '.join(empty)}; "
                        f"{where.get(plan.method, 'add images of these classes')}")
+
+
+def _refuse_an_empty_validation_split(counts: pd.DataFrame, plan: data.SplitPlan, split: SplitParams) -> None:
+    """Every stage after this one reports on valid (epoch tables, lr-find, the champion): with no validation
+    image there is nothing to report, so refuse here rather than fail in train-head."""
+    if counts["valid"].sum() > 0:
+        return
+    largest = int(counts.sum(axis=1).max())
+    fix = {"folders": f"put photos in a valid/ folder beside {plan.folders.get('train', 'train')}/",
+           "file": f"mark some images as valid in split.file ({plan.file})"}.get(
+        plan.method, f"raise split.valid_pct (now {split.valid_pct:g}: a class needs at least "
+                     f"{math.ceil(1 / split.valid_pct - 1e-9)} images to give one, the largest has {largest})")
+    raise PetpipeError(f"the split has no validation image; {fix}, or add images")
 
 
 def _warnings(
