@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -297,12 +298,19 @@ def lr_find_table(results: list[dict]) -> str:
 MARKDOWN_BLOCK = re.compile(r"(<!-- benchmark\b[^>]*-->\n)(.*?)(<!-- /benchmark -->)", re.DOTALL)
 
 
-def markdown_block(settings: str, results: list[dict], frameworks: list[str], raw: Path | None) -> str:
-    """What goes between the markers: where the numbers come from, then the table."""
+def markdown_block(settings: str, results: list[dict], frameworks: list[str], raw: Path | None,
+                   *, front_page: bool = False) -> str:
+    """What goes between the markers: where the numbers come from, then the table; the per-seed lr-find table
+    too, except on the README's front page, which links the manual's copy instead."""
     source = f" Raw numbers: `{display_path(raw)}`." if raw else ""
     chosen = lr_find_table(results)
+    if chosen and front_page:
+        chosen_part = ("\nWhat each run's lr-find swept and chose, per seed: "
+                       "[docs/benchmark.md](docs/benchmark.md).\n")
+    else:
+        chosen_part = f"\nWhat lr-find swept and chose:\n\n{chosen}\n" if chosen else ""
     return (f"Measured by `benchmarks/compare_fastai.py` on this project's machine: {settings}.{source}\n\n"
-            + summarise(results, frameworks) + "\n" + (f"\nWhat lr-find swept and chose:\n\n{chosen}\n" if chosen else ""))
+            + summarise(results, frameworks) + "\n" + chosen_part)
 
 
 def display_path(path: Path) -> str:
@@ -320,13 +328,15 @@ def markdown_problem(file: Path) -> str | None:
     return None
 
 
-def write_markdown(files: list[Path], block: str) -> None:
-    """Replace the generated block in each file; a file without the markers is an error, not a silent skip."""
+def write_markdown(files: list[Path], block: Callable[[bool], str]) -> None:
+    """Replace the generated block in each file (block(front_page) writes it; README.md is the front page);
+    a file without the markers is an error, not a silent skip."""
     for file in files:
         if problem := markdown_problem(file):
             sys.exit(problem)
         text = file.read_text()
-        file.write_text(MARKDOWN_BLOCK.sub(lambda match: match.group(1) + block + match.group(3), text))
+        written = block(file.name == "README.md")
+        file.write_text(MARKDOWN_BLOCK.sub(lambda match: match.group(1) + written + match.group(3), text))
         print(f"wrote the table into {display_path(file)}")
 
 
@@ -388,7 +398,8 @@ def main() -> None:
             name for name in seen if name not in DEFAULT_FRAMEWORKS]
         print(saved["settings"] + "\n\n" + summarise(saved["results"], frameworks) + "\n\n"
               + lr_find_table(saved["results"]))
-        write_markdown(args.markdown, markdown_block(saved["settings"], saved["results"], frameworks, args.summarise))
+        write_markdown(args.markdown, lambda front_page: markdown_block(
+            saved["settings"], saved["results"], frameworks, args.summarise, front_page=front_page))
         return
     index, train_images = make_index(args, Path(tempfile.mkdtemp(prefix="bench-index-")))
     info = machine()
@@ -402,7 +413,8 @@ def main() -> None:
             write_results(args, info, results, train_images)  # after every run: an interrupted benchmark keeps them
     settings = settings_line(args, info, results, train_images)
     print("\n" + settings + "\n\n" + summarise(results, args.frameworks) + "\n\n" + lr_find_table(results))
-    write_markdown(args.markdown, markdown_block(settings, results, args.frameworks, args.out))
+    write_markdown(args.markdown, lambda front_page: markdown_block(
+        settings, results, args.frameworks, args.out, front_page=front_page))
 
 
 def settings_line(args: argparse.Namespace, info: dict, results: list[dict], train_images: int) -> str:
