@@ -87,7 +87,15 @@ def _from_dict(raw: dict[str, Any]) -> Checkpoint:
 def save_checkpoint(path: Path | str, checkpoint: Checkpoint) -> None:
     """Write atomically: a failed or killed write leaves the previous file intact."""
     with atomic_path(path) as temporary:
-        torch.save(_to_dict(checkpoint), temporary)
+        write_checkpoint(temporary, checkpoint)
+
+
+def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
+    """torch.save through a Python file: a full disk then raises OSError(ENOSPC), which petpipe.atomic
+    turns into one line, where torch.save(obj, path) raises `RuntimeError: basic_ios::clear: iostream
+    error` (or `unexpected pos`) that names nothing. The caller makes it atomic."""
+    with open(path, "wb") as file:
+        torch.save(_to_dict(checkpoint), file)
 
 
 def load_checkpoint(path: Path | str) -> Checkpoint:

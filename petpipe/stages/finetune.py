@@ -54,9 +54,9 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     record = Record(used=used, index=inputs.index, inputs=[inputs.index, inputs.checkpoint], outputs=outputs,
                     title=f"finetune: {head.spec.arch}, unfrozen, lr {lr / params.finetune.lr_ratio:.1e} to {lr:.1e}",
                     register_as=params.tracking.registered_model)  # the model to serve is finetune's
-    metrics = fit_and_save(Learner(context, model, head.spec, data, size_ratio=params.finetune.size_ratio),
+    fitted = fit_and_save(Learner(context, model, head.spec, data, size_ratio=params.finetune.size_ratio),
                            phase, record)
-    return describe_metrics(STAGE.name, metrics) + f", from train-head accuracy {head.history[-1]['accuracy']:.4f}"
+    return describe_metrics(STAGE.name, fitted, extra=f", from train-head accuracy {head.history[-1]['accuracy']:.4f}")
 
 
 def peak_lr(setting: float | str, lr_find_result: Path) -> float:
