@@ -190,6 +190,9 @@ def _stopping(learner: Learner, progress: Progress) -> Iterator[None]:
         in_flight = min(progress.kept + 1, progress.epochs)
         raise Interrupted(f"{stage}: interrupted in epoch {in_flight} of {progress.epochs}; "
                           f"{progress.kept_words()}") from None
+    except BaseException:
+        progress.resume_file.note_stop("error")  # a failure petpipe saw: the rerun must not blame a signal
+        raise
 
 
 def _memory_check(learner: Learner, phase: Phase, *, killed_before: bool) -> MemoryEstimate | None:
@@ -198,8 +201,8 @@ def _memory_check(learner: Learner, phase: Phase, *, killed_before: bool) -> Mem
     if learner.runtime.device.type != "cpu":
         return None
     data, size = learner.data, round(learner.spec.img_size * learner.size_ratio)
-    guess = memory.estimate(learner.model, img_size=size, batch_size=min(learner.settings.batch_size, len(data.train)),
-                            pixel_bytes=data.train.pixels.nbytes + data.valid.pixels.nbytes,
+    guess = memory.estimate(learner.model, img_size=size, batch_size=learner.settings.batch_size,
+                            images=len(data.train), pixel_bytes=data.train.pixels.nbytes + data.valid.pixels.nbytes,
                             features=phase.feature_views > 0)
     log.debug("memory estimate: %s", guess)
     if killed_before:

@@ -38,8 +38,8 @@ class MemoryEstimate:
 
     fixed: int  # what the process holds now, the optimiser's state and the decoded pixels
     per_image: int  # activations and inputs per image of a batch
-    batch_size: int
-    train_bn_batch: bool = True  # BatchNorm needs two images per batch
+    batch_size: int  # of the fit: train.batch_size, or the training split where that is smaller
+    requested: int  # train.batch_size
 
     @property
     def peak(self) -> int:
@@ -165,7 +165,7 @@ def _saved_activations(model: nn.Module, example: torch.Tensor) -> int:
     return sum(seen.values())
 
 
-def estimate(model: nn.Module, *, img_size: int, batch_size: int, pixel_bytes: int, features: bool,
+def estimate(model: nn.Module, *, img_size: int, batch_size: int, images: int, pixel_bytes: int, features: bool,
              memory_format: torch.memory_format = torch.channels_last) -> MemoryEstimate:
     """The fit's peak memory: `features` when the frozen body runs once, under inference, over batches of
     2 * batch_size (train-head's cached features), else every step trains through the model."""
@@ -184,7 +184,7 @@ def estimate(model: nn.Module, *, img_size: int, batch_size: int, pixel_bytes: i
     trained = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters()
                   if parameter.requires_grad)
     return MemoryEstimate(fixed=rss_bytes() + OPTIMIZER_COPIES * trained + pixel_bytes, per_image=per_image,
-                          batch_size=batch_size)
+                          batch_size=min(batch_size, images), requested=batch_size)
 
 
 def check_fits(stage: str, guess: MemoryEstimate, *, img_size: int) -> None:
@@ -205,16 +205,19 @@ def _room() -> tuple[int, str] | None:
 def fits_words(guess: MemoryEstimate, *, img_size: int, room: tuple[int, str] | None = None) -> str:
     """The estimate against the memory available, and the largest batch size that fits."""
     room = room or _room()
-    need = (f"train.batch_size = {guess.batch_size} at model.img_size = {img_size} needs about "
+    split = f" (batches of {guess.batch_size}: the training split)" if guess.batch_size < guess.requested else ""
+    need = (f"train.batch_size = {guess.requested}{split} at model.img_size = {img_size} needs about "
             f"{megabytes(guess.peak)} of memory ({megabytes(guess.fixed)} + {guess.batch_size} x "
             f"{megabytes(guess.per_image)} per image)")
     if room is None:
         return need
     largest = guess.largest_batch(room[0])
+    if guess.peak <= room[0]:
+        return (f"{need}, within the {megabytes(room[0])} available now ({room[1]}), where a batch of up to "
+                f"{largest} fits; if other processes took the memory, a smaller train.batch_size leaves them room")
     advice = (f"set train.batch_size to {largest} or less (dvc exp run -S train.batch_size={largest})"
               if largest >= 2 else f"even a batch of 2 does not fit; lower model.img_size ({img_size}) or free memory")
-    verdict = "more than" if guess.peak > room[0] else "within"
-    return f"{need}, {verdict} the {megabytes(room[0])} available ({room[1]}); {advice}"
+    return f"{need}, more than the {megabytes(room[0])} available ({room[1]}); {advice}"
 
 
 def out_of_memory(stage: str, device: torch.device, *, batch_size: int, img_size: int, kept: str) -> PetpipeError:

@@ -24,6 +24,7 @@ import http.server
 import io
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -377,6 +378,11 @@ def test_killed_finetune_resumes_and_matches_an_uninterrupted_run(small, tmp_pat
 
     resumed = run_quietly(finetune_command(small, params_file, lr_find, killed), tmp_path)
     assert "resuming from" in resumed.stderr and "(epoch 1 done)" in resumed.stderr
+    # A kill -9 leaves no word in the resume file's record: the rerun says a signal ended it, with the memory advice.
+    assert re.search(r"warning: finetune: the run that saved this resume file was killed by a signal \(the kernel's "
+                     r"OOM killer sends SIGKILL, so does kill -9\); train.batch_size = 8 at model.img_size = 32 needs "
+                     r"about \d+\.\d MB of memory .*, within the \d+\.\d [MG]B available now \(.*\), where a batch of up "
+                     r"to \d+ fits", resumed.stderr), resumed.stderr[-2000:]
     assert not resume.exists()  # a finished stage leaves no resume state behind
     uninterrupted = run_quietly(finetune_command(small, params_file, lr_find, whole), tmp_path)
     assert "resuming from" not in uninterrupted.stderr
