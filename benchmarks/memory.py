@@ -80,9 +80,11 @@ def main() -> None:
         (folder / "lr_find.json").write_text("{}\n")
         rows = [row for size, batch in ((64, 16), (64, 64), (128, 16), (128, 64))
                 for row in run(folder, arguments.images.resolve(), size, batch)]
+    from petpipe.memory import ACTIVATION_FACTOR
+
     ratios = [row["estimate_over_peak"] for row in rows]
     result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-              "images": len(list(arguments.images.glob("*.jpg"))), "runs": rows,
+              "images": len(list(arguments.images.glob("*.jpg"))), "activation_factor": ACTIVATION_FACTOR, "runs": rows,
               "estimate_over_peak": {"min": min(ratios), "max": max(ratios)}}
     arguments.out.write_text(json.dumps(result, indent=2) + "\n")
 
