@@ -49,6 +49,8 @@ from petpipe.checkpoint import load_checkpoint, save_checkpoint
 from petpipe.errors import PetpipeError
 from petpipe.resume import ResumeFile
 
+# The levers fixed (nothing timed: the timing probe would cost more than these runs), 32 px, four breeds.
+LIMITS = {**SMALL_TRAINING, "train.memory_format": "channels_last"}
 ONE_LINE_SPACE = re.compile(r"no space left on device writing (\S+) \((\d+\.\d) MB free\); (.+); free space and rerun "
                             r"dvc repro$")
 
@@ -249,7 +251,7 @@ def test_mlflow_artifacts_on_a_full_disk_cost_a_warning_not_the_stage(small, tmp
     monkeypatch.setenv("PETPIPE_TRACKING", "on")
     outputs = outputs_in(tmp_path / "stages/index-labels")
     with small_disk(tmp_path / "mlruns", "4k"), caplog.at_level(logging.WARNING):
-        index_labels.run(params_with(SMALL_TRAINING), index_labels.Inputs(images=small.images), outputs)
+        index_labels.run(params_with(LIMITS), index_labels.Inputs(images=small.images), outputs)
     assert outputs.index.is_file() and outputs.show_batch.is_file()  # the stage's own outputs are complete
     [line] = [record.getMessage() for record in caplog.records if record.getMessage().startswith("mlflow:")]
     assert re.search(r"no space left on device writing \S*mlruns\S* \(\d+\.\d MB free\); not logged for stage "
@@ -260,7 +262,7 @@ def test_mlflow_artifacts_on_a_full_disk_cost_a_warning_not_the_stage(small, tmp
 
 
 def test_a_full_disk_during_train_head_says_which_epoch_is_kept(small, tmp_path):
-    write_params(tmp_path / "params.yaml", {**SMALL_TRAINING, "train_head.epochs": 3})
+    write_params(tmp_path / "params.yaml", {**LIMITS, "train_head.epochs": 3})
     out = tmp_path / "head"
     command = _train_head(small, tmp_path / "params.yaml", out)
     # Room for one resume file, not for its next epoch beside it (the write is atomic: old and new coexist).
@@ -310,7 +312,7 @@ def test_a_batch_that_cannot_fit_in_memory_is_refused_before_allocation(small, t
     # At 128 px every image of a batch costs EfficientNet-Lite0 about 50 MB of saved activations, so the
     # whole training split in one batch needs well over the 1.6 GB the cgroup allows; the process itself
     # (interpreter, torch, the model) needs about 1 GB.
-    write_params(tmp_path / "params.yaml", {**SMALL_TRAINING, "train.batch_size": 4096, "model.img_size": 128,
+    write_params(tmp_path / "params.yaml", {**LIMITS, "train.batch_size": 4096, "model.img_size": 128,
                                             "train_head.cache_features": False})
     out = tmp_path / "head"
     with memory_cgroup(1_600_000_000) as join:
@@ -369,14 +371,14 @@ def test_out_of_gpu_memory_names_the_batch_size_to_halve_and_the_epoch_kept(smal
 def _params():
     from helpers import params_with
 
-    return params_with(SMALL_TRAINING)
+    return params_with(LIMITS)
 
 
 # ---------------------------------------------------------------- Ctrl-C
 
 
 def test_ctrl_c_in_finetune_says_which_epoch_is_kept_and_exits_130(small, tmp_path):
-    write_params(tmp_path / "params.yaml", {**SMALL_TRAINING, "finetune.epochs": 6})
+    write_params(tmp_path / "params.yaml", {**LIMITS, "finetune.epochs": 6})
     (tmp_path / "lr_find.json").write_text("{}\n")
     resume_files = tmp_path / ".petpipe/resume"
     process = start(finetune_command(small, tmp_path / "params.yaml", tmp_path / "lr_find.json", tmp_path / "out"),
