@@ -43,14 +43,20 @@ class MemoryEstimate:
     per_image: int  # activations and inputs per image of a batch
     batch_size: int  # of the fit: train.batch_size, or the training split where that is smaller
     requested: int  # train.batch_size
+    held: int  # resident when estimated: part of `fixed`, already taken from what the machine gives
 
     @property
     def peak(self) -> int:
         return self.fixed + self.per_image * self.batch_size
 
+    @property
+    def growth(self) -> int:
+        """What the fit will still take beyond what the process holds now."""
+        return self.peak - self.held
+
     def largest_batch(self, available: int) -> int:
-        """The largest batch size whose estimate fits in `available` bytes (0: none)."""
-        return max((available - self.fixed) // max(self.per_image, 1), 0)
+        """The largest batch size whose growth fits in `available` bytes still to be had (0: none)."""
+        return max((available - (self.fixed - self.held)) // max(self.per_image, 1), 0)
 
 
 def rss_bytes() -> int:
@@ -186,36 +192,29 @@ def estimate(model: nn.Module, *, img_size: int, batch_size: int, images: int, p
             module.train(training)
     trained = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters()
                   if parameter.requires_grad)
-    return MemoryEstimate(fixed=rss_bytes() + OPTIMIZER_COPIES * trained + pixel_bytes, per_image=per_image,
-                          batch_size=min(batch_size, images), requested=batch_size)
+    held = rss_bytes()
+    return MemoryEstimate(fixed=held + OPTIMIZER_COPIES * trained + pixel_bytes, per_image=per_image,
+                          batch_size=min(batch_size, images), requested=batch_size, held=held)
 
 
 def check_fits(stage: str, guess: MemoryEstimate, *, img_size: int) -> None:
     """Refuse, in one line with the numbers, a fit whose estimate exceeds the memory available."""
-    room = _room()
-    if room is not None and guess.peak > room[0]:
+    room = available_bytes()
+    if room is not None and guess.growth > room[0]:
         raise PetpipeError(f"{stage}: {fits_words(guess, img_size=img_size, room=room)}. Nothing was allocated for it")
-
-
-def _room() -> tuple[int, str] | None:
-    found = available_bytes()
-    if found is None:
-        return None
-    available, source = found
-    return available + rss_bytes(), source  # what the process holds now is part of the estimate
 
 
 def fits_words(guess: MemoryEstimate, *, img_size: int, room: tuple[int, str] | None = None) -> str:
     """The estimate against the memory available, and the largest batch size that fits."""
-    room = room or _room()
+    room = room or available_bytes()
     split = f" (batches of {guess.batch_size}: the training split)" if guess.batch_size < guess.requested else ""
     need = (f"train.batch_size = {guess.requested}{split} at model.img_size = {img_size} needs about "
             f"{megabytes(guess.peak)} of memory ({megabytes(guess.fixed)} + {guess.batch_size} x "
-            f"{megabytes(guess.per_image)} per image)")
+            f"{megabytes(guess.per_image)} per image), {megabytes(guess.growth)} more than the process holds now")
     if room is None:
         return need
     largest = guess.largest_batch(room[0])
-    if guess.peak <= room[0]:
+    if guess.growth <= room[0]:
         return (f"{need}, within the {megabytes(room[0])} available now ({room[1]}), where a batch of up to "
                 f"{largest} fits; if other processes took the memory, a smaller train.batch_size leaves them room")
     advice = (f"set train.batch_size to {largest} or less (dvc exp run -S train.batch_size={largest})"
