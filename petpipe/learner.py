@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,27 +173,35 @@ def _fit_and_write(learner: Learner, phase: Phase, record: Record, progress: Pro
 
 @contextlib.contextmanager
 def _stopping(learner: Learner, progress: Progress) -> Iterator[None]:
-    """A full disk, a GPU out of memory and Ctrl-C, each as one line naming what was kept."""
-    stage = learner.stage
+    """A full disk, a GPU out of memory and Ctrl-C, each as one line naming what was kept; every stop petpipe
+    sees is noted in the resume file's record, so that a rerun can tell a kill by a signal from it."""
     try:
         yield
-    except WriteFailed as error:
-        progress.resume_file.note_stop("disk")
-        if error.path in (progress.resume_file.path, progress.resume_file.record):
-            raise error.keeping(progress.kept_words()) from None
-        raise
-    except torch.OutOfMemoryError:
-        progress.resume_file.note_stop("out of memory")
-        raise memory.out_of_memory(stage, learner.runtime.device, batch_size=learner.settings.batch_size,
-                                   img_size=learner.spec.img_size, kept=progress.kept_words()) from None
-    except KeyboardInterrupt:
-        progress.resume_file.note_stop("interrupted")
+    except BaseException as error:
+        # Let go of the failed epoch's frames now: its progress bar closes (and erases itself) before the
+        # one line is printed, not after it, whenever the exception would have been collected.
+        traceback.clear_frames(error.__traceback__)
+        why = ("disk" if isinstance(error, WriteFailed) else "out of memory" if isinstance(error, torch.OutOfMemoryError)
+               else "interrupted" if isinstance(error, KeyboardInterrupt) else "error")
+        progress.resume_file.note_stop(why)
+        said = _what_was_kept(learner, progress, error)
+        if said is None:
+            raise
+        raise said from None
+
+
+def _what_was_kept(learner: Learner, progress: Progress, error: BaseException) -> BaseException | None:
+    stage = learner.stage
+    if isinstance(error, WriteFailed):
+        kept_in_resume = error.path in (progress.resume_file.path, progress.resume_file.record)
+        return error.keeping(progress.kept_words()) if kept_in_resume else None
+    if isinstance(error, torch.OutOfMemoryError):
+        return memory.out_of_memory(stage, learner.runtime.device, batch_size=learner.settings.batch_size,
+                                    img_size=learner.spec.img_size, kept=progress.kept_words())
+    if isinstance(error, KeyboardInterrupt) and not isinstance(error, Interrupted):
         in_flight = min(progress.kept + 1, progress.epochs)
-        raise Interrupted(f"{stage}: interrupted in epoch {in_flight} of {progress.epochs}; "
-                          f"{progress.kept_words()}") from None
-    except BaseException:
-        progress.resume_file.note_stop("error")  # a failure petpipe saw: the rerun must not blame a signal
-        raise
+        return Interrupted(f"{stage}: interrupted in epoch {in_flight} of {progress.epochs}; {progress.kept_words()}")
+    return None
 
 
 def _memory_check(learner: Learner, phase: Phase, *, killed_before: bool) -> MemoryEstimate | None:
