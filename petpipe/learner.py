@@ -183,7 +183,8 @@ def _stopping(learner: Learner, progress: Progress) -> Iterator[None]:
         traceback.clear_frames(error.__traceback__)
         why = ("disk" if isinstance(error, WriteFailed) else "out of memory" if isinstance(error, torch.OutOfMemoryError)
                else "interrupted" if isinstance(error, KeyboardInterrupt) else "error")
-        progress.resume_file.note_stop(why)
+        if learner.runtime.world.is_main:  # rank 0 alone writes resume files
+            progress.resume_file.note_stop(why)
         said = _what_was_kept(learner, progress, error)
         if said is None:
             raise
