@@ -181,8 +181,9 @@ def _stopping(learner: Learner, progress: Progress) -> Iterator[None]:
         # Let go of the failed epoch's frames now: its progress bar closes (and erases itself) before the
         # one line is printed, not after it, whenever the exception would have been collected.
         traceback.clear_frames(error.__traceback__)
-        why = ("disk" if isinstance(error, WriteFailed) else "out of memory" if isinstance(error, torch.OutOfMemoryError)
-               else "interrupted" if isinstance(error, KeyboardInterrupt) else "error")
+        why = ("disk" if isinstance(error, WriteFailed) else
+               "out of memory" if isinstance(error, torch.OutOfMemoryError) else
+               "interrupted" if isinstance(error, KeyboardInterrupt) else "error")
         if learner.runtime.world.is_main:  # rank 0 alone writes resume files
             progress.resume_file.note_stop(why)
         said = _what_was_kept(learner, progress, error)

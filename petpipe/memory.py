@@ -114,7 +114,8 @@ def _cgroup_room() -> tuple[int, str] | None:
             inactive = "inactive_file"
         elif "memory" in controllers.split(","):
             folder = CGROUP / "memory" / path.lstrip("/")
-            limit, usage, stat = folder / "memory.limit_in_bytes", folder / "memory.usage_in_bytes", folder / "memory.stat"
+            limit, usage = folder / "memory.limit_in_bytes", folder / "memory.usage_in_bytes"
+            stat = folder / "memory.stat"
             inactive = "total_inactive_file"
         else:
             continue
