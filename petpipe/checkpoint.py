@@ -9,6 +9,7 @@ This is the only module that knows the keys of the dict on disk.
 from __future__ import annotations
 
 import dataclasses
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,43 @@ def _from_dict(raw: dict[str, Any]) -> Checkpoint:
 def save_checkpoint(path: Path | str, checkpoint: Checkpoint) -> None:
     """Write atomically: a failed or killed write leaves the previous file intact."""
     with atomic_path(path) as temporary:
-        torch.save(_to_dict(checkpoint), temporary)
+        write_checkpoint(temporary, checkpoint)
+
+
+def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
+    """torch.save through a Python file that keeps the OS's error: torch turns a failed write into
+    `RuntimeError: basic_ios::clear: iostream error` (or `unexpected pos`), naming nothing; the OSError
+    (ENOSPC, EFBIG) is raised instead, which petpipe.atomic turns into one line. The caller makes it atomic."""
+    with open(path, "wb", buffering=0) as file:
+        writer = _KeepingErrors(file)
+        try:
+            torch.save(_to_dict(checkpoint), writer)
+        except Exception:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
+
+
+class _KeepingErrors:
+    """A file that writes every byte it is given, and remembers the OSError that stopped it (a write cut short
+    by `ulimit -f` returns a short count first; asking for the rest raises EFBIG)."""
+
+    def __init__(self, file: io.FileIO):
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                view = view[self.file.write(view):]
+        except OSError as error:
+            self.error = error
+            raise
+        return len(data)
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def load_checkpoint(path: Path | str) -> Checkpoint:

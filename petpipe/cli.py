@@ -18,7 +18,8 @@ from typing import Any
 import click
 
 from petpipe import stages
-from petpipe.errors import PetpipeError
+from petpipe.atomic import WriteFailed
+from petpipe.errors import Interrupted, PetpipeError
 from petpipe.params import ParamsError, load_params
 from petpipe.pipeline import option_name
 
@@ -32,24 +33,37 @@ def _run_stage(stage: ModuleType, params_path: Path, paths: dict[str, Any]) -> N
     """Load params.yaml, call the stage's run with its Inputs and Outputs, print its summary."""
     inputs = {field.name: paths[field.name] for field in dataclasses.fields(stage.Inputs)}
     outputs = {field.name: paths[field.name] for field in dataclasses.fields(stage.Outputs)}
-    with _user_errors():
+    name = stage.STAGE.name
+    with _user_errors(name):
         params = load_params(params_path)
         summary = stage.run(params, stage.Inputs(**inputs), stage.Outputs(**outputs))
     if summary:
         click.echo(summary)
 
 
+INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a process Ctrl-C ended
+
+
 @contextlib.contextmanager
-def _user_errors() -> Iterator[None]:
-    """Mistakes a user can fix become one line (click's `Error: ...`), not a traceback."""
+def _user_errors(stage: str | None = None) -> Iterator[None]:
+    """Mistakes a user can fix, a full disk and Ctrl-C become one line (click's `Error: ...`), not a traceback;
+    `stage` names the stage in a write that failed and in an interruption."""
     try:
         yield
+    except WriteFailed as error:
+        raise click.ClickException(f"{stage}: {error}" if stage else str(error)) from None
     except (ParamsError, PetpipeError) as error:
         raise click.ClickException(str(error)) from None
-    except OSError as error:  # a full disk, a read-only folder: say which file, not a traceback
+    except OSError as error:  # a read error, a refused write outside petpipe.atomic: which file, not a traceback
         where = f"{error.filename}: " if error.filename else ""  # some errors name no file (shutil's)
         raise click.ClickException(f"{where}{error.strerror or error}; outputs written before this "
                                    f"are complete, the one being written was not replaced") from None
+    except KeyboardInterrupt as error:  # click would print a bare `Aborted!`
+        line = str(error) if isinstance(error, Interrupted) else (
+            f"{stage or 'petpipe'}: interrupted; outputs written before this are complete, the one being written "
+            f"was not replaced")
+        click.echo(f"{line}", err=True)
+        raise click.exceptions.Exit(INTERRUPTED) from None
 
 
 params_option = click.option(
@@ -179,10 +193,8 @@ def export_command(model: Path, out: Path) -> None:
     """Export a checkpoint as a pickle-free ONNX bundle that `petpipe predict --model` accepts."""
     from petpipe.torch_predict import export_bundle
 
-    try:
+    with _user_errors("export"):
         manifest = export_bundle(model, out)
-    except PetpipeError as error:
-        raise click.ClickException(str(error)) from None
     click.echo(f"exported {manifest['arch']} ({len(manifest['classes'])} classes) from {model} -> {out}")
 
 

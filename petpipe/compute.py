@@ -6,12 +6,17 @@ stages that torchrun runs on every process, `one_process` for lr-find and evalua
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from petpipe.dataset import Dataset, load_dataset
 from petpipe.distributed import launched_as_secondary_rank, shutdown
 from petpipe.hardware import Runtime
+from petpipe.memory import out_of_memory
 from petpipe.params import Params
 from petpipe.seeds import seed_everything, stage_seed
 from petpipe.spec import ModelSpec
@@ -48,6 +53,17 @@ class Compute:
                             classes=spec.classes if spec is not None else None,
                             wide_train=training and self.params.train.augment.presize_crop == "random",
                             with_test=with_test)
+
+    @contextlib.contextmanager
+    def memory_errors(self, stage: str) -> Iterator[None]:
+        """A GPU out of memory in any computing stage becomes the tutorial's advice, in one line (training
+        stages say first, in petpipe/learner.py, which epoch they kept)."""
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            raise out_of_memory(stage, self.runtime.device, batch_size=self.params.train.batch_size,
+                                img_size=self.params.model.img_size,
+                                kept="outputs written before this are complete") from None
 
     def close(self) -> None:
         shutdown()

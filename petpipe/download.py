@@ -9,6 +9,7 @@ import logging
 import os
 import re
 from pathlib import Path, PurePosixPath
+from collections.abc import Callable
 from typing import IO, Any
 from urllib.parse import urlparse
 
@@ -16,7 +17,7 @@ import requests
 from tqdm import tqdm
 
 from petpipe.archives import is_archive, looks_like_html, read_head
-from petpipe.atomic import file_digest
+from petpipe.atomic import display, file_digest, megabytes, write_refusal
 from petpipe.errors import PetpipeError
 from petpipe.paths import petpipe_folder
 
@@ -48,7 +49,7 @@ def download_archive(url: str, checksum: str | None, directory: Path) -> Path:
     part = target.with_name(target.name + ".part")
     directory.mkdir(parents=True, exist_ok=True)
     resumed = _sound_partial(part, url)
-    content_type = _download(url, part)
+    content_type = _keeping_partial(lambda: _download(url, part), url, part)
     _refuse_non_archive(part, url, content_type)
     if checksum is not None:
         if resumed and not _digest_matches(part, checksum):
@@ -62,6 +63,20 @@ def download_archive(url: str, checksum: str | None, directory: Path) -> Path:
         verify_checksum(part, checksum, delete_on_mismatch=True, described_as=url)
     os.replace(part, target)
     return target
+
+
+def _keeping_partial(download: Callable[[], str | None], url: str, part: Path) -> str | None:
+    """A full disk (or a read-only download folder) in one line; the bytes already downloaded stay for the rerun."""
+    try:
+        return download()
+    except OSError as error:
+        refusal = write_refusal(error, part, temporary=part)
+        if refusal is None:
+            raise
+        size = part.stat().st_size if part.is_file() else 0
+        kept = (f"the {megabytes(size)} of {url} downloaded so far are kept in {display(part)} and the rerun resumes "
+                f"from them" if size else f"nothing of {url} was kept")
+        raise refusal.keeping(kept) from None
 
 
 def _download(url: str, part: Path) -> str | None:

@@ -8,21 +8,27 @@ writes files and logs to MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+import logging
+import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
-from petpipe import plots
-from petpipe.atomic import save_figure, write_csv, write_json
+from petpipe import memory, plots
+from petpipe.atomic import WriteFailed, display, save_figure, write_csv, write_json
 from petpipe.checkpoint import Checkpoint, save_checkpoint
 from petpipe.dataset import Dataset
 from petpipe.distributed import barrier
+from petpipe.errors import Interrupted
 from petpipe.hardware import Runtime, to_device
 from petpipe.levers import choose_levers
+from petpipe.memory import MemoryEstimate
 from petpipe.models import Classifier
 from petpipe.params import Params, TrainParams
 from petpipe.progress import EpochTable, progress_bar
@@ -32,6 +38,8 @@ from petpipe.pipeline import path_option
 from petpipe.runner import Context
 from petpipe.training import Criterion, FitHooks, FitState, Phase, fit
 from petpipe.views import Views
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -98,15 +106,48 @@ class Record:
     register_as: str | None = None  # MLflow registered model name for the logged model
 
 
-def fit_and_save(learner: Learner, phase: Phase, record: Record) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Fitted:
+    """What a training stage's fit returns: its metrics (as in metrics.json) and what its memory cost."""
+
+    metrics: dict[str, Any]
+    memory: MemoryEstimate | None  # the estimate made before the first batch (CPU), None on a GPU
+
+
+@dataclass
+class Progress:
+    """Where a fit stands, for the one line that says what was kept when it stops early."""
+
+    resume_file: ResumeFile
+    epochs: int
+    kept: int = 0  # the last completed epoch in the resume file
+
+    def kept_words(self) -> str:
+        if self.kept == 0:
+            return "no epoch was completed, so none is kept"
+        return (f"the last completed epoch ({self.kept}) is kept in {display(self.resume_file.path)}, "
+                f"and dvc repro resumes from it")
+
+
+def fit_and_save(learner: Learner, phase: Phase, record: Record) -> Fitted:
     """Fit (resuming an interrupted run of the same stage, params and inputs), log, write the outputs.
 
-    Returns the stage's metrics.
+    Returns the stage's metrics and its memory estimate. A full disk, a GPU out of memory or Ctrl-C
+    ends it in one line that says what was kept (see `_stopping`).
     """
     resume_file = ResumeFile(learner.stage, params=record.used, inputs=record.inputs)
     resumed = resume_file.load()
     if resumed is not None:
         learner.model.load_state_dict(resumed.state_dict)
+    progress = Progress(resume_file, phase.epochs, kept=resumed.resume["epoch"] if resumed else 0)
+    guess = _memory_check(learner, phase, killed_before=resumed is not None and resume_file.stopped_silently())
+    with _stopping(learner, progress):
+        metrics = _fit_and_write(learner, phase, record, progress, resumed)
+    return Fitted(metrics, guess)
+
+
+def _fit_and_write(learner: Learner, phase: Phase, record: Record, progress: Progress,
+                   resumed: Checkpoint | None) -> dict[str, Any]:
     main = learner.runtime.world.is_main
     to_device(learner.model, learner.runtime.device)
     runtime = choose_levers(learner.runtime, learner.model, learner.data.train, learner.views, learner.settings)
@@ -118,26 +159,85 @@ def fit_and_save(learner: Learner, phase: Phase, record: Record) -> dict[str, An
         if criterion.weight is not None:
             table.show(f"{learner.stage}: loss {criterion.describe()}")
         table.show(table.header())
-    hooks = FitHooks(on_epoch_end=_saving_each_epoch(learner, record, resume_file, table) if main else None,
+    hooks = FitHooks(on_epoch_end=_saving_each_epoch(learner, record, progress, table) if main else None,
                      progress=progress_bar(learner.stage) if main else None)
     history = fit(learner.model, learner.data, views=learner.views, phase=phase, settings=learner.settings,
                   runtime=runtime, criterion=criterion, resume=FitState(**resumed.resume) if resumed else None,
                   hooks=hooks)
     metrics = final_metrics(history, stage=learner.stage)
     if main:
-        write_training_outputs(record.outputs, learner.checkpoint(record.used, history), metrics, title=record.title)
+        try:
+            write_training_outputs(record.outputs, learner.checkpoint(record.used, history), metrics,
+                                   title=record.title)
+        except WriteFailed as error:
+            raise error.keeping(f"all {len(history)} epochs are kept in {display(progress.resume_file.path)}, so "
+                                f"the rerun only writes the outputs") from None
         log.log_artifacts([record.outputs.metrics, record.outputs.history, record.outputs.plot])
         _log_model(learner, record)
     if main:
-        resume_file.clear()
+        progress.resume_file.clear()
     barrier()
     return metrics
 
 
-def _saving_each_epoch(learner: Learner, record: Record, resume_file: ResumeFile,
+@contextlib.contextmanager
+def _stopping(learner: Learner, progress: Progress) -> Iterator[None]:
+    """A full disk, a GPU out of memory and Ctrl-C, each as one line naming what was kept; every stop petpipe
+    sees is noted in the resume file's record, so that a rerun can tell a kill by a signal from it."""
+    try:
+        yield
+    except BaseException as error:
+        # Let go of the failed epoch's frames now: its progress bar closes (and erases itself) before the
+        # one line is printed, not after it, whenever the exception would have been collected.
+        traceback.clear_frames(error.__traceback__)
+        why = ("disk" if isinstance(error, WriteFailed) else
+               "out of memory" if isinstance(error, torch.OutOfMemoryError) else
+               "interrupted" if isinstance(error, KeyboardInterrupt) else "error")
+        if learner.runtime.world.is_main:  # rank 0 alone writes resume files
+            progress.resume_file.note_stop(why)
+        said = _what_was_kept(learner, progress, error)
+        if said is None:
+            raise
+        raise said from None
+
+
+def _what_was_kept(learner: Learner, progress: Progress, error: BaseException) -> BaseException | None:
+    stage = learner.stage
+    if isinstance(error, WriteFailed):
+        kept_in_resume = error.path in (progress.resume_file.path, progress.resume_file.record)
+        return error.keeping(progress.kept_words()) if kept_in_resume else None
+    if isinstance(error, torch.OutOfMemoryError):
+        return memory.out_of_memory(stage, learner.runtime.device, batch_size=learner.settings.batch_size,
+                                    img_size=learner.spec.img_size, kept=progress.kept_words())
+    if isinstance(error, KeyboardInterrupt) and not isinstance(error, Interrupted):
+        in_flight = min(progress.kept + 1, progress.epochs)
+        return Interrupted(f"{stage}: interrupted in epoch {in_flight} of {progress.epochs}; {progress.kept_words()}")
+    return None
+
+
+def _memory_check(learner: Learner, phase: Phase, *, killed_before: bool) -> MemoryEstimate | None:
+    """On a CPU: refuse a batch that cannot fit before it is allocated; after a run that was killed by a
+    signal, say what its settings need. Returns the estimate."""
+    if learner.runtime.device.type != "cpu":
+        return None
+    data, size = learner.data, round(learner.spec.img_size * learner.size_ratio)
+    guess = memory.estimate(learner.model, img_size=size, batch_size=learner.settings.batch_size,
+                            images=len(data.train), pixel_bytes=data.train.pixels.nbytes + data.valid.pixels.nbytes,
+                            features=phase.feature_views > 0)
+    log.debug("memory estimate: %s", guess)
+    if killed_before:
+        log.warning("warning: %s: the run that saved this resume file was killed by a signal (the kernel's OOM "
+                    "killer sends SIGKILL, so does kill -9); %s", learner.stage,
+                    memory.fits_words(guess, img_size=learner.spec.img_size))
+    memory.check_fits(learner.stage, guess, img_size=learner.spec.img_size)
+    return guess
+
+
+def _saving_each_epoch(learner: Learner, record: Record, progress: Progress,
                        table: EpochTable) -> Callable[[FitState], None]:
     def on_epoch_end(state: FitState) -> None:
-        resume_file.save(learner.checkpoint(record.used, state.history, state.to_dict()))
+        progress.resume_file.save(learner.checkpoint(record.used, state.history, state.to_dict()))
+        progress.kept = state.epoch
         row = state.history[-1]
         table.show(table.line(row))
         learner.context.log.log_metrics({key: value for key, value in row.items() if key != "epoch"},
@@ -178,9 +278,10 @@ def write_training_outputs(outputs: TrainedOutputs, checkpoint: Checkpoint, metr
     save_checkpoint(outputs.model, checkpoint)
 
 
-def describe_metrics(learner: Learner, metrics: dict[str, Any]) -> str:
-    """The stage's one line; it says when the losses are weighted by class (train.class_weights)."""
-    method = learner.settings.class_weights
+def describe_metrics(learner: Learner, fitted: Fitted, extra: str = "") -> str:
+    """The stage's summary line: its result, `extra`, whether the losses are weighted by class
+    (train.class_weights), and what its memory cost (estimated and measured)."""
+    metrics, method = fitted.metrics, learner.settings.class_weights
     weighted = f"; losses weighted by class ({method})" if method != "none" else ""
     return (f"{learner.stage}: {metrics['epochs']} epochs, accuracy {metrics['accuracy']:.4f}, "
-            f"valid loss {metrics['valid_loss']:.4f}{weighted}")
+            f"valid loss {metrics['valid_loss']:.4f}{extra}{weighted}; {memory.describe(fitted.memory)}")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from petpipe.atomic import atomic_path, file_digest, write_json
+from petpipe.atomic import WriteFailed, atomic_path, file_digest, reserve, write_json
 from petpipe.errors import PetpipeError
 from petpipe.paths import petpipe_folder
 
@@ -326,9 +326,17 @@ def _decode_wide_into(args: tuple[str, int]) -> tuple[np.ndarray, float, bool]:
 def _build_cache(paths: Sequence[Path], size: int, target: Path, workers: int, *,
                  geometry: Path | None = None) -> None:
     """Decode every image into `target` (and, for a wide layout, each one's geometry into `geometry`)."""
+    log.info("decoding %d images once into %s", len(paths), target)
+    try:
+        _decode_all(paths, size, target, workers, geometry=geometry)
+    except WriteFailed as error:
+        raise error.keeping("no pixel cache was kept, the photos are untouched (PETPIPE_CACHE_DIR moves the "
+                            "cache to another disk)") from None
+
+
+def _decode_all(paths: Sequence[Path], size: int, target: Path, workers: int, *, geometry: Path | None) -> None:
     from tqdm import tqdm
 
-    log.info("decoding %d images once into %s", len(paths), target)
     width = size if geometry is None else wide_side(size)
     decode = _decode_into if geometry is None else _decode_wide_into
     shapes = np.zeros((len(paths), 2), dtype=np.float32)
@@ -336,6 +344,7 @@ def _build_cache(paths: Sequence[Path], size: int, target: Path, workers: int, *
     with atomic_path(target) as temporary:
         # open_memmap writes straight to disk: the full pets set at 256 px is 1.4 GB, never all in RAM.
         array = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, width))
+        reserve(temporary)  # a full disk is an error now, not a SIGBUS half-way through decoding
         jobs = [(str(path), size) for path in paths]
         progress = tqdm(total=len(jobs), desc="decode", unit="img", leave=False)
         pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 and len(jobs) > 64 else None

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from petpipe.atomic import atomic_path, file_digest, write_json
-from petpipe.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from petpipe.checkpoint import Checkpoint, load_checkpoint, write_checkpoint
 from petpipe.errors import PetpipeError
 from petpipe.paths import petpipe_folder
 
@@ -84,8 +84,23 @@ class ResumeFile:
         # The record of the new file is written before the file takes its name: a kill in between leaves the
         # previous file with a record that does not match, so it is ignored, never half-trusted.
         with atomic_path(self.path) as temporary:
-            save_checkpoint(temporary, checkpoint)
+            write_checkpoint(temporary, checkpoint)
             write_json(self.record, {"bytes": temporary.stat().st_size, "sha256": file_digest(temporary)})
+
+    def note_stop(self, why: str) -> None:
+        """Say in the record why the run stopped (best effort): a record without it was killed by a signal."""
+        try:
+            record = json.loads(self.record.read_text())
+            write_json(self.record, {**record, "stopped": why})
+        except (OSError, ValueError, PetpipeError):
+            pass
+
+    def stopped_silently(self) -> bool:
+        """Whether the run that saved this file ended without a word (a signal: the OOM killer, kill -9)."""
+        try:
+            return "stopped" not in json.loads(self.record.read_text())
+        except (OSError, ValueError):
+            return False
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from petpipe.params import parse_params, read_params_file
 from petpipe.paths import project_root
@@ -99,6 +100,12 @@ class Project:
         if not (self.uri.startswith("sqlite:") or "://" not in self.uri):
             return None
         return (self.root / "mlruns" / re.sub(r"[^\w.-]+", "-", self.experiment)).as_uri()
+
+    @property
+    def artifact_folder(self) -> Path | None:
+        """Where the embedded store writes artifacts on this machine (None: a server's)."""
+        location = self.artifact_location
+        return None if location is None else Path(urlparse(location).path)
 
     def tags(self, stage: str, params: Mapping[str, Any]) -> dict[str, str]:
         """The tags of the run of `stage` (PIPELINE: the pipeline run) with `params`."""

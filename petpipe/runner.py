@@ -9,6 +9,7 @@ body `@STAGE.runs` — `body(context, inputs, outputs) -> summary` becomes the s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,7 +63,8 @@ class Stage:
         try:
             # Every rank computes; rank 0 alone logs.
             with tracking.stage_run(self.name, params=params.select(self.params), settings=params) if main \
-                    else tracking.no_run(self.name) as log:
+                    else tracking.no_run(self.name) as log, \
+                    compute.memory_errors(self.name) if compute is not None else contextlib.nullcontext():
                 summary = body(Context(self.name, params, log, compute), inputs, outputs)
         finally:
             if compute is not None:

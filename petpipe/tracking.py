@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from petpipe.atomic import file_digest
+from petpipe.atomic import WRITE_REFUSALS, display, file_digest, free_bytes, megabytes
 from petpipe.pipeline import ORDER
 from petpipe.run_identity import PIPELINE, PIPELINE_KEY_TAG, STAGE_TAG, Project, load_project, mlflow_params
 
@@ -51,7 +51,12 @@ def describe_error(error: BaseException) -> str:
     return short if len(short) <= 200 else short[:197] + "..."
 
 
-def headline(uri: str, error: BaseException) -> str:
+def headline(uri: str, error: BaseException, artifacts: Path | None = None) -> str:
+    if isinstance(error, OSError) and error.errno in WRITE_REFUSALS:  # a full disk under the artifact store
+        where = Path(error.filename) if error.filename else artifacts
+        free = free_bytes(where) if where is not None else None
+        return (f"{WRITE_REFUSALS[error.errno]} writing {display(where) if where else 'to ' + uri}"
+                + (f" ({megabytes(free)} free)" if free is not None else ""))
     reason = describe_error(error)
     if uri.startswith(("http://", "https://")) and reason in UNREACHABLE.values():
         return f"tracking server {uri} unreachable ({reason})"
@@ -122,7 +127,7 @@ class StageRun:
                 return
             except Exception as error:  # a tracking failure must never reach the stage
                 log.debug("mlflow call failed", exc_info=True)
-                self.failure = headline(self.project.uri, error)
+                self.failure = headline(self.project.uri, error, self.project.artifact_folder)
             finally:
                 urllib3.removeFilter(_no_retry_line)
         if self.failure is not None:

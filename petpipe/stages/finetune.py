@@ -55,8 +55,8 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
                     title=f"finetune: {head.spec.arch}, unfrozen, lr {lr / params.finetune.lr_ratio:.1e} to {lr:.1e}",
                     register_as=params.tracking.registered_model)  # the model to serve is finetune's
     learner = Learner(context, model, head.spec, data, size_ratio=params.finetune.size_ratio)
-    metrics = fit_and_save(learner, phase, record)
-    return describe_metrics(learner, metrics) + f", from train-head accuracy {head.history[-1]['accuracy']:.4f}"
+    fitted = fit_and_save(learner, phase, record)
+    return describe_metrics(learner, fitted, extra=f", from train-head accuracy {head.history[-1]['accuracy']:.4f}")
 
 
 def peak_lr(setting: float | str, lr_find_result: Path) -> float:
