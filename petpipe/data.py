@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import warnings
@@ -292,14 +293,25 @@ def split_key(relative_path: str, seed: int) -> float:
 
 
 def held_out(count: int, fraction: float) -> int:
-    """Photos of a class of `count` a split of `fraction` takes: floor(fraction x count), so that a class with
-    at least 1/fraction photos gets one and, with fractions summing below 1, training keeps one."""
-    return int(count * fraction + 1e-9)
+    """Photos of a class of `count` a split of `fraction` takes: fraction x count rounded half up, so a class
+    of at least 1/(2 x fraction) photos gets one (at 0.2: 3 photos). Grows by 0 or 1 as count grows by one."""
+    return math.floor(count * fraction + 0.5 + 1e-9)
+
+
+def held_out_counts(count: int, *, valid_pct: float, test_pct: float) -> tuple[int, int]:
+    """(valid, test) photos of a class of `count`, each its held_out share, capped so training keeps one.
+
+    Each cap is the minimum of two counts that grow by 0 or 1 with the class, so the result does too:
+    the split's stability (one boundary moves by at most one place per added file) holds under the caps.
+    """
+    n_valid = min(held_out(count, valid_pct), max(count - 1, 0))
+    n_test = min(held_out(count, test_pct), max(count - 1 - n_valid, 0))
+    return n_valid, n_test
 
 
 def stratified_split(labels: dict[str, str], *, valid_pct: float, test_pct: float, seed: int) -> dict[str, str]:
     """train/valid/test for each path, class by class: the class's files ordered by split_key, valid the
-    first held_out(n, valid_pct), test the last held_out(n, test_pct), train the rest.
+    first and test the last of their held_out_counts, train the rest.
 
     Stratified: every class gives each split its share within one photo. Stable: the order depends on
     names and the seed alone, so listing files in another order moves none, and a new file shifts each
@@ -312,7 +324,7 @@ def stratified_split(labels: dict[str, str], *, valid_pct: float, test_pct: floa
     splits: dict[str, str] = {}
     for paths in by_class.values():
         ordered = sorted(paths, key=lambda path: (split_key(path, seed), path))
-        n_valid, n_test = held_out(len(ordered), valid_pct), held_out(len(ordered), test_pct)
+        n_valid, n_test = held_out_counts(len(ordered), valid_pct=valid_pct, test_pct=test_pct)
         for position, path in enumerate(ordered):
             splits[path] = ("valid" if position < n_valid else
                             "test" if position >= len(ordered) - n_test else "train")

@@ -131,7 +131,7 @@ def salt(folder: Path, sample_images: Path, *, seed: int = 42, valid_pct: float 
     mirrored = small.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     salted.usable[add("new photos/Bengal_9016.jpg", encoded(mirrored, "JPEG"))] = "folder name with a space"
     salted.usable[add("été – Ørsted/Bengal_9017.jpg", encoded(small, "JPEG"))] = "non-ASCII folder name"
-    # A class of one photo: the stratified split keeps it in train (floor(0.2 x 1) = 0 held out), so the class
+    # A class of one photo: the stratified split keeps it in train (a class keeps one training photo), so the class
     # is learnt and has no validation photo, which the report must say.
     salted.single_image_class = "Chat Québécois à poil long"
     single = f"{salted.single_image_class}_1.jpg"
@@ -145,6 +145,11 @@ def salt(folder: Path, sample_images: Path, *, seed: int = 42, valid_pct: float 
     with Image.open(sample_images / "Bombay_10.jpg") as bombay:
         source = encoded(bombay.convert("RGB"), "JPEG", quality=93)  # unlike any sample photo's bytes
     add(original, source)
+    # The stratified split gives a class of fewer than three photos no validation photo at valid_pct 0.2; a
+    # folder without the sample's Bombay photos gets three of them, so the copy can land in the other split.
+    if not list(folder.glob("Bombay_*.jpg"))[1:]:
+        for photo in sorted(sample_images.glob("Bombay_*.jpg"))[:3]:
+            salted.usable[add(photo.name, photo.read_bytes())] = "a photo of the leaking pair's class"
     copy, original_split = copy_name_in_other_split(folder, original, "Bombay", seed=seed, valid_pct=valid_pct,
                                                     start=9021)
     add(copy, source)

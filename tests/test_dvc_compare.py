@@ -22,7 +22,8 @@ FIRST, SECOND = "four-top-losses", "six-top-losses"
 FIGURES = ["stages/index-labels/show_batch.png", "stages/index-labels/class_counts.png",
            "stages/train-head/training.png", "stages/lr-find/lr_find.png", "stages/finetune/training.png",
            "stages/evaluate/confusion.png", "stages/evaluate/confusion_normalized.png",
-           "stages/evaluate/top_losses.png"]
+           "stages/evaluate/top_losses.png", "stages/evaluate/test_confusion.png",
+           "stages/evaluate/test_top_losses.png"]  # the test split's figures are plots even where it is empty
 LR_FIND_METRICS = ["suggested_lr_minimum", "suggested_lr_steep", "suggested_lr_valley", "suggested_lr_slide",
                    "suggested_lr_edge", "chosen_lr", "trusted", "iterations", "lr_reached"]
 

@@ -175,17 +175,17 @@ def test_class_without_training_images_is_refused(sample_images, tmp_path):
 
 
 def test_a_split_with_no_validation_image_is_refused_before_anything_is_written(sample_images, tmp_path):
-    # Three photos a class at valid_pct 0.2: a class needs five to give one to valid, so valid would be empty
-    # and train-head would have nothing to report on.
+    # Two photos a class at valid_pct 0.2: a class's share of valid rounds to one from three photos, so valid
+    # would be empty and train-head would have nothing to report on.
     folder = tmp_path / "images"
-    copy_subset(sample_images, folder, breeds=3, per_breed=3)
+    copy_subset(sample_images, folder, breeds=3, per_breed=2)
     with pytest.raises(PetpipeError, match=r"the split has no validation image; raise split.valid_pct \(now 0.2: "
-                                           r"a class needs at least 5 images to give one, the largest has 3\)"):
+                                           r"a class needs at least 3 images to give one, the largest has 2\)"):
         run(params_with(SMALL), Inputs(images=folder), outputs_in(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
-    # At valid_pct 0.34 each class of three gives one photo to valid.
-    summary = run(params_with({**SMALL, "split.valid_pct": 0.34}), Inputs(images=folder), outputs_in(tmp_path / "ok"))
-    assert "(6 train, 3 valid, 0 test;" in summary
+    # At valid_pct 0.3 each class of two gives one photo to valid and keeps one for training.
+    summary = run(params_with({**SMALL, "split.valid_pct": 0.3}), Inputs(images=folder), outputs_in(tmp_path / "ok"))
+    assert "(3 train, 3 valid, 0 test;" in summary
 
 
 def test_split_file_fixes_the_split_and_leaks_and_empty_valid_are_warnings(sample_images, tmp_path):

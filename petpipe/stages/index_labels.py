@@ -270,7 +270,7 @@ def _refuse_an_empty_validation_split(counts: pd.DataFrame, plan: data.SplitPlan
     fix = {"folders": f"put photos in a valid/ folder beside {plan.folders.get('train', 'train')}/",
            "file": f"mark some images as valid in split.file ({plan.file})"}.get(
         plan.method, f"raise split.valid_pct (now {split.valid_pct:g}: a class needs at least "
-                     f"{math.ceil(1 / split.valid_pct - 1e-9)} images to give one, the largest has {largest})")
+                     f"{max(2, math.ceil(0.5 / split.valid_pct - 1e-9))} images to give one, the largest has {largest})")
     raise PetpipeError(f"the split has no validation image; {fix}, or add images")
 
 
