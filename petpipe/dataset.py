@@ -91,7 +91,8 @@ def load_dataset(index_path: Path, images: Path, *, presize: int, runtime: Runti
     if unknown:
         raise PetpipeError(f"{index_path} has labels the model was not trained on: {', '.join(unknown[:5])}; "
                            f"rerun train-head (dvc repro)")
-    splits = ("train", "valid", "test") if with_test else ("train", "valid")
+    # The test split only when asked for and not empty: no pixel cache of nothing.
+    splits = ("train", "valid") + (("test",) if with_test and (index["split"] == "test").any() else ())
     rows = {split: np.flatnonzero((index["split"] == split).to_numpy()) for split in splits}
     paths = [images / relative for relative in index["path"]]
     missing = [str(paths[row]) for chosen in rows.values() for row in chosen if not paths[row].is_file()]
@@ -115,6 +116,6 @@ def load_dataset(index_path: Path, images: Path, *, presize: int, runtime: Runti
     def subset(split: str) -> ImageSet:
         return ImageSet.from_cache(pixels[split], class_ids[rows[split]], device, geometry.get(split))
 
-    test = subset("test") if with_test and len(rows["test"]) else None
+    test = subset("test") if "test" in rows else None
     return Dataset(classes=classes, train=subset("train"), valid=subset("valid"), index=index, folder=Path(images),
                    test=test)
