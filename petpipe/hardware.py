@@ -99,7 +99,8 @@ def use_deterministic_algorithms(on: bool) -> None:
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = False
-    torch.use_deterministic_algorithms(on)
+    if on or torch.are_deterministic_algorithms_enabled():  # turning off what is off imports torch._inductor: 1.7 s
+        torch.use_deterministic_algorithms(on)
 
 
 def to_device(model: nn.Module, device: torch.device, memory_format: str = "channels_last") -> nn.Module:
