@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from petpipe import timing
 from petpipe.atomic import atomic_path
 from petpipe.errors import PetpipeError
 from petpipe.models import Classifier, build_model
@@ -127,6 +128,7 @@ class _KeepingErrors:
         self.file.flush()
 
 
+@timing.timed("model")
 def load_checkpoint(path: Path | str) -> Checkpoint:
     path = Path(path)
     if not path.is_file():

@@ -36,7 +36,7 @@ def _run_stage(stage: ModuleType, params_path: Path, paths: dict[str, Any]) -> N
     name = stage.STAGE.name
     with _user_errors(name):
         params = load_params(params_path)
-        summary = stage.run(params, stage.Inputs(**inputs), stage.Outputs(**outputs))
+        summary = stage.run(params, stage.Inputs(**inputs), stage.Outputs(**outputs), command=True)
     if summary:
         click.echo(summary)
 

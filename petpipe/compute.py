@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from petpipe import timing
 from petpipe.dataset import Dataset, load_dataset
 from petpipe.distributed import launched_as_secondary_rank, shutdown
 from petpipe.hardware import Runtime
@@ -48,11 +49,12 @@ class Compute:
         """
         assert not (training and with_test), "a stage that trains never reads the test split"
         presize = spec.presize if spec is not None else self.params.model.presize
-        return load_dataset(inputs.index, inputs.images, presize=presize, runtime=self.runtime,
-                            workers=self.params.train.decode_workers,
-                            classes=spec.classes if spec is not None else None,
-                            wide_train=training and self.params.train.augment.presize_crop == "random",
-                            with_test=with_test)
+        with timing.phase("decode"):  # or the pixel cache's reading, once decoded
+            return load_dataset(inputs.index, inputs.images, presize=presize, runtime=self.runtime,
+                                workers=self.params.train.decode_workers,
+                                classes=spec.classes if spec is not None else None,
+                                wide_train=training and self.params.train.augment.presize_crop == "random",
+                                with_test=with_test)
 
     @contextlib.contextmanager
     def memory_errors(self, stage: str) -> Iterator[None]:

@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from petpipe import memory, plots
+from petpipe import memory, plots, timing
 from petpipe.atomic import WriteFailed, display, save_figure, write_csv, write_json
 from petpipe.checkpoint import Checkpoint, save_checkpoint
 from petpipe.dataset import Dataset
@@ -167,13 +167,15 @@ def _fit_and_write(learner: Learner, phase: Phase, record: Record, progress: Pro
     metrics = final_metrics(history, stage=learner.stage)
     if main:
         try:
-            write_training_outputs(record.outputs, learner.checkpoint(record.used, history), metrics,
-                                   title=record.title)
+            with timing.phase("write"):
+                write_training_outputs(record.outputs, learner.checkpoint(record.used, history), metrics,
+                                       title=record.title)
         except WriteFailed as error:
             raise error.keeping(f"all {len(history)} epochs are kept in {display(progress.resume_file.path)}, so "
                                 f"the rerun only writes the outputs") from None
-        log.log_artifacts([record.outputs.metrics, record.outputs.history, record.outputs.plot])
-        _log_model(learner, record)
+        with timing.phase("tracking"):
+            log.log_artifacts([record.outputs.metrics, record.outputs.history, record.outputs.plot])
+            _log_model(learner, record)
     if main:
         progress.resume_file.clear()
     barrier()

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from petpipe import timing
 from petpipe.atomic import write_json
 from petpipe.dataset import ImageSet
 from petpipe.hardware import (MEMORY_FORMATS, Levers, Runtime, autocast, available_cores, cpu_flags, cpu_name,
@@ -56,6 +57,7 @@ def candidates(runtime: Runtime, settings: TrainParams) -> dict[str, list]:
     return {"threads": threads, "memory_format": formats, "precision": precisions}
 
 
+@timing.timed("levers")
 def choose_levers(runtime: Runtime, model: Classifier, images: ImageSet, views: Views,
                   settings: TrainParams) -> Runtime:
     """The runtime with its levers resolved (and its thread count set) for training `model` on `images`."""

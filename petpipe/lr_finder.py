@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from petpipe import timing
 from petpipe.dataset import ImageSet
 from petpipe.models import Classifier
 from petpipe.optim import make_optimizer
@@ -124,6 +125,7 @@ def stop_index(losses: Sequence[float], rule: StopRule) -> int | None:
     return None
 
 
+@timing.timed("sweep")
 def lr_sweep(model: Classifier, images: ImageSet, *, views: Views, sweep: LrFindParams, settings: TrainParams,
              precision: str, generator: torch.Generator, criterion: Criterion = Criterion("none"),
              progress: Progress | None = None) -> dict[str, list[float]]:

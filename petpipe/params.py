@@ -197,6 +197,7 @@ class FinetuneParams(_Section):
     schedule: Schedule
     bn_stats: Literal["auto", "update", "frozen"]
     size_ratio: Annotated[float, Field(gt=0, le=1)]
+    frozen_stride: Literal[0, 2, 4, 8, 16]
 
 
 class AuditParams(_Section):

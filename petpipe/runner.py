@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from petpipe import tracking
+from petpipe import timing, tracking
 from petpipe.params import Params
 
 if TYPE_CHECKING:
@@ -50,23 +51,28 @@ class Stage:
         """The stage's `run(params, inputs, outputs)` around `body`."""
 
         @functools.wraps(body)
-        def run(params: Params, inputs: Any, outputs: Any) -> str:
-            return self._execute(body, params, inputs, outputs)
+        def run(params: Params, inputs: Any, outputs: Any, *, command: bool = False) -> str:
+            return self._execute(body, params, inputs, outputs, command=command)
 
         return run
 
-    def _execute(self, body: Body, params: Params, inputs: Any, outputs: Any) -> str:
-        compute = self.compute(params, self.name) if self.compute is not None else None
-        if compute is not None and compute.idle:  # a one-process stage on a rank other than 0 under torchrun
-            return ""
-        main = compute is None or compute.is_main
-        try:
-            # Every rank computes; rank 0 alone logs.
-            with tracking.stage_run(self.name, params=params.select(self.params), settings=params) if main \
-                    else tracking.no_run(self.name) as log, \
-                    compute.memory_errors(self.name) if compute is not None else contextlib.nullcontext():
-                summary = body(Context(self.name, params, log, compute), inputs, outputs)
-        finally:
-            if compute is not None:
-                compute.close()
+    def _execute(self, body: Body, params: Params, inputs: Any, outputs: Any, *, command: bool) -> str:
+        with timing.stage(self.name, command=command) as seconds:
+            with timing.phase("runtime"):
+                compute = self.compute(params, self.name) if self.compute is not None else None
+            if compute is not None and compute.idle:  # a one-process stage on a rank other than 0 under torchrun
+                return ""
+            main = compute is None or compute.is_main
+            try:
+                # Every rank computes; rank 0 alone logs.
+                with tracking.stage_run(self.name, params=params.select(self.params), settings=params) if main \
+                        else tracking.no_run(self.name) as log, \
+                        compute.memory_errors(self.name) if compute is not None else contextlib.nullcontext():
+                    summary = body(Context(self.name, params, log, compute), inputs, outputs)
+                    log.log_metrics(seconds.metrics())
+            finally:
+                if compute is not None:
+                    compute.close()
+        if main:  # where the stage's time went, beside its progress bars (stdout keeps the summary)
+            print(seconds.line(), file=sys.stderr, flush=True)
         return summary if main else ""

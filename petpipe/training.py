@@ -19,11 +19,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
+from petpipe import timing
 from petpipe.dataset import Dataset, ImageSet
 from petpipe.distributed import World, all_reduce_sum
 from petpipe.errors import PetpipeError
 from petpipe.hardware import Runtime, autocast, compiled, to_device
-from petpipe.models import Classifier, set_train_mode
+from petpipe.models import Classifier, folded_batchnorm, set_train_mode
 from petpipe.optim import Schedule, make_optimizer, make_scheduler
 from petpipe.params import TrainParams
 from petpipe.progress import Progress
@@ -205,8 +206,9 @@ def train_one_epoch(loop: Loop, images: ImageSet, batches: list[torch.Tensor],
 @torch.inference_mode()
 def predict(model: nn.Module, images: ImageSet, *, batch_size: int, views: Views,
             precision: str = "auto") -> torch.Tensor:
-    """Logits (N, classes) in float32 on the CPU, in the order of `images`."""
+    """Logits (N, classes) in float32 on the CPU, in the order of `images` (BatchNorm folded: `folded_batchnorm`)."""
     model.eval()
+    model = folded_batchnorm(model)
     device = images.pixels.device
     outputs = []
     for rows in batch_indices(len(images), batch_size, shuffle=False, drop_last=False):
@@ -221,12 +223,14 @@ def predict(model: nn.Module, images: ImageSet, *, batch_size: int, views: Views
     return torch.cat(outputs) if outputs else torch.empty(0)
 
 
+@timing.timed("features")
 @torch.inference_mode()
 def with_features(model: Classifier, images: ImageSet, *, batch_size: int, views: Views, precision: str = "auto",
                   count: int = 1, generator: torch.Generator | None = None) -> ImageSet:
     """The same images with the body's pooled features (count, N, 2C) of `count` views of each, computed
     once: the evaluation view, then count - 1 training views (augmented, drawn from `generator`)."""
     model.eval()
+    folded = folded_batchnorm(model)
     device = images.pixels.device
     features = []
     for view in range(count):
@@ -235,7 +239,7 @@ def with_features(model: Classifier, images: ImageSet, *, batch_size: int, views
             pixels, geometry = images.pixels[rows.to(device)], images.geometry_of(rows)
             batch = views.evaluate(pixels, geometry) if view == 0 else views.train(pixels, generator, geometry)
             with autocast(device, precision, training=True):
-                chunks.append(model.pooled_features(batch).float())
+                chunks.append(folded.pooled_features(batch).float())
         features.append(torch.cat(chunks) if chunks else torch.empty(0, device=device))
     return ImageSet(images.pixels, images.targets, torch.stack(features), images.geometry)
 
@@ -326,11 +330,13 @@ def fit(model: Classifier, data: Dataset, *, views: Views, phase: Phase, setting
         started = time.perf_counter()
         set_train_mode(model, freeze_bn_stats=phase.freeze_bn_stats)
         batches = rank_batches(len(train), batch_size, world=world, seed=phase.seed, epoch=epoch)
-        row = train_one_epoch(loop, train, batches, hooks.progress)
+        with timing.phase("epochs"):
+            row = train_one_epoch(loop, train, batches, hooks.progress)
         loss_sum, images_seen = all_reduce_sum([row["loss_sum"], float(row["images"])], device)
         train_seconds = time.perf_counter() - started
-        metrics = _sharded_validation(model, valid, world=world, batch_size=batch_size * 2,
-                                      views=views, criterion=criterion) if len(valid) else {}
+        with timing.phase("validation"):
+            metrics = _sharded_validation(model, valid, world=world, batch_size=batch_size * 2,
+                                          views=views, criterion=criterion) if len(valid) else {}
         history.append({
             "epoch": epoch + 1, "train_loss": loss_sum / max(images_seen, 1), **metrics, "lr": row["lr"],
             "seconds": round(time.perf_counter() - started, 3),

@@ -11,7 +11,8 @@ from torch import nn
 from helpers import model_spec
 
 from petpipe.errors import PetpipeError
-from petpipe.models import AdaptiveConcatPool2d, build_model, freeze_body, unfreeze
+from petpipe.models import (AdaptiveConcatPool2d, Classifier, build_model, create_head, early_units, folded_batchnorm,
+                            freeze_body, freeze_early, set_train_mode, unfreeze)
 from petpipe.optim import discriminative_lrs
 from petpipe.spec import ModelSpec
 
@@ -73,6 +74,73 @@ def test_freeze_keeps_batchnorm_trainable_by_default(lite0):
     assert all(not p.requires_grad for p in model.body.parameters())
     unfreeze(model)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_frozen_stride_freezes_the_layers_above_that_resolution():
+    """finetune.frozen_stride, by depth on any backbone: 8 is ResNet's stem to layer2 (fastai's first layer group)
+    and EfficientNet's stem to blocks.2 (output 1/8 of the image's side); 0 freezes nothing."""
+    resnet, _ = build("resnet18", "none")
+    assert early_units(resnet, 8) == ["conv1", "bn1", "layer1", "layer2"]
+    assert early_units(resnet, 16)[-1] == "layer3" and early_units(resnet, 0) == []
+    model, _ = build(**LITE0, num_classes=3, head_hidden=16, head_dropout=0.5)
+    assert early_units(model, 8)[-1] == "model.blocks.2" and early_units(model, 4)[-1] == "model.blocks.1"
+    unfreeze(model)
+    frozen = freeze_early(model, 8)
+    set_train_mode(model, freeze_bn_stats=False)  # bn_stats update: only the trained layers' statistics move
+    early = model.body.model.blocks[2]
+    assert not early[0].bn1.training and model.body.model.blocks[3][0].bn1.training and not model.body.model.bn1.training
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 64, 64)), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    optimizer.step()
+    after = model.state_dict()
+    prefixes = tuple(f"body.{name}." for name in frozen)
+    early_names = [name for name in after if name.startswith(prefixes)]
+    assert early_names and all(torch.equal(after[name], before[name]) for name in early_names)
+    late = "body.model.blocks.3.0.bn1"
+    assert not torch.equal(after[f"{late}.running_mean"], before[f"{late}.running_mean"])
+    assert not torch.equal(after["body.model.conv_head.weight"], before["body.model.conv_head.weight"])
+    assert all(parameter.grad is None for name, parameter in model.named_parameters() if name.startswith(prefixes))
+
+
+def test_folded_batchnorm_is_the_same_function_with_fewer_layers(lite0):
+    """Evaluation and feature passes fold each BatchNorm into the convolution before it: the same outputs (to
+    float32 rounding), no BatchNorm2d left in the body's forward pass, the model itself untouched."""
+    for model in (lite0[0], build("resnet18", "none", num_classes=5, head_hidden=16, head_dropout=0.5)[0]):
+        model.train()
+        for module in model.modules():  # statistics a real network has, not the init's 0 and 1
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5), module.running_var.uniform_(0.5, 2.0)
+        folded = folded_batchnorm(model)
+        assert model.training, "folding a copy left the model's own mode alone"
+        assert folded is not model and not any(type(m) is nn.BatchNorm2d for m in folded.body.modules())
+        assert sum(isinstance(m, nn.BatchNorm2d) for m in model.body.modules()) > 10
+        images = torch.randn(3, 3, 64, 64)
+        model.eval()
+        with torch.inference_mode():
+            expected, got = model(images), folded(images)
+        assert torch.allclose(got, expected, atol=1e-4 * expected.abs().max().item()), (got - expected).abs().max()
+
+
+class _NormThenConv(nn.Module):
+    """Registered conv then norm, run norm then conv (a pre-activation layout): not foldable."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.norm = nn.BatchNorm2d(3)
+
+    def forward(self, images):
+        return self.conv(self.norm(images))
+
+
+def test_a_batchnorm_that_does_not_follow_its_neighbour_is_left_unfolded():
+    body = _NormThenConv()
+    body.norm.running_mean.fill_(0.7), body.norm.running_var.fill_(3.0)
+    model = Classifier(body, create_head(3, 2, model_spec("resnet18", "none", num_classes=2, head_hidden=4,
+                                                          head_dropout=0.0).head), ["conv", "norm"])
+    assert folded_batchnorm(model) is model
 
 
 def test_torchvision_resnet_cut_by_name():

@@ -100,6 +100,15 @@ def test_progress_a_person_can_follow(project):
     for stage, epochs in (("train-head", 2), ("finetune", 1)):  # fastai's table, a line per epoch
         assert f"{stage}: epoch  train_loss  valid_loss  accuracy    time" in progress
         assert f"{stage}: {epochs}/{epochs} " in progress
+    # Each computing stage ends with where its time went: its phases add up to at most its total.
+    for stage, phases in (("train-head", ("decode", "levers", "features", "epochs", "validation", "write")),
+                          ("lr-find", ("decode", "sweep")), ("finetune", ("decode", "epochs", "validation")),
+                          ("evaluate", ("decode", "predict", "plots"))):
+        line = next(text for text in progress.splitlines() if text.startswith(f"{stage}: ") and " s = " in text)
+        total, parts = line.removeprefix(f"{stage}: ").split(" s = ", 1)
+        seconds = dict(part.rsplit(" ", 1) for part in parts.split(" (after")[0].split(", "))
+        assert set(phases) <= seconds.keys() and "other" in seconds, line
+        assert sum(map(float, seconds.values())) <= float(total) + 0.05 * len(seconds), line
 
 
 def test_dvc_sees_a_clean_reproducible_pipeline(project):

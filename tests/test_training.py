@@ -106,15 +106,19 @@ def test_finetune_starts_from_train_head_weights(head, lr_find_outputs, workdir,
                                history=folder / "history.csv", plot=folder / "training.png")
     inputs = finetune.Inputs(images=sample_images, index=indexed_sample, checkpoint=head.model,
                              lr_find=lr_find_outputs[0].result)
-    finetune.run(params_with({**TRAINING, "finetune.epochs": 1, "finetune.lr": "auto"}), inputs, outputs)
+    summary = finetune.run(params_with({**TRAINING, "finetune.epochs": 1, "finetune.lr": "auto"}), inputs, outputs)
 
+    assert "unfrozen after model.blocks.2" in summary
     tuned, start = load_checkpoint(outputs.model), load_checkpoint(head.model)
     assert tuned.params["finetune"]["peak_lr"] == json.loads(lr_find_outputs[0].result.read_text())["chosen"]["lr"]
     weight = "head.classifier.weight"
     moved = (tuned.state_dict[weight] - start.state_dict[weight]).norm()
     assert moved < 0.5 * start.state_dict[weight].norm(), "finetune did not start from train-head's head"
-    assert not torch.equal(tuned.state_dict["body.model.conv_stem.weight"],
-                           start.state_dict["body.model.conv_stem.weight"]), "body stayed frozen"
+    # finetune.frozen_stride 8 (the default): the stem to blocks.2 keep train-head's weights, the rest trains.
+    for name in ("body.model.conv_stem.weight", "body.model.blocks.2.0.conv_pw.weight", "body.model.bn1.running_mean"):
+        assert torch.equal(tuned.state_dict[name], start.state_dict[name]), f"{name} moved"
+    for name in ("body.model.blocks.3.0.conv_pw.weight", "body.model.conv_head.weight"):
+        assert not torch.equal(tuned.state_dict[name], start.state_dict[name]), f"{name} stayed frozen"
     metrics = json.loads(outputs.metrics.read_text())
     assert metrics["stage"] == "finetune" and metrics["accuracy"] >= 3 / 37
     assert outputs.history.exists() and outputs.plot.exists()
@@ -217,7 +221,8 @@ def test_finetune_keeps_the_batchnorm_statistics_a_cached_head_learnt_on(cached_
         outputs = finetune.Outputs(model=folder / "model.pt", metrics=folder / "metrics.json",
                                    history=folder / "history.csv", plot=folder / "training.png")
         finetune.run(params_with({**TRAINING, "finetune.epochs": 1, "finetune.bn_stats": setting,
-                                  "finetune.lr": 1e-3}),  # a number: no lr-find result to read
+                                  "finetune.lr": 1e-3,  # a number: no lr-find result to read
+                                  "finetune.frozen_stride": 0}),  # everything trains, the stem too
                      finetune.Inputs(images=sample_images, index=indexed_sample, checkpoint=head.model,
                                      lr_find=workdir / "no-lr-find.json"), outputs)
         tuned[setting] = load_checkpoint(outputs.model).state_dict

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from petpipe import audit, interpret, plots
+from petpipe import audit, interpret, plots, timing
 from petpipe.atomic import save_figure, write_csv, write_json, write_text
 from petpipe.checkpoint import Checkpoint, load_checkpoint
 from petpipe.compute import one_process
@@ -186,6 +186,7 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     return summary + f" -> {outputs.metrics}" + (f"\n{champion}" if champion else "")
 
 
+@timing.timed("audit")
 def audit_data(head: Checkpoint, data: Dataset, *, inputs: Inputs, context: Context) -> DataAudit:
     """Every indexed image (train, valid, then test) through train-head's frozen body at its evaluation view (features
     no label has touched), then petpipe/audit.py: k-fold heads and cleanlab, and near-duplicate pairs."""
@@ -224,6 +225,7 @@ def write_audit(audited: DataAudit | None, outputs: Outputs) -> None:
             write_csv(path, table)
 
 
+@timing.timed("predict")
 def score(model: Classifier, images: ImageSet, *, classes: list[str], views: Views,
           params: Params) -> tuple[np.ndarray, dict[str, Any]]:
     """One split's log-probabilities (N, C) and metrics.json's numbers for it (with TTA's beside, if asked)."""
@@ -257,6 +259,7 @@ def interpret_predictions(log_probabilities: np.ndarray, images: ImageSet, rows:
     )
 
 
+@timing.timed("plots")
 def draw(found: Interpretation, images: ImageSet, *, classes: list[str], views: Views, confusion: Path | None,
          normalized: Path | None, top_losses: Path | None) -> dict[Path, Any]:
     """The figures of one split's interpretation, by output path (None: not drawn)."""

@@ -16,7 +16,7 @@ from petpipe.checkpoint import load_checkpoint
 from petpipe.compute import every_rank
 from petpipe.errors import PetpipeError
 from petpipe.learner import Learner, Record, TrainedOutputs, describe_metrics, fit_and_save
-from petpipe.models import finetune_fixes_bn_stats, unfreeze
+from petpipe.models import finetune_fixes_bn_stats, freeze_early, unfreeze
 from petpipe.optim import discriminative_lrs
 from petpipe.pipeline import path_option
 from petpipe.runner import Context, Stage
@@ -44,6 +44,7 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     data = compute.dataset(inputs, head.spec)
     model = head.model()
     unfreeze(model)
+    frozen = freeze_early(model, params.finetune.frozen_stride)  # fastai's freeze_to, by depth; [] unfreezes all
     # The tutorial's slice(1e-6, 1e-4): lr / lr_ratio for the early body up to lr for the head.
     groups = list(model.layer_groups())
     phase = Phase(epochs=params.finetune.epochs, group_lrs=dict(zip(groups, discriminative_lrs(
@@ -52,11 +53,17 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     used = {**params.select(STAGE.params), "finetune": {**params.finetune.model_dump(), "peak_lr": lr},
             "group_lrs": phase.group_lrs}
     record = Record(used=used, index=inputs.index, inputs=[inputs.index, inputs.checkpoint], outputs=outputs,
-                    title=f"finetune: {head.spec.arch}, unfrozen, lr {lr / params.finetune.lr_ratio:.1e} to {lr:.1e}",
+                    title=f"finetune: {head.spec.arch}, {unfrozen_words(frozen)}, lr {lr / params.finetune.lr_ratio:.1e} to {lr:.1e}",
                     register_as=params.tracking.registered_model)  # the model to serve is finetune's
     learner = Learner(context, model, head.spec, data, size_ratio=params.finetune.size_ratio)
     fitted = fit_and_save(learner, phase, record)
-    return describe_metrics(learner, fitted, extra=f", from train-head accuracy {head.history[-1]['accuracy']:.4f}")
+    return describe_metrics(learner, fitted, extra=f", from train-head accuracy {head.history[-1]['accuracy']:.4f}"
+                                                                 f", {unfrozen_words(frozen)}")
+
+
+def unfrozen_words(frozen: list[str]) -> str:
+    """What trains, for titles and summaries: "unfrozen", or "unfrozen after model.blocks.2"."""
+    return f"unfrozen after {frozen[-1]}" if frozen else "unfrozen"
 
 
 def peak_lr(setting: float | str, lr_find_result: Path) -> float:

@@ -27,7 +27,7 @@ from petpipe.errors import PetpipeError
 from petpipe.hardware import to_device
 from petpipe.levers import choose_levers
 from petpipe.lr_finder import StopRule, lr_sweep, suggest
-from petpipe.models import finetune_fixes_bn_stats, set_train_mode, unfreeze
+from petpipe.models import finetune_fixes_bn_stats, freeze_early, set_train_mode, unfreeze
 from petpipe.params import LrFindParams
 from petpipe.pipeline import path_option
 from petpipe.progress import progress_bar
@@ -35,8 +35,9 @@ from petpipe.runner import Context, Stage
 from petpipe.training import Criterion
 from petpipe.views import Views
 
-# finetune.bn_stats: the sweep handles BatchNorm as the finetune it is for will.
-STAGE = Stage("lr-find", params=("train", "lr_find", "finetune.bn_stats"), compute=one_process)
+# finetune.bn_stats and frozen_stride: the sweep trains what, and as, the finetune it is for will.
+STAGE = Stage("lr-find", params=("train", "lr_find", "finetune.bn_stats", "finetune.frozen_stride"),
+              compute=one_process)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     data = context.compute.dataset(inputs, head.spec)
     model = to_device(head.model(), runtime.device)
     unfreeze(model)
+    freeze_early(model, params.finetune.frozen_stride)
     views = Views.of(head.spec, params.train.augment, size_ratio=params.lr_find.size_ratio)
     levers = choose_levers(runtime, model, data.train, views, params.train).levers
     to_device(model, runtime.device, levers.memory_format)
