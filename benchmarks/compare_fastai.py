@@ -46,7 +46,7 @@ FASTAI_RECIPE = {
     "train_head.cache_features": False,  # the body runs every step, BatchNorm training (train_bn)
     "train_head.lr": 1e-3,
     "finetune.lr": 1e-4, "finetune.lr_ratio": 100.0,  # slice(1e-6, 1e-4)
-    "finetune.bn_stats": "update",
+    "finetune.bn_stats": "update", "finetune.frozen_stride": 0,  # unfreeze(): every layer trains
     "lr_find.num_it": 100, "lr_find.start_lr": 1e-7, "lr_find.end_lr": 10.0, "lr_find.batch_size": 0,
     "lr_find.suggestion": "valley",  # fastai's lr_find() default (its recipe then fixes the rate anyway)
     "lr_find.size_ratio": 1.0, "finetune.size_ratio": 1.0,  # fastai sweeps and trains at the evaluation size
@@ -59,10 +59,14 @@ FRAMEWORKS = {
     "petpipe-fixed-lr": "petpipe's default before: finetune.lr 1e-3, full-size finetune",
     "petpipe-edge": "lr auto (edge), full-size finetune",
     "petpipe-edge-ft0.8-lr0.7": "default + lr_find.size_ratio 0.7",
+    "petpipe-unfrozen": "petpipe's default with finetune.frozen_stride 0 (before: everything trains)",
+    "petpipe-frozen16": "petpipe's default with finetune.frozen_stride 16",
 }
 # What each petpipe run changes in params.yaml, on top of the settings every run shares.
 VARIANTS: dict[str, dict[str, Any]] = {"petpipe": {}, "petpipe-fastai": FASTAI_RECIPE,
-                                       "petpipe-fastai-compiled": {**FASTAI_RECIPE, "train.compile": True}}
+                                       "petpipe-fastai-compiled": {**FASTAI_RECIPE, "train.compile": True},
+                                       "petpipe-unfrozen": {"finetune.frozen_stride": 0},
+                                       "petpipe-frozen16": {"finetune.frozen_stride": 16}}
 # The default and the override on the other offline weights (docs/benchmark.md: the default is not tuned to Lite0).
 for _number in (1, 2):
     _weights = {"model.arch": f"tf_efficientnet_lite{_number}",
