@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: pipeline test install benchmark levers
+.PHONY: pipeline test install benchmark levers finetune-profile
 
 $(BIN)/petpipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,12 +21,21 @@ pipeline: install
 test: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest
 
-# fastai's tutorial recipe, petpipe's default and petpipe with the fastai override, on the sample photos
-# (224 px, 4 + 2 epochs with lr-find, 3 seeds, alternating; about 2 hours on 2 cores).
+# fastai's tutorial recipe, petpipe's default and petpipe with the fastai override (224 px, 4 + 2 epochs with
+# lr-find): first on 4 variants of each sample photo (1,184 training photos, the README's headline; about
+# 1 hour on 2 cores), then on the sample itself (296; 3 seeds, about 1 hour), then both tables and how the
+# comparison changes with the number of photos into README.md and docs/benchmark.md.
 benchmark: install
 	$(BIN)/pip install --quiet -e '.[benchmark]'
-	$(BIN)/python benchmarks/compare_fastai.py --out benchmarks/results.json \
-		--frameworks fastai petpipe petpipe-fastai --markdown README.md docs/benchmark.md
+	$(BIN)/python benchmarks/compare_fastai.py --scale 4 --seeds 1 --out benchmarks/results_scale4.json
+	$(BIN)/python benchmarks/compare_fastai.py --seeds 1 2 3 --out benchmarks/results_sample.json
+	$(BIN)/python benchmarks/compare_fastai.py --summarise benchmarks/results_scale4.json \
+		benchmarks/results_sample.json --markdown README.md docs/benchmark.md
+
+# Where a finetune step's time goes (data, augmentation, forward, backward, optimiser) for each
+# finetune.frozen_stride, and the evaluation pass with BatchNorm folded (about 2 minutes on 2 cores).
+finetune-profile: install
+	$(BIN)/python benchmarks/finetune_profile.py --out benchmarks/finetune_profile.json
 
 # What each speed lever buys on this machine, one at a time (about 6 minutes on 2 cores, torch.compile included).
 levers: install
