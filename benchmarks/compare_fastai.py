@@ -368,8 +368,11 @@ def summarise(results: list[dict], frameworks: list[str]) -> str:
             ratio = "1.00x" if framework == "fastai" else "-"
         else:
             ratio = f"{fastai_total / seconds['total']:.1f}x faster"
+        spread = len({row["seed"] for row in results if row["framework"] == framework}) > 1
+        head_text = f"{head_acc:.3f} ± {head_sd:.3f}" if spread else f"{head_acc:.3f}"
+        ft_text = f"{ft_acc:.3f} ± {ft_sd:.3f}" if spread else f"{ft_acc:.3f}"
         lines.append(
-            f"| {FRAMEWORKS.get(framework, framework)} | {head_acc:.3f} ± {head_sd:.3f} | {ft_acc:.3f} ± {ft_sd:.3f} "
+            f"| {FRAMEWORKS.get(framework, framework)} | {head_text} | {ft_text} "
             f"| {seconds['head']:.1f} | {seconds['lr_find']:.1f} | {seconds['ft']:.1f} | {seconds['total']:.1f} "
             f"| {rates['head']:.1f} | {rates['lr_find']:.1f} | {rates['ft']:.1f} "
             f"| {stats(results, framework, 'peak_rss_mb')[0]:.0f} | {ratio} |")
@@ -398,18 +401,65 @@ MARKDOWN_BLOCK = re.compile(r"(<!-- benchmark\b[^>]*-->\n)(.*?)(<!-- /benchmark 
 
 
 def markdown_block(settings: str, results: list[dict], frameworks: list[str], raw: Path | None,
-                   *, front_page: bool = False) -> str:
+                   *, front_page: bool = False, link: str = "What each run's lr-find swept and chose, per seed") -> str:
     """What goes between the markers: where the numbers come from, then the table; the per-seed lr-find table
     too, except on the README's front page, which links the manual's copy instead."""
     source = f" Raw numbers: `{display_path(raw)}`." if raw else ""
     chosen = lr_find_table(results)
     if chosen and front_page:
-        chosen_part = ("\nWhat each run's lr-find swept and chose, per seed: "
-                       "[docs/benchmark.md](docs/benchmark.md).\n")
+        chosen_part = f"\n{link}: [docs/benchmark.md](docs/benchmark.md).\n"
     else:
         chosen_part = f"\nWhat lr-find swept and chose:\n\n{chosen}\n" if chosen else ""
     return (f"Measured by `benchmarks/compare_fastai.py` on this project's machine: {settings}.{source}\n\n"
             + summarise(results, frameworks) + "\n" + chosen_part)
+
+
+def saved_run(path: Path) -> tuple[str, list[dict], list[str], Path]:
+    """A results file as markdown_block takes it: settings, results, frameworks in the table's order, the file."""
+    saved = json.loads(path.read_text())
+    seen = list(dict.fromkeys(row["framework"] for row in saved["results"]))
+    frameworks = [name for name in DEFAULT_FRAMEWORKS if name in seen] + [
+        name for name in seen if name not in DEFAULT_FRAMEWORKS]
+    return saved["settings"], saved["results"], frameworks, path
+
+
+def summaries_block(runs: list[tuple[str, list[dict], list[str], Path]], *, front_page: bool) -> str:
+    """Several results files between the markers: the README's front page shows the first (the headline) and
+    links the rest; every other page shows them all. Then how the comparison changes with their sizes."""
+    shown = runs[:1] if front_page else runs
+    if front_page:  # the three runs; the other variants are the manual's
+        shown = [(settings, results, [name for name in frameworks if name in DEFAULT_FRAMEWORKS], raw)
+                 for settings, results, frameworks, raw in shown]
+    link = "What each run's lr-find swept and chose, per seed"
+    if front_page and len(runs) > 1:
+        link = (f"The same runs on fewer photos ({', '.join(f'`{display_path(run[3])}`' for run in runs[1:])}) "
+                "and what each run's lr-find chose")
+    text = "\n".join(markdown_block(*run, front_page=front_page, link=link) for run in shown)
+    return text + (f"\n{by_size(runs)}\n" if len(runs) > 1 else "")
+
+
+def by_size(runs: list[tuple[str, list[dict], list[str], Path]]) -> str:
+    """How petpipe's default against fastai's recipe changes with the number of training photos: one row per
+    results file that has both, each phase's ratio beside the whole training's."""
+    lines = ["How the comparison changes with the number of training photos (petpipe's default against fastai's "
+             "recipe, the runs above):", "",
+             "| train photos | seeds | CPU | fastai total s | petpipe total s | faster | head | lr-find | finetune "
+             "| fastai acc | petpipe acc |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for settings, results, frameworks, _ in runs:
+        if not {"fastai", "petpipe"} <= set(frameworks):
+            continue
+        photos = re.search(r"(\d+) train images", settings).group(1)
+        mean = {(name, key): stats(results, name, key)[0] for name in ("fastai", "petpipe")
+                for key in ("total_seconds", "head_seconds", "lr_find_seconds", "ft_seconds", "ft_accuracy")}
+        ratio = {key: mean["fastai", key] / mean["petpipe", key]
+                 for key in ("total_seconds", "head_seconds", "lr_find_seconds", "ft_seconds")}
+        seeds = len({row["seed"] for row in results if row["framework"] == "petpipe"})
+        cpu = settings.split("; ", 1)[-1].split(" (")[0]
+        lines.append(f"| {int(photos):,} | {seeds} | {cpu} | {mean['fastai', 'total_seconds']:.0f} | {mean['petpipe', 'total_seconds']:.0f} "
+                     f"| **{ratio['total_seconds']:.1f}x** | {ratio['head_seconds']:.1f}x | {ratio['lr_find_seconds']:.1f}x "
+                     f"| {ratio['ft_seconds']:.1f}x | {mean['fastai', 'ft_accuracy']:.3f} "
+                     f"| {mean['petpipe', 'ft_accuracy']:.3f} |")
+    return "\n".join(lines)
 
 
 def display_path(path: Path) -> str:
@@ -442,8 +492,9 @@ def write_markdown(files: list[Path], block: Callable[[bool], str]) -> None:
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=Path, default=PROJECT_ROOT.parent / "shared/data/pets-sample/images")
-    parser.add_argument("--summarise", type=Path, default=None, metavar="RESULTS_JSON",
-                        help="print the table of a results file (also of an interrupted run) and exit")
+    parser.add_argument("--summarise", type=Path, nargs="+", default=None, metavar="RESULTS_JSON",
+                        help="print the table of each results file (also of an interrupted run), the first the "
+                             "headline, and how the comparison changes with their sizes; then exit")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--scale", type=int, default=1, metavar="K",
                         help="train on K variants of each photo (re-encoded, re-cropped, flipped; all in the "
@@ -485,7 +536,11 @@ def run_once(args: argparse.Namespace, framework: str, seed: int, index: Path, t
     line = next((text for text in output.stdout.splitlines() if text.startswith("RESULT ")), None)
     if output.returncode != 0 or line is None:
         sys.exit(f"{framework} seed {seed} failed:\n{output.stderr[-3000:]}")
-    return json.loads(line.removeprefix("RESULT "))
+    result = json.loads(line.removeprefix("RESULT "))
+    # Each petpipe stage's line of where its seconds went (petpipe/timing.py), as it printed it.
+    result["stage_seconds"] = [text for text in output.stderr.splitlines()
+                               if re.match(r"(train-head|lr-find|finetune): \d+\.\d s = ", text)]
+    return result
 
 
 def main() -> None:
@@ -494,14 +549,12 @@ def main() -> None:
         worker(args)
         return
     if args.summarise:
-        saved = json.loads(args.summarise.read_text())
-        seen = list(dict.fromkeys(row["framework"] for row in saved["results"]))
-        frameworks = [name for name in DEFAULT_FRAMEWORKS if name in seen] + [
-            name for name in seen if name not in DEFAULT_FRAMEWORKS]
-        print(saved["settings"] + "\n\n" + summarise(saved["results"], frameworks) + "\n\n"
-              + lr_find_table(saved["results"]))
-        write_markdown(args.markdown, lambda front_page: markdown_block(
-            saved["settings"], saved["results"], frameworks, args.summarise, front_page=front_page))
+        runs = [saved_run(path) for path in args.summarise]
+        for settings, results, frameworks, _ in runs:
+            print(settings + "\n\n" + summarise(results, frameworks) + "\n\n" + lr_find_table(results) + "\n")
+        if len(runs) > 1:
+            print(by_size(runs))
+        write_markdown(args.markdown, lambda front_page: summaries_block(runs, front_page=front_page))
         return
     index, train_images = benchmark_index(args)
     info = machine()
