@@ -58,8 +58,10 @@ class Stage:
 
     def _execute(self, body: Body, params: Params, inputs: Any, outputs: Any, *, command: bool) -> str:
         with timing.stage(self.name, command=command) as seconds:
-            with timing.phase("runtime"):
-                compute = self.compute(params, self.name) if self.compute is not None else None
+            compute = None
+            if self.compute is not None:
+                with timing.phase("runtime"):
+                    compute = self.compute(params, self.name)
             if compute is not None and compute.idle:  # a one-process stage on a rank other than 0 under torchrun
                 return ""
             main = compute is None or compute.is_main
