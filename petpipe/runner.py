@@ -71,7 +71,8 @@ class Stage:
                         else tracking.no_run(self.name) as log, \
                         compute.memory_errors(self.name) if compute is not None else contextlib.nullcontext():
                     summary = body(Context(self.name, params, log, compute), inputs, outputs)
-                    log.log_metrics(seconds.metrics())
+                    if compute is not None:  # a computing stage's phases; fetch and index-labels only print theirs
+                        log.log_metrics(seconds.metrics())
             finally:
                 if compute is not None:
                     compute.close()

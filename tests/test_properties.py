@@ -151,6 +151,7 @@ SPEC: dict[str, dict[str, list[Any]]] = {
     "finetune.schedule": {"wrong": [1, None], "out": ["fit", ""]},
     "finetune.bn_stats": {"wrong": [True, 1, None], "out": ["train", "eval", ""]},
     "finetune.size_ratio": {"wrong": ["0.8", True, None], "out": [0.0, -0.8, 1.25, math.nan]},
+    "finetune.frozen_stride": {"wrong": ["8", True, None, A_LIST], "out": [1, 3, 32, -8, 8.5]},
     "evaluate.checkpoint": {"wrong": [1, None, A_LIST], "out": ["train_head", "lr-find", ""]},
     "evaluate.top_losses": POSITIVE_INT,
     "evaluate.min_count": POSITIVE_INT,
