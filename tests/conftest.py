@@ -4,6 +4,7 @@ tests/helpers.py."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,11 @@ from helpers import (
 )
 
 from petpipe.params import parse_params, with_overrides
+
+# A shell without job control starts a background command (`.ci/run > log &`) with SIGINT ignored, and every
+# process it starts inherits that: Ctrl-C tests would then test nothing. Each child starts with the default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
