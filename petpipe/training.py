@@ -205,13 +205,16 @@ def train_one_epoch(loop: Loop, images: ImageSet, batches: list[torch.Tensor],
 
 @torch.inference_mode()
 def predict(model: nn.Module, images: ImageSet, *, batch_size: int, views: Views,
-            precision: str = "auto") -> torch.Tensor:
-    """Logits (N, classes) in float32 on the CPU, in the order of `images` (BatchNorm folded: `folded_batchnorm`)."""
+            precision: str = "auto", subset: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (N, classes) in float32 on the CPU, in the order of `images` (BatchNorm folded: `folded_batchnorm`);
+    of the `subset` positions only, in their order, when given (each batch copies only its own pixels)."""
     model.eval()
     model = folded_batchnorm(model)
     device = images.pixels.device
     outputs = []
-    for rows in batch_indices(len(images), batch_size, shuffle=False, drop_last=False):
+    order = None if subset is None else subset.cpu()
+    count = len(images) if order is None else len(order)
+    for rows in batch_indices(count, batch_size, shuffle=False, drop_last=False, order=order):
         rows = rows.to(device)
         if images.features is not None:
             inputs = images.features[0, rows]  # the evaluation view's
@@ -249,10 +252,8 @@ def _sharded_validation(model: nn.Module, images: ImageSet, *, world: World, bat
     """Each rank scores its share of the validation set; sums are reduced over ranks. valid_loss is the
     criterion's: with class weights, the weighted mean as in training."""
     rows = torch.arange(world.rank, len(images), world.size)
-    shard = ImageSet(images.pixels[rows.to(images.pixels.device)], images.targets[rows.to(images.targets.device)],
-                     None if images.features is None else images.features[:, rows.to(images.features.device)])
-    logits = predict(model, shard, batch_size=batch_size, views=views)
-    targets = shard.targets.cpu()
+    logits = predict(model, images, batch_size=batch_size, views=views, subset=rows)
+    targets = images.targets[rows.to(images.targets.device)].cpu()
     loss_sum, weight_sum = criterion.sums(logits, targets)
     correct = (logits.argmax(dim=1) == targets).sum().item() if len(targets) else 0
     loss_sum, weight_sum, correct, count = all_reduce_sum(
@@ -335,7 +336,9 @@ def fit(model: Classifier, data: Dataset, *, views: Views, phase: Phase, setting
         loss_sum, images_seen = all_reduce_sum([row["loss_sum"], float(row["images"])], device)
         train_seconds = time.perf_counter() - started
         with timing.phase("validation"):
-            metrics = _sharded_validation(model, valid, world=world, batch_size=batch_size * 2,
+            # Batches of the training size, as fastai's validation: an inference pass at twice the batch
+            # and the full image size peaked above the training steps themselves.
+            metrics = _sharded_validation(model, valid, world=world, batch_size=batch_size,
                                           views=views, criterion=criterion) if len(valid) else {}
         history.append({
             "epoch": epoch + 1, "train_loss": loss_sum / max(images_seen, 1), **metrics, "lr": row["lr"],

@@ -213,3 +213,20 @@ def test_schedule_survives_tiny_runs_and_resumes():
     restored = Schedule(torch.optim.AdamW([parameter], lr=1e-3), kind="one_cycle", total_steps=1)
     restored.load_state_dict(schedule.state_dict())
     assert restored.optimizer.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+
+
+def test_a_subset_is_predicted_batch_by_batch_as_the_whole_set_predicts_it():
+    """Validation under torchrun scores each rank's share (`subset`) without copying the split's pixels first:
+    the logits of the chosen rows, in their order, are those the whole split gets."""
+    from petpipe.dataset import ImageSet
+    from petpipe.training import predict
+    from petpipe.views import Views
+
+    torch.manual_seed(0)
+    model = build("resnet18", "none", num_classes=3, head_hidden=8, head_dropout=0.0)[0].eval()
+    images = ImageSet(torch.randint(0, 256, (7, 3, 40, 40), dtype=torch.uint8), torch.tensor([0, 1, 2, 0, 1, 2, 0]))
+    views = Views(size=32, presize=40, eval_crop=1.0, mean=(0.5,) * 3, std=(0.5,) * 3)
+    whole = predict(model, images, batch_size=3, views=views, precision="float32")
+    rows = torch.tensor([5, 1, 3, 6])
+    chosen = predict(model, images, batch_size=2, views=views, precision="float32", subset=rows)
+    assert whole.shape == (7, 3) and torch.allclose(chosen, whole[rows], atol=1e-5)
