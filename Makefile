@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: pipeline test install benchmark levers finetune-profile
+.PHONY: pipeline test install benchmark benchmark-memory levers finetune-profile
 
 $(BIN)/petpipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ benchmark: install
 	$(BIN)/python benchmarks/compare_fastai.py --seeds 1 2 3 --out benchmarks/results_sample.json
 	$(BIN)/python benchmarks/compare_fastai.py --summarise benchmarks/results_scale4.json \
 		benchmarks/results_sample.json --markdown README.md docs/benchmark.md
+
+# Peak memory of each phase (RSS and anonymous) at 296 and 1,184 training photos, the default and float32
+# (about 6 minutes on 2 cores): docs/speed.md, "Memory as the photos grow".
+benchmark-memory: install
+	$(BIN)/pip install --quiet -e '.[benchmark]'
+	$(BIN)/python benchmarks/compare_fastai.py --seeds 1 --frameworks petpipe petpipe-float32 --out benchmarks/memory_k1.json
+	$(BIN)/python benchmarks/compare_fastai.py --scale 4 --seeds 1 --frameworks petpipe petpipe-float32 \
+		--out benchmarks/memory_k4.json
 
 # Where a finetune step's time goes (data, augmentation, forward, backward, optimiser) for each
 # finetune.frozen_stride, and the evaluation pass with BatchNorm folded (about 2 minutes on 2 cores).

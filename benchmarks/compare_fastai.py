@@ -61,12 +61,14 @@ FRAMEWORKS = {
     "petpipe-edge-ft0.8-lr0.7": "default + lr_find.size_ratio 0.7",
     "petpipe-unfrozen": "petpipe's default with finetune.frozen_stride 0 (before: everything trains)",
     "petpipe-frozen16": "petpipe's default with finetune.frozen_stride 16",
+    "petpipe-float32": "petpipe's default with train.precision float32 (memory compared at one precision)",
 }
 # What each petpipe run changes in params.yaml, on top of the settings every run shares.
 VARIANTS: dict[str, dict[str, Any]] = {"petpipe": {}, "petpipe-fastai": FASTAI_RECIPE,
                                        "petpipe-fastai-compiled": {**FASTAI_RECIPE, "train.compile": True},
                                        "petpipe-unfrozen": {"finetune.frozen_stride": 0},
-                                       "petpipe-frozen16": {"finetune.frozen_stride": 16}}
+                                       "petpipe-frozen16": {"finetune.frozen_stride": 16},
+                                       "petpipe-float32": {"train.precision": "float32"}}
 # The default and the override on the other offline weights (docs/benchmark.md: the default is not tuned to Lite0).
 for _number in (1, 2):
     _weights = {"model.arch": f"tf_efficientnet_lite{_number}",
@@ -98,28 +100,35 @@ def peak_rss_mb() -> float:
 
 class PeakMemory:
     """The largest resident set size of this process while each phase ran (MB), sampled every 20 ms by a thread:
-    ru_maxrss only knows the whole process's peak."""
+    ru_maxrss only knows the whole process's peak. `anonymous` is the part no file backs (RSS less its shared,
+    file-backed pages: the libraries and the pixel cache's memory map, which the kernel can drop and read again):
+    the memory a phase needs."""
 
     def __init__(self) -> None:
         import psutil
 
-        self.process, self.peaks, self._peak, self._on = psutil.Process(), {}, 0, False
+        self.process, self.peaks, self.anonymous, self._peak, self._on = psutil.Process(), {}, {}, (0, 0), False
         threading.Thread(target=self._sample, daemon=True).start()
+
+    def _now(self) -> tuple[int, int]:
+        info = self.process.memory_info()
+        return info.rss, info.rss - info.shared
 
     def _sample(self) -> None:
         while True:
             if self._on:
-                self._peak = max(self._peak, self.process.memory_info().rss)
+                self._peak = tuple(map(max, self._peak, self._now()))
             time.sleep(0.02)
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        self._peak, self._on = self.process.memory_info().rss, True
+        self._peak, self._on = self._now(), True
         try:
             yield
         finally:
             self._on = False
-            self.peaks[name] = round(max(self._peak, self.process.memory_info().rss) / 2**20, 1)
+            rss, anonymous = map(max, self._peak, self._now())
+            self.peaks[name], self.anonymous[name] = round(rss / 2**20, 1), round(anonymous / 2**20, 1)
 
 
 # ---------------------------------------------------------------- workers (one process per run)
@@ -168,7 +177,7 @@ def run_petpipe(args: argparse.Namespace, index: Path, workdir: Path, variant: d
                     "finetune_lr": (sweep_result["chosen"]["lr"] if params.finetune.lr == "auto"
                                     else float(params.finetune.lr))},
         "levers": {key: levers[key] for key in ("precision", "memory_format", "threads")},
-        "peak_rss_mb_by_phase": memory.peaks,
+        "peak_rss_mb_by_phase": memory.peaks, "peak_anonymous_mb_by_phase": memory.anonymous,
     }
 
 
@@ -229,7 +238,7 @@ def run_fastai(args: argparse.Namespace, index: Path, workdir: Path) -> dict:
         learn.fit_one_cycle(args.ft_epochs, slice(1e-6, 1e-4))
     seconds["ft"] = time.perf_counter() - started
     return {"head_accuracy": head_accuracy, "ft_accuracy": float(learn.recorder.values[-1][2]),
-            "peak_rss_mb_by_phase": memory.peaks,
+            "peak_rss_mb_by_phase": memory.peaks, "peak_anonymous_mb_by_phase": memory.anonymous,
             **{f"{phase}_seconds": value for phase, value in seconds.items()},
             "lr_find_iterations": iterations, "lr_find_batch": args.batch_size, "lr_find": lr_find}
 
