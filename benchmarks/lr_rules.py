@@ -37,10 +37,15 @@ def one_seed(args: argparse.Namespace, seed: int, index: Path) -> dict[str, Any]
     os.environ["PETPIPE_CACHE_DIR"] = str(args.cache)
     os.environ["PETPIPE_TRACKING"] = "off"
     params = parse_params(params_for(args, seed, {}))
-    head = train_head.Outputs(model=workdir / "head/model.pt", metrics=workdir / "head/metrics.json",
-                              history=workdir / "head/history.csv", plot=workdir / "head/training.png")
-    sweep = lr_find.Outputs(result=workdir / "lr/lr_find.json", curve=workdir / "lr/lr_find.csv",
-                            plot=workdir / "lr/lr_find.png")
+    head = train_head.Outputs(
+        model=workdir / "head/model.pt",
+        metrics=workdir / "head/metrics.json",
+        history=workdir / "head/history.csv",
+        plot=workdir / "head/training.png",
+    )
+    sweep = lr_find.Outputs(
+        result=workdir / "lr/lr_find.json", curve=workdir / "lr/lr_find.csv", plot=workdir / "lr/lr_find.png"
+    )
     train_head.run(params, train_head.Inputs(images=args.images, index=index), head)
     started = time.perf_counter()
     lr_find.run(params, lr_find.Inputs(images=args.images, index=index, checkpoint=head.model), sweep)
@@ -55,20 +60,30 @@ def one_seed(args: argparse.Namespace, seed: int, index: Path) -> dict[str, Any]
         if same is not None:  # the same learning rate from the same head and seed: the same run
             accuracy[name] = accuracy[same]
             continue
-        tuned = finetune.Outputs(model=workdir / f"ft-{len(accuracy)}/model.pt",
-                                 metrics=workdir / f"ft-{len(accuracy)}/metrics.json",
-                                 history=workdir / f"ft-{len(accuracy)}/history.csv",
-                                 plot=workdir / f"ft-{len(accuracy)}/training.png")
+        tuned = finetune.Outputs(
+            model=workdir / f"ft-{len(accuracy)}/model.pt",
+            metrics=workdir / f"ft-{len(accuracy)}/metrics.json",
+            history=workdir / f"ft-{len(accuracy)}/history.csv",
+            plot=workdir / f"ft-{len(accuracy)}/training.png",
+        )
         ft_params = parse_params(params_for(args, seed, {"finetune.lr": lr}))
-        finetune.run(ft_params, finetune.Inputs(images=args.images, index=index, checkpoint=head.model,
-                                                lr_find=sweep.result), tuned)
+        finetune.run(
+            ft_params,
+            finetune.Inputs(images=args.images, index=index, checkpoint=head.model, lr_find=sweep.result),
+            tuned,
+        )
         accuracy[name] = json.loads(tuned.metrics.read_text())["accuracy"]
         print(f"seed {seed}: {name:14s} lr {lr:.2e}: accuracy {accuracy[name]:.4f}", flush=True)
     curve = [line.split(",") for line in sweep.curve.read_text().splitlines()]
-    return {"seed": seed, "head_accuracy": json.loads(head.metrics.read_text())["accuracy"],
-            "lr_find": {key: result[key] for key in ("chosen", "suggestions", "trusted", "verdict", "iterations")},
-            "lr_find_seconds": sweep_seconds, "lrs": candidates, "accuracy": accuracy,
-            "curve": {name: [float(row[i]) for row in curve[1:]] for i, name in enumerate(curve[0])}}
+    return {
+        "seed": seed,
+        "head_accuracy": json.loads(head.metrics.read_text())["accuracy"],
+        "lr_find": {key: result[key] for key in ("chosen", "suggestions", "trusted", "verdict", "iterations")},
+        "lr_find_seconds": sweep_seconds,
+        "lrs": candidates,
+        "accuracy": accuracy,
+        "curve": {name: [float(row[i]) for row in curve[1:]] for i, name in enumerate(curve[0])},
+    }
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -80,8 +95,10 @@ def table(rows: list[dict[str, Any]]) -> str:
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         lrs = ", ".join(f"{row['lrs'][name]:.1e}" for row in rows)
         label = f"auto, lr_find.suggestion {rows[0]['lr_find']['chosen']['rule']}" if name == "auto (chosen)" else name
-        lines.append(f"| {label} | {lrs} | {statistics.mean(values):.3f} ± {spread:.3f} "
-                     f"| {100 * (statistics.mean(values) - base):+.1f} points |")
+        lines.append(
+            f"| {label} | {lrs} | {statistics.mean(values):.3f} ± {spread:.3f} "
+            f"| {100 * (statistics.mean(values) - base):+.1f} points |"
+        )
     return "\n".join(lines)
 
 
@@ -99,12 +116,21 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         axis.set_ylim(0, top)
         for position, (name, lr) in enumerate(sorted(row["lrs"].items(), key=lambda item: item[1])):
             axis.axvline(lr, linestyle=":", color="C3" if name.startswith("fixed") else "C2")
-            axis.text(lr, top * (0.98 - 0.16 * (position % 3)), f"{name} {row['accuracy'][name]:.2f}", rotation=90,
-                      va="top", ha="right", fontsize=7)
+            axis.text(
+                lr,
+                top * (0.98 - 0.16 * (position % 3)),
+                f"{name} {row['accuracy'][name]:.2f}",
+                rotation=90,
+                va="top",
+                ha="right",
+                fontsize=7,
+            )
         axis.set_xscale("log")
         axis.set_xlabel("learning rate")
-        axis.set_title(f"seed {row['seed']}: {row['lr_find']['iterations']} steps, "
-                       f"{'trusted' if row['lr_find']['trusted'] else 'untrusted'}")
+        axis.set_title(
+            f"seed {row['seed']}: {row['lr_find']['iterations']} steps, "
+            f"{'trusted' if row['lr_find']['trusted'] else 'untrusted'}"
+        )
     axes[0][0].set_ylabel("loss")
     axes[0][0].legend(loc="lower left", fontsize=7)
     figure.tight_layout()
@@ -140,10 +166,17 @@ def main() -> None:
     for seed in args.seeds:
         rows.append(one_seed(args, seed, index))
         if args.out:
-            args.out.write_text(json.dumps({
-                "settings": f"{args.size} px, batch {args.batch_size}, {args.head_epochs} head + {args.ft_epochs} "
-                            f"finetune epochs, {train_images} train images; {describe_machine(info)}",
-                "machine": info, "results": rows}, indent=1))
+            args.out.write_text(
+                json.dumps(
+                    {
+                        "settings": f"{args.size} px, batch {args.batch_size}, {args.head_epochs} head + "
+                        f"{args.ft_epochs} finetune epochs, {train_images} train images; {describe_machine(info)}",
+                        "machine": info,
+                        "results": rows,
+                    },
+                    indent=1,
+                )
+            )
     print(table(rows))
     if args.plot:
         plot(rows, args.plot)

@@ -9,8 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Model", "Picture", "StageResults", "confusion", "load_model", "most_confused", "results",
-           "show_batch", "top_losses"]
+__all__ = [
+    "Model",
+    "Picture",
+    "StageResults",
+    "confusion",
+    "load_model",
+    "most_confused",
+    "results",
+    "show_batch",
+    "top_losses",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -157,18 +157,26 @@ class StageResults:
     figures: dict[str, Picture] = field(default_factory=dict)
 
     def __repr__(self) -> str:
-        return (f"StageResults({self.stage!r}: metrics {sorted(self.metrics)}, history "
-                f"{'none' if self.history is None else f'{len(self.history)} epochs'}, documents "
-                f"{sorted(self.documents)}, tables {sorted(self.tables)}, figures {sorted(self.figures)})")
+        return (
+            f"StageResults({self.stage!r}: metrics {sorted(self.metrics)}, history "
+            f"{'none' if self.history is None else f'{len(self.history)} epochs'}, documents "
+            f"{sorted(self.documents)}, tables {sorted(self.tables)}, figures {sorted(self.figures)})"
+        )
 
 
 def read_stage(stage: str, folder: Path) -> StageResults:
     """The JSON, CSV and PNG files of a stage's folder (models and image folders are left where they are)."""
     documents = {path.stem: json.loads(path.read_text(encoding="utf-8")) for path in sorted(folder.glob("*.json"))}
     tables = {path.stem: read_table(path) for path in sorted(folder.glob("*.csv"))}
-    return StageResults(stage=stage, folder=folder, metrics=documents.pop("metrics", {}),
-                        history=tables.pop("history", None), documents=documents, tables=tables,
-                        figures={path.stem: Picture.read(path) for path in sorted(folder.glob("*.png"))})
+    return StageResults(
+        stage=stage,
+        folder=folder,
+        metrics=documents.pop("metrics", {}),
+        history=tables.pop("history", None),
+        documents=documents,
+        tables=tables,
+        figures={path.stem: Picture.read(path) for path in sorted(folder.glob("*.png"))},
+    )
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -195,8 +203,8 @@ def show_batch(split: str = "train", n: int = 9, *, project: str | Path = ".", s
     """fastai's show_batch: `n` images of a split as the model sees them (train: augmented; valid: the center
     crops evaluate and predict use), with the project's params.yaml, as `petpipe show-batch` draws them."""
     from petpipe.data import load_index
-    from petpipe.params import load_params
     from petpipe.draw_batch import show_batch_figure
+    from petpipe.params import load_params
     from petpipe.views import Views
 
     project = Path(project)
@@ -204,9 +212,14 @@ def show_batch(split: str = "train", n: int = 9, *, project: str | Path = ".", s
         raise PetpipeError(f"split = {split!r}; use 'train' or 'valid'")
     params = load_params(project / "params.yaml")
     views = Views.for_display(params.model, params.train.augment)
-    figure = show_batch_figure(load_index(project / STAGES / "index-labels" / "index.csv"),
-                               project / STAGES / "fetch" / "images", split=split, count=n, views=views,
-                               seed=params.train.seed if seed is None else seed)
+    figure = show_batch_figure(
+        load_index(project / STAGES / "index-labels" / "index.csv"),
+        project / STAGES / "fetch" / "images",
+        split=split,
+        count=n,
+        views=views,
+        seed=params.train.seed if seed is None else seed,
+    )
     return Picture.of(figure, f"show_batch ({split})")
 
 
@@ -236,10 +249,20 @@ def most_confused(evaluation: str | Path = EVALUATION, *, min_count: int = 1) ->
     table = read_table(_evaluation_file(evaluation, "confusion.csv")).astype(str)
     classes = sorted(set(table["actual"]) | set(table["predicted"]))
     position = {name: index for index, name in enumerate(classes)}
-    matrix = interpret.confusion_matrix(table["actual"].map(position).to_numpy(), table["predicted"].map(position).to_numpy(),
-                              num_classes=len(classes))
+    matrix = interpret.confusion_matrix(
+        table["actual"].map(position).to_numpy(), table["predicted"].map(position).to_numpy(), num_classes=len(classes)
+    )
     return interpret.most_confused(matrix, classes, min_count=min_count)
 
 
-__all__ = ["Model", "Picture", "StageResults", "confusion", "load_model", "most_confused",
-                          "results", "show_batch", "top_losses"]
+__all__ = [
+    "Model",
+    "Picture",
+    "StageResults",
+    "confusion",
+    "load_model",
+    "most_confused",
+    "results",
+    "show_batch",
+    "top_losses",
+]

@@ -47,29 +47,45 @@ class Budget:
     def for_archive(cls, archive: Path, folder: Path) -> Budget:
         """The limits from the environment, and the disk space free where `folder` is, measured now."""
         free = shutil.disk_usage(folder).free
-        return cls(archive=archive, archive_bytes=archive.stat().st_size, folder=folder, free_bytes=free,
-                   spare_bytes=min(SPARE_BYTES, free // 10),
-                   max_entry_bytes=int(limit_from_environment("PETPIPE_MAX_ENTRY_MB", DEFAULT_MAX_ENTRY_MB) * 1e6),
-                   max_ratio=limit_from_environment("PETPIPE_MAX_RATIO", DEFAULT_MAX_RATIO, minimum=1.0))
+        return cls(
+            archive=archive,
+            archive_bytes=archive.stat().st_size,
+            folder=folder,
+            free_bytes=free,
+            spare_bytes=min(SPARE_BYTES, free // 10),
+            max_entry_bytes=int(limit_from_environment("PETPIPE_MAX_ENTRY_MB", DEFAULT_MAX_ENTRY_MB) * 1e6),
+            max_ratio=limit_from_environment("PETPIPE_MAX_RATIO", DEFAULT_MAX_RATIO, minimum=1.0),
+        )
 
     def admit(self, name: str, size: int, compressed: int | None = None) -> None:
         """Count an entry about to be written (its declared size, and its compressed size where the
         format tells it); refuse it, before anything of it is written, if it breaks a limit."""
         if size > self.max_entry_bytes:
-            self._refuse(name, f"declares {_size(size)}, more than the {_size(self.max_entry_bytes)} that "
-                         "PETPIPE_MAX_ENTRY_MB allows for one file", f"PETPIPE_MAX_ENTRY_MB={math.ceil(size / 1e6)}")
+            self._refuse(
+                name,
+                f"declares {_size(size)}, more than the {_size(self.max_entry_bytes)} that "
+                "PETPIPE_MAX_ENTRY_MB allows for one file",
+                f"PETPIPE_MAX_ENTRY_MB={math.ceil(size / 1e6)}",
+            )
         ratio = size / max(compressed or 0, 1)
         if compressed is not None and size > RATIO_FLOOR_BYTES and ratio > self.max_ratio:
-            self._refuse(name, f"inflates {_size(compressed)} to {_size(size)} ({ratio:,.0f} times), more than "
-                         f"PETPIPE_MAX_RATIO ({self.max_ratio:g}) allows for photos, which barely compress",
-                         f"PETPIPE_MAX_RATIO={math.ceil(ratio)}")
+            self._refuse(
+                name,
+                f"inflates {_size(compressed)} to {_size(size)} ({ratio:,.0f} times), more than "
+                f"PETPIPE_MAX_RATIO ({self.max_ratio:g}) allows for photos, which barely compress",
+                f"PETPIPE_MAX_RATIO={math.ceil(ratio)}",
+            )
         self.declared_bytes += size
         self.entries += 1
         total, ratio = self.declared_bytes, self.declared_bytes / max(self.archive_bytes, 1)
         if total > RATIO_FLOOR_BYTES and ratio > self.max_ratio:
-            self._refuse(name, f"brings what the archive declares to {_size(total)}, {ratio:,.0f} times its "
-                         f"{_size(self.archive_bytes)}, more than PETPIPE_MAX_RATIO ({self.max_ratio:g}) allows "
-                         "for photos, which barely compress", f"PETPIPE_MAX_RATIO={math.ceil(ratio)}")
+            self._refuse(
+                name,
+                f"brings what the archive declares to {_size(total)}, {ratio:,.0f} times its "
+                f"{_size(self.archive_bytes)}, more than PETPIPE_MAX_RATIO ({self.max_ratio:g}) allows "
+                "for photos, which barely compress",
+                f"PETPIPE_MAX_RATIO={math.ceil(ratio)}",
+            )
         needed, room = total + self.entries * BLOCK_BYTES, self.free_bytes - self.spare_bytes
         if needed > room:
             raise PetpipeError(

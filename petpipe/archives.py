@@ -44,7 +44,7 @@ TAR_FILTER_REFUSALS = {
 def is_archive(path: Path) -> bool:
     """Whether path begins as a tar, gzip, bzip2, xz or zip file does (zip also when a prefix precedes it)."""
     head = read_head(path)
-    if head.startswith(ARCHIVE_MAGIC) or head[TAR_MAGIC_OFFSET:TAR_MAGIC_OFFSET + 5] == b"ustar":
+    if head.startswith(ARCHIVE_MAGIC) or head[TAR_MAGIC_OFFSET : TAR_MAGIC_OFFSET + 5] == b"ustar":
         return True
     return zipfile.is_zipfile(path) or tarfile.is_tarfile(path)  # a self-extracting zip, a pre-POSIX tar
 
@@ -72,7 +72,9 @@ def extract_archive(archive: Path, destination: Path) -> int:
         try:
             _extract_any(archive, staging)
         except (tarfile.TarError, zipfile.BadZipFile, EOFError, gzip.BadGzipFile, zlib.error, lzma.LZMAError) as error:
-            raise PetpipeError(f"archive {archive} is damaged ({_first_line(error)}); delete it and fetch again") from None
+            raise PetpipeError(
+                f"archive {archive} is damaged ({_first_line(error)}); delete it and fetch again"
+            ) from None
         _strip_single_top_folder(staging)
         _refuse_escaping_symlinks(archive, staging)
         count = count_images(staging)
@@ -91,8 +93,10 @@ def _first_line(error: BaseException) -> str:
 
 def _extract_any(archive: Path, staging: Path) -> None:
     if looks_like_html(read_head(archive)):
-        raise PetpipeError(f"data.source {archive} is an HTML page, not an archive (a login or error page saved "
-                           "in its place?); download the archive itself")
+        raise PetpipeError(
+            f"data.source {archive} is an HTML page, not an archive (a login or error page saved "
+            "in its place?); download the archive itself"
+        )
     budget = Budget.for_archive(archive, staging)
     # Trust the name first: a plain tar that contains a zip can look like a zip to is_zipfile.
     name = archive.name.lower()
@@ -108,9 +112,11 @@ def _extract_any(archive: Path, staging: Path) -> None:
 
 def _extract_tar(archive: Path, staging: Path, budget: Budget) -> None:
     if not hasattr(tarfile, "data_filter"):
-        raise PetpipeError(f"refusing to extract {archive}: this Python's tarfile has no data filter, which petpipe "
-                           "relies on to extract tar archives safely; use Python 3.10.12, 3.11.4 or newer, or extract "
-                           "the archive yourself and point data.source at the folder")
+        raise PetpipeError(
+            f"refusing to extract {archive}: this Python's tarfile has no data filter, which petpipe "
+            "relies on to extract tar archives safely; use Python 3.10.12, 3.11.4 or newer, or extract "
+            "the archive yourself and point data.source at the folder"
+        )
     with tarfile.open(archive, "r:*") as tar:
         # extractall iterates the archive (not getmembers()), so a compressed one is read once, front to back.
         tar.extractall(staging, filter=_tar_filter(archive, budget))
@@ -129,8 +135,9 @@ def _tar_filter(archive: Path, budget: Budget) -> Callable[[tarfile.TarInfo, str
             member = tarfile.data_filter(member, destination)
         except tarfile.FilterError as error:
             why = TAR_FILTER_REFUSALS.get(type(error).__name__, "{error}")
-            raise PetpipeError(_unsafe(archive, error.tarinfo.name,
-                                       why.format(linkname=error.tarinfo.linkname, error=error))) from None
+            raise PetpipeError(
+                _unsafe(archive, error.tarinfo.name, why.format(linkname=error.tarinfo.linkname, error=error))
+            ) from None
         if in_junk(_relative(member.name)):
             if member.isreg():
                 skipped_sizes[os.path.normpath(member.name)] = member.size
@@ -186,8 +193,9 @@ def _extract_zip_file(zipped: zipfile.ZipFile, info: zipfile.ZipInfo, target: Pa
         ) from None
 
 
-def _extract_zip_symlink(archive: Path, zipped: zipfile.ZipFile, info: zipfile.ZipInfo, root: str,
-                         target: Path) -> None:
+def _extract_zip_symlink(
+    archive: Path, zipped: zipfile.ZipFile, info: zipfile.ZipInfo, root: str, target: Path
+) -> None:
     # zipfile would write the link as a small text file; make the real link, if it stays inside.
     linkname = zipped.read(info).decode("utf-8")
     _check_inside(archive, info.filename, root, target.parent)
@@ -252,6 +260,5 @@ def _strip_single_top_folder(staging: Path) -> None:
 
 def _unsafe(archive: Path, member: str, why: str) -> str:
     return (
-        f"refusing to extract {archive}: member {member!r} {why}. "
-        "The archive may be malicious; nothing was extracted."
+        f"refusing to extract {archive}: member {member!r} {why}. The archive may be malicious; nothing was extracted."
     )

@@ -59,8 +59,11 @@ class WriteFailed(PetpipeError):
 
     def __str__(self) -> str:
         free = f" ({megabytes(self.free)} free)" if self.free is not None else ""
-        fix = ("free space and rerun dvc repro" if self.out_of_space
-               else f"make {display(self.path.parent)} writable and rerun dvc repro")
+        fix = (
+            "free space and rerun dvc repro"
+            if self.out_of_space
+            else f"make {display(self.path.parent)} writable and rerun dvc repro"
+        )
         return f"{WRITE_REFUSALS[self.code]} writing {display(self.path)}{free}; {self.kept}; {fix}"
 
 
@@ -89,8 +92,9 @@ def free_bytes(folder: Path) -> int | None:
     return blocks * stats.f_frsize
 
 
-def write_refusal(error: BaseException, target: Path, *, free: int | None = None,
-                  temporary: Path | None = None) -> WriteFailed | None:
+def write_refusal(
+    error: BaseException, target: Path, *, free: int | None = None, temporary: Path | None = None
+) -> WriteFailed | None:
     """The WriteFailed that `error` means for writing `target`, or None when it is something else.
 
     An OSError counts when its errno is a refusal and it names no file or the file being written (an
@@ -100,14 +104,20 @@ def write_refusal(error: BaseException, target: Path, *, free: int | None = None
     """
     if isinstance(error, OSError) and error.errno in WRITE_REFUSALS:
         named = error.filename
-        ours = (named is None or temporary is None or Path(named) == target
-                or Path(named).is_relative_to(temporary) or Path(named) == temporary.parent)
+        ours = (
+            named is None
+            or temporary is None
+            or Path(named) == target
+            or Path(named).is_relative_to(temporary)
+            or Path(named) == temporary.parent
+        )
         if ours:
             return WriteFailed(target, error.errno, free_bytes(target.parent))
         return None
     if isinstance(error, (RuntimeError, ValueError)) and free is not None and free < NEARLY_FULL:
         return WriteFailed(target, errno.ENOSPC, free_bytes(target.parent))
     return None
+
 
 @contextlib.contextmanager
 def atomic_path(target: Path | str) -> Iterator[Path]:

@@ -49,8 +49,9 @@ def normalized(features: np.ndarray) -> np.ndarray:
     return centred / np.maximum(norms, 1e-12)
 
 
-def out_of_sample_probabilities(features: np.ndarray, labels: np.ndarray, *, num_classes: int, folds: int,
-                                seed: int) -> np.ndarray:
+def out_of_sample_probabilities(
+    features: np.ndarray, labels: np.ndarray, *, num_classes: int, folds: int, seed: int
+) -> np.ndarray:
     """Probabilities (N, C) of every image from a linear head trained on the other folds.
 
     Stratified folds, at most as many as the largest class has images; a class missing from a fold's training
@@ -94,14 +95,16 @@ def _in_their_span(vectors: np.ndarray) -> np.ndarray:
 
 
 @torch.enable_grad()
-def fit_linear_head(inputs: torch.Tensor, targets: torch.Tensor, *, num_classes: int,
-                    c: float = HEAD_C) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_linear_head(
+    inputs: torch.Tensor, targets: torch.Tensor, *, num_classes: int, c: float = HEAD_C
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression (scikit-learn's objective: summed cross-entropy + |W|^2 / 2C) fitted by
     full-batch L-BFGS from zeros, so the same inputs give the same head: (N, D), (N,) -> W (D, C), b (C,)."""
     weight = torch.zeros(inputs.shape[1], num_classes, dtype=inputs.dtype, requires_grad=True)
     bias = torch.zeros(num_classes, dtype=inputs.dtype, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=200, history_size=20,
-                                  line_search_fn="strong_wolfe", tolerance_grad=1e-6)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias], lr=1, max_iter=200, history_size=20, line_search_fn="strong_wolfe", tolerance_grad=1e-6
+    )
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
@@ -142,35 +145,53 @@ def near_duplicates(features: np.ndarray, *, threshold: float, chunk: int = CHUN
     vectors = normalized(np.asarray(features, dtype=np.float64))
     firsts, seconds, similarities = [], [], []
     for start in range(0, len(vectors), chunk):
-        block = vectors[start:start + chunk] @ vectors.T  # (chunk, N)
+        block = vectors[start : start + chunk] @ vectors.T  # (chunk, N)
         rows, columns = np.nonzero(block >= threshold)
         keep = columns > rows + start  # each pair once, never an image with itself
         firsts.append(rows[keep] + start)
         seconds.append(columns[keep])
         similarities.append(block[rows[keep], columns[keep]])
-    pairs = pd.DataFrame({"a": np.concatenate(firsts) if firsts else np.empty(0, dtype=np.int64),
-                          "b": np.concatenate(seconds) if seconds else np.empty(0, dtype=np.int64),
-                          "similarity": np.concatenate(similarities) if similarities else np.empty(0)})
-    return pairs.sort_values(["similarity", "a", "b"], ascending=[False, True, True],
-                             kind="stable").reset_index(drop=True)
+    pairs = pd.DataFrame(
+        {
+            "a": np.concatenate(firsts) if firsts else np.empty(0, dtype=np.int64),
+            "b": np.concatenate(seconds) if seconds else np.empty(0, dtype=np.int64),
+            "similarity": np.concatenate(similarities) if similarities else np.empty(0),
+        }
+    )
+    return pairs.sort_values(["similarity", "a", "b"], ascending=[False, True, True], kind="stable").reset_index(
+        drop=True
+    )
 
 
 def label_issues_table(rows: pd.DataFrame, found: LabelAudit, classes: list[str]) -> pd.DataFrame:
     """label_issues.csv: every image (path, split, label), its suggested class and quality, most suspect
     first (lowest quality; ties by path)."""
-    table = pd.DataFrame({"path": rows["path"].to_numpy(), "split": rows["split"].to_numpy(),
-                          "label": rows["label"].to_numpy(),
-                          "suggested": [classes[position] for position in found.suggested],
-                          "quality": found.quality, "issue": found.issue})
+    table = pd.DataFrame(
+        {
+            "path": rows["path"].to_numpy(),
+            "split": rows["split"].to_numpy(),
+            "label": rows["label"].to_numpy(),
+            "suggested": [classes[position] for position in found.suggested],
+            "quality": found.quality,
+            "issue": found.issue,
+        }
+    )
     return table.sort_values(["quality", "path"], kind="stable").reset_index(drop=True)
 
 
 def duplicates_table(rows: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
     """duplicates.csv: the pairs by path and split, most similar first."""
     paths, splits = rows["path"].to_numpy(), rows["split"].to_numpy()
-    return pd.DataFrame({"path_a": paths[pairs["a"]], "path_b": paths[pairs["b"]],
-                         "split_a": splits[pairs["a"]], "split_b": splits[pairs["b"]],
-                         "similarity": pairs["similarity"].to_numpy()}, columns=DUPLICATE_COLUMNS)
+    return pd.DataFrame(
+        {
+            "path_a": paths[pairs["a"]],
+            "path_b": paths[pairs["b"]],
+            "split_a": splits[pairs["a"]],
+            "split_b": splits[pairs["b"]],
+            "similarity": pairs["similarity"].to_numpy(),
+        },
+        columns=DUPLICATE_COLUMNS,
+    )
 
 
 def summary(issues: pd.DataFrame, duplicates: pd.DataFrame) -> dict[str, int]:
@@ -178,6 +199,10 @@ def summary(issues: pd.DataFrame, duplicates: pd.DataFrame) -> dict[str, int]:
     across splits), and test leaks: pairs with one photo in test, whose test numbers then score what trained."""
     across = duplicates["split_a"] != duplicates["split_b"] if len(duplicates) else pd.Series(dtype=bool)
     test = (duplicates["split_a"] == "test") | (duplicates["split_b"] == "test") if len(duplicates) else across
-    return {"audit_images": len(issues), "audit_label_issues": int(issues["issue"].sum()),
-            "audit_duplicate_pairs": len(duplicates), "audit_leaks": int(across.sum()),
-            "audit_test_leaks": int((across & test).sum())}
+    return {
+        "audit_images": len(issues),
+        "audit_label_issues": int(issues["issue"].sum()),
+        "audit_duplicate_pairs": len(duplicates),
+        "audit_leaks": int(across.sum()),
+        "audit_test_leaks": int((across & test).sum()),
+    }

@@ -43,8 +43,9 @@ def _matrices(rows: list[list[torch.Tensor]]) -> torch.Tensor:
 # ---------------------------------------------------------------- the transforms, as pure functions of their draws
 
 
-def crop_matrix(width: torch.Tensor, height: torch.Tensor, centre_x: torch.Tensor,
-                centre_y: torch.Tensor) -> torch.Tensor:
+def crop_matrix(
+    width: torch.Tensor, height: torch.Tensor, centre_x: torch.Tensor, centre_y: torch.Tensor
+) -> torch.Tensor:
     """A crop of `width` x `height` (fractions of the side) centred at (centre_x, centre_y) in [-1, 1]
     units, resized to the output (RandomResizedCropGPU). (B, 3, 3), output to input coordinates."""
     zero = torch.zeros_like(width)
@@ -72,8 +73,14 @@ def zoom_matrix(zoom: torch.Tensor, column: torch.Tensor, row: torch.Tensor) -> 
 
 def warp_targets(x_t: torch.Tensor, y_t: torch.Tensor) -> torch.Tensor:
     """fastai's _WarpCoord: where the corners move for warps x_t, y_t. (B, 4, 2)"""
-    return torch.stack([torch.stack([-1 - y_t, -1 - x_t]), torch.stack([-1 + y_t, 1 + x_t]),
-                        torch.stack([1 + y_t, -1 + x_t]), torch.stack([1 - y_t, 1 - x_t])]).permute(2, 0, 1)
+    return torch.stack(
+        [
+            torch.stack([-1 - y_t, -1 - x_t]),
+            torch.stack([-1 + y_t, 1 + x_t]),
+            torch.stack([1 + y_t, -1 + x_t]),
+            torch.stack([1 - y_t, 1 - x_t]),
+        ]
+    ).permute(2, 0, 1)
 
 
 # ---------------------------------------------------------------- the draws
@@ -153,8 +160,9 @@ def sampling_grid(count: int, *, size: int, augment: AugmentParams, generator: t
     return apply_perspective(grid, find_coeffs(CORNERS.expand(count, 4, 2), warp))
 
 
-def place_square(grid: torch.Tensor, geometry: torch.Tensor, *, side: int, width: int,
-                 generator: torch.Generator) -> torch.Tensor:
+def place_square(
+    grid: torch.Tensor, geometry: torch.Tensor, *, side: int, width: int, generator: torch.Generator
+) -> torch.Tensor:
     """Move a grid drawn for a square image onto the wide layout of `pixels.decode_wide`: the square
     anywhere along the photo's long side (fastai's Resize in training), portrait photos transposed back.
 
@@ -186,12 +194,17 @@ def random_lighting(batch: torch.Tensor, *, augment: AugmentParams, generator: t
     brightness_on = _applied(augment.p_lighting, count, generator)
     contrast = torch.exp(_uniform(math.log(1 - most), -math.log(1 - most), count, generator))
     contrast_on = _applied(augment.p_lighting, count, generator)
-    return lighting(batch, brightness * brightness_on + 0.5 * (1 - brightness_on),
-                    contrast * contrast_on + (1 - contrast_on))
+    return lighting(
+        batch, brightness * brightness_on + 0.5 * (1 - brightness_on), contrast * contrast_on + (1 - contrast_on)
+    )
 
 
 def augment_batch(
-    images: torch.Tensor, *, size: int, augment: AugmentParams, generator: torch.Generator,
+    images: torch.Tensor,
+    *,
+    size: int,
+    augment: AugmentParams,
+    generator: torch.Generator,
     geometry: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Training view of a batch: uint8 (B, 3, P, P) -> float (B, 3, size, size) in [0, 1].
@@ -210,8 +223,9 @@ def augment_batch(
     return random_lighting(batch, augment=augment, generator=generator)
 
 
-def center_crop_batch(images: torch.Tensor, *, size: int, crop: float,
-                      geometry: torch.Tensor | None = None) -> torch.Tensor:
+def center_crop_batch(
+    images: torch.Tensor, *, size: int, crop: float, geometry: torch.Tensor | None = None
+) -> torch.Tensor:
     """Evaluation view: the central `crop` fraction of the side of presized uint8 images, resized to
     size x size, as float in [0, 1]. fastai validates on the whole square (crop 1.0); torchvision's
     ImageNet evaluation keeps 0.875 of it. No resampling when the crop is already `size` pixels.
@@ -219,7 +233,7 @@ def center_crop_batch(images: torch.Tensor, *, size: int, crop: float,
     height, width = images.shape[-2:]
     side = min(max(round(crop * min(height, width)), 1), min(height, width))
     top, left = (height - side) // 2, (width - side) // 2
-    batch = images[..., top:top + side, left:left + side].float().div_(255.0)
+    batch = images[..., top : top + side, left : left + side].float().div_(255.0)
     if geometry is not None:
         transposed = (geometry[:, 1] > 0.5).to(batch.device).view(-1, 1, 1, 1)
         batch = torch.where(transposed, batch.transpose(-1, -2), batch)

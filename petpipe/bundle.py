@@ -32,8 +32,9 @@ def read_bundle(folder: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise PetpipeError(f"{folder}: no {BUNDLE_FILE}; pass a model.pt checkpoint or a folder "
-                           f"written by `petpipe export`") from None
+        raise PetpipeError(
+            f"{folder}: no {BUNDLE_FILE}; pass a model.pt checkpoint or a folder written by `petpipe export`"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PetpipeError(f"{path}: not valid JSON ({error}); export the bundle again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
@@ -56,19 +57,25 @@ class EvaluationView:
         """bundle.json's `preprocessing`; a bundle that resizes otherwise than this petpipe can is refused."""
         resize = preprocessing.get("resize", RESIZE)  # bundles from before `resize` was written resized so
         if resize != RESIZE:
-            raise PetpipeError(f"the bundle resizes with {resize}, this petpipe with {RESIZE}; export it again "
-                               f"with this petpipe")
+            raise PetpipeError(
+                f"the bundle resizes with {resize}, this petpipe with {RESIZE}; export it again with this petpipe"
+            )
         size, presize = int(preprocessing["img_size"]), int(preprocessing["presize"])
         # Bundles from before eval_crop evaluated on the central img_size pixels.
-        return cls(size=size, presize=presize, eval_crop=float(preprocessing.get("eval_crop", size / presize)),
-                   mean=tuple(preprocessing["mean"]), std=tuple(preprocessing["std"]))
+        return cls(
+            size=size,
+            presize=presize,
+            eval_crop=float(preprocessing.get("eval_crop", size / presize)),
+            mean=tuple(preprocessing["mean"]),
+            std=tuple(preprocessing["std"]),
+        )
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """augment.center_crop_batch, then augment.normalize: the same crop, resize and arithmetic."""
         height, width = pixels.shape[-2:]
         side = min(max(round(self.eval_crop * min(height, width)), 1), min(height, width))
         top, left = (height - side) // 2, (width - side) // 2
-        batch = pixels[..., top:top + side, left:left + side].astype(np.float32) / np.float32(255.0)
+        batch = pixels[..., top : top + side, left : left + side].astype(np.float32) / np.float32(255.0)
         if side != self.size:
             batch = resize_bilinear(batch, self.size)
         mean = np.asarray(self.mean, dtype=np.float32).reshape(1, -1, 1, 1)

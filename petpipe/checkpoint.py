@@ -37,12 +37,27 @@ class Checkpoint:
     resume: dict[str, Any] | None = None
 
     @classmethod
-    def of(cls, model: Classifier, spec: ModelSpec, *, stage: str, params: dict[str, Any],
-           history: list[dict[str, float]], resume: dict[str, Any] | None = None) -> Checkpoint:
+    def of(
+        cls,
+        model: Classifier,
+        spec: ModelSpec,
+        *,
+        stage: str,
+        params: dict[str, Any],
+        history: list[dict[str, float]],
+        resume: dict[str, Any] | None = None,
+    ) -> Checkpoint:
         """The model's current weights, copied to the CPU."""
         state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
-        return cls(spec=spec, stage=stage, state_dict=state, params=params, history=list(history),
-                   layer_groups=model.layer_groups(), resume=resume)
+        return cls(
+            spec=spec,
+            stage=stage,
+            state_dict=state,
+            params=params,
+            history=list(history),
+            layer_groups=model.layer_groups(),
+            resume=resume,
+        )
 
     def model(self) -> Classifier:
         """Rebuild the network from the spec (no download: the weights come from the checkpoint)."""
@@ -63,8 +78,13 @@ def _to_dict(checkpoint: Checkpoint) -> dict[str, Any]:
         "weights": spec.weights,
         "classes": list(spec.classes),
         "head": dataclasses.asdict(spec.head),
-        "preprocessing": {"img_size": spec.img_size, "presize": spec.presize, "eval_crop": spec.eval_crop,
-                          "mean": list(spec.mean), "std": list(spec.std)},
+        "preprocessing": {
+            "img_size": spec.img_size,
+            "presize": spec.presize,
+            "eval_crop": spec.eval_crop,
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+        },
         "layer_groups": checkpoint.layer_groups,
         "state_dict": checkpoint.state_dict,
         "params": checkpoint.params,
@@ -76,14 +96,27 @@ def _to_dict(checkpoint: Checkpoint) -> dict[str, Any]:
 def _from_dict(raw: dict[str, Any]) -> Checkpoint:
     sizes = raw["preprocessing"]
     img_size, presize = int(sizes["img_size"]), int(sizes["presize"])
-    spec = ModelSpec(arch=raw["arch"], weights=raw["weights"], classes=tuple(raw["classes"]),
-                     head=HeadSpec(**raw["head"]), img_size=img_size, presize=presize,
-                     # Checkpoints from before eval_crop evaluated on the central img_size pixels.
-                     eval_crop=float(sizes.get("eval_crop", img_size / presize)),
-                     mean=tuple(sizes["mean"]), std=tuple(sizes["std"]))
-    return Checkpoint(spec=spec, stage=raw["stage"], state_dict=raw["state_dict"], params=raw["params"],
-                      history=list(raw["history"]), layer_groups=raw.get("layer_groups", {}),
-                      resume=raw.get("resume"))
+    spec = ModelSpec(
+        arch=raw["arch"],
+        weights=raw["weights"],
+        classes=tuple(raw["classes"]),
+        head=HeadSpec(**raw["head"]),
+        img_size=img_size,
+        presize=presize,
+        # Checkpoints from before eval_crop evaluated on the central img_size pixels.
+        eval_crop=float(sizes.get("eval_crop", img_size / presize)),
+        mean=tuple(sizes["mean"]),
+        std=tuple(sizes["std"]),
+    )
+    return Checkpoint(
+        spec=spec,
+        stage=raw["stage"],
+        state_dict=raw["state_dict"],
+        params=raw["params"],
+        history=list(raw["history"]),
+        layer_groups=raw.get("layer_groups", {}),
+        resume=raw.get("resume"),
+    )
 
 
 def save_checkpoint(path: Path | str, checkpoint: Checkpoint) -> None:
@@ -118,7 +151,7 @@ class _KeepingErrors:
         view = memoryview(data).cast("B")
         try:
             while view:
-                view = view[self.file.write(view):]
+                view = view[self.file.write(view) :]
         except OSError as error:
             self.error = error
             raise
@@ -136,11 +169,15 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated file or a pickle that weights_only refuses
-        raise PetpipeError(f"checkpoint {path} cannot be read safely ({error}); rerun the stage that wrote it") from None
+        raise PetpipeError(
+            f"checkpoint {path} cannot be read safely ({error}); rerun the stage that wrote it"
+        ) from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise PetpipeError(f"{path} is not a petpipe checkpoint (format {FORMAT})")
     try:
         return _from_dict(raw)
     except (KeyError, TypeError, ValueError) as error:
-        raise PetpipeError(f"checkpoint {path} lacks what this petpipe needs ({type(error).__name__}: {error}); "
-                           f"rerun train-head (dvc repro -f train-head)") from None
+        raise PetpipeError(
+            f"checkpoint {path} lacks what this petpipe needs ({type(error).__name__}: {error}); "
+            f"rerun train-head (dvc repro -f train-head)"
+        ) from None

@@ -25,8 +25,10 @@ from petpipe.pipeline import option_name
 
 PathOption = click.Path(path_type=Path)
 ExistingPath = click.Path(path_type=Path, exists=True)
-MODEL_HELP = ("A model.pt checkpoint, a bundle folder written by `petpipe export`, or a registered model: "
-              "models:/<name>@<alias> (e.g. models:/petpipe-classifier@champion) or models:/<name>/<version>.")
+MODEL_HELP = (
+    "A model.pt checkpoint, a bundle folder written by `petpipe export`, or a registered model: "
+    "models:/<name>@<alias> (e.g. models:/petpipe-classifier@champion) or models:/<name>/<version>."
+)
 
 
 def _run_stage(stage: ModuleType, params_path: Path, paths: dict[str, Any]) -> None:
@@ -56,18 +58,29 @@ def _user_errors(stage: str | None = None) -> Iterator[None]:
         raise click.ClickException(str(error)) from None
     except OSError as error:  # a read error, a refused write outside petpipe.atomic: which file, not a traceback
         where = f"{error.filename}: " if error.filename else ""  # some errors name no file (shutil's)
-        raise click.ClickException(f"{where}{error.strerror or error}; outputs written before this "
-                                   f"are complete, the one being written was not replaced") from None
+        raise click.ClickException(
+            f"{where}{error.strerror or error}; outputs written before this "
+            f"are complete, the one being written was not replaced"
+        ) from None
     except KeyboardInterrupt as error:  # click would print a bare `Aborted!`
-        line = str(error) if isinstance(error, Interrupted) else (
-            f"{stage or 'petpipe'}: interrupted; outputs written before this are complete, the one being written "
-            f"was not replaced")
+        line = (
+            str(error)
+            if isinstance(error, Interrupted)
+            else (
+                f"{stage or 'petpipe'}: interrupted; outputs written before this are complete, the one being written "
+                f"was not replaced"
+            )
+        )
         click.echo(f"{line}", err=True)
         raise click.exceptions.Exit(INTERRUPTED) from None
 
 
 params_option = click.option(
-    "--params", "params_path", type=PathOption, default=Path("params.yaml"), show_default=True,
+    "--params",
+    "params_path",
+    type=PathOption,
+    default=Path("params.yaml"),
+    show_default=True,
     help="The params file (dvc.yaml passes the project's).",
 )
 
@@ -97,8 +110,13 @@ class _Pipeline(click.Group):
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         """The command list, with each stage's summary read from its docstring without importing it."""
         limit = formatter.width - 6 - max(len(name) for name in self.list_commands(ctx))
-        rows = [(name, _stage_help(name)[1] if name in stages.ORDER else
-                 self.get_command(ctx, name).get_short_help_str(limit)) for name in self.list_commands(ctx)]
+        rows = [
+            (
+                name,
+                _stage_help(name)[1] if name in stages.ORDER else self.get_command(ctx, name).get_short_help_str(limit),
+            )
+            for name in self.list_commands(ctx)
+        ]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
@@ -129,8 +147,9 @@ def _path_options(stage: ModuleType) -> list[click.Option]:
         for field in dataclasses.fields(dataclass_):
             # An optional path defaults to None (not written); a required one has no default at all.
             defaults = {"default": None} if field.default is None else {"required": True}
-            options.append(click.Option([option_name(field), field.name], type=kind, help=field.metadata["help"],
-                                        **defaults))
+            options.append(
+                click.Option([option_name(field), field.name], type=kind, help=field.metadata["help"], **defaults)
+            )
     return options
 
 
@@ -155,8 +174,9 @@ def _stage_command(name: str) -> click.Command:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON list instead of tab-separated lines.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per batch.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
-def predict_command(paths: tuple[Path, ...], model: str, top_k: int, as_json: bool, batch_size: int,
-                    device: str) -> None:
+def predict_command(
+    paths: tuple[Path, ...], model: str, top_k: int, as_json: bool, batch_size: int, device: str
+) -> None:
     """Top-k labels with probabilities for each image; folders are searched for images.
 
     An unreadable file gets an `error: PATH: REASON` line on stderr, the rest are
@@ -185,10 +205,19 @@ def predict_command(paths: tuple[Path, ...], model: str, top_k: int, as_json: bo
 
 
 @main.command("export")
-@click.option("--model", type=PathOption, default=Path("stages/finetune/model.pt"), show_default=True,
-              help="The model.pt checkpoint to export.")
-@click.option("--out", type=PathOption, required=True,
-              help="Bundle folder to write: model.onnx and bundle.json (replaced whole if it exists).")
+@click.option(
+    "--model",
+    type=PathOption,
+    default=Path("stages/finetune/model.pt"),
+    show_default=True,
+    help="The model.pt checkpoint to export.",
+)
+@click.option(
+    "--out",
+    type=PathOption,
+    required=True,
+    help="Bundle folder to write: model.onnx and bundle.json (replaced whole if it exists).",
+)
 def export_command(model: Path, out: Path) -> None:
     """Export a checkpoint as a pickle-free ONNX bundle that `petpipe predict --model` accepts."""
     from petpipe.torch_predict import export_bundle
@@ -200,12 +229,23 @@ def export_command(model: Path, out: Path) -> None:
 
 @main.command("show-batch")
 @params_option
-@click.option("--images", type=ExistingPath, default=Path("stages/fetch/images"), show_default=True,
-              help="fetch's images folder.")
-@click.option("--index", type=ExistingPath, default=Path("stages/index-labels/index.csv"), show_default=True,
-              help="index-labels' index.csv.")
-@click.option("--split", type=click.Choice(["train", "valid", "test"]), default="train", show_default=True,
-              help="train: augmented as in training; valid, test: center crops.")
+@click.option(
+    "--images", type=ExistingPath, default=Path("stages/fetch/images"), show_default=True, help="fetch's images folder."
+)
+@click.option(
+    "--index",
+    type=ExistingPath,
+    default=Path("stages/index-labels/index.csv"),
+    show_default=True,
+    help="index-labels' index.csv.",
+)
+@click.option(
+    "--split",
+    type=click.Choice(["train", "valid", "test"]),
+    default="train",
+    show_default=True,
+    help="train: augmented as in training; valid, test: center crops.",
+)
 @click.option("--n", "count", type=click.IntRange(min=1), default=9, show_default=True, help="Images to show.")
 @click.option("--out", type=PathOption, default=Path("show_batch.png"), show_default=True, help="PNG to write.")
 def show_batch_command(params_path: Path, images: Path, index: Path, split: str, count: int, out: Path) -> None:
@@ -218,8 +258,9 @@ def show_batch_command(params_path: Path, images: Path, index: Path, split: str,
     with _user_errors():
         params = load_params(params_path)
         views = Views.for_display(params.model, params.train.augment)
-        figure = show_batch_figure(load_index(index), images, split=split, count=count, views=views,
-                                   seed=params.train.seed)
+        figure = show_batch_figure(
+            load_index(index), images, split=split, count=count, views=views, seed=params.train.seed
+        )
         save_figure(out, figure)
     click.echo(f"show-batch: {split} images -> {out}")
 
@@ -227,20 +268,46 @@ def show_batch_command(params_path: Path, images: Path, index: Path, split: str,
 @main.command("serve")
 @params_option
 @click.option("--model", default="stages/finetune/model.pt", show_default=True, help=MODEL_HELP)
-@click.option("--index", type=PathOption, default=Path("stages/index-labels/index.csv"), show_default=True,
-              help="index-labels' index.csv: the images and labels the Clean page shows.")
-@click.option("--images", type=PathOption, default=Path("stages/fetch/images"), show_default=True,
-              help="fetch's images folder.")
-@click.option("--evaluate", type=PathOption, default=Path("stages/evaluate"), show_default=True,
-              help="evaluate's folder: the Results page's metrics, confusion matrix and top losses.")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on; 0.0.0.0 opens the page (and label cleaning) to the network.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
-              help="Port to listen on; 0 picks a free one.")
-@click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
-              help="Largest photo the Try it page accepts, in MB.")
-def serve_command(params_path: Path, model: str, index: Path, images: Path, evaluate: Path, host: str, port: int,
-                  max_upload_mb: float) -> None:
+@click.option(
+    "--index",
+    type=PathOption,
+    default=Path("stages/index-labels/index.csv"),
+    show_default=True,
+    help="index-labels' index.csv: the images and labels the Clean page shows.",
+)
+@click.option(
+    "--images", type=PathOption, default=Path("stages/fetch/images"), show_default=True, help="fetch's images folder."
+)
+@click.option(
+    "--evaluate",
+    type=PathOption,
+    default=Path("stages/evaluate"),
+    show_default=True,
+    help="evaluate's folder: the Results page's metrics, confusion matrix and top losses.",
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; 0.0.0.0 opens the page (and label cleaning) to the network.",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="Port to listen on; 0 picks a free one.",
+)
+@click.option(
+    "--max-upload-mb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Largest photo the Try it page accepts, in MB.",
+)
+def serve_command(
+    params_path: Path, model: str, index: Path, images: Path, evaluate: Path, host: str, port: int, max_upload_mb: float
+) -> None:
     """A web page to try the model on photos, read the evaluation and clean labels (fastai's cleaner).
 
     Clean's decisions go to the labels.corrections CSV of --params; commit it
@@ -252,15 +319,21 @@ def serve_command(params_path: Path, model: str, index: Path, images: Path, eval
     with _user_errors():
         params = load_params(params_path)
         # labels.corrections is relative to the project folder, where params.yaml and dvc.yaml are.
-        settings = ServeSettings(model=model_file(model), index=index, images=images, evaluate=evaluate,
-                                 corrections=params_path.parent / params.labels.corrections,
-                                 max_upload_bytes=int(max_upload_mb * 2**20))
+        settings = ServeSettings(
+            model=model_file(model),
+            index=index,
+            images=images,
+            evaluate=evaluate,
+            corrections=params_path.parent / params.labels.corrections,
+            max_upload_bytes=int(max_upload_mb * 2**20),
+        )
         app = create_app(settings, host=host)
         sock = listen(host, port)
     address = sock.getsockname()
     url_host = f"[{address[0]}]" if ":" in address[0] else address[0]
-    click.echo(f"petpipe serve: http://{url_host}:{address[1]}/ (Ctrl-C to stop); Clean saves to "
-               f"{settings.corrections}")
+    click.echo(
+        f"petpipe serve: http://{url_host}:{address[1]}/ (Ctrl-C to stop); Clean saves to {settings.corrections}"
+    )
     run_server(app, sock)
 
 

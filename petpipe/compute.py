@@ -39,8 +39,9 @@ class Compute:
     def is_main(self) -> bool:
         return self.runtime is not None and self.runtime.world.is_main
 
-    def dataset(self, inputs: Any, spec: ModelSpec | None = None, *, training: bool = True,
-                with_test: bool = False) -> Dataset:
+    def dataset(
+        self, inputs: Any, spec: ModelSpec | None = None, *, training: bool = True, with_test: bool = False
+    ) -> Dataset:
         """inputs.index's images from inputs.images, decoded once into the pixel cache, at the size and in
         the class order of `spec` (a checkpoint's), or of params.model and the index's sorted labels.
 
@@ -50,11 +51,16 @@ class Compute:
         assert not (training and with_test), "a stage that trains never reads the test split"
         presize = spec.presize if spec is not None else self.params.model.presize
         with timing.phase("decode"):  # or the pixel cache's reading, once decoded
-            return load_dataset(inputs.index, inputs.images, presize=presize, runtime=self.runtime,
-                                workers=self.params.train.decode_workers,
-                                classes=spec.classes if spec is not None else None,
-                                wide_train=training and self.params.train.augment.presize_crop == "random",
-                                with_test=with_test)
+            return load_dataset(
+                inputs.index,
+                inputs.images,
+                presize=presize,
+                runtime=self.runtime,
+                workers=self.params.train.decode_workers,
+                classes=spec.classes if spec is not None else None,
+                wide_train=training and self.params.train.augment.presize_crop == "random",
+                with_test=with_test,
+            )
 
     @contextlib.contextmanager
     def memory_errors(self, stage: str) -> Iterator[None]:
@@ -63,9 +69,13 @@ class Compute:
         try:
             yield
         except torch.OutOfMemoryError:
-            raise out_of_memory(stage, self.runtime.device, batch_size=self.params.train.batch_size,
-                                img_size=self.params.model.img_size,
-                                kept="outputs written before this are complete") from None
+            raise out_of_memory(
+                stage,
+                self.runtime.device,
+                batch_size=self.params.train.batch_size,
+                img_size=self.params.model.img_size,
+                kept="outputs written before this are complete",
+            ) from None
 
     def close(self) -> None:
         shutdown()

@@ -123,6 +123,7 @@ def labels_from_regex(relative_paths: Iterable[str], pattern: re.Pattern[str]) -
 def labels_from_folders(relative_paths: Iterable[str], *, under_split_folder: bool = False) -> dict[str, str | None]:
     """Each file's parent folder; under_split_folder: the path starts with a split folder (train/ants/1.jpg),
     which is never a class: a file directly in it (train/1.jpg) has none."""
+
     def inside(path: str) -> str:
         return PurePosixPath(*PurePosixPath(path).parts[1:]).as_posix() if under_split_folder else path
 
@@ -144,8 +145,7 @@ def labels_from_csv(csv_path: Path, relative_paths: Sequence[str]) -> dict[str, 
 
 
 def label_images(
-    relative_paths: Sequence[str], *, method: str, pattern: str, csv_path: Path | None,
-    under_split_folder: bool = False,
+    relative_paths: Sequence[str], *, method: str, pattern: str, csv_path: Path | None, under_split_folder: bool = False
 ) -> dict[str, str | None]:
     """Map each relative path to its label by labels.method; None means unmatched. under_split_folder: every
     path starts with its split's folder (split.method folders), which folder labels skip."""
@@ -188,16 +188,20 @@ def load_corrections(path: Path) -> dict[str, Correction]:
         raise PetpipeError(f"{source}: action must be relabel or exclude, got {', '.join(shown)}")
     unlabelled = table.loc[(table["action"] == "relabel") & (table["label"].str.strip() == ""), "path"].tolist()
     if unlabelled:
-        raise PetpipeError(f"{source}: relabel without a new label for {_few(unlabelled)}; "
-                           "put the class in the label column")
-    return {row.path: Correction(row.action, row.label if row.action == "relabel" else "")
-            for row in table.itertuples()}
+        raise PetpipeError(
+            f"{source}: relabel without a new label for {_few(unlabelled)}; put the class in the label column"
+        )
+    return {
+        row.path: Correction(row.action, row.label if row.action == "relabel" else "") for row in table.itertuples()
+    }
 
 
 def corrections_table(corrections: dict[str, Correction]) -> pd.DataFrame:
     """The rows labels.corrections holds, sorted by path so that a git diff shows only what changed."""
-    rows = [{"path": path, "action": correction.action, "label": correction.label}
-            for path, correction in sorted(corrections.items())]
+    rows = [
+        {"path": path, "action": correction.action, "label": correction.label}
+        for path, correction in sorted(corrections.items())
+    ]
     return pd.DataFrame(rows, columns=CORRECTION_COLUMNS)
 
 
@@ -214,8 +218,10 @@ def apply_corrections(
     classes = set(labels.values())
     unknown = sorted({c.label for c in corrections.values() if c.action == "relabel"} - classes)
     if unknown:
-        raise PetpipeError(f"{source}: relabel to unknown class(es) {_few(unknown)}; "
-                           f"use one of the classes the images have ({_few(sorted(classes))})")
+        raise PetpipeError(
+            f"{source}: relabel to unknown class(es) {_few(unknown)}; "
+            f"use one of the classes the images have ({_few(sorted(classes))})"
+        )
     corrected = dict(labels)
     done: dict[str, Any] = {"relabelled": 0, "excluded": 0, "ignored": []}
     for path, correction in sorted(corrections.items()):
@@ -263,8 +269,10 @@ def find_split_folders(relative_paths: Iterable[str]) -> dict[str, str]:
     twice = {split: names for split, names in found.items() if len(names) > 1}
     if twice:
         split, names = next(iter(twice.items()))
-        raise PetpipeError(f"folders {', '.join(n + '/' for n in names)} all name the {split} split; "
-                           "keep one of them (or set split.method random)")
+        raise PetpipeError(
+            f"folders {', '.join(n + '/' for n in names)} all name the {split} split; "
+            "keep one of them (or set split.method random)"
+        )
     return {split: names[0] for split, names in found.items()}
 
 
@@ -278,10 +286,12 @@ def plan_split(relative_paths: Sequence[str], *, method: str, file: str | None) 
     if method == "folders" and not usable:
         raise PetpipeError(
             "split.method folders needs train/ and valid/ (or val/, validation/; optionally test/) folders at "
-            f"the top of the images, found {listed or 'none'}; make them or set split.method auto or random")
+            f"the top of the images, found {listed or 'none'}; make them or set split.method auto or random"
+        )
     if usable:
-        return SplitPlan("folders", f"{'auto' if method == 'auto' else 'split.method folders'}: the folders "
-                         f"{listed}", folders)
+        return SplitPlan(
+            "folders", f"{'auto' if method == 'auto' else 'split.method folders'}: the folders {listed}", folders
+        )
     why = "split.method random" if method == "random" else "auto: no train/ and valid/ folders"
     return SplitPlan("random", f"{why}; stratified per class", {})
 
@@ -326,8 +336,7 @@ def stratified_split(labels: dict[str, str], *, valid_pct: float, test_pct: floa
         ordered = sorted(paths, key=lambda path: (split_key(path, seed), path))
         n_valid, n_test = held_out_counts(len(ordered), valid_pct=valid_pct, test_pct=test_pct)
         for position, path in enumerate(ordered):
-            splits[path] = ("valid" if position < n_valid else
-                            "test" if position >= len(ordered) - n_test else "train")
+            splits[path] = "valid" if position < n_valid else "test" if position >= len(ordered) - n_test else "train"
     return {path: splits[path] for path in labels}
 
 
@@ -352,8 +361,9 @@ def splits_from_file(split_path: Path, relative_paths: Sequence[str]) -> dict[st
     return {path: fixed[path] for path in relative_paths}
 
 
-def split_images(labels: dict[str, str], plan: SplitPlan, *, valid_pct: float, test_pct: float,
-                 seed: int) -> dict[str, str]:
+def split_images(
+    labels: dict[str, str], plan: SplitPlan, *, valid_pct: float, test_pct: float, seed: int
+) -> dict[str, str]:
     """train/valid/test for each labelled path, by the plan: the user's folders or file, else stratified.
 
     With folders, a split without its folder is drawn from train/ as random would (valid by valid_pct,
@@ -366,21 +376,29 @@ def split_images(labels: dict[str, str], plan: SplitPlan, *, valid_pct: float, t
         return stratified_split(labels, valid_pct=valid_pct, test_pct=test_pct, seed=seed)
     placed = {path: plan.folder_of(path) for path in labels}
     in_train = {path: label for path, label in labels.items() if placed[path] == "train"}
-    drawn = stratified_split(in_train, valid_pct=0.0 if "valid" in plan.folders else valid_pct,
-                             test_pct=0.0 if "test" in plan.folders else test_pct, seed=seed)
+    drawn = stratified_split(
+        in_train,
+        valid_pct=0.0 if "valid" in plan.folders else valid_pct,
+        test_pct=0.0 if "test" in plan.folders else test_pct,
+        seed=seed,
+    )
     return {path: drawn.get(path) or str(placed[path]) for path in labels}
 
 
 # --- index -----------------------------------------------------------------------------------
 
 
-def build_index(
-    labels: dict[str, str], infos: dict[str, ImageInfo], splits: dict[str, str]
-) -> pd.DataFrame:
+def build_index(labels: dict[str, str], infos: dict[str, ImageInfo], splits: dict[str, str]) -> pd.DataFrame:
     """index.csv as a frame: one row per usable, labelled image, sorted by path."""
     rows = [
-        {"path": path, "label": labels[path], "split": splits[path],
-         "width": infos[path].width, "height": infos[path].height, "hash": infos[path].hash}
+        {
+            "path": path,
+            "label": labels[path],
+            "split": splits[path],
+            "width": infos[path].width,
+            "height": infos[path].height,
+            "hash": infos[path].hash,
+        }
         for path in sorted(labels)
     ]
     return pd.DataFrame(rows, columns=INDEX_COLUMNS)
@@ -403,10 +421,13 @@ def find_leaks(index: pd.DataFrame) -> list[dict[str, str]]:
     leaks = []
     for first, second in (("train", "valid"), ("train", "test"), ("valid", "test")):
         pairs = index.loc[index["split"] == first, ["path", "hash"]].merge(
-            index.loc[index["split"] == second, ["path", "hash"]], on="hash", suffixes=("_a", "_b"))
+            index.loc[index["split"] == second, ["path", "hash"]], on="hash", suffixes=("_a", "_b")
+        )
         pairs = pairs.sort_values(["hash", "path_a", "path_b"])
-        leaks += [{first: path_a, second: path_b, "hash": content_hash}
-                  for path_a, path_b, content_hash in zip(pairs["path_a"], pairs["path_b"], pairs["hash"])]
+        leaks += [
+            {first: path_a, second: path_b, "hash": content_hash}
+            for path_a, path_b, content_hash in zip(pairs["path_a"], pairs["path_b"], pairs["hash"])
+        ]
     return leaks
 
 
@@ -414,9 +435,11 @@ def class_imbalance(counts: pd.DataFrame) -> dict[str, Any]:
     """The largest and smallest class (images over every split) and their ratio, as report.json holds it."""
     totals = counts.sum(axis=1)
     largest, smallest = str(totals.idxmax()), str(totals.idxmin())
-    return {"largest": {"class": largest, "images": int(totals[largest])},
-            "smallest": {"class": smallest, "images": int(totals[smallest])},
-            "ratio": round(float(totals[largest]) / max(int(totals[smallest]), 1), 2)}
+    return {
+        "largest": {"class": largest, "images": int(totals[largest])},
+        "smallest": {"class": smallest, "images": int(totals[smallest])},
+        "ratio": round(float(totals[largest]) / max(int(totals[smallest]), 1), 2),
+    }
 
 
 def load_index(path: Path) -> pd.DataFrame:
@@ -438,8 +461,9 @@ def load_index(path: Path) -> pd.DataFrame:
     index = index[INDEX_COLUMNS]
     bad_split = sorted(set(index["split"]) - set(SPLITS))
     if bad_split:
-        raise PetpipeError(f"{path}: split must be train, valid or test, found {', '.join(map(repr, bad_split))}; "
-                           f"{hint}")
+        raise PetpipeError(
+            f"{path}: split must be train, valid or test, found {', '.join(map(repr, bad_split))}; {hint}"
+        )
     try:
         index = index.astype({"width": int, "height": int})
     except ValueError as error:

@@ -40,8 +40,9 @@ class ImageSet:
     geometry: torch.Tensor | None = None
 
     @classmethod
-    def from_cache(cls, pixels: np.ndarray, targets: np.ndarray, device: torch.device,
-                   geometry: np.ndarray | None = None) -> ImageSet:
+    def from_cache(
+        cls, pixels: np.ndarray, targets: np.ndarray, device: torch.device, geometry: np.ndarray | None = None
+    ) -> ImageSet:
         """On a CPU the tensor is the (copy-on-write) memory map itself: batches copy only their own
         images, and the OS pages the rest in and out. On a GPU the whole set is copied to the device once."""
         subset = torch.from_numpy(pixels)
@@ -74,9 +75,17 @@ class Dataset:
         return self.index[self.index["split"] == split].reset_index(drop=True)
 
 
-def load_dataset(index_path: Path, images: Path, *, presize: int, runtime: Runtime, workers: int,
-                 classes: Sequence[str] | None = None, wide_train: bool = False,
-                 with_test: bool = False) -> Dataset:
+def load_dataset(
+    index_path: Path,
+    images: Path,
+    *,
+    presize: int,
+    runtime: Runtime,
+    workers: int,
+    classes: Sequence[str] | None = None,
+    wide_train: bool = False,
+    with_test: bool = False,
+) -> Dataset:
     """The indexed images as train and valid ImageSets on the runtime's device, decoded once into the
     pixel cache; with_test, the test split's too (evaluate's; the training stages leave it unread).
 
@@ -89,16 +98,19 @@ def load_dataset(index_path: Path, images: Path, *, presize: int, runtime: Runti
     classes = list(classes) if classes is not None else class_names(index)
     unknown = sorted(set(index["label"]) - set(classes))
     if unknown:
-        raise PetpipeError(f"{index_path} has labels the model was not trained on: {', '.join(unknown[:5])}; "
-                           f"rerun train-head (dvc repro)")
+        raise PetpipeError(
+            f"{index_path} has labels the model was not trained on: {', '.join(unknown[:5])}; "
+            f"rerun train-head (dvc repro)"
+        )
     # The test split only when asked for and not empty: no pixel cache of nothing.
     splits = ("train", "valid") + (("test",) if with_test and (index["split"] == "test").any() else ())
     rows = {split: np.flatnonzero((index["split"] == split).to_numpy()) for split in splits}
     paths = [images / relative for relative in index["path"]]
     missing = [str(paths[row]) for chosen in rows.values() for row in chosen if not paths[row].is_file()]
     if missing:
-        raise PetpipeError(f"{len(missing)} indexed images are missing, e.g. {missing[0]}; "
-                           f"rerun fetch and index-labels (dvc repro)")
+        raise PetpipeError(
+            f"{len(missing)} indexed images are missing, e.g. {missing[0]}; rerun fetch and index-labels (dvc repro)"
+        )
     class_ids = index["label"].map({name: position for position, name in enumerate(classes)}).to_numpy()
     if not world.is_main:
         barrier()  # rank 0 decodes the images into the cache first; the others then map it
@@ -117,5 +129,6 @@ def load_dataset(index_path: Path, images: Path, *, presize: int, runtime: Runti
         return ImageSet.from_cache(pixels[split], class_ids[rows[split]], device, geometry.get(split))
 
     test = subset("test") if "test" in rows else None
-    return Dataset(classes=classes, train=subset("train"), valid=subset("valid"), index=index, folder=Path(images),
-                   test=test)
+    return Dataset(
+        classes=classes, train=subset("train"), valid=subset("valid"), index=index, folder=Path(images), test=test
+    )

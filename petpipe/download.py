@@ -8,8 +8,8 @@ import hashlib
 import logging
 import os
 import re
-from pathlib import Path, PurePosixPath
 from collections.abc import Callable
+from pathlib import Path, PurePosixPath
 from typing import IO, Any
 from urllib.parse import urlparse
 
@@ -54,9 +54,12 @@ def download_archive(url: str, checksum: str | None, directory: Path) -> Path:
     if checksum is not None:
         if resumed and not _digest_matches(part, checksum):
             # Only the whole file can be checked: a partial one claims to be a prefix of it, nothing more.
-            log.warning("warning: %s, resumed from the partial download %s, does not match data.checksum (the "
-                        "partial file was damaged, or the file changed on the server); downloading it whole again",
-                        url, part)
+            log.warning(
+                "warning: %s, resumed from the partial download %s, does not match data.checksum (the "
+                "partial file was damaged, or the file changed on the server); downloading it whole again",
+                url,
+                part,
+            )
             part.unlink()
             content_type = _download(url, part)
             _refuse_non_archive(part, url, content_type)
@@ -74,8 +77,12 @@ def _keeping_partial(download: Callable[[], str | None], url: str, part: Path) -
         if refusal is None:
             raise
         size = part.stat().st_size if part.is_file() else 0
-        kept = (f"the {megabytes(size)} of {url} downloaded so far are kept in {display(part)} and the rerun resumes "
-                f"from them" if size else f"nothing of {url} was kept")
+        kept = (
+            f"the {megabytes(size)} of {url} downloaded so far are kept in {display(part)} and the rerun resumes "
+            f"from them"
+            if size
+            else f"nothing of {url} was kept"
+        )
         raise refusal.keeping(kept) from None
 
 
@@ -95,8 +102,13 @@ def _sound_partial(part: Path, url: str) -> bool:
     except Exception:  # noqa: BLE001 - a damaged prefix may raise anything from the decompressors
         sound = False
     if not sound:
-        log.warning("warning: partial download %s of %s does not begin as an archive does (it begins %r); "
-                    "downloading it whole again", part, url, read_head(part)[:16])
+        log.warning(
+            "warning: partial download %s of %s does not begin as an archive does (it begins %r); "
+            "downloading it whole again",
+            part,
+            url,
+            read_head(part)[:16],
+        )
         part.unlink()
     return sound
 
@@ -118,8 +130,13 @@ def _download_http(url: str, part: Path) -> str | None:
                 total = _content_range_total(response)
                 if total is None or total == offset:
                     return None
-                log.warning("warning: partial download %s holds %d bytes, more than the %d of %s; "
-                            "downloading it whole again", part, offset, total, url)
+                log.warning(
+                    "warning: partial download %s holds %d bytes, more than the %d of %s; downloading it whole again",
+                    part,
+                    offset,
+                    total,
+                    url,
+                )
                 part.unlink()
                 return _download_http(url, part)
             response.raise_for_status()
@@ -172,8 +189,13 @@ def _download_fsspec(url: str, part: Path) -> None:
     try:
         total = filesystem.size(path)
         if offset > total:
-            log.warning("warning: partial download %s holds %d bytes, more than the %d of %s; "
-                        "downloading it whole again", part, offset, total, url)
+            log.warning(
+                "warning: partial download %s holds %d bytes, more than the %d of %s; downloading it whole again",
+                part,
+                offset,
+                total,
+                url,
+            )
             offset = 0
         with filesystem.open(path, "rb") as remote, part.open("ab" if offset else "wb") as file:
             file.truncate(offset)
@@ -204,8 +226,9 @@ def _fsspec_filesystem(url: str) -> tuple[Any, str]:
 def _copy_with_progress(chunks: Any, file: IO[bytes], offset: int, total: int | None, url: str) -> None:
     name = PurePosixPath(urlparse(url).path).name or url
     # disable=None: a bar on a terminal, silence in logs and tests.
-    with tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
-              disable=None) as bar:
+    with tqdm(
+        total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=name, disable=None
+    ) as bar:
         for chunk in chunks:
             file.write(chunk)
             bar.update(len(chunk))
@@ -215,8 +238,10 @@ def download_failed(url: str, reason: str, resumable: bool = False, unreachable:
     """The message for a failed download, in one line: what failed, why, and how to go on without the network."""
     why = ": the network or the server is unreachable" if unreachable else ""
     retry = "Run again to resume the partial download, or, without" if resumable else "Without"
-    return (f"download of {url} failed ({reason}){why}. {retry} network access, use local photos (a folder or "
-            "an archive): dvc exp run -S data.source=/path/to/images -S data.checksum=null (or edit params.yaml)")
+    return (
+        f"download of {url} failed ({reason}){why}. {retry} network access, use local photos (a folder or "
+        "an archive): dvc exp run -S data.source=/path/to/images -S data.checksum=null (or edit params.yaml)"
+    )
 
 
 def _reason(error: BaseException) -> str:

@@ -15,8 +15,7 @@ from petpipe.plots import plot_show_batch
 from petpipe.views import Views
 
 
-def show_batch_figure(index: pd.DataFrame, images: Path, *, split: str, count: int, views: Views,
-                      seed: int) -> Figure:
+def show_batch_figure(index: pd.DataFrame, images: Path, *, split: str, count: int, views: Views, seed: int) -> Figure:
     """fastai's show_batch: `count` images of a split as the model sees them (`views`, before normalisation).
 
     train: augmented like a training batch, drawn as index-labels' show_batch.png

@@ -61,8 +61,10 @@ def read_url_file(path: Path) -> str:
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     urls = [line for line in lines if line and not line.startswith("#")]
     if len(urls) != 1 or "://" not in urls[0] or urls[0].startswith("file://"):
-        raise PetpipeError(f"data.source {path}: a .url file holds one http(s)/s3/gs URL on a line of its own "
-                           f"(lines starting with # are comments); found {urls[:3] or 'none'}")
+        raise PetpipeError(
+            f"data.source {path}: a .url file holds one http(s)/s3/gs URL on a line of its own "
+            f"(lines starting with # are comments); found {urls[:3] or 'none'}"
+        )
     return urls[0]
 
 
@@ -100,13 +102,19 @@ def _refuse_overlap(source: Path, destination: Path) -> None:
 
 
 def _special_file_kind(path: Path) -> str | None:
-    """"a named pipe", "a socket", ... for a file that is not a regular file (after symlinks); else None."""
+    """ "a named pipe", "a socket", ... for a file that is not a regular file (after symlinks); else None."""
     try:
         mode = os.stat(path).st_mode  # never opens it: opening a named pipe would wait for a writer
     except OSError:
         return None  # a dangling or looping symlink: copying it fails with its own error, naming the file
-    kinds = {stat.S_IFIFO: "a named pipe", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
-             stat.S_IFBLK: "a block device", stat.S_IFDIR: None, stat.S_IFREG: None}
+    kinds = {
+        stat.S_IFIFO: "a named pipe",
+        stat.S_IFSOCK: "a socket",
+        stat.S_IFCHR: "a character device",
+        stat.S_IFBLK: "a block device",
+        stat.S_IFDIR: None,
+        stat.S_IFREG: None,
+    }
     return kinds.get(stat.S_IFMT(mode), "a special file")
 
 
@@ -136,15 +144,20 @@ class Tally:
         return self.counts["downloaded"] + self.counts["present"]
 
     def metrics(self) -> dict[str, int]:
-        return {"urls": len(self.rows), "images": self.kept,
-                **{status: self.counts[status] for status in STATUSES},
-                **{f"failed_{reason.replace('-', '_')}": count for reason, count in self.failures.items()}}
+        return {
+            "urls": len(self.rows),
+            "images": self.kept,
+            **{status: self.counts[status] for status in STATUSES},
+            **{f"failed_{reason.replace('-', '_')}": count for reason, count in self.failures.items()},
+        }
 
     def summary(self) -> str:
         by_reason = ", ".join(f"{reason} {count}" for reason, count in self.failures.most_common())
-        return (f"{self.counts['downloaded']} downloaded, {self.counts['present']} already present, "
-                f"{self.counts['duplicate']} duplicate, {self.counts['failed']} failed"
-                + (f" ({by_reason})" if by_reason else ""))
+        return (
+            f"{self.counts['downloaded']} downloaded, {self.counts['present']} already present, "
+            f"{self.counts['duplicate']} duplicate, {self.counts['failed']} failed"
+            + (f" ({by_reason})" if by_reason else "")
+        )
 
 
 STATUSES = ("downloaded", "present", "duplicate", "failed")
@@ -161,8 +174,10 @@ def fetch_url_list(source: str, settings: Settings, destination: Path, report: P
         _place_photos(entries, outcomes, staging, tally)
         write_report(report, tally.rows)
         if tally.kept == 0:
-            raise PetpipeError(f"data.source {source}: none of its {len(entries)} URLs gave a photo "
-                               f"({tally.summary()}); see {report} for each URL's reason")
+            raise PetpipeError(
+                f"data.source {source}: none of its {len(entries)} URLs gave a photo "
+                f"({tally.summary()}); see {report} for each URL's reason"
+            )
     return tally
 
 

@@ -158,6 +158,8 @@ def autocast(device: torch.device, precision: str = "auto", *, training: bool = 
 def compiled(model: nn.Module) -> nn.Module:
     """torch.compile with a clear error where it cannot work (no C++ compiler for CPU code)."""
     if next(model.parameters()).device.type == "cpu" and shutil.which(os.environ.get("CXX", "g++")) is None:
-        raise PetpipeError("train.compile is true but no C++ compiler (g++) is on PATH, which torch.compile "
-                           "needs for CPU code; install one (apt install g++) or set train.compile: false")
+        raise PetpipeError(
+            "train.compile is true but no C++ compiler (g++) is on PATH, which torch.compile "
+            "needs for CPU code; install one (apt install g++) or set train.compile: false"
+        )
     return torch.compile(model)

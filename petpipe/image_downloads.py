@@ -44,10 +44,19 @@ CHUNK_BYTES = 1 << 16
 # Decoded size petpipe accepts (as petpipe/pixels.py): a few kilobytes can claim billions of pixels.
 MAX_PIXELS = 128_000_000
 # What Pillow calls the formats kept, and the extension each gets (index-labels reads these).
-FORMAT_SUFFIXES = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp",
-                   "TIFF": ".tiff"}
-HEADERS = {"User-Agent": "petpipe (fetch of a data.source URL list)",
-           "Accept": "image/avif,image/webp,image/png,image/jpeg,image/*;q=0.8,*/*;q=0.5"}
+FORMAT_SUFFIXES = {
+    "JPEG": ".jpg",
+    "MPO": ".jpg",
+    "PNG": ".png",
+    "GIF": ".gif",
+    "WEBP": ".webp",
+    "BMP": ".bmp",
+    "TIFF": ".tiff",
+}
+HEADERS = {
+    "User-Agent": "petpipe (fetch of a data.source URL list)",
+    "Accept": "image/avif,image/webp,image/png,image/jpeg,image/*;q=0.8,*/*;q=0.5",
+}
 
 
 @dataclass(frozen=True)
@@ -282,8 +291,11 @@ def _get(session: requests.Session, url: str, settings: Settings) -> tuple[bytes
         return Failure("too-many-redirects", f"more than {MAX_REDIRECTS} redirects (a loop?)")
     except requests.Timeout:
         return Failure("timeout", f"no answer within {settings.timeout:g} s", transient=True)
-    except (requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL,
-            requests.exceptions.MissingSchema) as error:  # e.g. a redirect to ftp:// or file://
+    except (
+        requests.exceptions.InvalidSchema,
+        requests.exceptions.InvalidURL,
+        requests.exceptions.MissingSchema,
+    ) as error:  # e.g. a redirect to ftp:// or file://
         return Failure("bad-url", _first_line(error))
     except requests.ConnectionError as error:
         return Failure("connection", _connection_reason(error), transient=True)
@@ -300,8 +312,9 @@ def _read_capped(response: requests.Response, settings: Settings, deadline: floa
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            return Failure("timeout", f"not complete within {settings.timeout:g} s ({len(buffer)} bytes arrived)",
-                           transient=True)
+            return Failure(
+                "timeout", f"not complete within {settings.timeout:g} s ({len(buffer)} bytes arrived)", transient=True
+            )
         chunk = raw.read1(CHUNK_BYTES, decode_content=True)
         if not chunk:
             return bytes(buffer)
@@ -325,28 +338,42 @@ def _identify(data: bytes, content_type: str | None) -> tuple[bytes, str] | Fail
     except UnidentifiedImageError:
         if looks_like_html(data[:512], content_type):
             return Failure("html-page", "the server sent an HTML page, not an image")
-        return Failure("not-an-image", f"cannot identify an image in it ({content_type or 'no Content-Type'}, "
-                                       f"begins {data[:8]!r})")
+        return Failure(
+            "not-an-image", f"cannot identify an image in it ({content_type or 'no Content-Type'}, begins {data[:8]!r})"
+        )
     except Exception as error:  # noqa: BLE001 - any decoder failure means the file is unusable
         return Failure("truncated", f"does not decode: {_first_line(error)}")
     suffix = FORMAT_SUFFIXES.get(image_format or "")
     if suffix is None:
-        return Failure("unsupported-format", f"a {image_format} image; petpipe keeps "
-                                             f"{', '.join(sorted(set(FORMAT_SUFFIXES) - {'MPO'}))}")
+        return Failure(
+            "unsupported-format",
+            f"a {image_format} image; petpipe keeps {', '.join(sorted(set(FORMAT_SUFFIXES) - {'MPO'}))}",
+        )
     return data, suffix
 
 
 def _http_failure(response: requests.Response) -> Failure:
     status = response.status_code
     retry_after = response.headers.get("Retry-After", "")
-    return Failure(f"http-{status}", response.reason or "error", transient=status in TRANSIENT_STATUSES,
-                   retry_after=float(retry_after) if retry_after.isdigit() else None)
+    return Failure(
+        f"http-{status}",
+        response.reason or "error",
+        transient=status in TRANSIENT_STATUSES,
+        retry_after=float(retry_after) if retry_after.isdigit() else None,
+    )
 
 
 def _connection_reason(error: BaseException) -> str:
     text = str(error)
-    for known in ("Connection refused", "Name or service not known", "Temporary failure in name resolution",
-                  "No route to host", "Connection reset by peer", "Network is unreachable", "RemoteDisconnected"):
+    for known in (
+        "Connection refused",
+        "Name or service not known",
+        "Temporary failure in name resolution",
+        "No route to host",
+        "Connection reset by peer",
+        "Network is unreachable",
+        "RemoteDisconnected",
+    ):
         if known in text:
             return known
     return _first_line(error)

@@ -44,9 +44,12 @@ def per_class_metrics(actual: np.ndarray, predicted: np.ndarray, classes: Sequen
     0.0 (scikit-learn's zero_division=0): never NaN, which JSON cannot hold.
     """
     precision, recall, f1, support = metrics.precision_recall_fscore_support(
-        actual, predicted, labels=np.arange(len(classes)), zero_division=0)
-    return pd.DataFrame({"precision": precision, "recall": recall, "f1": f1, "support": support},
-                        index=pd.Index(list(classes), name="class"))
+        actual, predicted, labels=np.arange(len(classes)), zero_division=0
+    )
+    return pd.DataFrame(
+        {"precision": precision, "recall": recall, "f1": f1, "support": support},
+        index=pd.Index(list(classes), name="class"),
+    )
 
 
 def macro_f1(actual: np.ndarray, predicted: np.ndarray) -> float:
@@ -82,12 +85,12 @@ def top_k_accuracy(log_probabilities: np.ndarray, targets: np.ndarray, *, k: int
         return float((log_probabilities.argmax(axis=1) == targets).mean())
     # scikit-learn refuses infinite scores; log(0) = -inf becomes the lowest finite number: same order.
     scores = np.maximum(log_probabilities, np.finfo(np.float64).min)
-    return float(metrics.top_k_accuracy_score(classes - 1 - targets, scores[:, ::-1], k=k,
-                                              labels=np.arange(classes)))
+    return float(metrics.top_k_accuracy_score(classes - 1 - targets, scores[:, ::-1], k=k, labels=np.arange(classes)))
 
 
-def classification_metrics(log_probabilities: np.ndarray, targets: np.ndarray,
-                           classes: Sequence[str]) -> dict[str, Any]:
+def classification_metrics(
+    log_probabilities: np.ndarray, targets: np.ndarray, classes: Sequence[str]
+) -> dict[str, Any]:
     """The headline numbers of metrics.json (scalars only, so they compare across experiments in `dvc exp
     show`), from log-probabilities (N, C); the per-class table is per_class_metrics (per_class.csv)."""
     if len(targets) == 0:
@@ -108,11 +111,13 @@ def most_confused(matrix: np.ndarray, classes: Sequence[str], *, min_count: int 
     """fastai's most_confused: off-diagonal (actual, predicted, count) with count >= min_count, most first."""
     actual, predicted = np.nonzero(matrix >= max(min_count, 1))
     off_diagonal = actual != predicted
-    frame = pd.DataFrame({
-        "actual": [classes[position] for position in actual[off_diagonal]],
-        "predicted": [classes[position] for position in predicted[off_diagonal]],
-        "count": matrix[actual[off_diagonal], predicted[off_diagonal]].astype(np.int64),
-    })
+    frame = pd.DataFrame(
+        {
+            "actual": [classes[position] for position in actual[off_diagonal]],
+            "predicted": [classes[position] for position in predicted[off_diagonal]],
+            "count": matrix[actual[off_diagonal], predicted[off_diagonal]].astype(np.int64),
+        }
+    )
     frame = frame.sort_values(["count", "actual", "predicted"], ascending=[False, True, True], kind="stable")
     return frame.reset_index(drop=True)
 
@@ -126,18 +131,21 @@ def top_losses(losses: np.ndarray, *, k: int) -> np.ndarray:
 TOP_LOSSES_COLUMNS = ["path", "actual", "predicted", "loss", "probability_actual", "probability_predicted"]
 
 
-def top_losses_table(log_probabilities: np.ndarray, targets: np.ndarray, *, paths: Sequence[str],
-                     classes: Sequence[str], k: int) -> pd.DataFrame:
+def top_losses_table(
+    log_probabilities: np.ndarray, targets: np.ndarray, *, paths: Sequence[str], classes: Sequence[str], k: int
+) -> pd.DataFrame:
     """fastai's plot_top_losses as rows: path, actual, predicted, loss, p(actual), p(predicted)."""
     losses = per_image_losses(log_probabilities, targets)
     chosen = top_losses(losses, k=k)
     predicted = log_probabilities.argmax(axis=1)
     probabilities = np.exp(log_probabilities)
-    return pd.DataFrame({
-        "path": [paths[position] for position in chosen],
-        "actual": [classes[targets[position]] for position in chosen],
-        "predicted": [classes[predicted[position]] for position in chosen],
-        "loss": losses[chosen],
-        "probability_actual": probabilities[chosen, targets[chosen]],
-        "probability_predicted": probabilities[chosen, predicted[chosen]],
-    })
+    return pd.DataFrame(
+        {
+            "path": [paths[position] for position in chosen],
+            "actual": [classes[targets[position]] for position in chosen],
+            "predicted": [classes[predicted[position]] for position in chosen],
+            "loss": losses[chosen],
+            "probability_actual": probabilities[chosen, targets[chosen]],
+            "probability_predicted": probabilities[chosen, predicted[chosen]],
+        }
+    )

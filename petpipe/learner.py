@@ -31,11 +31,11 @@ from petpipe.levers import choose_levers
 from petpipe.memory import MemoryEstimate
 from petpipe.models import Classifier
 from petpipe.params import Params, TrainParams
+from petpipe.pipeline import path_option
 from petpipe.progress import EpochTable, progress_bar
 from petpipe.resume import ResumeFile
-from petpipe.spec import ModelSpec
-from petpipe.pipeline import path_option
 from petpipe.runner import Context
+from petpipe.spec import ModelSpec
 from petpipe.training import Criterion, FitHooks, FitState, Phase, fit
 from petpipe.views import Views
 
@@ -89,8 +89,9 @@ class Learner:
     def views(self) -> Views:
         return Views.of(self.spec, self.settings.augment, size_ratio=self.size_ratio)
 
-    def checkpoint(self, used: dict[str, Any], history: list[dict[str, float]],
-                   resume: dict[str, Any] | None = None) -> Checkpoint:
+    def checkpoint(
+        self, used: dict[str, Any], history: list[dict[str, float]], resume: dict[str, Any] | None = None
+    ) -> Checkpoint:
         return Checkpoint.of(self.model, self.spec, stage=self.stage, params=used, history=history, resume=resume)
 
 
@@ -125,8 +126,10 @@ class Progress:
     def kept_words(self) -> str:
         if self.kept == 0:
             return "no epoch was completed, so none is kept"
-        return (f"the last completed epoch ({self.kept}) is kept in {display(self.resume_file.path)}, "
-                f"and dvc repro resumes from it")
+        return (
+            f"the last completed epoch ({self.kept}) is kept in {display(self.resume_file.path)}, "
+            f"and dvc repro resumes from it"
+        )
 
 
 def fit_and_save(learner: Learner, phase: Phase, record: Record) -> Fitted:
@@ -146,8 +149,9 @@ def fit_and_save(learner: Learner, phase: Phase, record: Record) -> Fitted:
     return Fitted(metrics, guess)
 
 
-def _fit_and_write(learner: Learner, phase: Phase, record: Record, progress: Progress,
-                   resumed: Checkpoint | None) -> dict[str, Any]:
+def _fit_and_write(
+    learner: Learner, phase: Phase, record: Record, progress: Progress, resumed: Checkpoint | None
+) -> dict[str, Any]:
     main = learner.runtime.world.is_main
     to_device(learner.model, learner.runtime.device)
     runtime = choose_levers(learner.runtime, learner.model, learner.data.train, learner.views, learner.settings)
@@ -159,20 +163,33 @@ def _fit_and_write(learner: Learner, phase: Phase, record: Record, progress: Pro
         if criterion.weight is not None:
             table.show(f"{learner.stage}: loss {criterion.describe()}")
         table.show(table.header())
-    hooks = FitHooks(on_epoch_end=_saving_each_epoch(learner, record, progress, table) if main else None,
-                     progress=progress_bar(learner.stage) if main else None)
-    history = fit(learner.model, learner.data, views=learner.views, phase=phase, settings=learner.settings,
-                  runtime=runtime, criterion=criterion, resume=FitState(**resumed.resume) if resumed else None,
-                  hooks=hooks)
+    hooks = FitHooks(
+        on_epoch_end=_saving_each_epoch(learner, record, progress, table) if main else None,
+        progress=progress_bar(learner.stage) if main else None,
+    )
+    history = fit(
+        learner.model,
+        learner.data,
+        views=learner.views,
+        phase=phase,
+        settings=learner.settings,
+        runtime=runtime,
+        criterion=criterion,
+        resume=FitState(**resumed.resume) if resumed else None,
+        hooks=hooks,
+    )
     metrics = final_metrics(history, stage=learner.stage)
     if main:
         try:
             with timing.phase("write"):
-                write_training_outputs(record.outputs, learner.checkpoint(record.used, history), metrics,
-                                       title=record.title)
+                write_training_outputs(
+                    record.outputs, learner.checkpoint(record.used, history), metrics, title=record.title
+                )
         except WriteFailed as error:
-            raise error.keeping(f"all {len(history)} epochs are kept in {display(progress.resume_file.path)}, so "
-                                f"the rerun only writes the outputs") from None
+            raise error.keeping(
+                f"all {len(history)} epochs are kept in {display(progress.resume_file.path)}, so "
+                f"the rerun only writes the outputs"
+            ) from None
         with timing.phase("tracking"):
             log.log_artifacts([record.outputs.metrics, record.outputs.history, record.outputs.plot])
             _log_model(learner, record)
@@ -192,9 +209,15 @@ def _stopping(learner: Learner, progress: Progress) -> Iterator[None]:
         # Let go of the failed epoch's frames now: its progress bar closes (and erases itself) before the
         # one line is printed, not after it, whenever the exception would have been collected.
         traceback.clear_frames(error.__traceback__)
-        why = ("disk" if isinstance(error, WriteFailed) else
-               "out of memory" if isinstance(error, torch.OutOfMemoryError) else
-               "interrupted" if isinstance(error, KeyboardInterrupt) else "error")
+        why = (
+            "disk"
+            if isinstance(error, WriteFailed)
+            else "out of memory"
+            if isinstance(error, torch.OutOfMemoryError)
+            else "interrupted"
+            if isinstance(error, KeyboardInterrupt)
+            else "error"
+        )
         if learner.runtime.world.is_main:  # rank 0 alone writes resume files
             progress.resume_file.note_stop(why)
         said = _what_was_kept(learner, progress, error)
@@ -209,8 +232,13 @@ def _what_was_kept(learner: Learner, progress: Progress, error: BaseException) -
         kept_in_resume = error.path in (progress.resume_file.path, progress.resume_file.record)
         return error.keeping(progress.kept_words()) if kept_in_resume else None
     if isinstance(error, torch.OutOfMemoryError):
-        return memory.out_of_memory(stage, learner.runtime.device, batch_size=learner.settings.batch_size,
-                                    img_size=learner.spec.img_size, kept=progress.kept_words())
+        return memory.out_of_memory(
+            stage,
+            learner.runtime.device,
+            batch_size=learner.settings.batch_size,
+            img_size=learner.spec.img_size,
+            kept=progress.kept_words(),
+        )
     if isinstance(error, KeyboardInterrupt) and not isinstance(error, Interrupted):
         in_flight = min(progress.kept + 1, progress.epochs)
         return Interrupted(f"{stage}: interrupted in epoch {in_flight} of {progress.epochs}; {progress.kept_words()}")
@@ -223,27 +251,37 @@ def _memory_check(learner: Learner, phase: Phase, *, killed_before: bool) -> Mem
     if learner.runtime.device.type != "cpu":
         return None
     data, size = learner.data, round(learner.spec.img_size * learner.size_ratio)
-    guess = memory.estimate(learner.model, img_size=size, batch_size=learner.settings.batch_size,
-                            images=len(data.train), pixel_bytes=data.train.pixels.nbytes + data.valid.pixels.nbytes,
-                            features=phase.feature_views > 0)
+    guess = memory.estimate(
+        learner.model,
+        img_size=size,
+        batch_size=learner.settings.batch_size,
+        images=len(data.train),
+        pixel_bytes=data.train.pixels.nbytes + data.valid.pixels.nbytes,
+        features=phase.feature_views > 0,
+    )
     log.debug("memory estimate: %s", guess)
     if killed_before:
-        log.warning("warning: %s: the run that saved this resume file was killed by a signal (the kernel's OOM "
-                    "killer sends SIGKILL, so does kill -9); %s", learner.stage,
-                    memory.fits_words(guess, img_size=learner.spec.img_size))
+        log.warning(
+            "warning: %s: the run that saved this resume file was killed by a signal (the kernel's OOM "
+            "killer sends SIGKILL, so does kill -9); %s",
+            learner.stage,
+            memory.fits_words(guess, img_size=learner.spec.img_size),
+        )
     memory.check_fits(learner.stage, guess, img_size=learner.spec.img_size)
     return guess
 
 
-def _saving_each_epoch(learner: Learner, record: Record, progress: Progress,
-                       table: EpochTable) -> Callable[[FitState], None]:
+def _saving_each_epoch(
+    learner: Learner, record: Record, progress: Progress, table: EpochTable
+) -> Callable[[FitState], None]:
     def on_epoch_end(state: FitState) -> None:
         progress.resume_file.save(learner.checkpoint(record.used, state.history, state.to_dict()))
         progress.kept = state.epoch
         row = state.history[-1]
         table.show(table.line(row))
-        learner.context.log.log_metrics({key: value for key, value in row.items() if key != "epoch"},
-                                        step=int(row["epoch"]))
+        learner.context.log.log_metrics(
+            {key: value for key, value in row.items() if key != "epoch"}, step=int(row["epoch"])
+        )
 
     return on_epoch_end
 
@@ -252,10 +290,20 @@ def _log_model(learner: Learner, record: Record) -> None:
     """The checkpoint just written, as an MLflow model that takes photos; a validation photo as its example."""
     data, spec = learner.data, learner.spec
     rows = data.rows("valid") if len(data.valid) else data.rows("train")
-    learner.context.log.log_model(record.outputs.model, example=data.folder / rows["path"].iloc[0],
-                                  index=record.index, registered_name=record.register_as,
-                  metadata={"classes": list(spec.classes), "img_size": spec.img_size, "presize": spec.presize,
-                            "eval_crop": spec.eval_crop, "mean": list(spec.mean), "std": list(spec.std)})
+    learner.context.log.log_model(
+        record.outputs.model,
+        example=data.folder / rows["path"].iloc[0],
+        index=record.index,
+        registered_name=record.register_as,
+        metadata={
+            "classes": list(spec.classes),
+            "img_size": spec.img_size,
+            "presize": spec.presize,
+            "eval_crop": spec.eval_crop,
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+        },
+    )
 
 
 def final_metrics(history: list[dict[str, float]], *, stage: str) -> dict[str, Any]:
@@ -270,8 +318,9 @@ def final_metrics(history: list[dict[str, float]], *, stage: str) -> dict[str, A
     }  # no timings: the same seed must give the same metrics.json (history.csv has the seconds)
 
 
-def write_training_outputs(outputs: TrainedOutputs, checkpoint: Checkpoint, metrics: dict[str, Any], *,
-                           title: str) -> None:
+def write_training_outputs(
+    outputs: TrainedOutputs, checkpoint: Checkpoint, metrics: dict[str, Any], *, title: str
+) -> None:
     """Write the stage's four outputs, each atomically; the checkpoint last, as the sign of completion."""
     history = pd.DataFrame(checkpoint.history)
     write_csv(outputs.history, history)
@@ -285,5 +334,7 @@ def describe_metrics(learner: Learner, fitted: Fitted, extra: str = "") -> str:
     (train.class_weights), and what its memory cost (estimated and measured)."""
     metrics, method = fitted.metrics, learner.settings.class_weights
     weighted = f"; losses weighted by class ({method})" if method != "none" else ""
-    return (f"{learner.stage}: {metrics['epochs']} epochs, accuracy {metrics['accuracy']:.4f}, "
-            f"valid loss {metrics['valid_loss']:.4f}{extra}{weighted}; {memory.describe(fitted.memory)}")
+    return (
+        f"{learner.stage}: {metrics['epochs']} epochs, accuracy {metrics['accuracy']:.4f}, "
+        f"valid loss {metrics['valid_loss']:.4f}{extra}{weighted}; {memory.describe(fitted.memory)}"
+    )

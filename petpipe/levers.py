@@ -25,8 +25,16 @@ import torch.nn.functional as F
 from petpipe import timing
 from petpipe.atomic import write_json
 from petpipe.dataset import ImageSet
-from petpipe.hardware import (MEMORY_FORMATS, Levers, Runtime, autocast, available_cores, cpu_flags, cpu_name,
-                              cpu_runs_bfloat16)
+from petpipe.hardware import (
+    MEMORY_FORMATS,
+    Levers,
+    Runtime,
+    autocast,
+    available_cores,
+    cpu_flags,
+    cpu_name,
+    cpu_runs_bfloat16,
+)
 from petpipe.models import Classifier
 from petpipe.params import TrainParams
 from petpipe.pixels import default_cache_dir
@@ -58,8 +66,9 @@ def candidates(runtime: Runtime, settings: TrainParams) -> dict[str, list]:
 
 
 @timing.timed("levers")
-def choose_levers(runtime: Runtime, model: Classifier, images: ImageSet, views: Views,
-                  settings: TrainParams) -> Runtime:
+def choose_levers(
+    runtime: Runtime, model: Classifier, images: ImageSet, views: Views, settings: TrainParams
+) -> Runtime:
     """The runtime with its levers resolved (and its thread count set) for training `model` on `images`."""
     options = candidates(runtime, settings)
     baseline = {lever: choices[0] for lever, choices in options.items()}
@@ -70,8 +79,12 @@ def choose_levers(runtime: Runtime, model: Classifier, images: ImageSet, views: 
         known = _known()
         entry = known.get(key)
         if entry is not None and not _is_choice(entry, options):
-            log.warning("warning: %s holds %s for this machine, not one of the choices %s; timing the levers again",
-                        _levers_file(), entry, options)
+            log.warning(
+                "warning: %s holds %s for this machine, not one of the choices %s; timing the levers again",
+                _levers_file(),
+                entry,
+                options,
+            )
             entry = None
         if entry is not None:
             levers = Levers(**entry, chosen_by="timed earlier")
@@ -92,8 +105,11 @@ def _key(runtime: Runtime, model: Classifier, views: Views, settings: TrainParam
     device = torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else cpu_name()
     flags = ",".join(sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}))
     parameters = sum(parameter.numel() for parameter in model.parameters())
-    return (f"{device} [{flags}] torch {torch.__version__} cores {available_cores(runtime.world)} | "
-            f"{type(model.body).__name__} {parameters} parameters | {views.train_size or views.size} px, batch {settings.batch_size}")
+    return (
+        f"{device} [{flags}] torch {torch.__version__} cores {available_cores(runtime.world)} | "
+        f"{type(model.body).__name__} {parameters} parameters | {views.train_size or views.size} px, "
+        f"batch {settings.batch_size}"
+    )
 
 
 def _levers_file() -> Path:
@@ -121,9 +137,14 @@ def _known() -> dict[str, dict]:
 
 def _is_levers(entry: object) -> bool:
     """An entry as _remember writes it."""
-    return (isinstance(entry, dict) and set(entry) == {"precision", "memory_format", "threads"}
-            and entry["precision"] in ("float32", "bfloat16") and entry["memory_format"] in MEMORY_FORMATS
-            and type(entry["threads"]) is int and entry["threads"] > 0)
+    return (
+        isinstance(entry, dict)
+        and set(entry) == {"precision", "memory_format", "threads"}
+        and entry["precision"] in ("float32", "bfloat16")
+        and entry["memory_format"] in MEMORY_FORMATS
+        and type(entry["threads"]) is int
+        and entry["threads"] > 0
+    )
 
 
 def _is_choice(entry: dict, options: dict[str, list]) -> bool:
@@ -132,8 +153,10 @@ def _is_choice(entry: dict, options: dict[str, list]) -> bool:
 
 
 def _remember(known: dict[str, dict], key: str, levers: Levers) -> None:
-    known = {**known, key: {"precision": levers.precision, "memory_format": levers.memory_format,
-                            "threads": levers.threads}}
+    known = {
+        **known,
+        key: {"precision": levers.precision, "memory_format": levers.memory_format, "threads": levers.threads},
+    }
     try:
         write_json(_levers_file(), known)
     except OSError as error:  # a read-only cache folder costs a re-timing next time, nothing else
@@ -156,8 +179,10 @@ def _probe(model: Classifier, images: ImageSet, views: Views, options: dict[str,
     for lever in ORDER:
         if len(options[lever]) == 1:
             continue
-        seconds = {option: _seconds(lambda: _step(probe, batch, targets, {**chosen, lever: option}))
-                   for option in options[lever]}
+        seconds = {
+            option: _seconds(lambda: _step(probe, batch, targets, {**chosen, lever: option}))
+            for option in options[lever]
+        }
         chosen[lever] = min(seconds, key=seconds.get)
         timings[lever] = {str(option): round(value, 4) for option, value in seconds.items()}
     torch.set_rng_state(rng_state)

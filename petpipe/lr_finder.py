@@ -70,8 +70,11 @@ class StopRule:
         # sweep's first fifth (1e-7 to 4e-6 of fastai's 1e-7 to 10), however few its steps. 20 batches of a
         # 30-step sweep reach 2e-2, where the loss already rose: a noise of 1.5 on a loss of 1.4, and an edge
         # at 4e-2 from which finetune diverged (tests/test_lr_find_sweep.py has that curve).
-        return cls(stop_div=sweep.stop_div, noise_window=min(sweep.noise_window, sweep.num_it // 5),
-                   noise_sigmas=sweep.noise_sigmas)
+        return cls(
+            stop_div=sweep.stop_div,
+            noise_window=min(sweep.noise_window, sweep.num_it // 5),
+            noise_sigmas=sweep.noise_sigmas,
+        )
 
     def noise(self, losses: Sequence[float]) -> float | None:
         """The standard deviation of the raw losses of the window (0 for a window of 0 or 1 batch, which has
@@ -80,14 +83,14 @@ class StopRule:
             return 0.0
         if len(losses) < self.noise_window:
             return None
-        return float(np.std(np.asarray(losses[:self.noise_window], dtype=np.float64), ddof=1))
+        return float(np.std(np.asarray(losses[: self.noise_window], dtype=np.float64), ddof=1))
 
     def threshold(self, losses: Sequence[float], smoothed: Sequence[float]) -> float:
         """The smoothed loss above which the curve has diverged; inf while the window lasts."""
         noise = self.noise(losses)
         if noise is None or len(smoothed) <= self.noise_window:
             return math.inf
-        best = float(min(smoothed[max(self.noise_window - 1, 0):]))
+        best = float(min(smoothed[max(self.noise_window - 1, 0) :]))
         return max(self.stop_div * best, best + self.noise_sigmas * noise)
 
     def edge(self, lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float]) -> float:
@@ -120,27 +123,38 @@ def stop_index(losses: Sequence[float], rule: StopRule) -> int | None:
     """The batch after which a sweep with these raw losses stops; None if it runs through them all."""
     smoothed = smooth(losses)
     for iteration in range(len(losses)):
-        if rule.diverged(losses[:iteration + 1], smoothed[:iteration + 1]):
+        if rule.diverged(losses[: iteration + 1], smoothed[: iteration + 1]):
             return iteration
     return None
 
 
 @timing.timed("sweep")
-def lr_sweep(model: Classifier, images: ImageSet, *, views: Views, sweep: LrFindParams, settings: TrainParams,
-             precision: str, generator: torch.Generator, criterion: Criterion = Criterion("none"),
-             progress: Progress | None = None) -> dict[str, list[float]]:
+def lr_sweep(
+    model: Classifier,
+    images: ImageSet,
+    *,
+    views: Views,
+    sweep: LrFindParams,
+    settings: TrainParams,
+    precision: str,
+    generator: torch.Generator,
+    criterion: Criterion = Criterion("none"),
+    progress: Progress | None = None,
+) -> dict[str, list[float]]:
     """Train one batch per learning rate from sweep.start_lr to sweep.end_lr; stop when `StopRule` sees the
     smoothed loss diverge. Its batch size is sweep.batch_size (0: settings.batch_size), its weight decay
-    settings.weight_decay, its loss `criterion` (the finetune's); the model trains in the mode it is given (`models.set_train_mode`: BatchNorm
-    statistics updated or fixed) on augmented batches, as the finetune it precedes.
+    settings.weight_decay, its loss `criterion` (the finetune's); the model trains in the mode it is given
+    (`models.set_train_mode`: BatchNorm statistics updated or fixed) on augmented batches, as the finetune it
+    precedes.
 
     Returns {"lr", "loss", "smoothed_loss"}, one entry per batch trained.
     """
     device = images.pixels.device
     batch_size = min(sweep.batch_size or settings.batch_size, len(images))
     # The optimiser training uses (fastai's lr_find uses the Learner's): no decay on BatchNorm and biases.
-    optimizer = make_optimizer(model, group_lrs=dict.fromkeys(model.layer_groups(), sweep.start_lr),
-                               weight_decay=settings.weight_decay)
+    optimizer = make_optimizer(
+        model, group_lrs=dict.fromkeys(model.layer_groups(), sweep.start_lr), weight_decay=settings.weight_decay
+    )
     rule = StopRule.of(sweep)
     record: dict[str, list[float]] = {"lr": [], "loss": [], "smoothed_loss": []}
     average = 0.0
@@ -153,8 +167,7 @@ def lr_sweep(model: Classifier, images: ImageSet, *, views: Views, sweep: LrFind
         for group in optimizer.param_groups:
             group["lr"] = float(lr)
         inputs = views.train(images.pixels[rows], generator, images.geometry_of(rows))
-        value = training_step(model, optimizer, inputs, images.targets[rows], criterion=criterion,
-                              precision=precision)
+        value = training_step(model, optimizer, inputs, images.targets[rows], criterion=criterion, precision=precision)
         average = SMOOTHING * average + (1 - SMOOTHING) * value  # as `smooth`, one batch at a time
         record["lr"].append(float(lr))
         record["loss"].append(value)

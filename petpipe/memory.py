@@ -175,8 +175,16 @@ def _saved_activations(model: nn.Module, example: torch.Tensor) -> int:
     return sum(seen.values())
 
 
-def estimate(model: nn.Module, *, img_size: int, batch_size: int, images: int, pixel_bytes: int, features: bool,
-             memory_format: torch.memory_format = torch.channels_last) -> MemoryEstimate:
+def estimate(
+    model: nn.Module,
+    *,
+    img_size: int,
+    batch_size: int,
+    images: int,
+    pixel_bytes: int,
+    features: bool,
+    memory_format: torch.memory_format = torch.channels_last,
+) -> MemoryEstimate:
     """The fit's peak memory: `features` when the frozen body runs once, under inference, over batches of
     2 * batch_size (train-head's cached features), else every step trains through the model."""
     modes = {module: module.training for module in model.modules()}
@@ -191,11 +199,17 @@ def estimate(model: nn.Module, *, img_size: int, batch_size: int, images: int, p
     finally:
         for module, training in modes.items():
             module.train(training)
-    trained = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters()
-                  if parameter.requires_grad)
+    trained = sum(
+        parameter.numel() * parameter.element_size() for parameter in model.parameters() if parameter.requires_grad
+    )
     held = rss_bytes()
-    return MemoryEstimate(fixed=held + OPTIMIZER_COPIES * trained + pixel_bytes, per_image=per_image,
-                          batch_size=min(batch_size, images), requested=batch_size, held=held)
+    return MemoryEstimate(
+        fixed=held + OPTIMIZER_COPIES * trained + pixel_bytes,
+        per_image=per_image,
+        batch_size=min(batch_size, images),
+        requested=batch_size,
+        held=held,
+    )
 
 
 def check_fits(stage: str, guess: MemoryEstimate, *, img_size: int) -> None:
@@ -209,17 +223,24 @@ def fits_words(guess: MemoryEstimate, *, img_size: int, room: tuple[int, str] | 
     """The estimate against the memory available, and the largest batch size that fits."""
     room = room or available_bytes()
     split = f" (batches of {guess.batch_size}: the training split)" if guess.batch_size < guess.requested else ""
-    need = (f"train.batch_size = {guess.requested}{split} at model.img_size = {img_size} needs about "
-            f"{megabytes(guess.peak)} of memory ({megabytes(guess.fixed)} + {guess.batch_size} x "
-            f"{megabytes(guess.per_image)} per image), {megabytes(guess.growth)} more than the process holds now")
+    need = (
+        f"train.batch_size = {guess.requested}{split} at model.img_size = {img_size} needs about "
+        f"{megabytes(guess.peak)} of memory ({megabytes(guess.fixed)} + {guess.batch_size} x "
+        f"{megabytes(guess.per_image)} per image), {megabytes(guess.growth)} more than the process holds now"
+    )
     if room is None:
         return need
     largest = guess.largest_batch(room[0])
     if guess.growth <= room[0]:
-        return (f"{need}, within the {megabytes(room[0])} available now ({room[1]}), where a batch of up to "
-                f"{largest} fits; if other processes took the memory, a smaller train.batch_size leaves them room")
-    advice = (f"set train.batch_size to {largest} or less (dvc exp run -S train.batch_size={largest})"
-              if largest >= 2 else f"even a batch of 2 does not fit; lower model.img_size ({img_size}) or free memory")
+        return (
+            f"{need}, within the {megabytes(room[0])} available now ({room[1]}), where a batch of up to "
+            f"{largest} fits; if other processes took the memory, a smaller train.batch_size leaves them room"
+        )
+    advice = (
+        f"set train.batch_size to {largest} or less (dvc exp run -S train.batch_size={largest})"
+        if largest >= 2
+        else f"even a batch of 2 does not fit; lower model.img_size ({img_size}) or free memory"
+    )
     return f"{need}, more than the {megabytes(room[0])} available ({room[1]}); {advice}"
 
 
@@ -228,7 +249,8 @@ def out_of_memory(stage: str, device: torch.device, *, batch_size: int, img_size
     half = max(batch_size // 2, 1)
     return PetpipeError(
         f"{stage}: out of memory on {device} at train.batch_size = {batch_size}, model.img_size = {img_size}; "
-        f"{kept}; halve the batch (dvc exp run -S train.batch_size={half}) or lower model.img_size")
+        f"{kept}; halve the batch (dvc exp run -S train.batch_size={half}) or lower model.img_size"
+    )
 
 
 def describe(guess: MemoryEstimate | None) -> str:

@@ -64,9 +64,11 @@ class PetpipeClassifier(PythonModel):
         records = model_input.to_dict("records")
         rows: list[dict[str, Any]] = []
         for start in range(0, len(records), BATCH):
-            decoded = [self._decode(row) for row in records[start:start + BATCH]]
-            rows += [_failed(result) if isinstance(result, str) else self._row(result)
-                     for result in classify(self.predictor, decoded, top_k=top_k)]
+            decoded = [self._decode(row) for row in records[start : start + BATCH]]
+            rows += [
+                _failed(result) if isinstance(result, str) else self._row(result)
+                for result in classify(self.predictor, decoded, top_k=top_k)
+            ]
         # object columns: a missing value stays None (JSON null), where pandas' own dtypes would make it NaN.
         return pd.DataFrame(rows, columns=COLUMNS, dtype=object)
 
@@ -89,8 +91,13 @@ class PetpipeClassifier(PythonModel):
     def _row(labels: list[tuple[str, float]]) -> dict[str, Any]:
         """One image's answer from its top-k (label, probability), most probable first."""
         names, values = [label for label, _ in labels], [probability for _, probability in labels]
-        return {"label": names[0], "probability": values[0], "top_labels": names, "top_probabilities": values,
-                "error": None}
+        return {
+            "label": names[0],
+            "probability": values[0],
+            "top_labels": names,
+            "top_probabilities": values,
+            "error": None,
+        }
 
 
 # ---------------------------------------------------------------- packaging: what finetune logs and registers
@@ -104,9 +111,15 @@ def model_signature() -> Any:
     from mlflow.types.schema import Array
 
     inputs = Schema([ColSpec("binary", "image", required=False), ColSpec("string", "path", required=False)])
-    outputs = Schema([ColSpec("string", "label"), ColSpec("double", "probability"),
-                      ColSpec(Array("string"), "top_labels"), ColSpec(Array("double"), "top_probabilities"),
-                      ColSpec("string", "error", required=False)])
+    outputs = Schema(
+        [
+            ColSpec("string", "label"),
+            ColSpec("double", "probability"),
+            ColSpec(Array("string"), "top_labels"),
+            ColSpec(Array("double"), "top_probabilities"),
+            ColSpec("string", "error", required=False),
+        ]
+    )
     return ModelSignature(inputs=inputs, outputs=outputs, params=ParamSchema([ParamSpec("top_k", "long", TOP_K)]))
 
 
@@ -123,8 +136,9 @@ def requirements() -> list[str]:
     return pins
 
 
-def log_model(checkpoint: Path, *, example: Path, registered_name: str | None = None,
-              metadata: Mapping[str, Any] | None = None) -> Any:
+def log_model(
+    checkpoint: Path, *, example: Path, registered_name: str | None = None, metadata: Mapping[str, Any] | None = None
+) -> Any:
     """Log this file and `checkpoint` to the active MLflow run (petpipe/tracking.py opens it) as the model
     `model`, registered under `registered_name`; `example`, a photo, is its input example. The checkpoint's
     ONNX bundle (`petpipe export`) goes with it, as artifacts/onnx/ beside artifacts/model.pt: who downloads
@@ -135,11 +149,15 @@ def log_model(checkpoint: Path, *, example: Path, registered_name: str | None = 
         if (bundle := onnx_bundle(checkpoint, Path(scratch) / "onnx")) is not None:
             artifacts["onnx"] = str(bundle)
         return mlflow.pyfunc.log_model(
-            name="model", python_model=__file__, artifacts=artifacts,
+            name="model",
+            python_model=__file__,
+            artifacts=artifacts,
             # petpipe's own code travels with the model, so that the weights meet the code that made them.
-            code_paths=[str(Path(__file__).parent)], signature=model_signature(),
+            code_paths=[str(Path(__file__).parent)],
+            signature=model_signature(),
             input_example=pd.DataFrame({"image": [Path(example).read_bytes()]}),
-            registered_model_name=registered_name, metadata=dict(metadata or {}),
+            registered_model_name=registered_name,
+            metadata=dict(metadata or {}),
             # Stated, not inferred: inference would re-import the model in a subprocess.
             pip_requirements=requirements(),
         )

@@ -84,16 +84,18 @@ def create_head(in_features: int, num_classes: int, spec: HeadSpec) -> nn.Sequen
 
     Layers are named so code can pick them by name (`head.pool`, `head.classifier`).
     """
-    head = nn.Sequential(OrderedDict(
-        pool=AdaptiveConcatPool2d(),                       # (B, C, H, W) -> (B, 2C)
-        norm1=nn.BatchNorm1d(2 * in_features),
-        dropout1=nn.Dropout(spec.dropout / 2),
-        hidden=nn.Linear(2 * in_features, spec.hidden, bias=False),
-        relu=nn.ReLU(inplace=True),
-        norm2=nn.BatchNorm1d(spec.hidden),
-        dropout2=nn.Dropout(spec.dropout),
-        classifier=nn.Linear(spec.hidden, num_classes, bias=False),  # (B, hidden) -> (B, classes)
-    ))
+    head = nn.Sequential(
+        OrderedDict(
+            pool=AdaptiveConcatPool2d(),  # (B, C, H, W) -> (B, 2C)
+            norm1=nn.BatchNorm1d(2 * in_features),
+            dropout1=nn.Dropout(spec.dropout / 2),
+            hidden=nn.Linear(2 * in_features, spec.hidden, bias=False),
+            relu=nn.ReLU(inplace=True),
+            norm2=nn.BatchNorm1d(spec.hidden),
+            dropout2=nn.Dropout(spec.dropout),
+            classifier=nn.Linear(spec.hidden, num_classes, bias=False),  # (B, hidden) -> (B, classes)
+        )
+    )
     for module in head.modules():
         if isinstance(module, nn.Linear):
             nn.init.kaiming_normal_(module.weight)
@@ -157,8 +159,11 @@ def _body_units(body: nn.Module, prefix: str = "") -> list[str]:
     for name, child in body.named_children():
         if not any(True for _ in child.parameters()):
             continue
-        if isinstance(child, (nn.Sequential, nn.ModuleList)) and name in ("blocks", "stages", "features") \
-                and len(child) > 1:
+        if (
+            isinstance(child, (nn.Sequential, nn.ModuleList))
+            and name in ("blocks", "stages", "features")
+            and len(child) > 1
+        ):
             units.extend(f"{prefix}{name}.{index}" for index, _ in child.named_children())
         else:
             units.append(f"{prefix}{name}")
@@ -186,8 +191,9 @@ def _torchvision_body(arch: str, pretrained: bool) -> nn.Module:
         raise _download_failed(arch, error) from None
     if hasattr(model, "fc") and hasattr(model, "avgpool"):  # resnet, resnext, regnet, ...
         # Keep the names (conv1, layer1, ...) so layer groups can be chosen by name.
-        body = nn.Sequential(OrderedDict((name, child) for name, child in model.named_children()
-                                         if name not in ("avgpool", "fc")))
+        body = nn.Sequential(
+            OrderedDict((name, child) for name, child in model.named_children() if name not in ("avgpool", "fc"))
+        )
     elif isinstance(getattr(model, "features", None), nn.Module) and not arch.startswith("swin"):
         body = nn.Sequential(OrderedDict(features=model.features))  # efficientnet, mobilenet, convnext, vgg, ...
     else:
@@ -273,7 +279,9 @@ def _is_classifier_key(name: str) -> bool:
 
 def _load_local_weights(body: nn.Module, path: Path) -> None:
     if not path.is_file():
-        raise PetpipeError(f"model.weights = '{path}': no such file; give a state_dict file, imagenet, none or pkg:<name>")
+        raise PetpipeError(
+            f"model.weights = '{path}': no such file; give a state_dict file, imagenet, none or pkg:<name>"
+        )
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -295,7 +303,9 @@ def build_body(arch: str, weights: str) -> nn.Module:
         package = weights.removeprefix("pkg:")
         expected_arch = PACKAGED_WEIGHTS.get(package)
         if expected_arch is not None and expected_arch != arch:
-            raise PetpipeError(f"model.weights = {weights!r} holds {expected_arch} weights; set model.arch: {expected_arch}")
+            raise PetpipeError(
+                f"model.weights = {weights!r} holds {expected_arch} weights; set model.arch: {expected_arch}"
+            )
         state = torch.load(_packaged_weights_file(package), map_location="cpu", weights_only=True)
         _load_state_in_order(body, state, weights)
     elif weights not in ("imagenet", "none"):
@@ -341,8 +351,11 @@ def folded_batchnorm(model: Classifier) -> Classifier:
             rest = _after_folding(norm) if isinstance(conv, nn.Conv2d) else None
             if rest is None:
                 continue
-            layout = torch.channels_last if conv.weight.is_contiguous(memory_format=torch.channels_last) \
-                and not conv.weight.is_contiguous() else torch.contiguous_format
+            layout = (
+                torch.channels_last
+                if conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+                else torch.contiguous_format
+            )
             fused = fuse_conv_bn_eval(conv, norm)
             fused.weight.data = fused.weight.data.contiguous(memory_format=layout)
             setattr(parent, conv_name, fused)
@@ -409,6 +422,7 @@ def early_units(model: Classifier, stride: int) -> list[str]:
     def note(name: str) -> Callable[..., None]:
         def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:  # None keeps the output
             sides.setdefault(name, output.shape[-1])
+
         return hook
 
     hooks = [modules[name].register_forward_hook(note(name)) for name in model._unit_names]
@@ -468,5 +482,7 @@ def finetune_fixes_bn_stats(setting: str, head_params: dict) -> bool:
     """
     if setting != "auto":
         return setting == "frozen"
-    return head_fixes_bn_stats(cache_features=bool(head_params.get("train_head", {}).get("cache_features")),
-                               train_bn=bool(head_params.get("model", {}).get("train_bn", True)))
+    return head_fixes_bn_stats(
+        cache_features=bool(head_params.get("train_head", {}).get("cache_features")),
+        train_bn=bool(head_params.get("model", {}).get("train_bn", True)),
+    )

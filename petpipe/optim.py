@@ -31,9 +31,12 @@ def make_optimizer(model: Classifier, *, group_lrs: dict[str, float], weight_dec
 
     As fastai (wd_bn_bias=False), BatchNorm weights and biases get no weight decay.
     """
-    no_decay = {id(parameter) for module in model.modules()
-                if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm))
-                for parameter in module.parameters(recurse=False)}
+    no_decay = {
+        id(parameter)
+        for module in model.modules()
+        if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm))
+        for parameter in module.parameters(recurse=False)
+    }
     no_decay |= {id(parameter) for name, parameter in model.named_parameters() if name.endswith(".bias")}
     param_groups = []
     for group, parameters in model.layer_group_parameters().items():
@@ -41,8 +44,14 @@ def make_optimizer(model: Classifier, *, group_lrs: dict[str, float], weight_dec
         for decay in (True, False):
             chosen = [parameter for parameter in trainable if (id(parameter) not in no_decay) == decay]
             if chosen:
-                param_groups.append({"params": chosen, "lr": group_lrs[group], "name": f"{group}",
-                                     "weight_decay": weight_decay if decay else 0.0})
+                param_groups.append(
+                    {
+                        "params": chosen,
+                        "lr": group_lrs[group],
+                        "name": f"{group}",
+                        "weight_decay": weight_decay if decay else 0.0,
+                    }
+                )
     # The fused kernel: one pass over every parameter (5x faster than the default for-loop on this CPU).
     fused = all(parameter.device.type in ("cpu", "cuda") for group in param_groups for parameter in group["params"])
     return torch.optim.AdamW(param_groups, betas=ADAM_BETAS, eps=ADAM_EPS, fused=fused or None)

@@ -76,15 +76,18 @@ class SplitParams(_Section):
     file: str | None
 
     @model_validator(mode="after")
-    def _train_keeps_a_share(self) -> "SplitParams":
+    def _train_keeps_a_share(self) -> SplitParams:
         if self.valid_pct + self.test_pct >= 1:
-            raise ValueError(f"valid_pct ({self.valid_pct}) + test_pct ({self.test_pct}) must be below 1: "
-                             "the rest is the training split")
+            raise ValueError(
+                f"valid_pct ({self.valid_pct}) + test_pct ({self.test_pct}) must be below 1: "
+                "the rest is the training split"
+            )
         if self.method == "file" and self.file is None:
             raise ValueError("method file needs file: a path,split CSV (train, valid or test per image)")
         if self.method in ("folders", "random") and self.file is not None:
-            raise ValueError(f"file ({self.file}) is read only with method file or auto; set it to null "
-                             f"or method to file")
+            raise ValueError(
+                f"file ({self.file}) is read only with method file or auto; set it to null or method to file"
+            )
         return self
 
 
@@ -175,7 +178,7 @@ class LrFindParams(_Section):
     size_ratio: Annotated[float, Field(gt=0, le=1)]
 
     @model_validator(mode="after")
-    def _sweep_goes_up(self) -> "LrFindParams":
+    def _sweep_goes_up(self) -> LrFindParams:
         if self.end_lr <= self.start_lr:
             raise ValueError(f"end_lr ({self.end_lr}) must be greater than start_lr ({self.start_lr})")
         return self
@@ -193,6 +196,7 @@ class FinetuneParams(_Section):
             return handler(value)
         except ValidationError:
             raise ValueError("must be a positive number (e.g. 1.0e-4) or auto") from None
+
     lr_ratio: Annotated[float, Field(ge=1)]
     schedule: Schedule
     bn_stats: Literal["auto", "update", "frozen"]
@@ -218,9 +222,20 @@ TrainedStage = Literal["train-head", "finetune"]
 
 
 # evaluate's metrics that can elect a champion (petpipe/tracking.py knows which way each is better).
-PromoteMetric = Literal["accuracy", "error_rate", "top5_accuracy", "loss", "macro_f1", "balanced_accuracy",
-                        "tta_accuracy", "tta_error_rate", "tta_top5_accuracy", "tta_loss", "tta_macro_f1",
-                        "tta_balanced_accuracy"]
+PromoteMetric = Literal[
+    "accuracy",
+    "error_rate",
+    "top5_accuracy",
+    "loss",
+    "macro_f1",
+    "balanced_accuracy",
+    "tta_accuracy",
+    "tta_error_rate",
+    "tta_top5_accuracy",
+    "tta_loss",
+    "tta_macro_f1",
+    "tta_balanced_accuracy",
+]
 
 
 class TrackingParams(_Section):

@@ -100,7 +100,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
         peak = max(array.max(), 1.0)
-        return Image.fromarray((array * (255.0 / (65535.0 if peak > 255 else 255.0))).clip(0, 255).astype(np.uint8)).convert("RGB")
+        return Image.fromarray(
+            (array * (255.0 / (65535.0 if peak > 255 else 255.0))).clip(0, 255).astype(np.uint8)
+        ).convert("RGB")
     return image.convert("RGB")
 
 
@@ -137,12 +139,7 @@ _IN_USE: set[Path] = set()  # caches this process has mapped: never evicted unde
 
 
 def load_pixels(
-    paths: Sequence[Path],
-    content_hashes: Sequence[str],
-    size: int,
-    *,
-    cache_dir: Path | None = None,
-    workers: int = 0,
+    paths: Sequence[Path], content_hashes: Sequence[str], size: int, *, cache_dir: Path | None = None, workers: int = 0
 ) -> np.ndarray:
     """Return a (N, 3, size, size) uint8 memmap of the images, decoding only on first use.
 
@@ -157,12 +154,7 @@ def load_pixels(
 
 
 def load_wide_pixels(
-    paths: Sequence[Path],
-    content_hashes: Sequence[str],
-    size: int,
-    *,
-    cache_dir: Path | None = None,
-    workers: int = 0,
+    paths: Sequence[Path], content_hashes: Sequence[str], size: int, *, cache_dir: Path | None = None, workers: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """As load_pixels, for `decode_wide` layouts: (N, 3, size, wide_side(size)) uint8 and, per image,
     (fraction of the width the photo fills, 1.0 if transposed else 0.0) as (N, 2) float32."""
@@ -270,8 +262,12 @@ def _stamp(path: Path) -> tuple[int, int, int]:
 
 def _write_record(target: Path, shape: tuple[int, ...], geometry: Path | None) -> None:
     """Written last, after the cache (and geometry) are in place: a cache without one is never trusted."""
-    record = {"format": RECORD_FORMAT, "shape": list(shape), "bytes": target.stat().st_size,
-              "sha256": file_digest(target)}
+    record = {
+        "format": RECORD_FORMAT,
+        "shape": list(shape),
+        "bytes": target.stat().st_size,
+        "sha256": file_digest(target),
+    }
     if geometry is not None:
         record["geometry_sha256"] = file_digest(geometry)
     write_json(record_path(target), record)
@@ -280,8 +276,13 @@ def _write_record(target: Path, shape: tuple[int, ...], geometry: Path | None) -
 def _make_room(cache_dir: Path, needed: int, count: int, size: int) -> None:
     limit = cache_limit_bytes()
     if needed > limit:
-        log.warning("the pixel cache of %d images at %d px needs %.1f GB, over PETPIPE_CACHE_GB (%.1f GB); "
-                    "building it anyway", count, size, needed / 1e9, limit / 1e9)
+        log.warning(
+            "the pixel cache of %d images at %d px needs %.1f GB, over PETPIPE_CACHE_GB (%.1f GB); building it anyway",
+            count,
+            size,
+            needed / 1e9,
+            limit / 1e9,
+        )
     evict_caches(cache_dir, limit=max(limit - needed, 0), keep=_IN_USE)
 
 
@@ -323,15 +324,15 @@ def _decode_wide_into(args: tuple[str, int]) -> tuple[np.ndarray, float, bool]:
     return decode_wide(*args)
 
 
-def _build_cache(paths: Sequence[Path], size: int, target: Path, workers: int, *,
-                 geometry: Path | None = None) -> None:
+def _build_cache(paths: Sequence[Path], size: int, target: Path, workers: int, *, geometry: Path | None = None) -> None:
     """Decode every image into `target` (and, for a wide layout, each one's geometry into `geometry`)."""
     log.info("decoding %d images once into %s", len(paths), target)
     try:
         _decode_all(paths, size, target, workers, geometry=geometry)
     except WriteFailed as error:
-        raise error.keeping("no pixel cache was kept, the photos are untouched (PETPIPE_CACHE_DIR moves the "
-                            "cache to another disk)") from None
+        raise error.keeping(
+            "no pixel cache was kept, the photos are untouched (PETPIPE_CACHE_DIR moves the cache to another disk)"
+        ) from None
 
 
 def _decode_all(paths: Sequence[Path], size: int, target: Path, workers: int, *, geometry: Path | None) -> None:

@@ -121,9 +121,17 @@ def plot_training_history(history: pd.DataFrame, *, title: str) -> Figure:
     return figure
 
 
-def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], suggestions: Mapping[str, float],
-                 *, chosen: str, raw_losses: Sequence[float] | None = None, threshold: float | None = None,
-                 noise_window: int = 0, trusted: bool = True) -> Figure:
+def plot_lr_find(
+    lrs: Sequence[float],
+    losses: Sequence[float],
+    suggestions: Mapping[str, float],
+    *,
+    chosen: str,
+    raw_losses: Sequence[float] | None = None,
+    threshold: float | None = None,
+    noise_window: int = 0,
+    trusted: bool = True,
+) -> Figure:
     """fastai's lr_find plot: smoothed loss against a log learning rate, suggestions marked; with
     `raw_losses`, each batch's loss behind it (the noise), the window that measured that noise shaded and
     the divergence threshold dashed. The y axis stops short of the divergence's last batches, so that the
@@ -134,8 +142,7 @@ def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], suggestions: Map
         axis.plot(lrs, raw_losses, color=TRAIN_COLOR, alpha=0.25, linewidth=0.8, label="loss of each batch")
     axis.plot(lrs, losses, color=TRAIN_COLOR, label="smoothed loss")
     if noise_window > 1 and len(lrs) >= noise_window:
-        axis.axvspan(lrs[0], lrs[noise_window - 1], color="0.85", alpha=0.5, linewidth=0,
-                     label="noise window")
+        axis.axvspan(lrs[0], lrs[noise_window - 1], color="0.85", alpha=0.5, linewidth=0, label="noise window")
     if threshold is not None and math.isfinite(threshold):
         axis.axhline(threshold, color="0.4", linestyle="--", linewidth=0.9, label=f"divergence {threshold:.3g}")
     axis.set_xscale("log")
@@ -149,8 +156,14 @@ def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], suggestions: Map
     for name, lr in suggestions.items():
         loss = float(np.interp(np.log10(lr), np.log10(lrs), losses))
         label = f"{name}: {lr:.2e}" + (" (chosen)" if name == chosen and trusted else "")
-        axis.plot([lr], [loss], marker=markers.get(name, "o"), markersize=9 if name == chosen else 6,
-                  linestyle="none", label=label)
+        axis.plot(
+            [lr],
+            [loss],
+            marker=markers.get(name, "o"),
+            markersize=9 if name == chosen else 6,
+            linestyle="none",
+            label=label,
+        )
     axis.legend(frameon=False, fontsize=8)
     axis.grid(alpha=0.3, which="both")
     title = "Learning rate finder (whole model unfrozen)"
@@ -161,8 +174,9 @@ def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], suggestions: Map
     return figure
 
 
-def plot_confusion(matrix: np.ndarray, classes: Sequence[str], *, normalize: bool = False,
-                   title: str | None = None) -> Figure:
+def plot_confusion(
+    matrix: np.ndarray, classes: Sequence[str], *, normalize: bool = False, title: str | None = None
+) -> Figure:
     """fastai's plot_confusion_matrix: actual classes down, predicted across, values in the cells.
 
     The figure grows with the class count so 37 breeds stay readable; with
@@ -171,8 +185,11 @@ def plot_confusion(matrix: np.ndarray, classes: Sequence[str], *, normalize: boo
     counts = np.asarray(matrix)
     count = len(classes)
     totals = counts.sum(axis=1, keepdims=True)
-    values = (np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0) if normalize
-              else counts.astype(np.float64))
+    values = (
+        np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+        if normalize
+        else counts.astype(np.float64)
+    )
     side = max(5.0, 2.5 + 0.32 * count)
     font = 10 if count <= 10 else 8 if count <= 25 else 6.5
     figure = _new_figure(side + 1.0, side)
@@ -191,8 +208,9 @@ def plot_confusion(matrix: np.ndarray, classes: Sequence[str], *, normalize: boo
     for row, column in zip(*np.nonzero(counts)):  # empty cells stay blank so the errors stand out
         value = values[row, column]
         text = f"{value:.2f}".removeprefix("0") if normalize else str(int(counts[row, column]))
-        axis.text(column, row, text, ha="center", va="center", fontsize=font,
-                  color="white" if value > threshold else "black")
+        axis.text(
+            column, row, text, ha="center", va="center", fontsize=font, color="white" if value > threshold else "black"
+        )
     # Faint gridlines between cells help follow a row across 37 columns.
     axis.set_xticks(positions - 0.5, minor=True)
     axis.set_yticks(positions - 0.5, minor=True)
@@ -200,15 +218,22 @@ def plot_confusion(matrix: np.ndarray, classes: Sequence[str], *, normalize: boo
     axis.tick_params(which="minor", length=0)
     images = int(counts.sum())
     correct = int(np.trace(counts))
-    default_title = (f"Confusion matrix{' (rows normalised)' if normalize else ''}: "
-                     f"{correct}/{images} correct, {count} classes")
+    default_title = (
+        f"Confusion matrix{' (rows normalised)' if normalize else ''}: {correct}/{images} correct, {count} classes"
+    )
     axis.set_title(title or default_title, loc="left")
     figure.tight_layout()
     return figure
 
 
-def plot_top_losses(images: torch.Tensor, *, predicted: Sequence[str], actual: Sequence[str],
-                    losses: Sequence[float], probabilities: Sequence[float]) -> Figure:
+def plot_top_losses(
+    images: torch.Tensor,
+    *,
+    predicted: Sequence[str],
+    actual: Sequence[str],
+    losses: Sequence[float],
+    probabilities: Sequence[float],
+) -> Figure:
     """fastai's plot_top_losses: each image titled prediction/actual/loss/probability of the actual class.
 
     images: float (B, 3, H, W) in [0, 1], highest loss first.
@@ -217,8 +242,10 @@ def plot_top_losses(images: torch.Tensor, *, predicted: Sequence[str], actual: S
         raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
     count = images.shape[0]
     if not count == len(predicted) == len(actual) == len(losses) == len(probabilities):
-        raise ValueError(f"{count} images but {len(predicted)}/{len(actual)}/{len(losses)}/{len(probabilities)} "
-                         "predicted/actual/losses/probabilities")
+        raise ValueError(
+            f"{count} images but {len(predicted)}/{len(actual)}/{len(losses)}/{len(probabilities)} "
+            "predicted/actual/losses/probabilities"
+        )
     columns = max(1, math.ceil(math.sqrt(count)))
     rows = max(1, math.ceil(count / columns))
     pixels = images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
@@ -231,8 +258,7 @@ def plot_top_losses(images: torch.Tensor, *, predicted: Sequence[str], actual: S
             # Top losses have tiny probabilities: 2 decimals would print 0.00 for all of them.
             probability = probabilities[position]
             shown = f"{probability:.2f}" if probability >= 0.005 else f"{probability:.1e}"
-            axis.set_title(f"{predicted[position]}/\n{actual[position]}\n{losses[position]:.2f} / {shown}",
-                           fontsize=8)
+            axis.set_title(f"{predicted[position]}/\n{actual[position]}\n{losses[position]:.2f} / {shown}", fontsize=8)
     figure.suptitle("Prediction/Actual/Loss/Probability of actual")
     figure.set_layout_engine("constrained")  # unlike tight_layout, leaves room for the suptitle
     return figure

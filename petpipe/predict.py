@@ -27,7 +27,6 @@ from petpipe.errors import PetpipeError
 from petpipe.folders import visible_files
 from petpipe.pixels import decode_image
 
-
 # ---------------------------------------------------------------- predictors
 
 
@@ -49,8 +48,9 @@ def model_file(model: str | Path) -> Path:
     from petpipe.paths import petpipe_folder, project_root
     from petpipe.run_identity import tracking_uri
 
-    return registry.checkpoint_of(str(model), tracking_uri=tracking_uri(project_root()),
-                                  cache=petpipe_folder() / "models")
+    return registry.checkpoint_of(
+        str(model), tracking_uri=tracking_uri(project_root()), cache=petpipe_folder() / "models"
+    )
 
 
 def load_predictor(model: Path, *, device: str = "auto") -> Predictor:
@@ -78,9 +78,11 @@ class Prediction:
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path,
-                "predictions": [{"label": label, "probability": probability} for label, probability in self.labels],
-                "error": self.error}
+        return {
+            "path": self.path,
+            "predictions": [{"label": label, "probability": probability} for label, probability in self.labels],
+            "error": self.error,
+        }
 
 
 def _image_extensions() -> frozenset[str]:
@@ -102,16 +104,17 @@ def collect_images(paths: Sequence[Path]) -> list[Path]:
     return found
 
 
-def predict_files(predictor: Predictor, paths: Sequence[Path], *, top_k: int = 3,
-                  batch_size: int = 64) -> Iterator[Prediction]:
+def predict_files(
+    predictor: Predictor, paths: Sequence[Path], *, top_k: int = 3, batch_size: int = 64
+) -> Iterator[Prediction]:
     """Top-k predictions for each file, in order, batched; an unreadable file yields its error instead."""
     paths = [Path(path) for path in paths]
-    return predict_images(predictor, paths, names=[str(path) for path in paths], top_k=top_k,
-                          batch_size=batch_size)
+    return predict_images(predictor, paths, names=[str(path) for path in paths], top_k=top_k, batch_size=batch_size)
 
 
-def predict_images(predictor: Predictor, images: Sequence[Path | bytes], *, names: Sequence[str], top_k: int = 3,
-                   batch_size: int = 64) -> Iterator[Prediction]:
+def predict_images(
+    predictor: Predictor, images: Sequence[Path | bytes], *, names: Sequence[str], top_k: int = 3, batch_size: int = 64
+) -> Iterator[Prediction]:
     """Top-k predictions for each image (a file, or an image file's bytes), named by `names`, in order and
     batched; an unreadable image yields its error instead."""
     if top_k < 1:
@@ -122,9 +125,9 @@ def predict_images(predictor: Predictor, images: Sequence[Path | bytes], *, name
     # PIL releases the GIL while decoding, so threads decode a batch in parallel.
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
+            chunk = images[start : start + batch_size]
             decoded = list(pool.map(lambda image: read_pixels(image, predictor.presize), chunk))
-            for name, result in zip(names[start:start + batch_size], classify(predictor, decoded, top_k=top_k)):
+            for name, result in zip(names[start : start + batch_size], classify(predictor, decoded, top_k=top_k)):
                 if isinstance(result, str):
                     yield Prediction(path=name, error=result)
                 else:
@@ -172,8 +175,9 @@ def most_probable(probabilities: np.ndarray, classes: Sequence[str], k: int) -> 
     return [(classes[index], float(probabilities[index])) for index in best]
 
 
-def classify(predictor: Predictor, decoded: Sequence[np.ndarray | str], *,
-             top_k: int) -> list[list[tuple[str, float]] | str]:
+def classify(
+    predictor: Predictor, decoded: Sequence[np.ndarray | str], *, top_k: int
+) -> list[list[tuple[str, float]] | str]:
     """Each image's top-k (label, probability), the readable ones in one batch; a reason an image could not be
     read (read_pixels's string) passes through in its place."""
     results: list[list[tuple[str, float]] | str] = [item if isinstance(item, str) else [] for item in decoded]

@@ -35,8 +35,10 @@ class EpochTable:
             return f"{value:{width}.4f}" if isinstance(value, float) else f"{'-':>{width}}"
 
         epoch = f"{int(row['epoch']):>{self.width}}/{self.epochs}"
-        return (f"{self.stage}: {epoch}  {number('train_loss', 10)}  {number('valid_loss', 10)}  "
-                f"{number('accuracy', 8)}  {row['seconds']:5.1f}s")
+        return (
+            f"{self.stage}: {epoch}  {number('train_loss', 10)}  {number('valid_loss', 10)}  "
+            f"{number('accuracy', 8)}  {row['seconds']:5.1f}s"
+        )
 
     def show(self, text: str) -> None:
         from tqdm import tqdm

@@ -67,7 +67,8 @@ class Promotion:
         if self.champion is None:
             return f"champion: {self.model}@{CHAMPION} -> {mine}, the first evaluated version"
         theirs = f"version {self.champion} ({self.metric} " + (
-            "not logged)" if self.champion_value is None else f"{self.champion_value:.4f})")
+            "not logged)" if self.champion_value is None else f"{self.champion_value:.4f})"
+        )
         if self.champion == self.version:
             return f"champion: {self.model}@{CHAMPION} stays {mine}, evaluated again"
         if self.promoted:
@@ -76,11 +77,14 @@ class Promotion:
 
     def tags(self) -> dict[str, str]:
         """For evaluate's run: the decision and both numbers, searchable in the MLflow UI."""
-        return {"petpipe.champion.decision": "promoted" if self.promoted else "kept",
-                "petpipe.champion.metric": self.metric, "petpipe.champion.version": self.version,
-                "petpipe.champion.value": repr(self.value),
-                "petpipe.champion.previous_version": self.champion or "",
-                "petpipe.champion.previous_value": "" if self.champion_value is None else repr(self.champion_value)}
+        return {
+            "petpipe.champion.decision": "promoted" if self.promoted else "kept",
+            "petpipe.champion.metric": self.metric,
+            "petpipe.champion.version": self.version,
+            "petpipe.champion.value": repr(self.value),
+            "petpipe.champion.previous_version": self.champion or "",
+            "petpipe.champion.previous_value": "" if self.champion_value is None else repr(self.champion_value),
+        }
 
 
 # ---------------------------------------------------------------- lineage: evaluation -> LoggedModel -> version
@@ -92,15 +96,20 @@ def index_dataset(index: Path) -> Any:
     frame = pd.read_csv(index, dtype=str, keep_default_na=False)
     with warnings.catch_warnings():  # MLflow registers its local-file source twice, then warns it is ambiguous
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
-        return mlflow.data.from_pandas(frame, source=str(Path(index).resolve()), name="index", targets="label",
-                                       digest=file_digest(index)[:32])
+        return mlflow.data.from_pandas(
+            frame, source=str(Path(index).resolve()), name="index", targets="label", digest=file_digest(index)[:32]
+        )
 
 
 def logged_model_of(experiment_id: str, checkpoint: Path) -> str | None:
     """The newest LoggedModel of the experiment that holds these weights (tracking.log_models logged it)."""
     found = mlflow.search_logged_models(
-        experiment_ids=[experiment_id], filter_string=f"tags.`{CHECKPOINT_TAG}` = '{file_digest(checkpoint)}'",
-        order_by=[{"field_name": "creation_time", "ascending": False}], max_results=1, output_format="list")
+        experiment_ids=[experiment_id],
+        filter_string=f"tags.`{CHECKPOINT_TAG}` = '{file_digest(checkpoint)}'",
+        order_by=[{"field_name": "creation_time", "ascending": False}],
+        max_results=1,
+        output_format="list",
+    )
     return found[0].model_id if found else None
 
 
@@ -112,15 +121,18 @@ def split_dataset(index: Path, split: str) -> Any:
     digest = hashlib.sha256(rows.to_csv(index=False).encode()).hexdigest()[:32]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
-        return mlflow.data.from_pandas(rows, source=str(Path(index).resolve()), name=split, targets="label",
-                                       digest=digest)
+        return mlflow.data.from_pandas(
+            rows, source=str(Path(index).resolve()), name=split, targets="label", digest=digest
+        )
 
 
 def log_evaluation(model_id: str, metrics: Mapping[str, float], *, index: Path) -> None:
     """In the active (evaluate's) run: the model as its input, and its metrics on it, each set with its
     dataset: the valid split's (the unprefixed ones, what elects the champion) and the test split's (test_)."""
-    for split, chosen in (("valid", {k: v for k, v in metrics.items() if not k.startswith("test_")}),
-                          ("test", {k: v for k, v in metrics.items() if k.startswith("test_")})):
+    for split, chosen in (
+        ("valid", {k: v for k, v in metrics.items() if not k.startswith("test_")}),
+        ("test", {k: v for k, v in metrics.items() if k.startswith("test_")}),
+    ):
         if not chosen:
             continue
         dataset = split_dataset(index, split)
@@ -172,22 +184,30 @@ def checkpoint_of(uri: str, *, tracking_uri: str, cache: Path) -> Path:
     An alias is looked up on every call (it moves); the version it names is downloaded only once."""
     match = MODEL_URI.match(uri)
     if match is None:
-        raise PetpipeError(f"{uri}: not a registered model URI; use models:/<name>@<alias> "
-                           "(e.g. models:/petpipe-classifier@champion) or models:/<name>/<version>")
+        raise PetpipeError(
+            f"{uri}: not a registered model URI; use models:/<name>@<alias> "
+            "(e.g. models:/petpipe-classifier@champion) or models:/<name>/<version>"
+        )
     name = match["name"]
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
-        version = (str(client.get_model_version_by_alias(name, match["alias"]).version) if match["alias"]
-                   else str(client.get_model_version(name, match["version"]).version))
+        version = (
+            str(client.get_model_version_by_alias(name, match["alias"]).version)
+            if match["alias"]
+            else str(client.get_model_version(name, match["version"]).version)
+        )
     except Exception as error:
-        raise PetpipeError(f"{uri}: not found in the model registry at {tracking_uri} ({_first_line(error)}); "
-                           f"`mlflow ui` lists the registered models, or set MLFLOW_TRACKING_URI to the "
-                           f"server that holds it") from None
+        raise PetpipeError(
+            f"{uri}: not found in the model registry at {tracking_uri} ({_first_line(error)}); "
+            f"`mlflow ui` lists the registered models, or set MLFLOW_TRACKING_URI to the "
+            f"server that holds it"
+        ) from None
     folder = cache / _safe(name) / version
     if not (folder / "MLmodel").is_file():  # downloaded whole or not at all (atomic_directory)
         with atomic_directory(folder) as temporary:
-            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(temporary),
-                                                tracking_uri=tracking_uri)
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/{version}", dst_path=str(temporary), tracking_uri=tracking_uri
+            )
     return _checkpoint_in(folder, uri)
 
 
@@ -197,8 +217,10 @@ def _checkpoint_in(folder: Path, uri: str) -> Path:
     artifacts = flavor.get("artifacts", {})
     relative = artifacts.get(CHECKPOINT_ARTIFACT, {}).get("path")
     if relative is None:
-        raise PetpipeError(f"{uri}: this registered model holds no petpipe checkpoint (artifacts: "
-                           f"{json.dumps(sorted(artifacts))}); register one that petpipe's finetune logged")
+        raise PetpipeError(
+            f"{uri}: this registered model holds no petpipe checkpoint (artifacts: "
+            f"{json.dumps(sorted(artifacts))}); register one that petpipe's finetune logged"
+        )
     return folder / relative
 
 

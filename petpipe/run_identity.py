@@ -51,7 +51,7 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def param_value(value: Any) -> str:
     """A param as MLflow stores it: a string, null as YAML writes it, cut to MLflow's limit."""
     text = "null" if value is None else json.dumps(value) if isinstance(value, (list, tuple, bool)) else str(value)
-    return text if len(text) <= MAX_PARAM_VALUE else text[:MAX_PARAM_VALUE - 3] + "..."
+    return text if len(text) <= MAX_PARAM_VALUE else text[: MAX_PARAM_VALUE - 3] + "..."
 
 
 def mlflow_params(params: Mapping[str, Any]) -> dict[str, str]:
@@ -109,8 +109,12 @@ class Project:
 
     def tags(self, stage: str, params: Mapping[str, Any]) -> dict[str, str]:
         """The tags of the run of `stage` (PIPELINE: the pipeline run) with `params`."""
-        tags = {PIPELINE_KEY_TAG: self.pipeline_key, STAGE_TAG: stage, PARAMS_HASH_TAG: params_hash(params),
-                "mlflow.source.name": "dvc repro" if stage == PIPELINE else f"petpipe {stage}"}
+        tags = {
+            PIPELINE_KEY_TAG: self.pipeline_key,
+            STAGE_TAG: stage,
+            PARAMS_HASH_TAG: params_hash(params),
+            "mlflow.source.name": "dvc repro" if stage == PIPELINE else f"petpipe {stage}",
+        }
         if self.commit:
             tags[GIT_COMMIT_TAG] = self.commit
         if self.exp_name:
@@ -129,9 +133,13 @@ def load_project(workspace: Path, root: Path | None = None, settings: Any = None
     root = project_root() if root is None else root
     tracked = settings.tracking
     return Project(
-        root=root, uri=tracking_uri(root), experiment=tracked.experiment,
-        registered_model=tracked.registered_model, log_models=tuple(tracked.log_models),
+        root=root,
+        uri=tracking_uri(root),
+        experiment=tracked.experiment,
+        registered_model=tracked.registered_model,
+        log_models=tuple(tracked.log_models),
         promote=tracked.promote,
-        params=settings.model_dump(mode="json"), commit=git_commit(workspace),
+        params=settings.model_dump(mode="json"),
+        commit=git_commit(workspace),
         exp_name=os.environ.get("DVC_EXP_NAME") or None,
     )

@@ -67,9 +67,12 @@ class Stage:
             main = compute is None or compute.is_main
             try:
                 # Every rank computes; rank 0 alone logs.
-                with tracking.stage_run(self.name, params=params.select(self.params), settings=params) if main \
-                        else tracking.no_run(self.name) as log, \
-                        compute.memory_errors(self.name) if compute is not None else contextlib.nullcontext():
+                with (
+                    tracking.stage_run(self.name, params=params.select(self.params), settings=params)
+                    if main
+                    else tracking.no_run(self.name) as log,
+                    compute.memory_errors(self.name) if compute is not None else contextlib.nullcontext(),
+                ):
                     summary = body(Context(self.name, params, log, compute), inputs, outputs)
                     if compute is not None:  # a computing stage's phases; fetch and index-labels only print theirs
                         log.log_metrics(seconds.metrics())

@@ -38,9 +38,17 @@ class ModelSpec:
     @classmethod
     def from_params(cls, model: ModelParams, classes: Sequence[str]) -> ModelSpec:
         mean, std = normalisation(model.arch, model.weights)
-        return cls(arch=model.arch, weights=model.weights, classes=tuple(classes),
-                   head=HeadSpec(hidden=model.head_hidden, dropout=model.head_dropout),
-                   img_size=model.img_size, presize=model.presize, eval_crop=model.eval_crop, mean=mean, std=std)
+        return cls(
+            arch=model.arch,
+            weights=model.weights,
+            classes=tuple(classes),
+            head=HeadSpec(hidden=model.head_hidden, dropout=model.head_dropout),
+            img_size=model.img_size,
+            presize=model.presize,
+            eval_crop=model.eval_crop,
+            mean=mean,
+            std=std,
+        )
 
     @property
     def num_classes(self) -> int:

@@ -19,6 +19,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -48,8 +49,10 @@ class StageSeconds:
 
     def metrics(self) -> dict[str, float]:
         """For the stage's MLflow run: seconds_<phase> and seconds_total."""
-        return {**{f"seconds_{name.replace(' ', '_')}": value for name, value in self.seconds.items()},
-                "seconds_total": self.total()}
+        return {
+            **{f"seconds_{name.replace(' ', '_')}": value for name, value in self.seconds.items()},
+            "seconds_total": self.total(),
+        }
 
 
 _current: contextvars.ContextVar[StageSeconds | None] = contextvars.ContextVar("petpipe_stage_seconds", default=None)
@@ -89,8 +92,8 @@ def phase(name: str) -> Iterator[None]:
 def process_age() -> float | None:
     """Seconds since this process started (Linux's /proc), or None where that cannot be read."""
     try:
-        fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
-        uptime = float(open("/proc/uptime").read().split()[0])
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
         return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: start time in ticks
     except (OSError, ValueError, IndexError):
         return None
@@ -98,10 +101,13 @@ def process_age() -> float | None:
 
 def timed(name: str) -> Callable[[F], F]:
     """The decorated function's calls as the phase `name`."""
+
     def decorate(function: F) -> F:
         @functools.wraps(function)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             with phase(name):
                 return function(*args, **kwargs)
+
         return wrapper  # type: ignore[return-value]
+
     return decorate

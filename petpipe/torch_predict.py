@@ -70,19 +70,31 @@ def export_bundle(checkpoint_path: Path, out: Path, *, check_tolerance: float = 
         "format": BUNDLE_FORMAT,
         "model": ONNX_FILE,
         "runtime": "onnxruntime",
-        "input": {"name": "images", "shape": ["batch", 3, spec.img_size, spec.img_size], "dtype": "float32",
-                  "layout": "NCHW, RGB, (pixel / 255 - mean) / std"},
-        "output": {"name": "logits", "shape": ["batch", spec.num_classes],
-                   "meaning": "unnormalised scores; softmax gives class probabilities"},
+        "input": {
+            "name": "images",
+            "shape": ["batch", 3, spec.img_size, spec.img_size],
+            "dtype": "float32",
+            "layout": "NCHW, RGB, (pixel / 255 - mean) / std",
+        },
+        "output": {
+            "name": "logits",
+            "shape": ["batch", spec.num_classes],
+            "meaning": "unnormalised scores; softmax gives class probabilities",
+        },
         "classes": list(spec.classes),
         "preprocessing": {
-            "img_size": spec.img_size, "presize": spec.presize, "eval_crop": spec.eval_crop,
-            "mean": list(spec.mean), "std": list(spec.std),
-            "steps": ["apply EXIF orientation, convert to RGB",
-                      "resize the shorter side to presize and center-crop a presize square (bilinear)",
-                      "center-crop eval_crop of that square's side and resize it to img_size "
-                      "(bilinear, align_corners; no resampling when the crop is img_size pixels)",
-                      "scale to [0, 1], subtract mean and divide by std per channel"],
+            "img_size": spec.img_size,
+            "presize": spec.presize,
+            "eval_crop": spec.eval_crop,
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+            "steps": [
+                "apply EXIF orientation, convert to RGB",
+                "resize the shorter side to presize and center-crop a presize square (bilinear)",
+                "center-crop eval_crop of that square's side and resize it to img_size "
+                "(bilinear, align_corners; no resampling when the crop is img_size pixels)",
+                "scale to [0, 1], subtract mean and divide by std per channel",
+            ],
             "resize": dict(RESIZE),
         },
         "arch": spec.arch,
@@ -102,8 +114,9 @@ def _export_onnx(model: Classifier, example: torch.Tensor, path: Path) -> None:
     try:
         import onnxscript  # noqa: F401  (the torch.export-based exporter needs it)
     except ImportError:
-        raise PetpipeError("export needs onnx, onnxscript and onnxruntime: "
-                           "pip install onnx onnxscript onnxruntime") from None
+        raise PetpipeError(
+            "export needs onnx, onnxscript and onnxruntime: pip install onnx onnxscript onnxruntime"
+        ) from None
     batch = torch.export.Dim("batch", min=1, max=65536)
     # The graph optimiser logs every initializer it merges at INFO; that is not news for the user.
     quiet = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
@@ -113,9 +126,18 @@ def _export_onnx(model: Classifier, example: torch.Tensor, path: Path) -> None:
     try:
         # One self-contained file (external_data=False): these models stay far below ONNX's 2 GB limit.
         # dynamic_shapes by position, so renaming forward's argument cannot break the export.
-        program = torch.onnx.export(model, (example,), None, input_names=["images"], output_names=["logits"],
-                                    dynamic_shapes=({0: batch},), opset_version=ONNX_OPSET, dynamo=True,
-                                    external_data=False, verbose=False)
+        program = torch.onnx.export(
+            model,
+            (example,),
+            None,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_shapes=({0: batch},),
+            opset_version=ONNX_OPSET,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
         program.save(str(path), external_data=False)
     finally:
         for logger, level in zip(quiet, levels):
@@ -130,5 +152,7 @@ def _check_export(model: Classifier, example: torch.Tensor, folder: Path, *, tol
         reference = torch.softmax(model(batch).double(), dim=1).numpy()
     difference = np.abs(exported - reference).max()
     if not difference <= tolerance:
-        raise PetpipeError(f"the exported model disagrees with the checkpoint (probabilities differ by up to "
-                           f"{difference:.2e} > {tolerance:.0e}); nothing was written")
+        raise PetpipeError(
+            f"the exported model disagrees with the checkpoint (probabilities differ by up to "
+            f"{difference:.2e} > {tolerance:.0e}); nothing was written"
+        )

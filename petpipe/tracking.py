@@ -28,8 +28,11 @@ OFF_VALUES = ("off", "0", "false", "no")
 
 # MLflow retries an unreachable server for about four minutes by default; a stage should lose
 # seconds, not minutes, to a dead server. Set only where the user has not chosen.
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
 
 
 def _fluent() -> Any:
@@ -41,8 +44,12 @@ def _fluent() -> Any:
 
 # ---------------------------------------------------------------- best effort
 
-UNREACHABLE = {"Connection refused": "connection refused", "timed out": "timed out",
-               "Name or service not known": "unknown host", "Max retries exceeded": "no answer"}
+UNREACHABLE = {
+    "Connection refused": "connection refused",
+    "timed out": "timed out",
+    "Name or service not known": "unknown host",
+    "Max retries exceeded": "no answer",
+}
 
 
 def describe_error(error: BaseException) -> str:
@@ -55,8 +62,9 @@ def headline(uri: str, error: BaseException, artifacts: Path | None = None) -> s
     if isinstance(error, OSError) and error.errno in WRITE_REFUSALS:  # a full disk under the artifact store
         where = Path(error.filename) if error.filename else artifacts
         free = free_bytes(where) if where is not None else None
-        return (f"{WRITE_REFUSALS[error.errno]} writing {display(where) if where else 'to ' + uri}"
-                + (f" ({megabytes(free)} free)" if free is not None else ""))
+        return f"{WRITE_REFUSALS[error.errno]} writing {display(where) if where else 'to ' + uri}" + (
+            f" ({megabytes(free)} free)" if free is not None else ""
+        )
     reason = describe_error(error)
     if uri.startswith(("http://", "https://")) and reason in UNREACHABLE.values():
         return f"tracking server {uri} unreachable ({reason})"
@@ -67,8 +75,12 @@ def not_logged(missed: Mapping[str, Mapping[str, None]], steps: set[int]) -> str
     """What `missed` holds, by kind: "params, metrics (accuracy at steps 1-2), artifacts (report.md), ..."."""
     names = {kind: ", ".join(found) for kind, found in missed.items()}
     at = f" at steps {min(steps)}-{max(steps)}" if steps else ""
-    texts = {"params": "params", "metrics": f"metrics ({names.get('metrics')}{at})",
-             "artifacts": f"artifacts ({names.get('artifacts')})", "model": names.get("model")}
+    texts = {
+        "params": "params",
+        "metrics": f"metrics ({names.get('metrics')}{at})",
+        "artifacts": f"artifacts ({names.get('artifacts')})",
+        "model": names.get("model"),
+    }
     return ", ".join(text for kind, text in texts.items() if kind in missed) or "the run's end status"
 
 
@@ -149,9 +161,14 @@ class StageRun:
             experiment_id = self._experiment = self._experiment_id()
             self._parent_id = self._pipeline_run(experiment_id)
             # log_system_metrics=None: MLflow's own switch, MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING, decides.
-            _fluent().start_run(experiment_id=experiment_id, run_name=self.stage, nested=True,
-                                parent_run_id=self._parent_id, tags=self.project.tags(self.stage, params),
-                                log_system_metrics=None)
+            _fluent().start_run(
+                experiment_id=experiment_id,
+                run_name=self.stage,
+                nested=True,
+                parent_run_id=self._parent_id,
+                tags=self.project.tags(self.stage, params),
+                log_system_metrics=None,
+            )
             _fluent().log_params(mlflow_params(params))  # MLflow sends them in batches of its size
 
         self._best_effort(begin, "params")
@@ -168,15 +185,20 @@ class StageRun:
         finally:
             self._fluent_state.close()
         if self.failure is not None:
-            log.warning("mlflow: %s; not logged for stage %s: %s. The stage's outputs are written as usual.",
-                        self.failure, self.stage, not_logged(self.missed, self.missed_steps))
+            log.warning(
+                "mlflow: %s; not logged for stage %s: %s. The stage's outputs are written as usual.",
+                self.failure,
+                self.stage,
+                not_logged(self.missed, self.missed_steps),
+            )
 
     def _experiment_id(self) -> str:
         name = self.project.experiment
         if (experiment := self._client.get_experiment_by_name(name)) is None:
             try:
-                return self._client.create_experiment(name, artifact_location=self.project.artifact_location,
-                                                      tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+                return self._client.create_experiment(
+                    name, artifact_location=self.project.artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+                )
             except Exception:  # created meanwhile by another process?
                 if (experiment := self._client.get_experiment_by_name(name)) is None:
                     raise
@@ -187,8 +209,9 @@ class StageRun:
     def _pipeline_run(self, experiment_id: str) -> str:
         """The pipeline run this stage belongs to, running again: found by its key, else created."""
         query = f"tags.`{PIPELINE_KEY_TAG}` = '{self.project.pipeline_key}' and tags.`{STAGE_TAG}` = '{PIPELINE}'"
-        found = self._client.search_runs([experiment_id], filter_string=query,
-                                         order_by=["attributes.start_time DESC"], max_results=1)
+        found = self._client.search_runs(
+            [experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=1
+        )
         if found and not self._already_ran(experiment_id, found[0].info.run_id):
             self._client.update_run(found[0].info.run_id, status="RUNNING")
             return found[0].info.run_id
@@ -201,7 +224,7 @@ class StageRun:
         """True when this stage or a later one already ran in it: this is a new pipeline run (`dvc repro -f`)."""
         children = self._client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'")
         logged = {child.data.tags.get(STAGE_TAG) for child in children}
-        later = ORDER[ORDER.index(self.stage):] if self.stage in ORDER else (self.stage,)
+        later = ORDER[ORDER.index(self.stage) :] if self.stage in ORDER else (self.stage,)
         return any(stage in logged for stage in later)
 
     # -- what stages log
@@ -211,8 +234,11 @@ class StageRun:
         self._best_effort(lambda: _fluent().log_params(mlflow_params(params)), "params")
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int | None = None) -> None:
-        values = {key: float(value) for key, value in metrics.items()
-                  if isinstance(value, numbers.Real) and math.isfinite(value)}
+        values = {
+            key: float(value)
+            for key, value in metrics.items()
+            if isinstance(value, numbers.Real) and math.isfinite(value)
+        }
         if values:
             self._best_effort(lambda: _fluent().log_metrics(values, step=step), "metrics", *values, step=step)
 
@@ -220,13 +246,21 @@ class StageRun:
         """Files, and folders as folders of the same name."""
         for path in map(Path, paths):
             if path.is_dir():
-                self._best_effort(lambda: _fluent().log_artifacts(str(path), artifact_path=path.name),
-                                  "artifacts", path.name)
+                self._best_effort(
+                    lambda: _fluent().log_artifacts(str(path), artifact_path=path.name), "artifacts", path.name
+                )
             elif path.exists():
                 self._best_effort(lambda: _fluent().log_artifact(str(path)), "artifacts", path.name)
 
-    def log_model(self, checkpoint: Path, *, example: Path, index: Path, registered_name: str | None = None,
-                  metadata: Mapping[str, Any] | None = None) -> None:
+    def log_model(
+        self,
+        checkpoint: Path,
+        *,
+        example: Path,
+        index: Path,
+        registered_name: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
         """The checkpoint as the MLflow model that takes photos (petpipe/mlflow_model.py), registered under
         `registered_name`, with `index` (index.csv) as the run's training dataset; `example` is a photo for its
         input example. Only for the stages in log_models."""
@@ -236,15 +270,17 @@ class StageRun:
         def send() -> None:
             from petpipe import mlflow_model, registry  # here, not at the top: importing it sets MLflow's model
 
-            info = mlflow_model.log_model(checkpoint, example=example, registered_name=registered_name,
-                                          metadata=metadata)
+            info = mlflow_model.log_model(
+                checkpoint, example=example, registered_name=registered_name, metadata=metadata
+            )
             self.model_id = info.model_id
             # The weights' digest, by which evaluate finds this LoggedModel again (registry.logged_model_of).
             _fluent().set_logged_model_tags(info.model_id, {registry.CHECKPOINT_TAG: file_digest(checkpoint)})
             _fluent().log_input(registry.index_dataset(index), context="training")
 
-        self._best_effort(send, "model", "the model" + (f" (registered name {registered_name})"
-                                                       if registered_name else ""))
+        self._best_effort(
+            send, "model", "the model" + (f" (registered name {registered_name})" if registered_name else "")
+        )
 
     def log_evaluation(self, checkpoint: Path, metrics: Mapping[str, float], *, index: Path) -> str | None:
         """evaluate's metrics on the LoggedModel that holds `checkpoint` (logged by finetune), the index as

@@ -57,8 +57,14 @@ class FitState:
     torch_rng: torch.Tensor
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(epoch=self.epoch, history=self.history, optimizer=self.optimizer, scheduler=self.scheduler,
-                    generator=self.generator, torch_rng=self.torch_rng)
+        return dict(
+            epoch=self.epoch,
+            history=self.history,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            generator=self.generator,
+            torch_rng=self.torch_rng,
+        )
 
 
 @dataclass(frozen=True)
@@ -116,15 +122,24 @@ class Criterion:
         """For a stage's summary line: which loss, and the range of its weights."""
         if self.weight is None:
             return "cross-entropy"
-        return (f"cross-entropy weighted by class ({self.method}: {self.weight.min().item():.2f} to "
-                f"{self.weight.max().item():.2f})")
+        return (
+            f"cross-entropy weighted by class ({self.method}: {self.weight.min().item():.2f} to "
+            f"{self.weight.max().item():.2f})"
+        )
 
 
 # ---------------------------------------------------------------- batches
 
 
-def batch_indices(count: int, batch_size: int, *, shuffle: bool, drop_last: bool,
-                  generator: torch.Generator | None = None, order: torch.Tensor | None = None) -> list[torch.Tensor]:
+def batch_indices(
+    count: int,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    drop_last: bool,
+    generator: torch.Generator | None = None,
+    order: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
     """Positions 0..count-1 (or the given order), optionally shuffled, in batches."""
     if order is None:
         order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
@@ -141,19 +156,28 @@ def rank_batches(count: int, batch_size: int, *, world: World, seed: int, epoch:
     takes batch_size / world.size images per step, so the global batch and the
     schedule stay those of a single process.
     """
-    sampler = DistributedSampler(range(count), num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed,
-                                 drop_last=True)
+    sampler = DistributedSampler(
+        range(count), num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed, drop_last=True
+    )
     sampler.set_epoch(epoch)
     order = torch.tensor(list(sampler), dtype=torch.long)
-    return batch_indices(len(order), max(batch_size // world.size, 1), shuffle=False, drop_last=True,
-                         generator=None, order=order)
+    return batch_indices(
+        len(order), max(batch_size // world.size, 1), shuffle=False, drop_last=True, generator=None, order=order
+    )
 
 
 # ---------------------------------------------------------------- one step, one epoch
 
 
-def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
-                  *, criterion: Criterion, precision: str) -> float:
+def training_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    criterion: Criterion,
+    precision: str,
+) -> float:
     """Forward, the criterion's loss, backward and one optimiser step; returns the batch's mean loss."""
     with autocast(inputs.device, precision, training=True):
         loss = criterion(model(inputs), targets)
@@ -177,8 +201,9 @@ class Loop:
     precision: str
 
 
-def train_one_epoch(loop: Loop, images: ImageSet, batches: list[torch.Tensor],
-                    progress: Progress | None = None) -> dict[str, float]:
+def train_one_epoch(
+    loop: Loop, images: ImageSet, batches: list[torch.Tensor], progress: Progress | None = None
+) -> dict[str, float]:
     """One pass over the given batches; returns the summed loss, images seen and the peak learning rate."""
     device = images.pixels.device
     total_loss, seen, peak_lr = 0.0, 0, 0.0
@@ -192,8 +217,14 @@ def train_one_epoch(loop: Loop, images: ImageSet, batches: list[torch.Tensor],
         else:
             inputs = loop.views.train(images.pixels[rows], loop.generator, images.geometry_of(rows))
         peak_lr = max(peak_lr, loop.optimizer.param_groups[-1]["lr"])
-        loss = training_step(loop.trained, loop.optimizer, inputs, images.targets[rows], criterion=loop.criterion,
-                             precision=loop.precision)
+        loss = training_step(
+            loop.trained,
+            loop.optimizer,
+            inputs,
+            images.targets[rows],
+            criterion=loop.criterion,
+            precision=loop.precision,
+        )
         loop.scheduler.step()
         total_loss += loss * len(rows)
         seen += len(rows)
@@ -204,8 +235,15 @@ def train_one_epoch(loop: Loop, images: ImageSet, batches: list[torch.Tensor],
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, images: ImageSet, *, batch_size: int, views: Views,
-            precision: str = "auto", subset: torch.Tensor | None = None) -> torch.Tensor:
+def predict(
+    model: nn.Module,
+    images: ImageSet,
+    *,
+    batch_size: int,
+    views: Views,
+    precision: str = "auto",
+    subset: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Logits (N, classes) in float32 on the CPU, in the order of `images` (BatchNorm folded: `folded_batchnorm`);
     of the `subset` positions only, in their order, when given (each batch copies only its own pixels)."""
     model.eval()
@@ -228,8 +266,16 @@ def predict(model: nn.Module, images: ImageSet, *, batch_size: int, views: Views
 
 @timing.timed("features")
 @torch.inference_mode()
-def with_features(model: Classifier, images: ImageSet, *, batch_size: int, views: Views, precision: str = "auto",
-                  count: int = 1, generator: torch.Generator | None = None) -> ImageSet:
+def with_features(
+    model: Classifier,
+    images: ImageSet,
+    *,
+    batch_size: int,
+    views: Views,
+    precision: str = "auto",
+    count: int = 1,
+    generator: torch.Generator | None = None,
+) -> ImageSet:
     """The same images with the body's pooled features (count, N, 2C) of `count` views of each, computed
     once: the evaluation view, then count - 1 training views (augmented, drawn from `generator`)."""
     model.eval()
@@ -247,8 +293,9 @@ def with_features(model: Classifier, images: ImageSet, *, batch_size: int, views
     return ImageSet(images.pixels, images.targets, torch.stack(features), images.geometry)
 
 
-def _sharded_validation(model: nn.Module, images: ImageSet, *, world: World, batch_size: int,
-                        views: Views, criterion: Criterion) -> dict[str, float]:
+def _sharded_validation(
+    model: nn.Module, images: ImageSet, *, world: World, batch_size: int, views: Views, criterion: Criterion
+) -> dict[str, float]:
     """Each rank scores its share of the validation set; sums are reduced over ranks. valid_loss is the
     criterion's: with class weights, the weighted mean as in training."""
     rows = torch.arange(world.rank, len(images), world.size)
@@ -257,7 +304,8 @@ def _sharded_validation(model: nn.Module, images: ImageSet, *, world: World, bat
     loss_sum, weight_sum = criterion.sums(logits, targets)
     correct = (logits.argmax(dim=1) == targets).sum().item() if len(targets) else 0
     loss_sum, weight_sum, correct, count = all_reduce_sum(
-        [loss_sum, weight_sum, float(correct), float(len(targets))], images.pixels.device)
+        [loss_sum, weight_sum, float(correct), float(len(targets))], images.pixels.device
+    )
     accuracy = correct / max(count, 1)
     return {"valid_loss": loss_sum / max(weight_sum, 1e-12), "accuracy": accuracy, "error_rate": 1.0 - accuracy}
 
@@ -274,8 +322,16 @@ def _batch_size(requested: int, train: ImageSet, world: World) -> int:
     return batch_size
 
 
-def _start_loop(model: Classifier, *, phase: Phase, settings: TrainParams, views: Views, runtime: Runtime,
-                total_steps: int, criterion: Criterion) -> Loop:
+def _start_loop(
+    model: Classifier,
+    *,
+    phase: Phase,
+    settings: TrainParams,
+    views: Views,
+    runtime: Runtime,
+    total_steps: int,
+    criterion: Criterion,
+) -> Loop:
     optimizer = make_optimizer(model, group_lrs=phase.group_lrs, weight_decay=settings.weight_decay)
     scheduler = make_scheduler(optimizer, schedule=phase.schedule, total_steps=total_steps)
     # Augmentation differs per rank, like the images each rank sees.
@@ -298,9 +354,18 @@ def _resume(loop: Loop, state: FitState) -> tuple[int, list[dict[str, float]]]:
     return int(state.epoch), list(state.history)
 
 
-def fit(model: Classifier, data: Dataset, *, views: Views, phase: Phase, settings: TrainParams,
-        runtime: Runtime, criterion: Criterion = Criterion("none"), resume: FitState | None = None,
-        hooks: FitHooks = FitHooks()) -> list[dict[str, float]]:
+def fit(
+    model: Classifier,
+    data: Dataset,
+    *,
+    views: Views,
+    phase: Phase,
+    settings: TrainParams,
+    runtime: Runtime,
+    criterion: Criterion = Criterion("none"),
+    resume: FitState | None = None,
+    hooks: FitHooks = FitHooks(),
+) -> list[dict[str, float]]:
     """Train for phase.epochs (fastai's fit_one_cycle or fit) and return the per-epoch history.
 
     The model moves to the images' device, in the runtime's memory format; the
@@ -318,14 +383,27 @@ def fit(model: Classifier, data: Dataset, *, views: Views, phase: Phase, setting
     train, valid = data.train, data.valid
     if phase.feature_views:  # the body is frozen and its BatchNorm fixed: run it once, not every epoch
         generator = torch.Generator().manual_seed(phase.seed - 1)  # the views' augmentation, not the loop's
-        train = with_features(model, train, batch_size=settings.batch_size * 2, views=views,
-                              precision=levers.precision, count=phase.feature_views, generator=generator)
-        valid = with_features(model, valid, batch_size=settings.batch_size * 2, views=views,
-                              precision=levers.precision)
+        train = with_features(
+            model,
+            train,
+            batch_size=settings.batch_size * 2,
+            views=views,
+            precision=levers.precision,
+            count=phase.feature_views,
+            generator=generator,
+        )
+        valid = with_features(model, valid, batch_size=settings.batch_size * 2, views=views, precision=levers.precision)
     batch_size = _batch_size(settings.batch_size, train, world)
     steps_per_epoch = len(rank_batches(len(train), batch_size, world=world, seed=phase.seed, epoch=0))
-    loop = _start_loop(model, phase=phase, settings=settings, views=views, runtime=runtime,
-                       total_steps=phase.epochs * steps_per_epoch, criterion=criterion)
+    loop = _start_loop(
+        model,
+        phase=phase,
+        settings=settings,
+        views=views,
+        runtime=runtime,
+        total_steps=phase.epochs * steps_per_epoch,
+        criterion=criterion,
+    )
     start_epoch, history = _resume(loop, resume) if resume is not None else (0, [])
     for epoch in range(start_epoch, phase.epochs):
         started = time.perf_counter()
@@ -338,16 +416,33 @@ def fit(model: Classifier, data: Dataset, *, views: Views, phase: Phase, setting
         with timing.phase("validation"):
             # Batches of the training size, as fastai's validation: an inference pass at twice the batch
             # and the full image size peaked above the training steps themselves.
-            metrics = _sharded_validation(model, valid, world=world, batch_size=batch_size,
-                                          views=views, criterion=criterion) if len(valid) else {}
-        history.append({
-            "epoch": epoch + 1, "train_loss": loss_sum / max(images_seen, 1), **metrics, "lr": row["lr"],
-            "seconds": round(time.perf_counter() - started, 3),
-            "images_per_second": round(images_seen / max(train_seconds, 1e-9), 2),
-            "precision": levers.precision, "memory_format": levers.memory_format, "threads": levers.threads,
-        })
+            metrics = (
+                _sharded_validation(model, valid, world=world, batch_size=batch_size, views=views, criterion=criterion)
+                if len(valid)
+                else {}
+            )
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": loss_sum / max(images_seen, 1),
+                **metrics,
+                "lr": row["lr"],
+                "seconds": round(time.perf_counter() - started, 3),
+                "images_per_second": round(images_seen / max(train_seconds, 1e-9), 2),
+                "precision": levers.precision,
+                "memory_format": levers.memory_format,
+                "threads": levers.threads,
+            }
+        )
         if hooks.on_epoch_end is not None:
-            hooks.on_epoch_end(FitState(epoch=epoch + 1, history=history, optimizer=loop.optimizer.state_dict(),
-                                        scheduler=loop.scheduler.state_dict(), generator=loop.generator.get_state(),
-                                        torch_rng=torch.get_rng_state()))
+            hooks.on_epoch_end(
+                FitState(
+                    epoch=epoch + 1,
+                    history=history,
+                    optimizer=loop.optimizer.state_dict(),
+                    scheduler=loop.scheduler.state_dict(),
+                    generator=loop.generator.get_state(),
+                    torch_rng=torch.get_rng_state(),
+                )
+            )
     return history

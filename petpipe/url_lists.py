@@ -26,8 +26,9 @@ LIST_SUFFIXES = (".txt", ".csv")
 # not what image searches return.
 ALLOWED_SCHEMES = ("http", "https")
 # Names Windows keeps for devices: a folder so named cannot be created or checked out there.
-RESERVED_NAMES = frozenset({"con", "prn", "aux", "nul", *(f"com{n}" for n in range(10)),
-                            *(f"lpt{n}" for n in range(10))})
+RESERVED_NAMES = frozenset(
+    {"con", "prn", "aux", "nul", *(f"com{n}" for n in range(10)), *(f"lpt{n}" for n in range(10))}
+)
 FORBIDDEN_CHARACTERS = re.compile(r'[/\\<>:"|?*\x00-\x1f\x7f]')
 MAX_LABEL_BYTES = 255
 
@@ -90,7 +91,7 @@ def label_problem(label: str) -> str | None:
     if label in (".", ".."):
         return "would climb out of the images folder"
     if FORBIDDEN_CHARACTERS.search(label):
-        return "holds / \\ < > : \" | ? * or a control character"
+        return 'holds / \\ < > : " | ? * or a control character'
     if is_junk(label):
         return "starts with '.' (a hidden folder, which index-labels skips)"
     if label.split(".")[0].strip().lower() in RESERVED_NAMES:
@@ -106,8 +107,11 @@ def label_problem(label: str) -> str | None:
 
 
 def _list_files(folder: Path) -> list[Path]:
-    return sorted(path for path in folder.iterdir()
-                  if path.is_file() and not is_junk(path.name) and path.suffix.lower() in LIST_SUFFIXES)
+    return sorted(
+        path
+        for path in folder.iterdir()
+        if path.is_file() and not is_junk(path.name) and path.suffix.lower() in LIST_SUFFIXES
+    )
 
 
 def _read_folder(folder: Path) -> list[Entry]:
@@ -132,7 +136,7 @@ def _urls_in_file(path: Path) -> list[tuple[int, str]]:
     if rows and "url" in (header := [cell.strip().lower() for cell in rows[0]]):
         column, first = header.index("url"), 2
     found = []
-    for number, row in enumerate(rows[first - 1:], start=first):
+    for number, row in enumerate(rows[first - 1 :], start=first):
         url = row[column].strip() if len(row) > column else ""
         if url and not url.startswith("#"):
             found.append((number, url))

@@ -44,33 +44,44 @@ class Views:
     def of(cls, spec: ModelSpec, augment: AugmentParams | None = None, *, size_ratio: float = 1.0) -> Views:
         """The model's views; `size_ratio` < 1 trains on smaller crops than it evaluates (FixRes: the objects in
         a random-resized crop look larger than in the centre view, so a lower training size matches them)."""
-        return cls(size=spec.img_size, presize=spec.presize, eval_crop=spec.eval_crop, mean=spec.mean,
-                   std=spec.std, augment=augment, train_size=training_size(spec.img_size, size_ratio))
+        return cls(
+            size=spec.img_size,
+            presize=spec.presize,
+            eval_crop=spec.eval_crop,
+            mean=spec.mean,
+            std=spec.std,
+            augment=augment,
+            train_size=training_size(spec.img_size, size_ratio),
+        )
 
     @classmethod
     def for_display(cls, model: ModelParams, augment: AugmentParams) -> Views:
         """Views to draw (show_batch) before any model exists: `augmented` and `cropped` need no normalisation."""
         mean, std = NO_NORMALISATION
-        return cls(size=model.img_size, presize=model.presize, eval_crop=model.eval_crop, mean=mean, std=std,
-                   augment=augment)
+        return cls(
+            size=model.img_size, presize=model.presize, eval_crop=model.eval_crop, mean=mean, std=std, augment=augment
+        )
 
-    def augmented(self, pixels: torch.Tensor, generator: torch.Generator,
-                  geometry: torch.Tensor | None = None) -> torch.Tensor:
+    def augmented(
+        self, pixels: torch.Tensor, generator: torch.Generator, geometry: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The training view before normalisation: float (B, 3, size, size) in [0, 1] (what show_batch draws).
 
         `geometry` (an ImageSet's) marks pixels in the wide layout of train.augment.presize_crop random.
         """
         if self.augment is None:
             raise ValueError("these views have no augmentation (built for evaluation only)")
-        return augment_batch(pixels, size=self.train_size or self.size, augment=self.augment, generator=generator,
-                             geometry=geometry)
+        return augment_batch(
+            pixels, size=self.train_size or self.size, augment=self.augment, generator=generator, geometry=geometry
+        )
 
     def cropped(self, pixels: torch.Tensor, geometry: torch.Tensor | None = None) -> torch.Tensor:
         """The evaluation view before normalisation: float (B, 3, size, size) in [0, 1]."""
         return center_crop_batch(pixels, size=self.size, crop=self.eval_crop, geometry=geometry)
 
-    def train(self, pixels: torch.Tensor, generator: torch.Generator,
-              geometry: torch.Tensor | None = None) -> torch.Tensor:
+    def train(
+        self, pixels: torch.Tensor, generator: torch.Generator, geometry: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Augmented and normalised, in the device's memory format: a training batch."""
         return self._normalised(self.augmented(pixels, generator, geometry))
 

@@ -55,8 +55,12 @@ def decompression_bomb_png(width: int, height: int, *, bit_depth: int = 1) -> by
         compressed.append(compressor.compress(row * min(rows_per_slice, height - start)))
     compressed.append(compressor.flush())
     header = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)  # greyscale, deflate, no interlace
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", b"".join(compressed))
-            + png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", b"".join(compressed))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def exif_rotated_jpeg(upright: Image.Image) -> bytes:
@@ -74,8 +78,9 @@ def encoded(image: Image.Image, format: str, **options) -> bytes:
     return buffer.getvalue()
 
 
-def copy_name_in_other_split(folder: Path, original: str, breed: str, *, seed: int, valid_pct: float,
-                              start: int) -> tuple[str, str]:
+def copy_name_in_other_split(
+    folder: Path, original: str, breed: str, *, seed: int, valid_pct: float, start: int
+) -> tuple[str, str]:
     """The first `<breed>_<n>.jpg` (n >= start) that the stratified split, given the breed's photos already in
     `folder` (original among them), puts in the other split than `original`; and original's split then."""
     pattern = data.compile_label_pattern(r"^(.+)_\d+\.(?:jpe?g|png|bmp|gif|webp|tiff?)$")
@@ -83,8 +88,9 @@ def copy_name_in_other_split(folder: Path, original: str, breed: str, *, seed: i
     others = [path for path in relative if data.label_from_name(Path(path).name, pattern) == breed]
     for number in range(start, start + 10_000):
         candidate = f"{breed}_{number}.jpg"
-        splits = data.stratified_split(dict.fromkeys([*others, candidate], breed), valid_pct=valid_pct,
-                                       test_pct=0.0, seed=seed)
+        splits = data.stratified_split(
+            dict.fromkeys([*others, candidate], breed), valid_pct=valid_pct, test_pct=0.0, seed=seed
+        )
         if splits[candidate] != splits[original]:
             return candidate, splits[original]
     raise AssertionError("no such name")  # pragma: no cover  (each try is a coin flip)
@@ -119,8 +125,9 @@ def salt(folder: Path, sample_images: Path, *, seed: int = 42, valid_pct: float 
     alpha[:, : rgba.width // 3] = 0  # a transparent third
     rgba.putalpha(Image.fromarray(alpha))
     salted.usable[add("Bengal_9010.png", encoded(rgba, "PNG"))] = "PNG with alpha"
-    salted.usable[add("Bengal_9011.gif", encoded(small.convert("P", palette=Image.Palette.ADAPTIVE), "GIF"))] = \
+    salted.usable[add("Bengal_9011.gif", encoded(small.convert("P", palette=Image.Palette.ADAPTIVE), "GIF"))] = (
         "palette GIF"
+    )
     salted.usable[add("Bengal_9012.jpg", encoded(small.convert("L"), "JPEG"))] = "greyscale JPEG"
     salted.usable[add("Bengal_9013.jpg", encoded(small.convert("CMYK"), "JPEG"))] = "CMYK JPEG"
     sixteen = (np.asarray(small.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
@@ -136,8 +143,9 @@ def salt(folder: Path, sample_images: Path, *, seed: int = 42, valid_pct: float 
     salted.single_image_class = "Chat Québécois à poil long"
     single = f"{salted.single_image_class}_1.jpg"
     with Image.open(sample_images / "Birman_121.jpg") as birman:
-        salted.usable[add(single, encoded(birman.convert("RGB"), "JPEG", quality=90))] = \
+        salted.usable[add(single, encoded(birman.convert("RGB"), "JPEG", quality=90))] = (
             "spaces and non-ASCII in the name; the only image of its class"
+        )
 
     # The same photo once in each split: a leak the report must name. The copy's name is chosen by the
     # split's own rule, so that whichever split the original is in, its copy lands in the other.
@@ -150,8 +158,9 @@ def salt(folder: Path, sample_images: Path, *, seed: int = 42, valid_pct: float 
     if not list(folder.glob("Bombay_*.jpg"))[1:]:
         for photo in sorted(sample_images.glob("Bombay_*.jpg"))[:3]:
             salted.usable[add(photo.name, photo.read_bytes())] = "a photo of the leaking pair's class"
-    copy, original_split = copy_name_in_other_split(folder, original, "Bombay", seed=seed, valid_pct=valid_pct,
-                                                    start=9021)
+    copy, original_split = copy_name_in_other_split(
+        folder, original, "Bombay", seed=seed, valid_pct=valid_pct, start=9021
+    )
     add(copy, source)
     salted.usable[original] = salted.usable[copy] = "duplicate across train and valid"
     salted.leak = (original, copy) if original_split == "train" else (copy, original)

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from helpers import (
     EVALUATE_THE_HEAD,
     HEAD_TRAINING,
@@ -32,7 +33,6 @@ from helpers import (
     train_head_outputs,
     write_params,
 )
-
 from petpipe.params import parse_params, with_overrides
 
 # A shell without job control starts a background command (`.ci/run > log &`) with SIGINT ignored, and every
@@ -82,18 +82,32 @@ def trained_head(tmp_path_factory, indexed_sample, sample_images) -> TrainedHead
     test_evaluate, test_predict and the exported bundle (test_security) use it (`trained`, `bundle`)."""
     folder = tmp_path_factory.mktemp("train-head")
     write_params(folder / "params.yaml", HEAD_TRAINING)
-    result = run_command(train_head_command(folder / "params.yaml", sample_images, indexed_sample, folder / "head"),
-                         folder, PETPIPE_CACHE_DIR=str(folder / "cache"))
-    return TrainedHead(folder, folder / "cache", folder / "params.yaml", train_head_outputs(folder / "head"),
-                       result.stdout, result.stderr)
+    result = run_command(
+        train_head_command(folder / "params.yaml", sample_images, indexed_sample, folder / "head"),
+        folder,
+        PETPIPE_CACHE_DIR=str(folder / "cache"),
+    )
+    return TrainedHead(
+        folder,
+        folder / "cache",
+        folder / "params.yaml",
+        train_head_outputs(folder / "head"),
+        result.stdout,
+        result.stderr,
+    )
 
 
 @pytest.fixture(scope="session")
 def trained(trained_head, indexed_sample) -> TrainedSample:
     """The session's trained head with the params evaluate runs it with (on the head, with TTA)."""
     raw = with_overrides(default_params(), {**HEAD_TRAINING, **EVALUATE_THE_HEAD})
-    return TrainedSample(root=trained_head.folder, index=indexed_sample, model=trained_head.outputs.model,
-                         params=parse_params(raw), params_dict=raw)
+    return TrainedSample(
+        root=trained_head.folder,
+        index=indexed_sample,
+        model=trained_head.outputs.model,
+        params=parse_params(raw),
+        params_dict=raw,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -132,10 +146,12 @@ def served(pipeline_project, tmp_path_factory, sample_images) -> Iterator[Served
     folder = tmp_path_factory.mktemp("served")
     with mlflow_server(folder / "server") as server:
         project = make_project(folder / "project", {**PIPELINE_THREE_WAY, "data.source": str(sample_images)})
-        environment = as_a_user(MLFLOW_TRACKING_URI=server.url,
-                                PETPIPE_CACHE_DIR=str(pipeline_project.folder / ".petpipe/cache"))
-        result = subprocess.run(["dvc", "repro"], cwd=project, env=environment, capture_output=True, text=True,
-                                timeout=1200)
+        environment = as_a_user(
+            MLFLOW_TRACKING_URI=server.url, PETPIPE_CACHE_DIR=str(pipeline_project.folder / ".petpipe/cache")
+        )
+        result = subprocess.run(
+            ["dvc", "repro"], cwd=project, env=environment, capture_output=True, text=True, timeout=1200
+        )
         output = result.stdout + result.stderr
         assert result.returncode == 0, output[-6000:]
         client = MlflowClient(tracking_uri=server.url)
@@ -154,7 +170,8 @@ def pipeline_project(tmp_path_factory, sample_images) -> ReproducedProject:
     root. tests/test_pipeline.py reads its
     outputs; tests that change things (test_browser, test_reproducibility, test_team) work on copies of it
     (helpers.copy_project), where `dvc repro` reruns only what they changed."""
-    folder = make_project(tmp_path_factory.mktemp("pipeline") / "project",
-                          {**PIPELINE_THREE_WAY, "data.source": str(sample_images)})
+    folder = make_project(
+        tmp_path_factory.mktemp("pipeline") / "project", {**PIPELINE_THREE_WAY, "data.source": str(sample_images)}
+    )
     result = run_as_a_user(["dvc", "repro"], folder)
     return ReproducedProject(folder, result.stdout, result.stderr)

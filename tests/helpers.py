@@ -94,14 +94,21 @@ TRAINING = {**OFFLINE_TRAINING, "train_head.lr": 0.01, "lr_find.num_it": 30}
 HEAD_TRAINING = {**TRAINING, "train_head.epochs": 3, "train.precision": "float32"}
 
 
-def model_spec(arch: str, weights: str, *, num_classes: int = 3, head_hidden: int = 8,
-               head_dropout: float = 0.5, **sizes: Any) -> Any:
+def model_spec(
+    arch: str, weights: str, *, num_classes: int = 3, head_hidden: int = 8, head_dropout: float = 0.5, **sizes: Any
+) -> Any:
     """The ModelSpec train-head would build from params.yaml with these model settings (and classes
     class0, class1, ...); `sizes` overrides img_size and presize."""
     from petpipe.spec import ModelSpec
 
-    model = params_with({"model.arch": arch, "model.weights": weights, "model.head_hidden": head_hidden,
-                         "model.head_dropout": head_dropout}).model
+    model = params_with(
+        {
+            "model.arch": arch,
+            "model.weights": weights,
+            "model.head_hidden": head_hidden,
+            "model.head_dropout": head_dropout,
+        }
+    ).model
     spec = ModelSpec.from_params(model, [f"class{index}" for index in range(num_classes)])
     return dataclasses.replace(spec, **sizes)
 
@@ -138,8 +145,11 @@ def outputs_in(folder: Path) -> Any:
     from petpipe.stages.index_labels import Outputs
 
     return Outputs(
-        index=folder / "index.csv", classes=folder / "classes.json", report=folder / "report.json",
-        show_batch=folder / "show_batch.png", class_counts=folder / "class_counts.png",
+        index=folder / "index.csv",
+        classes=folder / "classes.json",
+        report=folder / "report.json",
+        show_batch=folder / "show_batch.png",
+        class_counts=folder / "class_counts.png",
     )
 
 
@@ -155,17 +165,36 @@ def read_outputs(outputs: Any) -> tuple[Any, list[str], dict]:
 
 def train_head_command(params_file: Path, images: Path, index: Path, out: Path) -> list[str]:
     """`petpipe train-head` writing its four outputs into `out`, as dvc.yaml runs it."""
-    return [str(Path(sys.executable).parent / "petpipe"), "train-head", "--params", str(params_file), "--images", str(images), "--index", str(index),
-            "--model", str(out / "model.pt"), "--metrics", str(out / "metrics.json"),
-            "--history", str(out / "history.csv"), "--plot", str(out / "training.png")]
+    return [
+        str(Path(sys.executable).parent / "petpipe"),
+        "train-head",
+        "--params",
+        str(params_file),
+        "--images",
+        str(images),
+        "--index",
+        str(index),
+        "--model",
+        str(out / "model.pt"),
+        "--metrics",
+        str(out / "metrics.json"),
+        "--history",
+        str(out / "history.csv"),
+        "--plot",
+        str(out / "training.png"),
+    ]
 
 
 def train_head_outputs(folder: Path) -> Any:
     """train-head's outputs in `folder`, under the names train_head_command gives them."""
     from petpipe.stages import train_head
 
-    return train_head.Outputs(model=folder / "model.pt", metrics=folder / "metrics.json",
-                              history=folder / "history.csv", plot=folder / "training.png")
+    return train_head.Outputs(
+        model=folder / "model.pt",
+        metrics=folder / "metrics.json",
+        history=folder / "history.csv",
+        plot=folder / "training.png",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,21 +247,30 @@ def evaluate_outputs(folder: Path) -> Any:
     from petpipe.stages import evaluate
 
     return evaluate.Outputs(
-        metrics=folder / "metrics.json", confusion=folder / "confusion.csv", confusion_plot=folder / "confusion.png",
-        confusion_normalized_plot=folder / "confusion_normalized.png", top_losses=folder / "top_losses.png",
-        top_losses_table=folder / "top_losses.csv", most_confused=folder / "most_confused.csv",
-        report=folder / "report.md", per_class=folder / "per_class.csv", label_issues=folder / "label_issues.csv",
-        duplicates=folder / "duplicates.csv")
+        metrics=folder / "metrics.json",
+        confusion=folder / "confusion.csv",
+        confusion_plot=folder / "confusion.png",
+        confusion_normalized_plot=folder / "confusion_normalized.png",
+        top_losses=folder / "top_losses.png",
+        top_losses_table=folder / "top_losses.csv",
+        most_confused=folder / "most_confused.csv",
+        report=folder / "report.md",
+        per_class=folder / "per_class.csv",
+        label_issues=folder / "label_issues.csv",
+        duplicates=folder / "duplicates.csv",
+    )
 
 
-def run_evaluate(sample: TrainedSample, folder: Path, params: Params | None = None,
-                 index: Path | None = None) -> tuple[str, Any]:
+def run_evaluate(
+    sample: TrainedSample, folder: Path, params: Params | None = None, index: Path | None = None
+) -> tuple[str, Any]:
     """evaluate on the trained sample's head (or another index); returns its summary and outputs."""
     from petpipe.stages import evaluate
 
     outputs = evaluate_outputs(folder)
-    inputs = evaluate.Inputs(images=SAMPLE_IMAGES, index=index or sample.index, finetune_model=sample.model,
-                             head_model=sample.model)
+    inputs = evaluate.Inputs(
+        images=SAMPLE_IMAGES, index=index or sample.index, finetune_model=sample.model, head_model=sample.model
+    )
     with stage_environment(sample.root):
         summary = evaluate.run(params or sample.params, inputs, outputs)
     return summary, outputs
@@ -256,15 +294,24 @@ main(sys.argv[1:])
 
 
 def run_without_torch(arguments: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *arguments], cwd=cwd, capture_output=True,
-                          text=True, env={**os.environ, "PETPIPE_TRACKING": "off"}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH, *arguments],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PETPIPE_TRACKING": "off"},
+        timeout=300,
+    )
 
 
 def run_command(arguments: list[str], cwd: Path, timeout: float = 900, **environment: str) -> Any:
     """Run a command (dvc, petpipe, git) with the project's venv first on PATH and the test session's
     environment (tracking off, the session's pixel cache) updated with `environment`; fail loudly."""
-    environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-                   **environment}
+    environment = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        **environment,
+    }
     result = subprocess.run(arguments, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(arguments)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result
@@ -272,15 +319,22 @@ def run_command(arguments: list[str], cwd: Path, timeout: float = 900, **environ
 
 # Keep MLflow from phoning home (the test machines have no internet) and a server from
 # starting its job-runner processes, which nothing here uses.
-QUIET_MLFLOW = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
-                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+QUIET_MLFLOW = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+}
 
 
 def as_a_user(**extra: str) -> dict[str, str]:
     """The environment a person runs dvc in: the venv first on PATH, MLflow tracking on to the embedded
     store (mlflow.db at the project root) and petpipe's caches at the project root (.petpipe/), plus `extra`."""
-    environment = {**os.environ, **QUIET_MLFLOW,
-                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **extra}
+    environment = {
+        **os.environ,
+        **QUIET_MLFLOW,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        **extra,
+    }
     for name in ("MLFLOW_TRACKING_URI", "PETPIPE_TRACKING", "PETPIPE_CACHE_DIR"):
         if name not in extra:
             environment.pop(name, None)
@@ -338,8 +392,10 @@ def _move_store(store: Path, source: Path, target: Path) -> None:
             for column in database.execute(f'PRAGMA table_info("{table}")').fetchall():
                 name, kind = column[1], column[2].upper()
                 if "CHAR" in kind or "TEXT" in kind:
-                    database.execute(f'UPDATE "{table}" SET "{name}" = replace("{name}", ?, ?) '
-                                     f'WHERE instr("{name}", ?) > 0', (old, new, old))
+                    database.execute(
+                        f'UPDATE "{table}" SET "{name}" = replace("{name}", ?, ?) WHERE instr("{name}", ?) > 0',
+                        (old, new, old),
+                    )
 
 
 def stale_stages(project: Path) -> set[str]:
@@ -403,13 +459,30 @@ def mlflow_server(folder: Path) -> Iterator[Server]:
     """`mlflow server` on 127.0.0.1, a free port, a sqlite backend and a local artifact root; always stopped."""
     folder.mkdir(parents=True)
     port = free_port()
-    command = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-               "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-               "--artifacts-destination", str(folder / "artifacts")]
+    command = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{folder / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(folder / "artifacts"),
+    ]
     log_path = folder / "server.log"
     with open(log_path, "w") as log_file:
-        process = subprocess.Popen(command, cwd=folder, stdout=log_file, stderr=subprocess.STDOUT,
-                                   env={**os.environ, **QUIET_MLFLOW}, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            cwd=folder,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **QUIET_MLFLOW},
+            start_new_session=True,
+        )
     server = Server(f"http://127.0.0.1:{port}", process, log_path)
     try:
         _wait_until_healthy(server, timeout=180)

@@ -21,8 +21,9 @@ from petpipe.errors import PetpipeError
 
 
 def cli_predictions(model: Path | str, photos: list[Path], top_k: int) -> list[dict]:
-    result = CliRunner().invoke(main, ["predict", "--model", str(model), "--json", "--top-k", str(top_k),
-                                       *map(str, photos)])
+    result = CliRunner().invoke(
+        main, ["predict", "--model", str(model), "--json", "--top-k", str(top_k), *map(str, photos)]
+    )
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 
@@ -34,7 +35,8 @@ def assert_same_as_the_cli(table: pd.DataFrame, expected: list[dict], top_k: int
         suffix = "" if rank == 1 else f"_{rank}"
         assert table[f"label{suffix}"].tolist() == [item["predictions"][rank - 1]["label"] for item in expected]
         assert table[f"probability{suffix}"].tolist() == pytest.approx(
-            [item["predictions"][rank - 1]["probability"] for item in expected], abs=1e-9)
+            [item["predictions"][rank - 1]["probability"] for item in expected], abs=1e-9
+        )
     assert table["error"].isna().all()
 
 
@@ -47,8 +49,16 @@ def test_three_lines_of_python_predict_what_petpipe_predict_does(trained, reques
     table = model.predict(photos, top_k=3)
 
     assert model.classes == list(load_checkpoint(trained.model).spec.classes) and len(model.classes) == 37
-    assert list(table.columns) == ["image", "label", "probability", "label_2", "probability_2", "label_3",
-                                   "probability_3", "error"]
+    assert list(table.columns) == [
+        "image",
+        "label",
+        "probability",
+        "label_2",
+        "probability_2",
+        "label_3",
+        "probability_3",
+        "error",
+    ]
     assert_same_as_the_cli(table, cli_predictions(model_path, photos, top_k=3), top_k=3)
     # The head (three epochs at 64 px) is right well above chance (1/37) on these validation photos.
     actual = valid_rows(trained)["label"][:10].tolist()

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import SAMPLE_IMAGES, evaluate_outputs, outputs_in, params_with, stage_environment
 from PIL import Image
 
+from helpers import SAMPLE_IMAGES, evaluate_outputs, outputs_in, params_with, stage_environment
 from petpipe import audit, data
 from petpipe.stages import evaluate, index_labels
 
@@ -37,7 +37,8 @@ def noisy_sample(tmp_path_factory, trained) -> tuple[Path, Path, dict[str, str],
         name = f"{Path(original).stem.rsplit('_', 1)[0]}_{9000 + number}.jpg"  # another name, the same breed
         with Image.open(images / original) as photo:
             photo.convert("RGB").resize((round(photo.width * 0.9), round(photo.height * 0.9))).save(
-                images / name, quality=80)
+                images / name, quality=80
+            )
         copies[name] = original
     index_labels.run(params_with({"model.img_size": 64}), index_labels.Inputs(images=images), outputs)
     index = data.load_index(outputs.index)
@@ -45,8 +46,10 @@ def noisy_sample(tmp_path_factory, trained) -> tuple[Path, Path, dict[str, str],
     index.loc[index["path"].isin(copies.values()), "split"] = "valid"
     # A cat given a dog breed or a dog a cat breed (the sample names cat breeds with a capital): a mistake that
     # a 64 px body can see; among 37 breeds at 64 px, the k-fold heads are right a third of the time.
-    species = {True: sorted({name for name in index["label"] if name[0].isupper()}),
-               False: sorted({name for name in index["label"] if name[0].islower()})}
+    species = {
+        True: sorted({name for name in index["label"] if name[0].isupper()}),
+        False: sorted({name for name in index["label"] if name[0].islower()}),
+    }
     train = index[(index["split"] == "train") & ~index["path"].isin(copies)]
     planted = {}
     for position in rng.choice(len(train), PLANTED_LABELS, replace=False):
@@ -72,8 +75,9 @@ def audited(noisy_sample, trained, tmp_path_factory):
 def test_planted_wrong_labels_rank_among_the_top_suspects(audited, noisy_sample):
     summary, outputs, _, _ = audited
     _, index_path, planted, _ = noisy_sample
-    table = pd.read_csv(outputs.label_issues, dtype={"path": str, "label": str, "suggested": str},
-                        keep_default_na=False)
+    table = pd.read_csv(
+        outputs.label_issues, dtype={"path": str, "label": str, "suggested": str}, keep_default_na=False
+    )
     index = data.load_index(index_path)
     assert list(table.columns) == audit.LABEL_ISSUE_COLUMNS
     assert sorted(table["path"]) == sorted(index["path"])  # every image, train and valid, once
@@ -89,8 +93,10 @@ def test_planted_wrong_labels_rank_among_the_top_suspects(audited, noisy_sample)
     metrics = json.loads(outputs.metrics.read_text())
     assert metrics["audit_images"] == len(index)
     assert metrics["audit_label_issues"] == int(table["issue"].sum()) > 0
-    assert "likely label issues" in summary and f"{metrics['audit_label_issues']} likely label issues" in \
-        outputs.report.read_text()
+    assert (
+        "likely label issues" in summary
+        and f"{metrics['audit_label_issues']} likely label issues" in outputs.report.read_text()
+    )
 
 
 def test_reencoded_copies_are_found_as_duplicates_and_leaks_and_distinct_photos_are_not(audited, noisy_sample):
@@ -103,7 +109,7 @@ def test_reencoded_copies_are_found_as_duplicates_and_leaks_and_distinct_photos_
     found = {frozenset(pair) for pair in zip(pairs["path_a"], pairs["path_b"])}
     assert {frozenset(pair) for pair in copies.items()} <= found  # every planted copy with its original
     assert found == {frozenset(pair) for pair in copies.items()}  # and no two distinct photos of the sample
-    assert ((pairs["split_a"] != pairs["split_b"])).all()
+    assert (pairs["split_a"] != pairs["split_b"]).all()
     metrics = json.loads(outputs.metrics.read_text())
     assert metrics["audit_duplicate_pairs"] == metrics["audit_leaks"] == PLANTED_COPIES
     assert f"of which {PLANTED_COPIES} across splits" in outputs.report.read_text()
@@ -157,8 +163,7 @@ def test_out_of_sample_probabilities_never_come_from_a_head_that_saw_the_image()
     assert (probabilities[:60].argmax(axis=1) == labels[:60]).mean() > 0.9
     wrong = labels.copy()
     wrong[5] = 2  # an image of class 0 labelled 2: the heads that score it learnt 0 from its neighbours
-    found = audit.label_audit(audit.out_of_sample_probabilities(features, wrong, num_classes=4, folds=5, seed=0),
-                              wrong)
+    found = audit.label_audit(audit.out_of_sample_probabilities(features, wrong, num_classes=4, folds=5, seed=0), wrong)
     assert np.argsort(found.quality)[:2].tolist() in ([5, 60], [60, 5]) and found.issue[5]
     assert found.suggested[5] == 0 and found.quality[5] < 0.1
     again = audit.out_of_sample_probabilities(features, labels, num_classes=4, folds=5, seed=0)
@@ -172,9 +177,12 @@ def test_a_set_with_one_image_per_class_refuses_the_audit_with_what_to_do(traine
     index["split"] = ["valid" if position % 4 == 0 else "train" for position in range(len(index))]
     index.to_csv(tmp_path / "index.csv", index=False)
     params = trained.params.model_copy(update={"evaluate": trained.params.evaluate.model_copy(update={"tta": False})})
-    inputs = evaluate.Inputs(images=SAMPLE_IMAGES, index=tmp_path / "index.csv", finetune_model=trained.model,
-                             head_model=trained.model)
-    with pytest.raises(PetpipeError, match="at least 2 images.*evaluate.audit.enabled: false"), \
-            stage_environment(trained.root):
+    inputs = evaluate.Inputs(
+        images=SAMPLE_IMAGES, index=tmp_path / "index.csv", finetune_model=trained.model, head_model=trained.model
+    )
+    with (
+        pytest.raises(PetpipeError, match="at least 2 images.*evaluate.audit.enabled: false"),
+        stage_environment(trained.root),
+    ):
         evaluate.run(params, inputs, evaluate_outputs(tmp_path / "out"))
     assert not (tmp_path / "out" / "metrics.json").exists()

@@ -19,21 +19,30 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import copy_project, run_command, stale_stages
 
+from helpers import copy_project, run_command, stale_stages
 from petpipe.predict import load_predictor, predict_files
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra)")
 CHROMIUM = os.environ.get("PETPIPE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 if not Path(CHROMIUM).is_file():
-    pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install chromium (or set PETPIPE_CHROMIUM)",
-                allow_module_level=True)
+    pytest.skip(
+        f"no Chromium at {CHROMIUM}: apt-get install chromium (or set PETPIPE_CHROMIUM)", allow_module_level=True
+    )
 expect = playwright_api.expect
 
 pytestmark = pytest.mark.slow  # reuses the session's `dvc repro` of the sample
 # Flags for a quiet, offline, throwaway browser (no GPU, sandbox or first-run work; it phones nobody).
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 VIEWPORT = {"width": 1100, "height": 820}
 
 
@@ -49,8 +58,9 @@ def server(project, tmp_path_factory) -> Iterator[str]:
     log_path = tmp_path_factory.mktemp("serve-log") / "serve.log"
     petpipe = Path(sys.executable).parent / "petpipe"
     with open(log_path, "w") as log:
-        process = subprocess.Popen([str(petpipe), "serve", "--port", "0"], cwd=project, stdout=log,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [str(petpipe), "serve", "--port", "0"], cwd=project, stdout=log, stderr=subprocess.STDOUT
+        )
     try:
         yield wait_for_url(process, log_path)
     finally:
@@ -85,8 +95,12 @@ def browser(tmp_path_factory) -> Iterator[object]:
     """Headless Chromium with a fresh profile."""
     with playwright_api.sync_playwright() as driver:
         context = driver.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, headless=True,
-            args=CHROMIUM_ARGS, viewport=VIEWPORT)
+            str(tmp_path_factory.mktemp("chromium-profile")),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport=VIEWPORT,
+        )
         yield context
         context.close()
 
@@ -108,12 +122,15 @@ def screenshots(tmp_path_factory) -> Path:
 def drop_file(page, path: Path) -> None:
     """Drag a file from the desktop onto the drop zone (a real drop event carrying the file)."""
     payload = base64.b64encode(path.read_bytes()).decode()
-    transfer = page.evaluate_handle("""([name, payload]) => {
+    transfer = page.evaluate_handle(
+        """([name, payload]) => {
         const bytes = Uint8Array.from(atob(payload), (c) => c.charCodeAt(0));
         const transfer = new DataTransfer();
         transfer.items.add(new File([bytes], name, { type: "image/jpeg" }));
         return transfer;
-    }""", [path.name, payload])
+    }""",
+        [path.name, payload],
+    )
     page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
 
 
@@ -132,8 +149,10 @@ def valid_rows(project: Path) -> pd.DataFrame:
 
 def test_a_dropped_photo_shows_the_breed_petpipe_predict_gives(project, server, page, screenshots, tmp_path):
     photos = [project / "stages/fetch/images" / path for path in valid_rows(project)["path"][:2]]
-    expected = {Path(p.path).name: p.labels for p in
-                predict_files(load_predictor(project / "stages/finetune/model.pt", device="cpu"), photos, top_k=5)}
+    expected = {
+        Path(p.path).name: p.labels
+        for p in predict_files(load_predictor(project / "stages/finetune/model.pt", device="cpu"), photos, top_k=5)
+    }
     page.goto(server + "/")
     drop_file(page, photos[0])  # dragged onto the page
     page.set_input_files("#photos", str(photos[1]))  # chosen with the file dialog
@@ -151,7 +170,8 @@ def test_a_dropped_photo_shows_the_breed_petpipe_predict_gives(project, server, 
     notes.write_text("not a photo\n" * 50)
     page.set_input_files("#photos", str(notes))
     expect(page.locator('.prediction.failed[data-name="notes.jpg"] .status')).to_have_text(
-        "notes.jpg: not an image (no image format recognised)", timeout=30_000)
+        "notes.jpg: not an image (no image format recognised)", timeout=30_000
+    )
     page.set_input_files("#photos", str(photos[0]))
     expect(page.locator(f'.prediction.done[data-name="{photos[0].name}"]')).to_have_count(2, timeout=30_000)
 
@@ -161,8 +181,11 @@ def test_results_shows_the_evaluation_and_its_confusion_matrix(project, server, 
     page.goto(server + "/results")
     headline = page.locator("table.headline tbody tr").first
     # valid and, beside it, the test split's numbers (the session's pipeline has a three-way split)
-    assert [headline.locator("th").inner_text(), *headline.locator("td").all_inner_texts()] == \
-        ["accuracy", f"{metrics['accuracy']:.4f}", f"{metrics['test_accuracy']:.4f}"]
+    assert [headline.locator("th").inner_text(), *headline.locator("td").all_inner_texts()] == [
+        "accuracy",
+        f"{metrics['accuracy']:.4f}",
+        f"{metrics['test_accuracy']:.4f}",
+    ]
     expect(page.locator("table.headline thead")).to_contain_text("test")
     expect(page.locator('img[alt="Test confusion matrix"]')).to_be_visible()
     confusion = page.locator('img[alt="Confusion matrix"]')
@@ -191,7 +214,9 @@ def test_clean_relabels_and_excludes_and_index_labels_applies_it(project, server
     candidates.nth(0).locator("select").select_option(f"relabel:{other}")
     expect(page.locator("#status")).to_contain_text(f"{relabelled}: relabelled as {other}.")
     candidates.nth(1).locator("select").select_option("exclude")
-    expect(page.locator("#status")).to_contain_text("now relabels 1 and excludes 1 image(s); commit it and run dvc repro")
+    expect(page.locator("#status")).to_contain_text(
+        "now relabels 1 and excludes 1 image(s); commit it and run dvc repro"
+    )
     save_screenshot(page, screenshots / "clean.png")
     rows = sorted([f"{relabelled},relabel,{other}", f"{excluded},exclude,"])
     assert (project / "labels/corrections.csv").read_text() == "\n".join(["path,action,label", *rows]) + "\n"
@@ -206,15 +231,15 @@ def test_clean_relabels_and_excludes_and_index_labels_applies_it(project, server
     assert stale_stages(project) == {"train-head", "lr-find", "finetune", "evaluate"}
     assert "1 relabelled, 1 excluded by labels/corrections.csv" in result.stdout + result.stderr
     report = json.loads((project / "stages/index-labels/report.json").read_text())
-    assert report["corrections"] == {"file": "labels/corrections.csv", "relabelled": 1, "excluded": 1,
-                                     "ignored": []}
+    assert report["corrections"] == {"file": "labels/corrections.csv", "relabelled": 1, "excluded": 1, "ignored": []}
     index = pd.read_csv(project / "stages/index-labels/index.csv", dtype=str, keep_default_na=False)
     assert index.set_index("path").loc[relabelled, "label"] == other and excluded not in set(index["path"])
     assert report["images"] == before["images"] - 1 and before["corrections"]["relabelled"] == 0
 
 
 def test_clean_leads_with_suspects_whose_suggestion_one_click_accepts_and_duplicates_excluded_either_side(
-        project, server, page, screenshots):
+    project, server, page, screenshots
+):
     """Clean opens on the audit's Suspects (evaluate's label_issues.csv, most suspect first): one click accepts
     the suggested breed. Duplicates shows a pair side by side: one click excludes a side. Both reach the file."""
     corrections = project / "labels/corrections.csv"
@@ -240,7 +265,8 @@ def test_clean_leads_with_suspects_whose_suggestion_one_click_accepts_and_duplic
     train = next(p for p in index[index["split"] == "train"]["path"] if p != path)
     valid = next(p for p in index[index["split"] == "valid"]["path"] if p != path)
     (project / "stages/evaluate/duplicates.csv").write_text(
-        f"path_a,path_b,split_a,split_b,similarity\n{train},{valid},train,valid,0.97\n")
+        f"path_a,path_b,split_a,split_b,similarity\n{train},{valid},train,valid,0.97\n"
+    )
     page.goto(server + "/clean?view=duplicates")
     pair = page.locator("article.pair.leak")
     expect(pair).to_have_count(1)

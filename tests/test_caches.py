@@ -20,15 +20,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import OFFLINE_TRAINING, copy_subset, outputs_in, params_with, serving, stage_environment
 
+from helpers import OFFLINE_TRAINING, copy_subset, outputs_in, params_with, serving, stage_environment
 from petpipe import levers as levers_module
 from petpipe import resume as resume_module
 
 PAGE = 4096
 # One epoch on 3 breeds x 6 photos at 32 px; the levers fixed so that no timing (levers.json) is involved.
-FAST = {**OFFLINE_TRAINING, "model.img_size": 32, "train.batch_size": 8, "train_head.epochs": 1,
-        "train.precision": "float32", "train.memory_format": "contiguous", "train.threads": 1}
+FAST = {
+    **OFFLINE_TRAINING,
+    "model.img_size": 32,
+    "train.batch_size": 8,
+    "train_head.epochs": 1,
+    "train.precision": "float32",
+    "train.memory_format": "contiguous",
+    "train.threads": 1,
+}
 
 
 def truncate(path: Path) -> None:
@@ -45,8 +52,8 @@ def zero_a_page(path: Path) -> None:
     """Zero the page in the middle of the file, where the data is (made to differ if it was zero already)."""
     data = bytearray(path.read_bytes())
     start = max(0, len(data) // 2 - PAGE // 2)
-    page = data[start:start + PAGE]
-    data[start:start + PAGE] = bytes(len(page)) if any(page) else b"\x01" * len(page)
+    page = data[start : start + PAGE]
+    data[start : start + PAGE] = bytes(len(page)) if any(page) else b"\x01" * len(page)
     path.write_bytes(bytes(data))
 
 
@@ -65,7 +72,10 @@ def replace_with_lookalike(path: Path) -> None:
 
 
 DAMAGES: dict[str, Callable[[Path], None]] = {
-    "truncated": truncate, "extended": extend, "zeroed page": zero_a_page, "replaced": replace_with_lookalike,
+    "truncated": truncate,
+    "extended": extend,
+    "zeroed page": zero_a_page,
+    "replaced": replace_with_lookalike,
 }
 
 
@@ -88,11 +98,16 @@ class Project:
 
         self.runs += 1
         folder = self.root / f"run-{self.runs}"
-        outputs = train_head.Outputs(model=folder / "model.pt", metrics=folder / "metrics.json",
-                                     history=folder / "history.csv", plot=folder / "training.png")
+        outputs = train_head.Outputs(
+            model=folder / "model.pt",
+            metrics=folder / "metrics.json",
+            history=folder / "history.csv",
+            plot=folder / "training.png",
+        )
         with stage_environment(self.root):
-            train_head.run(params_with({**FAST, **overrides}), train_head.Inputs(images=self.images, index=self.index),
-                           outputs)
+            train_head.run(
+                params_with({**FAST, **overrides}), train_head.Inputs(images=self.images, index=self.index), outputs
+            )
         return comparable(json.loads(outputs.metrics.read_text()))
 
     @property
@@ -102,8 +117,11 @@ class Project:
 
 def comparable(metrics: dict) -> dict:
     """The metrics that must not depend on the cache: drop timings and speeds."""
-    return {key: value for key, value in metrics.items()
-            if not any(word in key for word in ("second", "time", "per_second", "duration"))}
+    return {
+        key: value
+        for key, value in metrics.items()
+        if not any(word in key for word in ("second", "time", "per_second", "duration"))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +180,8 @@ def _square(cache: Path) -> Path:
 @pytest.mark.parametrize("damage", DAMAGES)
 @pytest.mark.parametrize("kind", PIXEL_FILES)
 def test_a_damaged_pixel_cache_is_rebuilt_in_one_line_and_the_run_matches_a_clean_one(
-        project, clean_metrics, caplog, monkeypatch, kind, damage):
+    project, clean_metrics, caplog, monkeypatch, kind, damage
+):
     forget_checks(monkeypatch)  # every cache is sound here: built by clean_metrics, rebuilt by the test before
     target = PIXEL_FILES[kind](project.cache)
     DAMAGES[damage](target)
@@ -180,7 +199,8 @@ def test_a_damaged_pixel_cache_is_rebuilt_in_one_line_and_the_run_matches_a_clea
 
 
 def test_the_record_is_written_last_so_a_cache_cut_off_while_being_built_is_never_trusted(
-        project, clean_metrics, caplog, monkeypatch):
+    project, clean_metrics, caplog, monkeypatch
+):
     forget_checks(monkeypatch)
     _square(project.cache).with_suffix(".json").unlink()
     with caplog.at_level(logging.WARNING):
@@ -207,14 +227,16 @@ RESUME_FILES = {"resume file": lambda resume: resume, "its record": lambda resum
 @pytest.mark.parametrize("damage", DAMAGES)
 @pytest.mark.parametrize("kind", RESUME_FILES)
 def test_a_damaged_resume_file_is_ignored_in_one_warning_and_training_starts_over(
-        project, clean_metrics, caplog, monkeypatch, kind, damage):
+    project, clean_metrics, caplog, monkeypatch, kind, damage
+):
     resume = seed_resume_file(project, monkeypatch)
     DAMAGES[damage](RESUME_FILES[kind](resume))
     with caplog.at_level(logging.INFO):
         assert project.train() == clean_metrics
     [warning] = warnings_in(caplog)
-    assert warning.startswith(f"warning: ignoring resume file {resume}: it ") and \
-        warning.endswith("; training from the first epoch"), warning
+    assert warning.startswith(f"warning: ignoring resume file {resume}: it ") and warning.endswith(
+        "; training from the first epoch"
+    ), warning
     assert not any("resuming from" in record.getMessage() for record in caplog.records)
     assert not resume.exists() and not resume.with_suffix(".json").exists()  # a finished run clears both
 
@@ -226,7 +248,9 @@ def test_a_sound_resume_file_is_still_resumed_from(project, clean_metrics, caplo
     # The cache itself draws no word; the run that left it ended without one (as a kill does), which is said
     # once, with the memory advice (tests/test_limits.py).
     [warning] = warnings_in(caplog)
-    assert warning.startswith("warning: train-head: the run that saved this resume file was killed by a signal"), warning
+    assert warning.startswith("warning: train-head: the run that saved this resume file was killed by a signal"), (
+        warning
+    )
     assert any("resuming from" in record.getMessage() for record in caplog.records)
 
 
@@ -238,8 +262,13 @@ AUTO_LEVERS = {"train.memory_format": "auto"}  # one lever left to time: levers.
 @pytest.fixture()
 def timed_once(project, monkeypatch) -> Path:
     """levers.json as a timing leaves it; timing made deterministic (contiguous wins), as it is not the point."""
-    monkeypatch.setattr(levers_module, "_probe", lambda model, images, views, options: {
-        lever: "contiguous" if lever == "memory_format" else choices[0] for lever, choices in options.items()})
+    monkeypatch.setattr(
+        levers_module,
+        "_probe",
+        lambda model, images, views, options: {
+            lever: "contiguous" if lever == "memory_format" else choices[0] for lever, choices in options.items()
+        },
+    )
     (project.cache / "levers.json").unlink(missing_ok=True)
     project.train(**AUTO_LEVERS)
     return project.cache / "levers.json"
@@ -247,11 +276,13 @@ def timed_once(project, monkeypatch) -> Path:
 
 @pytest.mark.parametrize("damage", [*DAMAGES, "another machine's choice"])
 def test_a_damaged_levers_file_is_ignored_in_one_warning_timed_again_and_rewritten(
-        project, clean_metrics, timed_once, caplog, monkeypatch, damage):
+    project, clean_metrics, timed_once, caplog, monkeypatch, damage
+):
     if damage == "another machine's choice":  # valid JSON and valid levers, but not a choice this run has
         known = json.loads(timed_once.read_text())
-        timed_once.write_text(json.dumps({key: {**entry, "precision": "bfloat16", "threads": 999}
-                                          for key, entry in known.items()}))
+        timed_once.write_text(
+            json.dumps({key: {**entry, "precision": "bfloat16", "threads": 999} for key, entry in known.items()})
+        )
     elif damage == "replaced":
         timed_once.write_text(json.dumps(["not", "levers"]))
     else:
@@ -300,7 +331,7 @@ class RangeServer(http.server.BaseHTTPRequestHandler):
 def replace_with_a_page(path: Path) -> None:
     """What a captive portal leaves when it answered the first attempt: an HTML page of the same size."""
     page = b"<!doctype html><html><body>Please log in</body></html>"
-    path.write_bytes((page * (path.stat().st_size // len(page) + 1))[:path.stat().st_size])
+    path.write_bytes((page * (path.stat().st_size // len(page) + 1))[: path.stat().st_size])
 
 
 @pytest.mark.parametrize("damage", [*DAMAGES, "replaced with a page"])
@@ -321,12 +352,12 @@ def test_a_damaged_partial_download_ends_in_the_archive_itself(sample_images, tm
     monkeypatch.chdir(tmp_path)
     part = tmp_path / ".petpipe/downloads" / (cache_name(url) + ".part")
     part.parent.mkdir(parents=True)
-    part.write_bytes(payload[:len(payload) // 2])  # as a cut connection leaves it
+    part.write_bytes(payload[: len(payload) // 2])  # as a cut connection leaves it
     if damage == "replaced with a page":
         replace_with_a_page(part)
     elif damage == "replaced":  # the same size, a gzip stream all the same: another archive's first half
         other = gzip.compress(bytes(reversed(payload)), mtime=0)
-        part.write_bytes(other[:part.stat().st_size])
+        part.write_bytes(other[: part.stat().st_size])
     else:
         DAMAGES[damage](part)
     with serving(server), caplog.at_level(logging.WARNING):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import model_spec
 
+from helpers import model_spec
 from petpipe.checkpoint import FORMAT, Checkpoint, load_checkpoint, save_checkpoint
 from petpipe.errors import PetpipeError
 from petpipe.models import build_model
@@ -16,8 +16,16 @@ def tiny(tmp_path_factory):
     spec = model_spec("resnet18", "none", num_classes=3, head_hidden=8, img_size=32, presize=36)
     model = build_model(spec, pretrained=False).eval()
     path = tmp_path_factory.mktemp("checkpoint") / "model.pt"
-    save_checkpoint(path, Checkpoint.of(model, spec, stage="train-head", params={"model": {"train_bn": True}},
-                                        history=[{"epoch": 1, "accuracy": 0.5}]))
+    save_checkpoint(
+        path,
+        Checkpoint.of(
+            model,
+            spec,
+            stage="train-head",
+            params={"model": {"train_bn": True}},
+            history=[{"epoch": 1, "accuracy": 0.5}],
+        ),
+    )
     return path, spec, model
 
 
@@ -33,12 +41,20 @@ def test_a_checkpoint_round_trips_its_spec_and_rebuilds_the_same_network(tiny):
 def test_the_layout_earlier_versions_wrote_still_loads(tiny):
     """petpipe-checkpoint/1 as written before the ModelSpec existed: spec fields at the top level."""
     path, spec, model = tiny
-    raw = {"format": FORMAT, "stage": "finetune", "arch": "resnet18", "weights": "none", "classes": ["a", "b", "c"],
-           "head": {"hidden": 8, "dropout": 0.5},
-           "preprocessing": {"img_size": 32, "presize": 36, "mean": [0.485, 0.456, 0.406],
-                             "std": [0.229, 0.224, 0.225]},
-           "layer_groups": model.layer_groups(), "state_dict": model.state_dict(), "params": {}, "history": [],
-           "resume": None}
+    raw = {
+        "format": FORMAT,
+        "stage": "finetune",
+        "arch": "resnet18",
+        "weights": "none",
+        "classes": ["a", "b", "c"],
+        "head": {"hidden": 8, "dropout": 0.5},
+        "preprocessing": {"img_size": 32, "presize": 36, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+        "layer_groups": model.layer_groups(),
+        "state_dict": model.state_dict(),
+        "params": {},
+        "history": [],
+        "resume": None,
+    }
     torch.save(raw, path.parent / "old.pt")
     loaded = load_checkpoint(path.parent / "old.pt")
     assert loaded.spec.classes == ("a", "b", "c") and loaded.spec.img_size == 32 and loaded.spec.head.hidden == 8

@@ -28,10 +28,17 @@ from petpipe.training import Criterion, balanced_class_weights, predict
 from petpipe.views import Views
 
 # float32: the recomputed loss must be the stage's to the last bits that matter; no levers timed.
-BALANCED = {**OFFLINE_TRAINING, "train.precision": "float32", "train.memory_format": "contiguous",
-            "train.class_weights": "balanced",
-            "train_head.epochs": 2, "train_head.lr": 0.01, "lr_find.num_it": 10, "finetune.epochs": 1,
-            "finetune.lr": 1e-3}
+BALANCED = {
+    **OFFLINE_TRAINING,
+    "train.precision": "float32",
+    "train.memory_format": "contiguous",
+    "train.class_weights": "balanced",
+    "train_head.epochs": 2,
+    "train_head.lr": 0.01,
+    "lr_find.num_it": 10,
+    "finetune.epochs": 1,
+    "finetune.lr": 1e-3,
+}
 
 
 def test_balanced_weights_are_scikit_learns_on_an_unbalanced_label_list():
@@ -71,23 +78,36 @@ def unbalanced(tmp_path_factory, sample_images) -> dict:
     images = root / "images"
     images.mkdir()
     for position, photos in enumerate(list(sample_by_breed(sample_images).values())[:6]):
-        for photo in photos[:10 if position < 3 else 5]:
+        for photo in photos[: 10 if position < 3 else 5]:
             shutil.copy(photo, images / photo.name)
     params = params_with(BALANCED)
     indexed = outputs_in(root / "index")
     head, tuned = train_head_outputs(root / "head"), train_head_outputs(root / "finetune")
-    sweep = lr_find.Outputs(result=root / "lr/lr_find.json", curve=root / "lr/lr_find.csv",
-                            plot=root / "lr/lr_find.png")
+    sweep = lr_find.Outputs(
+        result=root / "lr/lr_find.json", curve=root / "lr/lr_find.csv", plot=root / "lr/lr_find.png"
+    )
     with pytest.MonkeyPatch.context() as patch:  # resume files in root; the session's pixel cache
         patch.chdir(root)
         index_labels.run(params, index_labels.Inputs(images=images), indexed)
         summaries = {"train-head": train_head.run(params, train_head.Inputs(images=images, index=indexed.index), head)}
-        summaries["lr-find"] = lr_find.run(params, lr_find.Inputs(images=images, index=indexed.index,
-                                                                  checkpoint=head.model), sweep)
-        summaries["finetune"] = finetune.run(params, finetune.Inputs(images=images, index=indexed.index,
-                                                                     checkpoint=head.model, lr_find=sweep.result), tuned)
-    return {"root": root, "images": images, "index": indexed.index, "params": params, "head": head,
-            "finetune": tuned, "lr_find": sweep, "summaries": summaries}
+        summaries["lr-find"] = lr_find.run(
+            params, lr_find.Inputs(images=images, index=indexed.index, checkpoint=head.model), sweep
+        )
+        summaries["finetune"] = finetune.run(
+            params,
+            finetune.Inputs(images=images, index=indexed.index, checkpoint=head.model, lr_find=sweep.result),
+            tuned,
+        )
+    return {
+        "root": root,
+        "images": images,
+        "index": indexed.index,
+        "params": params,
+        "head": head,
+        "finetune": tuned,
+        "lr_find": sweep,
+        "summaries": summaries,
+    }
 
 
 def formula_weights(index_path: Path) -> torch.Tensor:
@@ -105,11 +125,14 @@ def valid_losses(run: dict, model: Path) -> tuple[float, float]:
         compute = one_process(run["params"], "class-weights-test")
         inputs = train_head.Inputs(images=run["images"], index=run["index"])
         data = compute.dataset(inputs, checkpoint.spec, training=False)
-        logits = predict(checkpoint.model(), data.valid, batch_size=64, views=Views.of(checkpoint.spec,
-                                                                                      run["params"].train.augment))
+        logits = predict(
+            checkpoint.model(), data.valid, batch_size=64, views=Views.of(checkpoint.spec, run["params"].train.augment)
+        )
     targets = data.valid.targets.cpu()
-    return (F.cross_entropy(logits, targets, weight=formula_weights(run["index"])).item(),
-            F.cross_entropy(logits, targets).item())
+    return (
+        F.cross_entropy(logits, targets, weight=formula_weights(run["index"])).item(),
+        F.cross_entropy(logits, targets).item(),
+    )
 
 
 @pytest.mark.parametrize("stage", ["head", "finetune"])

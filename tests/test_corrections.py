@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers import PROJECT_ROOT, SMALL, copy_subset, outputs_in, params_with, read_outputs, write_params
 
+from helpers import PROJECT_ROOT, SMALL, copy_subset, outputs_in, params_with, read_outputs, write_params
 from petpipe import data
 from petpipe.cli import main
 from petpipe.errors import PetpipeError
@@ -33,8 +33,11 @@ def test_the_committed_corrections_file_is_a_header_row_and_the_default_param():
 def test_corrections_relabel_exclude_and_ignore_files_without_a_label(tmp_path):
     path = corrections_file(tmp_path, "a_2.jpg,relabel,b\n./b_1.jpg,Exclude,\nunusable.jpg,exclude,\n")
     corrections = data.load_corrections(path)
-    assert corrections == {"a_2.jpg": data.Correction("relabel", "b"), "b_1.jpg": data.Correction("exclude"),
-                           "unusable.jpg": data.Correction("exclude")}
+    assert corrections == {
+        "a_2.jpg": data.Correction("relabel", "b"),
+        "b_1.jpg": data.Correction("exclude"),
+        "unusable.jpg": data.Correction("exclude"),
+    }
     labels, done = data.apply_corrections(LABELS, corrections, folder_files=FOLDER, source="labels.corrections x")
     assert labels == {"a_1.jpg": "a", "a_2.jpg": "b", "b_2.jpg": "b"}
     assert done == {"relabelled": 1, "excluded": 1, "ignored": ["unusable.jpg"]}
@@ -45,13 +48,16 @@ def test_corrections_relabel_exclude_and_ignore_files_without_a_label(tmp_path):
     assert data.load_corrections(tmp_path / "again.csv") == corrections
 
 
-@pytest.mark.parametrize("rows, message", [
-    ("a_1.jpg,rename,b\n", r"action must be relabel or exclude, got a_1.jpg='rename'"),
-    ("a_1.jpg,relabel,\n", r"relabel without a new label for a_1.jpg"),
-    ("a_1.jpg,exclude,\na_1.jpg,relabel,b\n", r"listed more than once: a_1.jpg"),
-    ("../elsewhere/a_9.jpg,exclude,\n", r"1 path\(s\) not found in the images folder, e.g. ../elsewhere/a_9.jpg"),
-    ("a_1.jpg,relabel,c\n", r"relabel to unknown class\(es\) c; use one of the classes the images have \(a, b\)"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ("a_1.jpg,rename,b\n", r"action must be relabel or exclude, got a_1.jpg='rename'"),
+        ("a_1.jpg,relabel,\n", r"relabel without a new label for a_1.jpg"),
+        ("a_1.jpg,exclude,\na_1.jpg,relabel,b\n", r"listed more than once: a_1.jpg"),
+        ("../elsewhere/a_9.jpg,exclude,\n", r"1 path\(s\) not found in the images folder, e.g. ../elsewhere/a_9.jpg"),
+        ("a_1.jpg,relabel,c\n", r"relabel to unknown class\(es\) c; use one of the classes the images have \(a, b\)"),
+    ],
+)
 def test_a_wrong_correction_is_refused_with_one_line(tmp_path, rows, message):
     with pytest.raises(PetpipeError, match=message) as raised:
         corrections = data.load_corrections(corrections_file(tmp_path, rows))
@@ -92,12 +98,31 @@ def test_the_cli_refuses_a_correction_of_a_file_not_in_the_images_folder(sample_
     corrections = corrections_file(tmp_path, "beagle_1.jpg,exclude,\n")
     write_params(tmp_path / "params.yaml", SMALL)
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, [
-        "index-labels", "--params", str(tmp_path / "params.yaml"), "--images", str(tmp_path / "images"),
-        "--corrections", str(corrections), "--index", str(out / "index.csv"), "--classes", str(out / "classes.json"),
-        "--report", str(out / "report.json"), "--show-batch", str(out / "b.png"), "--class-counts", str(out / "c.png"),
-    ])
+    result = CliRunner().invoke(
+        main,
+        [
+            "index-labels",
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--images",
+            str(tmp_path / "images"),
+            "--corrections",
+            str(corrections),
+            "--index",
+            str(out / "index.csv"),
+            "--classes",
+            str(out / "classes.json"),
+            "--report",
+            str(out / "report.json"),
+            "--show-batch",
+            str(out / "b.png"),
+            "--class-counts",
+            str(out / "c.png"),
+        ],
+    )
     assert result.exit_code == 1
-    assert result.output.strip() == (f"Error: labels.corrections {corrections}: 1 path(s) not found in the images "
-                                     "folder, e.g. beagle_1.jpg; its paths are relative to the images folder")
+    assert result.output.strip() == (
+        f"Error: labels.corrections {corrections}: 1 path(s) not found in the images "
+        "folder, e.g. beagle_1.jpg; its paths are relative to the images folder"
+    )
     assert not out.exists()

@@ -40,15 +40,22 @@ def test_split_key_depends_only_on_name_and_seed(name, seed):
 
 def labelled(sizes: list[int]) -> dict[str, str]:
     """{path: class} with sizes[i] photos in class c<i>, named as the sample's are."""
-    return {f"c{position}/c{position}_{number}.jpg": f"c{position}"
-            for position, size in enumerate(sizes) for number in range(size)}
+    return {
+        f"c{position}/c{position}_{number}.jpg": f"c{position}"
+        for position, size in enumerate(sizes)
+        for number in range(size)
+    }
 
 
 FRACTIONS = st.sampled_from([0.1, 0.15, 0.2, 0.25, 0.3, 0.5])
 
 
-@given(sizes=st.lists(st.integers(1, 60), min_size=1, max_size=6), valid_pct=FRACTIONS,
-       test_pct=st.sampled_from([0.0, 0.1, 0.2, 0.3]), seed=st.integers(0, 2**31))
+@given(
+    sizes=st.lists(st.integers(1, 60), min_size=1, max_size=6),
+    valid_pct=FRACTIONS,
+    test_pct=st.sampled_from([0.0, 0.1, 0.2, 0.3]),
+    seed=st.integers(0, 2**31),
+)
 def test_the_random_split_is_stratified_per_class(sizes, valid_pct, test_pct, seed):
     """Each class gives valid (and test) its share within one photo, a class of at least 1/valid_pct photos
     always has a validation photo, and every class keeps a training photo."""
@@ -62,18 +69,22 @@ def test_the_random_split_is_stratified_per_class(sizes, valid_pct, test_pct, se
             assert mine.count("valid") >= 1
 
 
-@given(names=st.lists(st.text("abcdefgh_0123456789", min_size=1, max_size=12), min_size=1, max_size=40,
-                      unique=True),
-       new=st.text("abcdefgh_0123456789", min_size=1, max_size=12), valid_pct=FRACTIONS,
-       test_pct=st.sampled_from([0.0, 0.1, 0.2]), seed=st.integers(0, 2**31))
+@given(
+    names=st.lists(st.text("abcdefgh_0123456789", min_size=1, max_size=12), min_size=1, max_size=40, unique=True),
+    new=st.text("abcdefgh_0123456789", min_size=1, max_size=12),
+    valid_pct=FRACTIONS,
+    test_pct=st.sampled_from([0.0, 0.1, 0.2]),
+    seed=st.integers(0, 2**31),
+)
 def test_adding_a_file_moves_at_most_one_other_file_of_its_class(names, new, valid_pct, test_pct, seed):
     """The split's stability: a new photo of a class moves at most one of its other photos between train and
     valid (and, with a test split, at most one between train and test; none between valid and test)."""
     if new in names:
         return
     before = data.stratified_split(dict.fromkeys(names, "cat"), valid_pct=valid_pct, test_pct=test_pct, seed=seed)
-    after = data.stratified_split(dict.fromkeys([*names, new], "cat"), valid_pct=valid_pct, test_pct=test_pct,
-                                  seed=seed)
+    after = data.stratified_split(
+        dict.fromkeys([*names, new], "cat"), valid_pct=valid_pct, test_pct=test_pct, seed=seed
+    )
     moves = [frozenset((before[name], after[name])) for name in names if before[name] != after[name]]
     assert moves.count(frozenset(("train", "valid"))) <= 1
     assert moves.count(frozenset(("train", "test"))) <= 1
@@ -101,8 +112,11 @@ def test_split_folders_are_found_in_any_case_and_named_once():
     paths = ["Train/cat/1.jpg", "VAL/cat/2.jpg", "test/dog/3.jpg", "notes/readme.txt", "loose.jpg"]
     assert data.find_split_folders(paths) == {"train": "Train", "valid": "VAL", "test": "test"}
     plan = data.plan_split(paths, method="auto", file=None)
-    assert (plan.method, plan.folder_of("VAL/cat/2.jpg"), plan.folder_of("notes/readme.txt")) == \
-        ("folders", "valid", None)
+    assert (plan.method, plan.folder_of("VAL/cat/2.jpg"), plan.folder_of("notes/readme.txt")) == (
+        "folders",
+        "valid",
+        None,
+    )
     # train/ and test/ without a valid folder: folders all the same (valid is then drawn from train/)
     assert data.plan_split(["train/a/1.jpg", "test/a/2.jpg"], method="auto", file=None).method == "folders"
     # no split folders: auto splits at random; folders refuses in one line
@@ -123,8 +137,10 @@ def test_folder_splits_keep_each_file_in_its_folder_and_draw_what_is_missing_fro
     splits = data.split_images(labels, plan, valid_pct=0.2, test_pct=0.3, seed=0)
     assert all(splits[path] == "test" for path in labels if path.startswith("test/"))  # test_pct: test/ is test
     assert [splits[path] for path in labels if path.startswith("train/")].count("valid") == 2
-    assert data.labels_from_folders(["train/a/1.jpg", "train/2.jpg"], under_split_folder=True) == \
-        {"train/a/1.jpg": "a", "train/2.jpg": None}
+    assert data.labels_from_folders(["train/a/1.jpg", "train/2.jpg"], under_split_folder=True) == {
+        "train/a/1.jpg": "a",
+        "train/2.jpg": None,
+    }
 
 
 def test_scan_images_is_recursive_sorted_and_skips_hidden(tmp_path):
@@ -210,21 +226,27 @@ def test_splits_from_file_needs_every_image_and_valid_values(tmp_path):
 
 
 def test_find_leaks_pairs_identical_files_across_splits():
-    index = pd.DataFrame({
-        "path": ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"],
-        "split": ["train", "valid", "train", "train", "test"],
-        "hash": ["h1", "h1", "h2", "h2", "h2"],
-    })
-    assert data.find_leaks(index) == [{"train": "a.jpg", "valid": "b.jpg", "hash": "h1"},
-                                      {"train": "c.jpg", "test": "e.jpg", "hash": "h2"},
-                                      {"train": "d.jpg", "test": "e.jpg", "hash": "h2"}]
+    index = pd.DataFrame(
+        {
+            "path": ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"],
+            "split": ["train", "valid", "train", "train", "test"],
+            "hash": ["h1", "h1", "h2", "h2", "h2"],
+        }
+    )
+    assert data.find_leaks(index) == [
+        {"train": "a.jpg", "valid": "b.jpg", "hash": "h1"},
+        {"train": "c.jpg", "test": "e.jpg", "hash": "h2"},
+        {"train": "d.jpg", "test": "e.jpg", "hash": "h2"},
+    ]
 
 
 def test_load_index_round_trips_and_refuses_garbage(tmp_path):
-    index = pd.DataFrame([
-        {"path": "x/NA_1.jpg", "label": "NA", "split": "train", "width": 3, "height": 4, "hash": "ab"},
-        {"path": "y_2.jpg", "label": "null", "split": "valid", "width": 5, "height": 6, "hash": "cd"},
-    ])
+    index = pd.DataFrame(
+        [
+            {"path": "x/NA_1.jpg", "label": "NA", "split": "train", "width": 3, "height": 4, "hash": "ab"},
+            {"path": "y_2.jpg", "label": "null", "split": "valid", "width": 5, "height": 6, "hash": "cd"},
+        ]
+    )
     index.to_csv(tmp_path / "index.csv", index=False)
     loaded = data.load_index(tmp_path / "index.csv")
     assert list(loaded.columns) == data.INDEX_COLUMNS
@@ -253,4 +275,3 @@ def test_load_classes_reads_the_list_and_refuses_garbage(tmp_path):
     path.write_text(json.dumps(["a", "b"]))
     with pytest.raises(PetpipeError, match='expected {"classes"'):
         data.load_classes(path)
-

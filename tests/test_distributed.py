@@ -12,18 +12,27 @@ import pytest
 from helpers import run_command, train_head_command
 
 
-@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
-                    reason="torchrun is installed with torch")
-def test_two_process_train_head_writes_once_and_matches_single_process(tmp_path, trained_head, indexed_sample,
-                                                                      sample_images):
+@pytest.mark.skipif(
+    shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="torchrun is installed with torch"
+)
+def test_two_process_train_head_writes_once_and_matches_single_process(
+    tmp_path, trained_head, indexed_sample, sample_images
+):
     """Against the session's single-process `petpipe train-head` (the same params, pixels and timed levers)."""
     single = trained_head
     command = train_head_command(trained_head.params_file, sample_images, indexed_sample, tmp_path / "ddp")
-    ddp = run_command(["torchrun", "--standalone", "--nproc-per-node", "2", *command], tmp_path,
-                      PETPIPE_CACHE_DIR=str(trained_head.cache))
+    ddp = run_command(
+        ["torchrun", "--standalone", "--nproc-per-node", "2", *command],
+        tmp_path,
+        PETPIPE_CACHE_DIR=str(trained_head.cache),
+    )
 
-    assert sorted(path.name for path in (tmp_path / "ddp").iterdir()) == \
-        ["history.csv", "metrics.json", "model.pt", "training.png"]
+    assert sorted(path.name for path in (tmp_path / "ddp").iterdir()) == [
+        "history.csv",
+        "metrics.json",
+        "model.pt",
+        "training.png",
+    ]
     assert ddp.stdout.count("train-head: 3 epochs") == 1, "only rank 0 reports"
     assert not list((tmp_path / ".petpipe/resume").glob("*.pt"))
     single_accuracy = json.loads(single.outputs.metrics.read_text())["accuracy"]

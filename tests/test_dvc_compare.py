@@ -19,13 +19,29 @@ import yaml
 from helpers import copy_project, run_as_a_user
 
 FIRST, SECOND = "four-top-losses", "six-top-losses"
-FIGURES = ["stages/index-labels/show_batch.png", "stages/index-labels/class_counts.png",
-           "stages/train-head/training.png", "stages/lr-find/lr_find.png", "stages/finetune/training.png",
-           "stages/evaluate/confusion.png", "stages/evaluate/confusion_normalized.png",
-           "stages/evaluate/top_losses.png", "stages/evaluate/test_confusion.png",
-           "stages/evaluate/test_top_losses.png"]  # the test split's figures are plots even where it is empty
-LR_FIND_METRICS = ["suggested_lr_minimum", "suggested_lr_steep", "suggested_lr_valley", "suggested_lr_slide",
-                   "suggested_lr_edge", "chosen_lr", "trusted", "iterations", "lr_reached"]
+FIGURES = [
+    "stages/index-labels/show_batch.png",
+    "stages/index-labels/class_counts.png",
+    "stages/train-head/training.png",
+    "stages/lr-find/lr_find.png",
+    "stages/finetune/training.png",
+    "stages/evaluate/confusion.png",
+    "stages/evaluate/confusion_normalized.png",
+    "stages/evaluate/top_losses.png",
+    "stages/evaluate/test_confusion.png",
+    "stages/evaluate/test_top_losses.png",
+]  # the test split's figures are plots even where it is empty
+LR_FIND_METRICS = [
+    "suggested_lr_minimum",
+    "suggested_lr_steep",
+    "suggested_lr_valley",
+    "suggested_lr_slide",
+    "suggested_lr_edge",
+    "chosen_lr",
+    "trusted",
+    "iterations",
+    "lr_reached",
+]
 
 
 class Compared(NamedTuple):
@@ -47,8 +63,11 @@ def compared(pipeline_project, tmp_path_factory) -> Compared:
 
 def flat(tree: dict[str, Any], prefix: str = "") -> list[str]:
     """params.yaml's leaves as dvc exp show names them: section.key.subkey."""
-    return [name for key, value in tree.items()
-            for name in (flat(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"])]
+    return [
+        name
+        for key, value in tree.items()
+        for name in (flat(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"])
+    ]
 
 
 def exp_show(project: Path) -> list[dict[str, str]]:
@@ -68,8 +87,11 @@ def test_exp_show_has_one_column_per_scalar_and_the_changed_param(compared):
     assert not [column for column in columns if "per_class" in column or "Abyssinian" in column]
     # The rest: a column per param (params.yaml's leaves) and per dependency (a path) after the metrics.
     params = set(flat(yaml.safe_load((compared.project / "params.yaml").read_text())))
-    metric_columns = [column for column in columns[5:]  # after Experiment, rev, typ, Created, parent
-                      if column not in params and not ("/" in column and ":" not in column)]
+    metric_columns = [
+        column
+        for column in columns[5:]  # after Experiment, rev, typ, Created, parent
+        if column not in params and not ("/" in column and ":" not in column)
+    ]
     assert 20 <= len(metric_columns) < 45, metric_columns  # 37 breeds x 4 numbers would be 148 more
     for name in LR_FIND_METRICS:
         assert any(column.split(":")[-1] == name for column in columns), (name, columns)
@@ -93,8 +115,9 @@ def test_only_changed_shows_the_param_that_differs(compared):
 
 def test_plots_diff_shows_both_experiments_every_figure_and_the_log_x_curve(compared, tmp_path):
     project = compared.project
-    plots: dict[str, Any] = json.loads(run_as_a_user(["dvc", "plots", "diff", FIRST, SECOND, "--json"],
-                                                     project).stdout)["data"]
+    plots: dict[str, Any] = json.loads(
+        run_as_a_user(["dvc", "plots", "diff", FIRST, SECOND, "--json"], project).stdout
+    )["data"]
     for figure in FIGURES:
         images = plots[figure]
         assert {image["type"] for image in images} == {"image"}, figure

@@ -13,20 +13,25 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from helpers import copy_subset
 
 DVC_YAML = "stages:\n  fetch:\n    cmd: echo ran\n    deps:\n      - photos\n"
 
 
 def environment() -> dict[str, str]:
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "DVC_NO_ANALYTICS": "1"}
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+    }
 
 
 def dvc(folder: Path, *arguments: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
     """Run `dvc <arguments>` (after `prefix`, e.g. setpriv) in folder; the result whatever its status."""
-    return subprocess.run([*prefix, "dvc", *arguments], cwd=folder, env=environment(), capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [*prefix, "dvc", *arguments], cwd=folder, env=environment(), capture_output=True, text=True, timeout=120
+    )
 
 
 def project_with(tmp_path: Path, sample_images: Path, make_special) -> Path:
@@ -42,8 +47,9 @@ def project_with(tmp_path: Path, sample_images: Path, make_special) -> Path:
 
 def test_a_named_pipe_hangs_dvc_status(tmp_path, sample_images):
     folder = project_with(tmp_path, sample_images, lambda photos: os.mkfifo(photos / "pipe.jpg"))
-    process = subprocess.Popen(["dvc", "status"], cwd=folder, env=environment(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        ["dvc", "status"], cwd=folder, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         with pytest.raises(subprocess.TimeoutExpired):
             process.wait(timeout=8)  # a sample folder hashes in about a second: 8 s is a hang

@@ -40,8 +40,9 @@ def independent_log_probabilities(sample: TrainedSample, relative_paths: list[st
     checkpoint = load_checkpoint(sample.model)
     model = checkpoint.model().eval()
     views = Views.of(checkpoint.spec)
-    pixels = torch.stack([torch.from_numpy(np.array(decode_image(SAMPLE_IMAGES / path, views.presize)))
-                          for path in relative_paths]).permute(0, 3, 1, 2)  # (N, 3, P, P) uint8
+    pixels = torch.stack(
+        [torch.from_numpy(np.array(decode_image(SAMPLE_IMAGES / path, views.presize))) for path in relative_paths]
+    ).permute(0, 3, 1, 2)  # (N, 3, P, P) uint8
     with torch.inference_mode():
         logits = model(views.evaluate(pixels))
     return torch.log_softmax(logits.double(), dim=1).numpy()
@@ -68,8 +69,12 @@ def test_metrics_agree_with_confusion_csv_recomputed_by_hand(evaluated, trained)
 
     assert all(isinstance(value, (int, float, str)) for value in metrics.values())  # dvc exp show: one column each
     per_class = pd.read_csv(outputs.per_class, keep_default_na=False).set_index("class")
-    assert per_class.index.tolist() == classes and per_class.columns.tolist() == ["precision", "recall", "f1",
-                                                                                  "support"]
+    assert per_class.index.tolist() == classes and per_class.columns.tolist() == [
+        "precision",
+        "recall",
+        "f1",
+        "support",
+    ]
     f1s = []
     for name in classes:
         true_positive = sum(actual == name and predicted == name for actual, predicted in pairs)
@@ -79,7 +84,8 @@ def test_metrics_agree_with_confusion_csv_recomputed_by_hand(evaluated, trained)
         recall = true_positive / support if support else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         assert per_class.loc[name].to_dict() == pytest.approx(
-            {"precision": precision, "recall": recall, "f1": f1, "support": support}, abs=1e-12), name
+            {"precision": precision, "recall": recall, "f1": f1, "support": support}, abs=1e-12
+        ), name
         if support or predicted_as:
             f1s.append(f1)
     assert metrics["macro_f1"] == pytest.approx(sum(f1s) / len(f1s), abs=1e-12)
@@ -103,16 +109,16 @@ def test_loss_and_top5_agree_with_an_independent_forward_pass(evaluated, trained
 
 def test_top_losses_are_the_true_highest_loss_images(evaluated, trained):
     _, outputs = evaluated
-    table = pd.read_csv(outputs.top_losses_table, dtype={"path": str, "actual": str, "predicted": str},
-                        keep_default_na=False)
+    table = pd.read_csv(
+        outputs.top_losses_table, dtype={"path": str, "actual": str, "predicted": str}, keep_default_na=False
+    )
     rows = valid_rows(trained)
     classes = list(load_checkpoint(trained.model).spec.classes)
     log_probabilities = independent_log_probabilities(trained, rows["path"].tolist())
     targets = np.array([classes.index(label) for label in rows["label"]])
     losses = -log_probabilities[np.arange(len(targets)), targets]
 
-    assert list(table.columns) == ["path", "actual", "predicted", "loss", "probability_actual",
-                                   "probability_predicted"]
+    assert list(table.columns) == ["path", "actual", "predicted", "loss", "probability_actual", "probability_predicted"]
     assert len(table) == trained.params.evaluate.top_losses == 9
     assert table["loss"].is_monotonic_decreasing
     expected = np.sort(losses)[::-1][:9]
@@ -139,7 +145,8 @@ def test_most_confused_agrees_with_the_confusion_matrix(evaluated, trained):
     expected = sorted(counts.items(), key=lambda item: (-item[1], item[0][0], item[0][1]))
     assert list(table.columns) == ["actual", "predicted", "count"]
     assert [(row.actual, row.predicted, row.count) for row in table.itertuples()] == [
-        (actual, predicted, count) for (actual, predicted), count in expected]
+        (actual, predicted, count) for (actual, predicted), count in expected
+    ]
     assert len(table) > 0
 
 
@@ -161,9 +168,19 @@ def test_tta_is_reported_beside_the_plain_numbers_never_instead(evaluated, train
     params_file.write_text(yaml.safe_dump(with_overrides(trained.params_dict, {"evaluate.tta": False})))
     folder = tmp_path / "plain"
     outputs = evaluate_outputs(folder)
-    arguments = ["evaluate", "--params", str(params_file), "--images", str(SAMPLE_IMAGES),
-                 "--index", str(trained.index), "--finetune-model", str(trained.model),
-                 "--head-model", str(trained.model)]
+    arguments = [
+        "evaluate",
+        "--params",
+        str(params_file),
+        "--images",
+        str(SAMPLE_IMAGES),
+        "--index",
+        str(trained.index),
+        "--finetune-model",
+        str(trained.model),
+        "--head-model",
+        str(trained.model),
+    ]
     for name, path in vars(outputs).items():
         arguments += [f"--{name.replace('_', '-')}", str(path)]
     with stage_environment(trained.root):
@@ -183,8 +200,14 @@ def test_every_output_is_written_and_the_report_links_them(evaluated):
     report = outputs.report.read_text()
     links = re.findall(r"\]\(([^)]+)\)", report)
     assert {Path(link).name for link in links} >= {
-        "confusion.png", "confusion_normalized.png", "top_losses.png", "metrics.json", "confusion.csv",
-        "most_confused.csv", "top_losses.csv"}
+        "confusion.png",
+        "confusion_normalized.png",
+        "top_losses.png",
+        "metrics.json",
+        "confusion.csv",
+        "most_confused.csv",
+        "top_losses.csv",
+    }
     for link in links:
         assert (outputs.report.parent / link).is_file(), link
     metrics = json.loads(outputs.metrics.read_text())
@@ -214,10 +237,12 @@ def test_labels_the_model_never_saw_are_refused(trained, tmp_path):
 
 
 def test_the_finetune_checkpoint_is_the_default_choice(trained, tmp_path):
-    params = trained.params.model_copy(update={"evaluate": trained.params.evaluate.model_copy(
-        update={"checkpoint": "finetune", "tta": False})})
-    inputs = evaluate.Inputs(images=SAMPLE_IMAGES, index=trained.index, finetune_model=tmp_path / "missing.pt",
-                             head_model=trained.model)
+    params = trained.params.model_copy(
+        update={"evaluate": trained.params.evaluate.model_copy(update={"checkpoint": "finetune", "tta": False})}
+    )
+    inputs = evaluate.Inputs(
+        images=SAMPLE_IMAGES, index=trained.index, finetune_model=tmp_path / "missing.pt", head_model=trained.model
+    )
     with pytest.raises(PetpipeError, match="missing.pt not found"), stage_environment(trained.root):
         evaluate.run(params, inputs, evaluate_outputs(tmp_path))
 
@@ -255,7 +280,7 @@ def test_top_k_accuracy_from_scikit_learn_matches_a_stable_sort_with_ties_and_ze
             log_probabilities = np.log(probabilities / np.maximum(probabilities.sum(1, keepdims=True), 1e-300))
         targets = rng.integers(0, classes, size=200)
         for k in (1, 2, 5):
-            best = np.argsort(-log_probabilities, axis=1, kind="stable")[:, :min(k, classes)]
+            best = np.argsort(-log_probabilities, axis=1, kind="stable")[:, : min(k, classes)]
             expected = float((best == targets[:, None]).any(axis=1).mean())
             assert interpret.top_k_accuracy(log_probabilities, targets, k=k) == expected, (classes, k)
 

@@ -23,8 +23,8 @@ from click.testing import CliRunner
 
 from helpers import default_params, params_with, serving
 from petpipe.cli import main
-from petpipe.errors import PetpipeError
 from petpipe.download import cache_name
+from petpipe.errors import PetpipeError
 from petpipe.fetch import fetch_source
 from petpipe.stages import fetch as fetch_stage
 
@@ -97,11 +97,10 @@ def test_local_folder_keeps_subfolders_skips_hidden_and_is_relative_to_cwd(in_tm
     assert copied == ["cat", f"cat/{photos[0].name}", "dog", f"dog/{photos[1].name}"]
 
 
-@pytest.mark.parametrize("name, make", [
-    ("pets.tar.gz", make_tarball),
-    ("pets.tar", lambda photos: make_tarball(photos, "w")),
-    ("pets.zip", make_zip),
-])
+@pytest.mark.parametrize(
+    "name, make",
+    [("pets.tar.gz", make_tarball), ("pets.tar", lambda photos: make_tarball(photos, "w")), ("pets.zip", make_zip)],
+)
 def test_local_archive_is_extracted_without_its_top_folder(in_tmp: Path, photos: list[Path], name, make) -> None:
     data = make(photos)
     (in_tmp / name).write_bytes(data)
@@ -182,7 +181,8 @@ def test_local_archive_with_wrong_checksum_is_refused_and_kept(in_tmp: Path, pho
 
 
 def test_named_pipes_and_sockets_in_a_source_folder_are_skipped_with_a_warning(
-        in_tmp: Path, photos: list[Path], caplog: pytest.LogCaptureFixture) -> None:
+    in_tmp: Path, photos: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
     source = in_tmp / "photos"
     source.mkdir()
     for photo in photos[:3]:
@@ -206,8 +206,11 @@ def test_named_pipes_and_sockets_in_a_source_folder_are_skipped_with_a_warning(
 
 def test_an_os_error_without_a_file_name_is_one_tidy_line(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (in_tmp / "params.yaml").write_text(yaml.safe_dump(default_params()))
-    errors = [OSError(errno.ENOSPC, "No space left on device"), shutil.SpecialFileError("`x` is a named pipe"),
-              OSError(errno.EACCES, "Permission denied", "stages/fetch/images")]
+    errors = [
+        OSError(errno.ENOSPC, "No space left on device"),
+        shutil.SpecialFileError("`x` is a named pipe"),
+        OSError(errno.EACCES, "Permission denied", "stages/fetch/images"),
+    ]
     lines = []
     for error in errors:
         monkeypatch.setattr(fetch_stage, "fetch_source", lambda *args, error=error: (_ for _ in ()).throw(error))
@@ -215,8 +218,11 @@ def test_an_os_error_without_a_file_name_is_one_tidy_line(in_tmp: Path, monkeypa
         assert result.exit_code == 1
         lines.append(result.output.split(";")[0])
 
-    assert lines == ["Error: No space left on device", "Error: `x` is a named pipe",
-                     "Error: stages/fetch/images: Permission denied"]
+    assert lines == [
+        "Error: No space left on device",
+        "Error: `x` is a named pipe",
+        "Error: stages/fetch/images: Permission denied",
+    ]
 
 
 # --- downloads -----------------------------------------------------------------------------------
@@ -225,8 +231,13 @@ def test_an_os_error_without_a_file_name_is_one_tidy_line(in_tmp: Path, monkeypa
 class ArchiveServer:
     """An HTTP server on 127.0.0.1 serving one file, honouring Range, optionally cutting the first transfer."""
 
-    def __init__(self, payload: bytes, cut_first_after: int | None = None, honour_range: bool = True,
-                 content_type: str | None = None) -> None:
+    def __init__(
+        self,
+        payload: bytes,
+        cut_first_after: int | None = None,
+        honour_range: bool = True,
+        content_type: str | None = None,
+    ) -> None:
         self.payload = payload
         self.cut_first_after = cut_first_after
         self.honour_range = honour_range
@@ -262,7 +273,7 @@ class ArchiveServer:
                     self.send_header("Content-Type", owner.content_type)
                 self.end_headers()
                 if owner.cut_first_after is not None and len(owner.range_headers) == 1:
-                    body = body[:owner.cut_first_after]  # then the connection closes: a transfer cut off
+                    body = body[: owner.cut_first_after]  # then the connection closes: a transfer cut off
                 self.wfile.write(body)
 
             def log_message(self, *args: object) -> None:
@@ -290,8 +301,9 @@ def test_download_from_http_is_verified_cached_and_reused(in_tmp: Path, photos: 
     assert not cached.with_name(cached.name + ".part").exists()
 
 
-def test_download_dir_follows_the_environment(in_tmp: Path, photos: list[Path],
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_download_dir_follows_the_environment(
+    in_tmp: Path, photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("PETPIPE_DOWNLOAD_DIR", str(in_tmp / "cache"))
     data = make_tarball(photos)
     with ArchiveServer(data).running() as server:
@@ -347,9 +359,8 @@ def test_complete_partial_file_is_finished_by_a_416_answer(in_tmp: Path, photos:
 def test_checksum_mismatch_deletes_the_download(in_tmp: Path, photos: list[Path]) -> None:
     data = make_tarball(photos)
     wrong = "md5:" + "0" * 32
-    with ArchiveServer(data).running() as server:
-        with pytest.raises(PetpipeError) as error:
-            fetch_source(server.url, wrong, in_tmp / "images")
+    with ArchiveServer(data).running() as server, pytest.raises(PetpipeError) as error:
+        fetch_source(server.url, wrong, in_tmp / "images")
 
     message = str(error.value)
     assert "checksum mismatch" in message and wrong in message and md5(data) in message
@@ -364,15 +375,18 @@ def test_http_error_names_the_status(in_tmp: Path, photos: list[Path]) -> None:
             fetch_source(missing, None, in_tmp / "images")
 
 
-LOGIN_PAGE = (b"<!DOCTYPE html>\n<html lang=\"en\"><head><title>Sign in</title></head>\n"
-              b"<body><form method=\"post\"><input name=\"user\"><input name=\"password\" type=\"password\">"
-              b"</form></body></html>\n")
+LOGIN_PAGE = (
+    b'<!DOCTYPE html>\n<html lang="en"><head><title>Sign in</title></head>\n'
+    b'<body><form method="post"><input name="user"><input name="password" type="password">'
+    b"</form></body></html>\n"
+)
 HTML_SENT = "the server sent an HTML page, not an archive (a login or error page?)"
 
 
 @pytest.mark.parametrize("content_type", ["text/html; charset=utf-8", "application/octet-stream", None])
-def test_an_html_page_instead_of_the_archive_is_refused_plainly_and_never_cached(in_tmp: Path,
-                                                                                content_type: str | None) -> None:
+def test_an_html_page_instead_of_the_archive_is_refused_plainly_and_never_cached(
+    in_tmp: Path, content_type: str | None
+) -> None:
     # Told by the Content-Type, or, where a server labels it wrongly or not at all, by its first bytes.
     downloads = in_tmp / ".petpipe/downloads"
     with ArchiveServer(LOGIN_PAGE, content_type=content_type).running() as server:
@@ -388,8 +402,10 @@ def test_an_html_page_instead_of_the_archive_is_refused_plainly_and_never_cached
 
 def test_an_html_page_through_the_cli_is_one_error_line(in_tmp: Path) -> None:
     with ArchiveServer(LOGIN_PAGE, content_type="text/html").running() as server:
-        params = {**default_params(),
-                  "data": {**default_params()["data"], "source": server.url, "checksum": "md5:" + "0" * 32}}
+        params = {
+            **default_params(),
+            "data": {**default_params()["data"], "source": server.url, "checksum": "md5:" + "0" * 32},
+        }
         (in_tmp / "params.yaml").write_text(yaml.safe_dump(params))
         result = CliRunner().invoke(main, ["fetch", "--out", "stages/fetch/images"])
 
@@ -401,15 +417,19 @@ def test_an_html_page_through_the_cli_is_one_error_line(in_tmp: Path) -> None:
 
 def test_a_download_that_is_no_archive_is_refused_naming_its_first_bytes(in_tmp: Path) -> None:
     with ArchiveServer(b'{"error": "quota exceeded"}', content_type="application/json").running() as server:
-        with pytest.raises(PetpipeError, match=r"what arrived is not an archive \(it begins b'\{\"error\": \"quota'; "
-                                               r"petpipe reads tar, gzip, bzip2, xz and zip\)\. It was not kept\."):
+        with pytest.raises(
+            PetpipeError,
+            match=r"what arrived is not an archive \(it begins b'\{\"error\": \"quota'; "
+            r"petpipe reads tar, gzip, bzip2, xz and zip\)\. It was not kept\.",
+        ):
             fetch_source(server.url, None, in_tmp / "images")
 
     assert list((in_tmp / ".petpipe/downloads").iterdir()) == []
 
 
-def test_a_page_an_older_petpipe_cached_is_downloaded_again(in_tmp: Path, photos: list[Path],
-                                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_a_page_an_older_petpipe_cached_is_downloaded_again(
+    in_tmp: Path, photos: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
     data = make_tarball(photos)
     with ArchiveServer(data).running() as server:
         cached = in_tmp / ".petpipe/downloads" / cache_name(server.url)
@@ -425,8 +445,11 @@ def test_a_page_an_older_petpipe_cached_is_downloaded_again(in_tmp: Path, photos
 
 def test_a_local_html_page_named_like_an_archive_is_refused_plainly(in_tmp: Path) -> None:
     (in_tmp / "images.tar.gz").write_bytes(LOGIN_PAGE)  # what "Save link as" gives behind a login
-    with pytest.raises(PetpipeError, match=r"^data.source images.tar.gz is an HTML page, not an archive \(a login or "
-                                           r"error page saved in its place\?\)"):
+    with pytest.raises(
+        PetpipeError,
+        match=r"^data.source images.tar.gz is an HTML page, not an archive \(a login or "
+        r"error page saved in its place\?\)",
+    ):
         fetch_source("images.tar.gz", None, in_tmp / "images")
 
 
@@ -434,8 +457,9 @@ def test_a_damaged_archive_is_reported_in_one_line(in_tmp: Path) -> None:
     (in_tmp / "images.tar.gz").write_bytes(bytes(range(256)) * 8)
     with pytest.raises(PetpipeError) as damaged:
         fetch_source("images.tar.gz", None, in_tmp / "images")
-    assert str(damaged.value) == ("archive images.tar.gz is damaged (not a tar archive, compressed or not); "
-                                  "delete it and fetch again")
+    assert str(damaged.value) == (
+        "archive images.tar.gz is damaged (not a tar archive, compressed or not); delete it and fetch again"
+    )
 
 
 def closed_port() -> int:
@@ -508,8 +532,10 @@ HOSTILE_TARS = {
     "symlink to ../..": ([tar_member("images/up", tarfile.SYMTYPE, "../..")], "images/up"),
     "hardlink outside": ([tar_member("images/link.jpg", tarfile.LNKTYPE, "../../outside.txt")], "link.jpg"),
     "hardlink to /etc/passwd": ([tar_member("images/pw.jpg", tarfile.LNKTYPE, "/etc/passwd")], "pw.jpg"),
-    "symlink made unsafe by a later one": ([tar_member("a", tarfile.SYMTYPE, "q/.."),
-                                            tar_member("q", tarfile.SYMTYPE, ".")], "a"),
+    "symlink made unsafe by a later one": (
+        [tar_member("a", tarfile.SYMTYPE, "q/.."), tar_member("q", tarfile.SYMTYPE, ".")],
+        "a",
+    ),
     "fifo": ([tar_member("images/pipe", tarfile.FIFOTYPE)], "images/pipe"),
     "device": ([tar_member("images/disk", tarfile.BLKTYPE)], "images/disk"),
 }

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import copy_subset, make_project, run_command, serving
 
+from helpers import copy_subset, make_project, run_command, serving
 from petpipe.errors import PetpipeError
 from petpipe.fetch import fetch_source, read_url_file
 
@@ -35,8 +35,12 @@ def closed_port() -> int:
 
 def dvc(arguments: list[str], folder: Path, **environment: str) -> subprocess.CompletedProcess[str]:
     """Run dvc in folder with the venv first on PATH; the result whatever its status."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", **environment}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        **environment,
+    }
     return subprocess.run(["dvc", *arguments], cwd=folder, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -9,17 +9,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers import (
-    PNG_MAGIC,
-    SMALL,
-    copy_subset,
-    outputs_in,
-    params_with,
-    read_outputs,
-    sample_by_breed,
-    write_params,
-)
 
+from helpers import PNG_MAGIC, SMALL, copy_subset, outputs_in, params_with, read_outputs, sample_by_breed, write_params
 from petpipe import data
 from petpipe.cli import main
 from petpipe.errors import PetpipeError
@@ -168,8 +159,11 @@ def test_class_without_training_images_is_refused(sample_images, tmp_path):
     names = copy_subset(sample_images, folder, breeds=3, per_breed=3)
     splits = {name: "valid" if name.startswith("Bengal") else "train" for name in names}
     params = params_with({**SMALL, "split.file": str(write_split_file(tmp_path / "split.csv", splits))})
-    with pytest.raises(PetpipeError, match=r"no training image: Bengal; mark at least one image of each as train "
-                                           r"in split.file \(.*split.csv\)"):
+    with pytest.raises(
+        PetpipeError,
+        match=r"no training image: Bengal; mark at least one image of each as train "
+        r"in split.file \(.*split.csv\)",
+    ):
         run(params, Inputs(images=folder), outputs_in(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
@@ -179,8 +173,11 @@ def test_a_split_with_no_validation_image_is_refused_before_anything_is_written(
     # would be empty and train-head would have nothing to report on.
     folder = tmp_path / "images"
     copy_subset(sample_images, folder, breeds=3, per_breed=2)
-    with pytest.raises(PetpipeError, match=r"the split has no validation image; raise split.valid_pct \(now 0.2: "
-                                           r"a class needs at least 3 images to give one, the largest has 2\)"):
+    with pytest.raises(
+        PetpipeError,
+        match=r"the split has no validation image; raise split.valid_pct \(now 0.2: "
+        r"a class needs at least 3 images to give one, the largest has 2\)",
+    ):
         run(params_with(SMALL), Inputs(images=folder), outputs_in(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
     # At valid_pct 0.3 each class of two gives one photo to valid and keeps one for training.
@@ -192,8 +189,7 @@ def test_split_file_fixes_the_split_and_leaks_and_empty_valid_are_warnings(sampl
     folder = tmp_path / "images"
     names = copy_subset(sample_images, folder, breeds=2, per_breed=4)
     shutil.copy(folder / names[0], folder / "Abyssinian_9999.jpg")  # same bytes, other split
-    splits = {name: "train" for name in names} | {names[1]: "valid", "Abyssinian_9999.jpg": "valid",
-                                                   names[5]: "test"}
+    splits = {name: "train" for name in names} | {names[1]: "valid", "Abyssinian_9999.jpg": "valid", names[5]: "test"}
     split_file = write_split_file(tmp_path / "split.csv", splits)
 
     outputs = outputs_in(tmp_path / "out")
@@ -201,8 +197,10 @@ def test_split_file_fixes_the_split_and_leaks_and_empty_valid_are_warnings(sampl
     index, _, report = read_outputs(outputs)
 
     assert dict(zip(index["path"], index["split"])) == splits
-    assert report["per_class"] == {"Abyssinian": {"train": 3, "valid": 2, "test": 0},
-                                   "Bengal": {"train": 3, "valid": 0, "test": 1}}
+    assert report["per_class"] == {
+        "Abyssinian": {"train": 3, "valid": 2, "test": 0},
+        "Bengal": {"train": 3, "valid": 0, "test": 1},
+    }
     assert report["split"]["method"] == "file" and f"split: file (split.file {split_file})" in summary
     assert [(leak["train"], leak["valid"]) for leak in report["leaks"]] == [(names[0], "Abyssinian_9999.jpg")]
     assert any("no validation image: Bengal" in warning for warning in report["warnings"])
@@ -221,10 +219,21 @@ def params_file(tmp_path) -> Path:
 
 def cli_arguments(params_file: Path, images: Path, out: Path) -> list[str]:
     return [
-        "index-labels", "--params", str(params_file), "--images", str(images),
-        "--index", str(out / "index.csv"), "--classes", str(out / "classes.json"),
-        "--report", str(out / "report.json"), "--show-batch", str(out / "show_batch.png"),
-        "--class-counts", str(out / "class_counts.png"),
+        "index-labels",
+        "--params",
+        str(params_file),
+        "--images",
+        str(images),
+        "--index",
+        str(out / "index.csv"),
+        "--classes",
+        str(out / "classes.json"),
+        "--report",
+        str(out / "report.json"),
+        "--show-batch",
+        str(out / "show_batch.png"),
+        "--class-counts",
+        str(out / "class_counts.png"),
     ]
 
 
@@ -238,7 +247,11 @@ def test_cli_writes_all_five_outputs(sample_images, params_file, tmp_path):
     assert result.exit_code == 0, result.output
     assert "indexed 20 images of 4 classes" in result.output
     assert sorted(path.name for path in out.iterdir()) == [
-        "class_counts.png", "classes.json", "index.csv", "report.json", "show_batch.png",
+        "class_counts.png",
+        "classes.json",
+        "index.csv",
+        "report.json",
+        "show_batch.png",
     ]
     assert (out / "show_batch.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "class_counts.png").read_bytes()[:8] == PNG_MAGIC

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import run_without_torch
 
+from helpers import run_without_torch
 from petpipe.errors import PetpipeError
 from petpipe.stages import imported_modules
 
@@ -60,7 +60,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for neighbour in sorted(graph.get(node, ())):
             if state.get(neighbour) == "open":
-                return stack[stack.index(neighbour):] + [neighbour]
+                return stack[stack.index(neighbour) :] + [neighbour]
             if neighbour not in state and (cycle := visit(neighbour)):
                 return cycle
         stack.pop()
@@ -98,7 +98,9 @@ def test_stages_do_not_import_each_other_and_nothing_below_imports_them():
 @pytest.mark.parametrize("leaf", ["petpipe.params", "petpipe.pipeline", "petpipe.yamlfile", "petpipe.errors"])
 def test_configuration_modules_are_leaves(leaf):
     """Configuration is a leaf: what it imports of petpipe imports nothing heavy (checked in a subprocess)."""
-    code = f"import sys, {leaf}; print(sorted(m for m in ('torch', 'torchvision', 'timm', 'mlflow') if m in sys.modules))"
+    code = (
+        f"import sys, {leaf}; print(sorted(m for m in ('torch', 'torchvision', 'timm', 'mlflow') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", f"importing {leaf} loads {result.stdout.strip()}"
 
@@ -106,8 +108,10 @@ def test_configuration_modules_are_leaves(leaf):
 def test_predicting_with_a_bundle_imports_neither_torch_nor_pandas_nor_mlflow():
     """petpipe.predict and petpipe.bundle (what `petpipe predict --model bundle/` runs) load with numpy and
     Pillow, onnxruntime coming when a bundle is opened; the CLI adds its own click and pydantic."""
-    code = ("import sys, petpipe.predict, petpipe.bundle, petpipe.cli; "
-            "print(sorted(m for m in ('torch', 'torchvision', 'timm', 'mlflow', 'pandas') if m in sys.modules))")
+    code = (
+        "import sys, petpipe.predict, petpipe.bundle, petpipe.cli; "
+        "print(sorted(m for m in ('torch', 'torchvision', 'timm', 'mlflow', 'pandas') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", f"importing the bundle's predictor loads {result.stdout.strip()}"
 
@@ -124,8 +128,10 @@ def test_import_petpipe_is_cheap_and_its_api_loads_torch_only_for_a_checkpoint()
     assert with_api == "['pandas']", with_api
     # The module of show_batch's figure cannot shadow the function: petpipe.show_batch stays the API's.
     code = "import petpipe, petpipe.draw_batch, petpipe.api; print(petpipe.show_batch is petpipe.api.show_batch)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True).stdout.strip() == "True"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "True"
+    )
 
 
 def test_fetch_and_index_labels_never_import_torch(tmp_path):
@@ -134,49 +140,89 @@ def test_fetch_and_index_labels_never_import_torch(tmp_path):
     project = tmp_path / "project"
     (project / "labels").mkdir(parents=True)
     raw = (PACKAGE.parent / "params.yaml").read_text()
-    raw = raw.replace("source: data/oxford-iiit-pet.url",
-                      f"source: {SAMPLE_IMAGES}").replace("checksum: md5:5c4f3ee8e5d25df40f4fd59a7f44e54c",
-                                                          "checksum: null")
+    raw = raw.replace("source: data/oxford-iiit-pet.url", f"source: {SAMPLE_IMAGES}").replace(
+        "checksum: md5:5c4f3ee8e5d25df40f4fd59a7f44e54c", "checksum: null"
+    )
     (project / "params.yaml").write_text(raw)
     (project / "labels" / "corrections.csv").write_text("path,action,label\n")
     fetched = run_without_torch(["fetch", "--out", "stages/fetch/images"], project)
     assert fetched.returncode == 0, fetched.stderr[-3000:]
     assert "fetched 370 images" in fetched.stdout
     out = project / "stages" / "index-labels"
-    indexed = run_without_torch(["index-labels", "--images", "stages/fetch/images",
-                                 "--corrections", "labels/corrections.csv", "--index", str(out / "index.csv"),
-                                 "--classes", str(out / "classes.json"), "--report", str(out / "report.json"),
-                                 "--class-counts", str(out / "class_counts.png")], project)
+    indexed = run_without_torch(
+        [
+            "index-labels",
+            "--images",
+            "stages/fetch/images",
+            "--corrections",
+            "labels/corrections.csv",
+            "--index",
+            str(out / "index.csv"),
+            "--classes",
+            str(out / "classes.json"),
+            "--report",
+            str(out / "report.json"),
+            "--class-counts",
+            str(out / "class_counts.png"),
+        ],
+        project,
+    )
     assert indexed.returncode == 0, indexed.stderr[-3000:]
     assert "indexed 370 images of 37 classes" in indexed.stdout
     assert len((out / "index.csv").read_text().splitlines()) == 371
     # The same command asked for show_batch.png does import torch: the guard above is real.
-    drawn = run_without_torch(["index-labels", "--images", "stages/fetch/images", "--index", str(out / "i.csv"),
-                               "--classes", str(out / "c.json"), "--report", str(out / "r.json"),
-                               "--class-counts", str(out / "cc.png"), "--show-batch", str(out / "sb.png")], project)
+    drawn = run_without_torch(
+        [
+            "index-labels",
+            "--images",
+            "stages/fetch/images",
+            "--index",
+            str(out / "i.csv"),
+            "--classes",
+            str(out / "c.json"),
+            "--report",
+            str(out / "r.json"),
+            "--class-counts",
+            str(out / "cc.png"),
+            "--show-batch",
+            str(out / "sb.png"),
+        ],
+        project,
+    )
     assert drawn.returncode != 0 and "torch imported" in drawn.stderr
 
 
 def test_an_unknown_architecture_is_refused_where_the_model_is_built_with_close_names():
     from petpipe.models import check_architecture
 
-    with pytest.raises(PetpipeError, match=r"model.arch = 'resnet35' is not a torchvision or timm model; "
-                                           r"close names: .*resnet34"):
+    with pytest.raises(
+        PetpipeError,
+        match=r"model.arch = 'resnet35' is not a torchvision or timm model; "
+        r"close names: .*resnet34",
+    ):
         check_architecture("resnet35")
     check_architecture("tf_efficientnet_lite0")  # timm's
     check_architecture("resnet34")  # torchvision's
 
 
 def test_train_head_refuses_an_unknown_architecture_before_decoding_any_photo(tmp_path, monkeypatch):
+    import yaml
+
     from petpipe import compute
     from petpipe.params import parse_params, with_overrides
     from petpipe.stages import train_head
-    import yaml
 
     raw = yaml.safe_load((PACKAGE.parent / "params.yaml").read_text())
     params = parse_params(with_overrides(raw, {"model.arch": "resnet35"}))
     monkeypatch.setattr(compute, "load_dataset", lambda *args, **kwargs: pytest.fail("decoded photos first"))
     with pytest.raises(PetpipeError, match="close names: .*resnet34"):
-        train_head.run(params, train_head.Inputs(images=tmp_path, index=tmp_path / "index.csv"),
-                       train_head.Outputs(model=tmp_path / "m.pt", metrics=tmp_path / "m.json",
-                                          history=tmp_path / "h.csv", plot=tmp_path / "p.png"))
+        train_head.run(
+            params,
+            train_head.Inputs(images=tmp_path, index=tmp_path / "index.csv"),
+            train_head.Outputs(
+                model=tmp_path / "m.pt",
+                metrics=tmp_path / "m.json",
+                history=tmp_path / "h.csv",
+                plot=tmp_path / "p.png",
+            ),
+        )

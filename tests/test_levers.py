@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from helpers import model_spec, params_with
 
+from helpers import model_spec, params_with
 from petpipe import levers as levers_module
 from petpipe.dataset import ImageSet
 from petpipe.distributed import World
@@ -31,11 +31,16 @@ def tiny(monkeypatch, tmp_path):
 def test_levers_set_in_params_are_used_without_timing(tiny, monkeypatch):
     model, images, views = tiny
     monkeypatch.setattr(levers_module, "_probe", lambda *args: pytest.fail("timed although params decide"))
-    settings = params_with({"train.precision": "float32", "train.memory_format": "contiguous",
-                            "train.threads": 1}).train
+    settings = params_with(
+        {"train.precision": "float32", "train.memory_format": "contiguous", "train.threads": 1}
+    ).train
     chosen = choose_levers(CPU, model, images, views, settings).levers
-    assert (chosen.precision, chosen.memory_format, chosen.threads, chosen.chosen_by) == \
-        ("float32", "contiguous", 1, "params")
+    assert (chosen.precision, chosen.memory_format, chosen.threads, chosen.chosen_by) == (
+        "float32",
+        "contiguous",
+        1,
+        "params",
+    )
     assert torch.get_num_threads() == 1
 
 

@@ -22,7 +22,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import tarfile
 import time
 from collections.abc import Callable, Iterator
@@ -32,27 +31,23 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import serving, write_params
-from test_reliability import (  # noqa: F401  (small: the module-scoped fixture, reused)
-    SMALL_TRAINING,
-    environment,
-    finetune_command,
-    petpipe,
-    small,
-    start,
-    wait_for,
-)
 
+from helpers import serving, write_params
 from petpipe import atomic, pixels
 from petpipe.atomic import WriteFailed
 from petpipe.checkpoint import load_checkpoint, save_checkpoint
 from petpipe.errors import PetpipeError
 from petpipe.resume import ResumeFile
 
+# small: the module-scoped fixture, reused
+from test_reliability import SMALL_TRAINING, environment, finetune_command, petpipe, small, start, wait_for  # noqa: F401
+
 # The levers fixed (nothing timed: the timing probe would cost more than these runs), 32 px, four breeds.
 LIMITS = {**SMALL_TRAINING, "train.memory_format": "channels_last"}
-ONE_LINE_SPACE = re.compile(r"no space left on device writing (\S+) \((\d+\.\d) MB free\); (.+); free space and rerun "
-                            r"dvc repro$")
+ONE_LINE_SPACE = re.compile(
+    r"no space left on device writing (\S+) \((\d+\.\d) MB free\); (.+); free space and rerun "
+    r"dvc repro$"
+)
 
 
 # ---------------------------------------------------------------- a small real disk
@@ -63,11 +58,11 @@ def small_disk(folder: Path, size: str, *, inodes: int | None = None) -> Iterato
     """A tmpfs of `size` mounted at folder for the block (skipped where mounting is not permitted)."""
     folder.mkdir(parents=True, exist_ok=True)
     options = f"size={size}" + (f",nr_inodes={inodes}" if inodes else "")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True,
-                             text=True, check=False)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True, check=False
+    )
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}): the full-disk tests need root, "
-                    f"as CI has")
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}): the full-disk tests need root, as CI has")
     try:
         yield folder
     finally:
@@ -77,9 +72,8 @@ def small_disk(folder: Path, size: str, *, inodes: int | None = None) -> Iterato
 def fill(disk: Path, leave: int = 0) -> None:
     """Fill the disk until `leave` bytes are free."""
     free = atomic.free_bytes(disk)
-    with open(disk / "filler", "wb") as file:
-        with contextlib.suppress(OSError):
-            file.write(b"\0" * max(free - leave, 0))
+    with open(disk / "filler", "wb") as file, contextlib.suppress(OSError):
+        file.write(b"\0" * max(free - leave, 0))
 
 
 def refused(action: Callable[[], object]) -> WriteFailed:
@@ -126,8 +120,11 @@ def test_the_pixel_cache_memmap_on_a_full_disk_is_refused_before_decoding(small,
     # 40 photos at 128 px are 2 MB: more than the disk. Without reserving the blocks first, the first page
     # written through the map past the end of the disk would kill the process with SIGBUS.
     with small_disk(tmp_path / "cache", "1m") as disk:
-        error = refused(lambda: pixels.load_pixels(photos, [str(index) for index in range(len(photos))], 128,
-                                                   cache_dir=disk, workers=1))
+        error = refused(
+            lambda: pixels.load_pixels(
+                photos, [str(index) for index in range(len(photos))], 128, cache_dir=disk, workers=1
+            )
+        )
         assert ONE_LINE_SPACE.search(str(error)) and "no pixel cache was kept" in str(error), error
         assert sorted(path.name for path in disk.iterdir()) == []
 
@@ -168,8 +165,11 @@ def test_a_read_only_folder_is_named_with_the_fix(tmp_path):
         atomic.write_text(disk / "report.md", "before\n")
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
         error = refused(lambda: atomic.write_text(disk / "report.md", "after\n"))
-        assert re.search(r"read-only file system writing \S*report.md \(\d+\.\d MB free\); the previous report.md, "
-                         r"if there was one, is unchanged; make \S+ writable and rerun dvc repro$", str(error)), error
+        assert re.search(
+            r"read-only file system writing \S*report.md \(\d+\.\d MB free\); the previous report.md, "
+            r"if there was one, is unchanged; make \S+ writable and rerun dvc repro$",
+            str(error),
+        ), error
         assert (disk / "report.md").read_text() == "before\n"
 
 
@@ -217,10 +217,13 @@ def test_a_download_onto_a_full_disk_keeps_what_arrived_for_the_rerun(small, tmp
     with serving(server), small_disk(tmp_path / "downloads", "1m") as disk:
         error = refused(lambda: download_archive(url, None, disk))
         assert ONE_LINE_SPACE.search(str(error)) and ".part" in str(error), error
-        assert re.search(r"the \d+\.\d MB of \S+ downloaded so far are kept in \S+\.part and the rerun resumes "
-                         r"from them", str(error)), error
+        assert re.search(
+            r"the \d+\.\d MB of \S+ downloaded so far are kept in \S+\.part and the rerun resumes "
+            r"from them",
+            str(error),
+        ), error
         [part] = disk.glob("*.part")
-        assert part.read_bytes() == (served / "photos.tar").read_bytes()[:part.stat().st_size]
+        assert part.read_bytes() == (served / "photos.tar").read_bytes()[: part.stat().st_size]
 
 
 def test_an_onnx_export_onto_a_full_disk_keeps_the_previous_bundle(small, tmp_path):
@@ -243,7 +246,6 @@ def test_an_onnx_export_onto_a_full_disk_keeps_the_previous_bundle(small, tmp_pa
 
 def test_mlflow_artifacts_on_a_full_disk_cost_a_warning_not_the_stage(small, tmp_path, monkeypatch, caplog):
     from helpers import outputs_in, params_with
-
     from petpipe.stages import index_labels
 
     monkeypatch.chdir(tmp_path)
@@ -254,8 +256,11 @@ def test_mlflow_artifacts_on_a_full_disk_cost_a_warning_not_the_stage(small, tmp
         index_labels.run(params_with(LIMITS), index_labels.Inputs(images=small.images), outputs)
     assert outputs.index.is_file() and outputs.show_batch.is_file()  # the stage's own outputs are complete
     [line] = [record.getMessage() for record in caplog.records if record.getMessage().startswith("mlflow:")]
-    assert re.search(r"no space left on device writing \S*mlruns\S* \(\d+\.\d MB free\); not logged for stage "
-                     r"index-labels: artifacts", line), line
+    assert re.search(
+        r"no space left on device writing \S*mlruns\S* \(\d+\.\d MB free\); not logged for stage "
+        r"index-labels: artifacts",
+        line,
+    ), line
 
 
 # ---------------------------------------------------------------- a training stage, end to end
@@ -267,13 +272,17 @@ def test_a_full_disk_during_train_head_says_which_epoch_is_kept(small, tmp_path)
     command = _train_head(small, tmp_path / "params.yaml", out)
     # Room for one resume file, not for its next epoch beside it (the write is atomic: old and new coexist).
     with small_disk(tmp_path / ".petpipe/resume", f"{int(small.head.stat().st_size * 1.6)}") as disk:
-        result = subprocess.run(command, cwd=tmp_path, env=environment(), capture_output=True, text=True,
-                                timeout=300, check=False)
+        result = subprocess.run(
+            command, cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=300, check=False
+        )
         assert result.returncode == 1, result.stderr[-3000:]
         line = result.stderr.strip().splitlines()[-1]
         assert line.startswith("Error: train-head: no space left on device writing .petpipe/resume/train-head-"), line
-        assert re.search(r"the last completed epoch \(1\) is kept in \.petpipe/resume/train-head-\S+\.pt, and dvc "
-                         r"repro resumes from it; free space and rerun dvc repro$", line), line
+        assert re.search(
+            r"the last completed epoch \(1\) is kept in \.petpipe/resume/train-head-\S+\.pt, and dvc "
+            r"repro resumes from it; free space and rerun dvc repro$",
+            line,
+        ), line
         assert "Traceback" not in result.stderr
         [resume] = disk.glob("*.pt")
         assert load_checkpoint(resume).resume["epoch"] == 1 and leftovers(disk) == []
@@ -286,8 +295,11 @@ def test_a_full_disk_during_train_head_says_which_epoch_is_kept(small, tmp_path)
 @contextlib.contextmanager
 def memory_cgroup(limit: int) -> Iterator[Callable[[], None]]:
     """A real memory cgroup (v1 or v2) limited to `limit` bytes; yields a preexec_fn that joins it."""
-    for base, limit_file in ((Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"),
-                             (Path("/sys/fs/cgroup/unified"), "memory.max"), (Path("/sys/fs/cgroup"), "memory.max")):
+    for base, limit_file in (
+        (Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"),
+        (Path("/sys/fs/cgroup/unified"), "memory.max"),
+        (Path("/sys/fs/cgroup"), "memory.max"),
+    ):
         group = base / f"petpipe-test-{os.getpid()}"
         try:
             group.mkdir()
@@ -312,19 +324,32 @@ def test_a_batch_that_cannot_fit_in_memory_is_refused_before_allocation(small, t
     # At 128 px every image of a batch costs EfficientNet-Lite0 about 50 MB of saved activations, so the
     # whole training split in one batch needs well over the 1.6 GB the cgroup allows; the process itself
     # (interpreter, torch, the model) needs about 1 GB.
-    write_params(tmp_path / "params.yaml", {**LIMITS, "train.batch_size": 4096, "model.img_size": 128,
-                                            "train_head.cache_features": False})
+    write_params(
+        tmp_path / "params.yaml",
+        {**LIMITS, "train.batch_size": 4096, "model.img_size": 128, "train_head.cache_features": False},
+    )
     out = tmp_path / "head"
     with memory_cgroup(1_600_000_000) as join:
-        result = subprocess.run(_train_head(small, tmp_path / "params.yaml", out), cwd=tmp_path, env=environment(),
-                                capture_output=True, text=True, timeout=300, check=False, preexec_fn=join)
+        result = subprocess.run(
+            _train_head(small, tmp_path / "params.yaml", out),
+            cwd=tmp_path,
+            env=environment(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+            preexec_fn=join,
+        )
     assert result.returncode == 1, f"rc {result.returncode} (137: the OOM killer): {result.stderr[-3000:]}"
     line = result.stderr.strip().splitlines()[-1]
-    found = re.fullmatch(r"Error: train-head: train.batch_size = 4096 \(batches of (\d+): the training split\) at "
-                         r"model.img_size = 128 needs about (\d+\.\d) MB of memory \((\d+\.\d) MB \+ \1 x "
-                         r"(\d+\.\d) MB per image\), (\d+\.\d) MB more than the process holds now, more than the "
-                         r"(\d+\.\d) MB available \(cgroup limit 1600.0 MB \(\S+\)\); set train.batch_size to (\d+) "
-                         r"or less \(dvc exp run -S train.batch_size=\7\)\. Nothing was allocated for it", line)
+    found = re.fullmatch(
+        r"Error: train-head: train.batch_size = 4096 \(batches of (\d+): the training split\) at "
+        r"model.img_size = 128 needs about (\d+\.\d) MB of memory \((\d+\.\d) MB \+ \1 x "
+        r"(\d+\.\d) MB per image\), (\d+\.\d) MB more than the process holds now, more than the "
+        r"(\d+\.\d) MB available \(cgroup limit 1600.0 MB \(\S+\)\); set train.batch_size to (\d+) "
+        r"or less \(dvc exp run -S train.batch_size=\7\)\. Nothing was allocated for it",
+        line,
+    )
     assert found, line
     batch, needed, fixed, per_image, growth, available, largest = map(float, found.groups())
     assert growth > available and available < 1600 and 0 < largest < batch
@@ -334,9 +359,23 @@ def test_a_batch_that_cannot_fit_in_memory_is_refused_before_allocation(small, t
 
 
 def _train_head(small, params_file: Path, out: Path) -> list[str]:
-    return petpipe("train-head", "--params", params_file, "--images", small.images, "--index", small.index,
-                   "--model", out / "model.pt", "--metrics", out / "metrics.json", "--history", out / "history.csv",
-                   "--plot", out / "training.png")
+    return petpipe(
+        "train-head",
+        "--params",
+        params_file,
+        "--images",
+        small.images,
+        "--index",
+        small.index,
+        "--model",
+        out / "model.pt",
+        "--metrics",
+        out / "metrics.json",
+        "--history",
+        out / "history.csv",
+        "--plot",
+        out / "training.png",
+    )
 
 
 def test_out_of_gpu_memory_names_the_batch_size_to_halve_and_the_epoch_kept(small, tmp_path, monkeypatch):
@@ -356,15 +395,23 @@ def test_out_of_gpu_memory_names_the_batch_size_to_halve_and_the_epoch_kept(smal
     monkeypatch.chdir(tmp_path)
     (tmp_path / "lr_find.json").write_text("{}\n")
     out = tmp_path / "out"
-    outputs = finetune.Outputs(model=out / "model.pt", metrics=out / "metrics.json", history=out / "history.csv",
-                               plot=out / "training.png")
+    outputs = finetune.Outputs(
+        model=out / "model.pt", metrics=out / "metrics.json", history=out / "history.csv", plot=out / "training.png"
+    )
     with pytest.raises(PetpipeError) as caught:
-        finetune.run(_params(), finetune.Inputs(images=small.images, index=small.index, checkpoint=small.head,
-                                                lr_find=tmp_path / "lr_find.json"), outputs)
-    assert re.fullmatch(r"finetune: out of memory on cpu at train.batch_size = 8, model.img_size = 32; the last "
-                        r"completed epoch \(1\) is kept in \.petpipe/resume/finetune-\S+\.pt, and dvc repro resumes "
-                        r"from it; halve the batch \(dvc exp run -S train.batch_size=4\) or lower model.img_size",
-                        str(caught.value)), caught.value
+        finetune.run(
+            _params(),
+            finetune.Inputs(
+                images=small.images, index=small.index, checkpoint=small.head, lr_find=tmp_path / "lr_find.json"
+            ),
+            outputs,
+        )
+    assert re.fullmatch(
+        r"finetune: out of memory on cpu at train.batch_size = 8, model.img_size = 32; the last "
+        r"completed epoch \(1\) is kept in \.petpipe/resume/finetune-\S+\.pt, and dvc repro resumes "
+        r"from it; halve the batch \(dvc exp run -S train.batch_size=4\) or lower model.img_size",
+        str(caught.value),
+    ), caught.value
     [resume] = (tmp_path / ".petpipe/resume").glob("*.pt")
     assert load_checkpoint(resume).resume["epoch"] == 1 and not out.exists()
 
@@ -383,15 +430,19 @@ def test_ctrl_c_in_finetune_says_which_epoch_is_kept_and_exits_130(small, tmp_pa
     write_params(tmp_path / "params.yaml", {**LIMITS, "finetune.epochs": 30})
     (tmp_path / "lr_find.json").write_text("{}\n")
     resume_files = tmp_path / ".petpipe/resume"
-    process = start(finetune_command(small, tmp_path / "params.yaml", tmp_path / "lr_find.json", tmp_path / "out"),
-                    tmp_path)
+    process = start(
+        finetune_command(small, tmp_path / "params.yaml", tmp_path / "lr_find.json", tmp_path / "out"), tmp_path
+    )
     wait_for(lambda: list(resume_files.glob("finetune-*.json")), process, what="finetune's first epoch was saved")
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=120) == 130
     stderr = process.log.read_text()
     line = stderr.strip().splitlines()[-1]
-    found = re.fullmatch(r"finetune: interrupted in epoch (\d+) of 30; the last completed epoch \((\d+)\) is kept in "
-                         r"\.petpipe/resume/finetune-\S+\.pt, and dvc repro resumes from it", line)
+    found = re.fullmatch(
+        r"finetune: interrupted in epoch (\d+) of 30; the last completed epoch \((\d+)\) is kept in "
+        r"\.petpipe/resume/finetune-\S+\.pt, and dvc repro resumes from it",
+        line,
+    )
     assert found, stderr[-2000:]
     assert "Aborted!" not in stderr and "Traceback" not in stderr
     in_flight, kept = int(found.group(1)), int(found.group(2))

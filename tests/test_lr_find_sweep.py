@@ -21,7 +21,9 @@ def batch_losses(rng: np.random.Generator, *, batches: int, hard_share: float, b
     """Mean losses of batches of a model that fits its photos: most photos near zero, now and then a hard one
     (measured at 224 px on the sample: batches of 16 at 0.30 +- 0.18, single batches from 0.03 to 0.7)."""
     hard = rng.random((batches, batch_size)) < hard_share
-    per_photo = np.where(hard, rng.exponential(2.5, (batches, batch_size)), rng.exponential(0.03, (batches, batch_size)))
+    per_photo = np.where(
+        hard, rng.exponential(2.5, (batches, batch_size)), rng.exponential(0.03, (batches, batch_size))
+    )
     return per_photo.mean(axis=1)
 
 
@@ -47,8 +49,8 @@ def test_a_real_rise_stops_the_sweep_once_it_has_begun(hard_share, rise_from, ra
         losses = list(flat * np.exp(np.maximum(0, np.arange(DEFAULTS.num_it) - rise_from) * rate))
         stopped = stop_index(losses, rule)
         assert stopped is not None and rise_from < stopped < DEFAULTS.num_it, stopped
-        smoothed = smooth(losses[:stopped + 1])
-        assert smoothed[-1] > DEFAULTS.stop_div * min(smoothed[DEFAULTS.noise_window - 1:])  # it shows the rise
+        smoothed = smooth(losses[: stopped + 1])
+        assert smoothed[-1] > DEFAULTS.stop_div * min(smoothed[DEFAULTS.noise_window - 1 :])  # it shows the rise
 
 
 @pytest.mark.parametrize(("hard_share", "rise_from", "rate"), [(0.1, 60, 0.25), (0.02, 50, 0.1), (0.5, 70, 0.3)])
@@ -62,8 +64,8 @@ def test_the_edge_is_where_a_flat_curve_starts_to_rise(hard_share, rise_from, ra
         flat = batch_losses(rng, batches=DEFAULTS.num_it, hard_share=hard_share)
         losses = list(flat * np.exp(np.maximum(0, np.arange(DEFAULTS.num_it) - rise_from) * rate))
         stopped = stop_index(losses, rule)
-        losses = losses[:stopped + 1]
-        edge = rule.edge(lrs[:stopped + 1], losses, smooth(losses))
+        losses = losses[: stopped + 1]
+        edge = rule.edge(lrs[: stopped + 1], losses, smooth(losses))
         assert lrs[DEFAULTS.noise_window - 1] <= edge < lrs[stopped]
         offsets.append(int(np.searchsorted(lrs, edge)) - rise_from)
     # Typically just past the onset (the smoothed loss lags the rise by a few batches; 12.5 batches are a
@@ -97,15 +99,16 @@ def fastais_stop(losses: list[float], stop_div: float) -> int | None:
 def test_noise_window_zero_is_fastais_rule():
     rng = np.random.default_rng(4)
     curves = [list(batch_losses(rng, batches=DEFAULTS.num_it, hard_share=0.02)) for _ in range(50)]
-    assert [stop_index(curve, FASTAI_RULE) for curve in curves] == [fastais_stop(curve, DEFAULTS.stop_div)
-                                                                     for curve in curves]
+    assert [stop_index(curve, FASTAI_RULE) for curve in curves] == [
+        fastais_stop(curve, DEFAULTS.stop_div) for curve in curves
+    ]
 
 
 # ---------------------------------------------------------------- the verdict and the suggestions
 
 
 def curve_of(losses: list[float]) -> dict[str, list[float]]:
-    lrs = sweep_lrs(DEFAULTS.start_lr, DEFAULTS.end_lr, DEFAULTS.num_it)[:len(losses)]
+    lrs = sweep_lrs(DEFAULTS.start_lr, DEFAULTS.end_lr, DEFAULTS.num_it)[: len(losses)]
     return {"lr": [float(lr) for lr in lrs], "loss": losses, "smoothed_loss": smooth(losses)}
 
 
@@ -117,14 +120,14 @@ def test_a_curve_of_noise_is_untrusted_and_chooses_the_fallback():
     assert "no rise above the batch noise" in result["verdict"] and "fallback_lr" in result["verdict"]
     line = lr_find.summary(result)
     assert "UNTRUSTED" in line and f"chosen fallback_lr = {DEFAULTS.fallback_lr:.2e}" in line
-    assert result["noise"]["std"] == pytest.approx(np.std(losses[:DEFAULTS.noise_window], ddof=1))
+    assert result["noise"]["std"] == pytest.approx(np.std(losses[: DEFAULTS.noise_window], ddof=1))
 
 
 def test_a_curve_that_rises_is_trusted_and_every_suggestion_lies_inside_it():
     flat = batch_losses(np.random.default_rng(3), batches=DEFAULTS.num_it, hard_share=0.1)
     losses = list(flat * np.exp(np.maximum(0, np.arange(DEFAULTS.num_it) - 60) * 0.25))
     stopped = stop_index(losses, StopRule.of(DEFAULTS))
-    result = lr_find.choose(curve_of(losses[:stopped + 1]), DEFAULTS)
+    result = lr_find.choose(curve_of(losses[: stopped + 1]), DEFAULTS)
     assert result["trusted"] is True and result["stopped_early"] is True
     assert result["chosen"] == {"rule": DEFAULTS.suggestion, "lr": result["suggestions"][DEFAULTS.suggestion]}
     lrs = result["curve"]["lr"]
@@ -143,8 +146,13 @@ def test_the_minimum_at_the_start_of_the_curve_is_not_suggested_below_the_sweep(
 
 # Batches of the photos the model was fitted on (no augmentation): the regime of a head trained on cached
 # features, whose lr-find batches start near zero loss.
-NO_AUGMENTATION = {"train.augment.presize_crop": "center", "train.augment.min_scale": 1.0,
-                   "train.augment.flip": False, "train.augment.p_affine": 0.0, "train.augment.p_lighting": 0.0}
+NO_AUGMENTATION = {
+    "train.augment.presize_crop": "center",
+    "train.augment.min_scale": 1.0,
+    "train.augment.flip": False,
+    "train.augment.p_affine": 0.0,
+    "train.augment.p_lighting": 0.0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -165,16 +173,31 @@ def fitted_stand_in(sample_images):
     breed_of = {path: path.name.rsplit("_", 1)[0] for path in sorted(sample_images.iterdir())}
     breeds = sorted(set(breed_of.values()))[:6]
     photos = [path for path, breed in breed_of.items() if breed in breeds]
-    pixels = np.stack([np.asarray(Image.open(path).convert("RGB").resize((36, 36))).transpose(2, 0, 1)
-                       for path in photos])  # (60, 3, 36, 36) uint8, as the pixel cache holds them
-    images = ImageSet.from_cache(pixels, np.array([breeds.index(breed_of[path]) for path in photos]),
-                                 torch.device("cpu"))
-    body = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.Conv2d(16, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU())
+    pixels = np.stack(
+        [np.asarray(Image.open(path).convert("RGB").resize((36, 36))).transpose(2, 0, 1) for path in photos]
+    )  # (60, 3, 36, 36) uint8, as the pixel cache holds them
+    images = ImageSet.from_cache(
+        pixels, np.array([breeds.index(breed_of[path]) for path in photos]), torch.device("cpu")
+    )
+    body = nn.Sequential(
+        nn.Conv2d(3, 16, 3, 2, 1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, 2, 1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+    )
     model = Classifier(body, create_head(32, len(breeds), HeadSpec(hidden=64, dropout=0.5)), ["0", "1", "3", "4"])
     settings = params_with(NO_AUGMENTATION)
-    views = Views(size=32, presize=36, eval_crop=1.0, mean=(0.5,) * 3, std=(0.5,) * 3,
-                  augment=settings.train.augment, memory_format="contiguous")
+    views = Views(
+        size=32,
+        presize=36,
+        eval_crop=1.0,
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+        augment=settings.train.augment,
+        memory_format="contiguous",
+    )
     inputs = views.evaluate(images.pixels)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
@@ -203,14 +226,21 @@ def test_a_sweep_on_a_model_that_fits_its_batches_runs_on_to_the_rise(fitted_sta
     swept = copy.deepcopy(model)
     set_train_mode(swept, freeze_bn_stats=True)  # finetune.bn_stats auto after cached features
     settings = params_with(NO_AUGMENTATION)
-    curve = lr_sweep(swept, images, views=views, sweep=settings.lr_find, settings=settings.train,
-                     precision="float32", generator=torch.Generator().manual_seed(seed))
+    curve = lr_sweep(
+        swept,
+        images,
+        views=views,
+        sweep=settings.lr_find,
+        settings=settings.train,
+        precision="float32",
+        generator=torch.Generator().manual_seed(seed),
+    )
     assert np.mean(curve["loss"][:5]) < 0.5  # the sweep starts near zero loss: the bug's regime
     assert curve["lr"][-1] > 1e-3, f"stopped after {len(curve['lr'])} batches at {curve['lr'][-1]:.1e}"
     result = lr_find.choose(curve, settings.lr_find)
     assert result["trusted"] is True and result["chosen"]["rule"] == DEFAULTS.suggestion
     smoothed = curve["smoothed_loss"]
-    assert smoothed[-1] > DEFAULTS.stop_div * min(smoothed[DEFAULTS.noise_window - 1:])  # the rise is on the curve
+    assert smoothed[-1] > DEFAULTS.stop_div * min(smoothed[DEFAULTS.noise_window - 1 :])  # the rise is on the curve
     for name, value in result["suggestions"].items():
         assert curve["lr"][0] <= value <= curve["lr"][-1], (name, value)
 
@@ -218,8 +248,38 @@ def test_a_sweep_on_a_model_that_fits_its_batches_runs_on_to_the_rise(fitted_sta
 # The raw losses of a 30-step sweep (1e-7 to 10) on the tests' 64 px head (batches of 32): flat with noise until
 # about 2e-3, then rising. A window of 20 batches would reach 2e-2 and take the rise for noise (std 1.5): the edge
 # came out at 4e-2, where the loss had nearly doubled, and finetune from it diverged (valid loss 31).
-SHORT_SWEEP = [2.03, 2.1, 1.47, 1.21, 1.08, 1.26, 1.13, 1.61, 1.13, 1.42, 1.61, 1.8, 1.85, 1.19, 1.54, 1.88, 2.19,
-               3.83, 5.36, 6.85, 5.82, 6.88, 6.2, 4.47, 5.4, 8.89, 13.04, 30.23, 87.61, 352.73]
+SHORT_SWEEP = [
+    2.03,
+    2.1,
+    1.47,
+    1.21,
+    1.08,
+    1.26,
+    1.13,
+    1.61,
+    1.13,
+    1.42,
+    1.61,
+    1.8,
+    1.85,
+    1.19,
+    1.54,
+    1.88,
+    2.19,
+    3.83,
+    5.36,
+    6.85,
+    5.82,
+    6.88,
+    6.2,
+    4.47,
+    5.4,
+    8.89,
+    13.04,
+    30.23,
+    87.61,
+    352.73,
+]
 
 
 def test_on_a_short_sweep_the_noise_window_stays_at_learning_rates_too_small_to_matter():

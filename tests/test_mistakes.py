@@ -10,8 +10,8 @@ import shutil
 import click
 import pytest
 from click.testing import CliRunner
-from helpers import PROJECT_ROOT, SMALL, copy_subset, outputs_in, params_with, write_params
 
+from helpers import PROJECT_ROOT, SMALL, copy_subset, outputs_in, params_with, write_params
 from petpipe import cli, tracking
 from petpipe.cli import main
 from petpipe.errors import PetpipeError
@@ -27,8 +27,9 @@ def test_one_breed_is_refused_naming_the_class_and_what_to_do(sample_images, tmp
     with pytest.raises(PetpipeError) as refused:
         run(params_with(SMALL), Inputs(images=tmp_path / "images"), outputs)
     message = str(refused.value)
-    assert message.startswith(f"only one class found (Abyssinian) in {tmp_path / 'images'}: a classifier needs at "
-                              "least two; labels.pattern ")
+    assert message.startswith(
+        f"only one class found (Abyssinian) in {tmp_path / 'images'}: a classifier needs at least two; labels.pattern "
+    )
     assert "gives every file name this label" in message and "add images of other classes" in message
     assert not (tmp_path / "out").exists()
 
@@ -40,15 +41,31 @@ def test_one_folder_with_folder_labels_is_refused_through_the_cli(sample_images,
     params = tmp_path / "params.yaml"
     write_params(params, {**SMALL, "labels.method": "folder"})
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, [
-        "index-labels", "--params", str(params), "--images", str(images), "--index", str(out / "index.csv"),
-        "--classes", str(out / "classes.json"), "--report", str(out / "report.json"),
-        "--show-batch", str(out / "b.png"), "--class-counts", str(out / "c.png"),
-    ])
+    result = CliRunner().invoke(
+        main,
+        [
+            "index-labels",
+            "--params",
+            str(params),
+            "--images",
+            str(images),
+            "--index",
+            str(out / "index.csv"),
+            "--classes",
+            str(out / "classes.json"),
+            "--report",
+            str(out / "report.json"),
+            "--show-batch",
+            str(out / "b.png"),
+            "--class-counts",
+            str(out / "c.png"),
+        ],
+    )
     assert result.exit_code == 1
     assert result.output.count("\n") == 1 and result.output.startswith(
         f"Error: only one class found (pets) in {images}: a classifier needs at least two; every image is in this "
-        "one folder")
+        "one folder"
+    )
     assert not out.exists()
 
 
@@ -81,8 +98,9 @@ LEAVES = leaf_lines(DEFAULT_PARAMS)
 
 
 def test_the_generated_cases_cover_every_key_of_params_yaml():
-    assert len(LEAVES) >= 50 and {"data.source", "train.augment.max_warp", "tracking.log_models"} <= \
-        {key for _, key in LEAVES}
+    assert len(LEAVES) >= 50 and {"data.source", "train.augment.max_warp", "tracking.log_models"} <= {
+        key for _, key in LEAVES
+    }
 
 
 @pytest.mark.parametrize("line, key", LEAVES, ids=[key for _, key in LEAVES])
@@ -94,8 +112,10 @@ def test_a_key_written_twice_is_refused_naming_the_file_line_and_key(tmp_path, l
     path.write_text("".join(lines))
     with pytest.raises(ParamsError) as refused:
         load_params(path)
-    assert str(refused.value) == (f"{path}:{line + 1}: key '{key}' is written twice (first on line {line}); YAML "
-                                  "would silently keep the last value. Keep one.")
+    assert str(refused.value) == (
+        f"{path}:{line + 1}: key '{key}' is written twice (first on line {line}); YAML "
+        "would silently keep the last value. Keep one."
+    )
 
 
 def test_a_section_written_twice_is_refused_and_tracking_refuses_it_too(tmp_path):
@@ -113,8 +133,9 @@ def test_a_section_written_twice_is_refused_and_tracking_refuses_it_too(tmp_path
 def test_the_cli_says_it_in_one_line_before_any_work(tmp_path):
     shutil.copy(PROJECT_ROOT / "params.yaml", tmp_path / "params.yaml")
     (tmp_path / "params.yaml").write_text(DEFAULT_PARAMS.replace("  epochs: 4\n", "  epochs: 4\n  epochs: 40\n", 1))
-    result = CliRunner().invoke(main, ["fetch", "--params", str(tmp_path / "params.yaml"),
-                                       "--out", str(tmp_path / "images")])
+    result = CliRunner().invoke(
+        main, ["fetch", "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "images")]
+    )
     assert result.exit_code == 1 and result.output.count("\n") == 1
     assert "key 'train_head.epochs' is written twice" in result.output and not (tmp_path / "images").exists()
 

@@ -9,10 +9,19 @@ import torch
 from torch import nn
 
 from helpers import model_spec
-
 from petpipe.errors import PetpipeError
-from petpipe.models import (AdaptiveConcatPool2d, Classifier, build_model, create_head, early_units, folded_batchnorm,
-                            freeze_body, freeze_early, set_train_mode, unfreeze)
+from petpipe.models import (
+    AdaptiveConcatPool2d,
+    Classifier,
+    build_model,
+    create_head,
+    early_units,
+    folded_batchnorm,
+    freeze_body,
+    freeze_early,
+    set_train_mode,
+    unfreeze,
+)
 from petpipe.optim import discriminative_lrs
 from petpipe.spec import ModelSpec
 
@@ -42,8 +51,16 @@ def test_packaged_weights_load_and_carry_their_normalisation(lite0):
 def test_head_is_fastais(lite0):
     model, _ = lite0
     kinds = [type(layer) for layer in model.head]
-    assert kinds == [AdaptiveConcatPool2d, nn.BatchNorm1d, nn.Dropout, nn.Linear, nn.ReLU, nn.BatchNorm1d,
-                     nn.Dropout, nn.Linear]
+    assert kinds == [
+        AdaptiveConcatPool2d,
+        nn.BatchNorm1d,
+        nn.Dropout,
+        nn.Linear,
+        nn.ReLU,
+        nn.BatchNorm1d,
+        nn.Dropout,
+        nn.Linear,
+    ]
     assert model.head.dropout1.p == 0.25 and model.head.dropout2.p == 0.5
     assert model.head.hidden.in_features == 2 * 1280 and model.head.classifier.out_features == 37
     model.eval()
@@ -88,7 +105,9 @@ def test_frozen_stride_freezes_the_layers_above_that_resolution():
     frozen = freeze_early(model, 8)
     set_train_mode(model, freeze_bn_stats=False)  # bn_stats update: only the trained layers' statistics move
     early = model.body.model.blocks[2]
-    assert not early[0].bn1.training and model.body.model.blocks[3][0].bn1.training and not model.body.model.bn1.training
+    assert (
+        not early[0].bn1.training and model.body.model.blocks[3][0].bn1.training and not model.body.model.bn1.training
+    )
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 64, 64)), torch.tensor([0, 1, 2, 0]))
@@ -142,8 +161,11 @@ class _NormThenConv(nn.Module):
 def test_a_batchnorm_that_does_not_follow_its_neighbour_is_left_unfolded():
     body = _NormThenConv()
     body.norm.running_mean.fill_(0.7), body.norm.running_var.fill_(3.0)
-    model = Classifier(body, create_head(3, 2, model_spec("resnet18", "none", num_classes=2, head_hidden=4,
-                                                          head_dropout=0.0).head), ["conv", "norm"])
+    model = Classifier(
+        body,
+        create_head(3, 2, model_spec("resnet18", "none", num_classes=2, head_hidden=4, head_dropout=0.0).head),
+        ["conv", "norm"],
+    )
     assert folded_batchnorm(model) is model
 
 
@@ -176,8 +198,9 @@ def test_weights_of_the_wrong_architecture_are_refused():
 
 def test_local_weights_file(tmp_path):
     source, _ = build("resnet18", "none", num_classes=3, head_hidden=8, head_dropout=0.5)
-    state = {name.removeprefix("body."): tensor for name, tensor in source.state_dict().items()
-             if name.startswith("body.")}
+    state = {
+        name.removeprefix("body."): tensor for name, tensor in source.state_dict().items() if name.startswith("body.")
+    }
     torch.save(state, tmp_path / "weights.pt")
     loaded, _ = build("resnet18", str(tmp_path / "weights.pt"), num_classes=3, head_hidden=8, head_dropout=0.5)
     assert torch.equal(loaded.body.conv1.weight, source.body.conv1.weight)
@@ -199,8 +222,8 @@ def test_one_cycle_matches_fastais_shape():
     assert one_cycle_momentum(0.0) == pytest.approx(0.95) and one_cycle_momentum(0.25) == pytest.approx(0.85)
     values = [one_cycle(step / 100) for step in range(101)]
     peak = values.index(max(values))
-    assert all(a <= b for a, b in zip(values[:peak], values[1:peak + 1]))  # warm-up rises
-    assert all(a >= b for a, b in zip(values[peak:], values[peak + 1:]))  # annealing falls
+    assert all(a <= b for a, b in zip(values[:peak], values[1 : peak + 1]))  # warm-up rises
+    assert all(a >= b for a, b in zip(values[peak:], values[peak + 1 :]))  # annealing falls
 
 
 def test_schedule_survives_tiny_runs_and_resumes():

@@ -29,18 +29,25 @@ def with_parameters(notebook, values: dict[str, object]):
 
 
 def images_shown(notebook) -> int:
-    return sum("image/png" in output.get("data", {}) for cell in notebook.cells if cell.cell_type == "code"
-               for output in cell.outputs)
+    return sum(
+        "image/png" in output.get("data", {})
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+    )
 
 
 @pytest.mark.slow
 def test_the_tutorial_notebook_runs_on_the_sample_and_the_champion_predicts_as_the_cli(
-        pipeline_project, tmp_path, monkeypatch):
+    pipeline_project, tmp_path, monkeypatch
+):
     project = copy_project(pipeline_project.folder, tmp_path / "project")
     committed = nbformat.read(NOTEBOOK, as_version=4)
     assert images_shown(committed) >= 8, "the committed notebook carries the figures of a real run"
-    notebook = with_parameters(nbformat.read(NOTEBOOK, as_version=4), {
-        "PHOTOS": str(SAMPLE_IMAGES), "PROJECT": str(project), "SETTINGS": PIPELINE_SMALL})
+    notebook = with_parameters(
+        nbformat.read(NOTEBOOK, as_version=4),
+        {"PHOTOS": str(SAMPLE_IMAGES), "PROJECT": str(project), "SETTINGS": PIPELINE_SMALL},
+    )
     environment = as_a_user()  # as a person runs it: MLflow on to the project's store, caches at its root
     for name in set(os.environ) - set(environment):
         monkeypatch.delenv(name)
@@ -48,25 +55,35 @@ def test_the_tutorial_notebook_runs_on_the_sample_and_the_champion_predicts_as_t
         monkeypatch.setenv(name, value)
 
     # Any cell that raises fails the test (nbclient's CellExecutionError names the cell and the traceback).
-    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    nbclient.NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    ).execute()
 
     # Nothing was trained again: the notebook's params.yaml is the session pipeline's, every stage cached.
-    status = subprocess.run(["dvc", "status", "--json"], cwd=project, env=environment, capture_output=True,
-                            text=True, check=True)
+    status = subprocess.run(
+        ["dvc", "status", "--json"], cwd=project, env=environment, capture_output=True, text=True, check=True
+    )
     assert json.loads(status.stdout or "{}") == {}
     assert (project / "head-evaluation" / "top_losses.png").is_file()
     assert images_shown(notebook) >= 8  # show_batch twice, class counts, training twice, lr-find, top losses ...
-    text = "".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
-                   for output in cell.outputs)
+    text = "".join(
+        output.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs
+    )
     assert "accuracy: head " in text and "Traceback" not in text
 
     monkeypatch.chdir(project)  # models:/ resolves against the project's mlflow.db, as `petpipe predict` does
     photos = sorted((project / "stages" / "fetch" / "images").glob("*_1*.jpg"))[:6]
     table = petpipe.load_model(CHAMPION, device="cpu").predict(photos)
-    printed = subprocess.run(["petpipe", "predict", "--model", CHAMPION, "--json", *map(str, photos)], cwd=project,
-                             env=environment, capture_output=True, text=True, check=True)
+    printed = subprocess.run(
+        ["petpipe", "predict", "--model", CHAMPION, "--json", *map(str, photos)],
+        cwd=project,
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     expected = json.loads(printed.stdout)
     assert table["label"].tolist() == [item["predictions"][0]["label"] for item in expected]
     assert table["probability"].tolist() == pytest.approx(
-        [item["predictions"][0]["probability"] for item in expected], abs=1e-9)
+        [item["predictions"][0]["probability"] for item in expected], abs=1e-9
+    )

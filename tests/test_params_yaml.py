@@ -47,8 +47,11 @@ def same(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
-@pytest.mark.parametrize("text", [(PROJECT_ROOT / "params.yaml").read_text(), DIFFERENCES],
-                         ids=["the project's params.yaml", "YAML 1.1 against 1.2"])
+@pytest.mark.parametrize(
+    "text",
+    [(PROJECT_ROOT / "params.yaml").read_text(), DIFFERENCES],
+    ids=["the project's params.yaml", "YAML 1.1 against 1.2"],
+)
 def test_every_value_dvc_reads_petpipe_reads_the_same(text):
     theirs, ours = dict(leaves(dvc_parse_yaml(text, "params.yaml"))), dict(leaves(parse_yaml(text, "params.yaml")))
     assert list(ours) == list(theirs)
@@ -72,7 +75,9 @@ def test_a_yes_where_a_boolean_belongs_is_refused_as_dvc_reads_it(tmp_path):
 
 def test_an_exponent_without_a_dot_is_a_number(tmp_path):
     params = tmp_path / "params.yaml"
-    params.write_text((PROJECT_ROOT / "params.yaml").read_text().replace("  weight_decay: 0.01", "  weight_decay: 1e-2"))
+    params.write_text(
+        (PROJECT_ROOT / "params.yaml").read_text().replace("  weight_decay: 0.01", "  weight_decay: 1e-2")
+    )
     assert load_params(params).train.weight_decay == 0.01
 
 

@@ -12,7 +12,6 @@ import pytest
 from helpers import STAGES, make_project, run_command
 
 
-
 @pytest.fixture(scope="module")
 def project(pipeline_project):
     return pipeline_project.folder, pipeline_project.stdout, pipeline_project.stderr
@@ -51,9 +50,13 @@ def test_training_stage_outputs(project):
     lr_find = json.loads((folder / "stages/lr-find/lr_find.json").read_text())
     assert set(lr_find["suggestions"]) == {"valley", "slide", "minimum", "steep", "edge"}
     sweep = json.loads((folder / "stages/lr-find/metrics.json").read_text())  # the same, as DVC metrics
-    assert sweep == {**{f"suggested_lr_{name}": lr for name, lr in lr_find["suggestions"].items()},
-                     "chosen_lr": lr_find["chosen"]["lr"], "trusted": int(lr_find["trusted"]),
-                     "iterations": lr_find["iterations"], "lr_reached": lr_find["lr_reached"]}
+    assert sweep == {
+        **{f"suggested_lr_{name}": lr for name, lr in lr_find["suggestions"].items()},
+        "chosen_lr": lr_find["chosen"]["lr"],
+        "trusted": int(lr_find["trusted"]),
+        "iterations": lr_find["iterations"],
+        "lr_reached": lr_find["lr_reached"],
+    }
 
 
 def test_evaluate_outputs(project):
@@ -101,9 +104,12 @@ def test_progress_a_person_can_follow(project):
         assert f"{stage}: epoch  train_loss  valid_loss  accuracy    time" in progress
         assert f"{stage}: {epochs}/{epochs} " in progress
     # Each computing stage ends with where its time went: its phases add up to at most its total.
-    for stage, phases in (("train-head", ("decode", "levers", "features", "epochs", "validation", "write")),
-                          ("lr-find", ("decode", "sweep")), ("finetune", ("decode", "epochs", "validation")),
-                          ("evaluate", ("decode", "predict", "plots"))):
+    for stage, phases in (
+        ("train-head", ("decode", "levers", "features", "epochs", "validation", "write")),
+        ("lr-find", ("decode", "sweep")),
+        ("finetune", ("decode", "epochs", "validation")),
+        ("evaluate", ("decode", "predict", "plots")),
+    ):
         line = next(text for text in progress.splitlines() if text.startswith(f"{stage}: ") and " s = " in text)
         total, parts = line.removeprefix(f"{stage}: ").split(" s = ", 1)
         seconds = dict(part.rsplit(" ", 1) for part in parts.split(" (after")[0].split(", "))
@@ -126,8 +132,13 @@ def test_dvc_sees_a_clean_reproducible_pipeline(project):
 
 def test_default_source_without_network_fails_fast_with_the_fix(tmp_path):
     folder = make_project(tmp_path / "offline", {})
-    result = subprocess.run([sys.executable, "-m", "petpipe.cli", "fetch", "--out", "stages/fetch/images"],
-                            cwd=folder, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "petpipe.cli", "fetch", "--out", "stages/fetch/images"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0
     assert "robots.ox.ac.uk" in result.stderr and "data.source" in result.stderr
     assert "Traceback" not in result.stderr

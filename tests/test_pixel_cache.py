@@ -11,12 +11,12 @@ import torch
 
 from petpipe import pixels
 from petpipe.atomic import file_digest
-from petpipe.errors import PetpipeError
 from petpipe.dataset import ImageSet
+from petpipe.errors import PetpipeError
 
 
 def photos(sample_images: Path, count: int, offset: int = 0) -> tuple[list[Path], list[str]]:
-    paths = sorted(sample_images.iterdir())[offset:offset + count]
+    paths = sorted(sample_images.iterdir())[offset : offset + count]
     return paths, [file_digest(path) for path in paths]
 
 

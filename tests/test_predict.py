@@ -34,8 +34,9 @@ def test_predict_agrees_with_evaluate_on_the_validation_images(trained, evaluate
     confusion = pd.read_csv(outputs.confusion, dtype=str, keep_default_na=False)
     top1 = [max(probabilities[Path(path).name].items(), key=lambda item: item[1])[0] for path in rows["path"]]
     assert top1 == confusion["predicted"].tolist()
-    table = pd.read_csv(outputs.top_losses_table, dtype={"path": str, "actual": str, "predicted": str},
-                        keep_default_na=False)
+    table = pd.read_csv(
+        outputs.top_losses_table, dtype={"path": str, "actual": str, "predicted": str}, keep_default_na=False
+    )
     for row in table.itertuples():
         predicted = probabilities[Path(row.path).name]
         assert predicted[row.actual] == pytest.approx(row.probability_actual, rel=1e-4, abs=1e-6)
@@ -56,8 +57,12 @@ def test_an_exported_bundle_is_pickle_free_and_agrees_with_the_checkpoint(traine
     assert manifest["format"] == "petpipe-bundle/1" and manifest["model"] == "model.onnx"
     assert manifest["preprocessing"]["resize"] == {"mode": "bilinear", "align_corners": True, "antialias": False}
     assert manifest["classes"] == list(spec.classes)
-    assert {key: manifest["preprocessing"][key] for key in ("img_size", "presize", "mean", "std")} == \
-        {"img_size": spec.img_size, "presize": spec.presize, "mean": list(spec.mean), "std": list(spec.std)}
+    assert {key: manifest["preprocessing"][key] for key in ("img_size", "presize", "mean", "std")} == {
+        "img_size": spec.img_size,
+        "presize": spec.presize,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+    }
     assert manifest["arch"] == "tf_efficientnet_lite0"
     assert manifest["source"]["sha256"] == file_digest(trained.model)
 
@@ -86,8 +91,10 @@ def photos_of_every_kind(folder: Path) -> Path:
 
 
 def predicted_json(output: str) -> dict[str, dict[str, float]]:
-    return {Path(item["path"]).name: {entry["label"]: entry["probability"] for entry in item["predictions"]}
-            for item in json.loads(output)}
+    return {
+        Path(item["path"]).name: {entry["label"]: entry["probability"] for entry in item["predictions"]}
+        for item in json.loads(output)
+    }
 
 
 def test_a_bundle_predicts_without_torch_what_the_checkpoint_predicts(trained, bundle, tmp_path):
@@ -95,11 +102,14 @@ def test_a_bundle_predicts_without_torch_what_the_checkpoint_predicts(trained, b
     give the checkpoint's probabilities to 1e-4, on every kind of photo."""
     photos = photos_of_every_kind(tmp_path / "photos")
     every_class = str(len(load_checkpoint(trained.model).spec.classes))
-    torch_free = run_without_torch(["predict", "--model", str(bundle), "--json", "--top-k", every_class,
-                                    "--batch-size", "3", str(photos)], tmp_path)
+    torch_free = run_without_torch(
+        ["predict", "--model", str(bundle), "--json", "--top-k", every_class, "--batch-size", "3", str(photos)],
+        tmp_path,
+    )
     assert torch_free.returncode == 0, torch_free.stderr[-3000:]
-    with_torch = CliRunner().invoke(main, ["predict", "--model", str(trained.model), "--json", "--top-k",
-                                           every_class, str(photos)])
+    with_torch = CliRunner().invoke(
+        main, ["predict", "--model", str(trained.model), "--json", "--top-k", every_class, str(photos)]
+    )
     assert with_torch.exit_code == 0, with_torch.output
     exported, reference = predicted_json(torch_free.stdout), predicted_json(with_torch.stdout)
     assert exported.keys() == reference.keys() and len(reference) == 8
@@ -168,8 +178,7 @@ def test_collect_images_searches_folders_and_keeps_named_files(tmp_path):
     for name in ("b.jpg", "a.PNG", "sub/c.jpeg", "skip.csv", ".hidden.jpg"):
         (tmp_path / name).write_bytes(b"")
     named = tmp_path / "odd-name.dat"
-    assert collect_images([tmp_path, named]) == [tmp_path / "a.PNG", tmp_path / "b.jpg", tmp_path / "sub/c.jpeg",
-                                                 named]
+    assert collect_images([tmp_path, named]) == [tmp_path / "a.PNG", tmp_path / "b.jpg", tmp_path / "sub/c.jpeg", named]
     with pytest.raises(PetpipeError, match="top-k"):
         list(predict_files(SimpleNamespace(classes=["a"], presize=8), [named], top_k=0))
 
@@ -179,19 +188,36 @@ def test_show_batch_draws_either_split(trained, tmp_path, split):
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(trained.params_dict))
     out = tmp_path / f"{split}.png"
-    result = CliRunner().invoke(main, ["show-batch", "--params", str(params_file), "--images", str(SAMPLE_IMAGES),
-                                       "--index", str(trained.index), "--split", split, "--n", "4",
-                                       "--out", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "show-batch",
+            "--params",
+            str(params_file),
+            "--images",
+            str(SAMPLE_IMAGES),
+            "--index",
+            str(trained.index),
+            "--split",
+            split,
+            "--n",
+            "4",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert out.read_bytes()[:8] == PNG_MAGIC
     assert f"{split} images -> {out}" in result.stdout
 
 
 def test_every_cli_command_documents_its_options():
-    for command, options in {"predict": ["--model", "--top-k", "--json", "--batch-size", "--device"],
-                             "export": ["--model", "--out"],
-                             "show-batch": ["--images", "--index", "--split", "--n", "--out", "--params"],
-                             "evaluate": ["--confusion-normalized-plot"]}.items():
+    for command, options in {
+        "predict": ["--model", "--top-k", "--json", "--batch-size", "--device"],
+        "export": ["--model", "--out"],
+        "show-batch": ["--images", "--index", "--split", "--n", "--out", "--params"],
+        "evaluate": ["--confusion-normalized-plot"],
+    }.items():
         result = CliRunner().invoke(main, [command, "--help"])
         assert result.exit_code == 0
         for option in options:

@@ -11,10 +11,10 @@ import string
 from typing import Any
 
 import pytest
-from helpers import default_params
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import default_params
 from petpipe import data
 from petpipe.params import ParamsError, parse_params, with_overrides
 from petpipe.yamlfile import parse_yaml
@@ -40,17 +40,33 @@ def test_breed_number_extension_gives_the_breed(breed, number, extension):
 
 
 @FEW
-@given(folder=st.text(alphabet=string.ascii_letters + " éü_-", min_size=1, max_size=12).filter(str.strip),
-       breed=breeds, number=numbers)
+@given(
+    folder=st.text(alphabet=string.ascii_letters + " éü_-", min_size=1, max_size=12).filter(str.strip),
+    breed=breeds,
+    number=numbers,
+)
 def test_the_folder_never_changes_the_label(folder, breed, number):
     relative = f"{folder.strip()}/{breed}_{number}.jpg"
     assert data.labels_from_regex([relative], DEFAULT_PATTERN) == {relative: breed}
 
 
 @FEW
-@given(breed=breeds, number=numbers, extension=extensions,
-       break_it=st.sampled_from(["no number", "no underscore", "no breed", "no extension", "other extension",
-                                 "letters in the number", "suffix after the extension"]))
+@given(
+    breed=breeds,
+    number=numbers,
+    extension=extensions,
+    break_it=st.sampled_from(
+        [
+            "no number",
+            "no underscore",
+            "no breed",
+            "no extension",
+            "other extension",
+            "letters in the number",
+            "suffix after the extension",
+        ]
+    ),
+)
 def test_names_not_of_the_form_breed_number_extension_have_no_label(breed, number, extension, break_it):
     name = {
         "no number": f"{breed}.{extension}",
@@ -158,8 +174,10 @@ SPEC: dict[str, dict[str, list[Any]]] = {
     "evaluate.tta": BOOL,
     "evaluate.audit.enabled": BOOL,
     "evaluate.audit.folds": {"wrong": ["5", 5.5, True, None, A_LIST], "out": [1, 0, -5, 51]},
-    "evaluate.audit.duplicate_similarity": {"wrong": ["high", True, None, A_LIST],
-                                            "out": [0.0, -0.5, 1.01, 95, math.nan]},
+    "evaluate.audit.duplicate_similarity": {
+        "wrong": ["high", True, None, A_LIST],
+        "out": [0.0, -0.5, 1.01, 95, math.nan],
+    },
     "tracking.experiment": {"wrong": [1, None, A_LIST], "out": [""]},
     "tracking.registered_model": {"wrong": [1, True, A_LIST], "out": [""]},
     "tracking.log_models": {"wrong": ["finetune", None, 1, A_MAPPING], "out": [["evaluate"], ["fetch"], [1]]},
@@ -283,9 +301,16 @@ def test_numbers_inside_their_ranges_all_parse_to_themselves(values):
 
 
 @FEW
-@given(key=st.sampled_from(sorted(SPEC)),
-       value=st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
-       | st.lists(st.integers(), max_size=3) | st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
+@given(
+    key=st.sampled_from(sorted(SPEC)),
+    value=st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=20)
+    | st.lists(st.integers(), max_size=3)
+    | st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
 def test_any_value_anywhere_parses_or_is_refused_never_crashes(key, value):
     try:
         parse_params(with_overrides(DEFAULTS, {key: value}))
@@ -294,8 +319,10 @@ def test_any_value_anywhere_parses_or_is_refused_never_crashes(key, value):
 
 
 @FEW
-@given(section=st.sampled_from(sorted(DEFAULTS)), extra=st.text(alphabet=string.ascii_lowercase + "_", min_size=1,
-                                                                 max_size=12))
+@given(
+    section=st.sampled_from(sorted(DEFAULTS)),
+    extra=st.text(alphabet=string.ascii_lowercase + "_", min_size=1, max_size=12),
+)
 def test_an_unknown_key_is_refused_with_the_keys_allowed(section, extra):
     if extra in DEFAULTS[section]:
         return
@@ -307,8 +334,8 @@ def test_an_unknown_key_is_refused_with_the_keys_allowed(section, extra):
 @FEW
 @given(
     # "1e-3" is how people write it (YAML 1.1 read a string); read from YAML as DVC reads it, a number.
-    lr=st.floats(min_value=1e-8, max_value=10.0) | st.sampled_from(["1e-3", "3.0e-4", "5E-5"]).map(
-        lambda text: parse_yaml(f"lr: {text}", "params.yaml")["lr"]),
+    lr=st.floats(min_value=1e-8, max_value=10.0)
+    | st.sampled_from(["1e-3", "3.0e-4", "5E-5"]).map(lambda text: parse_yaml(f"lr: {text}", "params.yaml")["lr"]),
     finetune_lr=st.floats(min_value=1e-8, max_value=1.0) | st.just("auto"),
     device=st.sampled_from(["auto", "cpu", "cuda", "cuda:0", "cuda:7", "mps"]),
     seed=st.integers(min_value=-(2**31), max_value=2**63),
@@ -316,8 +343,14 @@ def test_an_unknown_key_is_refused_with_the_keys_allowed(section, extra):
     end_lr=st.floats(min_value=0.1, max_value=100.0),
 )
 def test_other_valid_values_parse(lr, finetune_lr, device, seed, start_lr, end_lr):
-    changes = {"train_head.lr": lr, "finetune.lr": finetune_lr, "train.device": device, "train.seed": seed,
-               "lr_find.start_lr": start_lr, "lr_find.end_lr": end_lr}
+    changes = {
+        "train_head.lr": lr,
+        "finetune.lr": finetune_lr,
+        "train.device": device,
+        "train.seed": seed,
+        "lr_find.start_lr": start_lr,
+        "lr_find.end_lr": end_lr,
+    }
     params = parse_params(with_overrides(DEFAULTS, changes))
     assert params.train_head.lr == lr and isinstance(params.train_head.lr, float)
     assert params.finetune.lr == finetune_lr and params.train.device == device and params.train.seed == seed

@@ -18,7 +18,6 @@ Training runs use 32 px images and a few breeds so that each takes seconds on tw
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import http.server
 import io
@@ -41,8 +40,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from bad_inputs import Salted, copy_sample, salt
 from click.testing import CliRunner
+from PIL import Image
+
+from bad_inputs import Salted, copy_sample, salt
 from helpers import (
     OFFLINE_TRAINING,
     PIPELINE_SMALL,
@@ -56,8 +57,6 @@ from helpers import (
     serving,
     write_params,
 )
-from PIL import Image
-
 from petpipe import data, pixels
 from petpipe.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from petpipe.cli import main
@@ -66,11 +65,27 @@ from petpipe.stages import index_labels, train_head
 
 # Tiny but real training: the offline EfficientNet-Lite0 at 32 px on four breeds. float32: on this
 # CPU bfloat16 autocast costs more than it saves at batches of eight 32 px images.
-SMALL_TRAINING = {**OFFLINE_TRAINING, "model.img_size": 32, "train.batch_size": 8, "train.precision": "float32",
-                  "train_head.epochs": 1, "train_head.lr": 0.01, "finetune.lr": 1e-3, "finetune.epochs": 2}
+SMALL_TRAINING = {
+    **OFFLINE_TRAINING,
+    "model.img_size": 32,
+    "train.batch_size": 8,
+    "train.precision": "float32",
+    "train_head.epochs": 1,
+    "train_head.lr": 0.01,
+    "finetune.lr": 1e-3,
+    "finetune.epochs": 2,
+}
 INDEX_OUTPUTS = ["index.csv", "classes.json", "report.json", "show_batch.png", "class_counts.png"]
-EVALUATE_OUTPUTS = ["metrics.json", "confusion.csv", "confusion.png", "confusion_normalized.png", "top_losses.png",
-                    "top_losses.csv", "most_confused.csv", "report.md"]
+EVALUATE_OUTPUTS = [
+    "metrics.json",
+    "confusion.csv",
+    "confusion.png",
+    "confusion_normalized.png",
+    "top_losses.png",
+    "top_losses.csv",
+    "most_confused.csv",
+    "report.md",
+]
 
 
 # ---------------------------------------------------------------- helpers
@@ -127,8 +142,9 @@ def pausing_petpipe(*arguments: Any) -> list[str]:
 def start(command: list[str], cwd: Path, **extra: str) -> subprocess.Popen:
     """Start a petpipe process; its stderr goes to a file (a pipe nobody reads could fill and block it)."""
     log = (cwd / f"stderr-{time.monotonic_ns()}.log").open("w")
-    process = on_one_core(subprocess.Popen(command, cwd=cwd, env=environment(**extra), stdout=subprocess.DEVNULL,
-                                           stderr=log))
+    process = on_one_core(
+        subprocess.Popen(command, cwd=cwd, env=environment(**extra), stdout=subprocess.DEVNULL, stderr=log)
+    )
     process.log = Path(log.name)  # type: ignore[attr-defined]
     log.close()
     return process
@@ -155,8 +171,11 @@ def temporaries(folder: Path) -> list[str]:
 
 
 def run_quietly(arguments: list[str], cwd: Path, **extra: str) -> subprocess.CompletedProcess[str]:
-    process = on_one_core(subprocess.Popen(arguments, cwd=cwd, env=environment(**extra), stdout=subprocess.PIPE,
-                                           stderr=subprocess.PIPE, text=True))
+    process = on_one_core(
+        subprocess.Popen(
+            arguments, cwd=cwd, env=environment(**extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    )
     stdout, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, f"{arguments[2:4]} failed:\n{stderr[-4000:]}"
     return subprocess.CompletedProcess(arguments, process.returncode, stdout, stderr)
@@ -177,8 +196,11 @@ def sha256(path: Path) -> str:
 
 def tree_digest(folder: Path) -> dict[str, str]:
     """Every file under folder (hidden ones included) -> its content hash, plus each file's mode and mtime."""
-    return {f"{path.relative_to(folder)}|{path.stat().st_mode:o}|{path.stat().st_mtime_ns}": sha256(path)
-            for path in sorted(folder.rglob("*")) if path.is_file()}
+    return {
+        f"{path.relative_to(folder)}|{path.stat().st_mode:o}|{path.stat().st_mtime_ns}": sha256(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 # ---------------------------------------------------------------- a tiny trained head, shared
@@ -201,8 +223,12 @@ def small(tmp_path_factory, sample_images) -> SmallSample:
     outputs = outputs_in(root / "index")
     with working_in(root):
         index_labels.run(params_with(SMALL_TRAINING), index_labels.Inputs(images=images), outputs)
-        head = train_head.Outputs(model=root / "head/model.pt", metrics=root / "head/metrics.json",
-                                  history=root / "head/history.csv", plot=root / "head/training.png")
+        head = train_head.Outputs(
+            model=root / "head/model.pt",
+            metrics=root / "head/metrics.json",
+            history=root / "head/history.csv",
+            plot=root / "head/training.png",
+        )
         train_head.run(params_with(SMALL_TRAINING), train_head.Inputs(images=images, index=outputs.index), head)
     return SmallSample(root=root, images=images, index=outputs.index, head=head.model)
 
@@ -210,8 +236,7 @@ def small(tmp_path_factory, sample_images) -> SmallSample:
 # ================================================================ bad inputs
 
 
-def test_index_labels_skips_each_unusable_file_with_its_reason_and_indexes_every_usable_one(
-        sample_images, tmp_path):
+def test_index_labels_skips_each_unusable_file_with_its_reason_and_indexes_every_usable_one(sample_images, tmp_path):
     images = tmp_path / "images"
     copy_sample(sample_images, images, breeds=4, per_breed=5)
     originals = sorted(path.name for path in images.iterdir())
@@ -233,8 +258,9 @@ def test_index_labels_skips_each_unusable_file_with_its_reason_and_indexes_every
     [single] = [path for path in salted.usable if path.startswith(salted.single_image_class)]
     assert index.set_index("path").loc[single, "split"] == "train"
     assert report["per_class"][salted.single_image_class] == {"train": 1, "valid": 0, "test": 0}
-    assert any("no validation image" in warning and salted.single_image_class in warning
-               for warning in report["warnings"])
+    assert any(
+        "no validation image" in warning and salted.single_image_class in warning for warning in report["warnings"]
+    )
     assert f"{len(salted.unusable)} skipped" in summary and "1 duplicates across splits" in summary
     # The EXIF-rotated photo is recorded with its upright size.
     with Image.open(sample_images / salted.rotated_from) as upright:
@@ -271,8 +297,14 @@ def test_decompression_bombs_are_refused_before_any_pixel_is_decoded(sample_imag
     assert all((tmp_path / path).stat().st_size < 200_000 for path in bombs)  # tiny on disk...
     # ...144 and 400 million pixels once decoded: at least that many MiB.
 
-    result = subprocess.run([sys.executable, "-c", MEASURE_BOMBS, *(str(tmp_path / path) for path in bombs)],
-                            env=environment(), capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE_BOMBS, *(str(tmp_path / path) for path in bombs)],
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     measured = json.loads(result.stdout)
     assert all(reason.startswith("too large: ") for reason in measured["checked"]), measured
@@ -305,8 +337,10 @@ def test_exif_orientation_is_applied_before_training_and_in_show_batch(sample_im
         return float(np.abs(first.astype(int) - second.astype(int)).mean())
 
     # The pixel cache (what training reads) holds the photo upright.
-    cached = [pixels.load_pixels([path], [sha256(path)], 64, cache_dir=tmp_path / "cache", workers=1)[0]
-              for path in (rotated, upright)]  # (3, 64, 64) each
+    cached = [
+        pixels.load_pixels([path], [sha256(path)], 64, cache_dir=tmp_path / "cache", workers=1)[0]
+        for path in (rotated, upright)
+    ]  # (3, 64, 64) each
     assert difference(*cached) < 6
     assert difference(np.rot90(cached[0], axes=(1, 2)), cached[1]) > 4 * difference(*cached)
 
@@ -348,9 +382,27 @@ def test_predict_reports_unusable_files_and_predicts_the_rest(salted_pipeline):
 
 
 def finetune_command(sample: SmallSample, params_file: Path, lr_find: Path, out: Path) -> list[str]:
-    return petpipe("finetune", "--params", params_file, "--images", sample.images, "--index", sample.index,
-                   "--checkpoint", sample.head, "--lr-find", lr_find, "--model", out / "model.pt",
-                   "--metrics", out / "metrics.json", "--history", out / "history.csv", "--plot", out / "training.png")
+    return petpipe(
+        "finetune",
+        "--params",
+        params_file,
+        "--images",
+        sample.images,
+        "--index",
+        sample.index,
+        "--checkpoint",
+        sample.head,
+        "--lr-find",
+        lr_find,
+        "--model",
+        out / "model.pt",
+        "--metrics",
+        out / "metrics.json",
+        "--history",
+        out / "history.csv",
+        "--plot",
+        out / "training.png",
+    )
 
 
 def test_killed_finetune_resumes_and_matches_an_uninterrupted_run(small, tmp_path):
@@ -371,18 +423,22 @@ def test_killed_finetune_resumes_and_matches_an_uninterrupted_run(small, tmp_pat
     resumed = run_quietly(finetune_command(small, params_file, lr_find, killed), tmp_path)
     assert "resuming from" in resumed.stderr and "(epoch 1 done)" in resumed.stderr
     # A kill -9 leaves no word in the resume file's record: the rerun says a signal ended it, with the memory advice.
-    assert re.search(r"warning: finetune: the run that saved this resume file was killed by a signal \(the kernel's "
-                     r"OOM killer sends SIGKILL, so does kill -9\); train.batch_size = 8 at model.img_size = 32 needs "
-                     r"about \d+\.\d MB of memory .*, within the \d+\.\d [MG]B available now \(.*\), where a batch of up "
-                     r"to \d+ fits", resumed.stderr), resumed.stderr[-2000:]
+    assert re.search(
+        r"warning: finetune: the run that saved this resume file was killed by a signal \(the kernel's "
+        r"OOM killer sends SIGKILL, so does kill -9\); train.batch_size = 8 at model.img_size = 32 needs "
+        r"about \d+\.\d MB of memory .*, within the \d+\.\d [MG]B available now \(.*\), where a batch of up "
+        r"to \d+ fits",
+        resumed.stderr,
+    ), resumed.stderr[-2000:]
     assert not resume.exists()  # a finished stage leaves no resume state behind
     uninterrupted = run_quietly(finetune_command(small, params_file, lr_find, whole), tmp_path)
     assert "resuming from" not in uninterrupted.stderr
 
     assert (killed / "metrics.json").read_text() == (whole / "metrics.json").read_text()
     columns = ["epoch", "train_loss", "valid_loss", "accuracy"]
-    pd.testing.assert_frame_equal(pd.read_csv(killed / "history.csv")[columns],
-                                  pd.read_csv(whole / "history.csv")[columns])
+    pd.testing.assert_frame_equal(
+        pd.read_csv(killed / "history.csv")[columns], pd.read_csv(whole / "history.csv")[columns]
+    )
     state = load_checkpoint(killed / "model.pt").state_dict
     for name, tensor in load_checkpoint(whole / "model.pt").state_dict.items():
         assert torch.equal(state[name], tensor), name
@@ -418,7 +474,7 @@ class StallingServer:
                     return
                 with contextlib.suppress(OSError):  # the client is killed mid-transfer
                     for offset in range(0, len(body) // 2, 16_384):
-                        self.wfile.write(body[offset:min(offset + 16_384, len(body) // 2)])
+                        self.wfile.write(body[offset : min(offset + 16_384, len(body) // 2)])
                         self.wfile.flush()
                         time.sleep(0.005)
                     owner.release.wait(120)
@@ -467,12 +523,14 @@ def outputs_state(folder: Path, names: list[str]) -> dict[str, bytes]:
     return {name: (folder / name).read_bytes() for name in names if (folder / name).exists()}
 
 
-def assert_killed_then_rerun(folder: Path, names: list[str], paused_at: str, command: list[str], cwd: Path,
-                             written_before: list[str]) -> None:
+def assert_killed_then_rerun(
+    folder: Path, names: list[str], paused_at: str, command: list[str], cwd: Path, written_before: list[str]
+) -> None:
     """Kill `command` half-way through writing `paused_at`, check what is left, rerun, check again."""
     paused = cwd / "paused"
-    process = start(pausing_petpipe(*command), cwd, PETPIPE_TEST_PAUSE_BEFORE=paused_at,
-                    PETPIPE_TEST_PAUSED=str(paused))
+    process = start(
+        pausing_petpipe(*command), cwd, PETPIPE_TEST_PAUSE_BEFORE=paused_at, PETPIPE_TEST_PAUSED=str(paused)
+    )
     wait_for(paused.exists, process, what=f"it began writing {paused_at}")
     kill_hard(process)
 
@@ -501,8 +559,9 @@ def assert_same_complete_output(name: str, left: bytes, rewritten: bytes) -> Non
             image.load()
             assert image.size == again.size, name
     elif name.endswith(".csv"):
-        pd.testing.assert_frame_equal(pd.read_csv(io.BytesIO(left)), pd.read_csv(io.BytesIO(rewritten)),
-                                      check_exact=False, rtol=1e-4)
+        pd.testing.assert_frame_equal(
+            pd.read_csv(io.BytesIO(left)), pd.read_csv(io.BytesIO(rewritten)), check_exact=False, rtol=1e-4
+        )
     else:
         assert left == rewritten, name
 
@@ -510,27 +569,52 @@ def assert_same_complete_output(name: str, left: bytes, rewritten: bytes) -> Non
 def test_killed_index_labels_leaves_only_complete_outputs(small, tmp_path):
     write_params(tmp_path / "params.yaml", SMALL_TRAINING)
     out = tmp_path / "stages/index-labels"
-    command = ["index-labels", "--images", small.images, *(
-        argument for name in INDEX_OUTPUTS
-        for argument in (f"--{name.split('.')[0].replace('_', '-')}", out / name))]
-    assert_killed_then_rerun(out, INDEX_OUTPUTS, "report.json", command, tmp_path,
-                             written_before=["index.csv", "classes.json"])
+    command = [
+        "index-labels",
+        "--images",
+        small.images,
+        *(argument for name in INDEX_OUTPUTS for argument in (f"--{name.split('.')[0].replace('_', '-')}", out / name)),
+    ]
+    assert_killed_then_rerun(
+        out, INDEX_OUTPUTS, "report.json", command, tmp_path, written_before=["index.csv", "classes.json"]
+    )
     assert data.load_index(out / "index.csv").equals(data.load_index(small.index))
 
 
 def test_killed_evaluate_leaves_only_complete_outputs(small, tmp_path):
     write_params(tmp_path / "params.yaml", {**SMALL_TRAINING, "evaluate.checkpoint": "train-head"})
     out = tmp_path / "stages/evaluate"
-    options = {"metrics.json": "--metrics", "confusion.csv": "--confusion", "confusion.png": "--confusion-plot",
-               "confusion_normalized.png": "--confusion-normalized-plot", "top_losses.png": "--top-losses",
-               "top_losses.csv": "--top-losses-table", "most_confused.csv": "--most-confused", "report.md": "--report"}
-    command = ["evaluate", "--images", small.images, "--index", small.index, "--finetune-model", small.head,
-               "--head-model", small.head, *(argument for name in EVALUATE_OUTPUTS
-                                             for argument in (options[name], out / name))]
+    options = {
+        "metrics.json": "--metrics",
+        "confusion.csv": "--confusion",
+        "confusion.png": "--confusion-plot",
+        "confusion_normalized.png": "--confusion-normalized-plot",
+        "top_losses.png": "--top-losses",
+        "top_losses.csv": "--top-losses-table",
+        "most_confused.csv": "--most-confused",
+        "report.md": "--report",
+    }
+    command = [
+        "evaluate",
+        "--images",
+        small.images,
+        "--index",
+        small.index,
+        "--finetune-model",
+        small.head,
+        "--head-model",
+        small.head,
+        *(argument for name in EVALUATE_OUTPUTS for argument in (options[name], out / name)),
+    ]
     # evaluate writes report.md second to last, then metrics.json: kill it while it writes report.md.
-    assert_killed_then_rerun(out, EVALUATE_OUTPUTS, "report.md", command, tmp_path,
-                             written_before=[name for name in EVALUATE_OUTPUTS if name not in ("report.md",
-                                                                                              "metrics.json")])
+    assert_killed_then_rerun(
+        out,
+        EVALUATE_OUTPUTS,
+        "report.md",
+        command,
+        tmp_path,
+        written_before=[name for name in EVALUATE_OUTPUTS if name not in ("report.md", "metrics.json")],
+    )
     assert json.loads((out / "metrics.json").read_text())["checkpoint"] == "train-head"
 
 
@@ -562,11 +646,18 @@ def test_a_write_that_fails_at_the_os_level_keeps_the_previous_checkpoint(small,
     before = model.read_bytes()
 
     # The kernel refuses to grow any file past half the checkpoint's size: a real failed write().
-    result = subprocess.run([sys.executable, "-c", FILL_THE_DISK, str(small.head), str(model), str(len(before) // 2)],
-                            env=environment(), capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", FILL_THE_DISK, str(small.head), str(model), str(len(before) // 2)],
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
-    assert result.returncode == 0 and result.stdout.startswith("failed: WriteFailed: file size limit reached (ulimit -f"), \
-        result.stdout + result.stderr
+    assert result.returncode == 0 and result.stdout.startswith(
+        "failed: WriteFailed: file size limit reached (ulimit -f"
+    ), result.stdout + result.stderr
     assert "model.pt" in result.stdout and "the previous model.pt, if there was one, is unchanged" in result.stdout
     assert model.read_bytes() == before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model.pt"]

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from helpers import (
     PIPELINE_SMALL,
     copy_project,
@@ -26,7 +27,6 @@ from helpers import (
     stale_stages,
     write_params,
 )
-
 from petpipe import data
 from petpipe.hardware import cpu_runs_bfloat16
 
@@ -98,10 +98,16 @@ def test_same_params_and_seed_give_byte_identical_outputs_in_a_fresh_project(pip
     so both share the timed choice (levers.json). Where MLflow logs changes no byte of any output."""
     fresh = served.project
     for stage in ("train-head", "finetune", "evaluate"):
-        assert (fresh / f"stages/{stage}/metrics.json").read_bytes() == \
-            (pipeline_project.folder / f"stages/{stage}/metrics.json").read_bytes(), stage
-    for output in ("index-labels/index.csv", "lr-find/lr_find.csv", "lr-find/lr_find.json",
-                   "evaluate/confusion.csv", "evaluate/top_losses.csv"):
+        assert (fresh / f"stages/{stage}/metrics.json").read_bytes() == (
+            pipeline_project.folder / f"stages/{stage}/metrics.json"
+        ).read_bytes(), stage
+    for output in (
+        "index-labels/index.csv",
+        "lr-find/lr_find.csv",
+        "lr-find/lr_find.json",
+        "evaluate/confusion.csv",
+        "evaluate/top_losses.csv",
+    ):
         assert (fresh / "stages" / output).read_bytes() == (pipeline_project.folder / "stages" / output).read_bytes()
 
 
@@ -115,13 +121,34 @@ def test_bfloat16_training_is_byte_identical_too(indexed_sample, sample_images, 
     for name in ("first", "second"):
         folder = tmp_path / name
         folder.mkdir()
-        for stage, inputs in (("train-head", []),
-                              ("finetune", ["--checkpoint", folder / "train-head/model.pt",
-                                            "--lr-find", tmp_path / "lr_find.json"])):
-            outputs = ["--model", folder / stage / "model.pt", "--metrics", folder / stage / "metrics.json",
-                       "--history", folder / stage / "history.csv", "--plot", folder / stage / "training.png"]
-            run_command(["petpipe", stage, "--params", str(tmp_path / "params.yaml"), "--images", str(sample_images),
-                         "--index", str(indexed_sample), *map(str, inputs + outputs)], folder)
+        for stage, inputs in (
+            ("train-head", []),
+            ("finetune", ["--checkpoint", folder / "train-head/model.pt", "--lr-find", tmp_path / "lr_find.json"]),
+        ):
+            outputs = [
+                "--model",
+                folder / stage / "model.pt",
+                "--metrics",
+                folder / stage / "metrics.json",
+                "--history",
+                folder / stage / "history.csv",
+                "--plot",
+                folder / stage / "training.png",
+            ]
+            run_command(
+                [
+                    "petpipe",
+                    stage,
+                    "--params",
+                    str(tmp_path / "params.yaml"),
+                    "--images",
+                    str(sample_images),
+                    "--index",
+                    str(indexed_sample),
+                    *map(str, inputs + outputs),
+                ],
+                folder,
+            )
         metrics.append([(folder / f"{stage}/metrics.json").read_bytes() for stage in ("train-head", "finetune")])
     assert metrics[0] == metrics[1]
 
@@ -131,8 +158,10 @@ def test_the_split_depends_only_on_names_and_the_seed():
     (values of this version: valid the first fifth of each class, test the last)."""
     names = [f"Abyssinian_{number}.jpg" for number in range(1, 6)] + [f"pug_{number}.jpg" for number in range(52, 57)]
     labels = {name: name.rsplit("_", 1)[0] for name in names}
-    expected = {42: ["valid", "test", "train", "train", "train", "test", "train", "train", "train", "valid"],
-                7: ["train", "valid", "train", "train", "test", "train", "train", "test", "valid", "train"]}
+    expected = {
+        42: ["valid", "test", "train", "train", "train", "test", "train", "train", "train", "valid"],
+        7: ["train", "valid", "train", "train", "test", "train", "train", "test", "valid", "train"],
+    }
     for seed, splits in expected.items():
         shuffled = dict(reversed(labels.items()))
         assert data.stratified_split(shuffled, valid_pct=0.2, test_pct=0.2, seed=seed) == dict(zip(names, splits))
@@ -148,10 +177,17 @@ def test_deterministic_algorithms_are_one_switch(indexed_sample, sample_images, 
     results = []
     for deterministic in (True, False):
         folder = tmp_path / str(deterministic)
-        outputs = train_head.Outputs(model=folder / "model.pt", metrics=folder / "metrics.json",
-                                     history=folder / "history.csv", plot=folder / "training.png")
-        train_head.run(params_with({**overrides, "train.deterministic": deterministic}),
-                       train_head.Inputs(images=sample_images, index=indexed_sample), outputs)
+        outputs = train_head.Outputs(
+            model=folder / "model.pt",
+            metrics=folder / "metrics.json",
+            history=folder / "history.csv",
+            plot=folder / "training.png",
+        )
+        train_head.run(
+            params_with({**overrides, "train.deterministic": deterministic}),
+            train_head.Inputs(images=sample_images, index=indexed_sample),
+            outputs,
+        )
         assert torch.are_deterministic_algorithms_enabled() is deterministic
         results.append(outputs.metrics.read_bytes())
     assert results[0] == results[1]
@@ -212,8 +248,9 @@ def test_queued_experiments_reuse_the_caches_at_the_project_root(pipeline_projec
         if "mlflow.parentRunId" not in run.data.tags:
             pipelines.setdefault(run.data.tags.get("dvc.exp_name"), [])
     for run in runs:
-        parent = next((candidate for candidate in runs if candidate.info.run_id == run.data.tags.get(
-            "mlflow.parentRunId")), None)
+        parent = next(
+            (candidate for candidate in runs if candidate.info.run_id == run.data.tags.get("mlflow.parentRunId")), None
+        )
         if parent is not None:
             pipelines[parent.data.tags.get("dvc.exp_name")].append(run.data.tags["petpipe.stage"])
     assert sorted(pipelines[name] for name in experiments) == [["evaluate", "finetune"]] * 2

@@ -30,8 +30,8 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from helpers import PROJECT_ROOT, SAMPLE_IMAGES, model_spec
 
+from helpers import PROJECT_ROOT, SAMPLE_IMAGES, model_spec
 from petpipe.checkpoint import FORMAT, load_checkpoint
 from petpipe.cli import main
 from petpipe.errors import PetpipeError
@@ -52,13 +52,16 @@ def params_text_with(section: str, key: str, value_yaml: str) -> str:
     return yaml.safe_dump(raw, sort_keys=False).replace("__PLACEHOLDER__", value_yaml)
 
 
-@pytest.mark.parametrize("value_yaml", [
-    '!!python/object/apply:os.system ["touch {pwned}"]',
-    "!!python/object/apply:subprocess.check_output [[touch, {pwned}]]",
-    '!!python/object/new:os.system ["touch {pwned}"]',
-    "!!python/name:os.system",
-    '!!python/module:os',
-])
+@pytest.mark.parametrize(
+    "value_yaml",
+    [
+        '!!python/object/apply:os.system ["touch {pwned}"]',
+        "!!python/object/apply:subprocess.check_output [[touch, {pwned}]]",
+        '!!python/object/new:os.system ["touch {pwned}"]',
+        "!!python/name:os.system",
+        "!!python/module:os",
+    ],
+)
 def test_yaml_tags_that_would_run_code_are_refused_and_nothing_runs(tmp_path, value_yaml):
     pwned = tmp_path / "pwned"
     params_file = tmp_path / "params.yaml"
@@ -72,13 +75,16 @@ def test_yaml_tags_that_would_run_code_are_refused_and_nothing_runs(tmp_path, va
     assert not pwned.exists() and not (tmp_path / "images").exists()
 
 
-@pytest.mark.parametrize("section, key, code", [
-    ("finetune", "lr", "__import__('os').system('touch {pwned}') or 1e-4"),
-    ("train_head", "epochs", "eval('4')"),
-    ("split", "valid_pct", "1/5"),
-    ("model", "img_size", "lambda: 224"),
-    ("train", "device", "exec('import os; os.system(\"touch {pwned}\")')"),
-])
+@pytest.mark.parametrize(
+    "section, key, code",
+    [
+        ("finetune", "lr", "__import__('os').system('touch {pwned}') or 1e-4"),
+        ("train_head", "epochs", "eval('4')"),
+        ("split", "valid_pct", "1/5"),
+        ("model", "img_size", "lambda: 224"),
+        ("train", "device", "exec('import os; os.system(\"touch {pwned}\")')"),
+    ],
+)
 def test_python_looking_strings_are_refused_as_values_and_never_evaluated(tmp_path, section, key, code):
     pwned = tmp_path / "pwned"
     params_file = tmp_path / "params.yaml"
@@ -121,16 +127,34 @@ def dotted_name(node: ast.AST) -> str:
 
 
 def test_no_code_in_petpipe_evaluates_strings_or_unpickles():
-    forbidden = {"eval", "exec", "yaml.load", "yaml.unsafe_load", "yaml.full_load", "pickle.load", "pickle.loads",
-                 "pickle.Unpickler", "marshal.loads", "dill.load", "cloudpickle.load", "joblib.load",
-                 "torch.jit.load", "torch.package.PackageImporter"}
-    offending = [f"{path.relative_to(PROJECT_ROOT)}:{node.lineno} {dotted_name(node.func)}"
-                 for path, node in calls_in_package() if dotted_name(node.func) in forbidden]
+    forbidden = {
+        "eval",
+        "exec",
+        "yaml.load",
+        "yaml.unsafe_load",
+        "yaml.full_load",
+        "pickle.load",
+        "pickle.loads",
+        "pickle.Unpickler",
+        "marshal.loads",
+        "dill.load",
+        "cloudpickle.load",
+        "joblib.load",
+        "torch.jit.load",
+        "torch.package.PackageImporter",
+    }
+    offending = [
+        f"{path.relative_to(PROJECT_ROOT)}:{node.lineno} {dotted_name(node.func)}"
+        for path, node in calls_in_package()
+        if dotted_name(node.func) in forbidden
+    ]
     assert offending == []
     # numpy arrays are loaded without pickle (allow_pickle defaults to False; nobody turns it on).
-    allowing = [f"{path.relative_to(PROJECT_ROOT)}:{node.lineno}" for path, node in calls_in_package()
-                if dotted_name(node.func).endswith(".load") and any(
-                    keyword.arg == "allow_pickle" for keyword in node.keywords)]
+    allowing = [
+        f"{path.relative_to(PROJECT_ROOT)}:{node.lineno}"
+        for path, node in calls_in_package()
+        if dotted_name(node.func).endswith(".load") and any(keyword.arg == "allow_pickle" for keyword in node.keywords)
+    ]
     assert allowing == []
 
 
@@ -151,10 +175,18 @@ def test_every_torch_load_in_petpipe_passes_weights_only_true():
     for path in sorted(PACKAGE.rglob("*.py")):
         tree = ast.parse(path.read_text())
         called = {id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
-        aliased += [f"{path.name}:{node.lineno}" for node in ast.walk(tree)
-                    if isinstance(node, ast.Attribute) and dotted_name(node) == "torch.load" and id(node) not in called]
-        aliased += [f"{path.name}:{node.lineno}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-                    and node.module == "torch" and any(alias.name == "load" for alias in node.names)]
+        aliased += [
+            f"{path.name}:{node.lineno}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and dotted_name(node) == "torch.load" and id(node) not in called
+        ]
+        aliased += [
+            f"{path.name}:{node.lineno}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom)
+            and node.module == "torch"
+            and any(alias.name == "load" for alias in node.names)
+        ]
     assert aliased == []
 
 
@@ -216,6 +248,7 @@ def test_malicious_local_weights_are_refused_not_run(tmp_path):
 
 # ---------------------------------------------------------------- hostile zip archives
 
+
 def zip_entry(name: str, data: bytes = b"evil", mode: int | None = None) -> tuple[zipfile.ZipInfo, bytes]:
     info = zipfile.ZipInfo(name)
     if mode is not None:
@@ -232,8 +265,10 @@ HOSTILE_ZIPS = {
     "drive letter": ([zip_entry("C:/evil.txt")], "absolute path"),
     "symlink to /etc/passwd": ([zip_entry("images/passwd.jpg", b"/etc/passwd", stat.S_IFLNK | 0o777)], "links to"),
     "symlink to ../..": ([zip_entry("images/up", b"../..", stat.S_IFLNK | 0o777)], "links to"),
-    "symlink made unsafe by a later one": ([zip_entry("a", b"q/..", stat.S_IFLNK | 0o777),
-                                            zip_entry("q", b".", stat.S_IFLNK | 0o777)], "links to"),
+    "symlink made unsafe by a later one": (
+        [zip_entry("a", b"q/..", stat.S_IFLNK | 0o777), zip_entry("q", b".", stat.S_IFLNK | 0o777)],
+        "links to",
+    ),
     "character device": ([zip_entry("images/tty", b"", stat.S_IFCHR | 0o666)], "device"),
     "block device": ([zip_entry("images/disk", b"", stat.S_IFBLK | 0o666)], "device"),
     "fifo": ([zip_entry("images/pipe", b"", stat.S_IFIFO | 0o666)], "device, fifo"),
@@ -365,7 +400,7 @@ def declare_zip_size(archive: Path, name: str, size: int) -> None:
     (record,) = struct.unpack_from("<I", data, data.rindex(b"PK\x05\x06") + 16)
     while data.startswith(b"PK\x01\x02", record):
         name_length, extra_length, comment_length = struct.unpack_from("<HHH", data, record + 28)
-        if data[record + 46:record + 46 + name_length].decode() == name:
+        if data[record + 46 : record + 46 + name_length].decode() == name:
             struct.pack_into("<I", data, record + 24, size)
             archive.write_bytes(bytes(data))
             return
@@ -390,8 +425,10 @@ def test_an_entry_over_the_size_limit_is_refused_naming_the_limit_and_how_to_rai
         fetch_source(str(archive), None, output)
 
     message = str(refused.value)
-    assert message.startswith(f"refusing to extract {archive}: entry 'images/big.jpg' declares 2.0 MB, more than "
-                              "the 1.0 MB that PETPIPE_MAX_ENTRY_MB allows for one file")
+    assert message.startswith(
+        f"refusing to extract {archive}: entry 'images/big.jpg' declares 2.0 MB, more than "
+        "the 1.0 MB that PETPIPE_MAX_ENTRY_MB allows for one file"
+    )
     assert "PETPIPE_MAX_ENTRY_MB=2 dvc repro" in message and "Nothing was extracted" in message
     assert "\n" not in message
     assert not output.exists() and only_the_archive_is_left(tmp_path, archive)
@@ -415,8 +452,11 @@ def test_a_3_gb_photo_is_refused_from_the_declared_size_before_a_byte_of_it_is_w
         archive = tar_gz_declaring(tmp_path / "photos.tar.gz", "images/huge.jpg", 3_000_000_000)
     assert archive.stat().st_size < 10_000
 
-    with pytest.raises(PetpipeError, match=r"entry 'images/huge\.jpg' declares 3,000\.0 MB, more than the 200\.0 MB "
-                                           r"that PETPIPE_MAX_ENTRY_MB allows.*PETPIPE_MAX_ENTRY_MB=3000 dvc repro"):
+    with pytest.raises(
+        PetpipeError,
+        match=r"entry 'images/huge\.jpg' declares 3,000\.0 MB, more than the 200\.0 MB "
+        r"that PETPIPE_MAX_ENTRY_MB allows.*PETPIPE_MAX_ENTRY_MB=3000 dvc repro",
+    ):
         fetch_source(str(archive), None, tmp_path / "images")
 
     assert only_the_archive_is_left(tmp_path, archive)
@@ -442,8 +482,7 @@ def test_a_hard_link_to_a_skipped_hidden_member_counts_its_size(tmp_path, monkey
 
 
 @pytest.mark.parametrize("kind", ARCHIVE_KINDS)
-def test_an_entry_that_inflates_a_thousandfold_is_refused_until_the_ratio_limit_is_raised(tmp_path, monkeypatch,
-                                                                                          kind):
+def test_an_entry_that_inflates_a_thousandfold_is_refused_until_the_ratio_limit_is_raised(tmp_path, monkeypatch, kind):
     archive = bomb_archive(tmp_path, kind, {"bomb.jpg": ZEROS})
     assert archive.stat().st_size < 10_000
     output = tmp_path / "images"
@@ -467,9 +506,12 @@ def test_many_small_entries_that_together_inflate_too_far_are_refused(tmp_path):
     # 18 MB from 20 KB. Refused at the entry that takes the total past 100 times the archive's size.
     archive = bomb_archive(tmp_path, "zip", {f"part_{number:02}.jpg": bytes(900_000) for number in range(20)})
 
-    with pytest.raises(PetpipeError, match=r"entry 'images/part_02\.jpg' brings what the archive declares to "
-                                           r"2\.7 MB, 1\d\d times its [\d,]+ bytes, more than PETPIPE_MAX_RATIO "
-                                           r"\(100\) allows"):
+    with pytest.raises(
+        PetpipeError,
+        match=r"entry 'images/part_02\.jpg' brings what the archive declares to "
+        r"2\.7 MB, 1\d\d times its [\d,]+ bytes, more than PETPIPE_MAX_RATIO "
+        r"\(100\) allows",
+    ):
         fetch_source(str(archive), None, tmp_path / "images")
 
     assert only_the_archive_is_left(tmp_path, archive)
@@ -489,10 +531,13 @@ def test_an_archive_larger_than_the_free_disk_space_is_refused(tmp_path, monkeyp
         fetch_source(str(archive), None, output)
 
     message = str(refused.value)
-    assert re.match(rf"refusing to extract {re.escape(str(archive))}: entry 'images/[^']+\.jpg' brings what the "
-                    rf"archive declares to [\d,]+ bytes on disk, more than the 270,000 bytes that "
-                    rf"{re.escape(str(output.parent))} can take \(300,000 bytes free, 30,000 bytes kept spare\)\. "
-                    r"Free some space there, then fetch again\. Nothing was extracted\.$", message), message
+    assert re.match(
+        rf"refusing to extract {re.escape(str(archive))}: entry 'images/[^']+\.jpg' brings what the "
+        rf"archive declares to [\d,]+ bytes on disk, more than the 270,000 bytes that "
+        rf"{re.escape(str(output.parent))} can take \(300,000 bytes free, 30,000 bytes kept spare\)\. "
+        r"Free some space there, then fetch again\. Nothing was extracted\.$",
+        message,
+    ), message
     assert not output.exists() and only_the_archive_is_left(tmp_path, archive)
 
 
@@ -504,8 +549,10 @@ def test_a_zip_entry_that_inflates_past_its_declared_size_is_refused_and_leaves_
         fetch_source(str(archive), None, tmp_path / "images")
 
     message = str(refused.value)
-    assert f"refusing to extract {archive}: entry 'images/liar.jpg' does not hold the 1,000 bytes its header " \
-           "declares" in message
+    assert (
+        f"refusing to extract {archive}: entry 'images/liar.jpg' does not hold the 1,000 bytes its header "
+        "declares" in message
+    )
     assert "crafted to hide its size" in message and "Nothing was extracted" in message
     assert only_the_archive_is_left(tmp_path, archive)
 
@@ -516,8 +563,11 @@ def test_copying_an_entry_stops_before_it_writes_more_than_it_declared(tmp_path)
 
     budget = Budget.for_archive(tmp_path, tmp_path)
     written = io.BytesIO()
-    with pytest.raises(PetpipeError, match=r"entry 'images/liar\.jpg' inflates past the 1,000 bytes its header "
-                                           r"declares"):
+    with pytest.raises(
+        PetpipeError,
+        match=r"entry 'images/liar\.jpg' inflates past the 1,000 bytes its header "
+        r"declares",
+    ):
         budget.copy_entry("images/liar.jpg", io.BytesIO(ZEROS), written, declared=1_000)
     assert len(written.getvalue()) <= 1_000
 
@@ -525,8 +575,15 @@ def test_copying_an_entry_stops_before_it_writes_more_than_it_declared(tmp_path)
     assert len(written.getvalue()) == len(ZEROS)
 
 
-@pytest.mark.parametrize("variable, value", [("PETPIPE_MAX_ENTRY_MB", "lots"), ("PETPIPE_MAX_ENTRY_MB", "0"),
-                                             ("PETPIPE_MAX_RATIO", "0.5"), ("PETPIPE_MAX_RATIO", "inf")])
+@pytest.mark.parametrize(
+    "variable, value",
+    [
+        ("PETPIPE_MAX_ENTRY_MB", "lots"),
+        ("PETPIPE_MAX_ENTRY_MB", "0"),
+        ("PETPIPE_MAX_RATIO", "0.5"),
+        ("PETPIPE_MAX_RATIO", "inf"),
+    ],
+)
 def test_an_archive_limit_that_is_not_a_number_is_refused_naming_the_variable(tmp_path, monkeypatch, variable, value):
     monkeypatch.setenv(variable, value)
     archive = bomb_archive(tmp_path, "zip", {A_PHOTO.name: A_PHOTO.read_bytes()})

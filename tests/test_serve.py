@@ -5,17 +5,17 @@ everything rendered is escaped. tests/test_browser.py clicks through a real serv
 from __future__ import annotations
 
 import json
-import shutil
 import os
+import shutil
 import socket
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from helpers import SAMPLE_IMAGES, model_spec, write_params
 from starlette.testclient import TestClient
 
+from helpers import SAMPLE_IMAGES, model_spec, write_params
 from petpipe import data
 from petpipe.checkpoint import Checkpoint, save_checkpoint
 from petpipe.cli import main
@@ -37,9 +37,17 @@ def project(tmp_path_factory) -> Path:
         (images / name).write_bytes((SAMPLE_IMAGES / name).read_bytes())
     (root / "outside.jpg").write_bytes((SAMPLE_IMAGES / PHOTOS[0]).read_bytes())
     os.symlink(root / "outside.jpg", images / "Bengal_999.jpg")  # a link out of the images folder
-    rows = [{"path": name, "label": name.rsplit("_", 1)[0], "split": "valid" if name == "Abyssinian_101.jpg" else "train",
-             "width": 1, "height": 1, "hash": data.check_image(images / name).hash}
-            for name in [*PHOTOS, "Bengal_999.jpg"]]
+    rows = [
+        {
+            "path": name,
+            "label": name.rsplit("_", 1)[0],
+            "split": "valid" if name == "Abyssinian_101.jpg" else "train",
+            "width": 1,
+            "height": 1,
+            "hash": data.check_image(images / name).hash,
+        }
+        for name in [*PHOTOS, "Bengal_999.jpg"]
+    ]
     rows.append({**rows[0], "path": "../outside.jpg"})  # an index row pointing out of the folder
     pd.DataFrame(rows, columns=data.INDEX_COLUMNS).to_csv(root / "index.csv", index=False)
     spec = model_spec("tf_efficientnet_lite0", "none", img_size=32, presize=40, classes=tuple(CLASSES))
@@ -47,10 +55,20 @@ def project(tmp_path_factory) -> Path:
     save_checkpoint(root / "model.pt", Checkpoint.of(model, spec, stage="finetune", params={}, history=[]))
     evaluate = root / "evaluate"
     evaluate.mkdir()
-    (evaluate / "metrics.json").write_text(json.dumps({
-        "checkpoint": "finetune", "images": 2, "accuracy": 0.5, "error_rate": 0.5, "top5_accuracy": 1.0,
-        "loss": 0.9, "macro_f1": 0.4, "per_class": {"<b>cat</b>": {"precision": 1.0, "recall": 0.5, "f1": 0.6,
-                                                                    "support": 2}}}))
+    (evaluate / "metrics.json").write_text(
+        json.dumps(
+            {
+                "checkpoint": "finetune",
+                "images": 2,
+                "accuracy": 0.5,
+                "error_rate": 0.5,
+                "top5_accuracy": 1.0,
+                "loss": 0.9,
+                "macro_f1": 0.4,
+                "per_class": {"<b>cat</b>": {"precision": 1.0, "recall": 0.5, "f1": 0.6, "support": 2}},
+            }
+        )
+    )
     (evaluate / "most_confused.csv").write_text("actual,predicted,count\n<script>alert(1)</script>,Bengal,3\n")
     (evaluate / "confusion.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 16)
     (root / "corrections.csv").write_text("path,action,label\n")
@@ -58,9 +76,17 @@ def project(tmp_path_factory) -> Path:
 
 
 def settings_of(project: Path, **changes) -> ServeSettings:
-    return ServeSettings(**{"model": project / "model.pt", "index": project / "index.csv", "images": project / "images",
-                            "evaluate": project / "evaluate", "corrections": project / "corrections.csv",
-                            "max_upload_bytes": 10 * 2**20, **changes})
+    return ServeSettings(
+        **{
+            "model": project / "model.pt",
+            "index": project / "index.csv",
+            "images": project / "images",
+            "evaluate": project / "evaluate",
+            "corrections": project / "corrections.csv",
+            "max_upload_bytes": 10 * 2**20,
+            **changes,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +129,7 @@ def test_an_upload_over_the_limit_is_refused_while_it_is_read(project):
 
     def chunks():  # no Content-Length: the limit must hold while streaming
         for start in range(0, len(photo), 1024):
-            yield photo[start:start + 1024]
+            yield photo[start : start + 1024]
 
     streamed = small.post("/api/predict?name=big.jpg", content=chunks())
     assert streamed.status_code == 413
@@ -114,9 +140,16 @@ def test_only_indexed_images_inside_the_images_folder_are_served(client):
     picture = client.get("/image/Bengal_107.jpg")
     assert picture.status_code == 200 and picture.headers["content-type"] == "image/jpeg"
     assert picture.content.startswith(b"\xff\xd8")
-    for path in ["/image/../outside.jpg", "/image/..%2Foutside.jpg", "/image/%2e%2e/outside.jpg",
-                 "/image/Bengal_999.jpg",  # indexed, but a link out of the folder
-                 "/image//etc/passwd", "/image/notes.txt", "/figure/metrics.json", "/figure/..%2Findex.csv"]:
+    for path in [
+        "/image/../outside.jpg",
+        "/image/..%2Foutside.jpg",
+        "/image/%2e%2e/outside.jpg",
+        "/image/Bengal_999.jpg",  # indexed, but a link out of the folder
+        "/image//etc/passwd",
+        "/image/notes.txt",
+        "/figure/metrics.json",
+        "/figure/..%2Findex.csv",
+    ]:
         answer = client.get(path)
         assert answer.status_code == 404, path
         assert b"Abyssinian" not in answer.content and b"\xff\xd8" not in answer.content[:2]
@@ -129,22 +162,32 @@ def test_decisions_are_saved_to_the_corrections_csv(client, project):
     relabel = decide(path="Abyssinian_101.jpg", decision="relabel", label="Bengal")
     assert relabel.status_code == 200, relabel.text
     assert decide(path="beagle_10.jpg", decision="exclude").json()["exclude"] == 1
-    assert (project / "corrections.csv").read_text() == \
-        "path,action,label\nAbyssinian_101.jpg,relabel,Bengal\nbeagle_10.jpg,exclude,\n"
-    assert relabel.json()["message"] == (f"Abyssinian_101.jpg: relabelled as Bengal. {project / 'corrections.csv'} "
-                                         "now relabels 1 and excludes 0 image(s); commit it and run dvc repro to retrain.")
+    assert (
+        project / "corrections.csv"
+    ).read_text() == "path,action,label\nAbyssinian_101.jpg,relabel,Bengal\nbeagle_10.jpg,exclude,\n"
+    assert relabel.json()["message"] == (
+        f"Abyssinian_101.jpg: relabelled as Bengal. {project / 'corrections.csv'} "
+        "now relabels 1 and excludes 0 image(s); commit it and run dvc repro to retrain."
+    )
     assert decide(path="beagle_10.jpg", decision="keep").json()["exclude"] == 0
-    assert data.load_corrections(project / "corrections.csv") == {"Abyssinian_101.jpg": data.Correction("relabel",
-                                                                                                        "Bengal")}
-    assert decide(path="beagle_10.jpg", decision="relabel", label="unicorn").json()["error"] == \
-        "'unicorn' is not a class of the model"
+    assert data.load_corrections(project / "corrections.csv") == {
+        "Abyssinian_101.jpg": data.Correction("relabel", "Bengal")
+    }
+    assert (
+        decide(path="beagle_10.jpg", decision="relabel", label="unicorn").json()["error"]
+        == "'unicorn' is not a class of the model"
+    )
     assert decide(path="../outside.jpg2", decision="exclude").status_code == 400
     assert decide(path="beagle_10.jpg", decision="delete").status_code == 400
     # A cross-site form post (not JSON) and a request for another host name (DNS rebinding) are refused.
     form = client.post("/api/corrections", data={"path": "beagle_10.jpg", "decision": "exclude"})
     assert form.status_code == 415
-    assert client.post("/api/corrections", json={"path": "beagle_10.jpg", "decision": "exclude"},
-                       headers={"host": "evil.example"}).status_code == 400
+    assert (
+        client.post(
+            "/api/corrections", json={"path": "beagle_10.jpg", "decision": "exclude"}, headers={"host": "evil.example"}
+        ).status_code
+        == 400
+    )
     assert "beagle_10.jpg" not in (project / "corrections.csv").read_text()
 
 
@@ -177,9 +220,18 @@ def test_the_results_page_shows_the_test_split_beside_valid_when_there_is_one(cl
     folder = tmp_path / "evaluate"
     shutil.copytree(project / "evaluate", folder)
     metrics = json.loads((folder / "metrics.json").read_text())
-    metrics.update({"balanced_accuracy": 0.45, "test_images": 3, "test_accuracy": 0.6667, "test_error_rate": 0.3333,
-                    "test_top5_accuracy": 1.0,
-                    "test_loss": 0.7, "test_macro_f1": 0.55, "test_balanced_accuracy": 0.625})
+    metrics.update(
+        {
+            "balanced_accuracy": 0.45,
+            "test_images": 3,
+            "test_accuracy": 0.6667,
+            "test_error_rate": 0.3333,
+            "test_top5_accuracy": 1.0,
+            "test_loss": 0.7,
+            "test_macro_f1": 0.55,
+            "test_balanced_accuracy": 0.625,
+        }
+    )
     (folder / "metrics.json").write_text(json.dumps(metrics))
     (folder / "test_confusion.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 16)
     page = TestClient(create_app(settings_of(project, evaluate=folder)), base_url="http://127.0.0.1").get("/results")
@@ -194,17 +246,30 @@ def test_the_cli_refuses_a_missing_model_and_a_port_in_use_with_one_line(project
         assert option in help_text, option
     assert "127.0.0.1" in help_text and "serve" in CliRunner().invoke(main, ["--help"]).output
     write_params(tmp_path / "params.yaml", {})
-    missing = CliRunner().invoke(main, ["serve", "--params", str(tmp_path / "params.yaml"),
-                                        "--model", str(tmp_path / "none.pt")])
+    missing = CliRunner().invoke(
+        main, ["serve", "--params", str(tmp_path / "params.yaml"), "--model", str(tmp_path / "none.pt")]
+    )
     assert missing.exit_code == 1
-    assert missing.output.strip() == f"Error: checkpoint {tmp_path / 'none.pt'} not found; run the stage that " \
-                                     "writes it (dvc repro)"
+    assert (
+        missing.output.strip() == f"Error: checkpoint {tmp_path / 'none.pt'} not found; run the stage that "
+        "writes it (dvc repro)"
+    )
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        busy = CliRunner().invoke(main, ["serve", "--params", str(tmp_path / "params.yaml"), "--model",
-                                         str(project / "model.pt"), "--port", str(port)])
+        busy = CliRunner().invoke(
+            main,
+            [
+                "serve",
+                "--params",
+                str(tmp_path / "params.yaml"),
+                "--model",
+                str(project / "model.pt"),
+                "--port",
+                str(port),
+            ],
+        )
     assert busy.exit_code == 1
     assert busy.output.startswith(f"Error: cannot listen on 127.0.0.1:{port} (") and busy.output.count("\n") == 1
 
@@ -219,18 +284,22 @@ def test_the_clean_page_leads_with_the_audits_suspects_and_duplicates(client, pr
         "Bengal_107.jpg,train,Bengal,Abyssinian,0.02,True\n"
         "gone_1.jpg,train,Bengal,beagle,0.03,True\n"  # excluded since the audit ran: not shown
         "Abyssinian_12.jpg,train,Bengal,Abyssinian,0.10,False\n"  # relabelled back since: today's label shown
-        "beagle_10.jpg,train,beagle,beagle,0.40,False\n")
-    (evaluate / "duplicates.csv").write_text("path_a,path_b,split_a,split_b,similarity\n"
-                                             "Abyssinian_101.jpg,Abyssinian_12.jpg,valid,train,0.97\n")
+        "beagle_10.jpg,train,beagle,beagle,0.40,False\n"
+    )
+    (evaluate / "duplicates.csv").write_text(
+        "path_a,path_b,split_a,split_b,similarity\nAbyssinian_101.jpg,Abyssinian_12.jpg,valid,train,0.97\n"
+    )
     try:
         page = client.get("/clean")
         assert page.status_code == 200 and 'aria-current="page">Suspects' in page.text
-        shown = [line.split('data-path="')[1].split('"')[0] for line in page.text.splitlines()
-                 if 'class="candidate' in line]
+        shown = [
+            line.split('data-path="')[1].split('"')[0] for line in page.text.splitlines() if 'class="candidate' in line
+        ]
         assert shown == ["Bengal_107.jpg", "Abyssinian_12.jpg", "beagle_10.jpg"]  # most suspect first
         assert "labelled Abyssinian · quality 0.100" in page.text  # index.csv's label, not the audit's
-        assert '<button type="button" class="accept" data-label="Abyssinian">relabel as Abyssinian</button>' \
-            in page.text
+        assert (
+            '<button type="button" class="accept" data-label="Abyssinian">relabel as Abyssinian</button>' in page.text
+        )
         assert page.text.count('class="accept"') == 1  # the others' suggestion is their label: nothing to accept
         assert "cleanlab flags 2 likely label issue(s)" in page.text
         pairs = client.get("/clean?view=duplicates")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import HEAD_TRAINING, SMALL, outputs_in, params_with, read_outputs, sample_by_breed, stage_environment
 
+from helpers import HEAD_TRAINING, SMALL, outputs_in, params_with, read_outputs, sample_by_breed, stage_environment
 from petpipe.errors import PetpipeError
 from petpipe.stages import evaluate, index_labels, train_head
 
@@ -35,14 +35,16 @@ def folder_layout(sample_images: Path, root: Path, counts: dict[str, int], *, cl
 
 def index(images: Path, out: Path, **overrides: object) -> tuple[str, pd.DataFrame, dict]:
     outputs = outputs_in(out)
-    summary = index_labels.run(params_with({**SMALL, "labels.method": "folder", **overrides}),
-                               index_labels.Inputs(images=images), outputs)
+    summary = index_labels.run(
+        params_with({**SMALL, "labels.method": "folder", **overrides}), index_labels.Inputs(images=images), outputs
+    )
     table, _, report = read_outputs(outputs)
     return summary, table, report
 
 
 def test_train_val_test_folders_are_the_split_training_never_reads_test_and_evaluate_reports_it(
-        sample_images, tmp_path):
+    sample_images, tmp_path
+):
     """Done when of issue 26: every photo stays in its folder's split, index-labels says so; train-head trains
     with the test folder gone (it never decodes a test photo); evaluate's test numbers come from the test photos
     alone; a test photo that is a copy of a training photo is reported as a leak, by index-labels and the audit."""
@@ -54,23 +56,37 @@ def test_train_val_test_folders_are_the_split_training_never_reads_test_and_eval
     expected = {"Train": "train", "val": "valid", "test": "test"}
     assert (table["split"] == table["path"].str.split("/").str[0].map(expected)).all()
     assert (table["label"] == table["path"].str.split("/").str[1]).all() and len(table) == 4 * 10 + 1
-    assert "split: folders (auto: the folders Train/, val/, test/; split.test_pct ignored: test/ is the test" \
-        in summary and "24 train, 8 valid, 9 test" in summary
+    assert (
+        "split: folders (auto: the folders Train/, val/, test/; split.test_pct ignored: test/ is the test" in summary
+        and "24 train, 8 valid, 9 test" in summary
+    )
     assert report["split"]["method"] == "folders"
     assert report["split"]["folders"] == {"train": "Train", "valid": "val", "test": "test"}
     assert {(leak["train"], leak["test"]) for leak in report["leaks"]} == {
-        (leaked.relative_to(images).as_posix(), "test/pug/pug_9999.jpg")}
+        (leaked.relative_to(images).as_posix(), "test/pug/pug_9999.jpg")
+    }
     # Regex labels in the same layout: the same classes from the names.
     _, by_name, _ = index(images, tmp_path / "by-name", **{"labels.method": "regex"})
     assert by_name["label"].tolist() == table["label"].tolist()
     assert by_name["split"].tolist() == table["split"].tolist()
 
-    params = params_with({**HEAD_TRAINING, "evaluate.checkpoint": "train-head", "evaluate.audit.folds": 2,
-                          "train.memory_format": "contiguous", "train.threads": 2})
+    params = params_with(
+        {
+            **HEAD_TRAINING,
+            "evaluate.checkpoint": "train-head",
+            "evaluate.audit.folds": 2,
+            "train.memory_format": "contiguous",
+            "train.threads": 2,
+        }
+    )
     hidden = tmp_path / "test-photos-away-while-training"
     (images / "test").rename(hidden)
-    head = train_head.Outputs(model=tmp_path / "head/model.pt", metrics=tmp_path / "head/metrics.json",
-                              history=tmp_path / "head/history.csv", plot=tmp_path / "head/training.png")
+    head = train_head.Outputs(
+        model=tmp_path / "head/model.pt",
+        metrics=tmp_path / "head/metrics.json",
+        history=tmp_path / "head/history.csv",
+        plot=tmp_path / "head/training.png",
+    )
     with stage_environment(tmp_path):
         train_head.run(params, train_head.Inputs(images=images, index=tmp_path / "index/index.csv"), head)
     hidden.rename(images / "test")
@@ -79,14 +95,23 @@ def test_train_val_test_folders_are_the_split_training_never_reads_test_and_eval
 
     folder = tmp_path / "evaluate"
     outputs = evaluate.Outputs(
-        metrics=folder / "metrics.json", confusion=folder / "confusion.csv", confusion_plot=folder / "confusion.png",
-        top_losses=folder / "top_losses.png", top_losses_table=folder / "top_losses.csv",
-        most_confused=folder / "most_confused.csv", report=folder / "report.md",
-        label_issues=folder / "label_issues.csv", duplicates=folder / "duplicates.csv",
-        test_confusion=folder / "test_confusion.csv", test_confusion_plot=folder / "test_confusion.png",
-        test_top_losses=folder / "test_top_losses.png", test_top_losses_table=folder / "test_top_losses.csv")
-    inputs = evaluate.Inputs(images=images, index=tmp_path / "index/index.csv", finetune_model=head.model,
-                             head_model=head.model)
+        metrics=folder / "metrics.json",
+        confusion=folder / "confusion.csv",
+        confusion_plot=folder / "confusion.png",
+        top_losses=folder / "top_losses.png",
+        top_losses_table=folder / "top_losses.csv",
+        most_confused=folder / "most_confused.csv",
+        report=folder / "report.md",
+        label_issues=folder / "label_issues.csv",
+        duplicates=folder / "duplicates.csv",
+        test_confusion=folder / "test_confusion.csv",
+        test_confusion_plot=folder / "test_confusion.png",
+        test_top_losses=folder / "test_top_losses.png",
+        test_top_losses_table=folder / "test_top_losses.csv",
+    )
+    inputs = evaluate.Inputs(
+        images=images, index=tmp_path / "index/index.csv", finetune_model=head.model, head_model=head.model
+    )
     with stage_environment(tmp_path):
         evaluated = evaluate.run(params, inputs, outputs)
     metrics = json.loads(outputs.metrics.read_text())
@@ -156,11 +181,17 @@ def test_class_imbalance_is_reported_and_warned_above_ten_times(sample_images, t
         (images / f"Bombay_{number}.jpg").symlink_to(photo)
     (images / "pug_1.jpg").symlink_to(sorted(by_breed["pug"])[0])  # ... and one pug
     summary, table, report = index(images, tmp_path / "out", **{"labels.method": "regex"})
-    assert report["imbalance"] == {"largest": {"class": "Bombay", "images": 20},
-                                   "smallest": {"class": "pug", "images": 1}, "ratio": 20.0}
+    assert report["imbalance"] == {
+        "largest": {"class": "Bombay", "images": 20},
+        "smallest": {"class": "pug", "images": 1},
+        "ratio": 20.0,
+    }
     assert "classes of 1 to 20 images (20x)" in summary
-    assert any(warning.startswith("classes are imbalanced 20x: Bombay has 20 images, pug 1")
-               for warning in report["warnings"])
+    assert any(
+        warning.startswith("classes are imbalanced 20x: Bombay has 20 images, pug 1") for warning in report["warnings"]
+    )
     # Stratified: Bombay gives valid 4 of its 20, the single pug trains.
-    assert table.groupby("label")["split"].apply(lambda splits: (splits == "valid").sum()).to_dict() == \
-        {"Bombay": 4, "pug": 0}
+    assert table.groupby("label")["split"].apply(lambda splits: (splits == "valid").sum()).to_dict() == {
+        "Bombay": 4,
+        "pug": 0,
+    }

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import yaml
 from click.testing import CliRunner
-from helpers import PROJECT_ROOT, STAGES
 
+from helpers import PROJECT_ROOT, STAGES
 from petpipe import stages
 from petpipe.cli import main
 from petpipe.pipeline import option_name
@@ -59,15 +59,27 @@ def test_dvc_yaml_lists_the_code_each_stage_runs(name):
     """Editing a module reruns exactly the stages that import it (petpipe/stages/__init__.py: code_dependencies)."""
     code = [dep for dep in DVC_YAML[name].get("deps", []) if dep.startswith("petpipe/")]
     expected = stages.code_dependencies(name)
-    assert code == expected, f"dvc.yaml's code deps of {name} should be:\n" + "\n".join(f"      - {d}" for d in expected)
+    assert code == expected, f"dvc.yaml's code deps of {name} should be:\n" + "\n".join(
+        f"      - {d}" for d in expected
+    )
 
 
 def test_code_dependencies_follow_imports_but_not_logging():
     assert stages.code_dependencies("fetch") == [
-        "petpipe/archive_limits.py", "petpipe/archives.py", "petpipe/atomic.py", "petpipe/devices.py",
-        "petpipe/download.py", "petpipe/fetch.py", "petpipe/folders.py", "petpipe/image_downloads.py",
-        "petpipe/params.py", "petpipe/runner.py", "petpipe/stages/fetch.py", "petpipe/url_lists.py",
-        "petpipe/yamlfile.py"]
+        "petpipe/archive_limits.py",
+        "petpipe/archives.py",
+        "petpipe/atomic.py",
+        "petpipe/devices.py",
+        "petpipe/download.py",
+        "petpipe/fetch.py",
+        "petpipe/folders.py",
+        "petpipe/image_downloads.py",
+        "petpipe/params.py",
+        "petpipe/runner.py",
+        "petpipe/stages/fetch.py",
+        "petpipe/url_lists.py",
+        "petpipe/yamlfile.py",
+    ]
     train_head = stages.code_dependencies("train-head")
     assert {"petpipe/augment.py", "petpipe/training.py", "petpipe/models.py"} <= set(train_head)
     assert "petpipe/fetch.py" not in train_head and "petpipe/tracking.py" not in train_head

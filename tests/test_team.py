@@ -62,11 +62,14 @@ def test_a_finetune_param_reruns_only_finetune_and_evaluate_as_an_experiment(tea
     baseline = next(row for row in shown if row.get("name") == "main")
     (experiment,) = [rev for exp in baseline["experiments"] for rev in exp["revs"] if rev["name"] == EXPERIMENT]
     params = experiment["data"]["params"]["params.yaml"]["data"]
-    assert params["finetune"]["lr"] == 0.003 and baseline["data"]["params"]["params.yaml"]["data"]["finetune"]["lr"] \
-        == "auto"  # the default: lr-find's chosen suggestion
+    assert (
+        params["finetune"]["lr"] == 0.003
+        and baseline["data"]["params"]["params.yaml"]["data"]["finetune"]["lr"] == "auto"
+    )  # the default: lr-find's chosen suggestion
     metrics = experiment["data"]["metrics"]
-    assert {"stages/train-head/metrics.json", "stages/finetune/metrics.json", "stages/evaluate/metrics.json"} \
-        <= set(metrics)
+    assert {"stages/train-head/metrics.json", "stages/finetune/metrics.json", "stages/evaluate/metrics.json"} <= set(
+        metrics
+    )
     assert 0 <= metrics["stages/evaluate/metrics.json"]["data"]["accuracy"] <= 1
 
 
@@ -74,12 +77,20 @@ def test_metrics_diff_and_plots_diff_compare_two_experiments(team):
     diff = dvc_json(["dvc", "metrics", "diff", "HEAD", EXPERIMENT, "--all", "--json"], team.project)
     for stage in ("train-head", "finetune", "evaluate"):
         assert {"accuracy", "error_rate"} <= set(diff[f"stages/{stage}/metrics.json"]), stage
-    assert all(change["old"] == change["new"]  # train-head did not rerun: nothing changed
-               for change in diff["stages/train-head/metrics.json"].values())
+    assert all(
+        change["old"] == change["new"]  # train-head did not rerun: nothing changed
+        for change in diff["stages/train-head/metrics.json"].values()
+    )
     assert any(change["old"] != change["new"] for change in diff["stages/finetune/metrics.json"].values())
     plots = dvc_json(["dvc", "plots", "diff", "HEAD", EXPERIMENT, "--json"], team.project)["data"]
-    for plot in ("losses per epoch", "lr-find curve", "confusion matrix, rows normalised",
-                 "stages/train-head/history.csv", "stages/finetune/history.csv", "stages/evaluate/confusion.csv"):
+    for plot in (
+        "losses per epoch",
+        "lr-find curve",
+        "confusion matrix, rows normalised",
+        "stages/train-head/history.csv",
+        "stages/finetune/history.csv",
+        "stages/evaluate/confusion.csv",
+    ):
         (rendered,) = plots[plot]
         assert {row["rev"] for row in rendered["content"]["data"]["values"]} == {"HEAD", EXPERIMENT}, plot
 
@@ -109,8 +120,14 @@ def test_embedded_mlflow_store_has_a_pipeline_run_per_repro_and_experiment(team)
     experiment = client.get_experiment_by_name("petpipe")
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
     parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
-    stages = [[run.data.tags["petpipe.stage"] for run in runs
-               if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id] for parent in parents]
+    stages = [
+        [
+            run.data.tags["petpipe.stage"]
+            for run in runs
+            if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+        ]
+        for parent in parents
+    ]
     assert stages == [STAGES, ["finetune", "evaluate"]]  # the second repro ran nothing, logged nothing
     assert "dvc.exp_name" not in parents[0].data.tags and parents[1].data.tags["dvc.exp_name"] == EXPERIMENT
     versions = client.search_model_versions("name='petpipe-classifier'")

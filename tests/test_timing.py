@@ -23,8 +23,9 @@ def test_nested_phases_count_once_and_the_rest_is_other():
     assert 0.05 <= seconds.seconds["validation"] < 0.09
     assert 0.04 <= seconds.seconds["epochs"] < 0.08, "the nested validation was counted in epochs too"
     line = seconds.line()
-    match = re.fullmatch(r"train-head: (\d+\.\d) s = decode 0\.\d, validation 0\.\d, epochs 0\.\d, other (\d+\.\d)",
-                         line)
+    match = re.fullmatch(
+        r"train-head: (\d+\.\d) s = decode 0\.\d, validation 0\.\d, epochs 0\.\d, other (\d+\.\d)", line
+    )
     assert match, line
     total, other = map(float, match.groups())
     assert 0.1 <= total < 1.0 and other < total

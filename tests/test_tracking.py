@@ -52,8 +52,9 @@ def pipeline_env(**extra: str) -> dict[str, str]:
 def test_one_pipeline_run_with_a_nested_run_per_stage(served):
     parent = served.parent
     assert sorted(served.runs) == sorted(STAGES)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=served.project, capture_output=True,
-                            text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=served.project, capture_output=True, text=True
+    ).stdout.strip()
     assert parent.info.status == "FINISHED" and parent.data.tags[run_identity.STAGE_TAG] == run_identity.PIPELINE
     assert parent.data.tags[run_identity.GIT_COMMIT_TAG] == commit
     assert parent.data.params["train_head.epochs"] == "2"  # the whole params.yaml, flattened
@@ -94,8 +95,15 @@ def test_plots_and_reports_are_artifacts(served, tmp_path):
         "train-head": {"training.png", "history.csv", "metrics.json"},
         "lr-find": {"lr_find.png", "lr_find.csv", "lr_find.json"},
         "finetune": {"training.png", "history.csv", "metrics.json"},
-        "evaluate": {"confusion.png", "top_losses.png", "confusion.csv", "report.md", "metrics.json",
-                     "label_issues.csv", "duplicates.csv"},
+        "evaluate": {
+            "confusion.png",
+            "top_losses.png",
+            "confusion.csv",
+            "report.md",
+            "metrics.json",
+            "label_issues.csv",
+            "duplicates.csv",
+        },
     }
     for stage, names in expected.items():
         listed = {artifact.path for artifact in served.client.list_artifacts(served.runs[stage].info.run_id)}
@@ -138,8 +146,9 @@ def test_finetune_model_is_registered_takes_photos_and_holds_no_pickle(served):
     model = mlflow.pyfunc.load_model(str(local))
     by_bytes = model.predict(pd.DataFrame({"image": [photo.read_bytes() for photo in photos]}))
     by_path = model.predict(pd.DataFrame({"path": [str(photo) for photo in photos]}))
-    expected = list(predict_files(load_predictor(served.project / "stages/finetune/model.pt", device="cpu"), photos,
-                                  top_k=5))
+    expected = list(
+        predict_files(load_predictor(served.project / "stages/finetune/model.pt", device="cpu"), photos, top_k=5)
+    )
     for rows in (by_bytes, by_path):
         assert list(rows["label"]) == [prediction.labels[0][0] for prediction in expected]
         for row, prediction in zip(rows.itertuples(), expected):
@@ -173,8 +182,10 @@ def test_the_registered_version_carries_its_evaluation_and_is_the_champion(serve
     index = served.project / "stages/index-labels/index.csv"
     digest = hashlib.sha256(index.read_bytes()).hexdigest()[:32]
     frame = pd.read_csv(index, dtype=str, keep_default_na=False)
-    split_digests = {split: hashlib.sha256(frame[frame["split"] == split].to_csv(index=False).encode()).hexdigest()[:32]
-                     for split in ("valid", "test")}
+    split_digests = {
+        split: hashlib.sha256(frame[frame["split"] == split].to_csv(index=False).encode()).hexdigest()[:32]
+        for split in ("valid", "test")
+    }
     on_model = {metric.key: metric for metric in logged.metrics if metric.run_id == served.runs["evaluate"].info.run_id}
     # Both sets of numbers, each with its dataset: valid's (what elects the champion) and test's.
     for name in ("accuracy", "error_rate", "top5_accuracy", "loss", "macro_f1", "balanced_accuracy"):
@@ -188,20 +199,25 @@ def test_the_registered_version_carries_its_evaluation_and_is_the_champion(serve
     assert (dataset.dataset.name, dataset.dataset.digest) == ("index", digest)
     assert {tag.key: tag.value for tag in dataset.tags}["mlflow.data.context"] == "training"
     inputs = client.get_run(served.runs["evaluate"].info.run_id).inputs
-    assert {(dataset.dataset.name, dataset.dataset.digest) for dataset in inputs.dataset_inputs} == \
-        set(split_digests.items())
-    assert {tag.value for dataset in inputs.dataset_inputs for tag in dataset.tags
-            if tag.key == "mlflow.data.context"} == {"evaluation"}
-    assert [model.model_id for model in client.get_run(served.runs["evaluate"].info.run_id).inputs.model_inputs] \
-        == [model_id]
+    assert {(dataset.dataset.name, dataset.dataset.digest) for dataset in inputs.dataset_inputs} == set(
+        split_digests.items()
+    )
+    assert {
+        tag.value for dataset in inputs.dataset_inputs for tag in dataset.tags if tag.key == "mlflow.data.context"
+    } == {"evaluation"}
+    assert [model.model_id for model in client.get_run(served.runs["evaluate"].info.run_id).inputs.model_inputs] == [
+        model_id
+    ]
 
     champion = client.get_model_version_by_alias("petpipe-classifier", "champion")
     assert champion.version == version.version
     decision = client.get_run(served.runs["evaluate"].info.run_id).data.tags
     assert decision["petpipe.champion.decision"] == "promoted"
     assert float(decision["petpipe.champion.value"]) == pytest.approx(evaluated["accuracy"])
-    assert (f"champion: petpipe-classifier@champion -> version 1 (accuracy {evaluated['accuracy']:.4f}), "
-            "the first evaluated version") in served.output
+    assert (
+        f"champion: petpipe-classifier@champion -> version 1 (accuracy {evaluated['accuracy']:.4f}), "
+        "the first evaluated version"
+    ) in served.output
 
 
 def test_predict_and_serve_take_a_registered_model(served, tmp_path):
@@ -211,8 +227,14 @@ def test_predict_and_serve_take_a_registered_model(served, tmp_path):
     environment = pipeline_env(MLFLOW_TRACKING_URI=served.server.url)
 
     def predict(model: str, images: list[Path] = photos) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(VENV_BIN / "petpipe"), "predict", "--model", model, "--json", *map(str, images)],
-                              cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [str(VENV_BIN / "petpipe"), "predict", "--model", model, "--json", *map(str, images)],
+            cwd=tmp_path,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     local = predict(str(served.project / "stages/finetune/model.pt"))
     assert local.returncode == 0, local.stderr
@@ -222,9 +244,11 @@ def test_predict_and_serve_take_a_registered_model(served, tmp_path):
         assert json.loads(remote.stdout) == json.loads(local.stdout), uri
     assert [path.name for path in (tmp_path / ".petpipe/models/petpipe-classifier").iterdir()] == ["1"]
 
-    for uri, said in (("models:/petpipe-classifier@nope", "not found in the model registry"),
-                      ("models:/petpipe-classifier/7", "not found in the model registry"),
-                      ("models:/petpipe-classifier", "not a registered model URI")):
+    for uri, said in (
+        ("models:/petpipe-classifier@nope", "not found in the model registry"),
+        ("models:/petpipe-classifier/7", "not found in the model registry"),
+        ("models:/petpipe-classifier", "not a registered model URI"),
+    ):
         refused = predict(uri)
         assert refused.returncode == 1 and refused.stdout == "", uri
         (line,) = refused.stderr.strip().splitlines()
@@ -232,17 +256,23 @@ def test_predict_and_serve_take_a_registered_model(served, tmp_path):
 
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log_file:
-        process = subprocess.Popen([str(VENV_BIN / "petpipe"), "serve", "--model", "models:/petpipe-classifier@champion",
-                                    "--port", "0"], cwd=served.project, stdout=log_file, stderr=subprocess.STDOUT,
-                                   env=environment, start_new_session=True)
+        process = subprocess.Popen(
+            [str(VENV_BIN / "petpipe"), "serve", "--model", "models:/petpipe-classifier@champion", "--port", "0"],
+            cwd=served.project,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=environment,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 120
         while "http://" not in log_path.read_text() and time.monotonic() < deadline:
             assert process.poll() is None, log_path.read_text()
             time.sleep(0.2)
         url = log_path.read_text().split("petpipe serve: ")[1].split()[0]
-        request = urllib.request.Request(f"{url}api/predict?name={photos[0].name}", data=photos[0].read_bytes(),
-                                         method="POST")
+        request = urllib.request.Request(
+            f"{url}api/predict?name={photos[0].name}", data=photos[0].read_bytes(), method="POST"
+        )
         with urllib.request.urlopen(request, timeout=60) as response:
             answer = json.loads(response.read())
         # The page predicts one photo: compare with a batch of that one photo, since a CPU's kernels for a
@@ -266,22 +296,45 @@ def test_mlflow_models_serve_answers_a_jpeg_with_the_breed(served, tmp_path):
     port = free_port()
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log_file:
-        process = subprocess.Popen([str(VENV_BIN / "mlflow"), "models", "serve", "-m", "models:/petpipe-classifier/1",
-                                    "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-                                   stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env=pipeline_env(MLFLOW_TRACKING_URI=served.server.url))
+        process = subprocess.Popen(
+            [
+                str(VENV_BIN / "mlflow"),
+                "models",
+                "serve",
+                "-m",
+                "models:/petpipe-classifier/1",
+                "--env-manager",
+                "local",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-w",
+                "1",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=pipeline_env(MLFLOW_TRACKING_URI=served.server.url),
+        )
     try:
         _wait_for_url(f"http://127.0.0.1:{port}/ping", process, log_path, timeout=300)
         photo = sorted((served.project / "stages/fetch/images").glob("*.jpg"))[3]
-        expected = next(predict_files(load_predictor(served.project / "stages/finetune/model.pt", device="cpu"),
-                                      [photo], top_k=5)).labels[0][0]
+        expected = next(
+            predict_files(load_predictor(served.project / "stages/finetune/model.pt", device="cpu"), [photo], top_k=5)
+        ).labels[0][0]
         encoded = base64.b64encode(photo.read_bytes()).decode()
         for images, top_k in (([encoded], 5), (["bm90IGFuIGltYWdl", encoded], 2), ([encoded], 1)):
             # the second holds "not an image"; top_k travels as a param of the request, as MLflow's clients send it
-            body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[image] for image in images]},
-                               "params": {"top_k": top_k}})
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
-                                             headers={"Content-Type": "application/json"})
+            body = json.dumps(
+                {
+                    "dataframe_split": {"columns": ["image"], "data": [[image] for image in images]},
+                    "params": {"top_k": top_k},
+                }
+            )
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations", data=body.encode(), headers={"Content-Type": "application/json"}
+            )
             with urllib.request.urlopen(request, timeout=120) as response:
                 rows = json.loads(response.read())["predictions"]
             assert rows[-1]["label"] == expected and rows[-1]["error"] is None
@@ -298,10 +351,9 @@ def _wait_for_url(url: str, process: subprocess.Popen, log_path: Path, *, timeou
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, f"server exited:\n{log_path.read_text()[-3000:]}"
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
+            if response.status == 200:
+                return
         time.sleep(0.5)
     raise AssertionError(f"{url} not up after {timeout} s:\n{log_path.read_text()[-3000:]}")
 
@@ -314,15 +366,22 @@ def test_server_killed_mid_pipeline_costs_no_output(tmp_path, sample_images, mon
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     copy_subset(sample_images, tmp_path / "photos", breeds=4, per_breed=10)
     with mlflow_server(tmp_path / "server") as server:
-        project = make_project(tmp_path / "project", {**PIPELINE_SMALL, "data.source": str(tmp_path / "photos"),
-                                                      "model.img_size": 32, "train.batch_size": 8})
+        project = make_project(
+            tmp_path / "project",
+            {**PIPELINE_SMALL, "data.source": str(tmp_path / "photos"), "model.img_size": 32, "train.batch_size": 8},
+        )
         log_path = tmp_path / "repro.log"
         with open(log_path, "w") as log_file:
-            repro = subprocess.Popen(["dvc", "repro"], cwd=project, stdout=log_file, stderr=subprocess.STDOUT,
-                                     text=True, env=pipeline_env(MLFLOW_TRACKING_URI=server.url))
+            repro = subprocess.Popen(
+                ["dvc", "repro"],
+                cwd=project,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=pipeline_env(MLFLOW_TRACKING_URI=server.url),
+            )
         try:
-            _wait_until_stage_ended(MlflowClient(tracking_uri=server.url), "index-labels", repro, log_path,
-                                    timeout=600)
+            _wait_until_stage_ended(MlflowClient(tracking_uri=server.url), "index-labels", repro, log_path, timeout=600)
             server.kill()
             returncode = repro.wait(timeout=1200)
         finally:
@@ -336,15 +395,18 @@ def test_server_killed_mid_pipeline_costs_no_output(tmp_path, sample_images, mon
         assert len(mine) == (1 if stage in ("train-head", "lr-find", "finetune", "evaluate") else 0), (stage, mine)
     assert all(server.url in line and "unreachable" in line for line in warnings), warnings
     assert "Traceback" not in output
-    assert "up to date" in subprocess.run(["dvc", "status"], cwd=project, env=pipeline_env(), capture_output=True,
-                                          text=True).stdout
+    assert (
+        "up to date"
+        in subprocess.run(["dvc", "status"], cwd=project, env=pipeline_env(), capture_output=True, text=True).stdout
+    )
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     outputs = [out["path"] for stage in lock["stages"].values() for out in stage.get("outs", [])]
     assert len(outputs) >= 20 and all((project / path).exists() for path in outputs)
 
 
-def _wait_until_stage_ended(client: Any, stage: str, repro: subprocess.Popen, log_path: Path, *,
-                            timeout: float) -> None:
+def _wait_until_stage_ended(
+    client: Any, stage: str, repro: subprocess.Popen, log_path: Path, *, timeout: float
+) -> None:
     """Wait until `stage` has made its last MLflow call: StageRun.end ends the stage's run, then its
     pipeline run. So: the stage's run is FINISHED and the pipeline run's end time is at or after the
     stage run's (the pipeline run's earlier end time, from the stage before, comes before this stage
@@ -352,22 +414,31 @@ def _wait_until_stage_ended(client: Any, stage: str, repro: subprocess.Popen, lo
     deadline = time.monotonic() + timeout
     state = "no run yet"
     while time.monotonic() < deadline:
-        assert repro.poll() is None, (f"the pipeline ended before the server could be killed ({stage}: {state})\n"
-                                      + log_path.read_text()[-3000:])
+        assert repro.poll() is None, (
+            f"the pipeline ended before the server could be killed ({stage}: {state})\n" + log_path.read_text()[-3000:]
+        )
         experiment = client.get_experiment_by_name("petpipe")
         query = f"tags.`{run_identity.STAGE_TAG}` = '{stage}'"
         runs = client.search_runs([experiment.experiment_id], filter_string=query) if experiment is not None else []
         if runs:
             run = runs[0]
             parent = client.get_run(run.data.tags[tracking.PARENT_TAG])
-            state = (f"stage run {run.info.status}, ended {run.info.end_time}; "
-                     f"pipeline run {parent.info.status}, ended {parent.info.end_time}")
-            if (run.info.status == "FINISHED" and run.info.end_time is not None
-                    and parent.info.end_time is not None and parent.info.end_time >= run.info.end_time):
+            state = (
+                f"stage run {run.info.status}, ended {run.info.end_time}; "
+                f"pipeline run {parent.info.status}, ended {parent.info.end_time}"
+            )
+            if (
+                run.info.status == "FINISHED"
+                and run.info.end_time is not None
+                and parent.info.end_time is not None
+                and parent.info.end_time >= run.info.end_time
+            ):
                 return
         time.sleep(0.2)
-    raise AssertionError(f"stage {stage} did not end its MLflow runs on the server within {timeout} s ({state})\n"
-                         + log_path.read_text()[-3000:])
+    raise AssertionError(
+        f"stage {stage} did not end its MLflow runs on the server within {timeout} s ({state})\n"
+        + log_path.read_text()[-3000:]
+    )
 
 
 # ---------------------------------------------------------------- in-process, no pipeline
@@ -394,7 +465,7 @@ def test_stage_runs_group_into_pipeline_runs_in_the_embedded_store(embedded_proj
             run.log_metrics({"images": 3, "skipped": None}, step=None)  # None is not a metric: skipped
     with pytest.raises(ZeroDivisionError):  # the stage's own error comes through, untouched
         with tracking.stage_run("fetch", params={}):  # fetch again: a new pipeline run (dvc repro -f)
-            1 / 0
+            _ = 1 / 0
 
     client = MlflowClient(tracking_uri=f"sqlite:///{embedded_project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("petpipe")
@@ -402,8 +473,10 @@ def test_stage_runs_group_into_pipeline_runs_in_the_embedded_store(embedded_proj
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
     parents = [run for run in runs if tracking.PARENT_TAG not in run.data.tags]
     assert [parent.info.run_name for parent in parents] == ["pipeline tidy-exp", "pipeline tidy-exp"]
-    children = {parent.info.run_id: [run for run in runs if run.data.tags.get(tracking.PARENT_TAG)
-                                     == parent.info.run_id] for parent in parents}
+    children = {
+        parent.info.run_id: [run for run in runs if run.data.tags.get(tracking.PARENT_TAG) == parent.info.run_id]
+        for parent in parents
+    }
     first, second = (children[parent.info.run_id] for parent in parents)
     assert [run.info.run_name for run in first] == ["fetch", "index-labels"]
     assert [(run.info.run_name, run.info.status) for run in second] == [("fetch", "FAILED")]
@@ -423,8 +496,12 @@ def test_unreachable_server_costs_seconds_and_one_warning(embedded_project, monk
             for epoch in (1, 2):
                 run.log_metrics({"accuracy": 0.5, "train_loss": 1.0}, step=epoch)
             run.log_artifacts([embedded_project / "report.md"])
-            run.log_model(embedded_project / "model.pt", example=embedded_project / "photo.jpg",
-                          index=embedded_project / "index.csv", registered_name="pets")
+            run.log_model(
+                embedded_project / "model.pt",
+                example=embedded_project / "photo.jpg",
+                index=embedded_project / "index.csv",
+                registered_name="pets",
+            )
             finished = True
     assert finished and time.monotonic() - started < 60
     warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
@@ -432,7 +509,8 @@ def test_unreachable_server_costs_seconds_and_one_warning(embedded_project, monk
     assert warnings[0] == (
         f"mlflow: tracking server {url} unreachable (connection refused); not logged for stage finetune: "
         "params, metrics (accuracy, train_loss at steps 1-2), artifacts (report.md), "
-        "the model (registered name pets). The stage's outputs are written as usual.")
+        "the model (registered name pets). The stage's outputs are written as usual."
+    )
 
 
 def logged_model_files(project: Path, uri: str, into: Path) -> tuple[Path, set[str]]:
@@ -475,8 +553,7 @@ def test_the_logged_model_carries_its_onnx_bundle_which_predicts_as_the_checkpoi
     assert answer["label"][0] == checkpoint.classes[int(expected[0].argmax())]
 
 
-def test_a_model_that_cannot_be_exported_is_logged_without_its_bundle(embedded_project, trained, monkeypatch,
-                                                                       caplog):
+def test_a_model_that_cannot_be_exported_is_logged_without_its_bundle(embedded_project, trained, monkeypatch, caplog):
     from petpipe import torch_predict
     from petpipe.errors import PetpipeError
 
@@ -484,13 +561,14 @@ def test_a_model_that_cannot_be_exported_is_logged_without_its_bundle(embedded_p
         raise PetpipeError("export needs onnx, onnxscript and onnxruntime: pip install onnx onnxscript onnxruntime")
 
     monkeypatch.setattr(torch_predict, "export_bundle", no_exporter)
-    with caplog.at_level(logging.WARNING):
-        with tracking.stage_run("finetune", params={}) as run:
-            run.log_model(trained.model, example=next(SAMPLE_IMAGES.glob("*.jpg")), index=trained.index)
+    with caplog.at_level(logging.WARNING), tracking.stage_run("finetune", params={}) as run:
+        run.log_model(trained.model, example=next(SAMPLE_IMAGES.glob("*.jpg")), index=trained.index)
     assert run.failure is None
     warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
-    assert warnings == ["mlflow: the model is logged without its ONNX bundle (export needs onnx, onnxscript and "
-                        "onnxruntime: pip install onnx onnxscript onnxruntime)"]
+    assert warnings == [
+        "mlflow: the model is logged without its ONNX bundle (export needs onnx, onnxscript and "
+        "onnxruntime: pip install onnx onnxscript onnxruntime)"
+    ]
     _, files = logged_model_files(embedded_project, f"models:/{run.model_id}", embedded_project / "downloaded")
     assert "artifacts/model.pt" in files and not [name for name in files if "onnx" in name]
 
@@ -503,10 +581,13 @@ def test_a_stage_logs_where_its_own_params_file_says(embedded_project, sample_im
     from petpipe.cli import main
 
     other = embedded_project / "other.yaml"
-    other.write_text((PROJECT_ROOT / "params.yaml").read_text()
-                     .replace("experiment: petpipe", "experiment: other-experiment")
-                     .replace("source: data/oxford-iiit-pet.url",
-                              f"source: {sample_images}").replace("checksum: md5:", "checksum: null #"))
+    other.write_text(
+        (PROJECT_ROOT / "params.yaml")
+        .read_text()
+        .replace("experiment: petpipe", "experiment: other-experiment")
+        .replace("source: data/oxford-iiit-pet.url", f"source: {sample_images}")
+        .replace("checksum: md5:", "checksum: null #")
+    )
     result = CliRunner().invoke(main, ["fetch", "--params", str(other), "--out", "stages/fetch/images"])
     assert result.exit_code == 0, result.output
     client = MlflowClient(tracking_uri=f"sqlite:///{embedded_project / 'mlflow.db'}")
@@ -565,7 +646,10 @@ def test_a_stage_run_puts_mlflows_global_state_back(embedded_project, monkeypatc
 def test_params_flatten_to_mlflow_strings():
     flat = run_identity.flatten({"train": {"augment": {"flip": True, "min_scale": 0.75}}, "log_models": ["finetune"]})
     assert {key: run_identity.param_value(value) for key, value in flat.items()} == {
-        "train.augment.flip": "true", "train.augment.min_scale": "0.75", "log_models": '["finetune"]'}
+        "train.augment.flip": "true",
+        "train.augment.min_scale": "0.75",
+        "log_models": '["finetune"]',
+    }
     long = run_identity.param_value("x" * 10_000)
     assert len(long) == run_identity.MAX_PARAM_VALUE and long.endswith("...")
 
@@ -591,19 +675,26 @@ def test_the_champion_moves_only_to_a_better_version(embedded_project):
     mlflow.set_tracking_uri(None)
 
     first = registry.promote(client, "pets", versions[0.80], "accuracy", 0.80)
-    assert first.promoted and first.sentence() == \
-        "champion: pets@champion -> version 1 (accuracy 0.8000), the first evaluated version; elected on the valid " \
+    assert (
+        first.promoted
+        and first.sentence()
+        == "champion: pets@champion -> version 1 (accuracy 0.8000), the first evaluated version; elected on the valid "
         "split, never on test"
+    )
     worse = registry.promote(client, "pets", versions[0.75], "accuracy", 0.75)
-    assert not worse.promoted and worse.sentence() == \
-        "champion: pets@champion stays version 1 (accuracy 0.8000); version 2 (accuracy 0.7500) is not better; " \
+    assert (
+        not worse.promoted
+        and worse.sentence()
+        == "champion: pets@champion stays version 1 (accuracy 0.8000); version 2 (accuracy 0.7500) is not better; "
         "elected on the valid split, never on test"
+    )
     assert str(client.get_model_version_by_alias("pets", "champion").version) == "1"
     assert worse.tags()["petpipe.champion.decision"] == "kept"
     better = registry.promote(client, "pets", versions[0.90], "accuracy", 0.90)
     assert better.promoted and str(client.get_model_version_by_alias("pets", "champion").version) == "3"
-    assert better.sentence().endswith("better than version 1 (accuracy 0.8000); elected on the valid split, "
-                                      "never on test")
+    assert better.sentence().endswith(
+        "better than version 1 (accuracy 0.8000); elected on the valid split, never on test"
+    )
     # loss: lower wins, read from the champion's LoggedModel (0.65), not from the call
     by_loss = registry.promote(client, "pets", versions[0.75], "loss", 0.60)
     assert (by_loss.champion, by_loss.champion_value, by_loss.promoted) == ("3", 0.65, True)

@@ -25,6 +25,7 @@ from petpipe.errors import PetpipeError
 from petpipe.models import finetune_fixes_bn_stats
 from petpipe.stages import finetune, lr_find, train_head
 
+
 def run_train_head(folder: Path, index: Path, images: Path, **overrides) -> train_head.Outputs:
     outputs = train_head_outputs(folder)
     train_head.run(params_with({**TRAINING, **overrides}), train_head.Inputs(images=images, index=index), outputs)
@@ -51,22 +52,37 @@ def test_train_head_learns_well_above_chance(head, trained_head):
     chance = 1 / 37
     assert metrics["accuracy"] >= 3 * chance, metrics
     history = pd.read_csv(head.history)
-    assert list(history.columns) == ["epoch", "train_loss", "valid_loss", "accuracy", "error_rate", "lr", "seconds",
-                                     "images_per_second", "precision", "memory_format", "threads"]
+    assert list(history.columns) == [
+        "epoch",
+        "train_loss",
+        "valid_loss",
+        "accuracy",
+        "error_rate",
+        "lr",
+        "seconds",
+        "images_per_second",
+        "precision",
+        "memory_format",
+        "threads",
+    ]
     assert set(history["precision"]) <= {"float32", "bfloat16"} and history["threads"].min() >= 1
     assert list(history["epoch"]) == [1, 2, 3]
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
     assert head.plot.read_bytes().startswith(b"\x89PNG")
-    assert not list((trained_head.folder / ".petpipe/resume").glob("train-head-*.pt")), \
-        "resume file left after success"
+    assert not list((trained_head.folder / ".petpipe/resume").glob("train-head-*.pt")), "resume file left after success"
 
 
 def test_checkpoint_is_a_plain_dict_loadable_without_pickle(head):
     checkpoint = torch.load(head.model, map_location="cpu", weights_only=True)
     assert checkpoint["arch"] == "tf_efficientnet_lite0"
     assert len(checkpoint["classes"]) == 37 and checkpoint["classes"][0] == "Abyssinian"
-    assert checkpoint["preprocessing"] == {"img_size": 64, "presize": 74, "eval_crop": 1.0, "mean": [0.5] * 3,
-                                           "std": [0.5] * 3}
+    assert checkpoint["preprocessing"] == {
+        "img_size": 64,
+        "presize": 74,
+        "eval_crop": 1.0,
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+    }
     assert set(checkpoint["layer_groups"]) == {"body", "head"}  # fastai's split of a timm body
     assert checkpoint["params"]["train_head"]["epochs"] == 3
 
@@ -74,10 +90,14 @@ def test_checkpoint_is_a_plain_dict_loadable_without_pickle(head):
 @pytest.fixture(scope="module")
 def lr_find_outputs(head, workdir, indexed_sample, sample_images):
     def sweep(folder: Path) -> lr_find.Outputs:
-        outputs = lr_find.Outputs(result=folder / "lr_find.json", curve=folder / "lr_find.csv",
-                                  plot=folder / "lr_find.png")
-        lr_find.run(params_with(TRAINING),
-                    lr_find.Inputs(images=sample_images, index=indexed_sample, checkpoint=head.model), outputs)
+        outputs = lr_find.Outputs(
+            result=folder / "lr_find.json", curve=folder / "lr_find.csv", plot=folder / "lr_find.png"
+        )
+        lr_find.run(
+            params_with(TRAINING),
+            lr_find.Inputs(images=sample_images, index=indexed_sample, checkpoint=head.model),
+            outputs,
+        )
         return outputs
 
     before = file_digest(head.model)
@@ -102,10 +122,15 @@ def test_lr_find_suggestions_are_finite_inside_the_sweep_and_reproducible(lr_fin
 
 def test_finetune_starts_from_train_head_weights(head, lr_find_outputs, workdir, indexed_sample, sample_images):
     folder = workdir / "finetune"
-    outputs = finetune.Outputs(model=folder / "model.pt", metrics=folder / "metrics.json",
-                               history=folder / "history.csv", plot=folder / "training.png")
-    inputs = finetune.Inputs(images=sample_images, index=indexed_sample, checkpoint=head.model,
-                             lr_find=lr_find_outputs[0].result)
+    outputs = finetune.Outputs(
+        model=folder / "model.pt",
+        metrics=folder / "metrics.json",
+        history=folder / "history.csv",
+        plot=folder / "training.png",
+    )
+    inputs = finetune.Inputs(
+        images=sample_images, index=indexed_sample, checkpoint=head.model, lr_find=lr_find_outputs[0].result
+    )
     summary = finetune.run(params_with({**TRAINING, "finetune.epochs": 1, "finetune.lr": "auto"}), inputs, outputs)
 
     assert "unfrozen after model.blocks.2" in summary
@@ -124,16 +149,22 @@ def test_finetune_starts_from_train_head_weights(head, lr_find_outputs, workdir,
     assert outputs.history.exists() and outputs.plot.exists()
 
 
-def test_killed_train_head_resumes_and_matches_an_uninterrupted_run(tmp_path, trained_head, indexed_sample,
-                                                                    sample_images):
+def test_killed_train_head_resumes_and_matches_an_uninterrupted_run(
+    tmp_path, trained_head, indexed_sample, sample_images
+):
     """Killed after its first epoch, resumed: the same outputs as the session's uninterrupted `petpipe train-head`
     (same params, and its cache: the same pixels and timed levers)."""
     params_file = trained_head.params_file
     environment = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "PETPIPE_CACHE_DIR": str(trained_head.cache)}
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(train_head_command(params_file, sample_images, indexed_sample, killed), cwd=tmp_path,
-                               env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        train_head_command(params_file, sample_images, indexed_sample, killed),
+        cwd=tmp_path,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     while not list((tmp_path / ".petpipe/resume").glob("train-head-*.pt")):
         assert process.poll() is None, "train-head ended before its first epoch was saved"
@@ -143,8 +174,13 @@ def test_killed_train_head_resumes_and_matches_an_uninterrupted_run(tmp_path, tr
     process.wait()
     assert not (killed / "model.pt").exists() and not (killed / "metrics.json").exists()
 
-    resumed = subprocess.run(train_head_command(params_file, sample_images, indexed_sample, killed), cwd=tmp_path,
-                             env=environment, capture_output=True, text=True)
+    resumed = subprocess.run(
+        train_head_command(params_file, sample_images, indexed_sample, killed),
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr
 
@@ -157,8 +193,9 @@ def test_killed_train_head_resumes_and_matches_an_uninterrupted_run(tmp_path, tr
     # Identical metrics.json: same seed, same numbers, whether or not the run was killed half-way.
     assert (killed / "metrics.json").read_text() == (whole / "metrics.json").read_text()
     columns = ["epoch", "train_loss", "valid_loss", "accuracy"]
-    pd.testing.assert_frame_equal(pd.read_csv(killed / "history.csv")[columns],
-                                  pd.read_csv(whole / "history.csv")[columns])
+    pd.testing.assert_frame_equal(
+        pd.read_csv(killed / "history.csv")[columns], pd.read_csv(whole / "history.csv")[columns]
+    )
 
 
 # The head on features computed once, without dropout (see the compile test): compiled and eager runs compare.
@@ -184,15 +221,17 @@ def test_cached_features_train_the_head_without_touching_the_body(cached_head):
             assert torch.equal(trained[name], tensor), name
 
 
-def test_compiled_training_learns_as_the_eager_one_and_saves_plain_weights(cached_head, workdir, indexed_sample,
-                                                                          sample_images):
+def test_compiled_training_learns_as_the_eager_one_and_saves_plain_weights(
+    cached_head, workdir, indexed_sample, sample_images
+):
     """train.compile runs the training steps through torch.compile (here the head on cached features, which
     compiles in seconds); the saved checkpoint is the plain module's, loadable without torch.compile.
     No dropout: compiled code draws its dropout masks from another generator, which alone moves accuracy
     on 86 validation images by several points."""
     eager = cached_head
-    compiled = run_train_head(workdir / "compiled", indexed_sample, sample_images,
-                              **CACHED_HEAD, **{"train.compile": True})
+    compiled = run_train_head(
+        workdir / "compiled", indexed_sample, sample_images, **CACHED_HEAD, **{"train.compile": True}
+    )
     eager_accuracy = json.loads(eager.metrics.read_text())["accuracy"]
     compiled_accuracy = json.loads(compiled.metrics.read_text())["accuracy"]
     assert compiled_accuracy >= 3 / 37
@@ -203,12 +242,17 @@ def test_compiled_training_learns_as_the_eager_one_and_saves_plain_weights(cache
 def test_compile_without_a_cpp_compiler_names_the_fix(workdir, indexed_sample, sample_images, monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-here")
     with pytest.raises(PetpipeError, match=r"train.compile is true but no C\+\+ compiler"):
-        run_train_head(workdir / "no-compiler", indexed_sample, sample_images,
-                       **{"train_head.epochs": 1, "train_head.cache_features": True, "train.compile": True})
+        run_train_head(
+            workdir / "no-compiler",
+            indexed_sample,
+            sample_images,
+            **{"train_head.epochs": 1, "train_head.cache_features": True, "train.compile": True},
+        )
 
 
-def test_finetune_keeps_the_batchnorm_statistics_a_cached_head_learnt_on(cached_head, workdir, indexed_sample,
-                                                                         sample_images):
+def test_finetune_keeps_the_batchnorm_statistics_a_cached_head_learnt_on(
+    cached_head, workdir, indexed_sample, sample_images
+):
     """bn_stats auto after cache_features: the body's weights train, its BatchNorm statistics stay those the
     head was trained on (with update they move to the new data and the head's inputs shift under it)."""
     head = cached_head
@@ -218,13 +262,27 @@ def test_finetune_keeps_the_batchnorm_statistics_a_cached_head_learnt_on(cached_
     tuned = {}
     for setting in ("auto", "update"):
         folder = workdir / f"bn-{setting}"
-        outputs = finetune.Outputs(model=folder / "model.pt", metrics=folder / "metrics.json",
-                                   history=folder / "history.csv", plot=folder / "training.png")
-        finetune.run(params_with({**TRAINING, "finetune.epochs": 1, "finetune.bn_stats": setting,
-                                  "finetune.lr": 1e-3,  # a number: no lr-find result to read
-                                  "finetune.frozen_stride": 0}),  # everything trains, the stem too
-                     finetune.Inputs(images=sample_images, index=indexed_sample, checkpoint=head.model,
-                                     lr_find=workdir / "no-lr-find.json"), outputs)
+        outputs = finetune.Outputs(
+            model=folder / "model.pt",
+            metrics=folder / "metrics.json",
+            history=folder / "history.csv",
+            plot=folder / "training.png",
+        )
+        finetune.run(
+            params_with(
+                {
+                    **TRAINING,
+                    "finetune.epochs": 1,
+                    "finetune.bn_stats": setting,
+                    "finetune.lr": 1e-3,  # a number: no lr-find result to read
+                    "finetune.frozen_stride": 0,
+                }
+            ),  # everything trains, the stem too
+            finetune.Inputs(
+                images=sample_images, index=indexed_sample, checkpoint=head.model, lr_find=workdir / "no-lr-find.json"
+            ),
+            outputs,
+        )
         tuned[setting] = load_checkpoint(outputs.model).state_dict
     for name in statistics:
         assert torch.equal(tuned["auto"][name], start[name]), name
@@ -237,8 +295,15 @@ def test_a_size_ratio_trains_on_smaller_crops_than_it_evaluates():
     """finetune.size_ratio and lr_find.size_ratio (FixRes): training views shrink, evaluation views do not."""
     from petpipe.views import Views, training_size
 
-    views = Views(size=64, presize=74, eval_crop=1.0, mean=(0.5,) * 3, std=(0.5,) * 3,
-                  augment=params_with().train.augment, train_size=training_size(64, 0.8))
+    views = Views(
+        size=64,
+        presize=74,
+        eval_crop=1.0,
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+        augment=params_with().train.augment,
+        train_size=training_size(64, 0.8),
+    )
     pixels = torch.randint(0, 256, (4, 3, 74, 74), dtype=torch.uint8)
     assert views.train(pixels, torch.Generator().manual_seed(0)).shape == (4, 3, 48, 48)  # 51.2 -> a multiple of 8
     assert views.evaluate(pixels).shape == (4, 3, 64, 64)

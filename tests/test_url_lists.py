@@ -20,9 +20,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import (OFFLINE_TRAINING, QUIET_MLFLOW, free_port, make_project, params_with, ran, run_command,
-                     sample_by_breed, serving, stale_stages, write_params)
 
+from helpers import (
+    OFFLINE_TRAINING,
+    QUIET_MLFLOW,
+    free_port,
+    make_project,
+    params_with,
+    ran,
+    run_command,
+    sample_by_breed,
+    serving,
+    stale_stages,
+    write_params,
+)
 from petpipe.errors import PetpipeError
 from petpipe.fetch import fetch_url_list
 from petpipe.image_downloads import Settings
@@ -166,18 +177,37 @@ def write_lists(folder: Path, server: PhotoServer, breeds: dict[str, list[Path]]
     (first, a), (second, b), (third, c) = ((breed, [p.name for p in photos]) for breed, photos in breeds.items())
     dead = f"http://127.0.0.1:{free_port()}/gone.jpg"
     failures = {
-        server.url("/missing/x.jpg"): "http-404", server.url("/forbidden/x.jpg"): "http-403",
-        server.url("/page/x.jpg"): "html-page", server.url("/truncated/x.jpg"): "truncated",
-        server.url("/loop/x.jpg"): "too-many-redirects", server.url("/silent/x.jpg"): "timeout",
-        server.url("/trickle/x.jpg"): "timeout", server.url("/huge/x.jpg"): "too-large", dead: "connection",
-        "ftp://127.0.0.1/x.jpg": "refused", "file:///etc/passwd": "refused",
+        server.url("/missing/x.jpg"): "http-404",
+        server.url("/forbidden/x.jpg"): "http-403",
+        server.url("/page/x.jpg"): "html-page",
+        server.url("/truncated/x.jpg"): "truncated",
+        server.url("/loop/x.jpg"): "too-many-redirects",
+        server.url("/silent/x.jpg"): "timeout",
+        server.url("/trickle/x.jpg"): "timeout",
+        server.url("/huge/x.jpg"): "too-large",
+        dead: "connection",
+        "ftp://127.0.0.1/x.jpg": "refused",
+        "file:///etc/passwd": "refused",
     }
     lines = {
-        first: [server.url(f"/photo/{a[0]}"), server.url(f"/photo/{a[1]}"), server.url(f"/as-html/{a[2]}"),
-                server.url(f"/photo/{a[3]}"), server.url(f"/copy/{a[0]}"), server.url(f"/photo/{a[0]}"),
-                *list(failures)[:4]],
-        second: [server.url(f"/photo/{b[0]}"), server.url(f"/flaky/{b[1]}"), server.url(f"/photo/{b[2]}"),
-                 server.url(f"/photo/{b[3]}"), "# a comment", "", *list(failures)[4:8]],
+        first: [
+            server.url(f"/photo/{a[0]}"),
+            server.url(f"/photo/{a[1]}"),
+            server.url(f"/as-html/{a[2]}"),
+            server.url(f"/photo/{a[3]}"),
+            server.url(f"/copy/{a[0]}"),
+            server.url(f"/photo/{a[0]}"),
+            *list(failures)[:4],
+        ],
+        second: [
+            server.url(f"/photo/{b[0]}"),
+            server.url(f"/flaky/{b[1]}"),
+            server.url(f"/photo/{b[2]}"),
+            server.url(f"/photo/{b[3]}"),
+            "# a comment",
+            "",
+            *list(failures)[4:8],
+        ],
         third: [server.url(f"/photo/{name}") for name in c[:4]] + list(failures)[8:],
     }
     folder.mkdir(parents=True, exist_ok=True)
@@ -199,13 +229,22 @@ def test_dvc_repro_trains_on_exactly_the_good_photos_and_reruns_download_only_wh
     photos = {path.name: path for paths in breeds.values() for path in paths}
     server = PhotoServer(photos)
     with server.running():
-        project = make_project(tmp_path / "project", {
-            **OFFLINE_TRAINING, "train.precision": "float32", "train_head.epochs": 1, "data.checksum": None,
-            "data.source": "urls/", "labels.method": "folder", "data.download_timeout": TIMEOUT_S,
-            "data.download_max_mb": MAX_BYTES / 2**20,
-            # The file names hold the URLs' hashes, and so the server's port: half the photos are held out
-            # so that no draw of the split leaves one side empty.
-            "split.valid_pct": 0.5})
+        project = make_project(
+            tmp_path / "project",
+            {
+                **OFFLINE_TRAINING,
+                "train.precision": "float32",
+                "train_head.epochs": 1,
+                "data.checksum": None,
+                "data.source": "urls/",
+                "labels.method": "folder",
+                "data.download_timeout": TIMEOUT_S,
+                "data.download_max_mb": MAX_BYTES / 2**20,
+                # The file names hold the URLs' hashes, and so the server's port: half the photos are held out
+                # so that no draw of the split leaves one side empty.
+                "split.valid_pct": 0.5,
+            },
+        )
         failures = write_lists(project / "urls", server, breeds)
         log = run_command(["dvc", "repro", "train-head"], project).stdout
         assert ran(log) == ["fetch", "index-labels", "train-head"]
@@ -249,8 +288,9 @@ def test_dvc_repro_trains_on_exactly_the_good_photos_and_reruns_download_only_wh
         log = run_command(["dvc", "repro", "fetch"], project).stdout
         assert ran(log) == ["fetch"]
         assert stale_stages(project) == {"index-labels", "train-head", "lr-find", "finetune", "evaluate"}
-        photo_requests = [path for path in server.requested(asked)
-                          if path.startswith(("/photo/", "/as-html/", "/copy/", "/flaky/"))]
+        photo_requests = [
+            path for path in server.requested(asked) if path.startswith(("/photo/", "/as-html/", "/copy/", "/flaky/"))
+        ]
         assert photo_requests == [f"/photo/{a[4].name}"]
         report = read_report(project / "stages/fetch/downloads.csv")
         assert [row["url"] for row in report if row["status"] == "downloaded"] == [new]
@@ -283,9 +323,15 @@ def test_a_csv_list_names_each_photo_by_its_url_and_real_format(tmp_path, cache,
         tally = fetch_url_list(str(source), SETTINGS, tmp_path / "images", tmp_path / "downloads.csv")
     keys = [hashlib.sha256(url.encode()).hexdigest()[:16] for url in urls]
     assert read_report(tmp_path / "downloads.csv") == [
-        {"url": urls[0], "label": "great pyrenees", "status": "downloaded", "file": f"great pyrenees/{keys[0]}.jpg",
-         "reason": ""},
-        {"url": urls[1], "label": "samoyed", "status": "downloaded", "file": f"samoyed/{keys[1]}.jpg", "reason": ""}]
+        {
+            "url": urls[0],
+            "label": "great pyrenees",
+            "status": "downloaded",
+            "file": f"great pyrenees/{keys[0]}.jpg",
+            "reason": "",
+        },
+        {"url": urls[1], "label": "samoyed", "status": "downloaded", "file": f"samoyed/{keys[1]}.jpg", "reason": ""},
+    ]
     assert (tmp_path / "images" / "samoyed" / f"{keys[1]}.jpg").read_bytes() == photos[1].read_bytes()
     assert tally.summary() == "2 downloaded, 0 already present, 0 duplicate, 0 failed"
     assert sorted(path.name for path in cache.rglob("*") if path.is_file()) == sorted(f"{key}.jpg" for key in keys)
@@ -300,11 +346,24 @@ def test_a_killed_fetch_resumes_without_asking_again_for_what_it_has(tmp_path, c
     good = [server.url(f"/photo/{name}") for name in names[:4]]
     (lists / "cats.txt").write_text("\n".join([*good, server.url(f"/hold/{names[4]}")]) + "\n")
     write_params(tmp_path / "params.yaml", {"data.source": str(lists), "data.download_timeout": 60})
-    command = [str(Path(sys.executable).parent / "petpipe"), "fetch", "--params", str(tmp_path / "params.yaml"),
-               "--out", str(tmp_path / "images"), "--downloads", str(tmp_path / "downloads.csv")]
+    command = [
+        str(Path(sys.executable).parent / "petpipe"),
+        "fetch",
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--out",
+        str(tmp_path / "images"),
+        "--downloads",
+        str(tmp_path / "downloads.csv"),
+    ]
     with server.running():
-        process = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "PETPIPE_DOWNLOAD_DIR": str(cache.parent)},
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            env={**os.environ, "PETPIPE_DOWNLOAD_DIR": str(cache.parent)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             deadline = time.monotonic() + 120
             while len(list(cache.glob("??/*.jpg"))) < 4 or "/hold/" not in "".join(server.requests):
@@ -320,7 +379,8 @@ def test_a_killed_fetch_resumes_without_asking_again_for_what_it_has(tmp_path, c
         assert server.requested(asked) == [f"/hold/{names[4]}"]
     assert tally.counts == {"present": 4, "downloaded": 1}
     assert sorted(sha256(path) for path in (tmp_path / "images" / "cats").iterdir()) == sorted(
-        sha256(path) for path in photos.values())
+        sha256(path) for path in photos.values()
+    )
 
 
 def test_a_list_where_nothing_downloads_says_so_and_keeps_the_report(tmp_path, cache):
@@ -333,20 +393,31 @@ def test_a_list_where_nothing_downloads_says_so_and_keeps_the_report(tmp_path, c
     assert str(raised.value) == (
         f"data.source {source}: none of its 6 URLs gave a photo (0 downloaded, 0 already present, 0 duplicate, "
         f"6 failed (http-404 1, html-page 1, too-large 1, not-an-image 1, empty 1, timeout 1)); "
-        f"see {tmp_path / 'downloads.csv'} for each URL's reason")
+        f"see {tmp_path / 'downloads.csv'} for each URL's reason"
+    )
     reasons = [row["reason"] for row in read_report(tmp_path / "downloads.csv")]
     assert reasons[-1].startswith(f"timeout: not complete within {TIMEOUT_S:g} s")  # cut in its headers
     assert reasons[:-1] == [
-        "http-404: Not Found", "html-page: the server sent an HTML page, not an image",
+        "http-404: Not Found",
+        "html-page: the server sent an HTML page, not an image",
         f"too-large: {50 * MAX_BYTES} bytes announced, over data.download_max_mb",
         "not-an-image: cannot identify an image in it (image/gif, begins b'GIF87a? ')",
-        "empty: the server sent no bytes"]
+        "empty: the server sent no bytes",
+    ]
     assert not (tmp_path / "images").exists()
 
 
-@pytest.mark.parametrize(("label", "why"), [
-    ("../x", "would climb out|holds /"), ("a/b", "holds /"), ("con", "a name Windows keeps for a device"),
-    ("", "is empty"), (".cache", "starts with '.'"), ("cats.", "ends with a space or a dot")])
+@pytest.mark.parametrize(
+    ("label", "why"),
+    [
+        ("../x", "would climb out|holds /"),
+        ("a/b", "holds /"),
+        ("con", "a name Windows keeps for a device"),
+        ("", "is empty"),
+        (".cache", "starts with '.'"),
+        ("cats.", "ends with a space or a dot"),
+    ],
+)
 def test_a_label_that_cannot_be_a_folder_is_refused_in_one_line(tmp_path, label, why):
     source = tmp_path / "urls.csv"
     source.write_text(f"url,label\nhttps://example.invalid/a.jpg,cat\nhttps://example.invalid/b.jpg,{label}\n")
@@ -365,13 +436,18 @@ def test_a_class_file_whose_name_is_no_folder_name_is_refused(tmp_path):
         read_url_list(str(tmp_path / "urls"))
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("link,label\nhttps://example.invalid/a.jpg,cat\n", r"a header row with the columns url,label; no url column"),
-    ("url\nhttps://example.invalid/a.jpg\n", r"no label column"),
-    ("url,label\nftp://example.invalid/a.jpg,cat\nfile:///etc/passwd,cat\nwww.example.com/b.jpg,cat\n",
-     r"no http\(s\) URL in the list \(3 entries; first: 'ftp://example.invalid/a.jpg'"),
-    ("url,label\n", r"no http\(s\) URL in the list \(0 entries"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("link,label\nhttps://example.invalid/a.jpg,cat\n", r"a header row with the columns url,label; no url column"),
+        ("url\nhttps://example.invalid/a.jpg\n", r"no label column"),
+        (
+            "url,label\nftp://example.invalid/a.jpg,cat\nfile:///etc/passwd,cat\nwww.example.com/b.jpg,cat\n",
+            r"no http\(s\) URL in the list \(3 entries; first: 'ftp://example.invalid/a.jpg'",
+        ),
+        ("url,label\n", r"no http\(s\) URL in the list \(0 entries"),
+    ],
+)
 def test_a_csv_petpipe_cannot_use_is_refused_in_one_line(tmp_path, text, message):
     source = tmp_path / "urls.csv"
     source.write_text(text)
@@ -391,12 +467,13 @@ def test_what_counts_as_a_url_list(tmp_path, sample_images):
     (tmp_path / "lists" / "dog.txt").write_text("# dogs\nhttps://example.invalid/b.jpg\n\n")
     assert is_url_list(str(tmp_path / "lists")) and is_url_list(str(tmp_path / "lists") + "/")
     assert [(entry.label, entry.url, entry.where) for entry in read_url_list(str(tmp_path / "lists"))] == [
-        ("cat", "https://example.invalid/a.jpg", "cat.csv:2"), ("dog", "https://example.invalid/b.jpg", "dog.txt:2")]
+        ("cat", "https://example.invalid/a.jpg", "cat.csv:2"),
+        ("dog", "https://example.invalid/b.jpg", "dog.txt:2"),
+    ]
     assert not is_url_list("https://example.invalid/list.csv") and not is_url_list(str(tmp_path / "gone.csv"))
 
 
-def test_the_counts_are_fetchs_mlflow_metrics_and_the_report_its_artifact(tmp_path, cache, sample_images,
-                                                                          monkeypatch):
+def test_the_counts_are_fetchs_mlflow_metrics_and_the_report_its_artifact(tmp_path, cache, sample_images, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from petpipe import tracking
@@ -405,8 +482,10 @@ def test_the_counts_are_fetchs_mlflow_metrics_and_the_report_its_artifact(tmp_pa
     photo = next(sample_images.glob("*.jpg"))
     server = PhotoServer({photo.name: photo})
     source = tmp_path / "urls.csv"
-    source.write_text(f"url,label\n{server.url(f'/photo/{photo.name}')},cat\n{server.url(f'/copy/{photo.name}')},cat\n"
-                      f"{server.url('/forbidden/a.jpg')},cat\nfile:///etc/passwd,cat\n")
+    source.write_text(
+        f"url,label\n{server.url(f'/photo/{photo.name}')},cat\n{server.url(f'/copy/{photo.name}')},cat\n"
+        f"{server.url('/forbidden/a.jpg')},cat\nfile:///etc/passwd,cat\n"
+    )
     monkeypatch.chdir(tmp_path)  # the embedded store, mlflow.db, lands here
     for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "PETPIPE_TRACKING"):
         monkeypatch.delenv(name, raising=False)
@@ -415,12 +494,23 @@ def test_the_counts_are_fetchs_mlflow_metrics_and_the_report_its_artifact(tmp_pa
     outputs = fetch_stage.Outputs(images=tmp_path / "images", downloads=tmp_path / "downloads.csv")
     with server.running():
         summary = fetch_stage.run(params_with({"data.source": str(source)}), fetch_stage.Inputs(), outputs)
-    assert summary == (f"fetched 1 images into {outputs.images} from 4 URLs: 1 downloaded, 0 already present, "
-                       f"1 duplicate, 2 failed (http-403 1, refused 1); each URL's outcome in {outputs.downloads}")
+    assert summary == (
+        f"fetched 1 images into {outputs.images} from 4 URLs: 1 downloaded, 0 already present, "
+        f"1 duplicate, 2 failed (http-403 1, refused 1); each URL's outcome in {outputs.downloads}"
+    )
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    [run] = client.search_runs([client.get_experiment_by_name("petpipe").experiment_id],
-                               filter_string=f"tags.`{STAGE_TAG}` = 'fetch'")
-    assert run.data.metrics == {"urls": 4, "images": 1, "downloaded": 1, "present": 0, "duplicate": 1, "failed": 2,
-                                "failed_http_403": 1, "failed_refused": 1}
+    [run] = client.search_runs(
+        [client.get_experiment_by_name("petpipe").experiment_id], filter_string=f"tags.`{STAGE_TAG}` = 'fetch'"
+    )
+    assert run.data.metrics == {
+        "urls": 4,
+        "images": 1,
+        "downloaded": 1,
+        "present": 0,
+        "duplicate": 1,
+        "failed": 2,
+        "failed_http_403": 1,
+        "failed_refused": 1,
+    }
     assert [artifact.path for artifact in client.list_artifacts(run.info.run_id)] == ["downloads.csv"]

@@ -144,9 +144,16 @@ async def corrections_endpoint(request: Request) -> JSONResponse:
         return JSONResponse({"error": str(error)}, status_code=409)
     done = counts(corrections)
     what = {"keep": "kept as labelled", "exclude": "excluded", "relabel": f"relabelled as {label}"}[action]
-    return JSONResponse({"path": path, "decision": action, "label": label, **done,
-                         "message": f"{path}: {what}. {service.settings.corrections} now relabels {done['relabel']} "
-                                    f"and excludes {done['exclude']} image(s); commit it and run dvc repro to retrain."})
+    return JSONResponse(
+        {
+            "path": path,
+            "decision": action,
+            "label": label,
+            **done,
+            "message": f"{path}: {what}. {service.settings.corrections} now relabels {done['relabel']} "
+            f"and excludes {done['exclude']} image(s); commit it and run dvc repro to retrain.",
+        }
+    )
 
 
 def _refuse_decision(service: Service, path: str, action: str, label: str) -> str | None:
@@ -212,8 +219,9 @@ def listen(host: str, port: int) -> socket.socket:
         sock.listen(2048)  # uvicorn's backlog; uvicorn listens on it again, which changes nothing
     except OSError as error:
         sock.close()
-        raise PetpipeError(f"cannot listen on {host}:{port} ({error.strerror or error}); "
-                           "pass another --port (or --host)") from None
+        raise PetpipeError(
+            f"cannot listen on {host}:{port} ({error.strerror or error}); pass another --port (or --host)"
+        ) from None
     return sock
 
 

@@ -65,23 +65,31 @@ class Cleaner:
         classes = self.predictor.classes
         unknown = sorted(set(rows["label"]) - set(classes))
         if unknown:
-            raise PetpipeError(f"{self.index_path} has labels the model does not know ({', '.join(unknown[:5])}); "
-                               "run `dvc repro` to retrain, or pass the matching --model")
+            raise PetpipeError(
+                f"{self.index_path} has labels the model does not know ({', '.join(unknown[:5])}); "
+                "run `dvc repro` to retrain, or pass the matching --model"
+            )
         log.info("computing the losses of %d images", len(rows))
         files = [self.images / relative for relative in rows["path"]]
         # The decoded-pixel cache the training stages share: usually already built, so nothing is decoded.
         pixels = load_pixels(files, list(rows["hash"]), self.predictor.presize)  # (N, 3, P, P)
-        chunks = [self.predictor.probabilities(pixel_batch(pixels[start:start + BATCH_SIZE]))
-                  for start in range(0, len(rows), BATCH_SIZE)]
+        chunks = [
+            self.predictor.probabilities(pixel_batch(pixels[start : start + BATCH_SIZE]))
+            for start in range(0, len(rows), BATCH_SIZE)
+        ]
         probabilities = np.concatenate(chunks) if chunks else np.empty((0, len(classes)))  # (N, C)
         targets = rows["label"].map({name: position for position, name in enumerate(classes)}).to_numpy()
         log_probabilities = np.log(np.clip(probabilities, np.finfo(np.float64).tiny, None))
         predicted = probabilities.argmax(axis=1) if len(rows) else np.empty(0, dtype=int)
-        table = pd.DataFrame({
-            "path": rows["path"], "label": rows["label"], "predicted": [classes[i] for i in predicted],
-            "probability": probabilities[np.arange(len(rows)), predicted],
-            "loss": interpret.per_image_losses(log_probabilities, targets),
-        })
+        table = pd.DataFrame(
+            {
+                "path": rows["path"],
+                "label": rows["label"],
+                "predicted": [classes[i] for i in predicted],
+                "probability": probabilities[np.arange(len(rows)), predicted],
+                "loss": interpret.per_image_losses(log_probabilities, targets),
+            }
+        )
         return table.sort_values(["loss", "path"], ascending=[False, True], kind="stable").reset_index(drop=True)
 
 

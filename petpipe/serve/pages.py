@@ -19,12 +19,22 @@ HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
 
 # evaluate's figures the Results page shows, by file name (nothing else of that folder is served).
-FIGURES = {"confusion.png": "Confusion matrix", "confusion_normalized.png": "Confusion matrix, rows normalised",
-           "top_losses.png": "Top losses (prediction / actual / loss / probability of actual)",
-           "test_confusion.png": "Test confusion matrix", "test_top_losses.png": "Test top losses"}
+FIGURES = {
+    "confusion.png": "Confusion matrix",
+    "confusion_normalized.png": "Confusion matrix, rows normalised",
+    "top_losses.png": "Top losses (prediction / actual / loss / probability of actual)",
+    "test_confusion.png": "Test confusion matrix",
+    "test_top_losses.png": "Test top losses",
+}
 TEST_FIGURES = {"test_confusion.png", "test_top_losses.png"}  # shown when there is a test split
-HEADLINE = {"accuracy": "accuracy", "error_rate": "error rate", "top5_accuracy": "top-5 accuracy",
-            "loss": "loss (cross-entropy)", "macro_f1": "macro F1", "balanced_accuracy": "balanced accuracy"}
+HEADLINE = {
+    "accuracy": "accuracy",
+    "error_rate": "error rate",
+    "top5_accuracy": "top-5 accuracy",
+    "loss": "loss (cross-entropy)",
+    "macro_f1": "macro F1",
+    "balanced_accuracy": "balanced accuracy",
+}
 SPLITS = ("valid", "train")
 CLEAN_COUNT = 12  # images per class and split on the Clean page by default (fastai's cleaner: up to 50)
 CLEAN_MAX = 100
@@ -43,35 +53,51 @@ def read_evaluation(folder: Path) -> dict[str, Any]:
     per_class = folder / "per_class.csv"  # evaluate's per-class table (an older metrics.json nests it)
     if per_class.is_file():
         rows = pd.read_csv(per_class, dtype={"class": str}, keep_default_na=False)
-        metrics["per_class"] = {row["class"]: {key: row[key] for key in ("precision", "recall", "f1", "support")}
-                                for row in rows.to_dict("records")}
+        metrics["per_class"] = {
+            row["class"]: {key: row[key] for key in ("precision", "recall", "f1", "support")}
+            for row in rows.to_dict("records")
+        }
     tables = {}
     for name in ("most_confused", "top_losses"):
         path = folder / f"{name}.csv"
         tables[name] = pd.read_csv(path, dtype=str, keep_default_na=False) if path.is_file() else pd.DataFrame()
     # The test split's numbers beside valid's (evaluate's test_ metrics), when there is a test split.
     has_test = isinstance(metrics.get("test_accuracy"), float)
-    headline = [(title, metrics[key], metrics.get("test_" + key) if has_test else None)
-                for key, title in HEADLINE.items() if isinstance(metrics.get(key), float)]
-    figures = {name: title for name, title in FIGURES.items()
-               if (folder / name).is_file() and (has_test or name not in TEST_FIGURES)}
+    headline = [
+        (title, metrics[key], metrics.get("test_" + key) if has_test else None)
+        for key, title in HEADLINE.items()
+        if isinstance(metrics.get(key), float)
+    ]
+    figures = {
+        name: title
+        for name, title in FIGURES.items()
+        if (folder / name).is_file() and (has_test or name not in TEST_FIGURES)
+    }
     return {"metrics": metrics, "headline": headline, "has_test": has_test, "figures": figures, **tables}
 
 
 async def try_page(request: Request) -> Response:
     service = request.app.state.service
     settings = service.settings
-    return templates.TemplateResponse(request, "try.html", {
-        "page": "try", "model": settings.model, "classes": len(service.predictor.classes),
-        "max_upload_bytes": settings.max_upload_bytes, "max_upload_mb": f"{settings.max_upload_bytes / 2**20:g}",
-    })
+    return templates.TemplateResponse(
+        request,
+        "try.html",
+        {
+            "page": "try",
+            "model": settings.model,
+            "classes": len(service.predictor.classes),
+            "max_upload_bytes": settings.max_upload_bytes,
+            "max_upload_mb": f"{settings.max_upload_bytes / 2**20:g}",
+        },
+    )
 
 
 async def results_page(request: Request) -> Response:
     folder = request.app.state.service.settings.evaluate
     evaluation = await run_in_threadpool(read_evaluation, folder)
-    return templates.TemplateResponse(request, "results.html", {"page": "results", "folder": folder,
-                                                                "evaluation": evaluation})
+    return templates.TemplateResponse(
+        request, "results.html", {"page": "results", "folder": folder, "evaluation": evaluation}
+    )
 
 
 async def clean_page(request: Request) -> Response:
@@ -83,9 +109,17 @@ async def clean_page(request: Request) -> Response:
         return await _class_view(request)
     service = request.app.state.service
     count = _count(query.get("count", ""), default=AUDIT_COUNT)
-    context: dict[str, Any] = {"page": "clean", "view": view, "count": count, "rows": [], "pairs": [],
-                               "error": None, "corrections_path": service.settings.corrections,
-                               "audit_folder": service.settings.evaluate, "audited": False}
+    context: dict[str, Any] = {
+        "page": "clean",
+        "view": view,
+        "count": count,
+        "rows": [],
+        "pairs": [],
+        "error": None,
+        "corrections_path": service.settings.corrections,
+        "audit_folder": service.settings.evaluate,
+        "audited": False,
+    }
     if view not in VIEWS:
         context["error"] = f"choose a view: {', '.join(VIEWS)}"
         return templates.TemplateResponse(request, "clean.html", context, status_code=400)
@@ -109,9 +143,17 @@ async def clean_page(request: Request) -> Response:
     else:
         pairs = table[table["path_a"].isin(labels) & table["path_b"].isin(labels)].head(count)
         context["leaks"] = int((table["split_a"] != table["split_b"]).sum())
-        context["pairs"] = [{"similarity": row.similarity, "leak": row.split_a != row.split_b, "sides": [
-            _side(row.path_a, row.split_a, labels, corrections), _side(row.path_b, row.split_b, labels, corrections)]}
-            for row in pairs.itertuples()]
+        context["pairs"] = [
+            {
+                "similarity": row.similarity,
+                "leak": row.split_a != row.split_b,
+                "sides": [
+                    _side(row.path_a, row.split_a, labels, corrections),
+                    _side(row.path_b, row.split_b, labels, corrections),
+                ],
+            }
+            for row in pairs.itertuples()
+        ]
     return templates.TemplateResponse(request, "clean.html", context)
 
 
@@ -120,8 +162,11 @@ def read_audit(folder: Path, view: str) -> pd.DataFrame | None:
     path = Path(folder) / ("label_issues.csv" if view == "suspects" else "duplicates.csv")
     if not path.is_file():
         return None
-    table = pd.read_csv(path, keep_default_na=False, dtype={name: str for name in (
-        "path", "split", "label", "suggested", "path_a", "path_b", "split_a", "split_b")})
+    table = pd.read_csv(
+        path,
+        keep_default_na=False,
+        dtype={name: str for name in ("path", "split", "label", "suggested", "path_a", "path_b", "split_a", "split_b")},
+    )
     if view == "suspects":
         table["issue"] = table["issue"].astype(str).str.lower() == "true"
     return table
@@ -144,9 +189,16 @@ def _suspect(row: Any, label: str, corrections: dict[str, Any], classes: list[st
     chosen = _chosen(row.path, corrections)
     suggested = row.suggested if row.suggested != label and row.suggested in classes else None
     others = [name for name in classes if name not in (label, suggested) or chosen == f"relabel:{name}"]
-    return {"path": row.path, "split": row.split, "label": label, "suggested": suggested,
-            "quality": float(row.quality), "issue": bool(row.issue), "chosen": chosen,
-            "targets": ([suggested] if suggested else []) + others}
+    return {
+        "path": row.path,
+        "split": row.split,
+        "label": label,
+        "suggested": suggested,
+        "quality": float(row.quality),
+        "issue": bool(row.issue),
+        "chosen": chosen,
+        "targets": ([suggested] if suggested else []) + others,
+    }
 
 
 def _side(path: str, split: str, labels: dict[str, str], corrections: dict[str, Any]) -> dict[str, Any]:
@@ -160,9 +212,18 @@ async def _class_view(request: Request) -> Response:
     split = request.query_params.get("split", "valid")
     label = request.query_params.get("label", classes[0])
     count = _count(request.query_params.get("count", ""))
-    context: dict[str, Any] = {"page": "clean", "view": "class", "classes": classes, "splits": SPLITS,
-                               "split": split, "label": label, "count": count,
-                               "corrections_path": service.settings.corrections, "rows": [], "error": None}
+    context: dict[str, Any] = {
+        "page": "clean",
+        "view": "class",
+        "classes": classes,
+        "splits": SPLITS,
+        "split": split,
+        "label": label,
+        "count": count,
+        "corrections_path": service.settings.corrections,
+        "rows": [],
+        "error": None,
+    }
     if split not in SPLITS or label not in classes:
         context["error"] = f"choose a split ({', '.join(SPLITS)}) and a class of the model"
         return templates.TemplateResponse(request, "clean.html", context, status_code=400)
@@ -188,5 +249,12 @@ def _row(row: Any, corrections: dict[str, Any], classes: list[str]) -> dict[str,
     chosen = _chosen(row.path, corrections)
     # Relabelling as its current label is no correction, unless a recorded one made it that label.
     targets = [name for name in classes if name != row.label or chosen == f"relabel:{name}"]
-    return {"path": row.path, "label": row.label, "predicted": row.predicted, "probability": row.probability,
-            "loss": row.loss, "chosen": chosen, "targets": targets}
+    return {
+        "path": row.path,
+        "label": row.label,
+        "predicted": row.predicted,
+        "probability": row.probability,
+        "loss": row.loss,
+        "chosen": chosen,
+        "targets": targets,
+    }

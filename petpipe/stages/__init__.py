@@ -39,9 +39,18 @@ def docstring(stage: str) -> str:
 
 
 # Modules whose changes cannot change any stage's outputs: they log, show progress or declare.
-NOT_OUTPUT_CODE = frozenset({"petpipe/__init__.py", "petpipe/stages/__init__.py", "petpipe/tracking.py",
-                             "petpipe/progress.py", "petpipe/errors.py", "petpipe/paths.py",
-                             "petpipe/pipeline.py", "petpipe/timing.py"})
+NOT_OUTPUT_CODE = frozenset(
+    {
+        "petpipe/__init__.py",
+        "petpipe/stages/__init__.py",
+        "petpipe/tracking.py",
+        "petpipe/progress.py",
+        "petpipe/errors.py",
+        "petpipe/paths.py",
+        "petpipe/pipeline.py",
+        "petpipe/timing.py",
+    }
+)
 
 
 def code_dependencies(stage: str) -> list[str]:

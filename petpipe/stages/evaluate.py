@@ -41,8 +41,11 @@ from petpipe.runner import Context, Stage
 from petpipe.training import batch_indices, predict, with_features
 from petpipe.views import Views
 
-STAGE = Stage("evaluate", params=("train.device", "train.batch_size", "train.seed", "train.augment", "evaluate"),
-              compute=one_process)
+STAGE = Stage(
+    "evaluate",
+    params=("train.device", "train.batch_size", "train.seed", "train.augment", "evaluate"),
+    compute=one_process,
+)
 # fastai's tta: n=4 augmented views, blended with the plain view by beta=0.25.
 TTA_VIEWS = 4
 TTA_BETA = 0.25
@@ -69,27 +72,32 @@ class Outputs:
     most_confused: Path = path_option("most_confused.csv to write.")
     report: Path = path_option("report.md to write.")
     confusion_normalized_plot: Path | None = path_option(
-        "confusion_normalized.png to write (rows sum to 1); not drawn when omitted.", optional=True)
+        "confusion_normalized.png to write (rows sum to 1); not drawn when omitted.", optional=True
+    )
     per_class: Path | None = path_option(
-        "per_class.csv to write (precision, recall, F1, support per class); not written when omitted.",
-        optional=True)
+        "per_class.csv to write (precision, recall, F1, support per class); not written when omitted.", optional=True
+    )
     label_issues: Path | None = path_option(
         "label_issues.csv to write (the data audit: every image's label quality and suggested class, most "
-        "suspect first); not written when omitted.", optional=True)
+        "suspect first); not written when omitted.",
+        optional=True,
+    )
     duplicates: Path | None = path_option(
-        "duplicates.csv to write (the data audit: near-duplicate pairs, most similar first); not written when "
-        "omitted.", optional=True)
+        "duplicates.csv to write (the data audit: near-duplicate pairs, most similar first); not written when omitted.",
+        optional=True,
+    )
     # The test split's own tables and plots; with no test split, the tables hold their header row and the
     # plots say so (DVC expects every declared output).
     test_confusion: Path | None = path_option(
-        "test_confusion.csv to write (actual, predicted of every test image); not written when omitted.",
-        optional=True)
-    test_confusion_plot: Path | None = path_option("test_confusion.png to write; not drawn when omitted.",
-                                                   optional=True)
-    test_top_losses: Path | None = path_option("test_top_losses.png to write; not drawn when omitted.",
-                                               optional=True)
-    test_top_losses_table: Path | None = path_option("test_top_losses.csv to write; not written when omitted.",
-                                                     optional=True)
+        "test_confusion.csv to write (actual, predicted of every test image); not written when omitted.", optional=True
+    )
+    test_confusion_plot: Path | None = path_option(
+        "test_confusion.png to write; not drawn when omitted.", optional=True
+    )
+    test_top_losses: Path | None = path_option("test_top_losses.png to write; not drawn when omitted.", optional=True)
+    test_top_losses_table: Path | None = path_option(
+        "test_top_losses.csv to write; not written when omitted.", optional=True
+    )
 
 
 @dataclass(frozen=True)
@@ -122,28 +130,38 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     checkpoint = load_checkpoint(checkpoint_path)
     data = context.compute.dataset(inputs, checkpoint.spec, training=False, with_test=True)
     if len(data.valid) == 0:
-        raise PetpipeError(f"{inputs.index} has no validation images to evaluate; raise split.valid_pct "
-                           f"(or give split.file some valid rows) and rerun index-labels")
+        raise PetpipeError(
+            f"{inputs.index} has no validation images to evaluate; raise split.valid_pct "
+            f"(or give split.file some valid rows) and rerun index-labels"
+        )
     model = to_device(checkpoint.model(), runtime.device).eval()
     views = Views.of(checkpoint.spec, params.train.augment)
     log_probabilities, metrics = score(model, data.valid, classes=data.classes, views=views, params=params)
-    found = interpret_predictions(log_probabilities, data.valid, data.rows("valid"), classes=data.classes,
-                                  settings=params.evaluate)
+    found = interpret_predictions(
+        log_probabilities, data.valid, data.rows("valid"), classes=data.classes, settings=params.evaluate
+    )
     tested = None
     if data.test is not None:  # scored after valid, with the same model: nothing here looks at it to decide
-        test_log_probabilities, test_metrics = score(model, data.test, classes=data.classes, views=views,
-                                                     params=params)
+        test_log_probabilities, test_metrics = score(model, data.test, classes=data.classes, views=views, params=params)
         metrics.update({TEST + name: value for name, value in test_metrics.items() if name != "checkpoint"})
-        tested = interpret_predictions(test_log_probabilities, data.test, data.rows("test"), classes=data.classes,
-                                       settings=params.evaluate)
+        tested = interpret_predictions(
+            test_log_probabilities, data.test, data.rows("test"), classes=data.classes, settings=params.evaluate
+        )
     audited = None
     if params.evaluate.audit.enabled and (outputs.label_issues is not None or outputs.duplicates is not None):
         head = checkpoint if which == "train-head" else load_checkpoint(inputs.head_model)
         audited = audit_data(head, data, inputs=inputs, context=context)
         metrics.update(audited.counts)
     # Draw every figure before writing anything, so a plotting failure leaves no new outputs.
-    figures = draw(found, data.valid, classes=data.classes, views=views, confusion=outputs.confusion_plot,
-                   normalized=outputs.confusion_normalized_plot, top_losses=outputs.top_losses)
+    figures = draw(
+        found,
+        data.valid,
+        classes=data.classes,
+        views=views,
+        confusion=outputs.confusion_plot,
+        normalized=outputs.confusion_normalized_plot,
+        top_losses=outputs.top_losses,
+    )
     figures.update(draw_test(tested, data, views=views, outputs=outputs))
     context.log.log_params({"checkpoint_path": str(checkpoint_path)})
     write_csv(outputs.confusion, found.confusion)
@@ -151,14 +169,26 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     write_csv(outputs.top_losses_table, found.top_losses)
     write_test_tables(tested, outputs)
     if outputs.per_class is not None:  # not in metrics.json: 4 x 37 columns in `dvc exp show`
-        write_csv(outputs.per_class, interpret.per_class_metrics(
-            data.valid.targets.cpu().numpy(), log_probabilities.argmax(axis=1), data.classes).reset_index())
+        write_csv(
+            outputs.per_class,
+            interpret.per_class_metrics(
+                data.valid.targets.cpu().numpy(), log_probabilities.argmax(axis=1), data.classes
+            ).reset_index(),
+        )
     write_audit(audited, outputs)
     for figure_path, figure in figures.items():
         save_figure(figure_path, figure)
-    write_text(outputs.report, render_report(metrics, found.most_confused, outputs=outputs,
-                                             checkpoint_path=checkpoint_path, audited=audited,
-                                             test_confused=tested.most_confused if tested else None))
+    write_text(
+        outputs.report,
+        render_report(
+            metrics,
+            found.most_confused,
+            outputs=outputs,
+            checkpoint_path=checkpoint_path,
+            audited=audited,
+            test_confused=tested.most_confused if tested else None,
+        ),
+    )
     write_json(outputs.metrics, metrics)
     numbers = {name: float(value) for name, value in metrics.items() if isinstance(value, float)}
     context.log.log_metrics(numbers)
@@ -168,21 +198,27 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     # The same numbers on the MLflow model that holds these weights (valid and test, each with its dataset),
     # and the champion alias (tracking.promote), elected on valid's numbers alone.
     champion = context.log.log_evaluation(checkpoint_path, numbers, index=inputs.index)
-    summary = (f"evaluate ({which}): {metrics['images']} valid images, accuracy {metrics['accuracy']:.4f}, "
-               f"balanced {metrics['balanced_accuracy']:.4f}, error rate {metrics['error_rate']:.4f}, "
-               f"top-5 {metrics['top5_accuracy']:.4f}, loss {metrics['loss']:.4f}")
+    summary = (
+        f"evaluate ({which}): {metrics['images']} valid images, accuracy {metrics['accuracy']:.4f}, "
+        f"balanced {metrics['balanced_accuracy']:.4f}, error rate {metrics['error_rate']:.4f}, "
+        f"top-5 {metrics['top5_accuracy']:.4f}, loss {metrics['loss']:.4f}"
+    )
     if params.evaluate.tta:
         summary += f"; with TTA accuracy {metrics['tta_accuracy']:.4f}"
     if tested is not None:
-        summary += (f"; test ({metrics[TEST + 'images']} images, never tuned on): accuracy "
-                    f"{metrics[TEST + 'accuracy']:.4f}, balanced {metrics[TEST + 'balanced_accuracy']:.4f}, "
-                    f"loss {metrics[TEST + 'loss']:.4f}")
+        summary += (
+            f"; test ({metrics[TEST + 'images']} images, never tuned on): accuracy "
+            f"{metrics[TEST + 'accuracy']:.4f}, balanced {metrics[TEST + 'balanced_accuracy']:.4f}, "
+            f"loss {metrics[TEST + 'loss']:.4f}"
+        )
     if audited is not None:
         counts = audited.counts
-        summary += (f"; audit of {counts['audit_images']} images in {audited.seconds:.1f} s: "
-                    f"{counts['audit_label_issues']} likely label issues, {counts['audit_duplicate_pairs']} "
-                    f"duplicate pairs ({counts['audit_leaks']} across splits, {counts['audit_test_leaks']} of them "
-                    "test leaks)")
+        summary += (
+            f"; audit of {counts['audit_images']} images in {audited.seconds:.1f} s: "
+            f"{counts['audit_label_issues']} likely label issues, {counts['audit_duplicate_pairs']} "
+            f"duplicate pairs ({counts['audit_leaks']} across splits, {counts['audit_test_leaks']} of them "
+            "test leaks)"
+        )
     return summary + f" -> {outputs.metrics}" + (f"\n{champion}" if champion else "")
 
 
@@ -197,53 +233,78 @@ def audit_data(head: Checkpoint, data: Dataset, *, inputs: Inputs, context: Cont
     body = to_device(head.model(), runtime.device).eval()
     views = Views.of(head.spec, params.train.augment)
     sets = {"train": data.train, "valid": data.valid, **({"test": data.test} if data.test is not None else {})}
-    features = np.concatenate([
-        with_features(body, images, batch_size=params.train.batch_size, views=views, precision="float32")
-        .features[0].cpu().numpy() for images in sets.values()])  # (N, 2C)
+    features = np.concatenate(
+        [
+            with_features(body, images, batch_size=params.train.batch_size, views=views, precision="float32")
+            .features[0]
+            .cpu()
+            .numpy()
+            for images in sets.values()
+        ]
+    )  # (N, 2C)
     rows = pd.concat([data.rows(split) for split in sets], ignore_index=True)
     labels = torch.cat([images.targets for images in sets.values()]).cpu().numpy()
     if np.bincount(labels).max() < 2:
-        raise PetpipeError(f"the data audit needs a class with at least 2 images and every class of {inputs.index} "
-                           "has one; add photos or set evaluate.audit.enabled: false")
+        raise PetpipeError(
+            f"the data audit needs a class with at least 2 images and every class of {inputs.index} "
+            "has one; add photos or set evaluate.audit.enabled: false"
+        )
     settings = params.evaluate.audit
-    probabilities = audit.out_of_sample_probabilities(features, labels, num_classes=len(data.classes),
-                                                      folds=settings.folds, seed=params.train.seed)
+    probabilities = audit.out_of_sample_probabilities(
+        features, labels, num_classes=len(data.classes), folds=settings.folds, seed=params.train.seed
+    )
     issues = audit.label_issues_table(rows, audit.label_audit(probabilities, labels), list(data.classes))
-    duplicates = audit.duplicates_table(rows, audit.near_duplicates(features,
-                                                                    threshold=settings.duplicate_similarity))
-    return DataAudit(issues, duplicates, audit.summary(issues, duplicates), settings.duplicate_similarity,
-                     time.perf_counter() - started)
+    duplicates = audit.duplicates_table(rows, audit.near_duplicates(features, threshold=settings.duplicate_similarity))
+    return DataAudit(
+        issues,
+        duplicates,
+        audit.summary(issues, duplicates),
+        settings.duplicate_similarity,
+        time.perf_counter() - started,
+    )
 
 
 def write_audit(audited: DataAudit | None, outputs: Outputs) -> None:
     """The audit's tables; with the audit off, their header row alone (DVC expects every declared output)."""
-    tables = ((outputs.label_issues, audited.label_issues if audited else pd.DataFrame(
-        columns=audit.LABEL_ISSUE_COLUMNS)), (outputs.duplicates, audited.duplicates if audited else pd.DataFrame(
-            columns=audit.DUPLICATE_COLUMNS)))
+    tables = (
+        (outputs.label_issues, audited.label_issues if audited else pd.DataFrame(columns=audit.LABEL_ISSUE_COLUMNS)),
+        (outputs.duplicates, audited.duplicates if audited else pd.DataFrame(columns=audit.DUPLICATE_COLUMNS)),
+    )
     for path, table in tables:
         if path is not None:
             write_csv(path, table)
 
 
 @timing.timed("predict")
-def score(model: Classifier, images: ImageSet, *, classes: list[str], views: Views,
-          params: Params) -> tuple[np.ndarray, dict[str, Any]]:
+def score(
+    model: Classifier, images: ImageSet, *, classes: list[str], views: Views, params: Params
+) -> tuple[np.ndarray, dict[str, Any]]:
     """One split's log-probabilities (N, C) and metrics.json's numbers for it (with TTA's beside, if asked)."""
     logits = predict(model, images, batch_size=params.train.batch_size, views=views)
     log_probabilities = torch.log_softmax(logits.double(), dim=1).numpy()  # (N, C)
     targets = images.targets.cpu().numpy()
-    metrics: dict[str, Any] = {"checkpoint": params.evaluate.checkpoint, "images": len(targets),
-                               **interpret.classification_metrics(log_probabilities, targets, classes)}
+    metrics: dict[str, Any] = {
+        "checkpoint": params.evaluate.checkpoint,
+        "images": len(targets),
+        **interpret.classification_metrics(log_probabilities, targets, classes),
+    }
     if params.evaluate.tta:
-        tta = tta_log_probabilities(model, images, views=views, batch_size=params.train.batch_size,
-                                    seed=params.train.seed, plain=log_probabilities)
+        tta = tta_log_probabilities(
+            model,
+            images,
+            views=views,
+            batch_size=params.train.batch_size,
+            seed=params.train.seed,
+            plain=log_probabilities,
+        )
         tta_metrics = interpret.classification_metrics(tta, targets, classes)
         metrics.update({f"tta_{name}": tta_metrics[name] for name in HEADLINE})
     return log_probabilities, metrics
 
 
-def interpret_predictions(log_probabilities: np.ndarray, images: ImageSet, rows: pd.DataFrame, *,
-                          classes: list[str], settings: EvaluateParams) -> Interpretation:
+def interpret_predictions(
+    log_probabilities: np.ndarray, images: ImageSet, rows: pd.DataFrame, *, classes: list[str], settings: EvaluateParams
+) -> Interpretation:
     """fastai's ClassificationInterpretation of one split: `rows` are index.csv's rows of `images`."""
     targets = images.targets.cpu().numpy()
     predicted = log_probabilities.argmax(axis=1)
@@ -252,16 +313,26 @@ def interpret_predictions(log_probabilities: np.ndarray, images: ImageSet, rows:
         matrix=matrix,
         confusion=pd.DataFrame({"actual": rows["label"], "predicted": [classes[i] for i in predicted]}),
         most_confused=interpret.most_confused(matrix, classes, min_count=settings.min_count),
-        top_losses=interpret.top_losses_table(log_probabilities, targets, paths=list(rows["path"]),
-                                              classes=classes, k=settings.top_losses),
-        top_positions=interpret.top_losses(interpret.per_image_losses(log_probabilities, targets),
-                                           k=settings.top_losses),
+        top_losses=interpret.top_losses_table(
+            log_probabilities, targets, paths=list(rows["path"]), classes=classes, k=settings.top_losses
+        ),
+        top_positions=interpret.top_losses(
+            interpret.per_image_losses(log_probabilities, targets), k=settings.top_losses
+        ),
     )
 
 
 @timing.timed("plots")
-def draw(found: Interpretation, images: ImageSet, *, classes: list[str], views: Views, confusion: Path | None,
-         normalized: Path | None, top_losses: Path | None) -> dict[Path, Any]:
+def draw(
+    found: Interpretation,
+    images: ImageSet,
+    *,
+    classes: list[str],
+    views: Views,
+    confusion: Path | None,
+    normalized: Path | None,
+    top_losses: Path | None,
+) -> dict[Path, Any]:
     """The figures of one split's interpretation, by output path (None: not drawn)."""
     figures = {}
     if confusion is not None:
@@ -272,9 +343,12 @@ def draw(found: Interpretation, images: ImageSet, *, classes: list[str], views: 
         positions = torch.as_tensor(found.top_positions, device=images.pixels.device)
         losses = found.top_losses
         figures[top_losses] = plots.plot_top_losses(
-            views.cropped(images.pixels[positions].cpu()), predicted=list(losses["predicted"]),
-            actual=list(losses["actual"]), losses=list(losses["loss"]),
-            probabilities=list(losses["probability_actual"]))
+            views.cropped(images.pixels[positions].cpu()),
+            predicted=list(losses["predicted"]),
+            actual=list(losses["actual"]),
+            losses=list(losses["loss"]),
+            probabilities=list(losses["probability_actual"]),
+        )
     return figures
 
 
@@ -282,10 +356,20 @@ def draw_test(tested: Interpretation | None, data: Dataset, *, views: Views, out
     """The test split's confusion matrix and top losses; without a test split, figures that say so."""
     if tested is not None:
         assert data.test is not None
-        return draw(tested, data.test, classes=data.classes, views=views, confusion=outputs.test_confusion_plot,
-                    normalized=None, top_losses=outputs.test_top_losses)
-    return {path: plots.plot_message(NO_TEST_SPLIT) for path in (outputs.test_confusion_plot, outputs.test_top_losses)
-            if path is not None}
+        return draw(
+            tested,
+            data.test,
+            classes=data.classes,
+            views=views,
+            confusion=outputs.test_confusion_plot,
+            normalized=None,
+            top_losses=outputs.test_top_losses,
+        )
+    return {
+        path: plots.plot_message(NO_TEST_SPLIT)
+        for path in (outputs.test_confusion_plot, outputs.test_top_losses)
+        if path is not None
+    }
 
 
 NO_TEST_SPLIT = "No test split: set split.test_pct above 0, or add a test/ folder beside train/ and valid/"
@@ -293,17 +377,30 @@ NO_TEST_SPLIT = "No test split: set split.test_pct above 0, or add a test/ folde
 
 def write_test_tables(tested: Interpretation | None, outputs: Outputs) -> None:
     """test_confusion.csv and test_top_losses.csv; their header row alone without a test split."""
-    tables = ((outputs.test_confusion, tested.confusion if tested else pd.DataFrame(columns=["actual", "predicted"])),
-              (outputs.test_top_losses_table, tested.top_losses if tested else pd.DataFrame(
-                  columns=interpret.TOP_LOSSES_COLUMNS)))
+    tables = (
+        (outputs.test_confusion, tested.confusion if tested else pd.DataFrame(columns=["actual", "predicted"])),
+        (
+            outputs.test_top_losses_table,
+            tested.top_losses if tested else pd.DataFrame(columns=interpret.TOP_LOSSES_COLUMNS),
+        ),
+    )
     for path, table in tables:
         if path is not None:
             write_csv(path, table)
 
 
 @torch.inference_mode()
-def tta_log_probabilities(model: Classifier, images: ImageSet, *, views: Views, batch_size: int, seed: int,
-                          plain: np.ndarray, count: int = TTA_VIEWS, beta: float = TTA_BETA) -> np.ndarray:
+def tta_log_probabilities(
+    model: Classifier,
+    images: ImageSet,
+    *,
+    views: Views,
+    batch_size: int,
+    seed: int,
+    plain: np.ndarray,
+    count: int = TTA_VIEWS,
+    beta: float = TTA_BETA,
+) -> np.ndarray:
     """fastai's tta: mean probabilities of `count` augmented passes, blended with the plain view.
 
     p = (1 - beta) * mean(augmented) + beta * plain; returns log p (N, C).
@@ -332,14 +429,23 @@ def _link(path: Path, report: Path) -> str:
     return Path(os.path.relpath(Path(path).resolve(), Path(report).resolve().parent)).as_posix()
 
 
-def render_report(metrics: dict[str, Any], confused: pd.DataFrame, *, outputs: Outputs,
-                  checkpoint_path: Path, audited: DataAudit | None = None,
-                  test_confused: pd.DataFrame | None = None) -> str:
+def render_report(
+    metrics: dict[str, Any],
+    confused: pd.DataFrame,
+    *,
+    outputs: Outputs,
+    checkpoint_path: Path,
+    audited: DataAudit | None = None,
+    test_confused: pd.DataFrame | None = None,
+) -> str:
     """report.md: one page with the headline numbers of valid and test side by side, the most confused pairs
     and every plot."""
     tta, test = "tta_accuracy" in metrics, TEST + "accuracy" in metrics
-    columns = [("valid", ""), *([("valid, TTA", "tta_")] if tta else []),
-               *([("test", TEST), *([("test, TTA", TEST + "tta_")] if tta else [])] if test else [])]
+    columns = [
+        ("valid", ""),
+        *([("valid, TTA", "tta_")] if tta else []),
+        *([("test", TEST), *([("test, TTA", TEST + "tta_")] if tta else [])] if test else []),
+    ]
     lines = [
         f"# Evaluation: {metrics['checkpoint']} model on {metrics['images']} validation images"
         + (f" and {metrics[TEST + 'images']} test images" if test else ""),
@@ -349,19 +455,34 @@ def render_report(metrics: dict[str, Any], confused: pd.DataFrame, *, outputs: O
         "| metric | " + " | ".join(title for title, _ in columns) + " |",
         "|---|" + "---:|" * len(columns),
     ]
-    labels = {"accuracy": "accuracy", "error_rate": "error rate", "top5_accuracy": "top-5 accuracy",
-              "loss": "loss (cross-entropy)", "macro_f1": "macro F1",
-              "balanced_accuracy": "balanced accuracy (mean recall per class)"}
+    labels = {
+        "accuracy": "accuracy",
+        "error_rate": "error rate",
+        "top5_accuracy": "top-5 accuracy",
+        "loss": "loss (cross-entropy)",
+        "macro_f1": "macro F1",
+        "balanced_accuracy": "balanced accuracy (mean recall per class)",
+    }
     for name in HEADLINE:
-        lines.append(f"| {labels[name]} | " + " | ".join(f"{metrics[prefix + name]:.4f}" for _, prefix in columns)
-                     + " |")
-    lines += ["", "Valid is the split the epoch tables, lr-find and the `champion` election saw; "
-                  + ("test is the split nothing tuned on: its numbers are the ones to report."
-                     if test else "there is no test split (split.test_pct 0 and no test/ folder), so these numbers "
-                     "are somewhat optimistic.")]
+        lines.append(
+            f"| {labels[name]} | " + " | ".join(f"{metrics[prefix + name]:.4f}" for _, prefix in columns) + " |"
+        )
+    lines += [
+        "",
+        "Valid is the split the epoch tables, lr-find and the `champion` election saw; "
+        + (
+            "test is the split nothing tuned on: its numbers are the ones to report."
+            if test
+            else "there is no test split (split.test_pct 0 and no test/ folder), so these numbers "
+            "are somewhat optimistic."
+        ),
+    ]
     if tta:
-        lines += ["", f"TTA: fastai's `tta` ({TTA_VIEWS} augmented views blended with the plain view, "
-                      f"beta {TTA_BETA}); the plain numbers are the ones to compare across runs."]
+        lines += [
+            "",
+            f"TTA: fastai's `tta` ({TTA_VIEWS} augmented views blended with the plain view, "
+            f"beta {TTA_BETA}); the plain numbers are the ones to compare across runs.",
+        ]
     for title, pairs in (("valid", confused), ("test", test_confused)):
         if pairs is None:
             continue
@@ -370,30 +491,46 @@ def render_report(metrics: dict[str, Any], confused: pd.DataFrame, *, outputs: O
             lines.append("No confusion at or above evaluate.min_count.")
         else:
             lines += ["| actual | predicted | count |", "|---|---|---:|"]
-            lines += [f"| {row.actual} | {row.predicted} | {row.count} |"
-                      for row in pairs.head(REPORT_CONFUSED).itertuples()]
+            lines += [
+                f"| {row.actual} | {row.predicted} | {row.count} |" for row in pairs.head(REPORT_CONFUSED).itertuples()
+            ]
     lines += render_audit(audited, outputs)
     lines += ["", "## Plots and tables", ""]
-    entries = [(outputs.confusion_plot, "confusion matrix (counts)"),
-               (outputs.confusion_normalized_plot, "confusion matrix (rows normalised)"),
-               (outputs.top_losses, "top losses (prediction/actual/loss/probability of actual)"),
-               *([(outputs.test_confusion_plot, "test confusion matrix (counts)"),
-                  (outputs.test_top_losses, "test top losses")] if test else [])]
+    entries = [
+        (outputs.confusion_plot, "confusion matrix (counts)"),
+        (outputs.confusion_normalized_plot, "confusion matrix (rows normalised)"),
+        (outputs.top_losses, "top losses (prediction/actual/loss/probability of actual)"),
+        *(
+            [
+                (outputs.test_confusion_plot, "test confusion matrix (counts)"),
+                (outputs.test_top_losses, "test top losses"),
+            ]
+            if test
+            else []
+        ),
+    ]
     for path, title in entries:
         if path is not None:
             lines += [f"### {title[0].upper() + title[1:]}", "", f"![{title}]({_link(path, outputs.report)})", ""]
-    tables = [(outputs.metrics, "metrics.json: the headline numbers (`dvc metrics show`, `dvc exp show`)"),
-              (outputs.per_class, "per_class.csv: precision, recall, F1 and support per class (dvc plots)"),
-              (outputs.confusion, "confusion.csv: actual and predicted class of every image (dvc plots)"),
-              (outputs.most_confused, "most_confused.csv: every confused pair"),
-              (outputs.top_losses_table, "top_losses.csv: the images above, as a table"),
-              (outputs.test_confusion, "test_confusion.csv: actual and predicted class of every test image"),
-              (outputs.test_top_losses_table, "test_top_losses.csv: the test split's top losses, as a table"),
-              (outputs.label_issues, "label_issues.csv: every image's label quality and suggested class, most "
-                                     "suspect first (the data audit)"),
-              (outputs.duplicates, "duplicates.csv: near-duplicate pairs, most similar first (the data audit)")]
-    lines += [f"- [{Path(path).name}]({_link(path, outputs.report)}): {text.split(': ', 1)[1]}"
-              for path, text in tables if path is not None]
+    tables = [
+        (outputs.metrics, "metrics.json: the headline numbers (`dvc metrics show`, `dvc exp show`)"),
+        (outputs.per_class, "per_class.csv: precision, recall, F1 and support per class (dvc plots)"),
+        (outputs.confusion, "confusion.csv: actual and predicted class of every image (dvc plots)"),
+        (outputs.most_confused, "most_confused.csv: every confused pair"),
+        (outputs.top_losses_table, "top_losses.csv: the images above, as a table"),
+        (outputs.test_confusion, "test_confusion.csv: actual and predicted class of every test image"),
+        (outputs.test_top_losses_table, "test_top_losses.csv: the test split's top losses, as a table"),
+        (
+            outputs.label_issues,
+            "label_issues.csv: every image's label quality and suggested class, most suspect first (the data audit)",
+        ),
+        (outputs.duplicates, "duplicates.csv: near-duplicate pairs, most similar first (the data audit)"),
+    ]
+    lines += [
+        f"- [{Path(path).name}]({_link(path, outputs.report)}): {text.split(': ', 1)[1]}"
+        for path, text in tables
+        if path is not None
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -408,21 +545,30 @@ def render_audit(audited: DataAudit | None, outputs: Outputs) -> list[str]:
     if audited is None:
         return lines + ["Off (evaluate.audit.enabled: false)."]
     counts, issues, duplicates = audited.counts, audited.label_issues, audited.duplicates
-    lines += [f"Every indexed image ({counts['audit_images']}, every split) scored by k-fold heads on "
-              "train-head's frozen body features (out-of-sample probabilities, ranked by cleanlab):",
-              "",
-              f"- {counts['audit_label_issues']} likely label issues (cleanlab's find_label_issues); "
-              "`petpipe serve`'s Clean page shows them first, each with its suggested class",
-              f"- {counts['audit_duplicate_pairs']} near-duplicate pairs at similarity >= "
-              f"{audited.similarity:g}, of which {counts['audit_leaks']} across splits "
-              "(leaks: the same photo scored in validation or test after training on it)",
-              "", f"Most suspect labels (top {REPORT_SUSPECTS}):", "",
-              "| path | split | label | suggested | quality |", "|---|---|---|---|---:|"]
-    lines += [f"| {row.path} | {row.split} | {row.label} | {row.suggested} | {row.quality:.3f} |"
-              for row in issues.head(REPORT_SUSPECTS).itertuples()]
+    lines += [
+        f"Every indexed image ({counts['audit_images']}, every split) scored by k-fold heads on "
+        "train-head's frozen body features (out-of-sample probabilities, ranked by cleanlab):",
+        "",
+        f"- {counts['audit_label_issues']} likely label issues (cleanlab's find_label_issues); "
+        "`petpipe serve`'s Clean page shows them first, each with its suggested class",
+        f"- {counts['audit_duplicate_pairs']} near-duplicate pairs at similarity >= "
+        f"{audited.similarity:g}, of which {counts['audit_leaks']} across splits "
+        "(leaks: the same photo scored in validation or test after training on it)",
+        "",
+        f"Most suspect labels (top {REPORT_SUSPECTS}):",
+        "",
+        "| path | split | label | suggested | quality |",
+        "|---|---|---|---|---:|",
+    ]
+    lines += [
+        f"| {row.path} | {row.split} | {row.label} | {row.suggested} | {row.quality:.3f} |"
+        for row in issues.head(REPORT_SUSPECTS).itertuples()
+    ]
     leaks = duplicates[duplicates["split_a"] != duplicates["split_b"]]
     if len(leaks):
         lines += ["", f"Leaks (top {REPORT_SUSPECTS}):", "", "| path a | path b | similarity |", "|---|---|---:|"]
-        lines += [f"| {row.path_a} | {row.path_b} | {row.similarity:.3f} |"
-                  for row in leaks.head(REPORT_SUSPECTS).itertuples()]
+        lines += [
+            f"| {row.path_a} | {row.path_b} | {row.similarity:.3f} |"
+            for row in leaks.head(REPORT_SUSPECTS).itertuples()
+        ]
     return lines

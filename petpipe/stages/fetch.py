@@ -1,6 +1,6 @@
 """fetch: put the raw photos named by data.source (URL, archive, folder or a list of image URLs) into one folder.
 
-    petpipe fetch --out stages/fetch/images --downloads stages/fetch/downloads.csv
+petpipe fetch --out stages/fetch/images --downloads stages/fetch/downloads.csv
 """
 
 from __future__ import annotations
@@ -26,8 +26,11 @@ class Inputs:
 @dataclass(frozen=True)
 class Outputs:
     images: Path = path_option("Folder to fill with the raw images.", option="--out")
-    downloads: Path | None = path_option("CSV of a URL list's downloads: url,label,status,file,reason, a row per "
-                                         "URL (a header alone for any other data.source).", optional=True)
+    downloads: Path | None = path_option(
+        "CSV of a URL list's downloads: url,label,status,file,reason, a row per "
+        "URL (a header alone for any other data.source).",
+        optional=True,
+    )
 
 
 @STAGE.runs
@@ -40,12 +43,17 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
         context.log.log_metrics({"images": count})
         return f"fetched {count} images into {outputs.images}"
     if outputs.downloads is None:
-        raise PetpipeError(f"data.source {data.source} is a URL list: pass --downloads <file.csv> for the report of "
-                           "its downloads (dvc.yaml passes stages/fetch/downloads.csv)")
-    settings = Settings(workers=data.download_workers, timeout=data.download_timeout,
-                        max_bytes=int(data.download_max_mb * 1024 * 1024))
+        raise PetpipeError(
+            f"data.source {data.source} is a URL list: pass --downloads <file.csv> for the report of "
+            "its downloads (dvc.yaml passes stages/fetch/downloads.csv)"
+        )
+    settings = Settings(
+        workers=data.download_workers, timeout=data.download_timeout, max_bytes=int(data.download_max_mb * 1024 * 1024)
+    )
     tally = fetch_url_list(data.source, settings, outputs.images, outputs.downloads)
     context.log.log_metrics(tally.metrics())
     context.log.log_artifacts([outputs.downloads])
-    return (f"fetched {tally.kept} images into {outputs.images} from {len(tally.rows)} URLs: {tally.summary()}; "
-            f"each URL's outcome in {outputs.downloads}")
+    return (
+        f"fetched {tally.kept} images into {outputs.images} from {len(tally.rows)} URLs: {tally.summary()}; "
+        f"each URL's outcome in {outputs.downloads}"
+    )

@@ -47,18 +47,34 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     frozen = freeze_early(model, params.finetune.frozen_stride)  # fastai's freeze_to, by depth; [] unfreezes all
     # The tutorial's slice(1e-6, 1e-4): lr / lr_ratio for the early body up to lr for the head.
     groups = list(model.layer_groups())
-    phase = Phase(epochs=params.finetune.epochs, group_lrs=dict(zip(groups, discriminative_lrs(
-        lr, params.finetune.lr_ratio, len(groups)))), schedule=params.finetune.schedule, seed=compute.seed,
-        freeze_bn_stats=finetune_fixes_bn_stats(params.finetune.bn_stats, head.params))
-    used = {**params.select(STAGE.params), "finetune": {**params.finetune.model_dump(), "peak_lr": lr},
-            "group_lrs": phase.group_lrs}
-    record = Record(used=used, index=inputs.index, inputs=[inputs.index, inputs.checkpoint], outputs=outputs,
-                    title=f"finetune: {head.spec.arch}, {unfrozen_words(frozen)}, lr {lr / params.finetune.lr_ratio:.1e} to {lr:.1e}",
-                    register_as=params.tracking.registered_model)  # the model to serve is finetune's
+    phase = Phase(
+        epochs=params.finetune.epochs,
+        group_lrs=dict(zip(groups, discriminative_lrs(lr, params.finetune.lr_ratio, len(groups)))),
+        schedule=params.finetune.schedule,
+        seed=compute.seed,
+        freeze_bn_stats=finetune_fixes_bn_stats(params.finetune.bn_stats, head.params),
+    )
+    used = {
+        **params.select(STAGE.params),
+        "finetune": {**params.finetune.model_dump(), "peak_lr": lr},
+        "group_lrs": phase.group_lrs,
+    }
+    record = Record(
+        used=used,
+        index=inputs.index,
+        inputs=[inputs.index, inputs.checkpoint],
+        outputs=outputs,
+        title=f"finetune: {head.spec.arch}, {unfrozen_words(frozen)}, "
+        f"lr {lr / params.finetune.lr_ratio:.1e} to {lr:.1e}",
+        register_as=params.tracking.registered_model,
+    )  # the model to serve is finetune's
     learner = Learner(context, model, head.spec, data, size_ratio=params.finetune.size_ratio)
     fitted = fit_and_save(learner, phase, record)
-    return describe_metrics(learner, fitted, extra=f", from train-head accuracy {head.history[-1]['accuracy']:.4f}"
-                                                                 f", {unfrozen_words(frozen)}")
+    return describe_metrics(
+        learner,
+        fitted,
+        extra=f", from train-head accuracy {head.history[-1]['accuracy']:.4f}, {unfrozen_words(frozen)}",
+    )
 
 
 def unfrozen_words(frozen: list[str]) -> str:
@@ -73,5 +89,7 @@ def peak_lr(setting: float | str, lr_find_result: Path) -> float:
     try:
         return float(json.loads(lr_find_result.read_text())["chosen"]["lr"])
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise PetpipeError(f"finetune.lr = auto needs lr-find's result {lr_find_result} ({error}); "
-                           f"run `dvc repro lr-find` or set finetune.lr to a number") from None
+        raise PetpipeError(
+            f"finetune.lr = auto needs lr-find's result {lr_find_result} ({error}); "
+            f"run `dvc repro lr-find` or set finetune.lr to a number"
+        ) from None

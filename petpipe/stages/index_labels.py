@@ -30,16 +30,18 @@ log = logging.getLogger(__name__)
 SHOW_BATCH_SIZE = 9
 
 
-STAGE = Stage("index-labels",
-              params=("labels", "split", "model.img_size", "model.presize_ratio", "train.seed", "train.augment"))
+STAGE = Stage(
+    "index-labels", params=("labels", "split", "model.img_size", "model.presize_ratio", "train.seed", "train.augment")
+)
 
 
 @dataclass(frozen=True)
 class Inputs:
     images: Path = path_option("fetch's images folder.")
     corrections: Path | None = path_option(
-        "labels.corrections: path,action,label CSV (relabel or exclude) applied after labelling; none when "
-        "omitted.", optional=True)
+        "labels.corrections: path,action,label CSV (relabel or exclude) applied after labelling; none when omitted.",
+        optional=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,7 @@ def _show_batch(index: pd.DataFrame, folder: Path, params: Params) -> Any:
     from petpipe.views import Views
 
     views = Views.for_display(params.model, params.train.augment)
-    return show_batch_figure(index, folder, split="train", count=SHOW_BATCH_SIZE, views=views,
-                             seed=params.train.seed)
+    return show_batch_figure(index, folder, split="train", count=SHOW_BATCH_SIZE, views=views, seed=params.train.seed)
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,14 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     leaks = data.find_leaks(index)
     imbalance = data.class_imbalance(counts)
     how = split_description(plan, params.split)
-    warnings = _warnings(counts, leaks=leaks, skipped=found.skipped, unmatched=found.unmatched,
-                         outside=found.outside, imbalance=imbalance)
+    warnings = _warnings(
+        counts,
+        leaks=leaks,
+        skipped=found.skipped,
+        unmatched=found.unmatched,
+        outside=found.outside,
+        imbalance=imbalance,
+    )
     if corrected["ignored"]:
         warnings.append(f"{len(corrected['ignored'])} correction(s) name files without a label (see corrections)")
     for warning in warnings:
@@ -110,18 +117,37 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     n_train, n_valid, n_test = (int(counts[split].sum()) for split in data.SPLITS)
     write_csv(outputs.index, index)
     write_json(outputs.classes, {"classes": classes})
-    write_json(outputs.report, _report(index, counts, survey=found, leaks=leaks, warnings=warnings,
-                                       corrections=corrected, split={"method": plan.method, "how": how,
-                                                                     "folders": plan.folders},
-                                       imbalance=imbalance))
+    write_json(
+        outputs.report,
+        _report(
+            index,
+            counts,
+            survey=found,
+            leaks=leaks,
+            warnings=warnings,
+            corrections=corrected,
+            split={"method": plan.method, "how": how, "folders": plan.folders},
+            imbalance=imbalance,
+        ),
+    )
     if show_batch is not None:
         save_figure(outputs.show_batch, show_batch)
     save_figure(outputs.class_counts, class_counts)
-    context.log.log_metrics({"images": len(index), "classes": len(classes), "train_images": n_train,
-                             "valid_images": n_valid, "test_images": n_test, "skipped": len(found.skipped),
-                             "unmatched": len(found.unmatched), "leaks": len(leaks),
-                             "relabelled": corrected["relabelled"], "excluded": corrected["excluded"],
-                             "imbalance_ratio": imbalance["ratio"]})
+    context.log.log_metrics(
+        {
+            "images": len(index),
+            "classes": len(classes),
+            "train_images": n_train,
+            "valid_images": n_valid,
+            "test_images": n_test,
+            "skipped": len(found.skipped),
+            "unmatched": len(found.unmatched),
+            "leaks": len(leaks),
+            "relabelled": corrected["relabelled"],
+            "excluded": corrected["excluded"],
+            "imbalance_ratio": imbalance["ratio"],
+        }
+    )
     written = [outputs.report, outputs.classes, outputs.index, outputs.show_batch, outputs.class_counts]
     context.log.log_artifacts([path for path in written if path is not None])
 
@@ -131,8 +157,11 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
         f"({imbalance['ratio']:g}x); "
         f"{len(found.skipped)} skipped, {len(found.unmatched)} unmatched, {len(leaks)} duplicates across splits"
         + (f", {len(found.outside)} outside the split folders" if found.outside else "")
-        + (f"; {corrected['relabelled']} relabelled, {corrected['excluded']} excluded by {inputs.corrections}"
-           if inputs.corrections else "")
+        + (
+            f"; {corrected['relabelled']} relabelled, {corrected['excluded']} excluded by {inputs.corrections}"
+            if inputs.corrections
+            else ""
+        )
         + f" -> {outputs.index}"
     )
 
@@ -141,13 +170,18 @@ def split_description(plan: data.SplitPlan, split: SplitParams) -> str:
     """The method used and why, in words for the summary line and report.json: which folders were the
     splits, and what was drawn from train/ for a split without its folder."""
     if plan.method != "folders":
-        shares = (f"valid_pct {split.valid_pct:g}, test_pct {split.test_pct:g}, seed {split.seed}"
-                  if plan.method == "random" else "")
+        shares = (
+            f"valid_pct {split.valid_pct:g}, test_pct {split.test_pct:g}, seed {split.seed}"
+            if plan.method == "random"
+            else ""
+        )
         return f"{plan.method} ({plan.reason}" + (f", {shares})" if shares else ")")
     drawn = []
     if "valid" not in plan.folders:
-        drawn.append(f"valid drawn from {plan.folders['train']}/ by split.valid_pct {split.valid_pct:g} "
-                     f"(no valid/ or val/ folder)")
+        drawn.append(
+            f"valid drawn from {plan.folders['train']}/ by split.valid_pct {split.valid_pct:g} "
+            f"(no valid/ or val/ folder)"
+        )
     if "test" not in plan.folders and split.test_pct > 0:
         drawn.append(f"test drawn from {plan.folders['train']}/ by split.test_pct {split.test_pct:g}")
     if "test" in plan.folders and split.test_pct > 0:
@@ -160,9 +194,13 @@ def survey(folder: Path, labels: LabelParams, plan: data.SplitPlan, relative_pat
     folders, files outside them are not indexed, and the split folder is never a folder label."""
     outside = [path for path in relative_paths if plan.folders and plan.folder_of(path) is None]
     inside = [path for path in relative_paths if not plan.folders or plan.folder_of(path) is not None]
-    found = data.label_images(inside, method=labels.method, pattern=labels.pattern,
-                              csv_path=Path(labels.csv) if labels.csv else None,
-                              under_split_folder=bool(plan.folders))
+    found = data.label_images(
+        inside,
+        method=labels.method,
+        pattern=labels.pattern,
+        csv_path=Path(labels.csv) if labels.csv else None,
+        under_split_folder=bool(plan.folders),
+    )
     if labels.method == "folder":
         _refuse_split_folders_without_class_folders(inside, found, plan, folder)
     unmatched = [path for path in inside if found[path] is None]
@@ -177,8 +215,14 @@ def survey(folder: Path, labels: LabelParams, plan: data.SplitPlan, relative_pat
             f"{len(unmatched)} unmatched; check labels.pattern / data.source"
         )
     _refuse_unreadable_split_folders(candidates, results, plan, folder)
-    return Survey(files=len(relative_paths), labels={path: found[path] for path in infos}, infos=infos,
-                  skipped=skipped, unmatched=unmatched, outside=[path for path in outside if _looks_like_image(path)])
+    return Survey(
+        files=len(relative_paths),
+        labels={path: found[path] for path in infos},
+        infos=infos,
+        skipped=skipped,
+        unmatched=unmatched,
+        outside=[path for path in outside if _looks_like_image(path)],
+    )
 
 
 # What counts as a photo when reporting files outside the split folders or loose in one (notes.txt is not).
@@ -189,8 +233,9 @@ def _looks_like_image(path: str) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
-def _refuse_split_folders_without_class_folders(paths: list[str], found: dict[str, str | None],
-                                               plan: data.SplitPlan, folder: Path) -> None:
+def _refuse_split_folders_without_class_folders(
+    paths: list[str], found: dict[str, str | None], plan: data.SplitPlan, folder: Path
+) -> None:
     """Folder labels under split folders need class folders: test/1.jpg has no class, and a split folder
     holding only such images is a layout mistake, not a few unmatched names."""
     for split, name in plan.folders.items():
@@ -199,18 +244,22 @@ def _refuse_split_folders_without_class_folders(paths: list[str], found: dict[st
             raise PetpipeError(
                 f"{folder / name}: {len(members)} images but no class folders; with labels.method folder put each "
                 f"in {name}/<class>/ (as {plan.folders.get('train', 'train')}/ has them), or label by name "
-                "(labels.method regex)")
+                "(labels.method regex)"
+            )
 
 
-def _refuse_unreadable_split_folders(candidates: list[str], results: list[data.ImageInfo | str],
-                                     plan: data.SplitPlan, folder: Path) -> None:
+def _refuse_unreadable_split_folders(
+    candidates: list[str], results: list[data.ImageInfo | str], plan: data.SplitPlan, folder: Path
+) -> None:
     """A split folder whose every labelled image is unusable would silently vanish from the split."""
     for split, name in plan.folders.items():
         reasons = [(path, result) for path, result in zip(candidates, results) if plan.folder_of(path) == split]
         if reasons and all(isinstance(result, str) for _, result in reasons):
             path, reason = reasons[0]
-            raise PetpipeError(f"{folder / name}: none of its {len(reasons)} images can be read (e.g. {path}: "
-                               f"{reason}); replace them, or remove the folder")
+            raise PetpipeError(
+                f"{folder / name}: none of its {len(reasons)} images can be read (e.g. {path}: "
+                f"{reason}); replace them, or remove the folder"
+            )
 
 
 def corrected_survey(found: Survey, corrections: Path | None) -> tuple[Survey, dict[str, Any]]:
@@ -220,8 +269,9 @@ def corrected_survey(found: Survey, corrections: Path | None) -> tuple[Survey, d
         return found, {"file": None, "relabelled": 0, "excluded": 0, "ignored": []}
     source = f"labels.corrections {corrections}"
     folder_files = [*found.labels, *(entry["path"] for entry in found.skipped), *found.unmatched, *found.outside]
-    labels, done = data.apply_corrections(found.labels, data.load_corrections(corrections),
-                                          folder_files=folder_files, source=source)
+    labels, done = data.apply_corrections(
+        found.labels, data.load_corrections(corrections), folder_files=folder_files, source=source
+    )
     if not labels:
         raise PetpipeError(f"{source} excludes every image; remove some exclude rows")
     infos = {path: found.infos[path] for path in labels}
@@ -230,8 +280,7 @@ def corrected_survey(found: Survey, corrections: Path | None) -> tuple[Survey, d
 
 def split_index(found: Survey, split: SplitParams, plan: data.SplitPlan) -> pd.DataFrame:
     """index.csv's rows, split once by the plan."""
-    splits = data.split_images(found.labels, plan, valid_pct=split.valid_pct, test_pct=split.test_pct,
-                               seed=split.seed)
+    splits = data.split_images(found.labels, plan, valid_pct=split.valid_pct, test_pct=split.test_pct, seed=split.seed)
     return data.build_index(found.labels, found.infos, splits)
 
 
@@ -239,9 +288,11 @@ def _refuse_a_single_class(classes: list[str], folder: Path, labels: LabelParams
     """A one-class "classifier" trains to 100 % and learns nothing: two classes are the minimum."""
     if len(classes) >= 2:
         return
-    how = {"regex": f"labels.pattern {labels.pattern!r} gives every file name this label",
-           "folder": "every image is in this one folder (labels.method folder labels by parent folder)",
-           "csv": f"labels.csv ({labels.csv}) gives every image this label"}[labels.method]
+    how = {
+        "regex": f"labels.pattern {labels.pattern!r} gives every file name this label",
+        "folder": "every image is in this one folder (labels.method folder labels by parent folder)",
+        "csv": f"labels.csv ({labels.csv}) gives every image this label",
+    }[labels.method]
     raise PetpipeError(
         f"only one class found ({classes[0]}) in {folder}: a classifier needs at least two; {how}. "
         "Check labels.method / labels.pattern, or add images of other classes"
@@ -254,11 +305,14 @@ def _refuse_classes_without_training_images(counts: pd.DataFrame, plan: data.Spl
     empty = counts.index[counts["train"] == 0].tolist()
     if not empty:
         return
-    where = {"folders": f"add photos of them to {plan.folders.get('train', 'train')}/ (they are only in the "
-                        "valid or test folders), or set split.method random",
-             "file": f"mark at least one image of each as train in split.file ({plan.file})"}
-    raise PetpipeError(f"class(es) with no training image: {', '.join(empty)}; "
-                       f"{where.get(plan.method, 'add images of these classes')}")
+    where = {
+        "folders": f"add photos of them to {plan.folders.get('train', 'train')}/ (they are only in the "
+        "valid or test folders), or set split.method random",
+        "file": f"mark at least one image of each as train in split.file ({plan.file})",
+    }
+    raise PetpipeError(
+        f"class(es) with no training image: {', '.join(empty)}; {where.get(plan.method, 'add images of these classes')}"
+    )
 
 
 def _refuse_an_empty_validation_split(counts: pd.DataFrame, plan: data.SplitPlan, split: SplitParams) -> None:
@@ -267,26 +321,37 @@ def _refuse_an_empty_validation_split(counts: pd.DataFrame, plan: data.SplitPlan
     if counts["valid"].sum() > 0:
         return
     largest = int(counts.sum(axis=1).max())
-    fix = {"folders": f"put photos in a valid/ folder beside {plan.folders.get('train', 'train')}/",
-           "file": f"mark some images as valid in split.file ({plan.file})"}.get(
-        plan.method, f"raise split.valid_pct (now {split.valid_pct:g}: a class needs at least "
-                     f"{max(2, math.ceil(0.5 / split.valid_pct - 1e-9))} images to give one, the largest has {largest})")
+    fix = {
+        "folders": f"put photos in a valid/ folder beside {plan.folders.get('train', 'train')}/",
+        "file": f"mark some images as valid in split.file ({plan.file})",
+    }.get(
+        plan.method,
+        f"raise split.valid_pct (now {split.valid_pct:g}: a class needs at least "
+        f"{max(2, math.ceil(0.5 / split.valid_pct - 1e-9))} images to give one, the largest has {largest})",
+    )
     raise PetpipeError(f"the split has no validation image; {fix}, or add images")
 
 
 def _warnings(
-    counts: pd.DataFrame, *, leaks: list[dict[str, str]], skipped: list[dict[str, str]], unmatched: list[str],
-    outside: list[str], imbalance: dict[str, Any],
+    counts: pd.DataFrame,
+    *,
+    leaks: list[dict[str, str]],
+    skipped: list[dict[str, str]],
+    unmatched: list[str],
+    outside: list[str],
+    imbalance: dict[str, Any],
 ) -> list[str]:
     warnings = []
     no_valid = counts.index[counts["valid"] == 0].tolist()
     if no_valid:
         warnings.append(f"{len(no_valid)} class(es) with no validation image: {', '.join(no_valid)}")
     if imbalance["ratio"] > IMBALANCE_WARNING:
-        warnings.append(f"classes are imbalanced {imbalance['ratio']:g}x: {imbalance['largest']['class']} has "
-                        f"{imbalance['largest']['images']} images, {imbalance['smallest']['class']} "
-                        f"{imbalance['smallest']['images']} (read balanced_accuracy and per_class.csv, not "
-                        "accuracy alone)")
+        warnings.append(
+            f"classes are imbalanced {imbalance['ratio']:g}x: {imbalance['largest']['class']} has "
+            f"{imbalance['largest']['images']} images, {imbalance['smallest']['class']} "
+            f"{imbalance['smallest']['images']} (read balanced_accuracy and per_class.csv, not "
+            "accuracy alone)"
+        )
     if leaks:
         warnings.append(f"{len(leaks)} identical file pair(s) across splits (see leaks)")
     if skipped:
@@ -299,8 +364,15 @@ def _warnings(
 
 
 def _report(
-    index: pd.DataFrame, counts: pd.DataFrame, *, survey: Survey, leaks: list[dict[str, str]],
-    warnings: list[str], corrections: dict[str, Any], split: dict[str, Any], imbalance: dict[str, Any],
+    index: pd.DataFrame,
+    counts: pd.DataFrame,
+    *,
+    survey: Survey,
+    leaks: list[dict[str, str]],
+    warnings: list[str],
+    corrections: dict[str, Any],
+    split: dict[str, Any],
+    imbalance: dict[str, Any],
 ) -> dict[str, Any]:
     return {
         "images": len(index),
@@ -312,8 +384,10 @@ def _report(
         "split": split,
         # The largest and smallest class over every split, and their ratio (a warning above 10x).
         "imbalance": imbalance,
-        "per_class": {name: {"train": int(row.train), "valid": int(row.valid), "test": int(row.test)}
-                      for name, row in counts.iterrows()},
+        "per_class": {
+            name: {"train": int(row.train), "valid": int(row.valid), "test": int(row.test)}
+            for name, row in counts.iterrows()
+        },
         "skipped": survey.skipped,
         "unmatched": survey.unmatched,
         # Images outside the train/valid/test folders when those are the split: not indexed.

@@ -36,8 +36,9 @@ from petpipe.training import Criterion
 from petpipe.views import Views
 
 # finetune.bn_stats and frozen_stride: the sweep trains what, and as, the finetune it is for will.
-STAGE = Stage("lr-find", params=("train", "lr_find", "finetune.bn_stats", "finetune.frozen_stride"),
-              compute=one_process)
+STAGE = Stage(
+    "lr-find", params=("train", "lr_find", "finetune.bn_stats", "finetune.frozen_stride"), compute=one_process
+)
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,9 @@ class Outputs:
     plot: Path = path_option("lr_find.png to write.")
     metrics: Path | None = path_option(
         "metrics.json to write: the suggestions, the chosen lr and whether the curve is trusted, as scalars "
-        "(dvc metrics show, dvc exp show); not written when omitted.", optional=True)
+        "(dvc metrics show, dvc exp show); not written when omitted.",
+        optional=True,
+    )
 
 
 @STAGE.runs
@@ -71,17 +74,32 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     set_train_mode(model, freeze_bn_stats=finetune_fixes_bn_stats(params.finetune.bn_stats, head.params))
     context.log.log_params({"levers": dataclasses.asdict(levers)})
     criterion = Criterion.of(params.train, data)  # the loss finetune will train on
-    curve = lr_sweep(model, data.train, views=dataclasses.replace(views, memory_format=levers.memory_format),
-                     sweep=params.lr_find, settings=params.train, precision=levers.precision,
-                     generator=torch.Generator().manual_seed(context.compute.seed), criterion=criterion,
-                     progress=progress_bar(STAGE.name))
+    curve = lr_sweep(
+        model,
+        data.train,
+        views=dataclasses.replace(views, memory_format=levers.memory_format),
+        sweep=params.lr_find,
+        settings=params.train,
+        precision=levers.precision,
+        generator=torch.Generator().manual_seed(context.compute.seed),
+        criterion=criterion,
+        progress=progress_bar(STAGE.name),
+    )
     result = {**choose(curve, params.lr_find), "class_weights": criterion.method}
     write_csv(outputs.curve, pd.DataFrame(curve))
-    save_figure(outputs.plot, plots.plot_lr_find(curve["lr"], curve["smoothed_loss"], result["suggestions"],
-                                                 chosen=params.lr_find.suggestion, raw_losses=curve["loss"],
-                                                 threshold=result["divergence"]["threshold"],
-                                                 noise_window=result["noise"]["window"],
-                                                 trusted=result["trusted"]))
+    save_figure(
+        outputs.plot,
+        plots.plot_lr_find(
+            curve["lr"],
+            curve["smoothed_loss"],
+            result["suggestions"],
+            chosen=params.lr_find.suggestion,
+            raw_losses=curve["loss"],
+            threshold=result["divergence"]["threshold"],
+            noise_window=result["noise"]["window"],
+            trusted=result["trusted"],
+        ),
+    )
     write_json(outputs.result, result)
     numbers = scalar_metrics(result)  # the same names in metrics.json (DVC) and in the MLflow run
     if outputs.metrics is not None:
@@ -89,8 +107,9 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     context.log.log_metrics(numbers)
     for step, (lr, loss) in enumerate(zip(curve["lr"], curve["smoothed_loss"])):
         context.log.log_metrics({"lr_find_lr": lr, "lr_find_smoothed_loss": loss}, step=step)
-    context.log.log_artifacts([path for path in (outputs.result, outputs.curve, outputs.plot, outputs.metrics)
-                               if path is not None])
+    context.log.log_artifacts(
+        [path for path in (outputs.result, outputs.curve, outputs.plot, outputs.metrics) if path is not None]
+    )
     return summary(result)
 
 
@@ -98,19 +117,26 @@ def choose(curve: dict[str, list[float]], settings: LrFindParams) -> dict[str, A
     """lr_find.json: fastai's four suggestions and the edge on the curve, whether the curve can be trusted (it
     rose past the divergence threshold: a curve of batch noise cannot), the lr chosen for finetune, the curve."""
     if len(curve["lr"]) < 5:
-        raise PetpipeError(f"lr-find: the loss was not finite after {len(curve['lr'])} batches; lower "
-                           f"lr_find.start_lr, or check the data and the checkpoint")
+        raise PetpipeError(
+            f"lr-find: the loss was not finite after {len(curve['lr'])} batches; lower "
+            f"lr_find.start_lr, or check the data and the checkpoint"
+        )
     rule = StopRule.of(settings)
-    suggestions = {**suggest(curve["lr"], curve["smoothed_loss"], num_it=settings.num_it),
-                   "edge": rule.edge(curve["lr"], curve["loss"], curve["smoothed_loss"])}
+    suggestions = {
+        **suggest(curve["lr"], curve["smoothed_loss"], num_it=settings.num_it),
+        "edge": rule.edge(curve["lr"], curve["loss"], curve["smoothed_loss"]),
+    }
     if not all(math.isfinite(value) and value > 0 for value in suggestions.values()):
         raise PetpipeError(f"lr-find: suggestions are not usable ({suggestions}); check the data and lr_find params")
     trusted = rule.diverged(curve["loss"], curve["smoothed_loss"])  # the sweep stops at its first divergence
     threshold = rule.threshold(curve["loss"], curve["smoothed_loss"])
     noise = rule.noise(curve["loss"])
-    window = curve["loss"][:rule.noise_window]
-    chosen = ({"rule": settings.suggestion, "lr": suggestions[settings.suggestion]} if trusted
-              else {"rule": "fallback_lr", "lr": settings.fallback_lr})
+    window = curve["loss"][: rule.noise_window]
+    chosen = (
+        {"rule": settings.suggestion, "lr": suggestions[settings.suggestion]}
+        if trusted
+        else {"rule": "fallback_lr", "lr": settings.fallback_lr}
+    )
     return {
         "chosen": chosen,
         "suggestions": suggestions,
@@ -119,10 +145,15 @@ def choose(curve: dict[str, list[float]], settings: LrFindParams) -> dict[str, A
         "iterations": len(curve["lr"]),
         "lr_reached": curve["lr"][-1],
         "stopped_early": len(curve["lr"]) < settings.num_it,
-        "noise": {"window": rule.noise_window, "mean": float(sum(window) / len(window)) if window else None,
-                  "std": noise},
-        "divergence": {"threshold": threshold if math.isfinite(threshold) else None,
-                       "smoothed_loss": curve["smoothed_loss"][-1]},
+        "noise": {
+            "window": rule.noise_window,
+            "mean": float(sum(window) / len(window)) if window else None,
+            "std": noise,
+        },
+        "divergence": {
+            "threshold": threshold if math.isfinite(threshold) else None,
+            "smoothed_loss": curve["smoothed_loss"][-1],
+        },
         "curve": curve,
     }
 
@@ -130,29 +161,43 @@ def choose(curve: dict[str, list[float]], settings: LrFindParams) -> dict[str, A
 def scalar_metrics(result: dict[str, Any]) -> dict[str, float | int]:
     """lr-find's metrics.json: lr_find.json's numbers that compare across experiments, one column each in
     `dvc exp show` (the curve and the verdict stay in lr_find.json); trusted is 1 or 0."""
-    return {**{f"suggested_lr_{name}": float(value) for name, value in result["suggestions"].items()},
-            "chosen_lr": float(result["chosen"]["lr"]), "trusted": int(result["trusted"]),
-            "iterations": int(result["iterations"]), "lr_reached": float(result["lr_reached"])}
+    return {
+        **{f"suggested_lr_{name}": float(value) for name, value in result["suggestions"].items()},
+        "chosen_lr": float(result["chosen"]["lr"]),
+        "trusted": int(result["trusted"]),
+        "iterations": int(result["iterations"]),
+        "lr_reached": float(result["lr_reached"]),
+    }
 
 
 def verdict(trusted: bool, curve: dict[str, list[float]], settings: LrFindParams) -> str:
     """One sentence: what the curve shows and what finetune.lr auto gets from it."""
     if trusted:
-        return (f"the loss rose past the divergence threshold at lr {curve['lr'][-1]:.2e}: "
-                f"finetune.lr auto uses the {settings.suggestion} suggestion")
-    return (f"no rise above the batch noise up to lr {curve['lr'][-1]:.2e}: the suggestions describe noise; "
-            f"finetune.lr auto uses lr_find.fallback_lr {settings.fallback_lr:.2e}")
+        return (
+            f"the loss rose past the divergence threshold at lr {curve['lr'][-1]:.2e}: "
+            f"finetune.lr auto uses the {settings.suggestion} suggestion"
+        )
+    return (
+        f"no rise above the batch noise up to lr {curve['lr'][-1]:.2e}: the suggestions describe noise; "
+        f"finetune.lr auto uses lr_find.fallback_lr {settings.fallback_lr:.2e}"
+    )
 
 
 def summary(result: dict[str, Any]) -> str:
     """The stage's one line."""
     described = ", ".join(f"{name} {value:.2e}" for name, value in result["suggestions"].items())
     noise = result["noise"]
-    level = (f"; start loss {noise['mean']:.3f} +- {noise['std']:.3f}" if noise["mean"] is not None
-             and noise["std"] is not None else "")
+    level = (
+        f"; start loss {noise['mean']:.3f} +- {noise['std']:.3f}"
+        if noise["mean"] is not None and noise["std"] is not None
+        else ""
+    )
     trust = "" if result["trusted"] else " (UNTRUSTED)"
-    weighted = (f" (loss weighted by class: {result['class_weights']})"
-                if result.get("class_weights", "none") != "none" else "")
-    return (f"lr-find: {result['iterations']} iterations to lr {result['lr_reached']:.2e}{weighted}{level}; "
-            f"{described}{trust}; chosen {result['chosen']['rule']} = {result['chosen']['lr']:.2e}; "
-            f"{result['verdict']}")
+    weighted = (
+        f" (loss weighted by class: {result['class_weights']})" if result.get("class_weights", "none") != "none" else ""
+    )
+    return (
+        f"lr-find: {result['iterations']} iterations to lr {result['lr_reached']:.2e}{weighted}{level}; "
+        f"{described}{trust}; chosen {result['chosen']['rule']} = {result['chosen']['lr']:.2e}; "
+        f"{result['verdict']}"
+    )

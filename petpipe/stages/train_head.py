@@ -40,11 +40,20 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     cached = params.train_head.cache_features
     freeze_body(model, train_bn=params.model.train_bn and not cached)
     # The body is frozen, so one learning rate serves every group (fastai's fit_one_cycle(epochs, lr)).
-    phase = Phase(epochs=params.train_head.epochs, group_lrs=dict.fromkeys(model.layer_groups(), params.train_head.lr),
-                  schedule=params.train_head.schedule, seed=compute.seed,
-                  feature_views=params.train_head.feature_views if cached else 0,
-                  freeze_bn_stats=head_fixes_bn_stats(cache_features=cached, train_bn=params.model.train_bn))
-    record = Record(used=params.select(STAGE.params), index=inputs.index, inputs=[inputs.index], outputs=outputs,
-                    title=f"train-head: {spec.arch}, body frozen")
+    phase = Phase(
+        epochs=params.train_head.epochs,
+        group_lrs=dict.fromkeys(model.layer_groups(), params.train_head.lr),
+        schedule=params.train_head.schedule,
+        seed=compute.seed,
+        feature_views=params.train_head.feature_views if cached else 0,
+        freeze_bn_stats=head_fixes_bn_stats(cache_features=cached, train_bn=params.model.train_bn),
+    )
+    record = Record(
+        used=params.select(STAGE.params),
+        index=inputs.index,
+        inputs=[inputs.index],
+        outputs=outputs,
+        title=f"train-head: {spec.arch}, body frozen",
+    )
     learner = Learner(context, model, spec, data)
     return describe_metrics(learner, fit_and_save(learner, phase, record))
