@@ -75,6 +75,21 @@ class Dataset:
         return self.index[self.index["split"] == split].reset_index(drop=True)
 
 
+def _check_usable(index: pd.DataFrame, index_path: Path, classes: Sequence[str], paths: Sequence[Path]) -> None:
+    """Refuse labels the model does not know and indexed images that are gone, each in one line."""
+    unknown = sorted(set(index["label"]) - set(classes))
+    if unknown:
+        raise PetpipeError(
+            f"{index_path} has labels the model was not trained on: {', '.join(unknown[:5])}; "
+            f"rerun train-head (dvc repro)"
+        )
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        raise PetpipeError(
+            f"{len(missing)} indexed images are missing, e.g. {missing[0]}; rerun fetch and index-labels (dvc repro)"
+        )
+
+
 def load_dataset(
     index_path: Path,
     images: Path,
@@ -96,21 +111,11 @@ def load_dataset(
     world, device = runtime.world, runtime.device
     index = load_index(index_path)
     classes = list(classes) if classes is not None else class_names(index)
-    unknown = sorted(set(index["label"]) - set(classes))
-    if unknown:
-        raise PetpipeError(
-            f"{index_path} has labels the model was not trained on: {', '.join(unknown[:5])}; "
-            f"rerun train-head (dvc repro)"
-        )
     # The test split only when asked for and not empty: no pixel cache of nothing.
     splits = ("train", "valid") + (("test",) if with_test and (index["split"] == "test").any() else ())
     rows = {split: np.flatnonzero((index["split"] == split).to_numpy()) for split in splits}
     paths = [images / relative for relative in index["path"]]
-    missing = [str(paths[row]) for chosen in rows.values() for row in chosen if not paths[row].is_file()]
-    if missing:
-        raise PetpipeError(
-            f"{len(missing)} indexed images are missing, e.g. {missing[0]}; rerun fetch and index-labels (dvc repro)"
-        )
+    _check_usable(index, index_path, classes, [paths[row] for chosen in rows.values() for row in chosen])
     class_ids = index["label"].map({name: position for position, name in enumerate(classes)}).to_numpy()
     if not world.is_main:
         barrier()  # rank 0 decodes the images into the cache first; the others then map it

@@ -18,6 +18,7 @@ from matplotlib.ticker import MaxNLocator
 
 if TYPE_CHECKING:  # images arrive as tensors; drawing them needs no torch of its own
     import torch
+    from matplotlib.axes import Axes
 
 TRAIN_COLOR = "#4C72B0"
 VALID_COLOR = "#DD8452"
@@ -121,6 +122,24 @@ def plot_training_history(history: pd.DataFrame, *, title: str) -> Figure:
     return figure
 
 
+def _mark_suggestions(
+    axis: Axes,
+    lrs: Sequence[float],
+    losses: Sequence[float],
+    suggestions: Mapping[str, float],
+    *,
+    chosen: str,
+    trusted: bool,
+) -> None:
+    """Each suggestion as a marker on the smoothed curve; the chosen one larger, and named so when trusted."""
+    markers = {"valley": "o", "slide": "s", "minimum": "v", "steep": "^", "edge": "D"}
+    for name, lr in suggestions.items():
+        loss = float(np.interp(np.log10(lr), np.log10(lrs), losses))
+        label = f"{name}: {lr:.2e}" + (" (chosen)" if name == chosen and trusted else "")
+        size = 9 if name == chosen else 6
+        axis.plot([lr], [loss], marker=markers.get(name, "o"), markersize=size, linestyle="none", label=label)
+
+
 def plot_lr_find(
     lrs: Sequence[float],
     losses: Sequence[float],
@@ -152,18 +171,7 @@ def plot_lr_find(
     if finite:
         top = max([*finite, threshold if threshold is not None and math.isfinite(threshold) else 0.0])
         axis.set_ylim(min(0.0, min(finite)), 1.15 * top)  # raw batches may spike far above: not the story
-    markers = {"valley": "o", "slide": "s", "minimum": "v", "steep": "^", "edge": "D"}
-    for name, lr in suggestions.items():
-        loss = float(np.interp(np.log10(lr), np.log10(lrs), losses))
-        label = f"{name}: {lr:.2e}" + (" (chosen)" if name == chosen and trusted else "")
-        axis.plot(
-            [lr],
-            [loss],
-            marker=markers.get(name, "o"),
-            markersize=9 if name == chosen else 6,
-            linestyle="none",
-            label=label,
-        )
+    _mark_suggestions(axis, lrs, losses, suggestions, chosen=chosen, trusted=trusted)
     axis.legend(frameon=False, fontsize=8)
     axis.grid(alpha=0.3, which="both")
     title = "Learning rate finder (whole model unfrozen)"

@@ -66,7 +66,19 @@ def export_bundle(checkpoint_path: Path, out: Path, *, check_tolerance: float = 
     spec = checkpoint.spec
     model = checkpoint.model().eval()
     example = torch.randn(2, 3, spec.img_size, spec.img_size, generator=torch.Generator().manual_seed(0))
-    manifest = {
+    manifest = _manifest(checkpoint, checkpoint_path)
+    with atomic_directory(out) as folder:
+        _export_onnx(model, example, folder / ONNX_FILE)
+        write_json(folder / BUNDLE_FILE, manifest)
+        _check_export(model, example, folder, tolerance=check_tolerance)
+        folder.chmod(0o755)  # the temporary folder is private (0700); the bundle is meant to be shared
+    return manifest
+
+
+def _manifest(checkpoint: Checkpoint, checkpoint_path: Path) -> dict[str, Any]:
+    """bundle.json: the ONNX graph's input and output, the classes and what the network sees."""
+    spec = checkpoint.spec
+    return {
         "format": BUNDLE_FORMAT,
         "model": ONNX_FILE,
         "runtime": "onnxruntime",
@@ -102,12 +114,6 @@ def export_bundle(checkpoint_path: Path, out: Path, *, check_tolerance: float = 
         "source": {"checkpoint": checkpoint_path.name, "sha256": file_digest(checkpoint_path)},
         "opset": ONNX_OPSET,
     }
-    with atomic_directory(out) as folder:
-        _export_onnx(model, example, folder / ONNX_FILE)
-        write_json(folder / BUNDLE_FILE, manifest)
-        _check_export(model, example, folder, tolerance=check_tolerance)
-        folder.chmod(0o755)  # the temporary folder is private (0700); the bundle is meant to be shared
-    return manifest
 
 
 def _export_onnx(model: Classifier, example: torch.Tensor, path: Path) -> None:

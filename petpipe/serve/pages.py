@@ -135,26 +135,30 @@ async def clean_page(request: Request) -> Response:
         return templates.TemplateResponse(request, "clean.html", context)
     context["audited"] = True
     labels = dict(zip(index["path"], index["label"]))  # today's labels: the audit may predate a relabel
-    classes = service.predictor.classes
     if view == "suspects":
         context["issues"] = int(table["issue"].sum())
         suspects = table[table["path"].isin(labels)].head(count)
+        classes = service.predictor.classes
         context["rows"] = [_suspect(row, labels[row.path], corrections, classes) for row in suspects.itertuples()]
     else:
-        pairs = table[table["path_a"].isin(labels) & table["path_b"].isin(labels)].head(count)
-        context["leaks"] = int((table["split_a"] != table["split_b"]).sum())
-        context["pairs"] = [
-            {
-                "similarity": row.similarity,
-                "leak": row.split_a != row.split_b,
-                "sides": [
-                    _side(row.path_a, row.split_a, labels, corrections),
-                    _side(row.path_b, row.split_b, labels, corrections),
-                ],
-            }
-            for row in pairs.itertuples()
-        ]
+        context.update(_duplicates(table, labels, corrections, count))
     return templates.TemplateResponse(request, "clean.html", context)
+
+
+def _duplicates(table: pd.DataFrame, labels: dict[str, str], corrections: dict[str, Any], count: int) -> dict[str, Any]:
+    """The Duplicates view's pairs (both photos still indexed, most similar first) and its count of leaks."""
+    pairs = table[table["path_a"].isin(labels) & table["path_b"].isin(labels)].head(count)
+    sides = [
+        [_side(row.path_a, row.split_a, labels, corrections), _side(row.path_b, row.split_b, labels, corrections)]
+        for row in pairs.itertuples()
+    ]
+    return {
+        "leaks": int((table["split_a"] != table["split_b"]).sum()),
+        "pairs": [
+            {"similarity": row.similarity, "leak": row.split_a != row.split_b, "sides": both}
+            for row, both in zip(pairs.itertuples(), sides)
+        ],
+    }
 
 
 def read_audit(folder: Path, view: str) -> pd.DataFrame | None:

@@ -114,7 +114,6 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     # Draw both figures before writing anything, so a plotting failure leaves no new outputs.
     show_batch = _show_batch(index, folder, params) if outputs.show_batch is not None else None
     class_counts = plot_class_counts(counts)
-    n_train, n_valid, n_test = (int(counts[split].sum()) for split in data.SPLITS)
     write_csv(outputs.index, index)
     write_json(outputs.classes, {"classes": classes})
     write_json(
@@ -133,36 +132,70 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     if show_batch is not None:
         save_figure(outputs.show_batch, show_batch)
     save_figure(outputs.class_counts, class_counts)
-    context.log.log_metrics(
-        {
-            "images": len(index),
-            "classes": len(classes),
-            "train_images": n_train,
-            "valid_images": n_valid,
-            "test_images": n_test,
-            "skipped": len(found.skipped),
-            "unmatched": len(found.unmatched),
-            "leaks": len(leaks),
-            "relabelled": corrected["relabelled"],
-            "excluded": corrected["excluded"],
-            "imbalance_ratio": imbalance["ratio"],
-        }
-    )
+    context.log.log_metrics(_metrics(index, counts, found=found, leaks=leaks, corrected=corrected, imbalance=imbalance))
     written = [outputs.report, outputs.classes, outputs.index, outputs.show_batch, outputs.class_counts]
     context.log.log_artifacts([path for path in written if path is not None])
 
     return (
-        f"indexed {len(index)} images of {len(classes)} classes ({n_train} train, {n_valid} valid, {n_test} test; "
+        _summary(
+            index,
+            counts,
+            found=found,
+            leaks=leaks,
+            corrected=corrected,
+            imbalance=imbalance,
+            how=how,
+            corrections=inputs.corrections,
+        )
+        + f" -> {outputs.index}"
+    )
+
+
+def _metrics(
+    index: pd.DataFrame, counts: pd.DataFrame, *, found: Survey, leaks: list, corrected: dict, imbalance: dict
+) -> dict[str, float]:
+    """index-labels' MLflow metrics: the counts of images, classes, splits and of each kind of problem."""
+    n_train, n_valid, n_test = (int(counts[split].sum()) for split in data.SPLITS)
+    return {
+        "images": len(index),
+        "classes": len(data.class_names(index)),
+        "train_images": n_train,
+        "valid_images": n_valid,
+        "test_images": n_test,
+        "skipped": len(found.skipped),
+        "unmatched": len(found.unmatched),
+        "leaks": len(leaks),
+        "relabelled": corrected["relabelled"],
+        "excluded": corrected["excluded"],
+        "imbalance_ratio": imbalance["ratio"],
+    }
+
+
+def _summary(
+    index: pd.DataFrame,
+    counts: pd.DataFrame,
+    *,
+    found: Survey,
+    leaks: list,
+    corrected: dict,
+    imbalance: dict,
+    how: str,
+    corrections: Path | None,
+) -> str:
+    """The stage's one summary line, but where the index went."""
+    n_train, n_valid, n_test = (int(counts[split].sum()) for split in data.SPLITS)
+    classes = len(data.class_names(index))
+    return (
+        f"indexed {len(index)} images of {classes} classes ({n_train} train, {n_valid} valid, {n_test} test; "
         f"split: {how}); classes of {imbalance['smallest']['images']} to {imbalance['largest']['images']} images "
         f"({imbalance['ratio']:g}x); "
         f"{len(found.skipped)} skipped, {len(found.unmatched)} unmatched, {len(leaks)} duplicates across splits"
         + (f", {len(found.outside)} outside the split folders" if found.outside else "")
         + (
-            f"; {corrected['relabelled']} relabelled, {corrected['excluded']} excluded by {inputs.corrections}"
-            if inputs.corrections
+            f"; {corrected['relabelled']} relabelled, {corrected['excluded']} excluded by {corrections}"
+            if corrections
             else ""
         )
-        + f" -> {outputs.index}"
     )
 
 
