@@ -1,11 +1,12 @@
 # Two commands on a fresh machine:
 #   make pipeline   create .venv, install petpipe, run the whole pipeline (dvc repro)
-#   make test       create .venv, install petpipe with test extras, run the tests
+#   make test       create .venv, install petpipe with test extras, lint, run the tests
+# While editing: make test-fast (lint and the tests that train nothing, under a minute).
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: pipeline test install benchmark benchmark-memory levers finetune-profile
+.PHONY: pipeline test test-fast lint install benchmark benchmark-memory levers finetune-profile
 
 $(BIN)/petpipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +19,16 @@ install: $(BIN)/petpipe
 pipeline: install
 	PATH="$(abspath $(BIN)):$$PATH" dvc repro
 
-test: install
+test: install lint
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest
+
+test-fast: install lint
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q -m fast
+
+# ruff's lint and format check (pyproject.toml's [tool.ruff]); `ruff format petpipe tests benchmarks` formats.
+lint: install
+	$(BIN)/ruff check petpipe tests benchmarks
+	$(BIN)/ruff format --check petpipe tests benchmarks
 
 # fastai's tutorial recipe, petpipe's default and petpipe with the fastai override (224 px, 4 + 2 epochs with
 # lr-find): first on 4 variants of each sample photo (1,184 training photos, the README's headline; about

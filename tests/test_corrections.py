@@ -14,6 +14,8 @@ from petpipe.cli import main
 from petpipe.errors import PetpipeError
 from petpipe.stages.index_labels import Inputs, run
 
+pytestmark = pytest.mark.fast  # `make test-fast`: no training, no dvc repro
+
 LABELS = {"a_1.jpg": "a", "a_2.jpg": "a", "b_1.jpg": "b", "b_2.jpg": "b"}
 FOLDER = [*LABELS, "unusable.jpg", "notes.txt"]
 

@@ -16,6 +16,8 @@ from PIL import Image
 from petpipe import data
 from petpipe.errors import PetpipeError
 
+pytestmark = pytest.mark.fast  # `make test-fast`: no training, no dvc repro
+
 DEFAULT_PATTERN = data.compile_label_pattern(r"^(.+)_\d+\.(?:jpe?g|png|bmp|gif|webp|tiff?)$")
 
 

@@ -27,6 +27,8 @@ from petpipe.lr_finder import sweep_lrs
 from petpipe.models import build_model
 from petpipe.optim import discriminative_lrs, one_cycle, one_cycle_momentum
 
+pytestmark = pytest.mark.fast  # `make test-fast`: no training, no dvc repro
+
 POSITIONS = [0.0, 0.1, 0.25, 0.5, 0.9, 1.0]
 
 

@@ -28,6 +28,8 @@ from petpipe.errors import PetpipeError
 from petpipe.fetch import fetch_source
 from petpipe.stages import fetch as fetch_stage
 
+pytestmark = pytest.mark.fast  # `make test-fast`: no training, no dvc repro
+
 ARCHIVE_PHOTOS = 20
 
 

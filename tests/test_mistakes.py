@@ -18,6 +18,8 @@ from petpipe.errors import PetpipeError
 from petpipe.params import ParamsError, load_params
 from petpipe.stages.index_labels import Inputs, run
 
+pytestmark = pytest.mark.fast  # `make test-fast`: no training, no dvc repro
+
 # ---------------------------------------------------------------- one class
 
 

@@ -13,6 +13,8 @@ from helpers import PROJECT_ROOT
 from petpipe.params import ParamsError, load_params
 from petpipe.yamlfile import parse_yaml
 
+pytestmark = pytest.mark.fast  # `make test-fast`: no training, no dvc repro
+
 # Where YAML 1.1 (PyYAML) and YAML 1.2 (ruamel, DVC) read the same text differently.
 DIFFERENCES = """\
 exponent: 1e-4

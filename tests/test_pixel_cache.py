@@ -14,6 +14,8 @@ from petpipe.atomic import file_digest
 from petpipe.dataset import ImageSet
 from petpipe.errors import PetpipeError
 
+pytestmark = pytest.mark.fast  # `make test-fast`: no training, no dvc repro
+
 
 def photos(sample_images: Path, count: int, offset: int = 0) -> tuple[list[Path], list[str]]:
     paths = sorted(sample_images.iterdir())[offset : offset + count]

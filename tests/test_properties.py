@@ -19,6 +19,8 @@ from petpipe import data
 from petpipe.params import ParamsError, parse_params, with_overrides
 from petpipe.yamlfile import parse_yaml
 
+pytestmark = pytest.mark.fast  # `make test-fast`: no training, no dvc repro
+
 DEFAULT_PATTERN = data.compile_label_pattern(default_params()["labels"]["pattern"])
 EXTENSIONS = ["jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff"]
 FEW = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -5,7 +5,11 @@ from __future__ import annotations
 import re
 import time
 
+import pytest
+
 from petpipe import timing
+
+pytestmark = pytest.mark.fast  # `make test-fast`: no training, no dvc repro
 
 
 def test_nested_phases_count_once_and_the_rest_is_other():
