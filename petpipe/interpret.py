@@ -17,8 +17,9 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics
 
+from petpipe.metric_table import TOP_K
+
 # fastai's top_k_accuracy default and the tutorial's second metric.
-TOP_K = 5
 
 
 def per_image_losses(log_probabilities: np.ndarray, targets: np.ndarray) -> np.ndarray:

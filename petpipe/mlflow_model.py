@@ -24,9 +24,10 @@ import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
+from petpipe.metric_table import TOP_K
+
 log = logging.getLogger(__name__)
 
-TOP_K = 5
 BATCH = 32
 COLUMNS = ["label", "probability", "top_labels", "top_probabilities", "error"]
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from petpipe.devices import DEVICE_CHOICES, is_device_name
+from petpipe.metric_table import PROMOTABLE
 from petpipe.yamlfile import DuplicateKeyError, YAMLError, parse_yaml
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -221,21 +222,8 @@ class EvaluateParams(_Section):
 TrainedStage = Literal["train-head", "finetune"]
 
 
-# evaluate's metrics that can elect a champion (petpipe/tracking.py knows which way each is better).
-PromoteMetric = Literal[
-    "accuracy",
-    "error_rate",
-    "top5_accuracy",
-    "loss",
-    "macro_f1",
-    "balanced_accuracy",
-    "tta_accuracy",
-    "tta_error_rate",
-    "tta_top5_accuracy",
-    "tta_loss",
-    "tta_macro_f1",
-    "tta_balanced_accuracy",
-]
+# evaluate's metrics that can elect a champion, and which way each is better: petpipe/metric_table.py.
+PromoteMetric = Literal[PROMOTABLE]  # a tuple subscript: Literal["accuracy", ...]
 
 
 class TrackingParams(_Section):

@@ -24,10 +24,10 @@ from mlflow.entities import LoggedModelInput
 
 from petpipe.atomic import atomic_directory, file_digest
 from petpipe.errors import PetpipeError
+from petpipe.metric_table import LOWER_IS_BETTER
 
 CHAMPION = "champion"  # the registered-model alias that evaluate moves (params.yaml: tracking.promote)
 CHECKPOINT_TAG = "petpipe.checkpoint_sha256"  # on a LoggedModel: the weights it holds
-LOWER_IS_BETTER = frozenset({"error_rate", "loss", "tta_error_rate", "tta_loss"})  # the rest: more wins
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 CHECKPOINT_ARTIFACT = "checkpoint"  # the checkpoint's key in the pyfunc model's artifacts (mlflow_model.py)
 

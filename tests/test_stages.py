@@ -74,6 +74,7 @@ def test_code_dependencies_follow_imports_but_not_logging():
         "petpipe/fetch.py",
         "petpipe/folders.py",
         "petpipe/image_downloads.py",
+        "petpipe/metric_table.py",
         "petpipe/params.py",
         "petpipe/runner.py",
         "petpipe/stages/fetch.py",

@@ -20,6 +20,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from petpipe.errors import PetpipeError
+from petpipe.metric_table import TOP_K
 from petpipe.pixels import refuse_decompression_bomb
 from petpipe.predict import Predictor, classify, decode_pixels, load_predictor
 from petpipe.serve import pages
@@ -27,7 +28,6 @@ from petpipe.serve.cleaner import DECISIONS, Cleaner, CorrectionsFile, counts
 
 HERE = Path(__file__).parent
 MB = 2**20
-TOP_K = 5
 THUMBNAIL = 224  # px, the long side of the Clean page's images
 
 

@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.templating import Jinja2Templates
 
+from petpipe import metric_table
 from petpipe.errors import PetpipeError
 
 HERE = Path(__file__).parent
@@ -27,14 +28,7 @@ FIGURES = {
     "test_top_losses.png": "Test top losses",
 }
 TEST_FIGURES = {"test_confusion.png", "test_top_losses.png"}  # shown when there is a test split
-HEADLINE = {
-    "accuracy": "accuracy",
-    "error_rate": "error rate",
-    "top5_accuracy": "top-5 accuracy",
-    "loss": "loss (cross-entropy)",
-    "macro_f1": "macro F1",
-    "balanced_accuracy": "balanced accuracy",
-}
+HEADLINE = {metric.name: metric.title for metric in metric_table.HEADLINE}
 SPLITS = ("valid", "train")
 CLEAN_COUNT = 12  # images per class and split on the Clean page by default (fastai's cleaner: up to 50)
 CLEAN_MAX = 100

@@ -27,13 +27,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from petpipe import audit, interpret, plots, timing
+from petpipe import audit, interpret, metric_table, plots, timing
 from petpipe.atomic import save_figure, write_csv, write_json, write_text
 from petpipe.checkpoint import Checkpoint, load_checkpoint
 from petpipe.compute import one_process
 from petpipe.dataset import Dataset, ImageSet
 from petpipe.errors import PetpipeError
 from petpipe.hardware import autocast, to_device
+from petpipe.metric_table import NAMES as HEADLINE
 from petpipe.models import Classifier
 from petpipe.params import EvaluateParams, Params
 from petpipe.pipeline import path_option
@@ -49,7 +50,6 @@ STAGE = Stage(
 # fastai's tta: n=4 augmented views, blended with the plain view by beta=0.25.
 TTA_VIEWS = 4
 TTA_BETA = 0.25
-HEADLINE = ("accuracy", "error_rate", "top5_accuracy", "loss", "macro_f1", "balanced_accuracy")
 TEST = "test_"  # the prefix of the test split's numbers in metrics.json
 REPORT_CONFUSED = 10
 
@@ -298,7 +298,7 @@ def score(
             plain=log_probabilities,
         )
         tta_metrics = interpret.classification_metrics(tta, targets, classes)
-        metrics.update({f"tta_{name}": tta_metrics[name] for name in HEADLINE})
+        metrics.update({metric_table.TTA + name: tta_metrics[name] for name in HEADLINE})
     return log_probabilities, metrics
 
 
@@ -455,18 +455,9 @@ def render_report(
         "| metric | " + " | ".join(title for title, _ in columns) + " |",
         "|---|" + "---:|" * len(columns),
     ]
-    labels = {
-        "accuracy": "accuracy",
-        "error_rate": "error rate",
-        "top5_accuracy": "top-5 accuracy",
-        "loss": "loss (cross-entropy)",
-        "macro_f1": "macro F1",
-        "balanced_accuracy": "balanced accuracy (mean recall per class)",
-    }
-    for name in HEADLINE:
-        lines.append(
-            f"| {labels[name]} | " + " | ".join(f"{metrics[prefix + name]:.4f}" for _, prefix in columns) + " |"
-        )
+    for metric in metric_table.HEADLINE:
+        numbers = " | ".join(f"{metrics[prefix + metric.name]:.4f}" for _, prefix in columns)
+        lines.append(f"| {metric.described} | {numbers} |")
     lines += [
         "",
         "Valid is the split the epoch tables, lr-find and the `champion` election saw; "
