@@ -17,13 +17,11 @@ from typing import Any
 import numpy as np
 
 from petpipe.errors import PetpipeError
+from petpipe.preprocessing import Preprocessing
 
 BUNDLE_FORMAT = "petpipe-bundle/1"
 BUNDLE_FILE = "bundle.json"
 ONNX_FILE = "model.onnx"
-# How the evaluation view resizes the crop (augment.center_crop_batch: F.interpolate); bundle.json states it so
-# that a reader in another language, or a later petpipe that resizes otherwise, knows what to reproduce.
-RESIZE = {"mode": "bilinear", "align_corners": True, "antialias": False}
 
 
 def read_bundle(folder: Path) -> dict[str, Any]:
@@ -54,21 +52,10 @@ class EvaluationView:
 
     @classmethod
     def of(cls, preprocessing: dict[str, Any]) -> EvaluationView:
-        """bundle.json's `preprocessing`; a bundle that resizes otherwise than this petpipe can is refused."""
-        resize = preprocessing.get("resize", RESIZE)  # bundles from before `resize` was written resized so
-        if resize != RESIZE:
-            raise PetpipeError(
-                f"the bundle resizes with {resize}, this petpipe with {RESIZE}; export it again with this petpipe"
-            )
-        size, presize = int(preprocessing["img_size"]), int(preprocessing["presize"])
-        # Bundles from before eval_crop evaluated on the central img_size pixels.
-        return cls(
-            size=size,
-            presize=presize,
-            eval_crop=float(preprocessing.get("eval_crop", size / presize)),
-            mean=tuple(preprocessing["mean"]),
-            std=tuple(preprocessing["std"]),
-        )
+        """bundle.json's `preprocessing` (`Preprocessing.from_dict`: a bundle that resizes otherwise than this
+        petpipe can is refused)."""
+        seen = Preprocessing.from_dict(preprocessing)
+        return cls(size=seen.img_size, presize=seen.presize, eval_crop=seen.eval_crop, mean=seen.mean, std=seen.std)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """augment.center_crop_batch, then augment.normalize: the same crop, resize and arithmetic."""

@@ -20,6 +20,7 @@ from petpipe import timing
 from petpipe.atomic import atomic_path
 from petpipe.errors import PetpipeError
 from petpipe.models import Classifier, build_model
+from petpipe.preprocessing import Preprocessing
 from petpipe.spec import HeadSpec, ModelSpec
 
 FORMAT = "petpipe-checkpoint/1"
@@ -78,13 +79,7 @@ def _to_dict(checkpoint: Checkpoint) -> dict[str, Any]:
         "weights": spec.weights,
         "classes": list(spec.classes),
         "head": dataclasses.asdict(spec.head),
-        "preprocessing": {
-            "img_size": spec.img_size,
-            "presize": spec.presize,
-            "eval_crop": spec.eval_crop,
-            "mean": list(spec.mean),
-            "std": list(spec.std),
-        },
+        "preprocessing": spec.preprocessing.to_dict(),
         "layer_groups": checkpoint.layer_groups,
         "state_dict": checkpoint.state_dict,
         "params": checkpoint.params,
@@ -94,19 +89,17 @@ def _to_dict(checkpoint: Checkpoint) -> dict[str, Any]:
 
 
 def _from_dict(raw: dict[str, Any]) -> Checkpoint:
-    sizes = raw["preprocessing"]
-    img_size, presize = int(sizes["img_size"]), int(sizes["presize"])
+    seen = Preprocessing.from_dict(raw["preprocessing"])
     spec = ModelSpec(
         arch=raw["arch"],
         weights=raw["weights"],
         classes=tuple(raw["classes"]),
         head=HeadSpec(**raw["head"]),
-        img_size=img_size,
-        presize=presize,
-        # Checkpoints from before eval_crop evaluated on the central img_size pixels.
-        eval_crop=float(sizes.get("eval_crop", img_size / presize)),
-        mean=tuple(sizes["mean"]),
-        std=tuple(sizes["std"]),
+        img_size=seen.img_size,
+        presize=seen.presize,
+        eval_crop=seen.eval_crop,
+        mean=seen.mean,
+        std=seen.std,
     )
     return Checkpoint(
         spec=spec,

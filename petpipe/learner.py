@@ -295,14 +295,7 @@ def _log_model(learner: Learner, record: Record) -> None:
         example=data.folder / rows["path"].iloc[0],
         index=record.index,
         registered_name=record.register_as,
-        metadata={
-            "classes": list(spec.classes),
-            "img_size": spec.img_size,
-            "presize": spec.presize,
-            "eval_crop": spec.eval_crop,
-            "mean": list(spec.mean),
-            "std": list(spec.std),
-        },
+        metadata={"classes": list(spec.classes), **spec.preprocessing.to_dict()},
     )
 
 

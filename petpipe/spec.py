@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from petpipe.models import normalisation
 from petpipe.params import ModelParams
+from petpipe.preprocessing import Preprocessing
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,11 @@ class ModelSpec:
             mean=mean,
             std=std,
         )
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """What the network sees, as the record checkpoints, bundles and MLflow models carry."""
+        return Preprocessing(self.img_size, self.presize, self.eval_crop, self.mean, self.std)
 
     @property
     def num_classes(self) -> int:

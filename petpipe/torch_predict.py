@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from petpipe.atomic import atomic_directory, file_digest, write_json
-from petpipe.bundle import BUNDLE_FILE, BUNDLE_FORMAT, ONNX_FILE, RESIZE, BundlePredictor, softmax
+from petpipe.bundle import BUNDLE_FILE, BUNDLE_FORMAT, ONNX_FILE, BundlePredictor, softmax
 from petpipe.checkpoint import Checkpoint, load_checkpoint
 from petpipe.errors import PetpipeError
 from petpipe.hardware import autocast, choose_device, to_device
@@ -95,11 +95,7 @@ def _manifest(checkpoint: Checkpoint, checkpoint_path: Path) -> dict[str, Any]:
         },
         "classes": list(spec.classes),
         "preprocessing": {
-            "img_size": spec.img_size,
-            "presize": spec.presize,
-            "eval_crop": spec.eval_crop,
-            "mean": list(spec.mean),
-            "std": list(spec.std),
+            **spec.preprocessing.to_dict(),
             "steps": [
                 "apply EXIF orientation, convert to RGB",
                 "resize the shorter side to presize and center-crop a presize square (bilinear)",
@@ -107,7 +103,6 @@ def _manifest(checkpoint: Checkpoint, checkpoint_path: Path) -> dict[str, Any]:
                 "(bilinear, align_corners; no resampling when the crop is img_size pixels)",
                 "scale to [0, 1], subtract mean and divide by std per channel",
             ],
-            "resize": dict(RESIZE),
         },
         "arch": spec.arch,
         "stage": checkpoint.stage,

@@ -77,11 +77,13 @@ def test_checkpoint_is_a_plain_dict_loadable_without_pickle(head):
     assert checkpoint["arch"] == "tf_efficientnet_lite0"
     assert len(checkpoint["classes"]) == 37 and checkpoint["classes"][0] == "Abyssinian"
     assert checkpoint["preprocessing"] == {
+        "version": 1,
         "img_size": 64,
         "presize": 74,
         "eval_crop": 1.0,
         "mean": [0.5] * 3,
         "std": [0.5] * 3,
+        "resize": {"mode": "bilinear", "align_corners": True, "antialias": False},
     }
     assert set(checkpoint["layer_groups"]) == {"body", "head"}  # fastai's split of a timm body
     assert checkpoint["params"]["train_head"]["epochs"] == 3
