@@ -23,7 +23,7 @@ from petpipe import timing
 from petpipe.dataset import Dataset, ImageSet
 from petpipe.distributed import World, all_reduce_sum
 from petpipe.errors import PetpipeError
-from petpipe.hardware import Runtime, autocast, compiled, to_device
+from petpipe.hardware import Levers, Runtime, autocast, compiled, to_device
 from petpipe.models import Classifier, folded_batchnorm, set_train_mode
 from petpipe.optim import Schedule, make_optimizer, make_scheduler
 from petpipe.params import TrainParams
@@ -297,7 +297,9 @@ def _sharded_validation(
     model: nn.Module, images: ImageSet, *, world: World, batch_size: int, views: Views, criterion: Criterion
 ) -> dict[str, float]:
     """Each rank scores its share of the validation set; sums are reduced over ranks. valid_loss is the
-    criterion's: with class weights, the weighted mean as in training."""
+    criterion's: with class weights, the weighted mean as in training. No numbers for no images."""
+    if not len(images):
+        return {}
     rows = torch.arange(world.rank, len(images), world.size)
     logits = predict(model, images, batch_size=batch_size, views=views, subset=rows)
     targets = images.targets[rows.to(images.targets.device)].cpu()
@@ -378,31 +380,8 @@ def fit(
     torch.compile (validation and the saved weights use the plain module).
     """
     world, levers, device = runtime.world, runtime.levers, data.train.pixels.device
-    to_device(model, device, levers.memory_format)
-    views = replace(views, memory_format=levers.memory_format)
-    train, valid = data.train, data.valid
-    if phase.feature_views:  # the body is frozen and its BatchNorm fixed: run it once, not every epoch
-        generator = torch.Generator().manual_seed(phase.seed - 1)  # the views' augmentation, not the loop's
-        train = with_features(
-            model,
-            train,
-            batch_size=settings.batch_size * 2,
-            views=views,
-            precision=levers.precision,
-            count=phase.feature_views,
-            generator=generator,
-        )
-        valid = with_features(model, valid, batch_size=settings.batch_size * 2, views=views, precision=levers.precision)
-    batch_size = _batch_size(settings.batch_size, train, world)
-    steps_per_epoch = len(rank_batches(len(train), batch_size, world=world, seed=phase.seed, epoch=0))
-    loop = _start_loop(
-        model,
-        phase=phase,
-        settings=settings,
-        views=views,
-        runtime=runtime,
-        total_steps=phase.epochs * steps_per_epoch,
-        criterion=criterion,
+    train, valid, batch_size, loop = _prepare(
+        model, data, views=views, phase=phase, settings=settings, runtime=runtime, criterion=criterion
     )
     start_epoch, history = _resume(loop, resume) if resume is not None else (0, [])
     for epoch in range(start_epoch, phase.epochs):
@@ -412,37 +391,100 @@ def fit(
         with timing.phase("epochs"):
             row = train_one_epoch(loop, train, batches, hooks.progress)
         loss_sum, images_seen = all_reduce_sum([row["loss_sum"], float(row["images"])], device)
-        train_seconds = time.perf_counter() - started
+        speed = images_seen / max(time.perf_counter() - started, 1e-9)
         with timing.phase("validation"):
             # Batches of the training size, as fastai's validation: an inference pass at twice the batch
             # and the full image size peaked above the training steps themselves.
-            metrics = (
-                _sharded_validation(model, valid, world=world, batch_size=batch_size, views=views, criterion=criterion)
-                if len(valid)
-                else {}
+            metrics = _sharded_validation(
+                model, valid, world=world, batch_size=batch_size, views=loop.views, criterion=criterion
             )
+        loss = loss_sum / max(images_seen, 1)
         history.append(
-            {
-                "epoch": epoch + 1,
-                "train_loss": loss_sum / max(images_seen, 1),
-                **metrics,
-                "lr": row["lr"],
-                "seconds": round(time.perf_counter() - started, 3),
-                "images_per_second": round(images_seen / max(train_seconds, 1e-9), 2),
-                "precision": levers.precision,
-                "memory_format": levers.memory_format,
-                "threads": levers.threads,
-            }
+            _history_row(epoch + 1, loss, metrics, lr=row["lr"], started=started, speed=speed, levers=levers)
         )
         if hooks.on_epoch_end is not None:
-            hooks.on_epoch_end(
-                FitState(
-                    epoch=epoch + 1,
-                    history=history,
-                    optimizer=loop.optimizer.state_dict(),
-                    scheduler=loop.scheduler.state_dict(),
-                    generator=loop.generator.get_state(),
-                    torch_rng=torch.get_rng_state(),
-                )
-            )
+            hooks.on_epoch_end(_fit_state(loop, epoch + 1, history))
     return history
+
+
+def _prepare(
+    model: Classifier,
+    data: Dataset,
+    *,
+    views: Views,
+    phase: Phase,
+    settings: TrainParams,
+    runtime: Runtime,
+    criterion: Criterion,
+) -> tuple[ImageSet, ImageSet, int, Loop]:
+    """The model on the images' device in the levers' memory format; the splits (the frozen body's features
+    instead of pixels when the phase caches them), the batch size and the loop that trains them."""
+    world, levers = runtime.world, runtime.levers
+    to_device(model, data.train.pixels.device, levers.memory_format)
+    views = replace(views, memory_format=levers.memory_format)
+    train, valid = data.train, data.valid
+    if phase.feature_views:  # the body is frozen and its BatchNorm fixed: run it once, not every epoch
+        train, valid = _cached_features(
+            model, data, phase=phase, batch_size=settings.batch_size * 2, views=views, precision=levers.precision
+        )
+    batch_size = _batch_size(settings.batch_size, train, world)
+    steps_per_epoch = len(rank_batches(len(train), batch_size, world=world, seed=phase.seed, epoch=0))
+    total_steps = phase.epochs * steps_per_epoch
+    loop = _start_loop(
+        model,
+        phase=phase,
+        settings=settings,
+        views=views,
+        runtime=runtime,
+        total_steps=total_steps,
+        criterion=criterion,
+    )
+    return train, valid, batch_size, loop
+
+
+def _cached_features(
+    model: Classifier, data: Dataset, *, phase: Phase, batch_size: int, views: Views, precision: str
+) -> tuple[ImageSet, ImageSet]:
+    """train and valid with the frozen body's features: `phase.feature_views` views of each training image
+    (augmented from their own generator, not the loop's), the evaluation view of each validation image."""
+    generator = torch.Generator().manual_seed(phase.seed - 1)
+    train = with_features(
+        model,
+        data.train,
+        batch_size=batch_size,
+        views=views,
+        precision=precision,
+        count=phase.feature_views,
+        generator=generator,
+    )
+    return train, with_features(model, data.valid, batch_size=batch_size, views=views, precision=precision)
+
+
+def _history_row(
+    epoch: int, loss: float, metrics: dict[str, float], *, lr: float, started: float, speed: float, levers: Levers
+) -> dict[str, Any]:
+    """history.csv's row of an epoch: its losses and metrics, the peak learning rate, the seconds since it
+    `started` (validation included), the training images per second and the levers it ran with."""
+    return {
+        "epoch": epoch,
+        "train_loss": loss,
+        **metrics,
+        "lr": lr,
+        "seconds": round(time.perf_counter() - started, 3),
+        "images_per_second": round(speed, 2),
+        "precision": levers.precision,
+        "memory_format": levers.memory_format,
+        "threads": levers.threads,
+    }
+
+
+def _fit_state(loop: Loop, epoch: int, history: list[dict[str, float]]) -> FitState:
+    """Everything a resumed fit needs after `epoch`: the history, optimiser, schedule and both generators."""
+    return FitState(
+        epoch=epoch,
+        history=history,
+        optimizer=loop.optimizer.state_dict(),
+        scheduler=loop.scheduler.state_dict(),
+        generator=loop.generator.get_state(),
+        torch_rng=torch.get_rng_state(),
+    )

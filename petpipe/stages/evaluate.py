@@ -129,52 +129,29 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     checkpoint_path = inputs.finetune_model if which == "finetune" else inputs.head_model
     checkpoint = load_checkpoint(checkpoint_path)
     data = context.compute.dataset(inputs, checkpoint.spec, training=False, with_test=True)
-    if len(data.valid) == 0:
-        raise PetpipeError(
-            f"{inputs.index} has no validation images to evaluate; raise split.valid_pct "
-            f"(or give split.file some valid rows) and rerun index-labels"
-        )
+    _refuse_no_validation(data, inputs)
     model = to_device(checkpoint.model(), runtime.device).eval()
     views = Views.of(checkpoint.spec, params.train.augment)
     log_probabilities, metrics = score(model, data.valid, classes=data.classes, views=views, params=params)
     found = interpret_predictions(
         log_probabilities, data.valid, data.rows("valid"), classes=data.classes, settings=params.evaluate
     )
-    tested = None
-    if data.test is not None:  # scored after valid, with the same model: nothing here looks at it to decide
-        test_log_probabilities, test_metrics = score(model, data.test, classes=data.classes, views=views, params=params)
-        metrics.update({TEST + name: value for name, value in test_metrics.items() if name != "checkpoint"})
-        tested = interpret_predictions(
-            test_log_probabilities, data.test, data.rows("test"), classes=data.classes, settings=params.evaluate
-        )
+    tested = _score_test(model, data, views=views, params=params, metrics=metrics)
     audited = None
     if params.evaluate.audit.enabled and (outputs.label_issues is not None or outputs.duplicates is not None):
         head = checkpoint if which == "train-head" else load_checkpoint(inputs.head_model)
         audited = audit_data(head, data, inputs=inputs, context=context)
         metrics.update(audited.counts)
     # Draw every figure before writing anything, so a plotting failure leaves no new outputs.
-    figures = draw(
-        found,
-        data.valid,
-        classes=data.classes,
-        views=views,
-        confusion=outputs.confusion_plot,
-        normalized=outputs.confusion_normalized_plot,
-        top_losses=outputs.top_losses,
-    )
-    figures.update(draw_test(tested, data, views=views, outputs=outputs))
+    figures = _figures(found, tested, data, views=views, outputs=outputs)
     context.log.log_params({"checkpoint_path": str(checkpoint_path)})
     write_csv(outputs.confusion, found.confusion)
     write_csv(outputs.most_confused, found.most_confused)
     write_csv(outputs.top_losses_table, found.top_losses)
     write_test_tables(tested, outputs)
     if outputs.per_class is not None:  # not in metrics.json: 4 x 37 columns in `dvc exp show`
-        write_csv(
-            outputs.per_class,
-            interpret.per_class_metrics(
-                data.valid.targets.cpu().numpy(), log_probabilities.argmax(axis=1), data.classes
-            ).reset_index(),
-        )
+        actual, predicted = data.valid.targets.cpu().numpy(), log_probabilities.argmax(axis=1)
+        write_csv(outputs.per_class, interpret.per_class_metrics(actual, predicted, data.classes).reset_index())
     write_audit(audited, outputs)
     for figure_path, figure in figures.items():
         save_figure(figure_path, figure)
@@ -190,22 +167,82 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
         ),
     )
     write_json(outputs.metrics, metrics)
+    champion = _log(
+        context, metrics, audited=audited, outputs=outputs, checkpoint_path=checkpoint_path, index=inputs.index
+    )
+    summary = _summary(which, metrics, tta=params.evaluate.tta, tested=tested is not None, audited=audited)
+    return summary + f" -> {outputs.metrics}" + (f"\n{champion}" if champion else "")
+
+
+def _score_test(
+    model: Classifier, data: Dataset, *, views: Views, params: Params, metrics: dict[str, Any]
+) -> Interpretation | None:
+    """The test split, scored after valid with the same model (nothing here looks at it to decide): its
+    numbers join `metrics` as test_*, and its interpretation is returned. None without a test split."""
+    if data.test is None:
+        return None
+    log_probabilities, test_metrics = score(model, data.test, classes=data.classes, views=views, params=params)
+    metrics.update({TEST + name: value for name, value in test_metrics.items() if name != "checkpoint"})
+    return interpret_predictions(
+        log_probabilities, data.test, data.rows("test"), classes=data.classes, settings=params.evaluate
+    )
+
+
+def _figures(
+    found: Interpretation, tested: Interpretation | None, data: Dataset, *, views: Views, outputs: Outputs
+) -> dict[Path, Any]:
+    """Every figure evaluate writes, drawn: valid's confusion matrices and top losses, and test's."""
+    figures = draw(
+        found,
+        data.valid,
+        classes=data.classes,
+        views=views,
+        confusion=outputs.confusion_plot,
+        normalized=outputs.confusion_normalized_plot,
+        top_losses=outputs.top_losses,
+    )
+    figures.update(draw_test(tested, data, views=views, outputs=outputs))
+    return figures
+
+
+def _refuse_no_validation(data: Dataset, inputs: Inputs) -> None:
+    if len(data.valid) == 0:
+        raise PetpipeError(
+            f"{inputs.index} has no validation images to evaluate; raise split.valid_pct "
+            f"(or give split.file some valid rows) and rerun index-labels"
+        )
+
+
+def _log(
+    context: Context,
+    metrics: dict[str, Any],
+    *,
+    audited: DataAudit | None,
+    outputs: Outputs,
+    checkpoint_path: Path,
+    index: Path,
+) -> str | None:
+    """metrics.json's numbers and the outputs to MLflow; the same numbers on the MLflow model that holds these
+    weights (valid and test, each with its dataset) and the champion alias (tracking.promote), elected on
+    valid's numbers alone. Returns the line saying what the alias did, if anything."""
     numbers = {name: float(value) for name, value in metrics.items() if isinstance(value, float)}
     context.log.log_metrics(numbers)
     if audited is not None:  # the time only in MLflow and the summary: metrics.json stays reproducible
         context.log.log_metrics({**audited.counts, "audit_seconds": audited.seconds})
     context.log.log_artifacts(_output_paths(outputs))
-    # The same numbers on the MLflow model that holds these weights (valid and test, each with its dataset),
-    # and the champion alias (tracking.promote), elected on valid's numbers alone.
-    champion = context.log.log_evaluation(checkpoint_path, numbers, index=inputs.index)
+    return context.log.log_evaluation(checkpoint_path, numbers, index=index)
+
+
+def _summary(which: str, metrics: dict[str, Any], *, tta: bool, tested: bool, audited: DataAudit | None) -> str:
+    """evaluate's summary line, but where metrics.json went."""
     summary = (
         f"evaluate ({which}): {metrics['images']} valid images, accuracy {metrics['accuracy']:.4f}, "
         f"balanced {metrics['balanced_accuracy']:.4f}, error rate {metrics['error_rate']:.4f}, "
         f"top-5 {metrics['top5_accuracy']:.4f}, loss {metrics['loss']:.4f}"
     )
-    if params.evaluate.tta:
+    if tta:
         summary += f"; with TTA accuracy {metrics['tta_accuracy']:.4f}"
-    if tested is not None:
+    if tested:
         summary += (
             f"; test ({metrics[TEST + 'images']} images, never tuned on): accuracy "
             f"{metrics[TEST + 'accuracy']:.4f}, balanced {metrics[TEST + 'balanced_accuracy']:.4f}, "
@@ -219,7 +256,7 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
             f"duplicate pairs ({counts['audit_leaks']} across splits, {counts['audit_test_leaks']} of them "
             "test leaks)"
         )
-    return summary + f" -> {outputs.metrics}" + (f"\n{champion}" if champion else "")
+    return summary
 
 
 @timing.timed("audit")
@@ -440,6 +477,15 @@ def render_report(
 ) -> str:
     """report.md: one page with the headline numbers of valid and test side by side, the most confused pairs
     and every plot."""
+    lines = _report_numbers(metrics, checkpoint_path)
+    lines += _report_confused({"valid": confused, "test": test_confused})
+    lines += render_audit(audited, outputs)
+    lines += _report_links(outputs, test=TEST + "accuracy" in metrics)
+    return "\n".join(lines) + "\n"
+
+
+def _report_numbers(metrics: dict[str, Any], checkpoint_path: Path) -> list[str]:
+    """report.md's title and its table of the headline metrics: valid, test, and each with TTA if it ran."""
     tta, test = "tta_accuracy" in metrics, TEST + "accuracy" in metrics
     columns = [
         ("valid", ""),
@@ -474,7 +520,13 @@ def render_report(
             f"TTA: fastai's `tta` ({TTA_VIEWS} augmented views blended with the plain view, "
             f"beta {TTA_BETA}); the plain numbers are the ones to compare across runs.",
         ]
-    for title, pairs in (("valid", confused), ("test", test_confused)):
+    return lines
+
+
+def _report_confused(splits: dict[str, pd.DataFrame | None]) -> list[str]:
+    """report.md's most confused pairs of each split that was scored."""
+    lines = []
+    for title, pairs in splits.items():
         if pairs is None:
             continue
         lines += ["", f"## Most confused pairs, {title} (top {REPORT_CONFUSED})", ""]
@@ -485,8 +537,12 @@ def render_report(
             lines += [
                 f"| {row.actual} | {row.predicted} | {row.count} |" for row in pairs.head(REPORT_CONFUSED).itertuples()
             ]
-    lines += render_audit(audited, outputs)
-    lines += ["", "## Plots and tables", ""]
+    return lines
+
+
+def _report_links(outputs: Outputs, *, test: bool) -> list[str]:
+    """report.md's plots, shown, and its tables, linked (paths relative to the report)."""
+    lines = ["", "## Plots and tables", ""]
     entries = [
         (outputs.confusion_plot, "confusion matrix (counts)"),
         (outputs.confusion_normalized_plot, "confusion matrix (rows normalised)"),
@@ -517,12 +573,11 @@ def render_report(
         ),
         (outputs.duplicates, "duplicates.csv: near-duplicate pairs, most similar first (the data audit)"),
     ]
-    lines += [
+    return lines + [
         f"- [{Path(path).name}]({_link(path, outputs.report)}): {text.split(': ', 1)[1]}"
         for path, text in tables
         if path is not None
     ]
-    return "\n".join(lines) + "\n"
 
 
 REPORT_SUSPECTS = 10

@@ -84,113 +84,104 @@ IMBALANCE_WARNING = 10.0
 def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     params = context.params
     folder = Path(inputs.images)
+    found = _findings(*_label_and_split(folder, params, inputs.corrections), params=params)
+    for warning in found.warnings:
+        log.warning("warning: %s", warning)
+
+    # Draw both figures before writing anything, so a plotting failure leaves no new outputs.
+    show_batch = _show_batch(found.index, folder, params) if outputs.show_batch is not None else None
+    class_counts = plot_class_counts(found.counts)
+    write_csv(outputs.index, found.index)
+    write_json(outputs.classes, {"classes": data.class_names(found.index)})
+    write_json(outputs.report, _report(found))
+    if show_batch is not None:
+        save_figure(outputs.show_batch, show_batch)
+    save_figure(outputs.class_counts, class_counts)
+    context.log.log_metrics(_metrics(found))
+    written = [outputs.report, outputs.classes, outputs.index, outputs.show_batch, outputs.class_counts]
+    context.log.log_artifacts([path for path in written if path is not None])
+    return _summary(found, inputs.corrections) + f" -> {outputs.index}"
+
+
+@dataclass(frozen=True)
+class Findings:
+    """What index-labels found: the index and its images per class and split, the survey of the folder, what
+    the corrections did, identical files across splits, the class imbalance, how the split was made (method,
+    words, folders) and the warnings."""
+
+    index: pd.DataFrame
+    counts: pd.DataFrame
+    survey: Survey
+    corrected: dict[str, Any]
+    leaks: list[dict[str, str]]
+    imbalance: dict[str, Any]
+    split: dict[str, Any]
+    warnings: list[str]
+
+
+def _findings(
+    survey: Survey, corrected: dict[str, Any], plan: data.SplitPlan, index: pd.DataFrame, *, params: Params
+) -> Findings:
+    """The index's counts, leaks, imbalance and warnings; a split no model can train or validate on is refused."""
+    counts = data.split_counts(index, data.class_names(index))
+    _refuse_classes_without_training_images(counts, plan)
+    _refuse_an_empty_validation_split(counts, plan, params.split)
+    leaks, imbalance = data.find_leaks(index), data.class_imbalance(counts)
+    warnings = _warnings(
+        counts,
+        leaks=leaks,
+        skipped=survey.skipped,
+        unmatched=survey.unmatched,
+        outside=survey.outside,
+        imbalance=imbalance,
+        ignored_corrections=len(corrected["ignored"]),
+    )
+    split = {"method": plan.method, "how": split_description(plan, params.split), "folders": plan.folders}
+    return Findings(index, counts, survey, corrected, leaks, imbalance, split, warnings)
+
+
+def _label_and_split(
+    folder: Path, params: Params, corrections: Path | None
+) -> tuple[Survey, dict[str, Any], data.SplitPlan, pd.DataFrame]:
+    """Every image of `folder` labelled, corrected and split once (the survey, what the corrections did, the
+    split's plan and the index); a folder that is missing or holds one class is refused."""
     if not folder.is_dir():
         raise PetpipeError(f"{folder}: images folder not found; run `petpipe fetch` first or fix --images")
     relative_paths = [data.relative_posix(path, folder) for path in data.scan_images(folder)]
     plan = data.plan_split(relative_paths, method=params.split.method, file=params.split.file)
-    found, corrected = corrected_survey(survey(folder, params.labels, plan, relative_paths), inputs.corrections)
+    found, corrected = corrected_survey(survey(folder, params.labels, plan, relative_paths), corrections)
     _refuse_a_single_class(sorted(set(found.labels.values())), folder, params.labels)
-    index = split_index(found, params.split, plan)
-    classes = data.class_names(index)
-    counts = data.split_counts(index, classes)
-    _refuse_classes_without_training_images(counts, plan)
-    _refuse_an_empty_validation_split(counts, plan, params.split)
-    leaks = data.find_leaks(index)
-    imbalance = data.class_imbalance(counts)
-    how = split_description(plan, params.split)
-    warnings = _warnings(
-        counts,
-        leaks=leaks,
-        skipped=found.skipped,
-        unmatched=found.unmatched,
-        outside=found.outside,
-        imbalance=imbalance,
-    )
-    if corrected["ignored"]:
-        warnings.append(f"{len(corrected['ignored'])} correction(s) name files without a label (see corrections)")
-    for warning in warnings:
-        log.warning("warning: %s", warning)
-
-    # Draw both figures before writing anything, so a plotting failure leaves no new outputs.
-    show_batch = _show_batch(index, folder, params) if outputs.show_batch is not None else None
-    class_counts = plot_class_counts(counts)
-    write_csv(outputs.index, index)
-    write_json(outputs.classes, {"classes": classes})
-    write_json(
-        outputs.report,
-        _report(
-            index,
-            counts,
-            survey=found,
-            leaks=leaks,
-            warnings=warnings,
-            corrections=corrected,
-            split={"method": plan.method, "how": how, "folders": plan.folders},
-            imbalance=imbalance,
-        ),
-    )
-    if show_batch is not None:
-        save_figure(outputs.show_batch, show_batch)
-    save_figure(outputs.class_counts, class_counts)
-    context.log.log_metrics(_metrics(index, counts, found=found, leaks=leaks, corrected=corrected, imbalance=imbalance))
-    written = [outputs.report, outputs.classes, outputs.index, outputs.show_batch, outputs.class_counts]
-    context.log.log_artifacts([path for path in written if path is not None])
-
-    return (
-        _summary(
-            index,
-            counts,
-            found=found,
-            leaks=leaks,
-            corrected=corrected,
-            imbalance=imbalance,
-            how=how,
-            corrections=inputs.corrections,
-        )
-        + f" -> {outputs.index}"
-    )
+    return found, corrected, plan, split_index(found, params.split, plan)
 
 
-def _metrics(
-    index: pd.DataFrame, counts: pd.DataFrame, *, found: Survey, leaks: list, corrected: dict, imbalance: dict
-) -> dict[str, float]:
+def _metrics(found: Findings) -> dict[str, float]:
     """index-labels' MLflow metrics: the counts of images, classes, splits and of each kind of problem."""
-    n_train, n_valid, n_test = (int(counts[split].sum()) for split in data.SPLITS)
+    n_train, n_valid, n_test = (int(found.counts[split].sum()) for split in data.SPLITS)
     return {
-        "images": len(index),
-        "classes": len(data.class_names(index)),
+        "images": len(found.index),
+        "classes": len(found.counts),
         "train_images": n_train,
         "valid_images": n_valid,
         "test_images": n_test,
-        "skipped": len(found.skipped),
-        "unmatched": len(found.unmatched),
-        "leaks": len(leaks),
-        "relabelled": corrected["relabelled"],
-        "excluded": corrected["excluded"],
-        "imbalance_ratio": imbalance["ratio"],
+        "skipped": len(found.survey.skipped),
+        "unmatched": len(found.survey.unmatched),
+        "leaks": len(found.leaks),
+        "relabelled": found.corrected["relabelled"],
+        "excluded": found.corrected["excluded"],
+        "imbalance_ratio": found.imbalance["ratio"],
     }
 
 
-def _summary(
-    index: pd.DataFrame,
-    counts: pd.DataFrame,
-    *,
-    found: Survey,
-    leaks: list,
-    corrected: dict,
-    imbalance: dict,
-    how: str,
-    corrections: Path | None,
-) -> str:
+def _summary(found: Findings, corrections: Path | None) -> str:
     """The stage's one summary line, but where the index went."""
-    n_train, n_valid, n_test = (int(counts[split].sum()) for split in data.SPLITS)
-    classes = len(data.class_names(index))
+    n_train, n_valid, n_test = (int(found.counts[split].sum()) for split in data.SPLITS)
+    survey, corrected, imbalance = found.survey, found.corrected, found.imbalance
     return (
-        f"indexed {len(index)} images of {classes} classes ({n_train} train, {n_valid} valid, {n_test} test; "
-        f"split: {how}); classes of {imbalance['smallest']['images']} to {imbalance['largest']['images']} images "
-        f"({imbalance['ratio']:g}x); "
-        f"{len(found.skipped)} skipped, {len(found.unmatched)} unmatched, {len(leaks)} duplicates across splits"
-        + (f", {len(found.outside)} outside the split folders" if found.outside else "")
+        f"indexed {len(found.index)} images of {len(found.counts)} classes ({n_train} train, {n_valid} valid, "
+        f"{n_test} test; split: {found.split['how']}); classes of {imbalance['smallest']['images']} to "
+        f"{imbalance['largest']['images']} images ({imbalance['ratio']:g}x); {len(survey.skipped)} skipped, "
+        f"{len(survey.unmatched)} unmatched, {len(found.leaks)} duplicates across splits"
+        + (f", {len(survey.outside)} outside the split folders" if survey.outside else "")
         + (
             f"; {corrected['relabelled']} relabelled, {corrected['excluded']} excluded by {corrections}"
             if corrections
@@ -373,6 +364,7 @@ def _warnings(
     unmatched: list[str],
     outside: list[str],
     imbalance: dict[str, Any],
+    ignored_corrections: int = 0,
 ) -> list[str]:
     warnings = []
     no_valid = counts.index[counts["valid"] == 0].tolist()
@@ -393,20 +385,13 @@ def _warnings(
         warnings.append(f"{len(unmatched)} file name(s) without a label (see unmatched)")
     if outside:
         warnings.append(f"{len(outside)} image(s) outside the split folders, not indexed (see outside_splits)")
+    if ignored_corrections:
+        warnings.append(f"{ignored_corrections} correction(s) name files without a label (see corrections)")
     return warnings
 
 
-def _report(
-    index: pd.DataFrame,
-    counts: pd.DataFrame,
-    *,
-    survey: Survey,
-    leaks: list[dict[str, str]],
-    warnings: list[str],
-    corrections: dict[str, Any],
-    split: dict[str, Any],
-    imbalance: dict[str, Any],
-) -> dict[str, Any]:
+def _report(found: Findings) -> dict[str, Any]:
+    index, counts, survey = found.index, found.counts, found.survey
     return {
         "images": len(index),
         "train": int(counts["train"].sum()),
@@ -414,9 +399,9 @@ def _report(
         "test": int(counts["test"].sum()),
         "classes": len(counts),
         # How the split was made: method folders, random or file, and why (the summary line's words).
-        "split": split,
+        "split": found.split,
         # The largest and smallest class over every split, and their ratio (a warning above 10x).
-        "imbalance": imbalance,
+        "imbalance": found.imbalance,
         "per_class": {
             name: {"train": int(row.train), "valid": int(row.valid), "test": int(row.test)}
             for name, row in counts.iterrows()
@@ -425,8 +410,8 @@ def _report(
         "unmatched": survey.unmatched,
         # Images outside the train/valid/test folders when those are the split: not indexed.
         "outside_splits": survey.outside,
-        "leaks": leaks,
+        "leaks": found.leaks,
         # labels.corrections applied: images relabelled and excluded, corrections naming unlabelled files.
-        "corrections": corrections,
-        "warnings": warnings,
+        "corrections": found.corrected,
+        "warnings": found.warnings,
     }
