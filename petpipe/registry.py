@@ -101,14 +101,13 @@ def index_dataset(index: Path) -> Any:
         )
 
 
-def logged_model_of(experiment_id: str, checkpoint: Path) -> str | None:
+def logged_model_of(client: MlflowClient, experiment_id: str, checkpoint: Path) -> str | None:
     """The newest LoggedModel of the experiment that holds these weights (tracking.log_models logged it)."""
-    found = mlflow.search_logged_models(
+    found = client.search_logged_models(
         experiment_ids=[experiment_id],
         filter_string=f"tags.`{CHECKPOINT_TAG}` = '{file_digest(checkpoint)}'",
         order_by=[{"field_name": "creation_time", "ascending": False}],
         max_results=1,
-        output_format="list",
     )
     return found[0].model_id if found else None
 

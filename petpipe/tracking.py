@@ -1,7 +1,11 @@
 """MLflow tracking: one run per pipeline run (`dvc repro`, `dvc exp run`), a nested run per stage, from
 start to end. A tracking failure never stops a stage: it turns logging off for the rest of the stage, which
 says once, at its end, what was not logged. Where: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the
-project root; what: params.yaml's `tracking` section; PETPIPE_TRACKING=off logs nothing."""
+project root; what: params.yaml's `tracking` section; PETPIPE_TRACKING=off logs nothing.
+
+Through MLflow's public API: an MlflowClient on the project's store, every call naming its run; the fluent
+API's global URI and active run only around the calls that need them (logging a model, an evaluation's
+inputs), and the caller's put back after."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import logging
 import math
 import numbers
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -89,24 +94,43 @@ def _no_retry_line(record: logging.LogRecord) -> bool:  # urllib3's line per ret
 
 
 @contextlib.contextmanager
-def _fluent_state(uri: str) -> Iterator[None]:
-    """The fluent API logs to its global tracking URI (exported to os.environ as well) under its stack of
-    active runs: set both for the stage's run, then put back the caller's (tests run stages in-process).
-    Private names, as no public call tells an unset global URI from a default one, nor sets runs aside."""
-    from mlflow.tracking import _tracking_service, fluent
-
-    uri_before, env_before = _tracking_service.utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
-    stack = fluent._active_run_stack.get()
-    outer = stack[:]
-    stack.clear()
-    _fluent().set_tracking_uri(uri)
+def _fluent_state(uri: str, run_id: str) -> Iterator[None]:
+    """MLflow's fluent API logs to its global tracking URI (exported to MLFLOW_TRACKING_URI as well), into its
+    active run: for the few calls that need them (a model, its inputs and evaluation), point both at this
+    stage's store and run, then put the caller's back (tests and notebooks run stages in-process). Public
+    calls only: `is_tracking_uri_set` tells an unset URI from a default one, `set_tracking_uri(None)` unsets."""
+    mlflow = _fluent()
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
+    global_before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
     try:
-        yield
+        # nested: a caller's own active run stays active around it, and is active again after it.
+        with mlflow.start_run(run_id=run_id, nested=True, log_system_metrics=False):
+            yield
     finally:
-        stack[:] = outer
-        _fluent().set_tracking_uri(uri_before)  # which exports it to os.environ, or unsets that
+        # A global URI equal to the environment's is the environment's: unset it, as it most likely was.
+        mlflow.set_tracking_uri(None if global_before == env_before else global_before)
         os.environ.pop("MLFLOW_TRACKING_URI", None)
         os.environ.update({} if env_before is None else {"MLFLOW_TRACKING_URI": env_before})
+
+
+def _system_metrics(run_id: str, uri: str) -> Any:
+    """MLflow's CPU and memory monitor on the stage's run where MLflow's own switch asks for it
+    (MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING), as a run started by `mlflow.start_run` would have; None otherwise."""
+    from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+
+    if not MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get():
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, tracking_uri=uri)
+    monitor.start()
+    return monitor
+
+
+def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 # ---------------------------------------------------------------- the stage's run
@@ -123,9 +147,10 @@ class StageRun:
         self.failure = failure  # why logging is off; set by the first failed call
         self.missed: dict[str, dict[str, None]] = {}  # kind -> the names not logged, for the warning at the end
         self.missed_steps: set[int] = set()
-        self._fluent_state = contextlib.ExitStack()  # held from start to end
-        self._client: Any = None
+        self._client: Any = None  # an MlflowClient on the project's store: every call names its run
+        self._run_id: str | None = None
         self._parent_id: str | None = None
+        self._monitor: Any = None  # MLflow's system metrics, where MLflow's switch is on
         self._experiment: str | None = None
         self.model_id: str | None = None  # the LoggedModel log_model logged
 
@@ -154,36 +179,31 @@ class StageRun:
 
     def start(self, params: Mapping[str, Any]) -> StageRun:
         def begin() -> None:
+            from mlflow.tracking.context.registry import resolve_tags
+
             for name, value in HTTP_DEFAULTS.items():
                 os.environ.setdefault(name, value)
-            self._fluent_state.enter_context(_fluent_state(self.project.uri))
             self._client = _fluent().MlflowClient(self.project.uri)
             experiment_id = self._experiment = self._experiment_id()
             self._parent_id = self._pipeline_run(experiment_id)
-            # log_system_metrics=None: MLflow's own switch, MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING, decides.
-            _fluent().start_run(
-                experiment_id=experiment_id,
-                run_name=self.stage,
-                nested=True,
-                parent_run_id=self._parent_id,
-                tags=self.project.tags(self.stage, params),
-                log_system_metrics=None,
-            )
-            _fluent().log_params(mlflow_params(params))  # MLflow sends them in batches of its size
+            # The tags mlflow.start_run would add (user, source type), the stage's own, and its parent's id.
+            tags = resolve_tags({**self.project.tags(self.stage, params), PARENT_TAG: self._parent_id})
+            self._run_id = self._client.create_run(experiment_id, tags=tags, run_name=self.stage).info.run_id
+            self._monitor = _system_metrics(self._run_id, self.project.uri)
+            self._send_params(self._run_id, params)
 
         self._best_effort(begin, "params")
         return self
 
     def end(self, status: str) -> None:
         def finish() -> None:
-            _fluent().end_run(status)
+            if self._monitor is not None:
+                self._monitor.finish()
             with contextlib.redirect_stdout(io.StringIO()):  # MLflow prints a link per ended run: one is enough
+                self._client.set_terminated(self._run_id, status)
                 self._client.set_terminated(self._parent_id, status)
 
-        try:
-            self._best_effort(finish, "status")
-        finally:
-            self._fluent_state.close()
+        self._best_effort(finish, "status")
         if self.failure is not None:
             log.warning(
                 "mlflow: %s; not logged for stage %s: %s. The stage's outputs are written as usual.",
@@ -217,8 +237,17 @@ class StageRun:
             return found[0].info.run_id
         tags = self.project.tags(PIPELINE, self.project.params)
         run_id = self._client.create_run(experiment_id, tags=tags, run_name=self.project.pipeline_name).info.run_id
-        _fluent().log_params(mlflow_params(self.project.params), run_id=run_id)
+        self._send_params(run_id, self.project.params)
         return run_id
+
+    def _send_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """Flattened params, in batches of the size MLflow's store accepts."""
+        from mlflow.entities import Param
+        from mlflow.utils.validation import MAX_PARAMS_TAGS_PER_BATCH
+
+        entries = [Param(key, value) for key, value in mlflow_params(params).items()]
+        for batch in _batches(entries, MAX_PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(run_id, params=batch)
 
     def _already_ran(self, experiment_id: str, parent_id: str) -> bool:
         """True when this stage or a later one already ran in it: this is a new pipeline run (`dvc repro -f`)."""
@@ -231,7 +260,7 @@ class StageRun:
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """More params for the stage's run, flattened (what a stage decided while running, e.g. its levers)."""
-        self._best_effort(lambda: _fluent().log_params(mlflow_params(params)), "params")
+        self._best_effort(lambda: self._send_params(self._run_id, params), "params")
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int | None = None) -> None:
         values = {
@@ -240,17 +269,28 @@ class StageRun:
             if isinstance(value, numbers.Real) and math.isfinite(value)
         }
         if values:
-            self._best_effort(lambda: _fluent().log_metrics(values, step=step), "metrics", *values, step=step)
+            self._best_effort(lambda: self._send_metrics(values, step), "metrics", *values, step=step)
+
+    def _send_metrics(self, values: Mapping[str, float], step: int | None) -> None:
+        from mlflow.entities import Metric
+        from mlflow.utils.validation import MAX_METRICS_PER_BATCH
+
+        now = int(time.time() * 1000)
+        entries = [Metric(key, value, now, step or 0) for key, value in values.items()]
+        for batch in _batches(entries, MAX_METRICS_PER_BATCH):
+            self._client.log_batch(self._run_id, metrics=batch)
 
     def log_artifacts(self, paths: list[Path]) -> None:
         """Files, and folders as folders of the same name."""
         for path in map(Path, paths):
             if path.is_dir():
                 self._best_effort(
-                    lambda: _fluent().log_artifacts(str(path), artifact_path=path.name), "artifacts", path.name
+                    lambda: self._client.log_artifacts(self._run_id, str(path), artifact_path=path.name),
+                    "artifacts",
+                    path.name,
                 )
             elif path.exists():
-                self._best_effort(lambda: _fluent().log_artifact(str(path)), "artifacts", path.name)
+                self._best_effort(lambda: self._client.log_artifact(self._run_id, str(path)), "artifacts", path.name)
 
     def log_model(
         self,
@@ -270,13 +310,14 @@ class StageRun:
         def send() -> None:
             from petpipe import mlflow_model, registry  # here, not at the top: importing it sets MLflow's model
 
-            info = mlflow_model.log_model(
-                checkpoint, example=example, registered_name=registered_name, metadata=metadata
-            )
+            with _fluent_state(self.project.uri, self._run_id):  # pyfunc.log_model logs into the active run
+                info = mlflow_model.log_model(
+                    checkpoint, example=example, registered_name=registered_name, metadata=metadata
+                )
+                _fluent().log_input(registry.index_dataset(index), context="training")
             self.model_id = info.model_id
             # The weights' digest, by which evaluate finds this LoggedModel again (registry.logged_model_of).
-            _fluent().set_logged_model_tags(info.model_id, {registry.CHECKPOINT_TAG: file_digest(checkpoint)})
-            _fluent().log_input(registry.index_dataset(index), context="training")
+            self._client.set_logged_model_tags(info.model_id, {registry.CHECKPOINT_TAG: file_digest(checkpoint)})
 
         self._best_effort(
             send, "model", "the model" + (f" (registered name {registered_name})" if registered_name else "")
@@ -291,16 +332,18 @@ class StageRun:
         def send() -> None:
             from petpipe import registry
 
-            model_id = registry.logged_model_of(self._experiment, checkpoint)
+            model_id = registry.logged_model_of(self._client, self._experiment, checkpoint)
             if model_id is None:  # not logged (tracking.log_models), or logged to another store
                 return
-            registry.log_evaluation(model_id, metrics, index=index)
+            with _fluent_state(self.project.uri, self._run_id):  # the evaluation's inputs go to the active run
+                registry.log_evaluation(model_id, metrics, index=index)
             name, metric = self.project.registered_model, self.project.promote
             version = None if name is None else registry.version_of(self._client, name, model_id)
             if version is None or metric is None or metric not in metrics:
                 return
             decision = registry.promote(self._client, name, version, metric, float(metrics[metric]))
-            _fluent().set_tags(decision.tags())
+            for key, value in decision.tags().items():
+                self._client.set_tag(self._run_id, key, value)
             decided.append(decision.sentence())
 
         self._best_effort(send, "metrics", "the evaluation of the logged model")
