@@ -1,11 +1,12 @@
 """The MLflow model finetune logs and registers, as a model from code: this file and the checkpoint, no pickle.
 
 MLflow runs this file to load the model (`mlflow.pyfunc.load_model`, `mlflow models serve`); with
-petpipe/tracking.py and petpipe/registry.py it is one of the three modules that import mlflow. Input: a DataFrame with a column `image`
-(the file's bytes; base64 in a REST request) or `path`; output, per row: label, probability, the top-k
-labels and probabilities, and error (null, or why that row's image could not be read). `log_model`, at the
-end, packages it (signature, pip requirements) into the stage's run, with the checkpoint's ONNX bundle beside
-the checkpoint (artifacts/onnx/: `petpipe predict --model` runs it without torch).
+petpipe/tracking.py and petpipe/registry.py it is one of the three modules that import mlflow. Input: a
+DataFrame with a column `image` (the file's bytes; base64 in a REST request) or `path`; output, per row: label,
+probability, the top-k labels and probabilities, and error (null, or why that row's image could not be read).
+`log_model`, at the end, packages it (signature, pip requirements) into the stage's run, with the
+checkpoint's ONNX bundle beside the checkpoint (artifacts/onnx/: `petpipe predict --model` runs it without
+torch).
 """
 
 from __future__ import annotations
