@@ -261,6 +261,18 @@ class Params(_Section):
         return chosen
 
 
+# Settings that change how fast a stage runs, never what it writes: no stage declares them, so changing one
+# on another machine reruns nothing (as the `tracking` section). Decoding is the same in any number of processes.
+OUTPUT_NEUTRAL = frozenset({"train.decode_workers"})
+
+
+def output_keys(section: str) -> tuple[str, ...]:
+    """`section`'s dotted keys that can change a stage's outputs: all of them but OUTPUT_NEUTRAL's, in
+    params.yaml's order. What a stage that depends on the whole section declares."""
+    fields = Params.model_fields[section].annotation.model_fields
+    return tuple(f"{section}.{name}" for name in fields if f"{section}.{name}" not in OUTPUT_NEUTRAL)
+
+
 def _coerce_ints_to_floats(model: type[BaseModel], node: Any) -> Any:
     """Let `lr: 1` mean 1.0 where a float is expected, without loosening strict mode elsewhere."""
     if not isinstance(node, dict):

@@ -74,6 +74,20 @@ def test_photos_in_a_local_source_are_a_dependency(sample_images, tmp_path):
     assert (project / "stages/fetch/images" / first.name).read_bytes() == first.read_bytes()
 
 
+def test_a_setting_that_changes_no_output_reruns_nothing(pipeline_project, tmp_path):
+    """train.decode_workers (petpipe/params.py: OUTPUT_NEUTRAL) is declared by no stage: another machine's
+    number of decoding processes leaves the pipeline up to date, while any other train key makes the stages
+    that train stale."""
+    project = copy_project(pipeline_project.folder, tmp_path / "project")
+    params = project / "params.yaml"
+    original = params.read_text()
+    assert original.count("decode_workers: 0") == 1 and original.count("weight_decay: 0.01") == 1
+    params.write_text(original.replace("decode_workers: 0", "decode_workers: 3"))
+    assert stale_stages(project) == set()
+    params.write_text(original.replace("weight_decay: 0.01", "weight_decay: 0.02"))
+    assert stale_stages(project) == set(TRAINED) - {"evaluate"}
+
+
 def test_a_fixed_finetune_lr_does_not_need_a_changed_sweep(pipeline_project, tmp_path):
     """DVC cannot make finetune's dependency on lr-find's result conditional on finetune.lr being auto: after
     a change to lr_find.* with a number for finetune.lr, `dvc repro -s lr-find` then `dvc commit -f finetune`

@@ -18,11 +18,12 @@ from petpipe.errors import PetpipeError
 from petpipe.learner import Learner, Record, TrainedOutputs, describe_metrics, fit_and_save
 from petpipe.models import finetune_fixes_bn_stats, freeze_early, unfreeze
 from petpipe.optim import discriminative_lrs
+from petpipe.params import output_keys
 from petpipe.pipeline import path_option
 from petpipe.runner import Context, Stage
 from petpipe.training import Phase
 
-STAGE = Stage("finetune", params=("train", "finetune"), compute=every_rank)
+STAGE = Stage("finetune", params=(*output_keys("train"), "finetune"), compute=every_rank)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from petpipe.hardware import to_device
 from petpipe.levers import choose_levers
 from petpipe.lr_finder import StopRule, lr_sweep, suggest
 from petpipe.models import finetune_fixes_bn_stats, freeze_early, set_train_mode, unfreeze
-from petpipe.params import LrFindParams
+from petpipe.params import LrFindParams, output_keys
 from petpipe.pipeline import path_option
 from petpipe.progress import progress_bar
 from petpipe.runner import Context, Stage
@@ -37,7 +37,9 @@ from petpipe.views import Views
 
 # finetune.bn_stats and frozen_stride: the sweep trains what, and as, the finetune it is for will.
 STAGE = Stage(
-    "lr-find", params=("train", "lr_find", "finetune.bn_stats", "finetune.frozen_stride"), compute=one_process
+    "lr-find",
+    params=(*output_keys("train"), "lr_find", "finetune.bn_stats", "finetune.frozen_stride"),
+    compute=one_process,
 )
 
 
