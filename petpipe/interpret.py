@@ -19,8 +19,6 @@ from sklearn import metrics
 
 from petpipe.metric_table import TOP_K
 
-# fastai's top_k_accuracy default and the tutorial's second metric.
-
 
 def per_image_losses(log_probabilities: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Cross-entropy of each image, -log p(actual): (N, C), (N,) -> (N,)."""

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-TOP_K = 5  # top-5 accuracy, and the classes a prediction lists (predict, serve, the MLflow model)
+# fastai's top_k_accuracy default and the tutorial's second metric; also the classes a prediction lists
+# (predict, serve, the MLflow model).
+TOP_K = 5
 TTA = "tta_"  # the prefix of the test-time-augmentation twins in metrics.json
 
 

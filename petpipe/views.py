@@ -44,13 +44,12 @@ class Views:
     def of(cls, spec: ModelSpec, augment: AugmentParams | None = None, *, size_ratio: float = 1.0) -> Views:
         """The model's views; `size_ratio` < 1 trains on smaller crops than it evaluates (FixRes: the objects in
         a random-resized crop look larger than in the centre view, so a lower training size matches them)."""
-        seen = spec.preprocessing
         return cls(
-            size=seen.img_size,
-            presize=seen.presize,
-            eval_crop=seen.eval_crop,
-            mean=seen.mean,
-            std=seen.std,
+            size=spec.img_size,
+            presize=spec.presize,
+            eval_crop=spec.eval_crop,
+            mean=spec.mean,
+            std=spec.std,
             augment=augment,
             train_size=training_size(spec.img_size, size_ratio),
         )

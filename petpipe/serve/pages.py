@@ -142,15 +142,18 @@ async def clean_page(request: Request) -> Response:
 def _duplicates(table: pd.DataFrame, labels: dict[str, str], corrections: dict[str, Any], count: int) -> dict[str, Any]:
     """The Duplicates view's pairs (both photos still indexed, most similar first) and its count of leaks."""
     pairs = table[table["path_a"].isin(labels) & table["path_b"].isin(labels)].head(count)
-    sides = [
-        [_side(row.path_a, row.split_a, labels, corrections), _side(row.path_b, row.split_b, labels, corrections)]
-        for row in pairs.itertuples()
-    ]
     return {
         "leaks": int((table["split_a"] != table["split_b"]).sum()),
         "pairs": [
-            {"similarity": row.similarity, "leak": row.split_a != row.split_b, "sides": both}
-            for row, both in zip(pairs.itertuples(), sides)
+            {
+                "similarity": row.similarity,
+                "leak": row.split_a != row.split_b,
+                "sides": [
+                    _side(row.path_a, row.split_a, labels, corrections),
+                    _side(row.path_b, row.split_b, labels, corrections),
+                ],
+            }
+            for row in pairs.itertuples()
         ],
     }
 

@@ -34,7 +34,6 @@ from petpipe.compute import one_process
 from petpipe.dataset import Dataset, ImageSet
 from petpipe.errors import PetpipeError
 from petpipe.hardware import autocast, to_device
-from petpipe.metric_table import NAMES as HEADLINE
 from petpipe.models import Classifier
 from petpipe.params import EvaluateParams, Params
 from petpipe.pipeline import path_option
@@ -335,7 +334,7 @@ def score(
             plain=log_probabilities,
         )
         tta_metrics = interpret.classification_metrics(tta, targets, classes)
-        metrics.update({metric_table.TTA + name: tta_metrics[name] for name in HEADLINE})
+        metrics.update({metric_table.TTA + name: tta_metrics[name] for name in metric_table.NAMES})
     return log_probabilities, metrics
 
 
@@ -486,11 +485,11 @@ def render_report(
 
 def _report_numbers(metrics: dict[str, Any], checkpoint_path: Path) -> list[str]:
     """report.md's title and its table of the headline metrics: valid, test, and each with TTA if it ran."""
-    tta, test = "tta_accuracy" in metrics, TEST + "accuracy" in metrics
+    tta, test = metric_table.TTA + "accuracy" in metrics, TEST + "accuracy" in metrics
     columns = [
         ("valid", ""),
-        *([("valid, TTA", "tta_")] if tta else []),
-        *([("test", TEST), *([("test, TTA", TEST + "tta_")] if tta else [])] if test else []),
+        *([("valid, TTA", metric_table.TTA)] if tta else []),
+        *([("test", TEST), *([("test, TTA", TEST + metric_table.TTA)] if tta else [])] if test else []),
     ]
     lines = [
         f"# Evaluation: {metrics['checkpoint']} model on {metrics['images']} validation images"

@@ -118,6 +118,11 @@ class Findings:
     split: dict[str, Any]
     warnings: list[str]
 
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Images per split: train, valid, test."""
+        return {split: int(self.counts[split].sum()) for split in data.SPLITS}
+
 
 def _findings(
     survey: Survey, corrected: dict[str, Any], plan: data.SplitPlan, index: pd.DataFrame, *, params: Params
@@ -156,13 +161,13 @@ def _label_and_split(
 
 def _metrics(found: Findings) -> dict[str, float]:
     """index-labels' MLflow metrics: the counts of images, classes, splits and of each kind of problem."""
-    n_train, n_valid, n_test = (int(found.counts[split].sum()) for split in data.SPLITS)
+    sizes = found.sizes
     return {
         "images": len(found.index),
         "classes": len(found.counts),
-        "train_images": n_train,
-        "valid_images": n_valid,
-        "test_images": n_test,
+        "train_images": sizes["train"],
+        "valid_images": sizes["valid"],
+        "test_images": sizes["test"],
         "skipped": len(found.survey.skipped),
         "unmatched": len(found.survey.unmatched),
         "leaks": len(found.leaks),
@@ -174,7 +179,7 @@ def _metrics(found: Findings) -> dict[str, float]:
 
 def _summary(found: Findings, corrections: Path | None) -> str:
     """The stage's one summary line, but where the index went."""
-    n_train, n_valid, n_test = (int(found.counts[split].sum()) for split in data.SPLITS)
+    n_train, n_valid, n_test = found.sizes.values()
     survey, corrected, imbalance = found.survey, found.corrected, found.imbalance
     return (
         f"indexed {len(found.index)} images of {len(found.counts)} classes ({n_train} train, {n_valid} valid, "
@@ -394,9 +399,7 @@ def _report(found: Findings) -> dict[str, Any]:
     index, counts, survey = found.index, found.counts, found.survey
     return {
         "images": len(index),
-        "train": int(counts["train"].sum()),
-        "valid": int(counts["valid"].sum()),
-        "test": int(counts["test"].sum()),
+        **found.sizes,
         "classes": len(counts),
         # How the split was made: method folders, random or file, and why (the summary line's words).
         "split": found.split,
