@@ -77,7 +77,7 @@ def plant(args: argparse.Namespace, seed: int, folder: Path) -> dict[str, Any]:
     import pandas as pd
     from PIL import Image
 
-    from petpipe.data import stratified_split
+    from petpipe.data.image_index import stratified_split
 
     rng = np.random.default_rng(seed)
     names = sorted(path.name for path in args.images.glob("*.jpg"))
@@ -188,7 +188,7 @@ def pipeline(
 
 def true_accuracy(model: Path, images: Path, names: list[str]) -> float:
     """Accuracy of a model on photos of the original folder, against the breed in their original name."""
-    from petpipe.predict import load_predictor, predict_files
+    from petpipe.inference.predict import load_predictor, predict_files
 
     predictor = load_predictor(model, device="cpu")
     predictions = predict_files(predictor, [images / name for name in names], top_k=1)

@@ -232,7 +232,7 @@ def run_fastai(args: argparse.Namespace, index: Path, workdir: Path) -> dict:
         vision_learner,
     )
 
-    from petpipe.models import PACKAGED_WEIGHTS, _packaged_weights_file
+    from petpipe.model.backbones import PACKAGED_WEIGHTS, _packaged_weights_file
 
     table = pd.read_csv(index)
     table["file"] = [str(args.images / path) for path in table["path"]]
@@ -409,7 +409,7 @@ def machine() -> dict[str, Any]:
     """The machine, as it decides which levers pay: CPU model and the flags that matter, cores, torch, GPU."""
     import torch
 
-    from petpipe.hardware import available_cores, cpu_flags, cpu_name
+    from petpipe.train.hardware import available_cores, cpu_flags, cpu_name
 
     flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
@@ -701,7 +701,7 @@ def run_once(args: argparse.Namespace, framework: str, seed: int, index: Path, t
     if output.returncode != 0 or line is None:
         sys.exit(f"{framework} seed {seed} failed:\n{output.stderr[-3000:]}")
     result = json.loads(line.removeprefix("RESULT "))
-    # Each petpipe stage's line of where its seconds went (petpipe/timing.py), as it printed it.
+    # Each petpipe stage's line of where its seconds went (petpipe/utils/timing.py), as it printed it.
     result["stage_seconds"] = [
         text for text in output.stderr.splitlines() if re.match(r"(train-head|lr-find|finetune): \d+\.\d s = ", text)
     ]

@@ -2,7 +2,7 @@
 
 The photos are the sample's, resized to --size px and each made distinct (a pixel changed per copy, so that
 none is a duplicate by content); an http.server in a process of its own serves them. fetch's own path runs
-(petpipe.fetch.fetch_url_list: the download workers, decoding each photo to check it, the content hashes,
+(petpipe.data.sources.fetch_url_list: the download workers, decoding each photo to check it, the content hashes,
 the label folders and downloads.csv), first into an empty download cache, then again with every photo in
 the cache (a rerun after a line was added asks only for what is missing). Both the server and fetch are
 pinned to --cores cores. The CPU time of each is reported beside the wall time: on a machine shared with
@@ -85,8 +85,8 @@ def main() -> None:
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
-    from petpipe.fetch import fetch_url_list
-    from petpipe.image_downloads import Settings
+    from petpipe.data.image_downloads import Settings
+    from petpipe.data.sources import fetch_url_list
 
     cores = set(sorted(os.sched_getaffinity(0))[: args.cores])
     os.sched_setaffinity(0, cores)

@@ -27,13 +27,13 @@ import yaml
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from petpipe.hardware import autocast, cpu_name, cpu_runs_bfloat16  # noqa: E402
-from petpipe.models import build_model, early_units, folded_batchnorm, freeze_early, set_train_mode, unfreeze  # noqa: E402
-from petpipe.optim import make_optimizer  # noqa: E402
+from petpipe.data.pixels import load_pixels  # noqa: E402
+from petpipe.data.views import Views  # noqa: E402
+from petpipe.model.backbones import build_model, early_units, folded_batchnorm, freeze_early, set_train_mode, unfreeze  # noqa: E402
+from petpipe.model.spec import ModelSpec  # noqa: E402
 from petpipe.params import parse_params, with_overrides  # noqa: E402
-from petpipe.pixels import load_pixels  # noqa: E402
-from petpipe.spec import ModelSpec  # noqa: E402
-from petpipe.views import Views  # noqa: E402
+from petpipe.train.hardware import autocast, cpu_name, cpu_runs_bfloat16  # noqa: E402
+from petpipe.train.optim import make_optimizer  # noqa: E402
 
 PARTS = ("data", "augment", "forward", "backward", "optimiser")
 

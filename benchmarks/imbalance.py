@@ -150,7 +150,7 @@ def recalls(model: Path, made: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     from sklearn.metrics import balanced_accuracy_score, recall_score
 
-    from petpipe.predict import load_predictor, predict_files
+    from petpipe.inference.predict import load_predictor, predict_files
 
     predictor = load_predictor(model, device="cpu")
     names = made["valid"]

@@ -29,14 +29,14 @@ import yaml
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from petpipe.atomic import file_digest  # noqa: E402
-from petpipe.augment import augment_batch  # noqa: E402
-from petpipe.models import build_model, freeze_body, set_train_mode, unfreeze  # noqa: E402
-from petpipe.optim import ADAM_BETAS, ADAM_EPS, make_optimizer  # noqa: E402
+from petpipe.data.augment import augment_batch  # noqa: E402
+from petpipe.data.pixels import decode_image, load_pixels  # noqa: E402
+from petpipe.data.views import Views  # noqa: E402
+from petpipe.model.backbones import build_model, freeze_body, set_train_mode, unfreeze  # noqa: E402
+from petpipe.model.spec import ModelSpec  # noqa: E402
 from petpipe.params import parse_params  # noqa: E402
-from petpipe.pixels import decode_image, load_pixels  # noqa: E402
-from petpipe.spec import ModelSpec  # noqa: E402
-from petpipe.views import Views  # noqa: E402
+from petpipe.train.optim import ADAM_BETAS, ADAM_EPS, make_optimizer  # noqa: E402
+from petpipe.utils.atomic import file_digest  # noqa: E402
 
 
 def median_seconds(work: Callable[[], object], *, repeat: int, warmup: int = 2) -> float:

@@ -46,7 +46,7 @@ class Expected:
 
 
 def expected_answers(model: Path, photos: list[Path]) -> dict[str, Expected]:
-    from petpipe.predict import load_predictor, predict_files
+    from petpipe.inference.predict import load_predictor, predict_files
 
     predictor = load_predictor(model, device="cpu")
     answers = {}

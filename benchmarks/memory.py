@@ -1,4 +1,4 @@
-"""The memory estimate of petpipe/memory.py against the real peak RSS of training stages on the sample.
+"""The memory estimate of petpipe/train/memory.py against the real peak RSS of training stages on the sample.
 
 Indexes the sample photos once, then runs `petpipe train-head` (the body run every step: cache_features
 false) and `petpipe finetune` (everything trained) at a few batch and image sizes, one epoch each, and reads
@@ -133,7 +133,7 @@ def main() -> None:
             for size, batch in ((64, 16), (64, 64), (128, 16), (128, 64))
             for row in run(folder, arguments.images.resolve(), size, batch)
         ]
-    from petpipe.memory import ACTIVATION_FACTOR
+    from petpipe.train.memory import ACTIVATION_FACTOR
 
     ratios = [row["estimate_over_peak"] for row in rows]
     result = {

@@ -22,8 +22,8 @@ import pandas as pd
 from PIL import Image
 
 from petpipe.errors import PetpipeError
+from petpipe.inference.predict import Predictor, collect_images, load_predictor, model_file, predict_images
 from petpipe.pipeline import ORDER
-from petpipe.predict import Predictor, collect_images, load_predictor, model_file, predict_images
 
 STAGES = Path("stages")
 EVALUATION = STAGES / "evaluate"
@@ -202,10 +202,10 @@ def results(stages: str | Path = STAGES) -> dict[str, StageResults]:
 def show_batch(split: str = "train", n: int = 9, *, project: str | Path = ".", seed: int | None = None) -> Picture:
     """fastai's show_batch: `n` images of a split as the model sees them (train: augmented; valid: the center
     crops evaluate and predict use), with the project's params.yaml, as `petpipe show-batch` draws them."""
-    from petpipe.data import load_index
-    from petpipe.draw_batch import show_batch_figure
+    from petpipe.data.image_index import load_index
+    from petpipe.data.views import Views
+    from petpipe.interpret.draw_batch import show_batch_figure
     from petpipe.params import load_params
-    from petpipe.views import Views
 
     project = Path(project)
     if split not in ("train", "valid"):
@@ -244,15 +244,15 @@ def confusion(evaluation: str | Path = EVALUATION, *, normalized: bool = False) 
 def most_confused(evaluation: str | Path = EVALUATION, *, min_count: int = 1) -> pd.DataFrame:
     """fastai's most_confused(min_val): (actual, predicted, count) pairs seen at least `min_count` times, most
     first, from evaluate's actual and predicted class of every validation image (confusion.csv)."""
-    from petpipe import interpret  # scikit-learn: only when asked
+    from petpipe.interpret import interpretation  # scikit-learn: only when asked
 
     table = read_table(_evaluation_file(evaluation, "confusion.csv")).astype(str)
     classes = sorted(set(table["actual"]) | set(table["predicted"]))
     position = {name: index for index, name in enumerate(classes)}
-    matrix = interpret.confusion_matrix(
+    matrix = interpretation.confusion_matrix(
         table["actual"].map(position).to_numpy(), table["predicted"].map(position).to_numpy(), num_classes=len(classes)
     )
-    return interpret.most_confused(matrix, classes, min_count=min_count)
+    return interpretation.most_confused(matrix, classes, min_count=min_count)
 
 
 __all__ = [

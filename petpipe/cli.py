@@ -18,10 +18,10 @@ from typing import Any
 import click
 
 from petpipe import stages
-from petpipe.atomic import WriteFailed
 from petpipe.errors import Interrupted, PetpipeError
 from petpipe.params import ParamsError, load_params
 from petpipe.pipeline import option_name
+from petpipe.utils.atomic import WriteFailed
 
 PathOption = click.Path(path_type=Path)
 ExistingPath = click.Path(path_type=Path, exists=True)
@@ -56,7 +56,7 @@ def _user_errors(stage: str | None = None) -> Iterator[None]:
         raise click.ClickException(f"{stage}: {error}" if stage else str(error)) from None
     except (ParamsError, PetpipeError) as error:
         raise click.ClickException(str(error)) from None
-    except OSError as error:  # a read error, a refused write outside petpipe.atomic: which file, not a traceback
+    except OSError as error:  # a read error, a refused write outside petpipe.utils.atomic: which file, not a traceback
         where = f"{error.filename}: " if error.filename else ""  # some errors name no file (shutil's)
         raise click.ClickException(
             f"{where}{error.strerror or error}; outputs written before this "
@@ -182,7 +182,7 @@ def predict_command(
     An unreadable file gets an `error: PATH: REASON` line on stderr, the rest are
     still predicted, and the exit status is 1.
     """
-    from petpipe.predict import collect_images, format_prediction, load_predictor, model_file, predict_files
+    from petpipe.inference.predict import collect_images, format_prediction, load_predictor, model_file, predict_files
 
     try:
         predictor = load_predictor(model_file(model), device=device)
@@ -220,7 +220,7 @@ def predict_command(
 )
 def export_command(model: Path, out: Path) -> None:
     """Export a checkpoint as a pickle-free ONNX bundle that `petpipe predict --model` accepts."""
-    from petpipe.torch_predict import export_bundle
+    from petpipe.inference.onnx_export import export_bundle
 
     with _user_errors("export"):
         manifest = export_bundle(model, out)
@@ -250,10 +250,10 @@ def export_command(model: Path, out: Path) -> None:
 @click.option("--out", type=PathOption, default=Path("show_batch.png"), show_default=True, help="PNG to write.")
 def show_batch_command(params_path: Path, images: Path, index: Path, split: str, count: int, out: Path) -> None:
     """Draw a batch as the model sees it (fastai's show_batch), with params.yaml's sizes and augmentation."""
-    from petpipe.atomic import save_figure
-    from petpipe.data import load_index
-    from petpipe.draw_batch import show_batch_figure
-    from petpipe.views import Views
+    from petpipe.data.image_index import load_index
+    from petpipe.data.views import Views
+    from petpipe.interpret.draw_batch import show_batch_figure
+    from petpipe.utils.atomic import save_figure
 
     with _user_errors():
         params = load_params(params_path)
@@ -313,7 +313,7 @@ def serve_command(
     Clean's decisions go to the labels.corrections CSV of --params; commit it
     and run `dvc repro`: index-labels applies them and what they change retrains.
     """
-    from petpipe.predict import model_file
+    from petpipe.inference.predict import model_file
     from petpipe.serve import ServeSettings, create_app, listen, run_server
 
     with _user_errors():

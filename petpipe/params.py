@@ -15,9 +15,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from petpipe.devices import DEVICE_CHOICES, is_device_name
-from petpipe.metric_table import PROMOTABLE
-from petpipe.yamlfile import DuplicateKeyError, YAMLError, parse_yaml
+from petpipe.interpret.metric_table import PROMOTABLE
+from petpipe.utils.devices import DEVICE_CHOICES, is_device_name
+from petpipe.utils.yamlfile import DuplicateKeyError, YAMLError, parse_yaml
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -38,7 +38,7 @@ class _Section(BaseModel):
 class DataParams(_Section):
     source: str
     checksum: str | None
-    # For a URL list as source (petpipe/url_lists.py): downloads at a time, seconds per URL, megabytes per photo.
+    # For a URL list as source (petpipe/data/url_lists.py): downloads at a time, seconds per URL, megabytes per photo.
     download_workers: Annotated[int, Field(ge=1, le=256)]
     download_timeout: Annotated[float, Field(gt=0, le=3600)]
     download_max_mb: Annotated[float, Field(gt=0, le=4096)]
@@ -222,7 +222,7 @@ class EvaluateParams(_Section):
 TrainedStage = Literal["train-head", "finetune"]
 
 
-# evaluate's metrics that can elect a champion, and which way each is better: petpipe/metric_table.py.
+# evaluate's metrics that can elect a champion, and which way each is better: petpipe/interpret/metric_table.py.
 PromoteMetric = Literal[PROMOTABLE]  # a tuple subscript: Literal["accuracy", ...]
 
 

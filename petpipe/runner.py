@@ -16,21 +16,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from petpipe import timing, tracking
 from petpipe.params import Params
+from petpipe.track import mlflow_runs
+from petpipe.utils import timing
 
 if TYPE_CHECKING:
-    from petpipe.compute import Compute
+    from petpipe.train.compute import Compute
 
 
 @dataclass(frozen=True)
 class Context:
     """What a stage's body gets besides its paths: the params, its MLflow run and, for stages that
-    compute, the runtime, seed and data loading (petpipe/compute.py)."""
+    compute, the runtime, seed and data loading (petpipe/train/compute.py)."""
 
     stage: str
     params: Params
-    log: tracking.StageRun
+    log: mlflow_runs.StageRun
     compute: Compute | None = None
 
 
@@ -41,7 +42,7 @@ Body = Callable[[Context, Any, Any], str]
 class Stage:
     """A stage as dvc.yaml knows it: its name and the params sections or keys its outputs depend on
     (dvc.yaml's `params`, and what its MLflow run records). `compute`: how it starts computing
-    (petpipe.compute.every_rank or one_process), or None for a stage that only reads and writes files."""
+    (petpipe.train.compute.every_rank or one_process), or None for a stage that only reads and writes files."""
 
     name: str
     params: tuple[str, ...]
@@ -68,9 +69,9 @@ class Stage:
             try:
                 # Every rank computes; rank 0 alone logs.
                 with (
-                    tracking.stage_run(self.name, params=params.select(self.params), settings=params)
+                    mlflow_runs.stage_run(self.name, params=params.select(self.params), settings=params)
                     if main
-                    else tracking.no_run(self.name) as log,
+                    else mlflow_runs.no_run(self.name) as log,
                     compute.memory_errors(self.name) if compute is not None else contextlib.nullcontext(),
                 ):
                     summary = body(Context(self.name, params, log, compute), inputs, outputs)

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from petpipe import data
+from petpipe.data import image_index
 
 EXIF_ORIENTATION = 0x0112
 # Orientation 6: "rotate 90 degrees clockwise to display". Pixels stored rotated 90 degrees
 # counter-clockwise (PIL's ROTATE_90) are upright after exif_transpose.
 ROTATED_CLOCKWISE_TO_DISPLAY = 6
-DEFAULT_PATTERN = data.compile_label_pattern(r"^(.+)_\d+\.(?:jpe?g|png|bmp|gif|webp|tiff?)$")
+DEFAULT_PATTERN = image_index.compile_label_pattern(r"^(.+)_\d+\.(?:jpe?g|png|bmp|gif|webp|tiff?)$")
 
 
 @dataclass
@@ -83,12 +83,12 @@ def copy_name_in_other_split(
 ) -> tuple[str, str]:
     """The first `<breed>_<n>.jpg` (n >= start) that the stratified split, given the breed's photos already in
     `folder` (original among them), puts in the other split than `original`; and original's split then."""
-    pattern = data.compile_label_pattern(r"^(.+)_\d+\.(?:jpe?g|png|bmp|gif|webp|tiff?)$")
-    relative = [data.relative_posix(path, folder) for path in data.scan_images(folder)]
-    others = [path for path in relative if data.label_from_name(Path(path).name, pattern) == breed]
+    pattern = image_index.compile_label_pattern(r"^(.+)_\d+\.(?:jpe?g|png|bmp|gif|webp|tiff?)$")
+    relative = [image_index.relative_posix(path, folder) for path in image_index.scan_images(folder)]
+    others = [path for path in relative if image_index.label_from_name(Path(path).name, pattern) == breed]
     for number in range(start, start + 10_000):
         candidate = f"{breed}_{number}.jpg"
-        splits = data.stratified_split(
+        splits = image_index.stratified_split(
             dict.fromkeys([*others, candidate], breed), valid_pct=valid_pct, test_pct=0.0, seed=seed
         )
         if splits[candidate] != splits[original]:

@@ -141,7 +141,7 @@ def served(pipeline_project, tmp_path_factory, sample_images) -> Iterator[Served
     caches, the session pipeline's, so both use the same timed levers."""
     from mlflow.tracking import MlflowClient
 
-    from petpipe import run_identity, tracking
+    from petpipe.track import identity, mlflow_runs
 
     folder = tmp_path_factory.mktemp("served")
     with mlflow_server(folder / "server") as server:
@@ -157,9 +157,9 @@ def served(pipeline_project, tmp_path_factory, sample_images) -> Iterator[Served
         client = MlflowClient(tracking_uri=server.url)
         experiment = client.get_experiment_by_name("petpipe")
         runs = client.search_runs([experiment.experiment_id])
-        parents = [run for run in runs if tracking.PARENT_TAG not in run.data.tags]
+        parents = [run for run in runs if mlflow_runs.PARENT_TAG not in run.data.tags]
         assert len(parents) == 1, [run.info.run_name for run in parents]
-        children = {run.data.tags[run_identity.STAGE_TAG]: run for run in runs if run not in parents}
+        children = {run.data.tags[identity.STAGE_TAG]: run for run in runs if run not in parents}
         yield Served(project, server, output, client, parents[0], children)
 
 

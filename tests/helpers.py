@@ -99,7 +99,7 @@ def model_spec(
 ) -> Any:
     """The ModelSpec train-head would build from params.yaml with these model settings (and classes
     class0, class1, ...); `sizes` overrides img_size and presize."""
-    from petpipe.spec import ModelSpec
+    from petpipe.model.spec import ModelSpec
 
     model = params_with(
         {
@@ -155,9 +155,13 @@ def outputs_in(folder: Path) -> Any:
 
 def read_outputs(outputs: Any) -> tuple[Any, list[str], dict]:
     """index-labels' index (a DataFrame), classes and report."""
-    from petpipe import data
+    from petpipe.data import image_index
 
-    return data.load_index(outputs.index), data.load_classes(outputs.classes), json.loads(outputs.report.read_text())
+    return (
+        image_index.load_index(outputs.index),
+        image_index.load_classes(outputs.classes),
+        json.loads(outputs.report.read_text()),
+    )
 
 
 # ---------------------------------------------------------------- a model trained in-process
@@ -236,9 +240,9 @@ def stage_environment(root: Path) -> Iterator[None]:
 
 def valid_rows(sample: TrainedSample) -> Any:
     """The validation rows of the trained sample's index, in index order."""
-    from petpipe import data
+    from petpipe.data import image_index
 
-    index = data.load_index(sample.index)
+    index = image_index.load_index(sample.index)
     return index[index["split"] == "valid"].reset_index(drop=True)
 
 

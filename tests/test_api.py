@@ -15,9 +15,9 @@ from PIL import Image
 
 import petpipe
 from helpers import PNG_MAGIC, SAMPLE_IMAGES, valid_rows
-from petpipe.checkpoint import load_checkpoint
 from petpipe.cli import main
 from petpipe.errors import PetpipeError
+from petpipe.model.checkpoint import load_checkpoint
 
 
 def cli_predictions(model: Path | str, photos: list[Path], top_k: int) -> list[dict]:

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from helpers import SAMPLE_IMAGES, evaluate_outputs, outputs_in, params_with, stage_environment
-from petpipe import audit, data
+from petpipe.data import image_index
+from petpipe.interpret import data_audit
 from petpipe.stages import evaluate, index_labels
 
 PLANTED_LABELS = 12
@@ -29,7 +30,7 @@ def noisy_sample(tmp_path_factory, trained) -> tuple[Path, Path, dict[str, str],
     shutil.copytree(SAMPLE_IMAGES, images)
     outputs = outputs_in(root / "indexed")
     index_labels.run(params_with({"model.img_size": 64}), index_labels.Inputs(images=images), outputs)
-    index = data.load_index(outputs.index)
+    index = image_index.load_index(outputs.index)
     rng = np.random.default_rng(0)
     valid = index[index["split"] == "valid"]
     copies = {}
@@ -41,7 +42,7 @@ def noisy_sample(tmp_path_factory, trained) -> tuple[Path, Path, dict[str, str],
             )
         copies[name] = original
     index_labels.run(params_with({"model.img_size": 64}), index_labels.Inputs(images=images), outputs)
-    index = data.load_index(outputs.index)
+    index = image_index.load_index(outputs.index)
     index.loc[index["path"].isin(copies), "split"] = "train"
     index.loc[index["path"].isin(copies.values()), "split"] = "valid"
     # A cat given a dog breed or a dog a cat breed (the sample names cat breeds with a capital): a mistake that
@@ -78,8 +79,8 @@ def test_planted_wrong_labels_rank_among_the_top_suspects(audited, noisy_sample)
     table = pd.read_csv(
         outputs.label_issues, dtype={"path": str, "label": str, "suggested": str}, keep_default_na=False
     )
-    index = data.load_index(index_path)
-    assert list(table.columns) == audit.LABEL_ISSUE_COLUMNS
+    index = image_index.load_index(index_path)
+    assert list(table.columns) == data_audit.LABEL_ISSUE_COLUMNS
     assert sorted(table["path"]) == sorted(index["path"])  # every image, train and valid, once
     assert table.set_index("path").loc[index["path"], "label"].tolist() == index["label"].tolist()
     assert table["quality"].between(0, 1).all() and table["quality"].is_monotonic_increasing
@@ -103,7 +104,7 @@ def test_reencoded_copies_are_found_as_duplicates_and_leaks_and_distinct_photos_
     _, outputs, params, _ = audited
     _, _, _, copies = noisy_sample
     pairs = pd.read_csv(outputs.duplicates, dtype={"path_a": str, "path_b": str}, keep_default_na=False)
-    assert list(pairs.columns) == audit.DUPLICATE_COLUMNS
+    assert list(pairs.columns) == data_audit.DUPLICATE_COLUMNS
     assert pairs["similarity"].is_monotonic_decreasing
     assert (pairs["similarity"] >= params.evaluate.audit.duplicate_similarity).all()
     found = {frozenset(pair) for pair in zip(pairs["path_a"], pairs["path_b"])}
@@ -126,8 +127,8 @@ def test_the_audit_off_changes_no_other_number_and_writes_header_only_tables(aud
     with_audit = json.loads(outputs.metrics.read_text())
     without = json.loads(plain.metrics.read_text())
     assert without == {key: value for key, value in with_audit.items() if not key.startswith("audit_")}
-    assert plain.label_issues.read_text().strip() == ",".join(audit.LABEL_ISSUE_COLUMNS)
-    assert plain.duplicates.read_text().strip() == ",".join(audit.DUPLICATE_COLUMNS)
+    assert plain.label_issues.read_text().strip() == ",".join(data_audit.LABEL_ISSUE_COLUMNS)
+    assert plain.duplicates.read_text().strip() == ",".join(data_audit.DUPLICATE_COLUMNS)
     assert "audit of" not in summary and "Off (evaluate.audit.enabled: false)" in plain.report.read_text()
 
 
@@ -139,10 +140,10 @@ def test_near_duplicates_in_chunks_are_the_pairs_of_the_whole_matrix():
     features = rng.normal(size=(50, 8))
     features[30] = features[3] + 0.01 * rng.normal(size=8)  # a near copy
     features[41] = features[3] * 2  # the same direction, another scale
-    whole = audit.near_duplicates(features, threshold=0.6, chunk=1000)
-    chunked = audit.near_duplicates(features, threshold=0.6, chunk=7)
+    whole = data_audit.near_duplicates(features, threshold=0.6, chunk=1000)
+    chunked = data_audit.near_duplicates(features, threshold=0.6, chunk=7)
     pd.testing.assert_frame_equal(whole, chunked)
-    vectors = audit.normalized(features)
+    vectors = data_audit.normalized(features)
     similarity = vectors @ vectors.T
     expected = {(a, b) for a in range(50) for b in range(a + 1, 50) if similarity[a, b] >= 0.6}
     assert set(zip(whole["a"], whole["b"])) == expected and {(3, 30), (3, 41), (30, 41)} <= expected
@@ -157,23 +158,25 @@ def test_out_of_sample_probabilities_never_come_from_a_head_that_saw_the_image()
     features = centres[labels] + rng.normal(size=(60, 16))
     labels = np.append(labels, 3)  # one image of a fourth class: every head that scores it never saw class 3
     features = np.vstack([features, centres[0] + rng.normal(size=16)])
-    probabilities = audit.out_of_sample_probabilities(features, labels, num_classes=4, folds=5, seed=0)
+    probabilities = data_audit.out_of_sample_probabilities(features, labels, num_classes=4, folds=5, seed=0)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0)
     assert probabilities[60, 3] == 0.0 and probabilities[60].argmax() == 0
     assert (probabilities[:60].argmax(axis=1) == labels[:60]).mean() > 0.9
     wrong = labels.copy()
     wrong[5] = 2  # an image of class 0 labelled 2: the heads that score it learnt 0 from its neighbours
-    found = audit.label_audit(audit.out_of_sample_probabilities(features, wrong, num_classes=4, folds=5, seed=0), wrong)
+    found = data_audit.label_audit(
+        data_audit.out_of_sample_probabilities(features, wrong, num_classes=4, folds=5, seed=0), wrong
+    )
     assert np.argsort(found.quality)[:2].tolist() in ([5, 60], [60, 5]) and found.issue[5]
     assert found.suggested[5] == 0 and found.quality[5] < 0.1
-    again = audit.out_of_sample_probabilities(features, labels, num_classes=4, folds=5, seed=0)
+    again = data_audit.out_of_sample_probabilities(features, labels, num_classes=4, folds=5, seed=0)
     np.testing.assert_array_equal(probabilities, again)  # seeded: the same folds, the same heads
 
 
 def test_a_set_with_one_image_per_class_refuses_the_audit_with_what_to_do(trained, tmp_path):
     from petpipe.errors import PetpipeError
 
-    index = data.load_index(trained.index).groupby("label").head(1).reset_index(drop=True)
+    index = image_index.load_index(trained.index).groupby("label").head(1).reset_index(drop=True)
     index["split"] = ["valid" if position % 4 == 0 else "train" for position in range(len(index))]
     index.to_csv(tmp_path / "index.csv", index=False)
     params = trained.params.model_copy(update={"evaluate": trained.params.evaluate.model_copy(update={"tta": False})})

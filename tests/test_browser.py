@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 
 from helpers import copy_project, run_command, stale_stages
-from petpipe.predict import load_predictor, predict_files
+from petpipe.inference.predict import load_predictor, predict_files
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra)")
 CHROMIUM = os.environ.get("PETPIPE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"

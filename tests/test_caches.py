@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 from helpers import OFFLINE_TRAINING, copy_subset, outputs_in, params_with, serving, stage_environment
-from petpipe import levers as levers_module
-from petpipe import resume as resume_module
+from petpipe.train import levers as levers_module
+from petpipe.train import resume as resume_module
 
 PAGE = 4096
 # One epoch on 3 breeds x 6 photos at 32 px; the levers fixed so that no timing (levers.json) is involved.
@@ -142,7 +142,7 @@ def warnings_in(caplog) -> list[str]:
 
 def forget_checks(monkeypatch) -> None:
     """As in a new process: nothing is known to have been checked (stages are processes; these tests are one)."""
-    from petpipe import pixels
+    from petpipe.data import pixels
 
     monkeypatch.setattr(pixels, "_CHECKED", {})
 
@@ -336,8 +336,8 @@ def replace_with_a_page(path: Path) -> None:
 
 @pytest.mark.parametrize("damage", [*DAMAGES, "replaced with a page"])
 def test_a_damaged_partial_download_ends_in_the_archive_itself(sample_images, tmp_path, monkeypatch, caplog, damage):
-    from petpipe.download import cache_name
-    from petpipe.fetch import fetch_source
+    from petpipe.data.download import cache_name
+    from petpipe.data.sources import fetch_source
 
     photos = tmp_path / "photos"
     copy_subset(sample_images, photos, breeds=2, per_breed=3)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from helpers import model_spec
-from petpipe.checkpoint import FORMAT, Checkpoint, load_checkpoint, save_checkpoint
 from petpipe.errors import PetpipeError
-from petpipe.models import build_model
+from petpipe.model.backbones import build_model
+from petpipe.model.checkpoint import FORMAT, Checkpoint, load_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,12 @@ import torch.nn.functional as F
 from sklearn.utils.class_weight import compute_class_weight
 
 from helpers import OFFLINE_TRAINING, outputs_in, params_with, sample_by_breed, train_head_outputs
-from petpipe.checkpoint import load_checkpoint
-from petpipe.compute import one_process
+from petpipe.data.views import Views
+from petpipe.model.checkpoint import load_checkpoint
 from petpipe.params import ParamsError
 from petpipe.stages import finetune, index_labels, lr_find, train_head
-from petpipe.training import Criterion, balanced_class_weights, predict
-from petpipe.views import Views
+from petpipe.train.compute import one_process
+from petpipe.train.fit_loop import Criterion, balanced_class_weights, predict
 
 # float32: the recomputed loss must be the stage's to the last bits that matter; no levers timed.
 BALANCED = {

@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from helpers import PROJECT_ROOT, SMALL, copy_subset, outputs_in, params_with, read_outputs, write_params
-from petpipe import data
 from petpipe.cli import main
+from petpipe.data import image_index
 from petpipe.errors import PetpipeError
 from petpipe.stages.index_labels import Inputs, run
 
@@ -29,25 +29,27 @@ def corrections_file(folder: Path, rows: str) -> Path:
 def test_the_committed_corrections_file_is_a_header_row_and_the_default_param():
     assert (PROJECT_ROOT / "labels" / "corrections.csv").read_text() == "path,action,label\n"
     assert params_with().labels.corrections == "labels/corrections.csv"
-    assert data.load_corrections(PROJECT_ROOT / "labels" / "corrections.csv") == {}
+    assert image_index.load_corrections(PROJECT_ROOT / "labels" / "corrections.csv") == {}
 
 
 def test_corrections_relabel_exclude_and_ignore_files_without_a_label(tmp_path):
     path = corrections_file(tmp_path, "a_2.jpg,relabel,b\n./b_1.jpg,Exclude,\nunusable.jpg,exclude,\n")
-    corrections = data.load_corrections(path)
+    corrections = image_index.load_corrections(path)
     assert corrections == {
-        "a_2.jpg": data.Correction("relabel", "b"),
-        "b_1.jpg": data.Correction("exclude"),
-        "unusable.jpg": data.Correction("exclude"),
+        "a_2.jpg": image_index.Correction("relabel", "b"),
+        "b_1.jpg": image_index.Correction("exclude"),
+        "unusable.jpg": image_index.Correction("exclude"),
     }
-    labels, done = data.apply_corrections(LABELS, corrections, folder_files=FOLDER, source="labels.corrections x")
+    labels, done = image_index.apply_corrections(
+        LABELS, corrections, folder_files=FOLDER, source="labels.corrections x"
+    )
     assert labels == {"a_1.jpg": "a", "a_2.jpg": "b", "b_2.jpg": "b"}
     assert done == {"relabelled": 1, "excluded": 1, "ignored": ["unusable.jpg"]}
     # Written back sorted by path, as petpipe serve writes it: the same corrections.
-    table = data.corrections_table(corrections)
+    table = image_index.corrections_table(corrections)
     assert table["path"].tolist() == ["a_2.jpg", "b_1.jpg", "unusable.jpg"]
     table.to_csv(tmp_path / "again.csv", index=False)
-    assert data.load_corrections(tmp_path / "again.csv") == corrections
+    assert image_index.load_corrections(tmp_path / "again.csv") == corrections
 
 
 @pytest.mark.parametrize(
@@ -62,17 +64,17 @@ def test_corrections_relabel_exclude_and_ignore_files_without_a_label(tmp_path):
 )
 def test_a_wrong_correction_is_refused_with_one_line(tmp_path, rows, message):
     with pytest.raises(PetpipeError, match=message) as raised:
-        corrections = data.load_corrections(corrections_file(tmp_path, rows))
-        data.apply_corrections(LABELS, corrections, folder_files=FOLDER, source="labels.corrections x")
+        corrections = image_index.load_corrections(corrections_file(tmp_path, rows))
+        image_index.apply_corrections(LABELS, corrections, folder_files=FOLDER, source="labels.corrections x")
     assert "\n" not in str(raised.value)
 
 
 def test_a_missing_or_headerless_corrections_file_says_what_it_needs(tmp_path):
     with pytest.raises(PetpipeError, match="file not found; fix the path in params.yaml"):
-        data.load_corrections(tmp_path / "nothing.csv")
+        image_index.load_corrections(tmp_path / "nothing.csv")
     (tmp_path / "bare.csv").write_text("a_1.jpg,exclude,\n")
     with pytest.raises(PetpipeError, match="missing column.*header row path,action,label"):
-        data.load_corrections(tmp_path / "bare.csv")
+        image_index.load_corrections(tmp_path / "bare.csv")
 
 
 def test_index_labels_applies_and_reports_the_corrections(sample_images, tmp_path):

@@ -25,14 +25,15 @@ from helpers import (
     stage_environment,
     valid_rows,
 )
-from petpipe import data, interpret
-from petpipe.checkpoint import load_checkpoint
 from petpipe.cli import main
+from petpipe.data import image_index
+from petpipe.data.pixels import decode_image
+from petpipe.data.views import Views
 from petpipe.errors import PetpipeError
+from petpipe.interpret import interpretation
+from petpipe.model.checkpoint import load_checkpoint
 from petpipe.params import with_overrides
-from petpipe.pixels import decode_image
 from petpipe.stages import evaluate
-from petpipe.views import Views
 
 
 def independent_log_probabilities(sample: TrainedSample, relative_paths: list[str]) -> np.ndarray:
@@ -152,7 +153,7 @@ def test_most_confused_agrees_with_the_confusion_matrix(evaluated, trained):
 
 def test_min_count_filters_most_confused():
     matrix = np.array([[5, 2, 1], [3, 4, 0], [0, 2, 6]])
-    table = interpret.most_confused(matrix, ["a", "b", "c"], min_count=2)
+    table = interpretation.most_confused(matrix, ["a", "b", "c"], min_count=2)
     assert table.values.tolist() == [["b", "a", 3], ["a", "b", 2], ["c", "b", 2]]
 
 
@@ -221,7 +222,7 @@ def test_every_output_is_written_and_the_report_links_them(evaluated):
 
 
 def test_an_empty_validation_split_is_refused_with_advice(trained, tmp_path):
-    index = data.load_index(trained.index).assign(split="train")
+    index = image_index.load_index(trained.index).assign(split="train")
     index.to_csv(tmp_path / "index.csv", index=False)
     with pytest.raises(PetpipeError, match="no validation images.*split.valid_pct"):
         run_evaluate(trained, tmp_path / "out", index=tmp_path / "index.csv")
@@ -229,7 +230,7 @@ def test_an_empty_validation_split_is_refused_with_advice(trained, tmp_path):
 
 
 def test_labels_the_model_never_saw_are_refused(trained, tmp_path):
-    index = data.load_index(trained.index)
+    index = image_index.load_index(trained.index)
     index.loc[index.index[0], "label"] = "okapi"
     index.to_csv(tmp_path / "index.csv", index=False)
     with pytest.raises(PetpipeError, match="okapi"):
@@ -252,22 +253,22 @@ def test_the_finetune_checkpoint_is_the_default_choice(trained, tmp_path):
 
 def test_per_class_metrics_of_a_class_never_predicted_are_zero_not_nan():
     actual, predicted = np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1])
-    matrix = interpret.confusion_matrix(actual, predicted, num_classes=4)
+    matrix = interpretation.confusion_matrix(actual, predicted, num_classes=4)
     assert matrix.tolist() == [[1, 1, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]]
-    table = interpret.per_class_metrics(actual, predicted, ["a", "b", "c", "d"])
+    table = interpretation.per_class_metrics(actual, predicted, ["a", "b", "c", "d"])
     assert table.loc["c"].tolist() == [0.0, 0.0, 0.0, 1]  # never predicted, one image
     assert table.loc["d"].tolist() == [0.0, 0.0, 0.0, 0]  # absent: excluded from macro F1
     assert table.loc["a", "precision"] == 1.0 and table.loc["a", "recall"] == 0.5
-    assert interpret.macro_f1(actual, predicted) == pytest.approx((2 / 3 + 0.5 + 0.0) / 3)
+    assert interpretation.macro_f1(actual, predicted) == pytest.approx((2 / 3 + 0.5 + 0.0) / 3)
 
 
 def test_top_k_accuracy_breaks_ties_as_argmax_does():
     log_probabilities = np.log(np.array([[0.5, 0.3, 0.2], [0.2, 0.3, 0.5], [0.4, 0.4, 0.2], [0.3, 0.6, 0.1]]))
     targets = np.array([1, 1, 1, 1])
     accuracy = float((log_probabilities.argmax(axis=1) == targets).mean())
-    assert interpret.top_k_accuracy(log_probabilities, targets, k=1) == accuracy == 0.25
-    assert interpret.top_k_accuracy(log_probabilities, targets, k=2) == 1.0
-    assert interpret.top_k_accuracy(log_probabilities, targets, k=5) == 1.0  # k capped at the class count
+    assert interpretation.top_k_accuracy(log_probabilities, targets, k=1) == accuracy == 0.25
+    assert interpretation.top_k_accuracy(log_probabilities, targets, k=2) == 1.0
+    assert interpretation.top_k_accuracy(log_probabilities, targets, k=5) == 1.0  # k capped at the class count
 
 
 def test_top_k_accuracy_from_scikit_learn_matches_a_stable_sort_with_ties_and_zero_probabilities():
@@ -282,7 +283,7 @@ def test_top_k_accuracy_from_scikit_learn_matches_a_stable_sort_with_ties_and_ze
         for k in (1, 2, 5):
             best = np.argsort(-log_probabilities, axis=1, kind="stable")[:, : min(k, classes)]
             expected = float((best == targets[:, None]).any(axis=1).mean())
-            assert interpret.top_k_accuracy(log_probabilities, targets, k=k) == expected, (classes, k)
+            assert interpretation.top_k_accuracy(log_probabilities, targets, k=k) == expected, (classes, k)
 
 
 def test_the_results_page_reads_the_per_class_table_from_per_class_csv(evaluated):

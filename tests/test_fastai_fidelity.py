@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import model_spec, params_with
-from petpipe.augment import (
+from petpipe.data.augment import (
     CORNERS,
     apply_perspective,
     augment_batch,
@@ -23,9 +23,9 @@ from petpipe.augment import (
     warp_targets,
     zoom_matrix,
 )
-from petpipe.lr_finder import sweep_lrs
-from petpipe.models import build_model
-from petpipe.optim import discriminative_lrs, one_cycle, one_cycle_momentum
+from petpipe.model.backbones import build_model
+from petpipe.train.lr_range import sweep_lrs
+from petpipe.train.optim import discriminative_lrs, one_cycle, one_cycle_momentum
 
 pytestmark = pytest.mark.fast  # `make test-fast`: no training, no dvc repro
 
@@ -156,7 +156,7 @@ def test_augmentation_changes_each_image_differently_and_stays_in_range():
 def test_training_takes_the_presized_square_anywhere_along_the_long_side_as_fastais_resize(sample_images):
     """train.augment.presize_crop random: the training split keeps each photo's long side (up to 3:2), and
     each training view is a square window of it at a random position; the evaluation view is its centre."""
-    from petpipe.pixels import decode_image, decode_wide
+    from petpipe.data.pixels import decode_image, decode_wide
 
     still = params_with(
         {
@@ -188,9 +188,9 @@ def test_training_takes_the_presized_square_anywhere_along_the_long_side_as_fast
 
 def test_the_lr_finder_uses_trainings_optimiser_without_decay_on_batchnorm_and_biases(monkeypatch):
     """fastai's lr_find uses the Learner's optimiser (wd_bn_bias=False), not a plain AdamW over everything."""
-    from petpipe import lr_finder
-    from petpipe.dataset import ImageSet
-    from petpipe.views import Views
+    from petpipe.data.dataset import ImageSet
+    from petpipe.data.views import Views
+    from petpipe.train import lr_range
 
     built = []
 
@@ -199,15 +199,15 @@ def test_the_lr_finder_uses_trainings_optimiser_without_decay_on_batchnorm_and_b
         built.append(optimizer)
         return optimizer
 
-    from petpipe.optim import make_optimizer
+    from petpipe.train.optim import make_optimizer
 
-    monkeypatch.setattr(lr_finder, "make_optimizer", spy)
+    monkeypatch.setattr(lr_range, "make_optimizer", spy)
     spec = model_spec("resnet18", "none", num_classes=3, img_size=32, presize=36)
     model = build_model(spec, pretrained=False).train()
     images = ImageSet(torch.randint(0, 256, (8, 3, 36, 36), dtype=torch.uint8), torch.randint(0, 3, (8,)))
     settings = params_with({"train.batch_size": 4, "train.weight_decay": 0.01}).train
     sweep = params_with({"lr_find.num_it": 5, "lr_find.batch_size": 0}).lr_find
-    curve = lr_finder.lr_sweep(
+    curve = lr_range.lr_sweep(
         model,
         images,
         views=Views.of(spec, settings.augment),

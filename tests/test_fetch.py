@@ -23,9 +23,9 @@ from click.testing import CliRunner
 
 from helpers import default_params, params_with, serving
 from petpipe.cli import main
-from petpipe.download import cache_name
+from petpipe.data.download import cache_name
+from petpipe.data.sources import fetch_source
 from petpipe.errors import PetpipeError
-from petpipe.fetch import fetch_source
 from petpipe.stages import fetch as fetch_stage
 
 pytestmark = pytest.mark.fast  # `make test-fast`: no training, no dvc repro

@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from helpers import copy_subset, make_project, run_command, serving
+from petpipe.data.sources import fetch_source, read_url_file
 from petpipe.errors import PetpipeError
-from petpipe.fetch import fetch_source, read_url_file
 
 DEFAULT_URL = "https://www.robots.ox.ac.uk/~vgg/data/pets/data/images.tar.gz"
 

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from helpers import PNG_MAGIC, SMALL, copy_subset, outputs_in, params_with, read_outputs, sample_by_breed, write_params
-from petpipe import data
 from petpipe.cli import main
+from petpipe.data import image_index
 from petpipe.errors import PetpipeError
 from petpipe.stages.index_labels import Inputs, run
 
@@ -47,12 +47,12 @@ def test_split_of_existing_files_survives_added_files(sample_images, tmp_path):
     copy_subset(sample_images, folder, breeds=5, per_breed=6)
     params = params_with({**SMALL, "split.valid_pct": 0.3})
     run(params, Inputs(images=folder), outputs_in(tmp_path / "before"))
-    before = data.load_index(tmp_path / "before" / "index.csv")
+    before = image_index.load_index(tmp_path / "before" / "index.csv")
 
     for photo in sorted(folder.iterdir())[::6]:  # one new name per breed, the bytes of its first photo
         shutil.copy(photo, folder / f"{photo.stem.rsplit('_', 1)[0]}_9000.jpg")
     run(params, Inputs(images=folder), outputs_in(tmp_path / "after"))
-    after = data.load_index(tmp_path / "after" / "index.csv")
+    after = image_index.load_index(tmp_path / "after" / "index.csv")
     report = json.loads((tmp_path / "after" / "report.json").read_text())
 
     assert len(before) == 30 and len(after) == 35
@@ -255,7 +255,7 @@ def test_cli_writes_all_five_outputs(sample_images, params_file, tmp_path):
     ]
     assert (out / "show_batch.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "class_counts.png").read_bytes()[:8] == PNG_MAGIC
-    assert data.load_classes(out / "classes.json") == ["Abyssinian", "Bengal", "Birman", "Bombay"]
+    assert image_index.load_classes(out / "classes.json") == ["Abyssinian", "Bengal", "Birman", "Bombay"]
 
 
 def test_cli_reports_user_errors_without_a_traceback(params_file, tmp_path):

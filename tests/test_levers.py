@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from helpers import model_spec, params_with
-from petpipe import levers as levers_module
-from petpipe.dataset import ImageSet
-from petpipe.distributed import World
-from petpipe.hardware import Runtime
-from petpipe.levers import candidates, choose_levers
-from petpipe.models import build_model
-from petpipe.views import Views
+from petpipe.data.dataset import ImageSet
+from petpipe.data.views import Views
+from petpipe.model.backbones import build_model
+from petpipe.train import levers as levers_module
+from petpipe.train.distributed import World
+from petpipe.train.hardware import Runtime
+from petpipe.train.levers import candidates, choose_levers
 
 CPU = Runtime(world=World(), device=torch.device("cpu"))
 

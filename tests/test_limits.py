@@ -33,11 +33,12 @@ import pytest
 import torch
 
 from helpers import serving, write_params
-from petpipe import atomic, pixels
-from petpipe.atomic import WriteFailed
-from petpipe.checkpoint import load_checkpoint, save_checkpoint
+from petpipe.data import pixels
 from petpipe.errors import PetpipeError
-from petpipe.resume import ResumeFile
+from petpipe.model.checkpoint import load_checkpoint, save_checkpoint
+from petpipe.train.resume import ResumeFile
+from petpipe.utils import atomic
+from petpipe.utils.atomic import WriteFailed
 
 # small: the module-scoped fixture, reused
 from test_reliability import SMALL_TRAINING, environment, finetune_command, petpipe, small, start, wait_for  # noqa: F401
@@ -174,7 +175,7 @@ def test_a_read_only_folder_is_named_with_the_fix(tmp_path):
 
 
 def test_an_archive_extracted_onto_a_full_disk_keeps_the_previous_images(small, tmp_path):
-    from petpipe.archives import extract_archive
+    from petpipe.data.archives import extract_archive
 
     archive = tmp_path / "photos.tar"
     with tarfile.open(archive, "w") as tar:
@@ -201,7 +202,7 @@ def _archive_of(small, folder: Path, *, count: int) -> Path:
 
 
 def test_a_download_onto_a_full_disk_keeps_what_arrived_for_the_rerun(small, tmp_path):
-    from petpipe.download import download_archive
+    from petpipe.data.download import download_archive
 
     served = tmp_path / "served"
     served.mkdir()
@@ -379,11 +380,11 @@ def _train_head(small, params_file: Path, out: Path) -> list[str]:
 
 
 def test_out_of_gpu_memory_names_the_batch_size_to_halve_and_the_epoch_kept(small, tmp_path, monkeypatch):
-    from petpipe import training
     from petpipe.stages import finetune
+    from petpipe.train import fit_loop
 
     steps = {"count": 0}
-    real_step = training.training_step
+    real_step = fit_loop.training_step
 
     def out_of_memory_in_epoch_two(*args, **kwargs):  # what a CUDA allocation raises; no GPU here
         steps["count"] += 1
@@ -391,7 +392,7 @@ def test_out_of_gpu_memory_names_the_batch_size_to_halve_and_the_epoch_kept(smal
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(training, "training_step", out_of_memory_in_epoch_two)
+    monkeypatch.setattr(fit_loop, "training_step", out_of_memory_in_epoch_two)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "lr_find.json").write_text("{}\n")
     out = tmp_path / "out"

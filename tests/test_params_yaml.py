@@ -11,7 +11,7 @@ from dvc.utils.serialize import parse_yaml as dvc_parse_yaml
 
 from helpers import PROJECT_ROOT
 from petpipe.params import ParamsError, load_params
-from petpipe.yamlfile import parse_yaml
+from petpipe.utils.yamlfile import parse_yaml
 
 pytestmark = pytest.mark.fast  # `make test-fast`: no training, no dvc repro
 

@@ -86,8 +86,8 @@ def test_evaluate_reports_the_test_split_nothing_tuned_on(project):
         assert (folder / "stages/evaluate" / picture).read_bytes().startswith(b"\x89PNG")
     assert "| metric | valid | test |" in (folder / "stages/evaluate/report.md").read_text()
     # Training never decoded a test photo: the test split's pixel cache was written by evaluate, after finetune.
+    from petpipe.data.pixels import cache_key
     from petpipe.params import load_params
-    from petpipe.pixels import cache_key
 
     presize = load_params(folder / "params.yaml").model.presize
     test_hashes = list(index.loc[index["split"] == "test", "hash"])

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from petpipe import pixels
-from petpipe.atomic import file_digest
-from petpipe.dataset import ImageSet
+from petpipe.data import pixels
+from petpipe.data.dataset import ImageSet
 from petpipe.errors import PetpipeError
+from petpipe.utils.atomic import file_digest
 
 pytestmark = pytest.mark.fast  # `make test-fast`: no training, no dvc repro
 

@@ -14,11 +14,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from helpers import PNG_MAGIC, SAMPLE_IMAGES, run_without_torch, valid_rows
-from petpipe.atomic import file_digest
-from petpipe.checkpoint import load_checkpoint
 from petpipe.cli import main
 from petpipe.errors import PetpipeError
-from petpipe.predict import collect_images, load_predictor, predict_files
+from petpipe.inference.predict import collect_images, load_predictor, predict_files
+from petpipe.model.checkpoint import load_checkpoint
+from petpipe.utils.atomic import file_digest
 
 
 def all_probabilities(model: Path, paths: list[Path], *, batch_size: int = 64) -> dict[str, dict[str, float]]:

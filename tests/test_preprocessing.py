@@ -1,4 +1,4 @@
-"""What the network sees is one record (petpipe/preprocessing.py), written by checkpoints, bundles and MLflow
+"""What the network sees is one record (petpipe/model/preprocessing.py), written by checkpoints, bundles and MLflow
 models and read back by one parser, including the records earlier petpipes wrote."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from petpipe.errors import PetpipeError
-from petpipe.preprocessing import RESIZE, VERSION, Preprocessing
+from petpipe.model.preprocessing import RESIZE, VERSION, Preprocessing
 
 pytestmark = pytest.mark.fast  # `make test-fast`: no training, no dvc repro
 

@@ -15,13 +15,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import default_params
-from petpipe import data
+from petpipe.data import image_index
 from petpipe.params import ParamsError, parse_params, with_overrides
-from petpipe.yamlfile import parse_yaml
+from petpipe.utils.yamlfile import parse_yaml
 
 pytestmark = pytest.mark.fast  # `make test-fast`: no training, no dvc repro
 
-DEFAULT_PATTERN = data.compile_label_pattern(default_params()["labels"]["pattern"])
+DEFAULT_PATTERN = image_index.compile_label_pattern(default_params()["labels"]["pattern"])
 EXTENSIONS = ["jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff"]
 FEW = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -38,7 +38,7 @@ extensions = st.sampled_from(EXTENSIONS).flatmap(lambda ext: st.sampled_from([ex
 @given(breed=breeds, number=numbers, extension=extensions)
 def test_breed_number_extension_gives_the_breed(breed, number, extension):
     name = f"{breed}_{number}.{extension}"
-    assert data.label_from_name(name, DEFAULT_PATTERN) == breed
+    assert image_index.label_from_name(name, DEFAULT_PATTERN) == breed
 
 
 @FEW
@@ -49,7 +49,7 @@ def test_breed_number_extension_gives_the_breed(breed, number, extension):
 )
 def test_the_folder_never_changes_the_label(folder, breed, number):
     relative = f"{folder.strip()}/{breed}_{number}.jpg"
-    assert data.labels_from_regex([relative], DEFAULT_PATTERN) == {relative: breed}
+    assert image_index.labels_from_regex([relative], DEFAULT_PATTERN) == {relative: breed}
 
 
 @FEW
@@ -79,13 +79,13 @@ def test_names_not_of_the_form_breed_number_extension_have_no_label(breed, numbe
         "letters in the number": f"{breed}_{number}x.{extension}",
         "suffix after the extension": f"{breed}_{number}.{extension}.bak",
     }[break_it]
-    assert data.label_from_name(name, DEFAULT_PATTERN) is None, name
+    assert image_index.label_from_name(name, DEFAULT_PATTERN) is None, name
 
 
 @FEW
 @given(name=st.text(max_size=60))
 def test_any_name_gives_a_label_or_none_never_an_error(name):
-    label = data.label_from_name(name, DEFAULT_PATTERN)
+    label = image_index.label_from_name(name, DEFAULT_PATTERN)
     assert label is None or (label and name.startswith(label))
 
 

@@ -57,10 +57,10 @@ from helpers import (
     serving,
     write_params,
 )
-from petpipe import data, pixels
-from petpipe.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from petpipe.cli import main
-from petpipe.download import cache_name
+from petpipe.data import image_index, pixels
+from petpipe.data.download import cache_name
+from petpipe.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from petpipe.stages import index_labels, train_head
 
 # Tiny but real training: the offline EfficientNet-Lite0 at 32 px on four breeds. float32: on this
@@ -166,7 +166,7 @@ def kill_hard(process: subprocess.Popen) -> None:
 
 
 def temporaries(folder: Path) -> list[str]:
-    """Files and folders that petpipe.atomic names while writing (`.<output>.<host>-<pid>.<random>.tmp`)."""
+    """Files and folders that petpipe.utils.atomic names while writing (`.<output>.<host>-<pid>.<random>.tmp`)."""
     return sorted(path.name for path in folder.rglob(".*.tmp"))
 
 
@@ -245,7 +245,7 @@ def test_index_labels_skips_each_unusable_file_with_its_reason_and_indexes_every
 
     with working_in(tmp_path):
         summary = index_labels.run(params_with({"model.img_size": 32}), index_labels.Inputs(images=images), outputs)
-    index, report = data.load_index(outputs.index), json.loads(outputs.report.read_text(encoding="utf-8"))
+    index, report = image_index.load_index(outputs.index), json.loads(outputs.report.read_text(encoding="utf-8"))
 
     reasons = {item["path"]: item["reason"] for item in report["skipped"]}
     assert sorted(reasons) == sorted(salted.unusable)  # exactly the unusable files, each once
@@ -272,11 +272,12 @@ def test_index_labels_skips_each_unusable_file_with_its_reason_and_indexes_every
 MEASURE_BOMBS = r"""
 import json, resource, sys, time
 from pathlib import Path
-from petpipe import data, pixels
+from petpipe.data import image_index
+from petpipe.data import pixels
 
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
-checked = [data.check_image(Path(path)) for path in sys.argv[1:]]
+checked = [image_index.check_image(Path(path)) for path in sys.argv[1:]]
 decoded = []
 for path in sys.argv[1:]:
     try:
@@ -345,8 +346,8 @@ def test_exif_orientation_is_applied_before_training_and_in_show_batch(sample_im
     assert difference(np.rot90(cached[0], axes=(1, 2)), cached[1]) > 4 * difference(*cached)
 
     # show_batch draws it upright.
-    from petpipe import draw_batch
-    from petpipe.views import Views
+    from petpipe.data.views import Views
+    from petpipe.interpret import draw_batch
 
     drawn = []
     monkeypatch.setattr(draw_batch, "plot_show_batch", lambda batch, labels, title: drawn.append(batch[0].numpy()))
@@ -578,7 +579,7 @@ def test_killed_index_labels_leaves_only_complete_outputs(small, tmp_path):
     assert_killed_then_rerun(
         out, INDEX_OUTPUTS, "report.json", command, tmp_path, written_before=["index.csv", "classes.json"]
     )
-    assert data.load_index(out / "index.csv").equals(data.load_index(small.index))
+    assert image_index.load_index(out / "index.csv").equals(image_index.load_index(small.index))
 
 
 def test_killed_evaluate_leaves_only_complete_outputs(small, tmp_path):
@@ -625,7 +626,7 @@ def a_checkpoint(small: SmallSample, *, epoch: int) -> Checkpoint:
 
 FILL_THE_DISK = r"""
 import resource, signal, sys, torch
-from petpipe.checkpoint import load_checkpoint, save_checkpoint
+from petpipe.model.checkpoint import load_checkpoint, save_checkpoint
 
 source, target, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
 checkpoint = load_checkpoint(source)
@@ -664,7 +665,7 @@ def test_a_write_that_fails_at_the_os_level_keeps_the_previous_checkpoint(small,
 
 
 def test_stale_temporary_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
-    from petpipe import atomic
+    from petpipe.utils import atomic
 
     target = tmp_path / "metrics.json"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -729,10 +730,10 @@ def test_salted_photos_go_through_dvc_repro_to_a_trained_model(salted_pipeline):
     assert sorted(skipped) == sorted(salted.unusable)  # exactly the unusable files
     for path, reason in salted.unusable.items():
         assert skipped[path].startswith(reason)
-    index = data.load_index(project / "stages/index-labels/index.csv")
+    index = image_index.load_index(project / "stages/index-labels/index.csv")
     assert set(salted.usable) <= set(index["path"]) and len(index) == 370 + len(salted.usable)
     assert [(leak["train"], leak["valid"]) for leak in report["leaks"]] == [salted.leak]
-    classes = data.load_classes(project / "stages/index-labels/classes.json")
+    classes = image_index.load_classes(project / "stages/index-labels/classes.json")
     assert len(classes) == 38 and salted.single_image_class in classes
 
     tuned = load_checkpoint(project / "stages/finetune/model.pt")

@@ -27,8 +27,8 @@ from helpers import (
     stale_stages,
     write_params,
 )
-from petpipe import data
-from petpipe.hardware import cpu_runs_bfloat16
+from petpipe.data import image_index
+from petpipe.train.hardware import cpu_runs_bfloat16
 
 TRAINED = ("train-head", "lr-find", "finetune", "evaluate")
 
@@ -36,7 +36,7 @@ TRAINED = ("train-head", "lr-find", "finetune", "evaluate")
 def test_editing_a_module_reruns_exactly_the_stages_that_run_it(pipeline_project, tmp_path):
     project = copy_project(pipeline_project.folder, tmp_path / "project")
     assert stale_stages(project) == set()
-    augment = project / "petpipe/augment.py"
+    augment = project / "petpipe/data/augment.py"
     original = augment.read_text()
     augment.write_text(original + "\n# a change to the augmentation\n")
     # index-labels draws show_batch.png through the augmentation; fetch runs none of it.
@@ -44,7 +44,7 @@ def test_editing_a_module_reruns_exactly_the_stages_that_run_it(pipeline_project
     augment.write_text(original)
     assert stale_stages(project) == set()
 
-    fetch = project / "petpipe/fetch.py"
+    fetch = project / "petpipe/data/sources.py"
     fetch.write_text(fetch.read_text() + "\n# a change to fetch\n")
     assert stale_stages(project) == {"fetch"}
     log = run_command(["dvc", "repro"], project).stdout
@@ -178,7 +178,9 @@ def test_the_split_depends_only_on_names_and_the_seed():
     }
     for seed, splits in expected.items():
         shuffled = dict(reversed(labels.items()))
-        assert data.stratified_split(shuffled, valid_pct=0.2, test_pct=0.2, seed=seed) == dict(zip(names, splits))
+        assert image_index.stratified_split(shuffled, valid_pct=0.2, test_pct=0.2, seed=seed) == dict(
+            zip(names, splits)
+        )
 
 
 def test_deterministic_algorithms_are_one_switch(indexed_sample, sample_images, tmp_path, monkeypatch):

@@ -32,10 +32,10 @@ import yaml
 from click.testing import CliRunner
 
 from helpers import PROJECT_ROOT, SAMPLE_IMAGES, model_spec
-from petpipe.checkpoint import FORMAT, load_checkpoint
 from petpipe.cli import main
+from petpipe.data.sources import fetch_source
 from petpipe.errors import PetpipeError
-from petpipe.fetch import fetch_source
+from petpipe.model.checkpoint import FORMAT, load_checkpoint
 from petpipe.params import ParamsError, load_params
 
 PACKAGE = PROJECT_ROOT / "petpipe"
@@ -219,7 +219,7 @@ def test_a_checkpoint_with_a_pickled_object_is_refused_not_run(tmp_path):
 
 
 def test_a_malicious_resume_file_is_ignored_not_run(tmp_path, monkeypatch, caplog):
-    from petpipe.resume import ResumeFile
+    from petpipe.train.resume import ResumeFile
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "index.csv").write_text("path,label\n")
@@ -227,7 +227,7 @@ def test_a_malicious_resume_file_is_ignored_not_run(tmp_path, monkeypatch, caplo
     marker = tmp_path / "pwned"
     resume.path.parent.mkdir(parents=True)
     malicious_checkpoint(resume.path, marker)
-    from petpipe.atomic import file_digest  # a record that matches: the file reaches torch.load, which refuses it
+    from petpipe.utils.atomic import file_digest  # a record that matches: the file reaches torch.load, which refuses it
 
     resume.record.write_text(json.dumps({"bytes": resume.path.stat().st_size, "sha256": file_digest(resume.path)}))
 
@@ -236,7 +236,7 @@ def test_a_malicious_resume_file_is_ignored_not_run(tmp_path, monkeypatch, caplo
 
 
 def test_malicious_local_weights_are_refused_not_run(tmp_path):
-    from petpipe.models import build_model
+    from petpipe.model.backbones import build_model
 
     marker = tmp_path / "pwned"
     weights = tmp_path / "weights.pt"
@@ -317,7 +317,7 @@ def test_an_exported_bundle_is_onnx_and_json_only(bundle):
 
 
 def test_a_bundle_predicts_with_pickle_and_torch_load_switched_off(bundle, monkeypatch):
-    from petpipe.predict import load_predictor, predict_files
+    from petpipe.inference.predict import load_predictor, predict_files
 
     classes = json.loads((bundle / "bundle.json").read_text())["classes"]
 
@@ -519,7 +519,7 @@ def test_many_small_entries_that_together_inflate_too_far_are_refused(tmp_path):
 
 @pytest.mark.parametrize("kind", ARCHIVE_KINDS)
 def test_an_archive_larger_than_the_free_disk_space_is_refused(tmp_path, monkeypatch, kind):
-    from petpipe import archive_limits
+    from petpipe.data import archive_limits
 
     photos = sorted(SAMPLE_IMAGES.glob("*.jpg"))[:10]
     archive = bomb_archive(tmp_path, kind, {photo.name: photo.read_bytes() for photo in photos})
@@ -559,7 +559,7 @@ def test_a_zip_entry_that_inflates_past_its_declared_size_is_refused_and_leaves_
 
 def test_copying_an_entry_stops_before_it_writes_more_than_it_declared(tmp_path):
     # zipfile stops at the declared size itself (then fails the CRC, above); this is petpipe's own count.
-    from petpipe.archive_limits import Budget
+    from petpipe.data.archive_limits import Budget
 
     budget = Budget.for_archive(tmp_path, tmp_path)
     written = io.BytesIO()

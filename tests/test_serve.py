@@ -16,11 +16,11 @@ from click.testing import CliRunner
 from starlette.testclient import TestClient
 
 from helpers import SAMPLE_IMAGES, model_spec, write_params
-from petpipe import data
-from petpipe.checkpoint import Checkpoint, save_checkpoint
 from petpipe.cli import main
-from petpipe.models import build_model
-from petpipe.predict import load_predictor, predict_files
+from petpipe.data import image_index
+from petpipe.inference.predict import load_predictor, predict_files
+from petpipe.model.backbones import build_model
+from petpipe.model.checkpoint import Checkpoint, save_checkpoint
 from petpipe.serve import ServeSettings, create_app
 
 PHOTOS = ["Abyssinian_101.jpg", "Abyssinian_12.jpg", "Bengal_107.jpg", "Bengal_109.jpg", "beagle_10.jpg"]
@@ -44,12 +44,12 @@ def project(tmp_path_factory) -> Path:
             "split": "valid" if name == "Abyssinian_101.jpg" else "train",
             "width": 1,
             "height": 1,
-            "hash": data.check_image(images / name).hash,
+            "hash": image_index.check_image(images / name).hash,
         }
         for name in [*PHOTOS, "Bengal_999.jpg"]
     ]
     rows.append({**rows[0], "path": "../outside.jpg"})  # an index row pointing out of the folder
-    pd.DataFrame(rows, columns=data.INDEX_COLUMNS).to_csv(root / "index.csv", index=False)
+    pd.DataFrame(rows, columns=image_index.INDEX_COLUMNS).to_csv(root / "index.csv", index=False)
     spec = model_spec("tf_efficientnet_lite0", "none", img_size=32, presize=40, classes=tuple(CLASSES))
     model = build_model(spec, pretrained=False).eval()
     save_checkpoint(root / "model.pt", Checkpoint.of(model, spec, stage="finetune", params={}, history=[]))
@@ -170,8 +170,8 @@ def test_decisions_are_saved_to_the_corrections_csv(client, project):
         "now relabels 1 and excludes 0 image(s); commit it and run dvc repro to retrain."
     )
     assert decide(path="beagle_10.jpg", decision="keep").json()["exclude"] == 0
-    assert data.load_corrections(project / "corrections.csv") == {
-        "Abyssinian_101.jpg": data.Correction("relabel", "Bengal")
+    assert image_index.load_corrections(project / "corrections.csv") == {
+        "Abyssinian_101.jpg": image_index.Correction("relabel", "Bengal")
     }
     assert (
         decide(path="beagle_10.jpg", decision="relabel", label="unicorn").json()["error"]

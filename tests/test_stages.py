@@ -66,24 +66,24 @@ def test_dvc_yaml_lists_the_code_each_stage_runs(name):
 
 def test_code_dependencies_follow_imports_but_not_logging():
     assert stages.code_dependencies("fetch") == [
-        "petpipe/archive_limits.py",
-        "petpipe/archives.py",
-        "petpipe/atomic.py",
-        "petpipe/devices.py",
-        "petpipe/download.py",
-        "petpipe/fetch.py",
-        "petpipe/folders.py",
-        "petpipe/image_downloads.py",
-        "petpipe/metric_table.py",
+        "petpipe/data/archive_limits.py",
+        "petpipe/data/archives.py",
+        "petpipe/data/download.py",
+        "petpipe/data/folders.py",
+        "petpipe/data/image_downloads.py",
+        "petpipe/data/sources.py",
+        "petpipe/data/url_lists.py",
+        "petpipe/interpret/metric_table.py",
         "petpipe/params.py",
         "petpipe/runner.py",
         "petpipe/stages/fetch.py",
-        "petpipe/url_lists.py",
-        "petpipe/yamlfile.py",
+        "petpipe/utils/atomic.py",
+        "petpipe/utils/devices.py",
+        "petpipe/utils/yamlfile.py",
     ]
     train_head = stages.code_dependencies("train-head")
-    assert {"petpipe/augment.py", "petpipe/training.py", "petpipe/models.py"} <= set(train_head)
-    assert "petpipe/fetch.py" not in train_head and "petpipe/tracking.py" not in train_head
+    assert {"petpipe/data/augment.py", "petpipe/train/fit_loop.py", "petpipe/model/backbones.py"} <= set(train_head)
+    assert "petpipe/data/sources.py" not in train_head and "petpipe/track/mlflow_runs.py" not in train_head
     assert "${data.source}" in DVC_YAML["fetch"]["deps"]  # the photos themselves, for a local source
 
 

@@ -1,4 +1,4 @@
-"""Each stage's one line of where its time went (petpipe/timing.py), and the phases it names."""
+"""Each stage's one line of where its time went (petpipe/utils/timing.py), and the phases it names."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from petpipe import timing
+from petpipe.utils import timing
 
 pytestmark = pytest.mark.fast  # `make test-fast`: no training, no dvc repro
 

@@ -32,7 +32,7 @@ from helpers import (
     make_project,
     mlflow_server,
 )
-from petpipe import run_identity, tracking
+from petpipe.track import identity, mlflow_runs
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -55,17 +55,17 @@ def test_one_pipeline_run_with_a_nested_run_per_stage(served):
     commit = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=served.project, capture_output=True, text=True
     ).stdout.strip()
-    assert parent.info.status == "FINISHED" and parent.data.tags[run_identity.STAGE_TAG] == run_identity.PIPELINE
-    assert parent.data.tags[run_identity.GIT_COMMIT_TAG] == commit
+    assert parent.info.status == "FINISHED" and parent.data.tags[identity.STAGE_TAG] == identity.PIPELINE
+    assert parent.data.tags[identity.GIT_COMMIT_TAG] == commit
     assert parent.data.params["train_head.epochs"] == "2"  # the whole params.yaml, flattened
     for stage, run in served.runs.items():
         tags = run.data.tags
         assert run.info.status == "FINISHED", stage
-        assert run.info.run_name == stage and tags[run_identity.STAGE_TAG] == stage
-        assert tags[tracking.PARENT_TAG] == parent.info.run_id
-        assert tags[run_identity.GIT_COMMIT_TAG] == commit
-        assert len(tags[run_identity.PARAMS_HASH_TAG]) == 16
-        assert run_identity.DVC_EXP_TAG not in tags  # plain `dvc repro`, no experiment
+        assert run.info.run_name == stage and tags[identity.STAGE_TAG] == stage
+        assert tags[mlflow_runs.PARENT_TAG] == parent.info.run_id
+        assert tags[identity.GIT_COMMIT_TAG] == commit
+        assert len(tags[identity.PARAMS_HASH_TAG]) == 16
+        assert identity.DVC_EXP_TAG not in tags  # plain `dvc repro`, no experiment
     head = served.runs["train-head"].data.params
     assert head["train_head.epochs"] == "2" and head["train.augment.min_scale"] == "0.75"
     assert served.runs["fetch"].data.params["data.source"].endswith("images")
@@ -128,7 +128,7 @@ def registered_model(served: Served) -> tuple[Any, Path]:
 def test_finetune_model_is_registered_takes_photos_and_holds_no_pickle(served):
     import mlflow
 
-    from petpipe.predict import load_predictor, predict_files
+    from petpipe.inference.predict import load_predictor, predict_files
 
     versions = served.client.search_model_versions("name='petpipe-classifier'")
     assert len(versions) == 1 and versions[0].run_id == served.runs["finetune"].info.run_id
@@ -136,7 +136,7 @@ def test_finetune_model_is_registered_takes_photos_and_holds_no_pickle(served):
     info, local = registered_model(served)
     classes = json.loads((served.project / "stages/index-labels/classes.json").read_text())["classes"]
     assert info.metadata["classes"] == classes and info.metadata["img_size"] == 64
-    # A model from code: petpipe/mlflow_model.py and the checkpoint; nothing pickled anywhere in it.
+    # A model from code: petpipe/inference/mlflow_model.py and the checkpoint; nothing pickled anywhere in it.
     files = {path.relative_to(local).as_posix() for path in local.rglob("*") if path.is_file()}
     assert "mlflow_model.py" in files and "artifacts/model.pt" in files
     assert {"artifacts/onnx/bundle.json", "artifacts/onnx/model.onnx"} <= files  # the bundle, runs without torch
@@ -166,7 +166,7 @@ def test_finetune_model_is_registered_takes_photos_and_holds_no_pickle(served):
 def test_the_registered_version_carries_its_evaluation_and_is_the_champion(served):
     """MLflow 3's lineage: finetune's LoggedModel holds evaluate's metrics (on the index as their dataset), the
     registered version is made from it, and the first evaluated version takes the `champion` alias."""
-    from petpipe import registry
+    from petpipe.track import registry
 
     client = served.client
     experiment = client.get_experiment_by_name("petpipe")
@@ -291,7 +291,7 @@ def test_mlflow_models_serve_answers_a_jpeg_with_the_breed(served, tmp_path):
     for that image, and the server keeps answering."""
     import base64
 
-    from petpipe.predict import load_predictor, predict_files
+    from petpipe.inference.predict import load_predictor, predict_files
 
     port = free_port()
     log_path = tmp_path / "serve.log"
@@ -418,11 +418,11 @@ def _wait_until_stage_ended(
             f"the pipeline ended before the server could be killed ({stage}: {state})\n" + log_path.read_text()[-3000:]
         )
         experiment = client.get_experiment_by_name("petpipe")
-        query = f"tags.`{run_identity.STAGE_TAG}` = '{stage}'"
+        query = f"tags.`{identity.STAGE_TAG}` = '{stage}'"
         runs = client.search_runs([experiment.experiment_id], filter_string=query) if experiment is not None else []
         if runs:
             run = runs[0]
-            parent = client.get_run(run.data.tags[tracking.PARENT_TAG])
+            parent = client.get_run(run.data.tags[mlflow_runs.PARENT_TAG])
             state = (
                 f"stage run {run.info.status}, ended {run.info.end_time}; "
                 f"pipeline run {parent.info.status}, ended {parent.info.end_time}"
@@ -451,7 +451,7 @@ def embedded_project(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
     for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "PETPIPE_TRACKING"):
         monkeypatch.delenv(name, raising=False)
-    for name, value in {**QUIET_MLFLOW, **tracking.HTTP_DEFAULTS}.items():
+    for name, value in {**QUIET_MLFLOW, **mlflow_runs.HTTP_DEFAULTS}.items():
         monkeypatch.setenv(name, value)
     return tmp_path
 
@@ -461,20 +461,20 @@ def test_stage_runs_group_into_pipeline_runs_in_the_embedded_store(embedded_proj
 
     monkeypatch.setenv("DVC_EXP_NAME", "tidy-exp")
     for stage in ("fetch", "index-labels"):
-        with tracking.stage_run(stage, params={"train": {"augment": {"flip": True}}, "note": None}) as run:
+        with mlflow_runs.stage_run(stage, params={"train": {"augment": {"flip": True}}, "note": None}) as run:
             run.log_metrics({"images": 3, "skipped": None}, step=None)  # None is not a metric: skipped
     with pytest.raises(ZeroDivisionError):  # the stage's own error comes through, untouched
-        with tracking.stage_run("fetch", params={}):  # fetch again: a new pipeline run (dvc repro -f)
+        with mlflow_runs.stage_run("fetch", params={}):  # fetch again: a new pipeline run (dvc repro -f)
             _ = 1 / 0
 
     client = MlflowClient(tracking_uri=f"sqlite:///{embedded_project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("petpipe")
     assert experiment.artifact_location == (embedded_project / "mlruns" / "petpipe").as_uri()
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
-    parents = [run for run in runs if tracking.PARENT_TAG not in run.data.tags]
+    parents = [run for run in runs if mlflow_runs.PARENT_TAG not in run.data.tags]
     assert [parent.info.run_name for parent in parents] == ["pipeline tidy-exp", "pipeline tidy-exp"]
     children = {
-        parent.info.run_id: [run for run in runs if run.data.tags.get(tracking.PARENT_TAG) == parent.info.run_id]
+        parent.info.run_id: [run for run in runs if run.data.tags.get(mlflow_runs.PARENT_TAG) == parent.info.run_id]
         for parent in parents
     }
     first, second = (children[parent.info.run_id] for parent in parents)
@@ -483,7 +483,7 @@ def test_stage_runs_group_into_pipeline_runs_in_the_embedded_store(embedded_proj
     assert parents[1].info.status == "FAILED"
     assert first[0].data.params == {"train.augment.flip": "true", "note": "null"}
     assert first[0].data.metrics == {"images": 3.0}
-    assert all(run.data.tags[run_identity.DVC_EXP_TAG] == "tidy-exp" for run in runs)
+    assert all(run.data.tags[identity.DVC_EXP_TAG] == "tidy-exp" for run in runs)
 
 
 def test_unreachable_server_costs_seconds_and_one_warning(embedded_project, monkeypatch, caplog):
@@ -492,7 +492,7 @@ def test_unreachable_server_costs_seconds_and_one_warning(embedded_project, monk
     (embedded_project / "report.md").write_text("# report")
     started = time.monotonic()
     with caplog.at_level(logging.WARNING):
-        with tracking.stage_run("finetune", params={"finetune": {"epochs": 2}}) as run:
+        with mlflow_runs.stage_run("finetune", params={"finetune": {"epochs": 2}}) as run:
             for epoch in (1, 2):
                 run.log_metrics({"accuracy": 0.5, "train_loss": 1.0}, step=epoch)
             run.log_artifacts([embedded_project / "report.md"])
@@ -527,16 +527,16 @@ def logged_model_files(project: Path, uri: str, into: Path) -> tuple[Path, set[s
 
 def test_the_logged_model_carries_its_onnx_bundle_which_predicts_as_the_checkpoint(embedded_project, trained):
     """finetune's model holds artifacts/onnx/ (`petpipe export`'s bundle) beside artifacts/model.pt: the downloaded
-    bundle, run by petpipe.bundle (numpy and onnxruntime), gives the checkpoint's probabilities to 1e-4."""
+    bundle, run by petpipe.inference.bundle (numpy and onnxruntime), gives the checkpoint's probabilities to 1e-4."""
     import mlflow
     import numpy as np
 
-    from petpipe.bundle import BundlePredictor
-    from petpipe.predict import decode_pixels, load_predictor, pixel_batch
+    from petpipe.inference.bundle import BundlePredictor
+    from petpipe.inference.predict import decode_pixels, load_predictor, pixel_batch
 
     pytest.importorskip("onnxscript", reason="export needs onnxscript (pip install onnx onnxscript onnxruntime)")
     photos = sorted(SAMPLE_IMAGES.glob("*.jpg"))[::50]  # 8 breeds, landscapes and portraits
-    with tracking.stage_run("finetune", params={"finetune": {"epochs": 1}}) as run:
+    with mlflow_runs.stage_run("finetune", params={"finetune": {"epochs": 1}}) as run:
         run.log_model(trained.model, example=photos[0], index=trained.index, registered_name="pets")
     assert run.failure is None and run.model_id is not None
     local, files = logged_model_files(embedded_project, "models:/pets/1", embedded_project / "downloaded")
@@ -554,14 +554,14 @@ def test_the_logged_model_carries_its_onnx_bundle_which_predicts_as_the_checkpoi
 
 
 def test_a_model_that_cannot_be_exported_is_logged_without_its_bundle(embedded_project, trained, monkeypatch, caplog):
-    from petpipe import torch_predict
     from petpipe.errors import PetpipeError
+    from petpipe.inference import onnx_export
 
     def no_exporter(*args, **kwargs):
         raise PetpipeError("export needs onnx, onnxscript and onnxruntime: pip install onnx onnxscript onnxruntime")
 
-    monkeypatch.setattr(torch_predict, "export_bundle", no_exporter)
-    with caplog.at_level(logging.WARNING), tracking.stage_run("finetune", params={}) as run:
+    monkeypatch.setattr(onnx_export, "export_bundle", no_exporter)
+    with caplog.at_level(logging.WARNING), mlflow_runs.stage_run("finetune", params={}) as run:
         run.log_model(trained.model, example=next(SAMPLE_IMAGES.glob("*.jpg")), index=trained.index)
     assert run.failure is None
     warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
@@ -594,14 +594,14 @@ def test_a_stage_logs_where_its_own_params_file_says(embedded_project, sample_im
     assert client.get_experiment_by_name("petpipe") is None
     experiment = client.get_experiment_by_name("other-experiment")
     runs = client.search_runs([experiment.experiment_id])
-    assert sorted(run.data.tags[run_identity.STAGE_TAG] for run in runs) == ["fetch", "pipeline"]
-    parent = next(run for run in runs if run.data.tags[run_identity.STAGE_TAG] == "pipeline")
+    assert sorted(run.data.tags[identity.STAGE_TAG] for run in runs) == ["fetch", "pipeline"]
+    parent = next(run for run in runs if run.data.tags[identity.STAGE_TAG] == "pipeline")
     assert parent.data.params["tracking.experiment"] == "other-experiment"  # the whole file it ran with
 
 
 def test_tracking_off_logs_nothing(embedded_project, monkeypatch):
     monkeypatch.setenv("PETPIPE_TRACKING", "off")
-    with tracking.stage_run("fetch", params={"data": {}}) as run:
+    with mlflow_runs.stage_run("fetch", params={"data": {}}) as run:
         run.log_metrics({"images": 1})
     assert not (embedded_project / "mlflow.db").exists()
 
@@ -613,11 +613,11 @@ def test_system_metrics_follow_mlflows_own_switch(embedded_project, monkeypatch)
     monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
-    with tracking.stage_run("fetch", params={}):
+    with mlflow_runs.stage_run("fetch", params={}):
         time.sleep(1.5)
     client = MlflowClient(tracking_uri=f"sqlite:///{embedded_project / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("petpipe").experiment_id])
-    (stage,) = [run for run in runs if run.data.tags[run_identity.STAGE_TAG] == "fetch"]
+    (stage,) = [run for run in runs if run.data.tags[identity.STAGE_TAG] == "fetch"]
     assert "system/cpu_utilization_percentage" in stage.data.metrics and stage.info.status == "FINISHED"
 
 
@@ -630,7 +630,7 @@ def test_a_stage_run_puts_mlflows_global_state_back(embedded_project, monkeypatc
     try:
         with mlflow.start_run() as callers:
             monkeypatch.setenv("MLFLOW_TRACKING_URI", stage_uri)  # where the stage logs
-            with tracking.stage_run("fetch", params={}) as run:
+            with mlflow_runs.stage_run("fetch", params={}) as run:
                 run.log_metrics({"images": 3})
             assert mlflow.active_run().info.run_id == callers.info.run_id
             assert mlflow.get_tracking_uri() == callers_uri and os.environ["MLFLOW_TRACKING_URI"] == stage_uri
@@ -639,19 +639,19 @@ def test_a_stage_run_puts_mlflows_global_state_back(embedded_project, monkeypatc
     assert mlflow.MlflowClient(callers_uri).get_run(callers.info.run_id).data.metrics == {}
     store = mlflow.MlflowClient(stage_uri)
     runs = store.search_runs([store.get_experiment_by_name("petpipe").experiment_id])
-    assert sorted(run.data.tags[run_identity.STAGE_TAG] for run in runs) == ["fetch", "pipeline"]
+    assert sorted(run.data.tags[identity.STAGE_TAG] for run in runs) == ["fetch", "pipeline"]
     assert next(run for run in runs if run.info.run_name == "fetch").data.metrics == {"images": 3.0}
 
 
 def test_params_flatten_to_mlflow_strings():
-    flat = run_identity.flatten({"train": {"augment": {"flip": True, "min_scale": 0.75}}, "log_models": ["finetune"]})
-    assert {key: run_identity.param_value(value) for key, value in flat.items()} == {
+    flat = identity.flatten({"train": {"augment": {"flip": True, "min_scale": 0.75}}, "log_models": ["finetune"]})
+    assert {key: identity.param_value(value) for key, value in flat.items()} == {
         "train.augment.flip": "true",
         "train.augment.min_scale": "0.75",
         "log_models": '["finetune"]',
     }
-    long = run_identity.param_value("x" * 10_000)
-    assert len(long) == run_identity.MAX_PARAM_VALUE and long.endswith("...")
+    long = identity.param_value("x" * 10_000)
+    assert len(long) == identity.MAX_PARAM_VALUE and long.endswith("...")
 
 
 def test_the_champion_moves_only_to_a_better_version(embedded_project):
@@ -660,7 +660,7 @@ def test_the_champion_moves_only_to_a_better_version(embedded_project):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from petpipe import registry
+    from petpipe.track import registry
 
     uri = f"sqlite:///{embedded_project / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)

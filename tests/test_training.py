@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from helpers import PROJECT_ROOT, TRAINING, params_with, train_head_command, train_head_outputs
-from petpipe.atomic import file_digest
-from petpipe.checkpoint import load_checkpoint
 from petpipe.errors import PetpipeError
-from petpipe.models import finetune_fixes_bn_stats
+from petpipe.model.backbones import finetune_fixes_bn_stats
+from petpipe.model.checkpoint import load_checkpoint
 from petpipe.stages import finetune, lr_find, train_head
+from petpipe.utils.atomic import file_digest
 
 
 def run_train_head(folder: Path, index: Path, images: Path, **overrides) -> train_head.Outputs:
@@ -215,7 +215,7 @@ def test_cached_features_train_the_head_without_touching_the_body(cached_head):
     assert metrics["accuracy"] >= 3 / 37, metrics
     checkpoint = load_checkpoint(outputs.model)
     trained = checkpoint.state_dict
-    from petpipe.models import build_model
+    from petpipe.model.backbones import build_model
 
     pretrained = build_model(checkpoint.spec, pretrained=True)
     for name, tensor in pretrained.state_dict().items():
@@ -295,7 +295,7 @@ def test_finetune_keeps_the_batchnorm_statistics_a_cached_head_learnt_on(
 
 def test_a_size_ratio_trains_on_smaller_crops_than_it_evaluates():
     """finetune.size_ratio and lr_find.size_ratio (FixRes): training views shrink, evaluation views do not."""
-    from petpipe.views import Views, training_size
+    from petpipe.data.views import Views, training_size
 
     views = Views(
         size=64,

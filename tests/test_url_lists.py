@@ -34,11 +34,11 @@ from helpers import (
     stale_stages,
     write_params,
 )
+from petpipe.data.image_downloads import Settings
+from petpipe.data.sources import fetch_url_list
+from petpipe.data.url_lists import is_url_list, read_url_list
 from petpipe.errors import PetpipeError
-from petpipe.fetch import fetch_url_list
-from petpipe.image_downloads import Settings
-from petpipe.run_identity import STAGE_TAG
-from petpipe.url_lists import is_url_list, read_url_list
+from petpipe.track.identity import STAGE_TAG
 
 TIMEOUT_S = 1.0  # data.download_timeout of these tests: the silent and trickling routes cost it, twice
 MAX_BYTES = 1 << 20  # data.download_max_mb 1: every sample photo is under 250 kB
@@ -476,8 +476,8 @@ def test_what_counts_as_a_url_list(tmp_path, sample_images):
 def test_the_counts_are_fetchs_mlflow_metrics_and_the_report_its_artifact(tmp_path, cache, sample_images, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from petpipe import tracking
     from petpipe.stages import fetch as fetch_stage
+    from petpipe.track import mlflow_runs
 
     photo = next(sample_images.glob("*.jpg"))
     server = PhotoServer({photo.name: photo})
@@ -489,7 +489,7 @@ def test_the_counts_are_fetchs_mlflow_metrics_and_the_report_its_artifact(tmp_pa
     monkeypatch.chdir(tmp_path)  # the embedded store, mlflow.db, lands here
     for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "PETPIPE_TRACKING"):
         monkeypatch.delenv(name, raising=False)
-    for name, value in {**QUIET_MLFLOW, **tracking.HTTP_DEFAULTS}.items():
+    for name, value in {**QUIET_MLFLOW, **mlflow_runs.HTTP_DEFAULTS}.items():
         monkeypatch.setenv(name, value)
     outputs = fetch_stage.Outputs(images=tmp_path / "images", downloads=tmp_path / "downloads.csv")
     with server.running():

@@ -2,7 +2,7 @@
 
 Tar members go through Python's own `data` extraction filter (PEP 706), which refuses names and links that
 leave the folder and special files; zip has no such filter, so its entries are checked here. Both formats
-keep to the size budget of petpipe/archive_limits.py and skip the junk of petpipe/folders.py.
+keep to the size budget of petpipe/data/archive_limits.py and skip the junk of petpipe/data/folders.py.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
-from petpipe.archive_limits import Budget
-from petpipe.atomic import atomic_directory
+from petpipe.data.archive_limits import Budget
+from petpipe.data.folders import IMAGE_SUFFIXES, count_images, in_junk
 from petpipe.errors import PetpipeError
-from petpipe.folders import IMAGE_SUFFIXES, count_images, in_junk
+from petpipe.utils.atomic import atomic_directory
 
 TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 # How each archive format petpipe reads begins; tar says "ustar" at byte 257 instead.

@@ -16,11 +16,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from petpipe.data import class_names, load_index
-from petpipe.distributed import barrier
+from petpipe.data.image_index import class_names, load_index
+from petpipe.data.pixels import load_pixels, load_wide_pixels
 from petpipe.errors import PetpipeError
-from petpipe.hardware import Runtime
-from petpipe.pixels import load_pixels, load_wide_pixels
+from petpipe.train.distributed import barrier
+from petpipe.train.hardware import Runtime
 
 
 @dataclass

@@ -16,10 +16,10 @@ from urllib.parse import urlparse
 import requests
 from tqdm import tqdm
 
-from petpipe.archives import is_archive, looks_like_html, read_head
-from petpipe.atomic import display, file_digest, megabytes, write_refusal
+from petpipe.data.archives import is_archive, looks_like_html, read_head
 from petpipe.errors import PetpipeError
-from petpipe.paths import petpipe_folder
+from petpipe.utils.atomic import display, file_digest, megabytes, write_refusal
+from petpipe.utils.paths import petpipe_folder
 
 log = logging.getLogger(__name__)
 

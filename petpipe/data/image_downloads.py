@@ -1,4 +1,4 @@
-"""Download the photos of a URL list (petpipe/url_lists.py) into a cache shared by every run, the way a real
+"""Download the photos of a URL list (petpipe/data/url_lists.py) into a cache shared by every run, the way a real
 image-search list needs: N at a time, every request bounded in time and bytes, one retry for what may pass,
 and nothing kept that does not decode as an image.
 
@@ -29,8 +29,8 @@ from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from petpipe.archives import looks_like_html
-from petpipe.atomic import atomic_path
+from petpipe.data.archives import looks_like_html
+from petpipe.utils.atomic import atomic_path
 
 # A redirect loop, or a chain no image host needs, ends here.
 MAX_REDIRECTS = 5
@@ -41,7 +41,7 @@ RETRY_AFTER_CAP_S = 10.0
 # Statuses that may pass on a second try: timeouts, rate limits, overloaded or restarting servers.
 TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 CHUNK_BYTES = 1 << 16
-# Decoded size petpipe accepts (as petpipe/pixels.py): a few kilobytes can claim billions of pixels.
+# Decoded size petpipe accepts (as petpipe/data/pixels.py): a few kilobytes can claim billions of pixels.
 MAX_PIXELS = 128_000_000
 # What Pillow calls the formats kept, and the extension each gets (index-labels reads these).
 FORMAT_SUFFIXES = {

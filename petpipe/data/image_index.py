@@ -22,9 +22,9 @@ from typing import Any
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-import petpipe.pixels  # noqa: F401  (sets PIL's decompression-bomb limit that check_image relies on)
+import petpipe.data.pixels  # noqa: F401  (sets PIL's decompression-bomb limit that check_image relies on)
+from petpipe.data.folders import visible_files
 from petpipe.errors import PetpipeError
-from petpipe.folders import visible_files
 
 INDEX_COLUMNS = ["path", "label", "split", "width", "height", "hash"]
 SPLITS = ("train", "valid", "test")

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from petpipe.atomic import WriteFailed, atomic_path, file_digest, reserve, write_json
 from petpipe.errors import PetpipeError
-from petpipe.paths import petpipe_folder
+from petpipe.utils.atomic import WriteFailed, atomic_path, file_digest, reserve, write_json
+from petpipe.utils.paths import petpipe_folder
 
 log = logging.getLogger(__name__)
 

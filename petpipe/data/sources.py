@@ -1,6 +1,6 @@
-"""Get the raw photos named by data.source: download (petpipe/download.py), extract safely
-(petpipe/archives.py), copy a folder (here), or download the photos of a URL list (petpipe/url_lists.py,
-petpipe/image_downloads.py; laid out in label folders here).
+"""Get the raw photos named by data.source: download (petpipe/data/download.py), extract safely
+(petpipe/data/archives.py), copy a folder (here), or download the photos of a URL list (petpipe/data/url_lists.py,
+petpipe/data/image_downloads.py; laid out in label folders here).
 
 Every way in ends in one folder of untouched image files, swapped into place only when complete.
 """
@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from petpipe.archives import extract_archive
-from petpipe.atomic import atomic_directory, atomic_path, file_digest
-from petpipe.download import download_archive, download_directory, verify_checksum
+from petpipe.data.archives import extract_archive
+from petpipe.data.download import download_archive, download_directory, verify_checksum
+from petpipe.data.folders import IMAGE_SUFFIXES, count_images, visible_files
+from petpipe.data.image_downloads import Failure, Outcome, Settings, download_all
+from petpipe.data.url_lists import Entry, read_url_list, url_problem
 from petpipe.errors import PetpipeError
-from petpipe.folders import IMAGE_SUFFIXES, count_images, visible_files
-from petpipe.image_downloads import Failure, Outcome, Settings, download_all
-from petpipe.url_lists import Entry, read_url_list, url_problem
+from petpipe.utils.atomic import atomic_directory, atomic_path, file_digest
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from petpipe.data.folders import count_images, is_junk
 from petpipe.errors import PetpipeError
-from petpipe.folders import count_images, is_junk
 
 LIST_SUFFIXES = (".txt", ".csv")
 # Only the web: file:// would copy files of the machine that runs fetch into the data set (a shared list could

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from petpipe.augment import augment_batch, center_crop_batch, normalize
-from petpipe.hardware import MEMORY_FORMATS
+from petpipe.data.augment import augment_batch, center_crop_batch, normalize
+from petpipe.model.spec import ModelSpec
 from petpipe.params import AugmentParams, ModelParams
-from petpipe.spec import ModelSpec
+from petpipe.train.hardware import MEMORY_FORMATS
 
 NO_NORMALISATION = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from petpipe.errors import PetpipeError
-from petpipe.preprocessing import Preprocessing
+from petpipe.model.preprocessing import Preprocessing
 
 BUNDLE_FORMAT = "petpipe-bundle/1"
 BUNDLE_FILE = "bundle.json"

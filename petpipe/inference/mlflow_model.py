@@ -1,7 +1,7 @@
 """The MLflow model finetune logs and registers, as a model from code: this file and the checkpoint, no pickle.
 
 MLflow runs this file to load the model (`mlflow.pyfunc.load_model`, `mlflow models serve`); with
-petpipe/tracking.py and petpipe/registry.py it is one of the three modules that import mlflow. Input: a
+petpipe/track/mlflow_runs.py and petpipe/track/registry.py it is one of the three modules that import mlflow. Input: a
 DataFrame with a column `image` (the file's bytes; base64 in a REST request) or `path`; output, per row: label,
 probability, the top-k labels and probabilities, and error (null, or why that row's image could not be read).
 `log_model`, at the end, packages it (signature, pip requirements) into the stage's run, with the
@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-from petpipe.metric_table import TOP_K
+from petpipe.interpret.metric_table import TOP_K
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +53,14 @@ class PetpipeClassifier(PythonModel):
     """petpipe's predictor behind MLflow's pyfunc interface: decode, resize, crop, normalise, classify."""
 
     def load_context(self, context: Any) -> None:
-        from petpipe.predict import load_predictor
+        from petpipe.inference.predict import load_predictor
 
         self.predictor = load_predictor(Path(context.artifacts["checkpoint"]), device="auto")
         self.top_k = int((context.model_config or {}).get("top_k", TOP_K))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         # petpipe predict's inference tail: the same pixels, batch and top-k as `petpipe predict` and serve.
-        from petpipe.predict import classify
+        from petpipe.inference.predict import classify
 
         top_k = int((params or {}).get("top_k", self.top_k))
         records = model_input.to_dict("records")
@@ -76,7 +76,7 @@ class PetpipeClassifier(PythonModel):
 
     def _decode(self, row: dict[str, Any]) -> np.ndarray | str:
         """(3, P, P) uint8 pixels of the row's image, or why there are none."""
-        from petpipe.predict import read_pixels
+        from petpipe.inference.predict import read_pixels
 
         if row.get("image") is not None:
             try:
@@ -141,7 +141,7 @@ def requirements() -> list[str]:
 def log_model(
     checkpoint: Path, *, example: Path, registered_name: str | None = None, metadata: Mapping[str, Any] | None = None
 ) -> Any:
-    """Log this file and `checkpoint` to the active MLflow run (petpipe/tracking.py opens it) as the model
+    """Log this file and `checkpoint` to the active MLflow run (petpipe/track/mlflow_runs.py opens it) as the model
     `model`, registered under `registered_name`; `example`, a photo, is its input example. The checkpoint's
     ONNX bundle (`petpipe export`) goes with it, as artifacts/onnx/ beside artifacts/model.pt: who downloads
     the model can predict with numpy, Pillow and onnxruntime alone. Returns MLflow's ModelInfo (its
@@ -168,7 +168,7 @@ def log_model(
 def onnx_bundle(checkpoint: Path, out: Path) -> Path | None:
     """`checkpoint` exported as a bundle in `out`; None, after one warning, when it cannot be: the model is
     then logged without it rather than not at all."""
-    from petpipe.torch_predict import export_bundle
+    from petpipe.inference.onnx_export import export_bundle
 
     started = time.perf_counter()
     try:

@@ -1,7 +1,7 @@
 """The torch side of prediction: a checkpoint's predictor, and its export as an ONNX bundle checked against it.
 
-petpipe/predict.py loads this module only for a checkpoint, so that predicting with a bundle never imports
-torch (petpipe/bundle.py runs it with numpy, Pillow and onnxruntime). Example:
+petpipe/inference/predict.py loads this module only for a checkpoint, so that predicting with a bundle never imports
+torch (petpipe/inference/bundle.py runs it with numpy, Pillow and onnxruntime). Example:
 
     petpipe export --model stages/finetune/model.pt --out bundle/
 """
@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from petpipe.atomic import atomic_directory, file_digest, write_json
-from petpipe.bundle import BUNDLE_FILE, BUNDLE_FORMAT, ONNX_FILE, BundlePredictor, softmax
-from petpipe.checkpoint import Checkpoint, load_checkpoint
+from petpipe.data.views import Views
 from petpipe.errors import PetpipeError
-from petpipe.hardware import autocast, choose_device, to_device
-from petpipe.models import Classifier
-from petpipe.views import Views
+from petpipe.inference.bundle import BUNDLE_FILE, BUNDLE_FORMAT, ONNX_FILE, BundlePredictor, softmax
+from petpipe.model.backbones import Classifier
+from petpipe.model.checkpoint import Checkpoint, load_checkpoint
+from petpipe.train.hardware import autocast, choose_device, to_device
+from petpipe.utils.atomic import atomic_directory, file_digest, write_json
 
 # The opset the torch.export-based exporter targets by default.
 ONNX_OPSET = 18

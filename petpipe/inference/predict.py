@@ -4,8 +4,8 @@ Images go through exactly evaluate's preprocessing (decode at presize, center
 crop, normalise), so predict agrees with evaluate on the validation images; its
 inference tail (decode_pixels, pixel_batch, most_probable, classify) also serves
 `petpipe serve` and the MLflow model. This module does not import torch: a
-checkpoint's predictor (petpipe/torch_predict.py) loads it, a bundle's
-(petpipe/bundle.py) needs only numpy, Pillow and onnxruntime.
+checkpoint's predictor (petpipe/inference/onnx_export.py) loads it, a bundle's
+(petpipe/inference/bundle.py) needs only numpy, Pillow and onnxruntime.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from petpipe.bundle import BundlePredictor
-from petpipe.devices import DEVICE_CHOICES, is_device_name
+from petpipe.data.folders import visible_files
+from petpipe.data.pixels import decode_image
 from petpipe.errors import PetpipeError
-from petpipe.folders import visible_files
-from petpipe.pixels import decode_image
+from petpipe.inference.bundle import BundlePredictor
+from petpipe.utils.devices import DEVICE_CHOICES, is_device_name
 
 # ---------------------------------------------------------------- predictors
 
@@ -44,9 +44,9 @@ def model_file(model: str | Path) -> Path:
     a path stays as it is. `petpipe predict`, `petpipe serve` and petpipe.load_model resolve --model here."""
     if not str(model).startswith("models:/"):  # a path: no MLflow import
         return Path(model)
-    from petpipe import registry
-    from petpipe.paths import petpipe_folder, project_root
-    from petpipe.run_identity import tracking_uri
+    from petpipe.track import registry
+    from petpipe.track.identity import tracking_uri
+    from petpipe.utils.paths import petpipe_folder, project_root
 
     return registry.checkpoint_of(
         str(model), tracking_uri=tracking_uri(project_root()), cache=petpipe_folder() / "models"
@@ -61,7 +61,7 @@ def load_predictor(model: Path, *, device: str = "auto") -> Predictor:
         raise PetpipeError(f"--device = {device!r} is not a device; use {DEVICE_CHOICES}")
     if model.is_dir():
         return BundlePredictor(model, device=device)
-    from petpipe.torch_predict import CheckpointPredictor  # here: a bundle must not pay for (or need) torch
+    from petpipe.inference.onnx_export import CheckpointPredictor  # here: a bundle must not pay for (or need) torch
 
     return CheckpointPredictor.load(model, device=device)
 

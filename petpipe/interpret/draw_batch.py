@@ -9,10 +9,10 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
+from petpipe.data.pixels import decode_image
+from petpipe.data.views import Views
 from petpipe.errors import PetpipeError
-from petpipe.pixels import decode_image
-from petpipe.plots import plot_show_batch
-from petpipe.views import Views
+from petpipe.interpret.plots import plot_show_batch
 
 
 def show_batch_figure(index: pd.DataFrame, images: Path, *, split: str, count: int, views: Views, seed: int) -> Figure:

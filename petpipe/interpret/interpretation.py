@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics
 
-from petpipe.metric_table import TOP_K
+from petpipe.interpret.metric_table import TOP_K
 
 
 def per_image_losses(log_probabilities: np.ndarray, targets: np.ndarray) -> np.ndarray:

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from petpipe import timing
 from petpipe.errors import PetpipeError
+from petpipe.utils import timing
 
 if TYPE_CHECKING:
-    from petpipe.spec import HeadSpec, ModelSpec
+    from petpipe.model.spec import HeadSpec, ModelSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -338,7 +338,7 @@ def build_model(spec: ModelSpec, *, pretrained: bool = True) -> Classifier:
 def folded_batchnorm(model: Classifier) -> Classifier:
     """A copy of `model` in eval mode in which each BatchNorm2d that directly follows a convolution is folded into
     it (w * gamma / sqrt(var + eps), and the shifted bias): the same function in 15-22 % less time per forward
-    pass on a CPU (benchmarks/finetune_profile.py), for petpipe/training.py's evaluation and feature passes.
+    pass on a CPU (benchmarks/finetune_profile.py), for petpipe/train/fit_loop.py's evaluation and feature passes.
     timm's BatchNormAct2d keeps its activation.
     Checked on one small input: where folding would change the output (a model whose convolution and BatchNorm
     are neighbours by name but not in its forward pass), the model itself is returned, unfolded."""

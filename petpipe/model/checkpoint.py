@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
-from petpipe import timing
-from petpipe.atomic import atomic_path
 from petpipe.errors import PetpipeError
-from petpipe.models import Classifier, build_model
-from petpipe.preprocessing import Preprocessing
-from petpipe.spec import HeadSpec, ModelSpec
+from petpipe.model.backbones import Classifier, build_model
+from petpipe.model.preprocessing import Preprocessing
+from petpipe.model.spec import HeadSpec, ModelSpec
+from petpipe.utils import timing
+from petpipe.utils.atomic import atomic_path
 
 FORMAT = "petpipe-checkpoint/1"
 
@@ -121,7 +121,7 @@ def save_checkpoint(path: Path | str, checkpoint: Checkpoint) -> None:
 def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     """torch.save through a Python file that keeps the OS's error: torch turns a failed write into
     `RuntimeError: basic_ios::clear: iostream error` (or `unexpected pos`), naming nothing; the OSError
-    (ENOSPC, EFBIG) is raised instead, which petpipe.atomic turns into one line. The caller makes it atomic."""
+    (ENOSPC, EFBIG) is raised instead, which petpipe.utils.atomic turns into one line. The caller makes it atomic."""
     with open(path, "wb", buffering=0) as file:
         writer = _KeepingErrors(file)
         try:

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from petpipe.models import normalisation
+from petpipe.model.backbones import normalisation
+from petpipe.model.preprocessing import Preprocessing
 from petpipe.params import ModelParams
-from petpipe.preprocessing import Preprocessing
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from petpipe.data.pixels import refuse_decompression_bomb
 from petpipe.errors import PetpipeError
-from petpipe.metric_table import TOP_K
-from petpipe.pixels import refuse_decompression_bomb
-from petpipe.predict import Predictor, classify, decode_pixels, load_predictor
+from petpipe.inference.predict import Predictor, classify, decode_pixels, load_predictor
+from petpipe.interpret.metric_table import TOP_K
 from petpipe.serve import pages
 from petpipe.serve.cleaner import DECISIONS, Cleaner, CorrectionsFile, counts
 

@@ -10,17 +10,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from petpipe import data, interpret
-from petpipe.atomic import write_csv
+from petpipe.data import image_index
+from petpipe.data.pixels import load_pixels
 from petpipe.errors import PetpipeError
-from petpipe.pixels import load_pixels
-from petpipe.predict import Predictor, pixel_batch
+from petpipe.inference.predict import Predictor, pixel_batch
+from petpipe.interpret import interpretation
+from petpipe.utils.atomic import write_csv
 
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 64
 # What a decision on the Clean page can be: no correction, or one of the file's actions.
-DECISIONS = ("keep", *data.CORRECTION_ACTIONS)
+DECISIONS = ("keep", *image_index.CORRECTION_ACTIONS)
 
 
 class Cleaner:
@@ -41,7 +42,7 @@ class Cleaner:
             raise PetpipeError(f"{self.images}: images folder not found; run `dvc repro` or pass --images")
         stamp = self._stamp()
         if self._index is None or self._index[0] != stamp:
-            self._index = (stamp, data.load_index(self.index_path))
+            self._index = (stamp, image_index.load_index(self.index_path))
         return self._index[1]
 
     def _stamp(self) -> tuple[int, int]:
@@ -87,7 +88,7 @@ class Cleaner:
                 "label": rows["label"],
                 "predicted": [classes[i] for i in predicted],
                 "probability": probabilities[np.arange(len(rows)), predicted],
-                "loss": interpret.per_image_losses(log_probabilities, targets),
+                "loss": interpretation.per_image_losses(log_probabilities, targets),
             }
         )
         return table.sort_values(["loss", "path"], ascending=[False, True], kind="stable").reset_index(drop=True)
@@ -101,22 +102,22 @@ class CorrectionsFile:
         self.path = Path(path)
         self.lock = threading.Lock()
 
-    def read(self) -> dict[str, data.Correction]:
-        return data.load_corrections(self.path) if self.path.exists() else {}
+    def read(self) -> dict[str, image_index.Correction]:
+        return image_index.load_corrections(self.path) if self.path.exists() else {}
 
-    def decide(self, path: str, decision: str, label: str) -> dict[str, data.Correction]:
+    def decide(self, path: str, decision: str, label: str) -> dict[str, image_index.Correction]:
         """Record one image's decision (keep removes its correction); return every correction."""
         with self.lock:
             corrections = self.read()
             if decision == "keep":
                 corrections.pop(path, None)
             else:
-                corrections[path] = data.Correction(decision, label if decision == "relabel" else "")
-            write_csv(self.path, data.corrections_table(corrections))
+                corrections[path] = image_index.Correction(decision, label if decision == "relabel" else "")
+            write_csv(self.path, image_index.corrections_table(corrections))
         return corrections
 
 
-def counts(corrections: dict[str, data.Correction]) -> dict[str, int]:
+def counts(corrections: dict[str, image_index.Correction]) -> dict[str, int]:
     """How many images the corrections relabel and exclude."""
     actions = [correction.action for correction in corrections.values()]
     return {"relabel": actions.count("relabel"), "exclude": actions.count("exclude")}

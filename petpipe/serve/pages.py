@@ -12,8 +12,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.templating import Jinja2Templates
 
-from petpipe import metric_table
 from petpipe.errors import PetpipeError
+from petpipe.interpret import metric_table
 
 HERE = Path(__file__).parent
 # Autoescaping is on for .html templates (Starlette's default): class and file names are text, never markup.

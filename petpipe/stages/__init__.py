@@ -43,12 +43,12 @@ NOT_OUTPUT_CODE = frozenset(
     {
         "petpipe/__init__.py",
         "petpipe/stages/__init__.py",
-        "petpipe/tracking.py",
-        "petpipe/progress.py",
+        "petpipe/track/mlflow_runs.py",
+        "petpipe/utils/progress.py",
         "petpipe/errors.py",
-        "petpipe/paths.py",
+        "petpipe/utils/paths.py",
         "petpipe/pipeline.py",
-        "petpipe/timing.py",
+        "petpipe/utils/timing.py",
     }
 )
 
@@ -68,7 +68,13 @@ def code_dependencies(stage: str) -> list[str]:
         seen.add(path)
         if path not in NOT_OUTPUT_CODE:
             pending.extend(imported_modules(package.parent / path))
-    return sorted(seen - NOT_OUTPUT_CODE)
+    return sorted(path for path in seen - NOT_OUTPUT_CODE if not _only_a_docstring(package.parent / path))
+
+
+def _only_a_docstring(path: Path) -> bool:
+    """A package's __init__.py that says what lives there and runs nothing (petpipe/data/__init__.py)."""
+    body = ast.parse(path.read_text(encoding="utf-8")).body
+    return len(body) == 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
 
 
 def _source_file(package: Path, module: str) -> str | None:
@@ -92,7 +98,8 @@ def imported_modules(path: Path) -> list[str]:
         if isinstance(node, ast.Import):
             modules += [alias.name for alias in node.names if alias.name.startswith("petpipe")]
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("petpipe"):
-            # `from petpipe import plots` names a module; `from petpipe.data import load_index` a name in one.
+            # `from petpipe.interpret import plots` names a module; `from petpipe.data.image_index import load_index`
+            # a name in one.
             modules += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
         pending.extend(ast.iter_child_nodes(node))
     return modules

@@ -1,6 +1,6 @@
 """evaluate: interpret the model on the validation split (fastai's ClassificationInterpretation) and, beside it, on
 the test split that nothing tuned on (test_ metrics and plots); and audit the data: likely label errors and
-near-duplicates of every indexed image, test included (petpipe/audit.py).
+near-duplicates of every indexed image, test included (petpipe/interpret/data_audit.py).
 
     petpipe evaluate --images stages/fetch/images --index stages/index-labels/index.csv \\
         --finetune-model stages/finetune/model.pt --head-model stages/train-head/model.pt \\
@@ -27,19 +27,20 @@ import numpy as np
 import pandas as pd
 import torch
 
-from petpipe import audit, interpret, metric_table, plots, timing
-from petpipe.atomic import save_figure, write_csv, write_json, write_text
-from petpipe.checkpoint import Checkpoint, load_checkpoint
-from petpipe.compute import one_process
-from petpipe.dataset import Dataset, ImageSet
+from petpipe.data.dataset import Dataset, ImageSet
+from petpipe.data.views import Views
 from petpipe.errors import PetpipeError
-from petpipe.hardware import autocast, to_device
-from petpipe.models import Classifier
+from petpipe.interpret import data_audit, interpretation, metric_table, plots
+from petpipe.model.backbones import Classifier
+from petpipe.model.checkpoint import Checkpoint, load_checkpoint
 from petpipe.params import EvaluateParams, Params
 from petpipe.pipeline import path_option
 from petpipe.runner import Context, Stage
-from petpipe.training import batch_indices, predict, with_features
-from petpipe.views import Views
+from petpipe.train.compute import one_process
+from petpipe.train.fit_loop import batch_indices, predict, with_features
+from petpipe.train.hardware import autocast, to_device
+from petpipe.utils import timing
+from petpipe.utils.atomic import save_figure, write_csv, write_json, write_text
 
 STAGE = Stage(
     "evaluate",
@@ -150,7 +151,7 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     write_test_tables(tested, outputs)
     if outputs.per_class is not None:  # not in metrics.json: 4 x 37 columns in `dvc exp show`
         actual, predicted = data.valid.targets.cpu().numpy(), log_probabilities.argmax(axis=1)
-        write_csv(outputs.per_class, interpret.per_class_metrics(actual, predicted, data.classes).reset_index())
+        write_csv(outputs.per_class, interpretation.per_class_metrics(actual, predicted, data.classes).reset_index())
     write_audit(audited, outputs)
     for figure_path, figure in figures.items():
         save_figure(figure_path, figure)
@@ -261,7 +262,7 @@ def _summary(which: str, metrics: dict[str, Any], *, tta: bool, tested: bool, au
 @timing.timed("audit")
 def audit_data(head: Checkpoint, data: Dataset, *, inputs: Inputs, context: Context) -> DataAudit:
     """Every indexed image (train, valid, then test) through train-head's frozen body at its evaluation view (features
-    no label has touched), then petpipe/audit.py: k-fold heads and cleanlab, and near-duplicate pairs."""
+    no label has touched), then petpipe/interpret/data_audit.py: k-fold heads and cleanlab, and near-duplicate pairs."""
     started = time.perf_counter()
     params, runtime = context.params, context.compute.runtime
     if head.spec.presize != data.valid.pixels.shape[-1] or list(head.spec.classes) != list(data.classes):
@@ -286,15 +287,17 @@ def audit_data(head: Checkpoint, data: Dataset, *, inputs: Inputs, context: Cont
             "has one; add photos or set evaluate.audit.enabled: false"
         )
     settings = params.evaluate.audit
-    probabilities = audit.out_of_sample_probabilities(
+    probabilities = data_audit.out_of_sample_probabilities(
         features, labels, num_classes=len(data.classes), folds=settings.folds, seed=params.train.seed
     )
-    issues = audit.label_issues_table(rows, audit.label_audit(probabilities, labels), list(data.classes))
-    duplicates = audit.duplicates_table(rows, audit.near_duplicates(features, threshold=settings.duplicate_similarity))
+    issues = data_audit.label_issues_table(rows, data_audit.label_audit(probabilities, labels), list(data.classes))
+    duplicates = data_audit.duplicates_table(
+        rows, data_audit.near_duplicates(features, threshold=settings.duplicate_similarity)
+    )
     return DataAudit(
         issues,
         duplicates,
-        audit.summary(issues, duplicates),
+        data_audit.summary(issues, duplicates),
         settings.duplicate_similarity,
         time.perf_counter() - started,
     )
@@ -303,8 +306,11 @@ def audit_data(head: Checkpoint, data: Dataset, *, inputs: Inputs, context: Cont
 def write_audit(audited: DataAudit | None, outputs: Outputs) -> None:
     """The audit's tables; with the audit off, their header row alone (DVC expects every declared output)."""
     tables = (
-        (outputs.label_issues, audited.label_issues if audited else pd.DataFrame(columns=audit.LABEL_ISSUE_COLUMNS)),
-        (outputs.duplicates, audited.duplicates if audited else pd.DataFrame(columns=audit.DUPLICATE_COLUMNS)),
+        (
+            outputs.label_issues,
+            audited.label_issues if audited else pd.DataFrame(columns=data_audit.LABEL_ISSUE_COLUMNS),
+        ),
+        (outputs.duplicates, audited.duplicates if audited else pd.DataFrame(columns=data_audit.DUPLICATE_COLUMNS)),
     )
     for path, table in tables:
         if path is not None:
@@ -322,7 +328,7 @@ def score(
     metrics: dict[str, Any] = {
         "checkpoint": params.evaluate.checkpoint,
         "images": len(targets),
-        **interpret.classification_metrics(log_probabilities, targets, classes),
+        **interpretation.classification_metrics(log_probabilities, targets, classes),
     }
     if params.evaluate.tta:
         tta = tta_log_probabilities(
@@ -333,7 +339,7 @@ def score(
             seed=params.train.seed,
             plain=log_probabilities,
         )
-        tta_metrics = interpret.classification_metrics(tta, targets, classes)
+        tta_metrics = interpretation.classification_metrics(tta, targets, classes)
         metrics.update({metric_table.TTA + name: tta_metrics[name] for name in metric_table.NAMES})
     return log_probabilities, metrics
 
@@ -344,16 +350,16 @@ def interpret_predictions(
     """fastai's ClassificationInterpretation of one split: `rows` are index.csv's rows of `images`."""
     targets = images.targets.cpu().numpy()
     predicted = log_probabilities.argmax(axis=1)
-    matrix = interpret.confusion_matrix(targets, predicted, num_classes=len(classes))
+    matrix = interpretation.confusion_matrix(targets, predicted, num_classes=len(classes))
     return Interpretation(
         matrix=matrix,
         confusion=pd.DataFrame({"actual": rows["label"], "predicted": [classes[i] for i in predicted]}),
-        most_confused=interpret.most_confused(matrix, classes, min_count=settings.min_count),
-        top_losses=interpret.top_losses_table(
+        most_confused=interpretation.most_confused(matrix, classes, min_count=settings.min_count),
+        top_losses=interpretation.top_losses_table(
             log_probabilities, targets, paths=list(rows["path"]), classes=classes, k=settings.top_losses
         ),
-        top_positions=interpret.top_losses(
-            interpret.per_image_losses(log_probabilities, targets), k=settings.top_losses
+        top_positions=interpretation.top_losses(
+            interpretation.per_image_losses(log_probabilities, targets), k=settings.top_losses
         ),
     )
 
@@ -417,7 +423,7 @@ def write_test_tables(tested: Interpretation | None, outputs: Outputs) -> None:
         (outputs.test_confusion, tested.confusion if tested else pd.DataFrame(columns=["actual", "predicted"])),
         (
             outputs.test_top_losses_table,
-            tested.top_losses if tested else pd.DataFrame(columns=interpret.TOP_LOSSES_COLUMNS),
+            tested.top_losses if tested else pd.DataFrame(columns=interpretation.TOP_LOSSES_COLUMNS),
         ),
     )
     for path, table in tables:

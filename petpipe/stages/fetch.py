@@ -8,12 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from petpipe.data.image_downloads import Settings
+from petpipe.data.sources import fetch_source, fetch_url_list, write_report
+from petpipe.data.url_lists import is_url_list
 from petpipe.errors import PetpipeError
-from petpipe.fetch import fetch_source, fetch_url_list, write_report
-from petpipe.image_downloads import Settings
 from petpipe.pipeline import path_option
 from petpipe.runner import Context, Stage
-from petpipe.url_lists import is_url_list
 
 STAGE = Stage("fetch", params=("data",))
 

@@ -12,16 +12,16 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from petpipe.checkpoint import load_checkpoint
-from petpipe.compute import every_rank
 from petpipe.errors import PetpipeError
-from petpipe.learner import Learner, Record, TrainedOutputs, describe_metrics, fit_and_save
-from petpipe.models import finetune_fixes_bn_stats, freeze_early, unfreeze
-from petpipe.optim import discriminative_lrs
+from petpipe.model.backbones import finetune_fixes_bn_stats, freeze_early, unfreeze
+from petpipe.model.checkpoint import load_checkpoint
 from petpipe.params import output_keys
 from petpipe.pipeline import path_option
 from petpipe.runner import Context, Stage
-from petpipe.training import Phase
+from petpipe.train.compute import every_rank
+from petpipe.train.fit_loop import Phase
+from petpipe.train.learner import Learner, Record, TrainedOutputs, describe_metrics, fit_and_save
+from petpipe.train.optim import discriminative_lrs
 
 STAGE = Stage("finetune", params=(*output_keys("train"), "finetune"), compute=every_rank)
 

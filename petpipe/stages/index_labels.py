@@ -16,13 +16,13 @@ from typing import Any
 
 import pandas as pd
 
-from petpipe import data
-from petpipe.atomic import save_figure, write_csv, write_json
+from petpipe.data import image_index
 from petpipe.errors import PetpipeError
+from petpipe.interpret.plots import plot_class_counts
 from petpipe.params import LabelParams, Params, SplitParams
 from petpipe.pipeline import path_option
-from petpipe.plots import plot_class_counts
 from petpipe.runner import Context, Stage
+from petpipe.utils.atomic import save_figure, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,8 @@ class Outputs:
 def _show_batch(index: pd.DataFrame, folder: Path, params: Params) -> Any:
     """fastai's show_batch of the training split, augmented as train-head will augment it. Imported here:
     labelling, splitting and reporting need no torch, so index-labels without --show-batch loads none."""
-    from petpipe.draw_batch import show_batch_figure
-    from petpipe.views import Views
+    from petpipe.data.views import Views
+    from petpipe.interpret.draw_batch import show_batch_figure
 
     views = Views.for_display(params.model, params.train.augment)
     return show_batch_figure(index, folder, split="train", count=SHOW_BATCH_SIZE, views=views, seed=params.train.seed)
@@ -70,7 +70,7 @@ class Survey:
 
     files: int
     labels: dict[str, str]  # usable image (relative path) -> label
-    infos: dict[str, data.ImageInfo]
+    infos: dict[str, image_index.ImageInfo]
     skipped: list[dict[str, str]]  # {"path", "reason"}
     unmatched: list[str]
     outside: list[str]  # images outside every split folder (split.method folders): not indexed
@@ -92,7 +92,7 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     show_batch = _show_batch(found.index, folder, params) if outputs.show_batch is not None else None
     class_counts = plot_class_counts(found.counts)
     write_csv(outputs.index, found.index)
-    write_json(outputs.classes, {"classes": data.class_names(found.index)})
+    write_json(outputs.classes, {"classes": image_index.class_names(found.index)})
     write_json(outputs.report, _report(found))
     if show_batch is not None:
         save_figure(outputs.show_batch, show_batch)
@@ -121,17 +121,17 @@ class Findings:
     @property
     def sizes(self) -> dict[str, int]:
         """Images per split: train, valid, test."""
-        return {split: int(self.counts[split].sum()) for split in data.SPLITS}
+        return {split: int(self.counts[split].sum()) for split in image_index.SPLITS}
 
 
 def _findings(
-    survey: Survey, corrected: dict[str, Any], plan: data.SplitPlan, index: pd.DataFrame, *, params: Params
+    survey: Survey, corrected: dict[str, Any], plan: image_index.SplitPlan, index: pd.DataFrame, *, params: Params
 ) -> Findings:
     """The index's counts, leaks, imbalance and warnings; a split no model can train or validate on is refused."""
-    counts = data.split_counts(index, data.class_names(index))
+    counts = image_index.split_counts(index, image_index.class_names(index))
     _refuse_classes_without_training_images(counts, plan)
     _refuse_an_empty_validation_split(counts, plan, params.split)
-    leaks, imbalance = data.find_leaks(index), data.class_imbalance(counts)
+    leaks, imbalance = image_index.find_leaks(index), image_index.class_imbalance(counts)
     warnings = _warnings(
         counts,
         leaks=leaks,
@@ -147,13 +147,13 @@ def _findings(
 
 def _label_and_split(
     folder: Path, params: Params, corrections: Path | None
-) -> tuple[Survey, dict[str, Any], data.SplitPlan, pd.DataFrame]:
+) -> tuple[Survey, dict[str, Any], image_index.SplitPlan, pd.DataFrame]:
     """Every image of `folder` labelled, corrected and split once (the survey, what the corrections did, the
     split's plan and the index); a folder that is missing or holds one class is refused."""
     if not folder.is_dir():
         raise PetpipeError(f"{folder}: images folder not found; run `petpipe fetch` first or fix --images")
-    relative_paths = [data.relative_posix(path, folder) for path in data.scan_images(folder)]
-    plan = data.plan_split(relative_paths, method=params.split.method, file=params.split.file)
+    relative_paths = [image_index.relative_posix(path, folder) for path in image_index.scan_images(folder)]
+    plan = image_index.plan_split(relative_paths, method=params.split.method, file=params.split.file)
     found, corrected = corrected_survey(survey(folder, params.labels, plan, relative_paths), corrections)
     _refuse_a_single_class(sorted(set(found.labels.values())), folder, params.labels)
     return found, corrected, plan, split_index(found, params.split, plan)
@@ -195,7 +195,7 @@ def _summary(found: Findings, corrections: Path | None) -> str:
     )
 
 
-def split_description(plan: data.SplitPlan, split: SplitParams) -> str:
+def split_description(plan: image_index.SplitPlan, split: SplitParams) -> str:
     """The method used and why, in words for the summary line and report.json: which folders were the
     splits, and what was drawn from train/ for a split without its folder."""
     if plan.method != "folders":
@@ -218,12 +218,12 @@ def split_description(plan: data.SplitPlan, split: SplitParams) -> str:
     return f"folders ({plan.reason}" + "".join(f"; {part}" for part in drawn) + ")"
 
 
-def survey(folder: Path, labels: LabelParams, plan: data.SplitPlan, relative_paths: list[str]) -> Survey:
+def survey(folder: Path, labels: LabelParams, plan: image_index.SplitPlan, relative_paths: list[str]) -> Survey:
     """Label every file in the folder by labels.method, then decode each labelled one to check it. With split
     folders, files outside them are not indexed, and the split folder is never a folder label."""
     outside = [path for path in relative_paths if plan.folders and plan.folder_of(path) is None]
     inside = [path for path in relative_paths if not plan.folders or plan.folder_of(path) is not None]
-    found = data.label_images(
+    found = image_index.label_images(
         inside,
         method=labels.method,
         pattern=labels.pattern,
@@ -235,8 +235,8 @@ def survey(folder: Path, labels: LabelParams, plan: data.SplitPlan, relative_pat
     unmatched = [path for path in inside if found[path] is None]
     candidates = [path for path in inside if found[path] is not None]
     log.info("checking %d images in %s (%d unmatched names)", len(candidates), folder, len(unmatched))
-    results = data.check_images([folder / path for path in candidates])
-    infos = {path: result for path, result in zip(candidates, results) if isinstance(result, data.ImageInfo)}
+    results = image_index.check_images([folder / path for path in candidates])
+    infos = {path: result for path, result in zip(candidates, results) if isinstance(result, image_index.ImageInfo)}
     skipped = [{"path": path, "reason": result} for path, result in zip(candidates, results) if isinstance(result, str)]
     if not infos:
         raise PetpipeError(
@@ -263,7 +263,7 @@ def _looks_like_image(path: str) -> bool:
 
 
 def _refuse_split_folders_without_class_folders(
-    paths: list[str], found: dict[str, str | None], plan: data.SplitPlan, folder: Path
+    paths: list[str], found: dict[str, str | None], plan: image_index.SplitPlan, folder: Path
 ) -> None:
     """Folder labels under split folders need class folders: test/1.jpg has no class, and a split folder
     holding only such images is a layout mistake, not a few unmatched names."""
@@ -278,7 +278,7 @@ def _refuse_split_folders_without_class_folders(
 
 
 def _refuse_unreadable_split_folders(
-    candidates: list[str], results: list[data.ImageInfo | str], plan: data.SplitPlan, folder: Path
+    candidates: list[str], results: list[image_index.ImageInfo | str], plan: image_index.SplitPlan, folder: Path
 ) -> None:
     """A split folder whose every labelled image is unusable would silently vanish from the split."""
     for split, name in plan.folders.items():
@@ -298,8 +298,8 @@ def corrected_survey(found: Survey, corrections: Path | None) -> tuple[Survey, d
         return found, {"file": None, "relabelled": 0, "excluded": 0, "ignored": []}
     source = f"labels.corrections {corrections}"
     folder_files = [*found.labels, *(entry["path"] for entry in found.skipped), *found.unmatched, *found.outside]
-    labels, done = data.apply_corrections(
-        found.labels, data.load_corrections(corrections), folder_files=folder_files, source=source
+    labels, done = image_index.apply_corrections(
+        found.labels, image_index.load_corrections(corrections), folder_files=folder_files, source=source
     )
     if not labels:
         raise PetpipeError(f"{source} excludes every image; remove some exclude rows")
@@ -307,10 +307,12 @@ def corrected_survey(found: Survey, corrections: Path | None) -> tuple[Survey, d
     return replace(found, labels=labels, infos=infos), {"file": str(corrections), **done}
 
 
-def split_index(found: Survey, split: SplitParams, plan: data.SplitPlan) -> pd.DataFrame:
+def split_index(found: Survey, split: SplitParams, plan: image_index.SplitPlan) -> pd.DataFrame:
     """index.csv's rows, split once by the plan."""
-    splits = data.split_images(found.labels, plan, valid_pct=split.valid_pct, test_pct=split.test_pct, seed=split.seed)
-    return data.build_index(found.labels, found.infos, splits)
+    splits = image_index.split_images(
+        found.labels, plan, valid_pct=split.valid_pct, test_pct=split.test_pct, seed=split.seed
+    )
+    return image_index.build_index(found.labels, found.infos, splits)
 
 
 def _refuse_a_single_class(classes: list[str], folder: Path, labels: LabelParams) -> None:
@@ -328,7 +330,7 @@ def _refuse_a_single_class(classes: list[str], folder: Path, labels: LabelParams
     )
 
 
-def _refuse_classes_without_training_images(counts: pd.DataFrame, plan: data.SplitPlan) -> None:
+def _refuse_classes_without_training_images(counts: pd.DataFrame, plan: image_index.SplitPlan) -> None:
     """A class with no training image cannot be learnt. The random split always trains on one of each; the
     user's folders or file can leave one out: refused, since moving a photo the user placed would be worse."""
     empty = counts.index[counts["train"] == 0].tolist()
@@ -344,7 +346,7 @@ def _refuse_classes_without_training_images(counts: pd.DataFrame, plan: data.Spl
     )
 
 
-def _refuse_an_empty_validation_split(counts: pd.DataFrame, plan: data.SplitPlan, split: SplitParams) -> None:
+def _refuse_an_empty_validation_split(counts: pd.DataFrame, plan: image_index.SplitPlan, split: SplitParams) -> None:
     """Every stage after this one reports on valid (epoch tables, lr-find, the champion): with no validation
     image there is nothing to report, so refuse here rather than fail in train-head."""
     if counts["valid"].sum() > 0:

@@ -19,21 +19,21 @@ from typing import Any
 import pandas as pd
 import torch
 
-from petpipe import plots
-from petpipe.atomic import save_figure, write_csv, write_json
-from petpipe.checkpoint import load_checkpoint
-from petpipe.compute import one_process
+from petpipe.data.views import Views
 from petpipe.errors import PetpipeError
-from petpipe.hardware import to_device
-from petpipe.levers import choose_levers
-from petpipe.lr_finder import StopRule, lr_sweep, suggest
-from petpipe.models import finetune_fixes_bn_stats, freeze_early, set_train_mode, unfreeze
+from petpipe.interpret import plots
+from petpipe.model.backbones import finetune_fixes_bn_stats, freeze_early, set_train_mode, unfreeze
+from petpipe.model.checkpoint import load_checkpoint
 from petpipe.params import LrFindParams, output_keys
 from petpipe.pipeline import path_option
-from petpipe.progress import progress_bar
 from petpipe.runner import Context, Stage
-from petpipe.training import Criterion
-from petpipe.views import Views
+from petpipe.train.compute import one_process
+from petpipe.train.fit_loop import Criterion
+from petpipe.train.hardware import to_device
+from petpipe.train.levers import choose_levers
+from petpipe.train.lr_range import StopRule, lr_sweep, suggest
+from petpipe.utils.atomic import save_figure, write_csv, write_json
+from petpipe.utils.progress import progress_bar
 
 # finetune.bn_stats and frozen_stride: the sweep trains what, and as, the finetune it is for will.
 STAGE = Stage(

@@ -10,14 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from petpipe.compute import every_rank
-from petpipe.learner import Learner, Record, TrainedOutputs, describe_metrics, fit_and_save
-from petpipe.models import build_model, check_architecture, freeze_body, head_fixes_bn_stats
+from petpipe.model.backbones import build_model, check_architecture, freeze_body, head_fixes_bn_stats
+from petpipe.model.spec import ModelSpec
 from petpipe.params import output_keys
 from petpipe.pipeline import path_option
 from petpipe.runner import Context, Stage
-from petpipe.spec import ModelSpec
-from petpipe.training import Phase
+from petpipe.train.compute import every_rank
+from petpipe.train.fit_loop import Phase
+from petpipe.train.learner import Learner, Record, TrainedOutputs, describe_metrics, fit_and_save
 
 STAGE = Stage("train-head", params=("model", *output_keys("train"), "train_head"), compute=every_rank)
 

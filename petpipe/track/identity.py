@@ -1,4 +1,4 @@
-"""What petpipe's MLflow runs are, as plain data (no mlflow, no torch; petpipe/tracking.py logs them): the
+"""What petpipe's MLflow runs are, as plain data (no mlflow, no torch; petpipe/track/mlflow_runs.py logs them): the
 project they belong to (store, experiment, commit, params, and the key by which each stage of one pipeline
 run finds it again), their tags, and params as MLflow stores them."""
 
@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from petpipe.params import parse_params, read_params_file
-from petpipe.paths import project_root
+from petpipe.utils.paths import project_root
 
 PIPELINE_KEY_TAG = "petpipe.pipeline_key"
 STAGE_TAG = "petpipe.stage"
@@ -126,7 +126,7 @@ def load_project(workspace: Path, root: Path | None = None, settings: Any = None
     """What the stage's runs share: `settings`, the Params the stage runs with (its --params file), or
     else the params.yaml in `workspace` (DVC runs stage commands in the project folder, or in its
     temporary copy for a queued experiment); the git commit of `workspace`; the store at `root`, by
-    default the DVC project root (petpipe/paths.py)."""
+    default the DVC project root (petpipe/utils/paths.py)."""
     if settings is None:
         path = workspace / "params.yaml"
         settings = parse_params(read_params_file(path), path)

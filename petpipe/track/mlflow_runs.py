@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from petpipe.atomic import WRITE_REFUSALS, display, file_digest, free_bytes, megabytes
 from petpipe.pipeline import ORDER
-from petpipe.run_identity import PIPELINE, PIPELINE_KEY_TAG, STAGE_TAG, Project, load_project, mlflow_params
+from petpipe.track.identity import PIPELINE, PIPELINE_KEY_TAG, STAGE_TAG, Project, load_project, mlflow_params
+from petpipe.utils.atomic import WRITE_REFUSALS, display, file_digest, free_bytes, megabytes
 
 log = logging.getLogger(__name__)
 
@@ -301,14 +301,15 @@ class StageRun:
         registered_name: str | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> None:
-        """The checkpoint as the MLflow model that takes photos (petpipe/mlflow_model.py), registered under
+        """The checkpoint as the MLflow model that takes photos (petpipe/inference/mlflow_model.py), registered under
         `registered_name`, with `index` (index.csv) as the run's training dataset; `example` is a photo for its
         input example. Only for the stages in log_models."""
         if self.project is None or self.stage not in self.project.log_models:
             return
 
         def send() -> None:
-            from petpipe import mlflow_model, registry  # here, not at the top: importing it sets MLflow's model
+            from petpipe.inference import mlflow_model
+            from petpipe.track import registry  # here, not at the top: importing it sets MLflow's model
 
             with _fluent_state(self.project.uri, self._run_id):  # pyfunc.log_model logs into the active run
                 info = mlflow_model.log_model(
@@ -330,7 +331,7 @@ class StageRun:
         decided: list[str] = []
 
         def send() -> None:
-            from petpipe import registry
+            from petpipe.track import registry
 
             model_id = registry.logged_model_of(self._client, self._experiment, checkpoint)
             if model_id is None:  # not logged (tracking.log_models), or logged to another store

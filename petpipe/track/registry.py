@@ -22,9 +22,9 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelInput
 
-from petpipe.atomic import atomic_directory, file_digest
 from petpipe.errors import PetpipeError
-from petpipe.metric_table import LOWER_IS_BETTER
+from petpipe.interpret.metric_table import LOWER_IS_BETTER
+from petpipe.utils.atomic import atomic_directory, file_digest
 
 CHAMPION = "champion"  # the registered-model alias that evaluate moves (params.yaml: tracking.promote)
 CHECKPOINT_TAG = "petpipe.checkpoint_sha256"  # on a LoggedModel: the weights it holds

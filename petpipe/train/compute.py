@@ -13,14 +13,14 @@ from typing import Any
 
 import torch
 
-from petpipe import timing
-from petpipe.dataset import Dataset, load_dataset
-from petpipe.distributed import launched_as_secondary_rank, shutdown
-from petpipe.hardware import Runtime
-from petpipe.memory import out_of_memory
+from petpipe.data.dataset import Dataset, load_dataset
+from petpipe.model.spec import ModelSpec
 from petpipe.params import Params
-from petpipe.seeds import seed_everything, stage_seed
-from petpipe.spec import ModelSpec
+from petpipe.train.distributed import launched_as_secondary_rank, shutdown
+from petpipe.train.hardware import Runtime
+from petpipe.train.memory import out_of_memory
+from petpipe.train.seeds import seed_everything, stage_seed
+from petpipe.utils import timing
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class Compute:
     @contextlib.contextmanager
     def memory_errors(self, stage: str) -> Iterator[None]:
         """A GPU out of memory in any computing stage becomes the tutorial's advice, in one line (training
-        stages say first, in petpipe/learner.py, which epoch they kept)."""
+        stages say first, in petpipe/train/learner.py, which epoch they kept)."""
         try:
             yield
         except torch.OutOfMemoryError:

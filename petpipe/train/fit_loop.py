@@ -19,16 +19,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from petpipe import timing
-from petpipe.dataset import Dataset, ImageSet
-from petpipe.distributed import World, all_reduce_sum
+from petpipe.data.dataset import Dataset, ImageSet
+from petpipe.data.views import Views
 from petpipe.errors import PetpipeError
-from petpipe.hardware import Levers, Runtime, autocast, compiled, to_device
-from petpipe.models import Classifier, folded_batchnorm, set_train_mode
-from petpipe.optim import Schedule, make_optimizer, make_scheduler
+from petpipe.model.backbones import Classifier, folded_batchnorm, set_train_mode
 from petpipe.params import TrainParams
-from petpipe.progress import Progress
-from petpipe.views import Views
+from petpipe.train.distributed import World, all_reduce_sum
+from petpipe.train.hardware import Levers, Runtime, autocast, compiled, to_device
+from petpipe.train.optim import Schedule, make_optimizer, make_scheduler
+from petpipe.utils import timing
+from petpipe.utils.progress import Progress
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from petpipe.devices import DEVICE_CHOICES, is_device_name
-from petpipe.distributed import World, device_for, init_world
 from petpipe.errors import PetpipeError
 from petpipe.params import TrainParams
+from petpipe.train.distributed import World, device_for, init_world
+from petpipe.utils.devices import DEVICE_CHOICES, is_device_name
 
 
 def choose_device(name: str, *, setting: str = "train.device") -> torch.device:
@@ -57,7 +57,7 @@ class Levers:
     """How a stage computes: the arithmetic of training, the memory format and the threads.
 
     Stages that train resolve `train.precision`, `train.memory_format` and
-    `train.threads` into these (petpipe/levers.py); inference keeps the defaults:
+    `train.threads` into these (petpipe/train/levers.py); inference keeps the defaults:
     autocast "auto" (bfloat16 on GPUs, float32 on CPUs) in channels_last.
     """
 
@@ -141,7 +141,7 @@ def autocast_dtype(device: torch.device, precision: str, *, training: bool) -> t
     auto (inference, and training before levers are chosen): bfloat16 on GPUs
     (no loss scaling needed) and float32 on CPUs, so evaluate, predict and
     exported ONNX models agree to 1e-4. Training resolves auto per machine
-    (petpipe/levers.py) into float32 or bfloat16.
+    (petpipe/train/levers.py) into float32 or bfloat16.
     """
     if precision == "float32":
         return None

@@ -20,24 +20,26 @@ from typing import Any
 import pandas as pd
 import torch
 
-from petpipe import memory, plots, timing
-from petpipe.atomic import WriteFailed, display, save_figure, write_csv, write_json
-from petpipe.checkpoint import Checkpoint, save_checkpoint
-from petpipe.dataset import Dataset
-from petpipe.distributed import barrier
+from petpipe.data.dataset import Dataset
+from petpipe.data.views import Views
 from petpipe.errors import Interrupted
-from petpipe.hardware import Runtime, to_device
-from petpipe.levers import choose_levers
-from petpipe.memory import MemoryEstimate
-from petpipe.models import Classifier
+from petpipe.interpret import plots
+from petpipe.model.backbones import Classifier
+from petpipe.model.checkpoint import Checkpoint, save_checkpoint
+from petpipe.model.spec import ModelSpec
 from petpipe.params import Params, TrainParams
 from petpipe.pipeline import path_option
-from petpipe.progress import EpochTable, progress_bar
-from petpipe.resume import ResumeFile
 from petpipe.runner import Context
-from petpipe.spec import ModelSpec
-from petpipe.training import Criterion, FitHooks, FitState, Phase, fit
-from petpipe.views import Views
+from petpipe.train import memory
+from petpipe.train.distributed import barrier
+from petpipe.train.fit_loop import Criterion, FitHooks, FitState, Phase, fit
+from petpipe.train.hardware import Runtime, to_device
+from petpipe.train.levers import choose_levers
+from petpipe.train.memory import MemoryEstimate
+from petpipe.train.resume import ResumeFile
+from petpipe.utils import timing
+from petpipe.utils.atomic import WriteFailed, display, save_figure, write_csv, write_json
+from petpipe.utils.progress import EpochTable, progress_bar
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from petpipe import timing
-from petpipe.atomic import write_json
-from petpipe.dataset import ImageSet
-from petpipe.hardware import (
+from petpipe.data.dataset import ImageSet
+from petpipe.data.pixels import default_cache_dir
+from petpipe.data.views import Views
+from petpipe.model.backbones import Classifier
+from petpipe.params import TrainParams
+from petpipe.train.hardware import (
     MEMORY_FORMATS,
     Levers,
     Runtime,
@@ -35,10 +37,8 @@ from petpipe.hardware import (
     cpu_name,
     cpu_runs_bfloat16,
 )
-from petpipe.models import Classifier
-from petpipe.params import TrainParams
-from petpipe.pixels import default_cache_dir
-from petpipe.views import Views
+from petpipe.utils import timing
+from petpipe.utils.atomic import write_json
 
 log = logging.getLogger(__name__)
 

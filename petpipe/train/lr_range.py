@@ -14,14 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from petpipe import timing
-from petpipe.dataset import ImageSet
-from petpipe.models import Classifier
-from petpipe.optim import make_optimizer
+from petpipe.data.dataset import ImageSet
+from petpipe.data.views import Views
+from petpipe.model.backbones import Classifier
 from petpipe.params import LrFindParams, TrainParams
-from petpipe.progress import Progress
-from petpipe.training import Criterion, batch_indices, training_step
-from petpipe.views import Views
+from petpipe.train.fit_loop import Criterion, batch_indices, training_step
+from petpipe.train.optim import make_optimizer
+from petpipe.utils import timing
+from petpipe.utils.progress import Progress
 
 SMOOTHING = 0.98  # fastai's Recorder smooths the loss with this exponential moving average
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from petpipe.atomic import megabytes
 from petpipe.errors import PetpipeError
+from petpipe.utils.atomic import megabytes
 
 # Saved activations -> peak bytes per image: the backward pass holds the saved tensors and, layer by
 # layer, their gradients; validation's batches and the allocator's freed blocks add to the high-water mark.

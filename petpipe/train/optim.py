@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from petpipe.models import Classifier
+from petpipe.model.backbones import Classifier
 
 # fastai's Adam defaults: mom 0.9, sqr_mom 0.99, eps 1e-5, decoupled weight decay.
 ADAM_BETAS = (0.9, 0.99)

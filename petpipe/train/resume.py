@@ -13,10 +13,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from petpipe.atomic import atomic_path, file_digest, write_json
-from petpipe.checkpoint import Checkpoint, load_checkpoint, write_checkpoint
 from petpipe.errors import PetpipeError
-from petpipe.paths import petpipe_folder
+from petpipe.model.checkpoint import Checkpoint, load_checkpoint, write_checkpoint
+from petpipe.utils.atomic import atomic_path, file_digest, write_json
+from petpipe.utils.paths import petpipe_folder
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""MLflow tracking: what the runs are (identity, plain data), the stage and pipeline runs, and the registry."""
