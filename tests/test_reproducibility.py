@@ -88,6 +88,26 @@ def test_a_setting_that_changes_no_output_reruns_nothing(pipeline_project, tmp_p
     assert stale_stages(project) == set(TRAINED) - {"evaluate"}
 
 
+def test_code_reruns_the_stages_whose_outputs_it_can_change_and_no_other(pipeline_project, tmp_path):
+    """dvc.yaml's code deps are exact (petpipe dvc-yaml): rewording an error of petpipe/params.py (how
+    params.yaml is read: DVC hashes the values themselves) or of the atomic writes reruns nothing; an edit to the
+    augmentation makes every stage that trains or draws through it stale, and not fetch."""
+    project = copy_project(pipeline_project.folder, tmp_path / "project")
+    for plumbing, before, after in (
+        ("params.py", "must be '<md5|sha1|sha256>:<hex digest>' or null", "is not '<algorithm>:<hex digest>' or null"),
+        ("utils/atomic.py", '"no space left on device"', '"the disk is full"'),
+    ):
+        source = project / "petpipe" / plumbing
+        text = source.read_text()
+        assert text.count(before) == 1, plumbing
+        source.write_text(text.replace(before, after))
+    assert stale_stages(project) == set()
+    augment = project / "petpipe" / "data" / "augment.py"
+    augment.write_text(augment.read_text().replace("def augment_batch(", "def augment_batch(  # edited\n", 1))
+    stale = stale_stages(project)
+    assert {"train-head", "lr-find", "finetune", "evaluate"} <= stale and "fetch" not in stale
+
+
 def test_a_fixed_finetune_lr_does_not_need_a_changed_sweep(pipeline_project, tmp_path):
     """DVC cannot make finetune's dependency on lr-find's result conditional on finetune.lr being auto: after
     a change to lr_find.* with a number for finetune.lr, `dvc repro -s lr-find` then `dvc commit -f finetune`

@@ -227,7 +227,7 @@ def test_a_malicious_resume_file_is_ignored_not_run(tmp_path, monkeypatch, caplo
     marker = tmp_path / "pwned"
     resume.path.parent.mkdir(parents=True)
     malicious_checkpoint(resume.path, marker)
-    from petpipe.utils.atomic import file_digest  # a record that matches: the file reaches torch.load, which refuses it
+    from petpipe.utils.file_formats import file_digest
 
     resume.record.write_text(json.dumps({"bytes": resume.path.stat().st_size, "sha256": file_digest(resume.path)}))
 

@@ -23,7 +23,7 @@ from petpipe.errors import PetpipeError
 from petpipe.model.backbones import finetune_fixes_bn_stats
 from petpipe.model.checkpoint import load_checkpoint
 from petpipe.stages import finetune, lr_find, train_head
-from petpipe.utils.atomic import file_digest
+from petpipe.utils.file_formats import file_digest
 
 
 def run_train_head(folder: Path, index: Path, images: Path, **overrides) -> train_head.Outputs:

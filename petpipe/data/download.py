@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from petpipe.data.archives import is_archive, looks_like_html, read_head
 from petpipe.errors import PetpipeError
-from petpipe.utils.atomic import display, file_digest, megabytes, write_refusal
+from petpipe.utils.atomic import display, megabytes, write_refusal
+from petpipe.utils.file_formats import file_digest
 from petpipe.utils.paths import petpipe_folder
 
 log = logging.getLogger(__name__)

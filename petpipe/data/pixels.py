@@ -20,7 +20,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from petpipe.errors import PetpipeError
-from petpipe.utils.atomic import WriteFailed, atomic_path, file_digest, reserve, write_json
+from petpipe.utils.atomic import WriteFailed, atomic_path, reserve
+from petpipe.utils.file_formats import file_digest, write_json
 from petpipe.utils.paths import petpipe_folder
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,8 @@ from petpipe.data.folders import IMAGE_SUFFIXES, count_images, visible_files
 from petpipe.data.image_downloads import Failure, Outcome, Settings, download_all
 from petpipe.data.url_lists import Entry, read_url_list, url_problem
 from petpipe.errors import PetpipeError
-from petpipe.utils.atomic import atomic_directory, atomic_path, file_digest
+from petpipe.utils.atomic import atomic_directory, atomic_path
+from petpipe.utils.file_formats import file_digest
 
 log = logging.getLogger(__name__)
 

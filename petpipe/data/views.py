@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from petpipe.data.augment import augment_batch, center_crop_batch, normalize
+from petpipe.model.preprocessing import presized_side
 from petpipe.model.spec import ModelSpec
 from petpipe.params import AugmentParams, ModelParams
 from petpipe.train.hardware import MEMORY_FORMATS
@@ -59,7 +60,12 @@ class Views:
         """Views to draw (show_batch) before any model exists: `augmented` and `cropped` need no normalisation."""
         mean, std = NO_NORMALISATION
         return cls(
-            size=model.img_size, presize=model.presize, eval_crop=model.eval_crop, mean=mean, std=std, augment=augment
+            size=model.img_size,
+            presize=presized_side(model.img_size, model.presize_ratio),
+            eval_crop=model.eval_crop,
+            mean=mean,
+            std=std,
+            augment=augment,
         )
 
     def augmented(

@@ -21,7 +21,8 @@ from petpipe.inference.bundle import BUNDLE_FILE, BUNDLE_FORMAT, ONNX_FILE, Bund
 from petpipe.model.backbones import Classifier
 from petpipe.model.checkpoint import Checkpoint, load_checkpoint
 from petpipe.train.hardware import autocast, choose_device, to_device
-from petpipe.utils.atomic import atomic_directory, file_digest, write_json
+from petpipe.utils.atomic import atomic_directory
+from petpipe.utils.file_formats import file_digest, write_json
 
 # The opset the torch.export-based exporter targets by default.
 ONNX_OPSET = 18

@@ -1,7 +1,7 @@
 """Figures the stages write: each function takes plain data and returns a matplotlib Figure.
 
 Figures are drawn on an Agg canvas without pyplot, so plotting works headless and
-never touches a user's interactive backend; save them with `petpipe.utils.atomic.save_figure`.
+never touches a user's interactive backend; save them with `petpipe.utils.file_formats.save_figure`.
 """
 
 from __future__ import annotations

@@ -17,6 +17,11 @@ VERSION = 1
 RESIZE = {"mode": "bilinear", "align_corners": True, "antialias": False}
 
 
+def presized_side(img_size: int, presize_ratio: float) -> int:
+    """Side of the cached, presized square images (model.img_size x model.presize_ratio)."""
+    return int(round(img_size * presize_ratio))
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     img_size: int  # the square side the network sees

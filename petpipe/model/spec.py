@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from petpipe.model.backbones import normalisation
-from petpipe.model.preprocessing import Preprocessing
+from petpipe.model.preprocessing import Preprocessing, presized_side
 from petpipe.params import ModelParams
 
 
@@ -45,7 +45,7 @@ class ModelSpec:
             classes=tuple(classes),
             head=HeadSpec(hidden=model.head_hidden, dropout=model.head_dropout),
             img_size=model.img_size,
-            presize=model.presize,
+            presize=presized_side(model.img_size, model.presize_ratio),
             eval_crop=model.eval_crop,
             mean=mean,
             std=std,

@@ -15,7 +15,7 @@ from petpipe.data.pixels import load_pixels
 from petpipe.errors import PetpipeError
 from petpipe.inference.predict import Predictor, pixel_batch
 from petpipe.interpret import interpretation
-from petpipe.utils.atomic import write_csv
+from petpipe.utils.file_formats import write_csv
 
 log = logging.getLogger(__name__)
 

@@ -5,9 +5,10 @@ params.yaml sections or keys its outputs depend on, how it computes), `Inputs`
 and `Outputs` (frozen dataclasses of paths whose fields are made with
 `petpipe.pipeline.path_option`) and `run(params, inputs, outputs)`, its body
 wrapped by `@STAGE.runs`. The CLI builds each stage's options from those
-dataclasses, and tests/test_stages.py checks dvc.yaml against them. To add a
-stage: write its module, add its name to ORDER (petpipe/pipeline.py), its
-section to params.py and params.yaml, and its entry to dvc.yaml.
+dataclasses, and `petpipe dvc-yaml` writes dvc.yaml from them (tests/test_stages.py
+fails when the committed file differs). To add a stage: write its module, add its
+name to ORDER (petpipe/pipeline.py) and its section to params.py and params.yaml,
+then run `petpipe dvc-yaml`.
 """
 
 from __future__ import annotations
@@ -38,17 +39,27 @@ def docstring(stage: str) -> str:
     return ast.get_docstring(ast.parse(Path(origin).read_text(encoding="utf-8"))) or ""
 
 
-# Modules whose changes cannot change any stage's outputs: they log, show progress or declare.
-NOT_OUTPUT_CODE = frozenset(
+# Modules whose changes cannot change any stage's outputs, so no stage depends on them and their imports are not
+# followed: they declare (the stages, their paths, dvc.yaml itself), read and check params.yaml (DVC hashes the
+# values themselves), write atomically (how bytes are shaped is petpipe/utils/file_formats.py, a dependency),
+# check device names, log to MLflow, show progress or time phases.
+PLUMBING = frozenset(
     {
         "petpipe/__init__.py",
-        "petpipe/stages/__init__.py",
-        "petpipe/track/mlflow_runs.py",
-        "petpipe/utils/progress.py",
         "petpipe/errors.py",
-        "petpipe/utils/paths.py",
         "petpipe/pipeline.py",
+        "petpipe/dvc_yaml.py",
+        "petpipe/params.py",
+        "petpipe/stages/__init__.py",
+        "petpipe/track/identity.py",
+        "petpipe/track/mlflow_runs.py",
+        "petpipe/track/registry.py",
+        "petpipe/utils/atomic.py",
+        "petpipe/utils/devices.py",
+        "petpipe/utils/paths.py",
+        "petpipe/utils/progress.py",
         "petpipe/utils/timing.py",
+        "petpipe/utils/yamlfile.py",
     }
 )
 
@@ -56,7 +67,7 @@ NOT_OUTPUT_CODE = frozenset(
 def code_dependencies(stage: str) -> list[str]:
     """The petpipe source files a stage's outputs depend on (dvc.yaml's code deps): its module and every
     petpipe module it imports from there on, at module level or inside a function, transitively, but
-    NOT_OUTPUT_CODE (whose own imports serve logging only, so they are not followed)."""
+    PLUMBING (whose imports are not followed: what they import serves them alone)."""
     package = Path(__file__).resolve().parents[1]
     seen: set[str] = set()
     pending = [_module_name(stage)]
@@ -66,9 +77,9 @@ def code_dependencies(stage: str) -> list[str]:
         if path is None or path in seen:
             continue
         seen.add(path)
-        if path not in NOT_OUTPUT_CODE:
+        if path not in PLUMBING:
             pending.extend(imported_modules(package.parent / path))
-    return sorted(path for path in seen - NOT_OUTPUT_CODE if not _only_a_docstring(package.parent / path))
+    return sorted(path for path in seen - PLUMBING if not _only_a_docstring(package.parent / path))
 
 
 def _only_a_docstring(path: Path) -> bool:

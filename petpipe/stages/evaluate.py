@@ -34,13 +34,13 @@ from petpipe.interpret import data_audit, interpretation, metric_table, plots
 from petpipe.model.backbones import Classifier
 from petpipe.model.checkpoint import Checkpoint, load_checkpoint
 from petpipe.params import EvaluateParams, Params
-from petpipe.pipeline import path_option
+from petpipe.pipeline import path_option, stage_path
 from petpipe.runner import Context, Stage
 from petpipe.train.compute import one_process
 from petpipe.train.fit_loop import batch_indices, predict, with_features
 from petpipe.train.hardware import autocast, to_device
 from petpipe.utils import timing
-from petpipe.utils.atomic import save_figure, write_csv, write_json, write_text
+from petpipe.utils.file_formats import save_figure, write_csv, write_json, write_text
 
 STAGE = Stage(
     "evaluate",
@@ -56,47 +56,76 @@ REPORT_CONFUSED = 10
 
 @dataclass(frozen=True)
 class Inputs:
-    images: Path = path_option("fetch's images folder.")
-    index: Path = path_option("index-labels' index.csv.")
-    finetune_model: Path = path_option("finetune's model.pt.")
-    head_model: Path = path_option("train-head's model.pt.")
+    images: Path = path_option("fetch's images folder.", at=stage_path("fetch", "images"))
+    index: Path = path_option("index-labels' index.csv.", at=stage_path("index-labels", "index.csv"))
+    finetune_model: Path = path_option("finetune's model.pt.", at=stage_path("finetune", "model.pt"))
+    head_model: Path = path_option("train-head's model.pt.", at=stage_path("train-head", "model.pt"))
 
 
 @dataclass(frozen=True)
 class Outputs:
-    metrics: Path = path_option("metrics.json to write.")
-    confusion: Path = path_option("confusion.csv to write.")
-    confusion_plot: Path = path_option("confusion.png to write.")
-    top_losses: Path = path_option("top_losses.png to write.")
-    top_losses_table: Path = path_option("top_losses.csv to write.")
-    most_confused: Path = path_option("most_confused.csv to write.")
-    report: Path = path_option("report.md to write.")
+    metrics: Path = path_option(
+        "metrics.json to write.",
+        file="metrics.json",
+        kind="metrics",
+        note="scalars only (accuracy, error_rate, top5_accuracy, loss, macro_f1, balanced_accuracy, ...; the test "
+        "split's beside them as test_accuracy, ...): per-class numbers are in per_class.csv",
+    )
+    confusion: Path = path_option(
+        "confusion.csv to write.",
+        file="confusion.csv",
+        kind="plots",
+        plot={"template": "confusion", "x": "predicted", "y": "actual"},
+    )
+    confusion_plot: Path = path_option("confusion.png to write.", file="confusion.png", kind="plots")
+    top_losses: Path = path_option("top_losses.png to write.", file="top_losses.png", kind="plots")
+    top_losses_table: Path = path_option("top_losses.csv to write.", file="top_losses.csv")
+    most_confused: Path = path_option("most_confused.csv to write.", file="most_confused.csv")
+    report: Path = path_option("report.md to write.", file="report.md")
     confusion_normalized_plot: Path | None = path_option(
-        "confusion_normalized.png to write (rows sum to 1); not drawn when omitted.", optional=True
+        "confusion_normalized.png to write (rows sum to 1); not drawn when omitted.",
+        optional=True,
+        file="confusion_normalized.png",
+        kind="plots",
     )
     per_class: Path | None = path_option(
-        "per_class.csv to write (precision, recall, F1, support per class); not written when omitted.", optional=True
+        "per_class.csv to write (precision, recall, F1, support per class); not written when omitted.",
+        optional=True,
+        file="per_class.csv",
+        kind="plots",
+        plot={"template": "bar_horizontal_sorted", "x": "f1", "y": "class", "title": "F1 per class"},
+        note='precision, recall, F1, support per class; the F1 bar chart is the top-level "F1 per class"',
     )
     label_issues: Path | None = path_option(
         "label_issues.csv to write (the data audit: every image's label quality and suggested class, most "
         "suspect first); not written when omitted.",
         optional=True,
+        file="label_issues.csv",
+        note="the data audit: every image's label quality and suggested class; near-duplicate pairs and leaks",
     )
     duplicates: Path | None = path_option(
         "duplicates.csv to write (the data audit: near-duplicate pairs, most similar first); not written when omitted.",
         optional=True,
+        file="duplicates.csv",
     )
     # The test split's own tables and plots; with no test split, the tables hold their header row and the
     # plots say so (DVC expects every declared output).
     test_confusion: Path | None = path_option(
-        "test_confusion.csv to write (actual, predicted of every test image); not written when omitted.", optional=True
+        "test_confusion.csv to write (actual, predicted of every test image); not written when omitted.",
+        optional=True,
+        file="test_confusion.csv",
+        kind="plots",
+        plot={"template": "confusion", "x": "predicted", "y": "actual", "title": "test confusion matrix"},
+        note="the test split's own (a sentence saying there is none without one)",
     )
     test_confusion_plot: Path | None = path_option(
-        "test_confusion.png to write; not drawn when omitted.", optional=True
+        "test_confusion.png to write; not drawn when omitted.", optional=True, file="test_confusion.png", kind="plots"
     )
-    test_top_losses: Path | None = path_option("test_top_losses.png to write; not drawn when omitted.", optional=True)
+    test_top_losses: Path | None = path_option(
+        "test_top_losses.png to write; not drawn when omitted.", optional=True, file="test_top_losses.png", kind="plots"
+    )
     test_top_losses_table: Path | None = path_option(
-        "test_top_losses.csv to write; not written when omitted.", optional=True
+        "test_top_losses.csv to write; not written when omitted.", optional=True, file="test_top_losses.csv"
     )
 
 

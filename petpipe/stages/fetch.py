@@ -12,10 +12,21 @@ from petpipe.data.image_downloads import Settings
 from petpipe.data.sources import fetch_source, fetch_url_list, write_report
 from petpipe.data.url_lists import is_url_list
 from petpipe.errors import PetpipeError
-from petpipe.pipeline import path_option
+from petpipe.pipeline import Dep, path_option
 from petpipe.runner import Context, Stage
 
-STAGE = Stage("fetch", params=("data",))
+STAGE = Stage(
+    "fetch",
+    params=("data",),
+    deps=(
+        Dep(
+            "${data.source}",
+            note="the photos of a local data.source, the URL list (the file or folder itself: editing it reruns "
+            "fetch, the URLs are never asked), or the .url file naming the default archive (hashed locally: no "
+            "network needed; data.checksum pins the bytes); for a URL as data.source, DVC asks for its ETag",
+        ),
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -25,11 +36,13 @@ class Inputs:
 
 @dataclass(frozen=True)
 class Outputs:
-    images: Path = path_option("Folder to fill with the raw images.", option="--out")
+    images: Path = path_option("Folder to fill with the raw images.", option="--out", file="images")
     downloads: Path | None = path_option(
         "CSV of a URL list's downloads: url,label,status,file,reason, a row per "
         "URL (a header alone for any other data.source).",
         optional=True,
+        file="downloads.csv",
+        note="a URL list's report: a row per URL (downloaded, present, duplicate or failed, and why)",
     )
 
 

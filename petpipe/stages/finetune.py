@@ -16,7 +16,7 @@ from petpipe.errors import PetpipeError
 from petpipe.model.backbones import finetune_fixes_bn_stats, freeze_early, unfreeze
 from petpipe.model.checkpoint import load_checkpoint
 from petpipe.params import output_keys
-from petpipe.pipeline import path_option
+from petpipe.pipeline import path_option, stage_path
 from petpipe.runner import Context, Stage
 from petpipe.train.compute import every_rank
 from petpipe.train.fit_loop import Phase
@@ -28,10 +28,14 @@ STAGE = Stage("finetune", params=(*output_keys("train"), "finetune"), compute=ev
 
 @dataclass(frozen=True)
 class Inputs:
-    images: Path = path_option("fetch's images folder.")
-    index: Path = path_option("index-labels' index.csv.")
-    checkpoint: Path = path_option("train-head's model.pt.")
-    lr_find: Path = path_option("lr-find's lr_find.json (read when finetune.lr is auto).")
+    images: Path = path_option("fetch's images folder.", at=stage_path("fetch", "images"))
+    index: Path = path_option("index-labels' index.csv.", at=stage_path("index-labels", "index.csv"))
+    checkpoint: Path = path_option("train-head's model.pt.", at=stage_path("train-head", "model.pt"))
+    lr_find: Path = path_option(
+        "lr-find's lr_find.json (read when finetune.lr is auto).",
+        at=stage_path("lr-find", "lr_find.json"),
+        note="read only with finetune.lr auto; DVC cannot make a dependency conditional (README: Reproducibility)",
+    )
 
 
 Outputs = TrainedOutputs

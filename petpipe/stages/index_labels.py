@@ -20,9 +20,9 @@ from petpipe.data import image_index
 from petpipe.errors import PetpipeError
 from petpipe.interpret.plots import plot_class_counts
 from petpipe.params import LabelParams, Params, SplitParams
-from petpipe.pipeline import path_option
+from petpipe.pipeline import path_option, stage_path
 from petpipe.runner import Context, Stage
-from petpipe.utils.atomic import save_figure, write_csv, write_json
+from petpipe.utils.file_formats import save_figure, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +37,31 @@ STAGE = Stage(
 
 @dataclass(frozen=True)
 class Inputs:
-    images: Path = path_option("fetch's images folder.")
+    images: Path = path_option("fetch's images folder.", at=stage_path("fetch", "images"))
     corrections: Path | None = path_option(
         "labels.corrections: path,action,label CSV (relabel or exclude) applied after labelling; none when omitted.",
         optional=True,
+        at="${labels.corrections}",
+        note="the cleaner's decisions (petpipe serve's Clean page), committed with git",
     )
 
 
 @dataclass(frozen=True)
 class Outputs:
-    index: Path = path_option("index.csv to write.")
-    classes: Path = path_option("classes.json to write.")
-    report: Path = path_option("report.json to write.")
-    class_counts: Path = path_option("class_counts.png to write.")
+    index: Path = path_option("index.csv to write.", file="index.csv")
+    classes: Path = path_option("classes.json to write.", file="classes.json")
+    report: Path = path_option("report.json to write.", file="report.json")
+    class_counts: Path = path_option(
+        "class_counts.png to write.",
+        file="class_counts.png",
+        kind="plots",
+        note="Figures are image plots (`dvc plots show/diff` put each revision's side by side); plots are cached "
+        "outputs like outs (cache: true is DVC's default), so `dvc push/pull` carry them.",
+    )
     # Drawn through the training augmentation, the one part of index-labels that needs torch.
-    show_batch: Path | None = path_option("show_batch.png to write; not drawn when omitted.", optional=True)
+    show_batch: Path | None = path_option(
+        "show_batch.png to write; not drawn when omitted.", optional=True, file="show_batch.png", kind="plots"
+    )
 
 
 def _show_batch(index: pd.DataFrame, folder: Path, params: Params) -> Any:

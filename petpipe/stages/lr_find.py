@@ -25,14 +25,14 @@ from petpipe.interpret import plots
 from petpipe.model.backbones import finetune_fixes_bn_stats, freeze_early, set_train_mode, unfreeze
 from petpipe.model.checkpoint import load_checkpoint
 from petpipe.params import LrFindParams, output_keys
-from petpipe.pipeline import path_option
+from petpipe.pipeline import path_option, stage_path
 from petpipe.runner import Context, Stage
 from petpipe.train.compute import one_process
 from petpipe.train.fit_loop import Criterion
 from petpipe.train.hardware import to_device
 from petpipe.train.levers import choose_levers
 from petpipe.train.lr_range import StopRule, lr_sweep, suggest
-from petpipe.utils.atomic import save_figure, write_csv, write_json
+from petpipe.utils.file_formats import save_figure, write_csv, write_json
 from petpipe.utils.progress import progress_bar
 
 # finetune.bn_stats and frozen_stride: the sweep trains what, and as, the finetune it is for will.
@@ -45,20 +45,33 @@ STAGE = Stage(
 
 @dataclass(frozen=True)
 class Inputs:
-    images: Path = path_option("fetch's images folder.")
-    index: Path = path_option("index-labels' index.csv.")
-    checkpoint: Path = path_option("train-head's model.pt.")
+    images: Path = path_option("fetch's images folder.", at=stage_path("fetch", "images"))
+    index: Path = path_option("index-labels' index.csv.", at=stage_path("index-labels", "index.csv"))
+    checkpoint: Path = path_option("train-head's model.pt.", at=stage_path("train-head", "model.pt"))
 
 
 @dataclass(frozen=True)
 class Outputs:
-    result: Path = path_option("lr_find.json to write.")
-    curve: Path = path_option("lr_find.csv to write.")
-    plot: Path = path_option("lr_find.png to write.")
+    result: Path = path_option(
+        "lr_find.json to write.",
+        file="lr_find.json",
+        note="the curve, the suggestions, the verdict: what finetune reads",
+    )
+    curve: Path = path_option(
+        "lr_find.csv to write.",
+        file="lr_find.csv",
+        kind="plots",
+        plot={"template": "lr_find_log_x", "x": "lr", "y": "smoothed_loss", "x_label": "learning rate (log scale)"},
+        note=".dvc/plots/lr_find_log_x.json: DVC's linear template with a logarithmic x axis",
+    )
+    plot: Path = path_option("lr_find.png to write.", file="lr_find.png", kind="plots")
     metrics: Path | None = path_option(
         "metrics.json to write: the suggestions, the chosen lr and whether the curve is trusted, as scalars "
         "(dvc metrics show, dvc exp show); not written when omitted.",
         optional=True,
+        file="metrics.json",
+        kind="metrics",
+        note="the four suggestions, the edge, chosen_lr, trusted (1/0), iterations: one column each in dvc exp show",
     )
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from petpipe.model.backbones import build_model, check_architecture, freeze_body, head_fixes_bn_stats
 from petpipe.model.spec import ModelSpec
 from petpipe.params import output_keys
-from petpipe.pipeline import path_option
+from petpipe.pipeline import path_option, stage_path
 from petpipe.runner import Context, Stage
 from petpipe.train.compute import every_rank
 from petpipe.train.fit_loop import Phase
@@ -24,8 +24,8 @@ STAGE = Stage("train-head", params=("model", *output_keys("train"), "train_head"
 
 @dataclass(frozen=True)
 class Inputs:
-    images: Path = path_option("fetch's images folder.")
-    index: Path = path_option("index-labels' index.csv.")
+    images: Path = path_option("fetch's images folder.", at=stage_path("fetch", "images"))
+    index: Path = path_option("index-labels' index.csv.", at=stage_path("index-labels", "index.csv"))
 
 
 Outputs = TrainedOutputs

@@ -22,7 +22,8 @@ from typing import Any
 
 from petpipe.pipeline import ORDER
 from petpipe.track.identity import PIPELINE, PIPELINE_KEY_TAG, STAGE_TAG, Project, load_project, mlflow_params
-from petpipe.utils.atomic import WRITE_REFUSALS, display, file_digest, free_bytes, megabytes
+from petpipe.utils.atomic import WRITE_REFUSALS, display, free_bytes, megabytes
+from petpipe.utils.file_formats import file_digest
 
 log = logging.getLogger(__name__)
 

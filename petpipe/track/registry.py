@@ -24,7 +24,8 @@ from mlflow.entities import LoggedModelInput
 
 from petpipe.errors import PetpipeError
 from petpipe.interpret.metric_table import LOWER_IS_BETTER
-from petpipe.utils.atomic import atomic_directory, file_digest
+from petpipe.utils.atomic import atomic_directory
+from petpipe.utils.file_formats import file_digest
 
 CHAMPION = "champion"  # the registered-model alias that evaluate moves (params.yaml: tracking.promote)
 CHECKPOINT_TAG = "petpipe.checkpoint_sha256"  # on a LoggedModel: the weights it holds

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from petpipe.data.dataset import Dataset, load_dataset
+from petpipe.model.preprocessing import presized_side
 from petpipe.model.spec import ModelSpec
 from petpipe.params import Params
 from petpipe.train.distributed import launched_as_secondary_rank, shutdown
@@ -49,7 +50,11 @@ class Compute:
         train.augment.presize_crop is random. with_test: the test split too (evaluate alone).
         """
         assert not (training and with_test), "a stage that trains never reads the test split"
-        presize = spec.presize if spec is not None else self.params.model.presize
+        presize = (
+            spec.presize
+            if spec is not None
+            else presized_side(self.params.model.img_size, self.params.model.presize_ratio)
+        )
         with timing.phase("decode"):  # or the pixel cache's reading, once decoded
             return load_dataset(
                 inputs.index,

@@ -38,7 +38,8 @@ from petpipe.train.levers import choose_levers
 from petpipe.train.memory import MemoryEstimate
 from petpipe.train.resume import ResumeFile
 from petpipe.utils import timing
-from petpipe.utils.atomic import WriteFailed, display, save_figure, write_csv, write_json
+from petpipe.utils.atomic import WriteFailed, display
+from petpipe.utils.file_formats import save_figure, write_csv, write_json
 from petpipe.utils.progress import EpochTable, progress_bar
 
 log = logging.getLogger(__name__)
@@ -48,10 +49,15 @@ log = logging.getLogger(__name__)
 class TrainedOutputs:
     """The four outputs of train-head and finetune."""
 
-    model: Path = path_option("model.pt checkpoint to write.")
-    metrics: Path = path_option("metrics.json to write.")
-    history: Path = path_option("history.csv to write.")
-    plot: Path = path_option("Training-curve PNG to write.")
+    model: Path = path_option("model.pt checkpoint to write.", file="model.pt")
+    metrics: Path = path_option("metrics.json to write.", file="metrics.json", kind="metrics")
+    history: Path = path_option(
+        "history.csv to write.",
+        file="history.csv",
+        kind="plots",
+        plot={"x": "epoch", "y": "accuracy", "title": "valid accuracy per epoch"},
+    )
+    plot: Path = path_option("Training-curve PNG to write.", file="training.png", kind="plots")
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from petpipe.train.hardware import (
     cpu_runs_bfloat16,
 )
 from petpipe.utils import timing
-from petpipe.utils.atomic import write_json
+from petpipe.utils.file_formats import write_json
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ from typing import Any
 
 from petpipe.errors import PetpipeError
 from petpipe.model.checkpoint import Checkpoint, load_checkpoint, write_checkpoint
-from petpipe.utils.atomic import atomic_path, file_digest, write_json
+from petpipe.utils.atomic import atomic_path
+from petpipe.utils.file_formats import file_digest, write_json
 from petpipe.utils.paths import petpipe_folder
 
 log = logging.getLogger(__name__)
