@@ -239,7 +239,7 @@ MAX_FUNCTION_LINES, MAX_PARAMETERS, MAX_README_LINES = 50, 8, 300
 # Over the limits today, to be folded into a Learner (issue #29); the list may only shrink: a function that
 # comes under its limit must leave it, and nothing new may join it.
 TOO_LONG: set[str] = set()
-TOO_MANY_PARAMETERS = {"train/fit_loop.py:fit", "train/lr_range.py:lr_sweep"}
+TOO_MANY_PARAMETERS = {"train/lr_range.py:lr_sweep"}
 
 
 def _functions() -> dict[str, tuple[int, int]]:
