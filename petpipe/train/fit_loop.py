@@ -1,9 +1,9 @@
 """The training loop: batches from the pixel cache, one optimiser step per batch, validation per epoch.
 
-Pure core: these functions take a model, image sets, the views and a `Phase`
-(fastai's fit_one_cycle arguments) and return numbers; the stages read and
-write files. A run is fixed by its seed: shuffling, augmentation and dropout
-draw from RNGs whose state resume restores.
+Pure core: `fit` takes the Learner (petpipe/train/learner.py: the model, its data, views, loss and
+runtime) and a `Phase` (fastai's fit_one_cycle arguments), the other functions a model, image sets and
+the views, and they return numbers; the Learner and the stages read and write files. A run is fixed
+by its seed: shuffling, augmentation and dropout draw from RNGs whose state resume restores.
 """
 
 from __future__ import annotations
