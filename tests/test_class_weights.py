@@ -122,9 +122,9 @@ def valid_losses(run: dict, model: Path) -> tuple[float, float]:
     checkpoint = load_checkpoint(model)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(run["root"])
-        compute = one_process(run["params"], "class-weights-test")
         inputs = train_head.Inputs(images=run["images"], index=run["index"])
-        data = compute.dataset(inputs, checkpoint.spec, training=False)
+        with one_process(run["params"], "class-weights-test") as context:
+            data = context.dataset(inputs, checkpoint.spec, training=False)
         logits = predict(
             checkpoint.model(), data.valid, batch_size=64, views=Views.of(checkpoint.spec, run["params"].train.augment)
         )

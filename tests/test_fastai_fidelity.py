@@ -205,14 +205,14 @@ def test_the_lr_finder_uses_trainings_optimiser_without_decay_on_batchnorm_and_b
     spec = model_spec("resnet18", "none", num_classes=3, img_size=32, presize=36)
     model = build_model(spec, pretrained=False).train()
     images = ImageSet(torch.randint(0, 256, (8, 3, 36, 36), dtype=torch.uint8), torch.randint(0, 3, (8,)))
-    settings = params_with({"train.batch_size": 4, "train.weight_decay": 0.01}).train
-    sweep = params_with({"lr_find.num_it": 5, "lr_find.batch_size": 0}).lr_find
+    params = params_with(
+        {"train.batch_size": 4, "train.weight_decay": 0.01, "lr_find.num_it": 5, "lr_find.batch_size": 0}
+    )
     curve = lr_range.lr_sweep(
         model,
         images,
-        views=Views.of(spec, settings.augment),
-        sweep=sweep,
-        settings=settings,
+        views=Views.of(spec, params.train.augment),
+        params=params,
         precision="float32",
         generator=torch.Generator().manual_seed(0),
     )

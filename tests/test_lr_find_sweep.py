@@ -227,13 +227,7 @@ def test_a_sweep_on_a_model_that_fits_its_batches_runs_on_to_the_rise(fitted_sta
     set_train_mode(swept, freeze_bn_stats=True)  # finetune.bn_stats auto after cached features
     settings = params_with(NO_AUGMENTATION)
     curve = lr_sweep(
-        swept,
-        images,
-        views=views,
-        sweep=settings.lr_find,
-        settings=settings.train,
-        precision="float32",
-        generator=torch.Generator().manual_seed(seed),
+        swept, images, views=views, params=settings, precision="float32", generator=torch.Generator().manual_seed(seed)
     )
     assert np.mean(curve["loss"][:5]) < 0.5  # the sweep starts near zero loss: the bug's regime
     assert curve["lr"][-1] > 1e-3, f"stopped after {len(curve['lr'])} batches at {curve['lr'][-1]:.1e}"

@@ -153,11 +153,11 @@ class DataAudit:
 
 @STAGE.runs
 def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
-    params, runtime = context.params, context.compute.runtime
+    params, runtime = context.params, context.runtime
     which = params.evaluate.checkpoint
     checkpoint_path = inputs.finetune_model if which == "finetune" else inputs.head_model
     checkpoint = load_checkpoint(checkpoint_path)
-    data = context.compute.dataset(inputs, checkpoint.spec, training=False, with_test=True)
+    data = context.dataset(inputs, checkpoint.spec, training=False, with_test=True)
     _refuse_no_validation(data, inputs)
     model = to_device(checkpoint.model(), runtime.device).eval()
     views = Views.of(checkpoint.spec, params.train.augment)
@@ -293,9 +293,9 @@ def audit_data(head: Checkpoint, data: Dataset, *, inputs: Inputs, context: Cont
     """Every indexed image (train, valid, then test) through train-head's frozen body at its evaluation view (features
     no label has touched), then petpipe/interpret/data_audit.py: k-fold heads and cleanlab, and near-duplicate pairs."""
     started = time.perf_counter()
-    params, runtime = context.params, context.compute.runtime
+    params, runtime = context.params, context.runtime
     if head.spec.presize != data.valid.pixels.shape[-1] or list(head.spec.classes) != list(data.classes):
-        data = context.compute.dataset(inputs, head.spec, training=False, with_test=True)  # another size
+        data = context.dataset(inputs, head.spec, training=False, with_test=True)  # another size
     body = to_device(head.model(), runtime.device).eval()
     views = Views.of(head.spec, params.train.augment)
     sets = {"train": data.train, "valid": data.valid, **({"test": data.test} if data.test is not None else {})}

@@ -20,7 +20,7 @@ from petpipe.pipeline import path_option, stage_path
 from petpipe.runner import Context, Stage
 from petpipe.train.compute import every_rank
 from petpipe.train.fit_loop import Phase
-from petpipe.train.learner import Learner, Record, TrainedOutputs, describe_metrics, fit_and_save
+from petpipe.train.learner import Learner, TrainedOutputs
 from petpipe.train.optim import discriminative_lrs
 
 STAGE = Stage("finetune", params=(*output_keys("train"), "finetune"), compute=every_rank)
@@ -43,10 +43,10 @@ Outputs = TrainedOutputs
 
 @STAGE.runs
 def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
-    params, compute = context.params, context.compute
+    params = context.params
     head = load_checkpoint(inputs.checkpoint)
     lr = peak_lr(params.finetune.lr, inputs.lr_find)
-    data = compute.dataset(inputs, head.spec)
+    data = context.dataset(inputs, head.spec)
     model = head.model()
     unfreeze(model)
     frozen = freeze_early(model, params.finetune.frozen_stride)  # fastai's freeze_to, by depth; [] unfreezes all
@@ -56,7 +56,7 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
         epochs=params.finetune.epochs,
         group_lrs=dict(zip(groups, discriminative_lrs(lr, params.finetune.lr_ratio, len(groups)))),
         schedule=params.finetune.schedule,
-        seed=compute.seed,
+        seed=context.seed,
         freeze_bn_stats=finetune_fixes_bn_stats(params.finetune.bn_stats, head.params),
     )
     used = {
@@ -64,21 +64,25 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
         "finetune": {**params.finetune.model_dump(), "peak_lr": lr},
         "group_lrs": phase.group_lrs,
     }
-    record = Record(
+    learner = Learner(
+        context,
+        model,
+        head.spec,
+        data,
         used=used,
         index=inputs.index,
-        inputs=[inputs.index, inputs.checkpoint],
-        outputs=outputs,
+        depends_on=(inputs.checkpoint,),
+        size_ratio=params.finetune.size_ratio,
+    )
+    learner.fit(phase)
+    learner.save(
+        outputs,
         title=f"finetune: {head.spec.arch}, {unfrozen_words(frozen)}, "
         f"lr {lr / params.finetune.lr_ratio:.1e} to {lr:.1e}",
-        register_as=params.tracking.registered_model,
-    )  # the model to serve is finetune's
-    learner = Learner(context, model, head.spec, data, size_ratio=params.finetune.size_ratio)
-    fitted = fit_and_save(learner, phase, record)
-    return describe_metrics(
-        learner,
-        fitted,
-        extra=f", from train-head accuracy {head.history[-1]['accuracy']:.4f}, {unfrozen_words(frozen)}",
+        register_as=params.tracking.registered_model,  # the model to serve is finetune's
+    )
+    return learner.summary(
+        extra=f", from train-head accuracy {head.history[-1]['accuracy']:.4f}, {unfrozen_words(frozen)}"
     )
 
 

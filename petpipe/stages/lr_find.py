@@ -77,9 +77,9 @@ class Outputs:
 
 @STAGE.runs
 def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
-    params, runtime = context.params, context.compute.runtime
+    params, runtime = context.params, context.runtime
     head = load_checkpoint(inputs.checkpoint)
-    data = context.compute.dataset(inputs, head.spec)
+    data = context.dataset(inputs, head.spec)
     model = to_device(head.model(), runtime.device)
     unfreeze(model)
     freeze_early(model, params.finetune.frozen_stride)
@@ -93,10 +93,9 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
         model,
         data.train,
         views=dataclasses.replace(views, memory_format=levers.memory_format),
-        sweep=params.lr_find,
-        settings=params.train,
+        params=params,
         precision=levers.precision,
-        generator=torch.Generator().manual_seed(context.compute.seed),
+        generator=torch.Generator().manual_seed(context.seed),
         criterion=criterion,
         progress=progress_bar(STAGE.name),
     )

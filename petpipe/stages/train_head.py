@@ -17,7 +17,7 @@ from petpipe.pipeline import path_option, stage_path
 from petpipe.runner import Context, Stage
 from petpipe.train.compute import every_rank
 from petpipe.train.fit_loop import Phase
-from petpipe.train.learner import Learner, Record, TrainedOutputs, describe_metrics, fit_and_save
+from petpipe.train.learner import Learner, TrainedOutputs
 
 STAGE = Stage("train-head", params=("model", *output_keys("train"), "train_head"), compute=every_rank)
 
@@ -33,9 +33,9 @@ Outputs = TrainedOutputs
 
 @STAGE.runs
 def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
-    params, compute = context.params, context.compute
+    params = context.params
     check_architecture(params.model.arch)  # before minutes of decoding, with the names it may have meant
-    data = compute.dataset(inputs)
+    data = context.dataset(inputs)
     spec = ModelSpec.from_params(params.model, data.classes)
     model = build_model(spec, pretrained=True)
     cached = params.train_head.cache_features
@@ -45,16 +45,11 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
         epochs=params.train_head.epochs,
         group_lrs=dict.fromkeys(model.layer_groups(), params.train_head.lr),
         schedule=params.train_head.schedule,
-        seed=compute.seed,
+        seed=context.seed,
         feature_views=params.train_head.feature_views if cached else 0,
         freeze_bn_stats=head_fixes_bn_stats(cache_features=cached, train_bn=params.model.train_bn),
     )
-    record = Record(
-        used=params.select(STAGE.params),
-        index=inputs.index,
-        inputs=[inputs.index],
-        outputs=outputs,
-        title=f"train-head: {spec.arch}, body frozen",
-    )
-    learner = Learner(context, model, spec, data)
-    return describe_metrics(learner, fit_and_save(learner, phase, record))
+    learner = Learner(context, model, spec, data, used=params.select(STAGE.params), index=inputs.index)
+    learner.fit(phase)
+    learner.save(outputs, title=f"train-head: {spec.arch}, body frozen")
+    return learner.summary()

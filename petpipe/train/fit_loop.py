@@ -1,9 +1,9 @@
 """The training loop: batches from the pixel cache, one optimiser step per batch, validation per epoch.
 
-Pure core: these functions take a model, image sets, the views and a `Phase`
-(fastai's fit_one_cycle arguments) and return numbers; the stages read and
-write files. A run is fixed by its seed: shuffling, augmentation and dropout
-draw from RNGs whose state resume restores.
+Pure core: `fit` takes the Learner (petpipe/train/learner.py: the model, its data, views, loss and
+runtime) and a `Phase` (fastai's fit_one_cycle arguments), the other functions a model, image sets and
+the views, and they return numbers; the Learner and the stages read and write files. A run is fixed
+by its seed: shuffling, augmentation and dropout draw from RNGs whose state resume restores.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,11 @@ from petpipe.train.hardware import Levers, Runtime, autocast, compiled, to_devic
 from petpipe.train.optim import Schedule, make_optimizer, make_scheduler
 from petpipe.utils import timing
 from petpipe.utils.progress import Progress
+
+if TYPE_CHECKING:
+    from petpipe.train.learner import Learner
+
+History = list[dict[str, float]]
 
 
 @dataclass(frozen=True)
@@ -356,33 +361,20 @@ def _resume(loop: Loop, state: FitState) -> tuple[int, list[dict[str, float]]]:
     return int(state.epoch), list(state.history)
 
 
-def fit(
-    model: Classifier,
-    data: Dataset,
-    *,
-    views: Views,
-    phase: Phase,
-    settings: TrainParams,
-    runtime: Runtime,
-    criterion: Criterion = Criterion("none"),
-    resume: FitState | None = None,
-    hooks: FitHooks = FitHooks(),
-) -> list[dict[str, float]]:
-    """Train for phase.epochs (fastai's fit_one_cycle or fit) and return the per-epoch history.
+def fit(learner: Learner, phase: Phase, *, resume: FitState | None = None, hooks: FitHooks = FitHooks()) -> History:
+    """Train the learner's model for phase.epochs (fastai's fit_one_cycle or fit) and return the per-epoch history.
 
-    The model moves to the images' device, in the runtime's memory format; the
-    levers (precision, memory format, threads) go into every history row.
-    The loss is `criterion`, or plain cross-entropy.
+    The model moves to the images' device, in the memory format of the learner's runtime; its levers
+    (precision, memory format, threads) go into every history row. The loss is the learner's criterion.
     `resume` is a FitState from `hooks.on_epoch_end`: the fit continues after
     its epoch and ends exactly as an uninterrupted fit would. With several
     ranks (torchrun), the model trains as DistributedDataParallel and every
-    rank returns the same, reduced history. `settings.compile` trains through
+    rank returns the same, reduced history. `train.compile` trains through
     torch.compile (validation and the saved weights use the plain module).
     """
-    world, levers, device = runtime.world, runtime.levers, data.train.pixels.device
-    train, valid, batch_size, loop = _prepare(
-        model, data, views=views, phase=phase, settings=settings, runtime=runtime, criterion=criterion
-    )
+    model, world, levers = learner.model, learner.runtime.world, learner.runtime.levers
+    device = learner.data.train.pixels.device
+    train, valid, batch_size, loop = _prepare(learner, phase)
     start_epoch, history = _resume(loop, resume) if resume is not None else (0, [])
     for epoch in range(start_epoch, phase.epochs):
         started = time.perf_counter()
@@ -396,7 +388,7 @@ def fit(
             # Batches of the training size, as fastai's validation: an inference pass at twice the batch
             # and the full image size peaked above the training steps themselves.
             metrics = _sharded_validation(
-                model, valid, world=world, batch_size=batch_size, views=loop.views, criterion=criterion
+                model, valid, world=world, batch_size=batch_size, views=loop.views, criterion=loop.criterion
             )
         loss = loss_sum / max(images_seen, 1)
         history.append(
@@ -407,21 +399,13 @@ def fit(
     return history
 
 
-def _prepare(
-    model: Classifier,
-    data: Dataset,
-    *,
-    views: Views,
-    phase: Phase,
-    settings: TrainParams,
-    runtime: Runtime,
-    criterion: Criterion,
-) -> tuple[ImageSet, ImageSet, int, Loop]:
+def _prepare(learner: Learner, phase: Phase) -> tuple[ImageSet, ImageSet, int, Loop]:
     """The model on the images' device in the levers' memory format; the splits (the frozen body's features
     instead of pixels when the phase caches them), the batch size and the loop that trains them."""
+    model, data, settings, runtime = learner.model, learner.data, learner.settings, learner.runtime
     world, levers = runtime.world, runtime.levers
     to_device(model, data.train.pixels.device, levers.memory_format)
-    views = replace(views, memory_format=levers.memory_format)
+    views = replace(learner.views, memory_format=levers.memory_format)
     train, valid = data.train, data.valid
     if phase.feature_views:  # the body is frozen and its BatchNorm fixed: run it once, not every epoch
         train, valid = _cached_features(
@@ -437,7 +421,7 @@ def _prepare(
         views=views,
         runtime=runtime,
         total_steps=total_steps,
-        criterion=criterion,
+        criterion=learner.criterion,
     )
     return train, valid, batch_size, loop
 

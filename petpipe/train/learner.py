@@ -1,9 +1,9 @@
-"""A training stage's fit with everything around it: resume after a kill, per-epoch logging, the outputs.
+"""fastai's Learner for a training stage: fit (resuming after a kill, logging each epoch), then save the outputs.
 
-train-head and finetune each describe their fit (a `Phase`) and what to record
-(a `Record`), then call `fit_and_save` inside the stage's run (petpipe/runner.py: its
-MLflow run, runtime and seed). Under torchrun every rank trains and rank 0 alone
-writes files and logs to MLflow.
+train-head and finetune build their model, freeze what stays fixed, and then, as fastai's `fine_tune`:
+`learner = Learner(context, model, spec, data, ...)`, `learner.fit(phase)`, `learner.save(outputs)`, inside the
+stage's run (petpipe/runner.py: its MLflow run, runtime and seed). Under torchrun every rank trains and
+rank 0 alone writes files and logs to MLflow.
 """
 
 from __future__ import annotations
@@ -60,16 +60,37 @@ class TrainedOutputs:
     plot: Path = path_option("Training-curve PNG to write.", file="training.png", kind="plots")
 
 
-@dataclass(frozen=True)
 class Learner:
-    """fastai's Learner for one stage: the stage's context (params, MLflow run, runtime), the model and
-    its spec, the data."""
+    """One training stage's model and its spec, its data, the views the network sees, the loss and the runtime
+    it trains with (its levers chosen once, here: `runtime` is the one in use), as fastai's Learner.
 
-    context: Context
-    model: Classifier
-    spec: ModelSpec
-    data: Dataset
-    size_ratio: float = 1.0  # training crops' side as a fraction of spec.img_size (finetune.size_ratio)
+    used: the params the result depends on (the resume key, the checkpoint's params, MLflow's params).
+    index: index-labels' index.csv, the model's dataset in MLflow; depends_on: the other files the result
+    depends on besides the images (the resume key). size_ratio: training crops' side as a fraction of
+    spec.img_size (finetune.size_ratio).
+    """
+
+    def __init__(
+        self,
+        context: Context,
+        model: Classifier,
+        spec: ModelSpec,
+        data: Dataset,
+        *,
+        used: dict[str, Any],
+        index: Path,
+        depends_on: tuple[Path, ...] = (),
+        size_ratio: float = 1.0,
+    ):
+        self.context, self.model, self.spec, self.data = context, model, spec, data
+        self.used, self.index, self.depends_on, self.size_ratio = used, index, depends_on, size_ratio
+        self.views = Views.of(spec, self.settings.augment, size_ratio=size_ratio)
+        self.criterion = Criterion.of(self.settings, data)  # fastai's loss_func (train.class_weights)
+        to_device(model, context.runtime.device)
+        self.runtime: Runtime = choose_levers(context.runtime, model, data.train, self.views, self.settings)
+        self.history: list[dict[str, float]] = []  # per epoch, as fastai's Recorder; fit fills it
+        self.memory: MemoryEstimate | None = None  # the estimate fit made before its first batch (CPU)
+        self._progress: Progress | None = None  # where the fit stands, for the line an early stop prints
 
     @property
     def stage(self) -> str:
@@ -80,47 +101,102 @@ class Learner:
         return self.context.params
 
     @property
-    def runtime(self) -> Runtime:
-        return self.context.compute.runtime
-
-    @property
     def settings(self) -> TrainParams:
         """params.train: what every training stage shares."""
         return self.params.train
 
     @property
-    def criterion(self) -> Criterion:
-        """The loss (fastai's loss_func): cross-entropy, weighted per class as train.class_weights says."""
-        return Criterion.of(self.settings, self.data)
+    def metrics(self) -> dict[str, Any]:
+        """The fit's result, as in metrics.json."""
+        return final_metrics(self.history, stage=self.stage)
 
-    @property
-    def views(self) -> Views:
-        return Views.of(self.spec, self.settings.augment, size_ratio=self.size_ratio)
+    def checkpoint(self, history: list[dict[str, float]], resume: dict[str, Any] | None = None) -> Checkpoint:
+        return Checkpoint.of(self.model, self.spec, stage=self.stage, params=self.used, history=history, resume=resume)
 
-    def checkpoint(
-        self, used: dict[str, Any], history: list[dict[str, float]], resume: dict[str, Any] | None = None
-    ) -> Checkpoint:
-        return Checkpoint.of(self.model, self.spec, stage=self.stage, params=used, history=history, resume=resume)
+    def fit(self, phase: Phase) -> None:
+        """Train for the phase (fastai's fit_one_cycle), resuming an interrupted run of the same stage, params
+        and inputs, logging each epoch and keeping it in the resume file. A full disk, a GPU out of memory or
+        Ctrl-C ends it in one line that says what was kept (see `_stopping`)."""
+        resume_file = ResumeFile(self.stage, params=self.used, inputs=[self.index, *self.depends_on])
+        resumed = resume_file.load()
+        if resumed is not None:
+            self.model.load_state_dict(resumed.state_dict)
+        self._progress = Progress(resume_file, phase.epochs, kept=resumed.resume["epoch"] if resumed else 0)
+        killed_before = resumed is not None and resume_file.stopped_silently()
+        self.memory = _memory_check(self, phase, killed_before=killed_before)
+        with _stopping(self, self._progress):
+            self.history = self._fit_epochs(phase, resumed)
 
+    def _fit_epochs(self, phase: Phase, resumed: Checkpoint | None) -> list[dict[str, float]]:
+        main = self.context.is_main
+        self.context.log.log_params({**self.used, "levers": dataclasses.asdict(self.runtime.levers)})
+        table = EpochTable(self.stage, phase.epochs)
+        if main:
+            if self.criterion.weight is not None:
+                table.show(f"{self.stage}: loss {self.criterion.describe()}")
+            table.show(table.header())
+        hooks = FitHooks(
+            on_epoch_end=self._saving_each_epoch(table) if main else None,
+            progress=progress_bar(self.stage) if main else None,
+        )
+        return fit(self, phase, resume=FitState(**resumed.resume) if resumed else None, hooks=hooks)
 
-@dataclass(frozen=True)
-class Record:
-    """What a training stage records of its fit."""
+    def _saving_each_epoch(self, table: EpochTable) -> Callable[[FitState], None]:
+        progress = self._progress
 
-    used: dict[str, Any]  # the params the result depends on (resume key, checkpoint, MLflow params)
-    index: Path  # index-labels' index.csv: the model's dataset in MLflow
-    inputs: list[Path]  # files the result depends on besides the images (resume key)
-    outputs: TrainedOutputs
-    title: str  # of the training-curve plot
-    register_as: str | None = None  # MLflow registered model name for the logged model
+        def on_epoch_end(state: FitState) -> None:
+            progress.resume_file.save(self.checkpoint(state.history, state.to_dict()))
+            progress.kept = state.epoch
+            row = state.history[-1]
+            table.show(table.line(row))
+            self.context.log.log_metrics(
+                {key: value for key, value in row.items() if key != "epoch"}, step=int(row["epoch"])
+            )
 
+        return on_epoch_end
 
-@dataclass(frozen=True)
-class Fitted:
-    """What a training stage's fit returns: its metrics (as in metrics.json) and what its memory cost."""
+    def save(self, outputs: TrainedOutputs, *, title: str, register_as: str | None = None) -> None:
+        """Write the fit's four outputs (rank 0) and log them, the checkpoint as an MLflow model (registered as
+        `register_as`, if given); then the resume file goes. `title`: the training-curve plot's."""
+        assert self._progress is not None and self.history, "fit before save"
+        progress = self._progress
+        with _stopping(self, progress):
+            if self.context.is_main:
+                try:
+                    with timing.phase("write"):
+                        write_training_outputs(outputs, self.checkpoint(self.history), self.metrics, title=title)
+                except WriteFailed as error:
+                    raise error.keeping(
+                        f"all {len(self.history)} epochs are kept in {display(progress.resume_file.path)}, so "
+                        f"the rerun only writes the outputs"
+                    ) from None
+                with timing.phase("tracking"):
+                    self.context.log.log_artifacts([outputs.metrics, outputs.history, outputs.plot])
+                    self._log_model(outputs.model, register_as)
+                progress.resume_file.clear()
+            barrier()
 
-    metrics: dict[str, Any]
-    memory: MemoryEstimate | None  # the estimate made before the first batch (CPU), None on a GPU
+    def _log_model(self, checkpoint: Path, registered_name: str | None) -> None:
+        """The checkpoint just written, as an MLflow model that takes photos; a validation photo as its example."""
+        data, spec = self.data, self.spec
+        rows = data.rows("valid") if len(data.valid) else data.rows("train")
+        self.context.log.log_model(
+            checkpoint,
+            example=data.folder / rows["path"].iloc[0],
+            index=self.index,
+            registered_name=registered_name,
+            metadata={"classes": list(spec.classes), **spec.preprocessing.to_dict()},
+        )
+
+    def summary(self, extra: str = "") -> str:
+        """The stage's summary line: its result, `extra`, whether the losses are weighted by class
+        (train.class_weights), and what its memory cost (estimated and measured)."""
+        metrics, method = self.metrics, self.settings.class_weights
+        weighted = f"; losses weighted by class ({method})" if method != "none" else ""
+        return (
+            f"{self.stage}: {metrics['epochs']} epochs, accuracy {metrics['accuracy']:.4f}, "
+            f"valid loss {metrics['valid_loss']:.4f}{extra}{weighted}; {memory.describe(self.memory)}"
+        )
 
 
 @dataclass
@@ -138,73 +214,6 @@ class Progress:
             f"the last completed epoch ({self.kept}) is kept in {display(self.resume_file.path)}, "
             f"and dvc repro resumes from it"
         )
-
-
-def fit_and_save(learner: Learner, phase: Phase, record: Record) -> Fitted:
-    """Fit (resuming an interrupted run of the same stage, params and inputs), log, write the outputs.
-
-    Returns the stage's metrics and its memory estimate. A full disk, a GPU out of memory or Ctrl-C
-    ends it in one line that says what was kept (see `_stopping`).
-    """
-    resume_file = ResumeFile(learner.stage, params=record.used, inputs=record.inputs)
-    resumed = resume_file.load()
-    if resumed is not None:
-        learner.model.load_state_dict(resumed.state_dict)
-    progress = Progress(resume_file, phase.epochs, kept=resumed.resume["epoch"] if resumed else 0)
-    guess = _memory_check(learner, phase, killed_before=resumed is not None and resume_file.stopped_silently())
-    with _stopping(learner, progress):
-        metrics = _fit_and_write(learner, phase, record, progress, resumed)
-    return Fitted(metrics, guess)
-
-
-def _fit_and_write(
-    learner: Learner, phase: Phase, record: Record, progress: Progress, resumed: Checkpoint | None
-) -> dict[str, Any]:
-    main = learner.runtime.world.is_main
-    to_device(learner.model, learner.runtime.device)
-    runtime = choose_levers(learner.runtime, learner.model, learner.data.train, learner.views, learner.settings)
-    log = learner.context.log
-    log.log_params({**record.used, "levers": dataclasses.asdict(runtime.levers)})
-    table = EpochTable(learner.stage, phase.epochs)
-    criterion = learner.criterion
-    if main:
-        if criterion.weight is not None:
-            table.show(f"{learner.stage}: loss {criterion.describe()}")
-        table.show(table.header())
-    hooks = FitHooks(
-        on_epoch_end=_saving_each_epoch(learner, record, progress, table) if main else None,
-        progress=progress_bar(learner.stage) if main else None,
-    )
-    history = fit(
-        learner.model,
-        learner.data,
-        views=learner.views,
-        phase=phase,
-        settings=learner.settings,
-        runtime=runtime,
-        criterion=criterion,
-        resume=FitState(**resumed.resume) if resumed else None,
-        hooks=hooks,
-    )
-    metrics = final_metrics(history, stage=learner.stage)
-    if main:
-        try:
-            with timing.phase("write"):
-                write_training_outputs(
-                    record.outputs, learner.checkpoint(record.used, history), metrics, title=record.title
-                )
-        except WriteFailed as error:
-            raise error.keeping(
-                f"all {len(history)} epochs are kept in {display(progress.resume_file.path)}, so "
-                f"the rerun only writes the outputs"
-            ) from None
-        with timing.phase("tracking"):
-            log.log_artifacts([record.outputs.metrics, record.outputs.history, record.outputs.plot])
-            _log_model(learner, record)
-    if main:
-        progress.resume_file.clear()
-    barrier()
-    return metrics
 
 
 @contextlib.contextmanager
@@ -279,34 +288,6 @@ def _memory_check(learner: Learner, phase: Phase, *, killed_before: bool) -> Mem
     return guess
 
 
-def _saving_each_epoch(
-    learner: Learner, record: Record, progress: Progress, table: EpochTable
-) -> Callable[[FitState], None]:
-    def on_epoch_end(state: FitState) -> None:
-        progress.resume_file.save(learner.checkpoint(record.used, state.history, state.to_dict()))
-        progress.kept = state.epoch
-        row = state.history[-1]
-        table.show(table.line(row))
-        learner.context.log.log_metrics(
-            {key: value for key, value in row.items() if key != "epoch"}, step=int(row["epoch"])
-        )
-
-    return on_epoch_end
-
-
-def _log_model(learner: Learner, record: Record) -> None:
-    """The checkpoint just written, as an MLflow model that takes photos; a validation photo as its example."""
-    data, spec = learner.data, learner.spec
-    rows = data.rows("valid") if len(data.valid) else data.rows("train")
-    learner.context.log.log_model(
-        record.outputs.model,
-        example=data.folder / rows["path"].iloc[0],
-        index=record.index,
-        registered_name=record.register_as,
-        metadata={"classes": list(spec.classes), **spec.preprocessing.to_dict()},
-    )
-
-
 def final_metrics(history: list[dict[str, float]], *, stage: str) -> dict[str, Any]:
     last = history[-1]
     return {
@@ -328,14 +309,3 @@ def write_training_outputs(
     save_figure(outputs.plot, plots.plot_training_history(history, title=title))
     write_json(outputs.metrics, metrics)
     save_checkpoint(outputs.model, checkpoint)
-
-
-def describe_metrics(learner: Learner, fitted: Fitted, extra: str = "") -> str:
-    """The stage's summary line: its result, `extra`, whether the losses are weighted by class
-    (train.class_weights), and what its memory cost (estimated and measured)."""
-    metrics, method = fitted.metrics, learner.settings.class_weights
-    weighted = f"; losses weighted by class ({method})" if method != "none" else ""
-    return (
-        f"{learner.stage}: {metrics['epochs']} epochs, accuracy {metrics['accuracy']:.4f}, "
-        f"valid loss {metrics['valid_loss']:.4f}{extra}{weighted}; {memory.describe(fitted.memory)}"
-    )

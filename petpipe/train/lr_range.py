@@ -17,7 +17,7 @@ import torch
 from petpipe.data.dataset import ImageSet
 from petpipe.data.views import Views
 from petpipe.model.backbones import Classifier
-from petpipe.params import LrFindParams, TrainParams
+from petpipe.params import LrFindParams, Params
 from petpipe.train.fit_loop import Criterion, batch_indices, training_step
 from petpipe.train.optim import make_optimizer
 from petpipe.utils import timing
@@ -134,21 +134,21 @@ def lr_sweep(
     images: ImageSet,
     *,
     views: Views,
-    sweep: LrFindParams,
-    settings: TrainParams,
+    params: Params,
     precision: str,
     generator: torch.Generator,
     criterion: Criterion = Criterion("none"),
     progress: Progress | None = None,
 ) -> dict[str, list[float]]:
-    """Train one batch per learning rate from sweep.start_lr to sweep.end_lr; stop when `StopRule` sees the
-    smoothed loss diverge. Its batch size is sweep.batch_size (0: settings.batch_size), its weight decay
-    settings.weight_decay, its loss `criterion` (the finetune's); the model trains in the mode it is given
-    (`models.set_train_mode`: BatchNorm statistics updated or fixed) on augmented batches, as the finetune it
-    precedes.
+    """Train one batch per learning rate from lr_find.start_lr to lr_find.end_lr; stop when `StopRule` sees the
+    smoothed loss diverge. Its batch size is lr_find.batch_size (0: train.batch_size), its weight decay
+    train.weight_decay (both from `params`), its loss `criterion` (the finetune's); the model trains in the mode
+    it is given (`models.set_train_mode`: BatchNorm statistics updated or fixed) on augmented batches, as the
+    finetune it precedes.
 
     Returns {"lr", "loss", "smoothed_loss"}, one entry per batch trained.
     """
+    sweep, settings = params.lr_find, params.train
     device = images.pixels.device
     batch_size = min(sweep.batch_size or settings.batch_size, len(images))
     # The optimiser training uses (fastai's lr_find uses the Learner's): no decay on BatchNorm and biases.
