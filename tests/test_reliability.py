@@ -75,7 +75,7 @@ SMALL_TRAINING = {
     "finetune.lr": 1e-3,
     "finetune.epochs": 2,
 }
-INDEX_OUTPUTS = ["index.csv", "classes.json", "report.json", "show_batch.png", "class_counts.png"]
+INDEX_OUTPUTS = ["index.csv", "classes.json", "report.json", "class_counts.png"]
 EVALUATE_OUTPUTS = [
     "metrics.json",
     "confusion.csv",
