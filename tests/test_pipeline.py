@@ -1,4 +1,4 @@
-"""End to end: the real `dvc repro` of all six stages on the sample photos, read back through DVC."""
+"""End to end: the real `dvc repro` of every stage on the sample photos, read back through DVC."""
 
 from __future__ import annotations
 
