@@ -270,5 +270,5 @@ def test_queued_experiments_reuse_the_caches_at_the_project_root(pipeline_projec
         )
         if parent is not None:
             pipelines[parent.data.tags.get("dvc.exp_name")].append(run.data.tags["petpipe.stage"])
-    assert sorted(pipelines[name] for name in experiments) == [["evaluate", "finetune"]] * 2
+    assert sorted(pipelines[name] for name in experiments) == [["evaluate", "export", "finetune"]] * 2
     assert set(pipelines) == {None, *experiments}  # the baseline's run, and one pipeline run per experiment
