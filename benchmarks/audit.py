@@ -1,4 +1,4 @@
-"""Does evaluate's data audit find planted noise, and does accepting its suggestions pay? Per seed, on the sample.
+"""Does the audit stage find planted noise, and does accepting its suggestions pay? Per seed, on the sample.
 
     python benchmarks/audit.py --images ../shared/data/pets-sample/images --seeds 1 2 3 --size 128 \\
         --out benchmarks/audit.json --markdown docs/audit.md
@@ -7,13 +7,13 @@ Per seed: copy the photos and plant noise: rename ~5 % of them (--wrong) to a wr
 the file name) and add --copies re-encoded (JPEG quality 85), 90 %-resized copies of validation photos to the
 training split under other names of the same breed. Then three runs of train-head, finetune (a fixed learning
 rate, no lr-find: it is the same in every run) and evaluate:
-    (a) noisy:    the planted photos; evaluate audits them
+    (a) noisy:    the planted photos; the audit stage audits them (from train-head's model)
     (b) cleaned:  (a)'s photos with the audit's suggestions accepted through labels.corrections, as a user
                   accepting every flagged suspect's "relabel as <suggested>" on the Clean page and excluding the
                   training side of each duplicate pair would
     (c) clean:    the original photos
 Reported: the recall of the planted labels among the top 2x as many suspects, how many cleanlab flags and how
-many of them are planted, the planted duplicates found and the false pairs at evaluate.audit.duplicate_similarity,
+many of them are planted, the planted duplicates found and the false pairs at audit.duplicate_similarity,
 the audit's seconds, and each run's accuracy on the same held-out photos with their true labels (the clean
 validation split without the originals of the copies, which leak), beside what its own evaluate reported.
 The split is fixed (split.file), so every run holds out the same photos.
@@ -62,7 +62,7 @@ def params_for(args: argparse.Namespace, seed: int, split_file: Path, *, audit: 
         "split.file": str(split_file),
         "evaluate.checkpoint": "finetune",
         "evaluate.tta": False,
-        "evaluate.audit.enabled": audit,
+        "audit.enabled": audit,
     }
     return parse_params(with_overrides(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text()), changes))
 
@@ -134,7 +134,8 @@ def pipeline(
     corrections: Path | None = None,
     audit: bool = False,
 ) -> dict[str, Any]:
-    """index-labels, train-head, finetune, evaluate; returns the folders and evaluate's summary."""
+    """index-labels, train-head, audit (when asked), finetune, evaluate; returns the folders and the summaries."""
+    from petpipe.stages import audit as audit_stage
     from petpipe.stages import evaluate, finetune, index_labels, train_head
 
     params = params_for(args, seed, split_file, audit=audit)
@@ -156,6 +157,19 @@ def pipeline(
 
     head, tuned = trained("head"), trained("finetune")
     train_head.run(params, train_head.Inputs(images=images, index=indexed.index), head)
+    found = workdir / "audit"
+    audited = ""
+    if audit:
+        audited = audit_stage.run(
+            params,
+            audit_stage.Inputs(images=images, index=indexed.index, checkpoint=head.model),
+            audit_stage.Outputs(
+                label_issues=found / "label_issues.csv",
+                duplicates=found / "duplicates.csv",
+                metrics=found / "metrics.json",
+                report=found / "report.md",
+            ),
+        )
     finetune.run(
         params,
         finetune.Inputs(images=images, index=indexed.index, checkpoint=head.model, lr_find=workdir / "unused.json"),
@@ -170,8 +184,6 @@ def pipeline(
         top_losses_table=out / "top_losses.csv",
         most_confused=out / "most_confused.csv",
         report=out / "report.md",
-        label_issues=out / "label_issues.csv",
-        duplicates=out / "duplicates.csv",
     )
     summary = evaluate.run(
         params,
@@ -181,7 +193,8 @@ def pipeline(
     return {
         "model": tuned.model,
         "evaluate": out,
-        "summary": summary,
+        "audit": found,
+        "summary": f"{summary}; {audited}",
         "metrics": json.loads(outputs.metrics.read_text()),
     }
 
@@ -195,13 +208,13 @@ def true_accuracy(model: Path, images: Path, names: list[str]) -> float:
     return statistics.mean(float(p.labels[0][0] == breed(name)) for p, name in zip(predictions, names))
 
 
-def accept_suggestions(evaluate_folder: Path, target: Path) -> dict[str, int]:
+def accept_suggestions(audit_folder: Path, target: Path) -> dict[str, int]:
     """labels.corrections as a user accepting every flagged suspect and excluding a side of every pair writes it."""
     import pandas as pd
 
-    issues = pd.read_csv(evaluate_folder / "label_issues.csv", keep_default_na=False, dtype=str)
+    issues = pd.read_csv(audit_folder / "label_issues.csv", keep_default_na=False, dtype=str)
     flagged = issues[(issues["issue"] == "True") & (issues["suggested"] != issues["label"])]
-    pairs = pd.read_csv(evaluate_folder / "duplicates.csv", keep_default_na=False, dtype=str)
+    pairs = pd.read_csv(audit_folder / "duplicates.csv", keep_default_na=False, dtype=str)
     excluded = [
         row.path_a if row.split_a == "train" and row.split_b == "valid" else row.path_b for row in pairs.itertuples()
     ]
@@ -226,17 +239,17 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     noisy_seconds = time.perf_counter() - started
     audit_seconds = float(re.search(r"audit of \d+ images in ([\d.]+) s", noisy["summary"]).group(1))
 
-    issues = pd.read_csv(noisy["evaluate"] / "label_issues.csv", keep_default_na=False, dtype={"path": str})
+    issues = pd.read_csv(noisy["audit"] / "label_issues.csv", keep_default_na=False, dtype={"path": str})
     wrong = planted["wrong"]
     top = set(issues["path"].head(2 * len(wrong)))
     flagged = issues[issues["issue"]]
     by_path = issues.set_index("path")
     suggested_right = statistics.mean(float(by_path.at[name, "suggested"] == true) for name, (_, true) in wrong.items())
-    pairs = pd.read_csv(noisy["evaluate"] / "duplicates.csv", keep_default_na=False, dtype=str)
+    pairs = pd.read_csv(noisy["audit"] / "duplicates.csv", keep_default_na=False, dtype=str)
     found = {frozenset(pair) for pair in zip(pairs["path_a"], pairs["path_b"])}
     planted_pairs = {frozenset(pair) for pair in planted["copies"].items()}
     corrections = workdir / "corrections.csv"
-    accepted = accept_suggestions(noisy["evaluate"], corrections)
+    accepted = accept_suggestions(noisy["audit"], corrections)
     accepted_rows = pd.read_csv(corrections, keep_default_na=False, dtype=str)
     restored = sum(
         1
@@ -298,7 +311,7 @@ def summarise(report: dict[str, Any]) -> str:
         f"| planted wrong labels whose suggested class is the true one | {mean_sd(results, 'suggested_true_label')} |",
         f"| planted duplicates found (of {first['planted_copies']}) | {mean_sd(results, 'duplicates_found')} |",
         f"| false duplicate pairs at the default threshold | {mean_sd(results, 'false_pairs')} |",
-        f"| audit seconds (inside evaluate) | {mean_sd(results, 'audit_seconds')} |",
+        f"| audit seconds (the audit stage) | {mean_sd(results, 'audit_seconds')} |",
         f"| accepted relabels: restoring the true breed / of a correct label | "
         f"{mean_sd(results, 'relabels_restoring_truth')} / {mean_sd(results, 'relabels_of_correct_labels')} |",
         f"| (a) accuracy with the planted noise | {mean_sd(results, 'noisy_accuracy')} |",

@@ -342,7 +342,6 @@ def make_index(args: argparse.Namespace, folder: Path, split: dict[str, Any] | N
         index=folder / "index.csv",
         classes=folder / "classes.json",
         report=folder / "report.json",
-        show_batch=folder / "show_batch.png",
         class_counts=folder / "class_counts.png",
     )
     os.environ["PETPIPE_TRACKING"] = "off"

@@ -80,8 +80,6 @@ def run(folder: Path, images: Path, size: int, batch: int) -> list[dict]:
             str(index / "classes.json"),
             "--report",
             str(index / "report.json"),
-            "--show-batch",
-            str(index / "show_batch.png"),
             "--class-counts",
             str(index / "counts.png"),
         )

@@ -204,29 +204,6 @@ def predict_command(
         raise SystemExit(1)
 
 
-@main.command("export")
-@click.option(
-    "--model",
-    type=PathOption,
-    default=Path("stages/finetune/model.pt"),
-    show_default=True,
-    help="The model.pt checkpoint to export.",
-)
-@click.option(
-    "--out",
-    type=PathOption,
-    required=True,
-    help="Bundle folder to write: model.onnx and bundle.json (replaced whole if it exists).",
-)
-def export_command(model: Path, out: Path) -> None:
-    """Export a checkpoint as a pickle-free ONNX bundle that `petpipe predict --model` accepts."""
-    from petpipe.inference.onnx_export import export_bundle
-
-    with _user_errors("export"):
-        manifest = export_bundle(model, out)
-    click.echo(f"exported {manifest['arch']} ({len(manifest['classes'])} classes) from {model} -> {out}")
-
-
 @main.command("dvc-yaml")
 @click.option(
     "--out", type=PathOption, default=Path("dvc.yaml"), show_default=True, help="The dvc.yaml to write (or check)."
@@ -306,7 +283,8 @@ def show_batch_command(params_path: Path, images: Path, index: Path, split: str,
     type=PathOption,
     default=Path("stages/evaluate"),
     show_default=True,
-    help="evaluate's folder: the Results page's metrics, confusion matrix and top losses.",
+    help="evaluate's folder: the Results page's metrics, confusion matrix and top losses. The Clean page's "
+    "Suspects and Duplicates are read from the audit stage's folder beside it (stages/audit).",
 )
 @click.option(
     "--host",
@@ -347,6 +325,7 @@ def serve_command(
             index=index,
             images=images,
             evaluate=evaluate,
+            audit=evaluate.parent / "audit",  # the stages' folders are siblings
             corrections=params_path.parent / params.labels.corrections,
             max_upload_bytes=int(max_upload_mb * 2**20),
         )

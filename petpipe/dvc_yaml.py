@@ -76,10 +76,11 @@ def stage_entry(name: str) -> list[str]:
     for dep in module.STAGE.deps:
         lines += _item(dep.path, dep.note)
     lines += _comment(CODE_NOTE, 6) + [f"      - {path}" for path in stages.code_dependencies(name)]
-    lines.append("    params:")
-    if any(key.startswith("train.") for key in module.STAGE.params):
-        lines += _comment(TRAIN_NOTE, 6)
-    lines += [f"      - {key}" for key in module.STAGE.params]
+    if module.STAGE.params:  # export has none: its checkpoint carries everything it needs
+        lines.append("    params:")
+        if any(key.startswith("train.") for key in module.STAGE.params):
+            lines += _comment(TRAIN_NOTE, 6)
+        lines += [f"      - {key}" for key in module.STAGE.params]
     for kind in KINDS:
         listed = [(field, path) for field, path in outputs if field.metadata["kind"] == kind]
         if listed:

@@ -211,7 +211,6 @@ class EvaluateParams(_Section):
     top_losses: PositiveInt
     min_count: PositiveInt
     tta: bool
-    audit: AuditParams
 
 
 TrainedStage = Literal["train-head", "finetune"]
@@ -238,6 +237,7 @@ class Params(_Section):
     lr_find: LrFindParams
     finetune: FinetuneParams
     evaluate: EvaluateParams
+    audit: AuditParams
     tracking: TrackingParams
 
     def select(self, keys: tuple[str, ...]) -> dict[str, Any]:

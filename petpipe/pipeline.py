@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-# The stages in run order: dvc.yaml's, the CLI's and MLflow's order.
-ORDER = ("fetch", "index-labels", "train-head", "lr-find", "finetune", "evaluate")
+# The stages in run order (the tutorial's six, with audit and export added): dvc.yaml's, the CLI's and MLflow's order.
+ORDER = ("fetch", "index-labels", "train-head", "audit", "lr-find", "finetune", "export", "evaluate")
 
 
 def path_option(

@@ -182,7 +182,7 @@ def served(pipeline_project, tmp_path_factory, sample_images) -> Iterator[Served
 
 @pytest.fixture(scope="session")
 def pipeline_project(tmp_path_factory, sample_images) -> ReproducedProject:
-    """The real `dvc repro` of all six stages on the sample, once per session, as a person runs it, on a
+    """The real `dvc repro` of every stage on the sample, once per session, as a person runs it, on a
     three-way split (split.test_pct 0.2): MLflow tracking to the embedded store and the caches at the project
     root. tests/test_pipeline.py reads its
     outputs; tests that change things (test_browser, test_reproducibility, test_team) work on copies of it

@@ -137,18 +137,17 @@ def copy_subset(sample_images: Path, folder: Path, *, breeds: int, per_breed: in
 
 # ---------------------------------------------------------------- index-labels in-process
 
-SMALL = {"model.img_size": 32}  # show_batch at 32 px keeps index-labels fast
+SMALL = {"model.img_size": 32}  # a tiny image size for the stages that read one
 
 
 def outputs_in(folder: Path) -> Any:
-    """index-labels' five outputs in `folder`, under the names dvc.yaml gives them."""
+    """index-labels' four outputs in `folder`, under the names dvc.yaml gives them."""
     from petpipe.stages.index_labels import Outputs
 
     return Outputs(
         index=folder / "index.csv",
         classes=folder / "classes.json",
         report=folder / "report.json",
-        show_batch=folder / "show_batch.png",
         class_counts=folder / "class_counts.png",
     )
 
@@ -168,7 +167,7 @@ def read_outputs(outputs: Any) -> tuple[Any, list[str], dict]:
 
 
 def train_head_command(params_file: Path, images: Path, index: Path, out: Path) -> list[str]:
-    """`petpipe train-head` writing its four outputs into `out`, as dvc.yaml runs it."""
+    """`petpipe train-head` writing its five outputs into `out`, as dvc.yaml runs it."""
     return [
         str(Path(sys.executable).parent / "petpipe"),
         "train-head",
@@ -186,6 +185,8 @@ def train_head_command(params_file: Path, images: Path, index: Path, out: Path) 
         str(out / "history.csv"),
         "--plot",
         str(out / "training.png"),
+        "--show-batch",
+        str(out / "show_batch.png"),
     ]
 
 
@@ -198,6 +199,7 @@ def train_head_outputs(folder: Path) -> Any:
         metrics=folder / "metrics.json",
         history=folder / "history.csv",
         plot=folder / "training.png",
+        show_batch=folder / "show_batch.png",
     )
 
 
@@ -260,8 +262,6 @@ def evaluate_outputs(folder: Path) -> Any:
         most_confused=folder / "most_confused.csv",
         report=folder / "report.md",
         per_class=folder / "per_class.csv",
-        label_issues=folder / "label_issues.csv",
-        duplicates=folder / "duplicates.csv",
     )
 
 
@@ -277,6 +277,35 @@ def run_evaluate(
     )
     with stage_environment(sample.root):
         summary = evaluate.run(params or sample.params, inputs, outputs)
+    return summary, outputs
+
+
+def audit_outputs(folder: Path) -> Any:
+    """The audit stage's outputs in `folder`, under the names dvc.yaml gives them."""
+    from petpipe.stages import audit
+
+    return audit.Outputs(
+        label_issues=folder / "label_issues.csv",
+        duplicates=folder / "duplicates.csv",
+        metrics=folder / "metrics.json",
+        report=folder / "report.md",
+    )
+
+
+def run_audit(
+    sample: TrainedSample,
+    folder: Path,
+    params: Params | None = None,
+    index: Path | None = None,
+    images: Path = SAMPLE_IMAGES,
+) -> tuple[str, Any]:
+    """The audit stage on the trained sample's head (or another index and images); returns its summary and outputs."""
+    from petpipe.stages import audit
+
+    outputs = audit_outputs(folder)
+    inputs = audit.Inputs(images=images, index=index or sample.index, checkpoint=sample.model)
+    with stage_environment(sample.root):
+        summary = audit.run(params or sample.params, inputs, outputs)
     return summary, outputs
 
 

@@ -1,8 +1,9 @@
-"""The data audit (evaluate's label_issues.csv and duplicates.csv): on the real sample with planted wrong labels
+"""The audit stage (stages/audit: label_issues.csv and duplicates.csv): on the real sample with planted wrong labels
 and planted re-encoded copies, the planted ones come out on top; and the pure core checked on arrays."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -12,10 +13,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from helpers import SAMPLE_IMAGES, evaluate_outputs, outputs_in, params_with, stage_environment
+from helpers import SAMPLE_IMAGES, outputs_in, params_with, run_audit
 from petpipe.data import image_index
 from petpipe.interpret import data_audit
-from petpipe.stages import evaluate, index_labels
+from petpipe.stages import index_labels
 
 PLANTED_LABELS = 12
 PLANTED_COPIES = 4
@@ -64,17 +65,14 @@ def noisy_sample(tmp_path_factory, trained) -> tuple[Path, Path, dict[str, str],
 
 @pytest.fixture(scope="module")
 def audited(noisy_sample, trained, tmp_path_factory):
+    """`petpipe audit` on the noisy sample, from train-head's model (the session's trained head)."""
     images, index, _, _ = noisy_sample
-    params = trained.params.model_copy(update={"evaluate": trained.params.evaluate.model_copy(update={"tta": False})})
-    outputs = evaluate_outputs(tmp_path_factory.mktemp("audited"))
-    inputs = evaluate.Inputs(images=images, index=index, finetune_model=trained.model, head_model=trained.model)
-    with stage_environment(trained.root):
-        summary = evaluate.run(params, inputs, outputs)
-    return summary, outputs, params, inputs
+    summary, outputs = run_audit(trained, tmp_path_factory.mktemp("audited"), index=index, images=images)
+    return summary, outputs, trained.params
 
 
 def test_planted_wrong_labels_rank_among_the_top_suspects(audited, noisy_sample):
-    summary, outputs, _, _ = audited
+    summary, outputs, _ = audited
     _, index_path, planted, _ = noisy_sample
     table = pd.read_csv(
         outputs.label_issues, dtype={"path": str, "label": str, "suggested": str}, keep_default_na=False
@@ -101,12 +99,12 @@ def test_planted_wrong_labels_rank_among_the_top_suspects(audited, noisy_sample)
 
 
 def test_reencoded_copies_are_found_as_duplicates_and_leaks_and_distinct_photos_are_not(audited, noisy_sample):
-    _, outputs, params, _ = audited
+    _, outputs, params = audited
     _, _, _, copies = noisy_sample
     pairs = pd.read_csv(outputs.duplicates, dtype={"path_a": str, "path_b": str}, keep_default_na=False)
     assert list(pairs.columns) == data_audit.DUPLICATE_COLUMNS
     assert pairs["similarity"].is_monotonic_decreasing
-    assert (pairs["similarity"] >= params.evaluate.audit.duplicate_similarity).all()
+    assert (pairs["similarity"] >= params.audit.duplicate_similarity).all()
     found = {frozenset(pair) for pair in zip(pairs["path_a"], pairs["path_b"])}
     assert {frozenset(pair) for pair in copies.items()} <= found  # every planted copy with its original
     assert found == {frozenset(pair) for pair in copies.items()}  # and no two distinct photos of the sample
@@ -117,19 +115,16 @@ def test_reencoded_copies_are_found_as_duplicates_and_leaks_and_distinct_photos_
     assert metrics["audit_test_leaks"] == 0  # no test split here
 
 
-def test_the_audit_off_changes_no_other_number_and_writes_header_only_tables(audited, trained, tmp_path):
-    _, outputs, params, inputs = audited
-    settings = params.evaluate.audit.model_copy(update={"enabled": False})
-    off = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"audit": settings})})
-    plain = evaluate_outputs(tmp_path)
-    with stage_environment(trained.root):
-        summary = evaluate.run(off, inputs, plain)
-    with_audit = json.loads(outputs.metrics.read_text())
-    without = json.loads(plain.metrics.read_text())
-    assert without == {key: value for key, value in with_audit.items() if not key.startswith("audit_")}
+def test_the_audit_off_reads_no_model_and_writes_header_only_tables(trained, tmp_path):
+    """audit.enabled false: the tables DVC expects, with their header row alone, and a report that says so;
+    train-head's model is not even read (a missing one is no error)."""
+    off = trained.params.model_copy(update={"audit": trained.params.audit.model_copy(update={"enabled": False})})
+    absent = dataclasses.replace(trained, model=tmp_path / "no-model.pt")
+    summary, plain = run_audit(absent, tmp_path / "off", params=off)
     assert plain.label_issues.read_text().strip() == ",".join(data_audit.LABEL_ISSUE_COLUMNS)
     assert plain.duplicates.read_text().strip() == ",".join(data_audit.DUPLICATE_COLUMNS)
-    assert "audit of" not in summary and "Off (evaluate.audit.enabled: false)" in plain.report.read_text()
+    assert json.loads(plain.metrics.read_text()) == {}
+    assert "audit: off" in summary and "Off (audit.enabled: false)" in plain.report.read_text()
 
 
 # ---------------------------------------------------------------- the pure core
@@ -179,13 +174,6 @@ def test_a_set_with_one_image_per_class_refuses_the_audit_with_what_to_do(traine
     index = image_index.load_index(trained.index).groupby("label").head(1).reset_index(drop=True)
     index["split"] = ["valid" if position % 4 == 0 else "train" for position in range(len(index))]
     index.to_csv(tmp_path / "index.csv", index=False)
-    params = trained.params.model_copy(update={"evaluate": trained.params.evaluate.model_copy(update={"tta": False})})
-    inputs = evaluate.Inputs(
-        images=SAMPLE_IMAGES, index=tmp_path / "index.csv", finetune_model=trained.model, head_model=trained.model
-    )
-    with (
-        pytest.raises(PetpipeError, match="at least 2 images.*evaluate.audit.enabled: false"),
-        stage_environment(trained.root),
-    ):
-        evaluate.run(params, inputs, evaluate_outputs(tmp_path / "out"))
-    assert not (tmp_path / "out" / "metrics.json").exists()
+    with pytest.raises(PetpipeError, match="at least 2 images.*audit.enabled: false"):
+        run_audit(trained, tmp_path / "out", index=tmp_path / "index.csv")
+    assert not (tmp_path / "out").exists()

@@ -228,7 +228,7 @@ def test_clean_relabels_and_excludes_and_index_labels_applies_it(project, server
     before = json.loads((project / "stages/index-labels/report.json").read_text())
     assert stale_stages(project) == {"index-labels"}
     result = run_command(["dvc", "repro", "index-labels"], project)
-    assert stale_stages(project) == {"train-head", "lr-find", "finetune", "evaluate"}
+    assert stale_stages(project) == {"train-head", "audit", "lr-find", "finetune", "evaluate"}
     assert "1 relabelled, 1 excluded by labels/corrections.csv" in result.stdout + result.stderr
     report = json.loads((project / "stages/index-labels/report.json").read_text())
     assert report["corrections"] == {"file": "labels/corrections.csv", "relabelled": 1, "excluded": 1, "ignored": []}
@@ -240,11 +240,11 @@ def test_clean_relabels_and_excludes_and_index_labels_applies_it(project, server
 def test_clean_leads_with_suspects_whose_suggestion_one_click_accepts_and_duplicates_excluded_either_side(
     project, server, page, screenshots
 ):
-    """Clean opens on the audit's Suspects (evaluate's label_issues.csv, most suspect first): one click accepts
+    """Clean opens on the audit's Suspects (the audit stage's label_issues.csv, most suspect first): one click accepts
     the suggested breed. Duplicates shows a pair side by side: one click excludes a side. Both reach the file."""
     corrections = project / "labels/corrections.csv"
     index = pd.read_csv(project / "stages/index-labels/index.csv", dtype=str, keep_default_na=False)
-    issues = pd.read_csv(project / "stages/evaluate/label_issues.csv", dtype=str, keep_default_na=False)
+    issues = pd.read_csv(project / "stages/audit/label_issues.csv", dtype=str, keep_default_na=False)
     labels = dict(zip(index["path"], index["label"]))
     page.goto(server + "/clean")
     expect(page.locator('nav.views a[aria-current="page"]')).to_have_text("Suspects")
@@ -260,11 +260,11 @@ def test_clean_leads_with_suspects_whose_suggestion_one_click_accepts_and_duplic
     save_screenshot(page, screenshots / "clean-suspects.png")
     assert f"{path},relabel,{suggested}\n" in corrections.read_text()
 
-    # A pair of a training and a validation photo, as evaluate writes it (the sample at 64 px has none at the
+    # A pair of a training and a validation photo, as the audit stage writes it (the sample at 64 px has none at the
     # default threshold: tests/test_audit.py checks that a planted copy is found; here the page is checked).
     train = next(p for p in index[index["split"] == "train"]["path"] if p != path)
     valid = next(p for p in index[index["split"] == "valid"]["path"] if p != path)
-    (project / "stages/evaluate/duplicates.csv").write_text(
+    (project / "stages/audit/duplicates.csv").write_text(
         f"path_a,path_b,split_a,split_b,similarity\n{train},{valid},train,valid,0.97\n"
     )
     page.goto(server + "/clean?view=duplicates")

@@ -118,8 +118,6 @@ def test_the_cli_refuses_a_correction_of_a_file_not_in_the_images_folder(sample_
             str(out / "classes.json"),
             "--report",
             str(out / "report.json"),
-            "--show-batch",
-            str(out / "b.png"),
             "--class-counts",
             str(out / "c.png"),
         ],

@@ -20,9 +20,9 @@ from helpers import copy_project, run_as_a_user
 
 FIRST, SECOND = "four-top-losses", "six-top-losses"
 FIGURES = [
-    "stages/index-labels/show_batch.png",
     "stages/index-labels/class_counts.png",
     "stages/train-head/training.png",
+    "stages/train-head/show_batch.png",
     "stages/lr-find/lr_find.png",
     "stages/finetune/training.png",
     "stages/evaluate/confusion.png",
@@ -77,7 +77,7 @@ def exp_show(project: Path) -> list[dict[str, str]]:
 
 def test_only_evaluate_reruns_for_an_evaluate_param(compared):
     assert "Running stage 'evaluate'" in compared.runs
-    for stage in ("fetch", "index-labels", "train-head", "lr-find", "finetune"):
+    for stage in ("fetch", "index-labels", "train-head", "audit", "lr-find", "finetune", "export"):
         assert f"Running stage '{stage}'" not in compared.runs, stage
 
 

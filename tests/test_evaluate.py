@@ -248,6 +248,25 @@ def test_the_finetune_checkpoint_is_the_default_choice(trained, tmp_path):
         evaluate.run(params, inputs, evaluate_outputs(tmp_path))
 
 
+def test_evaluate_needs_train_heads_model_only_to_evaluate_it(trained, tmp_path):
+    """The audit is a stage of its own: evaluating finetune's model needs no --head-model; evaluating train-head's
+    without one says which option to pass."""
+    head_params = trained.params.model_copy(
+        update={"evaluate": trained.params.evaluate.model_copy(update={"tta": False})}
+    )
+    finetune_params = head_params.model_copy(
+        update={"evaluate": head_params.evaluate.model_copy(update={"checkpoint": "finetune"})}
+    )
+    inputs = evaluate.Inputs(images=SAMPLE_IMAGES, index=trained.index, finetune_model=trained.model)
+    with stage_environment(trained.root):
+        summary = evaluate.run(finetune_params, inputs, evaluate_outputs(tmp_path / "finetune"))
+        assert summary.startswith("evaluate (finetune): ") and "audit" not in summary
+        with pytest.raises(PetpipeError, match="checkpoint is train-head: pass train-head's model.pt as --head-model"):
+            evaluate.run(head_params, inputs, evaluate_outputs(tmp_path / "head"))
+    assert not (tmp_path / "head").exists()
+    assert "label_issues" not in (tmp_path / "finetune" / "report.md").read_text()
+
+
 # ---------------------------------------------------------------- pure interpretation functions
 
 

@@ -36,8 +36,7 @@ def test_full_sample_is_labelled_split_and_reported(sample_images, tmp_path):
     assert sum(counts["valid"] for counts in report["per_class"].values()) == report["valid"]
     assert report["skipped"] == [] and report["unmatched"] == [] and report["leaks"] == []
     assert "370 images of 37 classes" in summary
-    for figure in (outputs.show_batch, outputs.class_counts):
-        assert figure.read_bytes()[:8] == PNG_MAGIC
+    assert outputs.class_counts.read_bytes()[:8] == PNG_MAGIC
 
 
 def test_split_of_existing_files_survives_added_files(sample_images, tmp_path):
@@ -230,14 +229,12 @@ def cli_arguments(params_file: Path, images: Path, out: Path) -> list[str]:
         str(out / "classes.json"),
         "--report",
         str(out / "report.json"),
-        "--show-batch",
-        str(out / "show_batch.png"),
         "--class-counts",
         str(out / "class_counts.png"),
     ]
 
 
-def test_cli_writes_all_five_outputs(sample_images, params_file, tmp_path):
+def test_cli_writes_all_four_outputs(sample_images, params_file, tmp_path):
     folder = tmp_path / "images"
     copy_subset(sample_images, folder, breeds=4, per_breed=5)
     out = tmp_path / "stages" / "index-labels"
@@ -251,9 +248,7 @@ def test_cli_writes_all_five_outputs(sample_images, params_file, tmp_path):
         "classes.json",
         "index.csv",
         "report.json",
-        "show_batch.png",
     ]
-    assert (out / "show_batch.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "class_counts.png").read_bytes()[:8] == PNG_MAGIC
     assert image_index.load_classes(out / "classes.json") == ["Abyssinian", "Bengal", "Birman", "Bombay"]
 

@@ -1,4 +1,4 @@
-"""End to end: the real `dvc repro` of all six stages on the sample photos, read back through DVC."""
+"""End to end: the real `dvc repro` of every stage on the sample photos, read back through DVC."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 
 import pandas as pd
 import pytest
+import yaml
 
 from helpers import STAGES, make_project, run_command
 
@@ -17,7 +18,7 @@ def project(pipeline_project):
     return pipeline_project.folder, pipeline_project.stdout, pipeline_project.stderr
 
 
-def test_dvc_repro_runs_all_six_stages(project):
+def test_dvc_repro_runs_every_stage(project):
     folder, log, _ = project
     for stage in STAGES:
         assert f"Running stage '{stage}'" in log
@@ -36,8 +37,10 @@ def test_index_labels_outputs(project):
     assert report["images"] == 370 and report["skipped"] == [] and report["unmatched"] == []
     assert (report["train"], report["valid"], report["test"]) == (222, 74, 74) and report["split"]["method"] == "random"
     assert report["imbalance"]["ratio"] == 1.0
-    for picture in ("show_batch.png", "class_counts.png"):
-        assert (folder / "stages/index-labels" / picture).read_bytes().startswith(b"\x89PNG")
+    assert (folder / "stages/index-labels/class_counts.png").read_bytes().startswith(b"\x89PNG")
+    # show_batch.png is train-head's: drawn through the augmentation it trains with.
+    assert not (folder / "stages/index-labels/show_batch.png").exists()
+    assert (folder / "stages/train-head/show_batch.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_training_stage_outputs(project):
@@ -97,6 +100,47 @@ def test_evaluate_reports_the_test_split_nothing_tuned_on(project):
     assert test_cache.stat().st_mtime > (folder / "stages/finetune/model.pt").stat().st_mtime
     shown = run_command(["dvc", "metrics", "show", "--json"], folder).stdout
     assert "test_accuracy" in shown and "test_balanced_accuracy" in shown
+
+
+def test_the_audit_stage_scores_every_indexed_image_from_train_heads_body(project):
+    """stages/audit: every image of the index (test included) once, with its label and a quality in [0, 1], most
+    suspect first; pairs above the threshold only; counts that match the tables. evaluate no longer audits."""
+    folder, _, _ = project
+    index = pd.read_csv(folder / "stages/index-labels/index.csv", dtype=str, keep_default_na=False)
+    issues = pd.read_csv(folder / "stages/audit/label_issues.csv", dtype={"path": str, "label": str})
+    assert sorted(issues["path"]) == sorted(index["path"])
+    assert issues.set_index("path").loc[index["path"], "label"].tolist() == index["label"].tolist()
+    assert issues["quality"].between(0, 1).all() and issues["quality"].is_monotonic_increasing
+    pairs = pd.read_csv(folder / "stages/audit/duplicates.csv")
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    assert (pairs["similarity"] >= params["audit"]["duplicate_similarity"]).all()
+    counts = json.loads((folder / "stages/audit/metrics.json").read_text())
+    assert counts["audit_images"] == len(index) and counts["audit_label_issues"] == int(issues["issue"].sum())
+    assert counts["audit_duplicate_pairs"] == len(pairs)
+    assert not [name for name in json.loads((folder / "stages/evaluate/metrics.json").read_text()) if "audit" in name]
+    assert not (folder / "stages/evaluate/label_issues.csv").exists()
+
+
+def test_the_export_stage_bundle_predicts_the_checkpoints_classes(project):
+    """stages/export/bundle (a DVC output): onnxruntime on it gives finetune's checkpoint's top class on every
+    test photo, and its probabilities to 1e-4."""
+    import numpy as np
+
+    from petpipe.inference.bundle import BundlePredictor
+    from petpipe.inference.predict import decode_pixels, load_predictor, pixel_batch
+
+    folder, _, _ = project
+    bundle = BundlePredictor(folder / "stages/export/bundle")
+    checkpoint = load_predictor(folder / "stages/finetune/model.pt", device="cpu")
+    assert bundle.classes == checkpoint.classes and bundle.presize == checkpoint.presize
+    index = pd.read_csv(folder / "stages/index-labels/index.csv", dtype=str, keep_default_na=False)
+    photos = [folder / "stages/fetch/images" / path for path in index.loc[index["split"] == "test", "path"]]
+    pixels = pixel_batch([decode_pixels(photo, bundle.presize) for photo in photos])  # (74, 3, P, P)
+    expected = checkpoint.probabilities(pixels)
+    found = bundle.probabilities(pixels)
+    assert (found.argmax(axis=1) == expected.argmax(axis=1)).all()
+    assert np.abs(found - expected).max() <= 1e-4
+    assert "stages/export/bundle" in (folder / "dvc.lock").read_text()  # DVC knows it: `dvc push` carries it
 
 
 def test_progress_a_person_can_follow(project):

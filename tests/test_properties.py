@@ -174,12 +174,9 @@ SPEC: dict[str, dict[str, list[Any]]] = {
     "evaluate.top_losses": POSITIVE_INT,
     "evaluate.min_count": POSITIVE_INT,
     "evaluate.tta": BOOL,
-    "evaluate.audit.enabled": BOOL,
-    "evaluate.audit.folds": {"wrong": ["5", 5.5, True, None, A_LIST], "out": [1, 0, -5, 51]},
-    "evaluate.audit.duplicate_similarity": {
-        "wrong": ["high", True, None, A_LIST],
-        "out": [0.0, -0.5, 1.01, 95, math.nan],
-    },
+    "audit.enabled": BOOL,
+    "audit.folds": {"wrong": ["5", 5.5, True, None, A_LIST], "out": [1, 0, -5, 51]},
+    "audit.duplicate_similarity": {"wrong": ["high", True, None, A_LIST], "out": [0.0, -0.5, 1.01, 95, math.nan]},
     "tracking.experiment": {"wrong": [1, None, A_LIST], "out": [""]},
     "tracking.registered_model": {"wrong": [1, True, A_LIST], "out": [""]},
     "tracking.log_models": {"wrong": ["finetune", None, 1, A_MAPPING], "out": [["evaluate"], ["fetch"], [1]]},
@@ -258,8 +255,8 @@ BOUNDS: dict[str, tuple[bool, float, bool, float | None, bool]] = {
     "finetune.lr_ratio": (False, 1, True, None, True),
     "evaluate.top_losses": (True, 1, True, None, True),
     "evaluate.min_count": (True, 1, True, None, True),
-    "evaluate.audit.folds": (True, 2, True, 50, True),
-    "evaluate.audit.duplicate_similarity": (False, 0, False, 1, True),
+    "audit.folds": (True, 2, True, 50, True),
+    "audit.duplicate_similarity": (False, 0, False, 1, True),
 }
 
 

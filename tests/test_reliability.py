@@ -75,7 +75,7 @@ SMALL_TRAINING = {
     "finetune.lr": 1e-3,
     "finetune.epochs": 2,
 }
-INDEX_OUTPUTS = ["index.csv", "classes.json", "report.json", "show_batch.png", "class_counts.png"]
+INDEX_OUTPUTS = ["index.csv", "classes.json", "report.json", "class_counts.png"]
 EVALUATE_OUTPUTS = [
     "metrics.json",
     "confusion.csv",
@@ -707,7 +707,7 @@ class SaltedPipeline:
 @pytest.fixture(scope="module")
 def salted_pipeline(tmp_path_factory, sample_images) -> SaltedPipeline:
     """The 370 sample photos plus every bad case, in a folder whose name has spaces and non-ASCII,
-    through the real `dvc repro` of all six stages."""
+    through the real `dvc repro` of every stage."""
     root = tmp_path_factory.mktemp("salted")
     photos = root / "pet photos – ünïcode"
     copy_sample(sample_images, photos)

@@ -30,7 +30,7 @@ from helpers import (
 from petpipe.data import image_index
 from petpipe.train.hardware import cpu_runs_bfloat16
 
-TRAINED = ("train-head", "lr-find", "finetune", "evaluate")
+TRAINED = ("train-head", "lr-find", "finetune", "evaluate")  # the stages that train or read a model's weights
 
 
 def test_editing_a_module_reruns_exactly_the_stages_that_run_it(pipeline_project, tmp_path):
@@ -39,8 +39,9 @@ def test_editing_a_module_reruns_exactly_the_stages_that_run_it(pipeline_project
     augment = project / "petpipe/data/augment.py"
     original = augment.read_text()
     augment.write_text(original + "\n# a change to the augmentation\n")
-    # index-labels draws show_batch.png through the augmentation; fetch runs none of it.
-    assert stale_stages(project) == {"index-labels", *TRAINED}
+    # Every stage that reads a model runs it (the audit and the export build their network's views); index-labels,
+    # which draws nothing through it since show_batch.png is train-head's, and fetch run none of it.
+    assert stale_stages(project) == {*TRAINED, "audit", "export"}
     augment.write_text(original)
     assert stale_stages(project) == set()
 
@@ -91,7 +92,7 @@ def test_a_setting_that_changes_no_output_reruns_nothing(pipeline_project, tmp_p
 def test_code_reruns_the_stages_whose_outputs_it_can_change_and_no_other(pipeline_project, tmp_path):
     """dvc.yaml's code deps are exact (petpipe dvc-yaml): rewording an error of petpipe/params.py (how
     params.yaml is read: DVC hashes the values themselves) or of the atomic writes reruns nothing; an edit to the
-    augmentation makes every stage that trains or draws through it stale, and not fetch."""
+    augmentation makes every stage that trains or draws through it stale, and neither fetch nor index-labels."""
     project = copy_project(pipeline_project.folder, tmp_path / "project")
     for plumbing, before, after in (
         ("params.py", "must be '<md5|sha1|sha256>:<hex digest>' or null", "is not '<algorithm>:<hex digest>' or null"),
@@ -105,7 +106,8 @@ def test_code_reruns_the_stages_whose_outputs_it_can_change_and_no_other(pipelin
     augment = project / "petpipe" / "data" / "augment.py"
     augment.write_text(augment.read_text().replace("def augment_batch(", "def augment_batch(  # edited\n", 1))
     stale = stale_stages(project)
-    assert {"train-head", "lr-find", "finetune", "evaluate"} <= stale and "fetch" not in stale
+    assert {"train-head", "audit", "lr-find", "finetune", "evaluate"} <= stale
+    assert not {"fetch", "index-labels"} & stale  # labelling runs no model code: show_batch.png is train-head's
 
 
 def test_a_fixed_finetune_lr_does_not_need_a_changed_sweep(pipeline_project, tmp_path):
@@ -131,7 +133,7 @@ def test_same_params_and_seed_give_byte_identical_outputs_in_a_fresh_project(pip
     float32 on the CPU at 64 px; the memory format is timed, and `served` runs with pipeline_project's caches,
     so both share the timed choice (levers.json). Where MLflow logs changes no byte of any output."""
     fresh = served.project
-    for stage in ("train-head", "finetune", "evaluate"):
+    for stage in ("train-head", "audit", "finetune", "evaluate"):
         assert (fresh / f"stages/{stage}/metrics.json").read_bytes() == (
             pipeline_project.folder / f"stages/{stage}/metrics.json"
         ).read_bytes(), stage
@@ -258,7 +260,7 @@ def test_queued_experiments_reuse_the_caches_at_the_project_root(pipeline_projec
     wait_for_the_queue(project)
     for name in experiments:
         log = run_as_a_user(["dvc", "queue", "logs", name], project).stdout
-        assert ran(log) == ["finetune", "evaluate"], log[-3000:]
+        assert ran(log) == ["finetune", "export", "evaluate"], log[-3000:]
         assert "decoding" not in log, f"{name} decoded images again:\n{log[-3000:]}"
     assert sorted(path.name for path in (project / ".petpipe/cache").iterdir()) == cache  # nothing new decoded
     assert not (project / ".petpipe/downloads").exists()  # a local source: nothing downloaded, ever
@@ -289,5 +291,5 @@ def test_queued_experiments_reuse_the_caches_at_the_project_root(pipeline_projec
         )
         if parent is not None:
             pipelines[parent.data.tags.get("dvc.exp_name")].append(run.data.tags["petpipe.stage"])
-    assert sorted(pipelines[name] for name in experiments) == [["evaluate", "finetune"]] * 2
+    assert sorted(pipelines[name] for name in experiments) == [["evaluate", "export", "finetune"]] * 2
     assert set(pipelines) == {None, *experiments}  # the baseline's run, and one pipeline run per experiment

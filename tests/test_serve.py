@@ -82,6 +82,7 @@ def settings_of(project: Path, **changes) -> ServeSettings:
             "index": project / "index.csv",
             "images": project / "images",
             "evaluate": project / "evaluate",
+            "audit": project / "audit",
             "corrections": project / "corrections.csv",
             "max_upload_bytes": 10 * 2**20,
             **changes,
@@ -276,17 +277,18 @@ def test_the_cli_refuses_a_missing_model_and_a_port_in_use_with_one_line(project
 
 def test_the_clean_page_leads_with_the_audits_suspects_and_duplicates(client, project):
     """Clean opens on Suspects (label_issues.csv, most suspect first, today's label, the suggestion one click
-    away); Duplicates shows each pair side by side with its leak; before evaluate's audit, a line says so."""
+    away); Duplicates shows each pair side by side with its leak; before the audit stage ran, a line says so."""
     assert "No audit yet" in client.get("/clean").text
-    evaluate = project / "evaluate"
-    (evaluate / "label_issues.csv").write_text(
+    audit = project / "audit"  # the audit stage's folder, not evaluate's
+    audit.mkdir()
+    (audit / "label_issues.csv").write_text(
         "path,split,label,suggested,quality,issue\n"
         "Bengal_107.jpg,train,Bengal,Abyssinian,0.02,True\n"
         "gone_1.jpg,train,Bengal,beagle,0.03,True\n"  # excluded since the audit ran: not shown
         "Abyssinian_12.jpg,train,Bengal,Abyssinian,0.10,False\n"  # relabelled back since: today's label shown
         "beagle_10.jpg,train,beagle,beagle,0.40,False\n"
     )
-    (evaluate / "duplicates.csv").write_text(
+    (audit / "duplicates.csv").write_text(
         "path_a,path_b,split_a,split_b,similarity\nAbyssinian_101.jpg,Abyssinian_12.jpg,valid,train,0.97\n"
     )
     try:
@@ -308,5 +310,5 @@ def test_the_clean_page_leads_with_the_audits_suspects_and_duplicates(client, pr
         assert "1 leak(s) across train and valid" in pairs.text
         assert client.get("/clean?view=nothing").status_code == 400
     finally:
-        (evaluate / "label_issues.csv").unlink()
-        (evaluate / "duplicates.csv").unlink()
+        (audit / "label_issues.csv").unlink()
+        (audit / "duplicates.csv").unlink()

@@ -10,9 +10,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from helpers import HEAD_TRAINING, SMALL, outputs_in, params_with, read_outputs, sample_by_breed, stage_environment
+from helpers import (
+    HEAD_TRAINING,
+    SMALL,
+    audit_outputs,
+    outputs_in,
+    params_with,
+    read_outputs,
+    sample_by_breed,
+    stage_environment,
+)
 from petpipe.errors import PetpipeError
-from petpipe.stages import evaluate, index_labels, train_head
+from petpipe.stages import audit, evaluate, index_labels, train_head
 
 # Two cats and two dogs that look unlike each other: four classes a small head tells apart on 24 photos.
 BREEDS = ("Abyssinian", "Bombay", "pug", "samoyed")
@@ -74,7 +83,7 @@ def test_train_val_test_folders_are_the_split_training_never_reads_test_and_eval
         {
             **HEAD_TRAINING,
             "evaluate.checkpoint": "train-head",
-            "evaluate.audit.folds": 2,
+            "audit.folds": 2,
             "train.memory_format": "contiguous",
             "train.threads": 2,
         }
@@ -102,8 +111,6 @@ def test_train_val_test_folders_are_the_split_training_never_reads_test_and_eval
         top_losses_table=folder / "top_losses.csv",
         most_confused=folder / "most_confused.csv",
         report=folder / "report.md",
-        label_issues=folder / "label_issues.csv",
-        duplicates=folder / "duplicates.csv",
         test_confusion=folder / "test_confusion.csv",
         test_confusion_plot=folder / "test_confusion.png",
         test_top_losses=folder / "test_top_losses.png",
@@ -126,11 +133,15 @@ def test_train_val_test_folders_are_the_split_training_never_reads_test_and_eval
     assert f"test (9 images, never tuned on): accuracy {metrics['test_accuracy']:.4f}" in evaluated
     report_md = outputs.report.read_text()
     assert "| metric | valid | test |" in report_md and "test_confusion.png" in report_md
-    # The audit covers the test photos, and names the copy as a test leak.
-    issues = pd.read_csv(outputs.label_issues)
+    # The audit stage covers the test photos, and names the copy as a test leak.
+    found = audit_outputs(tmp_path / "audit")
+    with stage_environment(tmp_path):
+        audit.run(params, audit.Inputs(images=images, index=tmp_path / "index/index.csv", checkpoint=head.model), found)
+    issues = pd.read_csv(found.label_issues)
     assert (issues["split"] == "test").sum() == 9
-    duplicates = pd.read_csv(outputs.duplicates)
-    assert metrics["audit_test_leaks"] >= 1 and "test" in set(duplicates["split_a"]) | set(duplicates["split_b"])
+    duplicates = pd.read_csv(found.duplicates)
+    assert json.loads(found.metrics.read_text())["audit_test_leaks"] >= 1
+    assert "test" in set(duplicates["split_a"]) | set(duplicates["split_b"])
 
 
 def test_half_made_layouts_are_decided_and_said(sample_images, tmp_path):

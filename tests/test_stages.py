@@ -63,7 +63,7 @@ def test_petpipe_dvc_yaml_writes_and_checks(tmp_path):
     out = tmp_path / "dvc.yaml"
     assert CliRunner().invoke(main, ["dvc-yaml", "--check", "--out", str(out)]).exit_code == 1
     written = CliRunner().invoke(main, ["dvc-yaml", "--out", str(out)])
-    assert written.exit_code == 0 and "written (6 stages)" in written.output
+    assert written.exit_code == 0 and f"written ({len(STAGES)} stages)" in written.output
     assert out.read_text() == dvc_yaml.render()
     checked = CliRunner().invoke(main, ["dvc-yaml", "--check", "--out", str(out)])
     assert checked.exit_code == 0 and "is what the stages declare" in checked.output

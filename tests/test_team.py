@@ -56,8 +56,8 @@ def test_repro_runs_each_stage_once_and_then_nothing(team):
     assert ran(team.second) == [] and "up to date" in team.second
 
 
-def test_a_finetune_param_reruns_only_finetune_and_evaluate_as_an_experiment(team):
-    assert ran(team.experiment) == ["finetune", "evaluate"]
+def test_a_finetune_param_reruns_only_finetune_export_and_evaluate_as_an_experiment(team):
+    assert ran(team.experiment) == ["finetune", "export", "evaluate"]
     shown = dvc_json(["dvc", "exp", "show", "--json"], team.project)
     baseline = next(row for row in shown if row.get("name") == "main")
     (experiment,) = [rev for exp in baseline["experiments"] for rev in exp["revs"] if rev["name"] == EXPERIMENT]
@@ -128,7 +128,7 @@ def test_embedded_mlflow_store_has_a_pipeline_run_per_repro_and_experiment(team)
         ]
         for parent in parents
     ]
-    assert stages == [STAGES, ["finetune", "evaluate"]]  # the second repro ran nothing, logged nothing
+    assert stages == [STAGES, ["finetune", "export", "evaluate"]]  # the second repro ran nothing, logged nothing
     assert "dvc.exp_name" not in parents[0].data.tags and parents[1].data.tags["dvc.exp_name"] == EXPERIMENT
     versions = client.search_model_versions("name='petpipe-classifier'")
     assert sorted(int(version.version) for version in versions) == [1, 2]

@@ -72,6 +72,23 @@ def test_train_head_learns_well_above_chance(head, trained_head):
     assert not list((trained_head.folder / ".petpipe/resume").glob("train-head-*.pt")), "resume file left after success"
 
 
+def test_train_head_draws_show_batch_as_the_tool_does_with_its_params(
+    head, trained_head, indexed_sample, sample_images, tmp_path
+):
+    """show_batch.png is train-head's (index-labels needs no torch): the training split through the augmentation
+    train-head trains with, the very picture `petpipe show-batch` draws from the same params.yaml."""
+    from click.testing import CliRunner
+
+    from petpipe.cli import main
+
+    assert head.show_batch.read_bytes().startswith(b"\x89PNG")
+    arguments = ["show-batch", "--params", str(trained_head.params_file), "--images", str(sample_images)]
+    arguments += ["--index", str(indexed_sample), "--split", "train", "--n", "9", "--out", str(tmp_path / "b.png")]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "b.png").read_bytes() == head.show_batch.read_bytes()
+
+
 def test_checkpoint_is_a_plain_dict_loadable_without_pickle(head):
     checkpoint = torch.load(head.model, map_location="cpu", weights_only=True)
     assert checkpoint["arch"] == "tf_efficientnet_lite0"

@@ -277,17 +277,25 @@ def test_dvc_repro_trains_on_exactly_the_good_photos_and_reruns_download_only_wh
         asked = len(server.requests)
         assert ran(run_command(["dvc", "repro", "train-head"], project).stdout) == []
         assert len(server.requests) == asked
-        assert stale_stages(project) == {"lr-find", "finetune", "evaluate"}  # never run
+        assert stale_stages(project) == {"audit", "lr-find", "finetune", "export", "evaluate"}  # never run
 
         # One line added: fetch reruns, and what follows it is stale; fetch asks for that URL alone (and again for
         # the failures: they are not cached).
         new = server.url(f"/photo/{a[4].name}")
         with (project / "urls" / f"{first}.txt").open("a") as file:
             file.write(new + "\n")
-        assert stale_stages(project) == {"fetch", "lr-find", "finetune", "evaluate"}
+        assert stale_stages(project) == {"fetch", "audit", "lr-find", "finetune", "export", "evaluate"}
         log = run_command(["dvc", "repro", "fetch"], project).stdout
         assert ran(log) == ["fetch"]
-        assert stale_stages(project) == {"index-labels", "train-head", "lr-find", "finetune", "evaluate"}
+        assert stale_stages(project) == {
+            "index-labels",
+            "train-head",
+            "audit",
+            "lr-find",
+            "finetune",
+            "export",
+            "evaluate",
+        }
         photo_requests = [
             path for path in server.requested(asked) if path.startswith(("/photo/", "/as-html/", "/copy/", "/flaky/"))
         ]

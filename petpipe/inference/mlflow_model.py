@@ -4,18 +4,15 @@ MLflow runs this file to load the model (`mlflow.pyfunc.load_model`, `mlflow mod
 petpipe/track/mlflow_runs.py and petpipe/track/registry.py it is one of the three modules that import mlflow. Input: a
 DataFrame with a column `image` (the file's bytes; base64 in a REST request) or `path`; output, per row: label,
 probability, the top-k labels and probabilities, and error (null, or why that row's image could not be read).
-`log_model`, at the end, packages it (signature, pip requirements) into the stage's run, with the
-checkpoint's ONNX bundle beside the checkpoint (artifacts/onnx/: `petpipe predict --model` runs it without
-torch).
+`log_model`, at the end, packages it (signature, pip requirements) into the stage's run; the export stage later
+puts the checkpoint's ONNX bundle beside the checkpoint (artifacts/onnx/: `petpipe predict --model` runs it
+without torch).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import logging
-import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,8 +23,6 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 from petpipe.interpret.metric_table import TOP_K
-
-log = logging.getLogger(__name__)
 
 BATCH = 32
 COLUMNS = ["label", "probability", "top_labels", "top_probabilities", "error"]
@@ -142,42 +137,22 @@ def log_model(
     checkpoint: Path, *, example: Path, registered_name: str | None = None, metadata: Mapping[str, Any] | None = None
 ) -> Any:
     """Log this file and `checkpoint` to the active MLflow run (petpipe/track/mlflow_runs.py opens it) as the model
-    `model`, registered under `registered_name`; `example`, a photo, is its input example. The checkpoint's
-    ONNX bundle (`petpipe export`) goes with it, as artifacts/onnx/ beside artifacts/model.pt: who downloads
-    the model can predict with numpy, Pillow and onnxruntime alone. Returns MLflow's ModelInfo (its
-    `model_id`: the LoggedModel that evaluate's metrics go to)."""
-    with tempfile.TemporaryDirectory(prefix="petpipe-onnx-") as scratch:
-        artifacts = {"checkpoint": str(checkpoint)}
-        if (bundle := onnx_bundle(checkpoint, Path(scratch) / "onnx")) is not None:
-            artifacts["onnx"] = str(bundle)
-        return mlflow.pyfunc.log_model(
-            name="model",
-            python_model=__file__,
-            artifacts=artifacts,
-            # petpipe's own code travels with the model, so that the weights meet the code that made them.
-            code_paths=[str(Path(__file__).parent)],
-            signature=model_signature(),
-            input_example=pd.DataFrame({"image": [Path(example).read_bytes()]}),
-            registered_model_name=registered_name,
-            metadata=dict(metadata or {}),
-            # Stated, not inferred: inference would re-import the model in a subprocess.
-            pip_requirements=requirements(),
-        )
-
-
-def onnx_bundle(checkpoint: Path, out: Path) -> Path | None:
-    """`checkpoint` exported as a bundle in `out`; None, after one warning, when it cannot be: the model is
-    then logged without it rather than not at all."""
-    from petpipe.inference.onnx_export import export_bundle
-
-    started = time.perf_counter()
-    try:
-        export_bundle(checkpoint, out)
-    except Exception as error:  # noqa: BLE001  (onnxscript missing, an operator ONNX lacks: log the rest)
-        log.warning("mlflow: the model is logged without its ONNX bundle (%s)", str(error).splitlines()[0])
-        return None
-    log.debug("exported the ONNX bundle in %.1f s", time.perf_counter() - started)
-    return out
+    `model`, registered under `registered_name`; `example`, a photo, is its input example. The export stage
+    attaches the checkpoint's ONNX bundle afterwards (StageRun.attach_bundle), as artifacts/onnx/. Returns MLflow's
+    ModelInfo (its `model_id`: the LoggedModel that evaluate's metrics go to)."""
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=__file__,
+        artifacts={"checkpoint": str(checkpoint)},
+        # petpipe's own code travels with the model, so that the weights meet the code that made them.
+        code_paths=[str(Path(__file__).parent)],
+        signature=model_signature(),
+        input_example=pd.DataFrame({"image": [Path(example).read_bytes()]}),
+        registered_model_name=registered_name,
+        metadata=dict(metadata or {}),
+        # Stated, not inferred: inference would re-import the model in a subprocess.
+        pip_requirements=requirements(),
+    )
 
 
 mlflow.models.set_model(PetpipeClassifier())

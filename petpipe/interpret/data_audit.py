@@ -195,7 +195,7 @@ def duplicates_table(rows: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
 
 
 def summary(issues: pd.DataFrame, duplicates: pd.DataFrame) -> dict[str, int]:
-    """evaluate's audit metrics: label issues (cleanlab's default threshold), duplicate pairs, leaks (pairs
+    """The audit stage's metrics: label issues (cleanlab's default threshold), duplicate pairs, leaks (pairs
     across splits), and test leaks: pairs with one photo in test, whose test numbers then score what trained."""
     across = duplicates["split_a"] != duplicates["split_b"] if len(duplicates) else pd.Series(dtype=bool)
     test = (duplicates["split_a"] == "test") | (duplicates["split_b"] == "test") if len(duplicates) else across

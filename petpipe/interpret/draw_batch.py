@@ -18,7 +18,7 @@ from petpipe.interpret.plots import plot_show_batch
 def show_batch_figure(index: pd.DataFrame, images: Path, *, split: str, count: int, views: Views, seed: int) -> Figure:
     """fastai's show_batch: `count` images of a split as the model sees them (`views`, before normalisation).
 
-    train: augmented like a training batch, drawn as index-labels' show_batch.png
+    train: augmented like a training batch, drawn as train-head's show_batch.png
     is; valid, test: the center crops evaluate and predict use.
     """
     rows = index[index["split"] == split].reset_index(drop=True)

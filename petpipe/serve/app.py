@@ -39,6 +39,7 @@ class ServeSettings:
     index: Path
     images: Path
     evaluate: Path
+    audit: Path  # the audit stage's folder: label_issues.csv and duplicates.csv (the Clean page's Suspects, Duplicates)
     corrections: Path
     max_upload_bytes: int
 

@@ -32,7 +32,7 @@ HEADLINE = {metric.name: metric.title for metric in metric_table.HEADLINE}
 SPLITS = ("valid", "train")
 CLEAN_COUNT = 12  # images per class and split on the Clean page by default (fastai's cleaner: up to 50)
 CLEAN_MAX = 100
-# The Clean page's views: evaluate's audit across all classes first, then fastai's cleaner by class.
+# The Clean page's views: the audit stage's findings across all classes first, then fastai's cleaner by class.
 VIEWS = ("suspects", "duplicates", "class")
 AUDIT_COUNT = 24  # suspects or duplicate pairs shown by default
 
@@ -111,7 +111,7 @@ async def clean_page(request: Request) -> Response:
         "pairs": [],
         "error": None,
         "corrections_path": service.settings.corrections,
-        "audit_folder": service.settings.evaluate,
+        "audit_folder": service.settings.audit,
         "audited": False,
     }
     if view not in VIEWS:
@@ -123,7 +123,7 @@ async def clean_page(request: Request) -> Response:
     except PetpipeError as error:
         context["error"] = str(error)
         return templates.TemplateResponse(request, "clean.html", context, status_code=409)
-    table = await run_in_threadpool(read_audit, service.settings.evaluate, view)
+    table = await run_in_threadpool(read_audit, service.settings.audit, view)
     context["decided"] = _decided(corrections)
     if table is None:
         return templates.TemplateResponse(request, "clean.html", context)
@@ -159,7 +159,7 @@ def _duplicates(table: pd.DataFrame, labels: dict[str, str], corrections: dict[s
 
 
 def read_audit(folder: Path, view: str) -> pd.DataFrame | None:
-    """evaluate's label_issues.csv (suspects) or duplicates.csv, in its order; None before the audit ran."""
+    """The audit stage's label_issues.csv (suspects) or duplicates.csv, in its order; None before the audit ran."""
     path = Path(folder) / ("label_issues.csv" if view == "suspects" else "duplicates.csv")
     if not path.is_file():
         return None

@@ -1,6 +1,5 @@
 """evaluate: interpret the model on the validation split (fastai's ClassificationInterpretation) and, beside it, on
-the test split that nothing tuned on (test_ metrics and plots); and audit the data: likely label errors and
-near-duplicates of every indexed image, test included (petpipe/interpret/data_audit.py).
+the test split that nothing tuned on (test_ metrics and plots).
 
     petpipe evaluate --images stages/fetch/images --index stages/index-labels/index.csv \\
         --finetune-model stages/finetune/model.pt --head-model stages/train-head/model.pt \\
@@ -9,7 +8,6 @@ near-duplicates of every indexed image, test included (petpipe/interpret/data_au
         --confusion-normalized-plot stages/evaluate/confusion_normalized.png \\
         --top-losses stages/evaluate/top_losses.png --top-losses-table stages/evaluate/top_losses.csv \\
         --most-confused stages/evaluate/most_confused.csv --report stages/evaluate/report.md \\
-        --label-issues stages/evaluate/label_issues.csv --duplicates stages/evaluate/duplicates.csv \\
         --test-confusion stages/evaluate/test_confusion.csv --test-confusion-plot stages/evaluate/test_confusion.png \\
         --test-top-losses stages/evaluate/test_top_losses.png \\
         --test-top-losses-table stages/evaluate/test_top_losses.csv
@@ -18,7 +16,6 @@ near-duplicates of every indexed image, test included (petpipe/interpret/data_au
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,14 +27,14 @@ import torch
 from petpipe.data.dataset import Dataset, ImageSet
 from petpipe.data.views import Views
 from petpipe.errors import PetpipeError
-from petpipe.interpret import data_audit, interpretation, metric_table, plots
+from petpipe.interpret import interpretation, metric_table, plots
 from petpipe.model.backbones import Classifier
-from petpipe.model.checkpoint import Checkpoint, load_checkpoint
+from petpipe.model.checkpoint import load_checkpoint
 from petpipe.params import EvaluateParams, Params
 from petpipe.pipeline import path_option, stage_path
 from petpipe.runner import Context, Stage
 from petpipe.train.compute import one_process
-from petpipe.train.fit_loop import batch_indices, predict, with_features
+from petpipe.train.fit_loop import batch_indices, predict
 from petpipe.train.hardware import autocast, to_device
 from petpipe.utils import timing
 from petpipe.utils.file_formats import save_figure, write_csv, write_json, write_text
@@ -59,7 +56,12 @@ class Inputs:
     images: Path = path_option("fetch's images folder.", at=stage_path("fetch", "images"))
     index: Path = path_option("index-labels' index.csv.", at=stage_path("index-labels", "index.csv"))
     finetune_model: Path = path_option("finetune's model.pt.", at=stage_path("finetune", "model.pt"))
-    head_model: Path = path_option("train-head's model.pt.", at=stage_path("train-head", "model.pt"))
+    head_model: Path | None = path_option(
+        "train-head's model.pt: read when evaluate.checkpoint is train-head.",
+        optional=True,
+        at=stage_path("train-head", "model.pt"),
+        note="read only with evaluate.checkpoint train-head; DVC cannot make a dependency conditional",
+    )
 
 
 @dataclass(frozen=True)
@@ -96,18 +98,6 @@ class Outputs:
         plot={"template": "bar_horizontal_sorted", "x": "f1", "y": "class", "title": "F1 per class"},
         note='precision, recall, F1, support per class; the F1 bar chart is the top-level "F1 per class"',
     )
-    label_issues: Path | None = path_option(
-        "label_issues.csv to write (the data audit: every image's label quality and suggested class, most "
-        "suspect first); not written when omitted.",
-        optional=True,
-        file="label_issues.csv",
-        note="the data audit: every image's label quality and suggested class; near-duplicate pairs and leaks",
-    )
-    duplicates: Path | None = path_option(
-        "duplicates.csv to write (the data audit: near-duplicate pairs, most similar first); not written when omitted.",
-        optional=True,
-        file="duplicates.csv",
-    )
     # The test split's own tables and plots; with no test split, the tables hold their header row and the
     # plots say so (DVC expects every declared output).
     test_confusion: Path | None = path_option(
@@ -140,22 +130,11 @@ class Interpretation:
     top_positions: np.ndarray  # where those images are in the validation split
 
 
-@dataclass(frozen=True)
-class DataAudit:
-    """The audit's two tables (label_issues.csv, duplicates.csv) and its counts for metrics.json."""
-
-    label_issues: pd.DataFrame
-    duplicates: pd.DataFrame
-    counts: dict[str, int]
-    similarity: float  # the duplicate threshold
-    seconds: float
-
-
 @STAGE.runs
 def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     params, runtime = context.params, context.runtime
     which = params.evaluate.checkpoint
-    checkpoint_path = inputs.finetune_model if which == "finetune" else inputs.head_model
+    checkpoint_path = _checkpoint_path(which, inputs)
     checkpoint = load_checkpoint(checkpoint_path)
     data = context.dataset(inputs, checkpoint.spec, training=False, with_test=True)
     _refuse_no_validation(data, inputs)
@@ -166,11 +145,6 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
         log_probabilities, data.valid, data.rows("valid"), classes=data.classes, settings=params.evaluate
     )
     tested = _score_test(model, data, views=views, params=params, metrics=metrics)
-    audited = None
-    if params.evaluate.audit.enabled and (outputs.label_issues is not None or outputs.duplicates is not None):
-        head = checkpoint if which == "train-head" else load_checkpoint(inputs.head_model)
-        audited = audit_data(head, data, inputs=inputs, context=context)
-        metrics.update(audited.counts)
     # Draw every figure before writing anything, so a plotting failure leaves no new outputs.
     figures = _figures(found, tested, data, views=views, outputs=outputs)
     context.log.log_params({"checkpoint_path": str(checkpoint_path)})
@@ -181,7 +155,6 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     if outputs.per_class is not None:  # not in metrics.json: 4 x 37 columns in `dvc exp show`
         actual, predicted = data.valid.targets.cpu().numpy(), log_probabilities.argmax(axis=1)
         write_csv(outputs.per_class, interpretation.per_class_metrics(actual, predicted, data.classes).reset_index())
-    write_audit(audited, outputs)
     for figure_path, figure in figures.items():
         save_figure(figure_path, figure)
     write_text(
@@ -191,15 +164,12 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
             found.most_confused,
             outputs=outputs,
             checkpoint_path=checkpoint_path,
-            audited=audited,
             test_confused=tested.most_confused if tested else None,
         ),
     )
     write_json(outputs.metrics, metrics)
-    champion = _log(
-        context, metrics, audited=audited, outputs=outputs, checkpoint_path=checkpoint_path, index=inputs.index
-    )
-    summary = _summary(which, metrics, tta=params.evaluate.tta, tested=tested is not None, audited=audited)
+    champion = _log(context, metrics, outputs=outputs, checkpoint_path=checkpoint_path, index=inputs.index)
+    summary = _summary(which, metrics, tta=params.evaluate.tta, tested=tested is not None)
     return summary + f" -> {outputs.metrics}" + (f"\n{champion}" if champion else "")
 
 
@@ -234,6 +204,15 @@ def _figures(
     return figures
 
 
+def _checkpoint_path(which: str, inputs: Inputs) -> Path:
+    """The checkpoint evaluate.checkpoint names: finetune's, or train-head's (which --head-model must then give)."""
+    if which == "finetune":
+        return inputs.finetune_model
+    if inputs.head_model is None:
+        raise PetpipeError("evaluate.checkpoint is train-head: pass train-head's model.pt as --head-model")
+    return inputs.head_model
+
+
 def _refuse_no_validation(data: Dataset, inputs: Inputs) -> None:
     if len(data.valid) == 0:
         raise PetpipeError(
@@ -243,26 +222,18 @@ def _refuse_no_validation(data: Dataset, inputs: Inputs) -> None:
 
 
 def _log(
-    context: Context,
-    metrics: dict[str, Any],
-    *,
-    audited: DataAudit | None,
-    outputs: Outputs,
-    checkpoint_path: Path,
-    index: Path,
+    context: Context, metrics: dict[str, Any], *, outputs: Outputs, checkpoint_path: Path, index: Path
 ) -> str | None:
     """metrics.json's numbers and the outputs to MLflow; the same numbers on the MLflow model that holds these
     weights (valid and test, each with its dataset) and the champion alias (tracking.promote), elected on
     valid's numbers alone. Returns the line saying what the alias did, if anything."""
     numbers = {name: float(value) for name, value in metrics.items() if isinstance(value, float)}
     context.log.log_metrics(numbers)
-    if audited is not None:  # the time only in MLflow and the summary: metrics.json stays reproducible
-        context.log.log_metrics({**audited.counts, "audit_seconds": audited.seconds})
     context.log.log_artifacts(_output_paths(outputs))
     return context.log.log_evaluation(checkpoint_path, numbers, index=index)
 
 
-def _summary(which: str, metrics: dict[str, Any], *, tta: bool, tested: bool, audited: DataAudit | None) -> str:
+def _summary(which: str, metrics: dict[str, Any], *, tta: bool, tested: bool) -> str:
     """evaluate's summary line, but where metrics.json went."""
     summary = (
         f"evaluate ({which}): {metrics['images']} valid images, accuracy {metrics['accuracy']:.4f}, "
@@ -277,73 +248,7 @@ def _summary(which: str, metrics: dict[str, Any], *, tta: bool, tested: bool, au
             f"{metrics[TEST + 'accuracy']:.4f}, balanced {metrics[TEST + 'balanced_accuracy']:.4f}, "
             f"loss {metrics[TEST + 'loss']:.4f}"
         )
-    if audited is not None:
-        counts = audited.counts
-        summary += (
-            f"; audit of {counts['audit_images']} images in {audited.seconds:.1f} s: "
-            f"{counts['audit_label_issues']} likely label issues, {counts['audit_duplicate_pairs']} "
-            f"duplicate pairs ({counts['audit_leaks']} across splits, {counts['audit_test_leaks']} of them "
-            "test leaks)"
-        )
     return summary
-
-
-@timing.timed("audit")
-def audit_data(head: Checkpoint, data: Dataset, *, inputs: Inputs, context: Context) -> DataAudit:
-    """Every indexed image (train, valid, then test) through train-head's frozen body at its evaluation view (features
-    no label has touched), then petpipe/interpret/data_audit.py: k-fold heads and cleanlab, and near-duplicate pairs."""
-    started = time.perf_counter()
-    params, runtime = context.params, context.runtime
-    if head.spec.presize != data.valid.pixels.shape[-1] or list(head.spec.classes) != list(data.classes):
-        data = context.dataset(inputs, head.spec, training=False, with_test=True)  # another size
-    body = to_device(head.model(), runtime.device).eval()
-    views = Views.of(head.spec, params.train.augment)
-    sets = {"train": data.train, "valid": data.valid, **({"test": data.test} if data.test is not None else {})}
-    features = np.concatenate(
-        [
-            with_features(body, images, batch_size=params.train.batch_size, views=views, precision="float32")
-            .features[0]
-            .cpu()
-            .numpy()
-            for images in sets.values()
-        ]
-    )  # (N, 2C)
-    rows = pd.concat([data.rows(split) for split in sets], ignore_index=True)
-    labels = torch.cat([images.targets for images in sets.values()]).cpu().numpy()
-    if np.bincount(labels).max() < 2:
-        raise PetpipeError(
-            f"the data audit needs a class with at least 2 images and every class of {inputs.index} "
-            "has one; add photos or set evaluate.audit.enabled: false"
-        )
-    settings = params.evaluate.audit
-    probabilities = data_audit.out_of_sample_probabilities(
-        features, labels, num_classes=len(data.classes), folds=settings.folds, seed=params.train.seed
-    )
-    issues = data_audit.label_issues_table(rows, data_audit.label_audit(probabilities, labels), list(data.classes))
-    duplicates = data_audit.duplicates_table(
-        rows, data_audit.near_duplicates(features, threshold=settings.duplicate_similarity)
-    )
-    return DataAudit(
-        issues,
-        duplicates,
-        data_audit.summary(issues, duplicates),
-        settings.duplicate_similarity,
-        time.perf_counter() - started,
-    )
-
-
-def write_audit(audited: DataAudit | None, outputs: Outputs) -> None:
-    """The audit's tables; with the audit off, their header row alone (DVC expects every declared output)."""
-    tables = (
-        (
-            outputs.label_issues,
-            audited.label_issues if audited else pd.DataFrame(columns=data_audit.LABEL_ISSUE_COLUMNS),
-        ),
-        (outputs.duplicates, audited.duplicates if audited else pd.DataFrame(columns=data_audit.DUPLICATE_COLUMNS)),
-    )
-    for path, table in tables:
-        if path is not None:
-            write_csv(path, table)
 
 
 @timing.timed("predict")
@@ -506,14 +411,12 @@ def render_report(
     *,
     outputs: Outputs,
     checkpoint_path: Path,
-    audited: DataAudit | None = None,
     test_confused: pd.DataFrame | None = None,
 ) -> str:
     """report.md: one page with the headline numbers of valid and test side by side, the most confused pairs
     and every plot."""
     lines = _report_numbers(metrics, checkpoint_path)
     lines += _report_confused({"valid": confused, "test": test_confused})
-    lines += render_audit(audited, outputs)
     lines += _report_links(outputs, test=TEST + "accuracy" in metrics)
     return "\n".join(lines) + "\n"
 
@@ -601,54 +504,9 @@ def _report_links(outputs: Outputs, *, test: bool) -> list[str]:
         (outputs.top_losses_table, "top_losses.csv: the images above, as a table"),
         (outputs.test_confusion, "test_confusion.csv: actual and predicted class of every test image"),
         (outputs.test_top_losses_table, "test_top_losses.csv: the test split's top losses, as a table"),
-        (
-            outputs.label_issues,
-            "label_issues.csv: every image's label quality and suggested class, most suspect first (the data audit)",
-        ),
-        (outputs.duplicates, "duplicates.csv: near-duplicate pairs, most similar first (the data audit)"),
     ]
     return lines + [
         f"- [{Path(path).name}]({_link(path, outputs.report)}): {text.split(': ', 1)[1]}"
         for path, text in tables
         if path is not None
     ]
-
-
-REPORT_SUSPECTS = 10
-
-
-def render_audit(audited: DataAudit | None, outputs: Outputs) -> list[str]:
-    """report.md's data audit: the counts, the most suspect labels and the leaks."""
-    if outputs.label_issues is None and outputs.duplicates is None:
-        return []
-    lines = ["", "## Data audit", ""]
-    if audited is None:
-        return lines + ["Off (evaluate.audit.enabled: false)."]
-    counts, issues, duplicates = audited.counts, audited.label_issues, audited.duplicates
-    lines += [
-        f"Every indexed image ({counts['audit_images']}, every split) scored by k-fold heads on "
-        "train-head's frozen body features (out-of-sample probabilities, ranked by cleanlab):",
-        "",
-        f"- {counts['audit_label_issues']} likely label issues (cleanlab's find_label_issues); "
-        "`petpipe serve`'s Clean page shows them first, each with its suggested class",
-        f"- {counts['audit_duplicate_pairs']} near-duplicate pairs at similarity >= "
-        f"{audited.similarity:g}, of which {counts['audit_leaks']} across splits "
-        "(leaks: the same photo scored in validation or test after training on it)",
-        "",
-        f"Most suspect labels (top {REPORT_SUSPECTS}):",
-        "",
-        "| path | split | label | suggested | quality |",
-        "|---|---|---|---|---:|",
-    ]
-    lines += [
-        f"| {row.path} | {row.split} | {row.label} | {row.suggested} | {row.quality:.3f} |"
-        for row in issues.head(REPORT_SUSPECTS).itertuples()
-    ]
-    leaks = duplicates[duplicates["split_a"] != duplicates["split_b"]]
-    if len(leaks):
-        lines += ["", f"Leaks (top {REPORT_SUSPECTS}):", "", "| path a | path b | similarity |", "|---|---|---:|"]
-        lines += [
-            f"| {row.path_a} | {row.path_b} | {row.similarity:.3f} |"
-            for row in leaks.head(REPORT_SUSPECTS).itertuples()
-        ]
-    return lines

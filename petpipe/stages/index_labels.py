@@ -1,9 +1,9 @@
-"""index-labels: label every image, apply corrections, split train/valid/test once, report unusable files, draw a batch.
+"""index-labels: label every image, apply corrections, split train/valid/test once, report unusable files.
 
     petpipe index-labels --images stages/fetch/images --corrections labels/corrections.csv \\
         --index stages/index-labels/index.csv \\
         --classes stages/index-labels/classes.json --report stages/index-labels/report.json \\
-        --show-batch stages/index-labels/show_batch.png --class-counts stages/index-labels/class_counts.png
+        --class-counts stages/index-labels/class_counts.png
 """
 
 from __future__ import annotations
@@ -26,13 +26,8 @@ from petpipe.utils.file_formats import save_figure, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
-# fastai's show_batch shows nine images by default.
-SHOW_BATCH_SIZE = 9
-
-
-STAGE = Stage(
-    "index-labels", params=("labels", "split", "model.img_size", "model.presize_ratio", "train.seed", "train.augment")
-)
+# No model params: index-labels imports no torch and no model code (train-head draws show_batch.png).
+STAGE = Stage("index-labels", params=("labels", "split"))
 
 
 @dataclass(frozen=True)
@@ -58,20 +53,6 @@ class Outputs:
         note="Figures are image plots (`dvc plots show/diff` put each revision's side by side); plots are cached "
         "outputs like outs (cache: true is DVC's default), so `dvc push/pull` carry them.",
     )
-    # Drawn through the training augmentation, the one part of index-labels that needs torch.
-    show_batch: Path | None = path_option(
-        "show_batch.png to write; not drawn when omitted.", optional=True, file="show_batch.png", kind="plots"
-    )
-
-
-def _show_batch(index: pd.DataFrame, folder: Path, params: Params) -> Any:
-    """fastai's show_batch of the training split, augmented as train-head will augment it. Imported here:
-    labelling, splitting and reporting need no torch, so index-labels without --show-batch loads none."""
-    from petpipe.data.views import Views
-    from petpipe.interpret.draw_batch import show_batch_figure
-
-    views = Views.for_display(params.model, params.train.augment)
-    return show_batch_figure(index, folder, split="train", count=SHOW_BATCH_SIZE, views=views, seed=params.train.seed)
 
 
 @dataclass(frozen=True)
@@ -98,18 +79,14 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     for warning in found.warnings:
         log.warning("warning: %s", warning)
 
-    # Draw both figures before writing anything, so a plotting failure leaves no new outputs.
-    show_batch = _show_batch(found.index, folder, params) if outputs.show_batch is not None else None
+    # Draw the figure before writing anything, so a plotting failure leaves no new outputs.
     class_counts = plot_class_counts(found.counts)
     write_csv(outputs.index, found.index)
     write_json(outputs.classes, {"classes": image_index.class_names(found.index)})
     write_json(outputs.report, _report(found))
-    if show_batch is not None:
-        save_figure(outputs.show_batch, show_batch)
     save_figure(outputs.class_counts, class_counts)
     context.log.log_metrics(_metrics(found))
-    written = [outputs.report, outputs.classes, outputs.index, outputs.show_batch, outputs.class_counts]
-    context.log.log_artifacts([path for path in written if path is not None])
+    context.log.log_artifacts([outputs.report, outputs.classes, outputs.index, outputs.class_counts])
     return _summary(found, inputs.corrections) + f" -> {outputs.index}"
 
 

@@ -2,7 +2,8 @@
 
     petpipe train-head --images stages/fetch/images --index stages/index-labels/index.csv \\
         --model stages/train-head/model.pt --metrics stages/train-head/metrics.json \\
-        --history stages/train-head/history.csv --plot stages/train-head/training.png
+        --history stages/train-head/history.csv --plot stages/train-head/training.png \\
+        --show-batch stages/train-head/show_batch.png
 """
 
 from __future__ import annotations
@@ -10,16 +11,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
+from petpipe.data.image_index import load_index
+from petpipe.data.views import Views
+from petpipe.interpret.draw_batch import show_batch_figure
 from petpipe.model.backbones import build_model, check_architecture, freeze_body, head_fixes_bn_stats
 from petpipe.model.spec import ModelSpec
-from petpipe.params import output_keys
+from petpipe.params import Params, output_keys
 from petpipe.pipeline import path_option, stage_path
 from petpipe.runner import Context, Stage
 from petpipe.train.compute import every_rank
 from petpipe.train.fit_loop import Phase
 from petpipe.train.learner import Learner, TrainedOutputs
+from petpipe.utils.file_formats import save_figure
 
 STAGE = Stage("train-head", params=("model", *output_keys("train"), "train_head"), compute=every_rank)
+# fastai's show_batch shows nine images by default.
+SHOW_BATCH_SIZE = 9
 
 
 @dataclass(frozen=True)
@@ -28,7 +37,15 @@ class Inputs:
     index: Path = path_option("index-labels' index.csv.", at=stage_path("index-labels", "index.csv"))
 
 
-Outputs = TrainedOutputs
+@dataclass(frozen=True)
+class Outputs(TrainedOutputs):
+    show_batch: Path | None = path_option(
+        "show_batch.png to write (fastai's show_batch: training images as train-head augments them); not drawn "
+        "when omitted.",
+        optional=True,
+        file="show_batch.png",
+        kind="plots",
+    )
 
 
 @STAGE.runs
@@ -52,4 +69,17 @@ def run(context: Context, inputs: Inputs, outputs: Outputs) -> str:
     learner = Learner(context, model, spec, data, used=params.select(STAGE.params), index=inputs.index)
     learner.fit(phase)
     learner.save(outputs, title=f"train-head: {spec.arch}, body frozen")
+    if outputs.show_batch is not None and context.is_main:  # after training: it draws from generators of its own
+        save_figure(outputs.show_batch, show_batch(inputs, params))
+        context.log.log_artifacts([outputs.show_batch])
     return learner.summary()
+
+
+def show_batch(inputs: Inputs, params: Params) -> Figure:
+    """fastai's show_batch of the training split, augmented as train-head augments it (params.train.augment),
+    before normalisation; the same images for the same train.seed."""
+    views = Views.for_display(params.model, params.train.augment)
+    index = load_index(inputs.index)
+    return show_batch_figure(
+        index, inputs.images, split="train", count=SHOW_BATCH_SIZE, views=views, seed=params.train.seed
+    )

@@ -31,6 +31,8 @@ PARENT_TAG = "mlflow.parentRunId"
 # MLflow 3's kind of experiment: without it `mlflow ui` opens the experiment on the GenAI traces overview.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 OFF_VALUES = ("off", "0", "false", "no")
+# Where export's ONNX bundle goes in the logged model: beside artifacts/model.pt.
+BUNDLE_IN_MODEL = "artifacts/onnx"
 
 # MLflow retries an unreachable server for about four minutes by default; a stage should lose
 # seconds, not minutes, to a dead server. Set only where the user has not chosen.
@@ -324,6 +326,20 @@ class StageRun:
         self._best_effort(
             send, "model", "the model" + (f" (registered name {registered_name})" if registered_name else "")
         )
+
+    def attach_bundle(self, checkpoint: Path, bundle: Path) -> None:
+        """export's ONNX bundle into the MLflow model that holds `checkpoint` (tracking.log_models logged it), as
+        artifacts/onnx/ beside artifacts/model.pt: who downloads the model can predict with numpy, Pillow and
+        onnxruntime alone. Nothing when no logged model holds these weights."""
+
+        def send() -> None:
+            from petpipe.track import registry
+
+            model_id = registry.logged_model_of(self._client, self._experiment, checkpoint)
+            if model_id is not None:
+                self._client.log_model_artifacts(model_id, str(bundle), artifact_path=BUNDLE_IN_MODEL)
+
+        self._best_effort(send, "model", "its ONNX bundle")
 
     def log_evaluation(self, checkpoint: Path, metrics: Mapping[str, float], *, index: Path) -> str | None:
         """evaluate's metrics on the LoggedModel that holds `checkpoint` (logged by finetune), the index as
