@@ -41,23 +41,6 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-# `make test` runs the suite on two workers (pytest-xdist, --dist loadgroup). A session fixture is built once per
-# worker, so the tests that share an expensive one go to one worker: the reproduced pipeline in one group, the
-# trained sample model in another; the rest spread freely.
-SHARED_FIXTURES = {
-    "pipeline": {"pipeline_project", "served"},
-    "trained": {"trained_head", "trained", "evaluated", "bundle"},
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        for group, fixtures in SHARED_FIXTURES.items():
-            if fixtures & set(item.fixturenames):
-                item.add_marker(pytest.mark.xdist_group(group))
-                break
-
-
 @pytest.fixture(scope="session")
 def sample_images() -> Path:
     """The 370 Oxford-IIIT Pet photos (10 per breed) that CI has beside the checkout."""
