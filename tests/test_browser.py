@@ -208,7 +208,8 @@ def test_clean_relabels_and_excludes_and_index_labels_applies_it(project, server
     page.goto(server + f"/clean?split=valid&label={breed}")
     candidates = page.locator("article.candidate")
     expect(candidates).to_have_count(int(sizes[breed]), timeout=60_000)  # losses computed on first visit
-    assert candidates.first.locator("img").evaluate("image => image.complete && image.naturalWidth") > 0
+    # decode() waits for the photo as a person would, and rejects if it never loads
+    assert candidates.first.locator("img").evaluate("image => image.decode().then(() => image.naturalWidth)") > 0
     relabelled, excluded = [candidates.nth(i).get_attribute("data-path") for i in (0, 1)]
 
     candidates.nth(0).locator("select").select_option(f"relabel:{other}")

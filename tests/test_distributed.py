@@ -31,6 +31,7 @@ def test_two_process_train_head_writes_once_and_matches_single_process(
         "history.csv",
         "metrics.json",
         "model.pt",
+        "show_batch.png",  # drawn by rank 0 alone, after training
         "training.png",
     ]
     assert ddp.stdout.count("train-head: 3 epochs") == 1, "only rank 0 reports"
