@@ -140,16 +140,24 @@ def copy_subset(sample_images: Path, folder: Path, *, breeds: int, per_breed: in
 SMALL = {"model.img_size": 32}  # a tiny image size for the stages that read one
 
 
+def stage_outputs(stage: str, folder: Path, *, without: tuple[str, ...] = ()) -> Any:
+    """A stage's Outputs in `folder`, each under the file name its declaration gives it (dvc.yaml's), but the
+    optional ones named in `without` (not written)."""
+    from petpipe import stages
+
+    module = stages.load(stage)
+    return module.Outputs(
+        **{
+            field.name: folder / field.metadata["file"]
+            for field in dataclasses.fields(module.Outputs)
+            if field.metadata.get("file") and field.name not in without
+        }
+    )
+
+
 def outputs_in(folder: Path) -> Any:
     """index-labels' four outputs in `folder`, under the names dvc.yaml gives them."""
-    from petpipe.stages.index_labels import Outputs
-
-    return Outputs(
-        index=folder / "index.csv",
-        classes=folder / "classes.json",
-        report=folder / "report.json",
-        class_counts=folder / "class_counts.png",
-    )
+    return stage_outputs("index-labels", folder)
 
 
 def read_outputs(outputs: Any) -> tuple[Any, list[str], dict]:
@@ -192,15 +200,7 @@ def train_head_command(params_file: Path, images: Path, index: Path, out: Path) 
 
 def train_head_outputs(folder: Path) -> Any:
     """train-head's outputs in `folder`, under the names train_head_command gives them."""
-    from petpipe.stages import train_head
-
-    return train_head.Outputs(
-        model=folder / "model.pt",
-        metrics=folder / "metrics.json",
-        history=folder / "history.csv",
-        plot=folder / "training.png",
-        show_batch=folder / "show_batch.png",
-    )
+    return stage_outputs("train-head", folder)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,19 +249,11 @@ def valid_rows(sample: TrainedSample) -> Any:
 
 
 def evaluate_outputs(folder: Path) -> Any:
-    """evaluate's outputs in `folder`."""
-    from petpipe.stages import evaluate
-
-    return evaluate.Outputs(
-        metrics=folder / "metrics.json",
-        confusion=folder / "confusion.csv",
-        confusion_plot=folder / "confusion.png",
-        confusion_normalized_plot=folder / "confusion_normalized.png",
-        top_losses=folder / "top_losses.png",
-        top_losses_table=folder / "top_losses.csv",
-        most_confused=folder / "most_confused.csv",
-        report=folder / "report.md",
-        per_class=folder / "per_class.csv",
+    """evaluate's outputs in `folder`, the test split's left out."""
+    return stage_outputs(
+        "evaluate",
+        folder,
+        without=("test_confusion", "test_confusion_plot", "test_top_losses", "test_top_losses_table"),
     )
 
 
@@ -282,14 +274,7 @@ def run_evaluate(
 
 def audit_outputs(folder: Path) -> Any:
     """The audit stage's outputs in `folder`, under the names dvc.yaml gives them."""
-    from petpipe.stages import audit
-
-    return audit.Outputs(
-        label_issues=folder / "label_issues.csv",
-        duplicates=folder / "duplicates.csv",
-        metrics=folder / "metrics.json",
-        report=folder / "report.md",
-    )
+    return stage_outputs("audit", folder)
 
 
 def run_audit(
