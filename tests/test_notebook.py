@@ -14,7 +14,7 @@ import nbformat
 import pytest
 
 import petpipe
-from helpers import PIPELINE_SMALL, PROJECT_ROOT, SAMPLE_IMAGES, as_a_user, copy_project
+from helpers import PIPELINE_THREE_WAY, PROJECT_ROOT, SAMPLE_IMAGES, as_a_user, copy_project
 
 NOTEBOOK = PROJECT_ROOT / "docs" / "tutorial.ipynb"
 CHAMPION = "models:/petpipe-classifier@champion"
@@ -37,6 +37,11 @@ def images_shown(notebook) -> int:
     )
 
 
+def outputs_written(project) -> dict[str, int]:
+    """When each stage output was last written (ns)."""
+    return {str(path): path.stat().st_mtime_ns for path in (project / "stages").rglob("*") if path.is_file()}
+
+
 @pytest.mark.slow
 def test_the_tutorial_notebook_runs_on_the_sample_and_the_champion_predicts_as_the_cli(
     pipeline_project, tmp_path, monkeypatch
@@ -46,8 +51,9 @@ def test_the_tutorial_notebook_runs_on_the_sample_and_the_champion_predicts_as_t
     assert images_shown(committed) >= 8, "the committed notebook carries the figures of a real run"
     notebook = with_parameters(
         nbformat.read(NOTEBOOK, as_version=4),
-        {"PHOTOS": str(SAMPLE_IMAGES), "PROJECT": str(project), "SETTINGS": PIPELINE_SMALL},
+        {"PHOTOS": str(SAMPLE_IMAGES), "PROJECT": str(project), "SETTINGS": PIPELINE_THREE_WAY},
     )
+    written = outputs_written(project)
     environment = as_a_user()  # as a person runs it: MLflow on to the project's store, caches at its root
     for name in set(os.environ) - set(environment):
         monkeypatch.delenv(name)
@@ -59,7 +65,9 @@ def test_the_tutorial_notebook_runs_on_the_sample_and_the_champion_predicts_as_t
         notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
     ).execute()
 
-    # Nothing was trained again: the notebook's params.yaml is the session pipeline's, every stage cached.
+    # Nothing was trained again: the notebook's params.yaml is the session pipeline's, every stage cached, so its
+    # `dvc repro` cells rewrote no output (they would all run again on params that differ in one value).
+    assert outputs_written(project) == written
     status = subprocess.run(
         ["dvc", "status", "--json"], cwd=project, env=environment, capture_output=True, text=True, check=True
     )
