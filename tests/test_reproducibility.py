@@ -246,21 +246,24 @@ def wait_for_the_queue(project: Path, timeout: float = 900) -> None:
 
 
 def test_queued_experiments_reuse_the_caches_at_the_project_root(pipeline_project, tmp_path):
-    """The baseline is the session's `dvc repro` (tracked, caches at its root), copied."""
+    """The baseline is the session's `dvc repro` (tracked, caches at its root), copied. Two queued experiments:
+    one retrains (finetune.lr: finetune, export and evaluate run; test_team runs another lr in the foreground),
+    one only scores again (evaluate.top_losses); each reads the pixels the baseline decoded."""
     project = copy_project(pipeline_project.folder, tmp_path / "project")
     assert "decoding" in pipeline_project.stderr and (project / ".petpipe/cache").is_dir()
     run_as_a_user(["git", "add", "-A"], project)
     run_as_a_user(["git", "commit", "-q", "-m", "baseline"], project)
     cache = sorted(path.name for path in (project / ".petpipe/cache").iterdir())
 
-    experiments = {"lr-high": "0.003", "lr-low": "0.0003"}
-    for name, lr in experiments.items():
-        run_as_a_user(["dvc", "exp", "run", "--queue", "-S", f"finetune.lr={lr}", "-n", name], project)
+    experiments = {"lr-low": ("finetune", "lr", 0.0003), "four-top-losses": ("evaluate", "top_losses", 4)}
+    reran = {"lr-low": ["finetune", "export", "evaluate"], "four-top-losses": ["evaluate"]}
+    for name, (section, key, value) in experiments.items():
+        run_as_a_user(["dvc", "exp", "run", "--queue", "-S", f"{section}.{key}={value}", "-n", name], project)
     run_as_a_user(["dvc", "queue", "start", "-j", "1"], project)
     wait_for_the_queue(project)
     for name in experiments:
         log = run_as_a_user(["dvc", "queue", "logs", name], project).stdout
-        assert ran(log) == ["finetune", "export", "evaluate"], log[-3000:]
+        assert ran(log) == reran[name], log[-3000:]
         assert "decoding" not in log, f"{name} decoded images again:\n{log[-3000:]}"
     assert sorted(path.name for path in (project / ".petpipe/cache").iterdir()) == cache  # nothing new decoded
     assert not (project / ".petpipe/downloads").exists()  # a local source: nothing downloaded, ever
@@ -268,8 +271,8 @@ def test_queued_experiments_reuse_the_caches_at_the_project_root(pipeline_projec
     shown = json.loads(run_as_a_user(["dvc", "exp", "show", "--json"], project).stdout)
     revs = {rev["name"]: rev for row in shown for exp in row.get("experiments") or [] for rev in exp["revs"]}
     assert set(experiments) <= set(revs)
-    for name, lr in experiments.items():
-        assert revs[name]["data"]["params"]["params.yaml"]["data"]["finetune"]["lr"] == float(lr)
+    for name, (section, key, value) in experiments.items():
+        assert revs[name]["data"]["params"]["params.yaml"]["data"][section][key] == value
         assert 0 <= revs[name]["data"]["metrics"]["stages/evaluate/metrics.json"]["data"]["accuracy"] <= 1
 
     run_as_a_user(["dvc", "exp", "apply", "lr-low"], project)
@@ -291,5 +294,5 @@ def test_queued_experiments_reuse_the_caches_at_the_project_root(pipeline_projec
         )
         if parent is not None:
             pipelines[parent.data.tags.get("dvc.exp_name")].append(run.data.tags["petpipe.stage"])
-    assert sorted(pipelines[name] for name in experiments) == [["evaluate", "export", "finetune"]] * 2
+    assert {name: sorted(pipelines[name]) for name in experiments} == {name: sorted(reran[name]) for name in reran}
     assert set(pipelines) == {None, *experiments}  # the baseline's run, and one pipeline run per experiment
