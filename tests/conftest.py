@@ -18,6 +18,7 @@ from helpers import (
     SAMPLE_IMAGES,
     ReproducedProject,
     Served,
+    ServerKilled,
     TrainedHead,
     TrainedSample,
     as_a_user,
@@ -31,6 +32,7 @@ from helpers import (
     run_evaluate,
     train_head_command,
     train_head_outputs,
+    wait_until_stage_ended,
     write_params,
 )
 from petpipe.params import parse_params, with_overrides
@@ -134,11 +136,10 @@ def bundle(trained, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def served(pipeline_project, tmp_path_factory, sample_images) -> Iterator[Served]:
-    """The sample pipeline in a fresh project of its own, `dvc repro` against a real `mlflow server` kept up for
-    the session: tests/test_tracking.py reads the runs back, and test_reproducibility compares its outputs with
-    pipeline_project's byte for byte (the same params and seed in a fresh project). It runs with the machine's
-    caches, the session pipeline's, so both use the same timed levers."""
+def served(tmp_path_factory, sample_images) -> Iterator[Served]:
+    """The session pipeline's params and photos in a fresh project of its own, `dvc repro` against a real
+    `mlflow server` kept up for the session: tests/test_tracking.py reads the runs back. Independent of
+    pipeline_project (its own caches), so that `make test`'s workers build the two side by side."""
     from mlflow.tracking import MlflowClient
 
     from petpipe.track import identity, mlflow_runs
@@ -146,9 +147,7 @@ def served(pipeline_project, tmp_path_factory, sample_images) -> Iterator[Served
     folder = tmp_path_factory.mktemp("served")
     with mlflow_server(folder / "server") as server:
         project = make_project(folder / "project", {**PIPELINE_THREE_WAY, "data.source": str(sample_images)})
-        environment = as_a_user(
-            MLFLOW_TRACKING_URI=server.url, PETPIPE_CACHE_DIR=str(pipeline_project.folder / ".petpipe/cache")
-        )
+        environment = as_a_user(MLFLOW_TRACKING_URI=server.url, PETPIPE_CACHE_DIR=str(folder / "cache"))
         result = subprocess.run(
             ["dvc", "repro"], cwd=project, env=environment, capture_output=True, text=True, timeout=1200
         )
@@ -160,7 +159,36 @@ def served(pipeline_project, tmp_path_factory, sample_images) -> Iterator[Served
         parents = [run for run in runs if mlflow_runs.PARENT_TAG not in run.data.tags]
         assert len(parents) == 1, [run.info.run_name for run in parents]
         children = {run.data.tags[identity.STAGE_TAG]: run for run in runs if run not in parents}
-        yield Served(project, server, output, client, parents[0], children)
+        yield Served(project, folder / "cache", server, output, client, parents[0], children)
+
+
+@pytest.fixture(scope="session")
+def server_killed(served, tmp_path_factory, sample_images) -> ServerKilled:
+    """`served`'s pipeline again in a fresh project, with served's caches (so the same timed levers), tracked to
+    a server of its own that is killed once index-labels is logged. test_tracking checks that each later stage
+    warns once and finishes, test_reproducibility that every output is byte for byte served's."""
+    from mlflow.tracking import MlflowClient
+
+    folder = tmp_path_factory.mktemp("server-killed")
+    project = make_project(folder / "project", {**PIPELINE_THREE_WAY, "data.source": str(sample_images)})
+    environment = as_a_user(
+        MLFLOW_TRACKING_URI="", PETPIPE_CACHE_DIR=str(served.cache), MLFLOW_HTTP_REQUEST_MAX_RETRIES="0"
+    )
+    log_path = folder / "repro.log"
+    with mlflow_server(folder / "server") as server:
+        environment["MLFLOW_TRACKING_URI"] = server.url
+        with open(log_path, "w") as log_file:
+            repro = subprocess.Popen(
+                ["dvc", "repro"], cwd=project, stdout=log_file, stderr=subprocess.STDOUT, text=True, env=environment
+            )
+        try:
+            wait_until_stage_ended(MlflowClient(tracking_uri=server.url), "index-labels", repro, log_path, timeout=600)
+            server.kill()
+            returncode = repro.wait(timeout=1200)
+        finally:
+            if repro.poll() is None:
+                repro.kill()
+    return ServerKilled(project, server.url, returncode, log_path.read_text())
 
 
 @pytest.fixture(scope="session")

@@ -514,11 +514,59 @@ class Served:
     """The sample pipeline reproduced against a real tracking server (conftest's `served`)."""
 
     project: Path
+    cache: Path  # its PETPIPE_CACHE_DIR: the pixels it decoded and the levers it timed
     server: Server
     output: str  # dvc repro's stdout and stderr
     client: Any  # MlflowClient of the server
     parent: Any
     runs: dict[str, Any]  # stage -> its nested run
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerKilled:
+    """The same pipeline, its tracking server killed once index-labels was logged (conftest's `server_killed`)."""
+
+    project: Path
+    server_url: str
+    returncode: int
+    output: str  # dvc repro's stdout and stderr
+
+
+def wait_until_stage_ended(client: Any, stage: str, repro: subprocess.Popen, log_path: Path, *, timeout: float) -> None:
+    """Wait until `stage` has made its last MLflow call: StageRun.end ends the stage's run, then its
+    pipeline run. So: the stage's run is FINISHED and the pipeline run's end time is at or after the
+    stage run's (the pipeline run's earlier end time, from the stage before, comes before this stage
+    even started; a later stage setting it RUNNING again keeps the end time)."""
+    from petpipe.track import identity, mlflow_runs
+
+    deadline = time.monotonic() + timeout
+    state = "no run yet"
+    while time.monotonic() < deadline:
+        assert repro.poll() is None, (
+            f"the pipeline ended before the server could be killed ({stage}: {state})\n" + log_path.read_text()[-3000:]
+        )
+        experiment = client.get_experiment_by_name("petpipe")
+        query = f"tags.`{identity.STAGE_TAG}` = '{stage}'"
+        runs = client.search_runs([experiment.experiment_id], filter_string=query) if experiment is not None else []
+        if runs:
+            run = runs[0]
+            parent = client.get_run(run.data.tags[mlflow_runs.PARENT_TAG])
+            state = (
+                f"stage run {run.info.status}, ended {run.info.end_time}; "
+                f"pipeline run {parent.info.status}, ended {parent.info.end_time}"
+            )
+            if (
+                run.info.status == "FINISHED"
+                and run.info.end_time is not None
+                and parent.info.end_time is not None
+                and parent.info.end_time >= run.info.end_time
+            ):
+                return
+        time.sleep(0.2)
+    raise AssertionError(
+        f"stage {stage} did not end its MLflow runs on the server within {timeout} s ({state})\n"
+        + log_path.read_text()[-3000:]
+    )
 
 
 @contextlib.contextmanager

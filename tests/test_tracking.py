@@ -20,18 +20,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from helpers import (
-    PIPELINE_SMALL,
-    PROJECT_ROOT,
-    QUIET_MLFLOW,
-    SAMPLE_IMAGES,
-    STAGES,
-    Served,
-    copy_subset,
-    free_port,
-    make_project,
-    mlflow_server,
-)
+from helpers import PROJECT_ROOT, QUIET_MLFLOW, SAMPLE_IMAGES, STAGES, Served, free_port
 from petpipe.track import identity, mlflow_runs
 
 VENV_BIN = Path(sys.executable).parent
@@ -353,43 +342,18 @@ def _wait_for_url(url: str, process: subprocess.Popen, log_path: Path, *, timeou
     raise AssertionError(f"{url} not up after {timeout} s:\n{log_path.read_text()[-3000:]}")
 
 
-def test_server_killed_mid_pipeline_costs_no_output(tmp_path, sample_images, monkeypatch):
-    """Kill the server once index-labels is logged: the four later stages each warn once and still finish.
-    Four breeds at 32 px: what is under test is the logging, not the model."""
-    from mlflow.tracking import MlflowClient
-
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    copy_subset(sample_images, tmp_path / "photos", breeds=4, per_breed=10)
-    with mlflow_server(tmp_path / "server") as server:
-        project = make_project(
-            tmp_path / "project",
-            {**PIPELINE_SMALL, "data.source": str(tmp_path / "photos"), "model.img_size": 32, "train.batch_size": 8},
-        )
-        log_path = tmp_path / "repro.log"
-        with open(log_path, "w") as log_file:
-            repro = subprocess.Popen(
-                ["dvc", "repro"],
-                cwd=project,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                text=True,
-                env=pipeline_env(MLFLOW_TRACKING_URI=server.url),
-            )
-        try:
-            _wait_until_stage_ended(MlflowClient(tracking_uri=server.url), "index-labels", repro, log_path, timeout=600)
-            server.kill()
-            returncode = repro.wait(timeout=1200)
-        finally:
-            if repro.poll() is None:
-                repro.kill()
-    output = log_path.read_text()
-    assert returncode == 0, output[-6000:]
+def test_server_killed_mid_pipeline_costs_no_output(server_killed):
+    """The server killed once index-labels is logged (conftest's `server_killed`): the later stages each warn
+    once and still finish; test_reproducibility checks that their outputs are byte for byte `served`'s."""
+    output = server_killed.output
+    assert server_killed.returncode == 0, output[-6000:]
     warnings = [line for line in output.splitlines() if line.startswith("mlflow: ")]
     for stage in STAGES:
         mine = [line for line in warnings if f"not logged for stage {stage}:" in line]
         assert len(mine) == (0 if stage in ("fetch", "index-labels") else 1), (stage, mine)
-    assert all(server.url in line and "unreachable" in line for line in warnings), warnings
+    assert all(server_killed.server_url in line and "unreachable" in line for line in warnings), warnings
     assert "Traceback" not in output
+    project = server_killed.project
     assert (
         "up to date"
         in subprocess.run(["dvc", "status"], cwd=project, env=pipeline_env(), capture_output=True, text=True).stdout
@@ -397,43 +361,6 @@ def test_server_killed_mid_pipeline_costs_no_output(tmp_path, sample_images, mon
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     outputs = [out["path"] for stage in lock["stages"].values() for out in stage.get("outs", [])]
     assert len(outputs) >= 20 and all((project / path).exists() for path in outputs)
-
-
-def _wait_until_stage_ended(
-    client: Any, stage: str, repro: subprocess.Popen, log_path: Path, *, timeout: float
-) -> None:
-    """Wait until `stage` has made its last MLflow call: StageRun.end ends the stage's run, then its
-    pipeline run. So: the stage's run is FINISHED and the pipeline run's end time is at or after the
-    stage run's (the pipeline run's earlier end time, from the stage before, comes before this stage
-    even started; a later stage setting it RUNNING again keeps the end time)."""
-    deadline = time.monotonic() + timeout
-    state = "no run yet"
-    while time.monotonic() < deadline:
-        assert repro.poll() is None, (
-            f"the pipeline ended before the server could be killed ({stage}: {state})\n" + log_path.read_text()[-3000:]
-        )
-        experiment = client.get_experiment_by_name("petpipe")
-        query = f"tags.`{identity.STAGE_TAG}` = '{stage}'"
-        runs = client.search_runs([experiment.experiment_id], filter_string=query) if experiment is not None else []
-        if runs:
-            run = runs[0]
-            parent = client.get_run(run.data.tags[mlflow_runs.PARENT_TAG])
-            state = (
-                f"stage run {run.info.status}, ended {run.info.end_time}; "
-                f"pipeline run {parent.info.status}, ended {parent.info.end_time}"
-            )
-            if (
-                run.info.status == "FINISHED"
-                and run.info.end_time is not None
-                and parent.info.end_time is not None
-                and parent.info.end_time >= run.info.end_time
-            ):
-                return
-        time.sleep(0.2)
-    raise AssertionError(
-        f"stage {stage} did not end its MLflow runs on the server within {timeout} s ({state})\n"
-        + log_path.read_text()[-3000:]
-    )
 
 
 # ---------------------------------------------------------------- in-process, no pipeline
