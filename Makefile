@@ -20,7 +20,7 @@ pipeline: install
 	PATH="$(abspath $(BIN)):$$PATH" dvc repro
 
 test: install lint
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -n auto --dist loadgroup
 
 test-fast: install lint
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q -m fast

@@ -4,6 +4,7 @@ tests/helpers.py."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -41,6 +42,30 @@ from petpipe.params import parse_params, with_overrides
 # process it starts inherits that: Ctrl-C tests would then test nothing. Each child starts with the default.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+# `make test` runs the suite on every core (pytest-xdist, --dist loadgroup). A worker builds a session or module
+# fixture for itself, so the tests that share an expensive one form one work unit: each reproduced pipeline
+# (pipeline_project and served, independent so that two workers build them side by side), the trained sample
+# model, and otherwise the test's module (its module fixtures). xdist hands out the largest units first. tryfirst:
+# xdist reads the marks in its own pytest_collection_modifyitems, which would otherwise run before this one.
+SHARED_FIXTURES = {"pipeline": "pipeline_project", "served": "served", "trained": "trained_head"}
+
+
+def pytest_configure(config):
+    """On several workers, OpenMP waits passively. By default a thread that waits for the others spins, and two
+    processes that train side by side on two cores then slow each other sixfold (40 steps of EfficientNet-Lite0
+    at 64 px: 10 s alone, 66 s each side by side, 17 s each with passive waiting). The workers, and every process
+    they start, inherit it; it must be set before torch loads OpenMP, and the workers start after this hook."""
+    if getattr(config.option, "numprocesses", None):
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = next((name for name, fixture in SHARED_FIXTURES.items() if fixture in item.fixturenames), None)
+        item.add_marker(pytest.mark.xdist_group(group or item.nodeid.split("::")[0]))
 
 
 @pytest.fixture(scope="session")
