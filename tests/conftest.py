@@ -16,13 +16,16 @@ from helpers import (
     EVALUATE_THE_HEAD,
     HEAD_TRAINING,
     PIPELINE_THREE_WAY,
+    QUEUED,
     SAMPLE_IMAGES,
+    Experimented,
     ReproducedProject,
     Served,
     ServerKilled,
     TrainedHead,
     TrainedSample,
     as_a_user,
+    copy_project,
     default_params,
     make_project,
     mlflow_server,
@@ -33,6 +36,7 @@ from helpers import (
     run_evaluate,
     train_head_command,
     train_head_outputs,
+    wait_for_the_queue,
     wait_until_stage_ended,
     write_params,
 )
@@ -228,3 +232,21 @@ def pipeline_project(tmp_path_factory, sample_images) -> ReproducedProject:
     )
     result = run_as_a_user(["dvc", "repro"], folder)
     return ReproducedProject(folder, result.stdout, result.stderr)
+
+
+@pytest.fixture(scope="session")
+def experimented(pipeline_project, tmp_path_factory) -> Experimented:
+    """A team's evening on the sample: a copy of the session's `dvc repro` (tracked to its embedded store, caches at
+    its root) committed as the baseline, `dvc repro` again (nothing to do), then helpers.QUEUED put in DVC's queue
+    and run by one worker. test_team compares and shares them; test_reproducibility checks they reused the caches."""
+    project = copy_project(pipeline_project.folder, tmp_path_factory.mktemp("experimented") / "project")
+    run_as_a_user(["git", "add", "-A"], project)
+    run_as_a_user(["git", "commit", "-q", "-m", "baseline results"], project)
+    second = run_as_a_user(["dvc", "repro"], project)
+    cache = sorted(path.name for path in (project / ".petpipe/cache").iterdir())
+    for name, (section, key, value) in QUEUED.items():
+        run_as_a_user(["dvc", "exp", "run", "--queue", "-S", f"{section}.{key}={value}", "-n", name], project)
+    run_as_a_user(["dvc", "queue", "start", "-j", "1"], project)
+    wait_for_the_queue(project)
+    logs = {name: run_as_a_user(["dvc", "queue", "logs", name], project).stdout for name in QUEUED}
+    return Experimented(project, second.stdout + second.stderr, cache, logs)

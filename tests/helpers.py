@@ -416,6 +416,17 @@ def _move_store(store: Path, source: Path, target: Path) -> None:
                     )
 
 
+def wait_for_the_queue(project: Path, timeout: float = 900) -> None:
+    """Until DVC's queue has nothing queued or running."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = run_as_a_user(["dvc", "queue", "status"], project).stdout
+        if not any(word in status for word in ("Queued", "Running")):
+            return
+        assert time.monotonic() < deadline, status
+        time.sleep(5)  # each look is a dvc process: seconds of CPU the experiments need
+
+
 def stale_stages(project: Path) -> set[str]:
     """The stages `dvc status` says must run again."""
     status = json.loads(run_command(["dvc", "status", "--json"], project).stdout or "{}")
@@ -425,6 +436,22 @@ def stale_stages(project: Path) -> set[str]:
 def ran(log: str) -> list[str]:
     """The stages a `dvc repro` / `dvc exp run` log says it ran, in order."""
     return [line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage '")]
+
+
+# The experiments queued on the session pipeline's copy (conftest's `experimented`): one retrains, one only scores
+# again; name -> (section, key, value) and the stages each reruns.
+QUEUED = {"lr-low": ("finetune", "lr", 0.0003), "four-top-losses": ("evaluate", "top_losses", 4)}
+RERAN = {"lr-low": ["finetune", "export", "evaluate"], "four-top-losses": ["evaluate"]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Experimented:
+    """A copy of the reproduced pipeline committed as a baseline, `dvc repro` again, then QUEUED run by the queue."""
+
+    project: Path
+    second: str  # the second `dvc repro`'s output: nothing to run
+    cache: list[str]  # the pixel caches at the project root before the queue ran
+    logs: dict[str, str]  # `dvc queue logs <name>` for each queued experiment
 
 
 @dataclasses.dataclass(frozen=True)

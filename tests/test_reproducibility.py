@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,8 @@ import yaml
 
 from helpers import (
     PIPELINE_SMALL,
+    QUEUED,
+    RERAN,
     copy_project,
     make_project,
     params_with,
@@ -268,37 +269,16 @@ def test_deterministic_algorithms_are_one_switch(indexed_sample, sample_images, 
 # ---------------------------------------------------------------- queued experiments share the caches
 
 
-def wait_for_the_queue(project: Path, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = run_as_a_user(["dvc", "queue", "status"], project).stdout
-        if not any(word in status for word in ("Queued", "Running")):
-            return
-        assert time.monotonic() < deadline, status
-        time.sleep(2)
-
-
-def test_queued_experiments_reuse_the_caches_at_the_project_root(pipeline_project, tmp_path):
-    """The baseline is the session's `dvc repro` (tracked, caches at its root), copied. Two queued experiments:
-    one retrains (finetune.lr: finetune, export and evaluate run; test_team runs another lr in the foreground),
-    one only scores again (evaluate.top_losses); each reads the pixels the baseline decoded."""
-    project = copy_project(pipeline_project.folder, tmp_path / "project")
-    assert "decoding" in pipeline_project.stderr and (project / ".petpipe/cache").is_dir()
-    run_as_a_user(["git", "add", "-A"], project)
-    run_as_a_user(["git", "commit", "-q", "-m", "baseline"], project)
-    cache = sorted(path.name for path in (project / ".petpipe/cache").iterdir())
-
-    experiments = {"lr-low": ("finetune", "lr", 0.0003), "four-top-losses": ("evaluate", "top_losses", 4)}
-    reran = {"lr-low": ["finetune", "export", "evaluate"], "four-top-losses": ["evaluate"]}
-    for name, (section, key, value) in experiments.items():
-        run_as_a_user(["dvc", "exp", "run", "--queue", "-S", f"{section}.{key}={value}", "-n", name], project)
-    run_as_a_user(["dvc", "queue", "start", "-j", "1"], project)
-    wait_for_the_queue(project)
-    for name in experiments:
-        log = run_as_a_user(["dvc", "queue", "logs", name], project).stdout
-        assert ran(log) == reran[name], log[-3000:]
+def test_queued_experiments_reuse_the_caches_at_the_project_root(pipeline_project, experimented, tmp_path):
+    """conftest's `experimented`: on a copy of the session's `dvc repro` (tracked, caches at its root), one
+    queued experiment retrains (finetune.lr: finetune, export and evaluate run) and one only scores again
+    (evaluate.top_losses); each reads the pixels the baseline decoded."""
+    project, experiments = experimented.project, QUEUED
+    assert "decoding" in pipeline_project.stderr and experimented.cache
+    for name, log in experimented.logs.items():
+        assert ran(log) == RERAN[name], log[-3000:]
         assert "decoding" not in log, f"{name} decoded images again:\n{log[-3000:]}"
-    assert sorted(path.name for path in (project / ".petpipe/cache").iterdir()) == cache  # nothing new decoded
+    assert sorted(path.name for path in (project / ".petpipe/cache").iterdir()) == experimented.cache  # none new
     assert not (project / ".petpipe/downloads").exists()  # a local source: nothing downloaded, ever
 
     shown = json.loads(run_as_a_user(["dvc", "exp", "show", "--json"], project).stdout)
@@ -308,9 +288,10 @@ def test_queued_experiments_reuse_the_caches_at_the_project_root(pipeline_projec
         assert revs[name]["data"]["params"]["params.yaml"]["data"][section][key] == value
         assert 0 <= revs[name]["data"]["metrics"]["stages/evaluate/metrics.json"]["data"]["accuracy"] <= 1
 
-    run_as_a_user(["dvc", "exp", "apply", "lr-low"], project)
-    assert "lr: 0.0003" in (project / "params.yaml").read_text()
-    applied = json.loads((project / "stages/evaluate/metrics.json").read_text())
+    applied_to = copy_project(project, tmp_path / "applied")  # the session's project stays the baseline
+    run_as_a_user(["dvc", "exp", "apply", "lr-low"], applied_to)
+    assert "lr: 0.0003" in (applied_to / "params.yaml").read_text()
+    applied = json.loads((applied_to / "stages/evaluate/metrics.json").read_text())
     assert applied["accuracy"] == revs["lr-low"]["data"]["metrics"]["stages/evaluate/metrics.json"]["data"]["accuracy"]
 
     from mlflow.tracking import MlflowClient
@@ -327,5 +308,5 @@ def test_queued_experiments_reuse_the_caches_at_the_project_root(pipeline_projec
         )
         if parent is not None:
             pipelines[parent.data.tags.get("dvc.exp_name")].append(run.data.tags["petpipe.stage"])
-    assert {name: sorted(pipelines[name]) for name in experiments} == {name: sorted(reran[name]) for name in reran}
+    assert {name: sorted(pipelines[name]) for name in experiments} == {name: sorted(RERAN[name]) for name in RERAN}
     assert set(pipelines) == {None, *experiments}  # the baseline's run, and one pipeline run per experiment

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import yaml
 
-from helpers import STAGES, copy_project, run_as_a_user
+from helpers import RERAN, STAGES, copy_project, run_as_a_user
 
-EXPERIMENT = "higher-finetune-lr"
+EXPERIMENT = "lr-low"  # helpers.QUEUED: finetune.lr 0.0003, queued by conftest's `experimented`
 
 
 def dvc(arguments: list[str], cwd: Path) -> str:
@@ -35,20 +35,20 @@ class Team:
     project: Path
     baseline: str  # the first `dvc repro`'s output (the session's pipeline_project)
     second: str  # a second `dvc repro` with nothing changed
-    experiment: str  # `dvc exp run -S finetune.lr=...`'s output
+    experiment: str  # the queued `dvc exp run -S finetune.lr=0.0003`'s log
 
 
 @pytest.fixture(scope="module")
-def team(pipeline_project, tmp_path_factory) -> Team:
+def team(pipeline_project, experimented) -> Team:
     """The sample pipeline (a copy of the session's `dvc repro`, tracked in its embedded store) committed as a
-    baseline, then one experiment that changes a finetune param."""
-    project = copy_project(pipeline_project.folder, tmp_path_factory.mktemp("team") / "project")
-    baseline = pipeline_project.stdout + pipeline_project.stderr
-    dvc(["git", "add", "-A"], project)
-    dvc(["git", "commit", "-q", "-m", "baseline results"], project)
-    second = dvc(["dvc", "repro"], project)
-    experiment = dvc(["dvc", "exp", "run", "-S", "finetune.lr=0.003", "-n", EXPERIMENT], project)
-    return Team(project, baseline, second, experiment)
+    baseline, then experiments run by DVC's queue (conftest's `experimented`): one changes a finetune param,
+    one an evaluate param."""
+    return Team(
+        experimented.project,
+        pipeline_project.stdout + pipeline_project.stderr,
+        experimented.second,
+        experimented.logs[EXPERIMENT],
+    )
 
 
 def test_repro_runs_each_stage_once_and_then_nothing(team):
@@ -63,7 +63,7 @@ def test_a_finetune_param_reruns_only_finetune_export_and_evaluate_as_an_experim
     (experiment,) = [rev for exp in baseline["experiments"] for rev in exp["revs"] if rev["name"] == EXPERIMENT]
     params = experiment["data"]["params"]["params.yaml"]["data"]
     assert (
-        params["finetune"]["lr"] == 0.003
+        params["finetune"]["lr"] == 0.0003
         and baseline["data"]["params"]["params.yaml"]["data"]["finetune"]["lr"] == "auto"
     )  # the default: lr-find's chosen suggestion
     metrics = experiment["data"]["metrics"]
@@ -96,13 +96,14 @@ def test_metrics_diff_and_plots_diff_compare_two_experiments(team):
 
 
 def test_push_then_pull_into_a_clean_clone_restores_every_output(team, tmp_path):
+    project = copy_project(team.project, tmp_path / "project")  # a commit of its own: the session's keeps its HEAD
     remote = tmp_path / "remote"
-    dvc(["dvc", "remote", "add", "-d", "storage", str(remote)], team.project)
-    dvc(["git", "commit", "-q", "-m", "a DVC remote", ".dvc/config"], team.project)
-    dvc(["dvc", "push", "--all-commits"], team.project)  # HEAD's outputs and the workspace's (the experiment's)
+    dvc(["dvc", "remote", "add", "-d", "storage", str(remote)], project)
+    dvc(["git", "commit", "-q", "-m", "a DVC remote", ".dvc/config"], project)
+    dvc(["dvc", "push", "--all-commits"], project)  # HEAD's outputs and the experiments'
 
     clone = tmp_path / "clone"
-    dvc(["git", "clone", "-q", str(team.project), str(clone)], tmp_path)
+    dvc(["git", "clone", "-q", str(project), str(clone)], tmp_path)
     lock = yaml.safe_load((clone / "dvc.lock").read_text())
     outputs = [out["path"] for stage in lock["stages"].values() for out in stage.get("outs", [])]
     assert not (clone / ".dvc/cache").exists() and not any((clone / path).exists() for path in outputs)
@@ -128,7 +129,9 @@ def test_embedded_mlflow_store_has_a_pipeline_run_per_repro_and_experiment(team)
         ]
         for parent in parents
     ]
-    assert stages == [STAGES, ["finetune", "export", "evaluate"]]  # the second repro ran nothing, logged nothing
-    assert "dvc.exp_name" not in parents[0].data.tags and parents[1].data.tags["dvc.exp_name"] == EXPERIMENT
+    # The second repro ran nothing and logged nothing; the queue ran the experiments one after the other.
+    assert stages == [STAGES, *RERAN.values()]
+    assert "dvc.exp_name" not in parents[0].data.tags
+    assert [parent.data.tags["dvc.exp_name"] for parent in parents[1:]] == list(RERAN)
     versions = client.search_model_versions("name='petpipe-classifier'")
     assert sorted(int(version.version) for version in versions) == [1, 2]
