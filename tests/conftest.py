@@ -200,12 +200,11 @@ def server_killed(served, tmp_path_factory, sample_images) -> ServerKilled:
 
     folder = tmp_path_factory.mktemp("server-killed")
     project = make_project(folder / "project", {**PIPELINE_THREE_WAY, "data.source": str(sample_images)})
-    environment = as_a_user(
-        MLFLOW_TRACKING_URI="", PETPIPE_CACHE_DIR=str(served.cache), MLFLOW_HTTP_REQUEST_MAX_RETRIES="0"
-    )
     log_path = folder / "repro.log"
     with mlflow_server(folder / "server") as server:
-        environment["MLFLOW_TRACKING_URI"] = server.url
+        environment = as_a_user(
+            MLFLOW_TRACKING_URI=server.url, PETPIPE_CACHE_DIR=str(served.cache), MLFLOW_HTTP_REQUEST_MAX_RETRIES="0"
+        )
         with open(log_path, "w") as log_file:
             repro = subprocess.Popen(
                 ["dvc", "repro"], cwd=project, stdout=log_file, stderr=subprocess.STDOUT, text=True, env=environment
