@@ -427,6 +427,12 @@ def wait_for_the_queue(project: Path, timeout: float = 900) -> None:
         time.sleep(5)  # each look is a dvc process: seconds of CPU the experiments need
 
 
+def locked_outputs(project: Path) -> dict[str, str]:
+    """Each output dvc.lock records (its path in the project) with its md5 (a folder's: of its files')."""
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
+
+
 def stale_stages(project: Path) -> set[str]:
     """The stages `dvc status` says must run again."""
     status = json.loads(run_command(["dvc", "status", "--json"], project).stdout or "{}")

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
 import torch
-import yaml
 
 from helpers import (
     PIPELINE_SMALL,
     QUEUED,
     RERAN,
     copy_project,
+    locked_outputs,
     make_project,
     params_with,
     ran,
@@ -144,7 +143,7 @@ def test_same_params_and_seed_give_byte_identical_outputs_in_a_fresh_project(ser
     was killed after index-labels (`server_killed`). Every output DVC records has the same bytes, but for the
     time each epoch took: where MLflow logs, and whether it can, changes nothing that was computed."""
     first, second = served.project, server_killed.project
-    digests = [output_digests(project) for project in (first, second)]
+    digests = [locked_outputs(project) for project in (first, second)]
     assert digests[0].keys() == digests[1].keys() and len(digests[0]) >= 30
     differ = {path for path in digests[0] if digests[0][path] != digests[1][path]}
     assert differ <= {*TIMED_OUTPUTS, "stages/export/bundle"}, differ
@@ -173,12 +172,6 @@ def test_same_params_and_seed_give_byte_identical_outputs_in_a_fresh_project(ser
     for manifest in manifests:
         manifest["source"].pop("sha256")  # the checkpoint's digest: its history differs in seconds
     assert manifests[0] == manifests[1]
-
-
-def output_digests(project: Path) -> dict[str, str]:
-    """Each output dvc.lock records, with its md5 (a folder's: of its files')."""
-    lock = yaml.safe_load((project / "dvc.lock").read_text())
-    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
 
 
 @pytest.mark.skipif(not cpu_runs_bfloat16(), reason="this CPU has no native bfloat16 (AMX or AVX-512 BF16)")

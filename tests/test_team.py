@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from helpers import RERAN, STAGES, copy_project, run_as_a_user
+from helpers import RERAN, STAGES, copy_project, locked_outputs, run_as_a_user
 
 EXPERIMENT = "lr-low"  # helpers.QUEUED: finetune.lr 0.0003, queued by conftest's `experimented`
 
@@ -104,8 +103,7 @@ def test_push_then_pull_into_a_clean_clone_restores_every_output(team, tmp_path)
 
     clone = tmp_path / "clone"
     dvc(["git", "clone", "-q", str(project), str(clone)], tmp_path)
-    lock = yaml.safe_load((clone / "dvc.lock").read_text())
-    outputs = [out["path"] for stage in lock["stages"].values() for out in stage.get("outs", [])]
+    outputs = list(locked_outputs(clone))
     assert not (clone / ".dvc/cache").exists() and not any((clone / path).exists() for path in outputs)
     dvc(["dvc", "pull"], clone)
     assert "up to date" in dvc(["dvc", "status"], clone)

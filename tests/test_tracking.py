@@ -18,9 +18,8 @@ from typing import Any
 
 import pandas as pd
 import pytest
-import yaml
 
-from helpers import PROJECT_ROOT, QUIET_MLFLOW, SAMPLE_IMAGES, STAGES, Served, free_port
+from helpers import PROJECT_ROOT, QUIET_MLFLOW, SAMPLE_IMAGES, STAGES, Served, free_port, locked_outputs
 from petpipe.track import identity, mlflow_runs
 
 VENV_BIN = Path(sys.executable).parent
@@ -358,8 +357,7 @@ def test_server_killed_mid_pipeline_costs_no_output(server_killed):
         "up to date"
         in subprocess.run(["dvc", "status"], cwd=project, env=pipeline_env(), capture_output=True, text=True).stdout
     )
-    lock = yaml.safe_load((project / "dvc.lock").read_text())
-    outputs = [out["path"] for stage in lock["stages"].values() for out in stage.get("outs", [])]
+    outputs = list(locked_outputs(project))
     assert len(outputs) >= 20 and all((project / path).exists() for path in outputs)
 
 
